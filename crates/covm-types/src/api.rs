@@ -1,0 +1,411 @@
+//! Request and response shapes of the HTTP API (`/api/v1`). Requests refuse unknown fields.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{Name, Privilege};
+
+/// A page of a list: `next` is the cursor to pass back for the following page, absent on the last.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sessions, tokens, principals
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCreate {
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SessionToken {
+    /// Send as `Authorization: Bearer <token>`.
+    pub token: String,
+    pub user: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SessionQuery {
+    /// A path (`/team-a`), an id, or `KIND:NAME`; the response then lists my privileges there.
+    pub object: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Whoami {
+    pub user: UserView,
+    pub groups: Vec<String>,
+    /// The object asked about with `?object=` (the root `/` when none was given).
+    pub object: ObjectRef,
+    /// My effective privileges on `object`.
+    pub privileges: Vec<Privilege>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: Name,
+    /// Lifetime in seconds (default 30 days, at most one year).
+    #[serde(default)]
+    pub expires_in_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Present only in the response that creates the token; covm keeps only its hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserCreate {
+    pub name: Name,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordSet {
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct UserView {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupCreate {
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMemberAdd {
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GroupView {
+    pub id: Uuid,
+    pub name: String,
+    pub members: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleCreate {
+    /// Letters, digits, `.`, `_` and `-`, 1 to 63 characters, starting with a letter or digit.
+    pub name: String,
+    pub privileges: Vec<Privilege>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RoleView {
+    pub id: Uuid,
+    pub name: String,
+    pub builtin: bool,
+    pub privileges: Vec<Privilege>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionCreate {
+    /// A user name, or `group:NAME`.
+    pub principal: String,
+    /// A role name.
+    pub role: String,
+    /// A folder path (`/team-a`), an object id, or `KIND:NAME` (`datastore:local`).
+    pub object: String,
+    /// Whether the grant reaches everything below the object (default true).
+    #[serde(default = "default_true")]
+    pub propagate: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PermissionView {
+    pub id: Uuid,
+    /// A user name, or `group:NAME`.
+    pub principal: String,
+    pub role: String,
+    pub object: ObjectRef,
+    pub propagate: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PermissionQuery {
+    /// Only grants on this object.
+    pub object: Option<String>,
+    /// Only grants to this principal (user name or `group:NAME`).
+    pub principal: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inventory
+
+/// Kinds of object in the inventory tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    Folder,
+    Datastore,
+    Network,
+    Pool,
+    Host,
+    Vm,
+    Disk,
+}
+
+impl ObjectKind {
+    pub const ALL: [ObjectKind; 7] = [
+        ObjectKind::Folder,
+        ObjectKind::Datastore,
+        ObjectKind::Network,
+        ObjectKind::Pool,
+        ObjectKind::Host,
+        ObjectKind::Vm,
+        ObjectKind::Disk,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Folder => "folder",
+            ObjectKind::Datastore => "datastore",
+            ObjectKind::Network => "network",
+            ObjectKind::Pool => "pool",
+            ObjectKind::Host => "host",
+            ObjectKind::Vm => "vm",
+            ObjectKind::Disk => "disk",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ObjectKind> {
+        ObjectKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A reference to an inventory object as shown in responses.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ObjectRef {
+    pub id: Uuid,
+    pub kind: ObjectKind,
+    pub name: String,
+    /// The folder path of the object (`/team-a` for a folder; `/team-a/web-1` for a VM in it).
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct InventoryQuery {
+    /// The folder to list (default `/`).
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FolderCreate {
+    pub name: Name,
+    /// The parent folder's path or id (default `/`).
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct FolderView {
+    pub id: Uuid,
+    pub name: String,
+    pub path: String,
+    pub parent: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreCreate {
+    pub name: Name,
+    /// An absolute path to an existing directory on the host.
+    pub path: String,
+    /// The folder it is placed in (default `/`).
+    #[serde(default)]
+    pub folder: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DatastoreView {
+    pub id: Uuid,
+    pub name: String,
+    pub path: String,
+    pub folder: String,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkKind {
+    /// QEMU user-mode NAT; needs no privileges on the host.
+    User,
+    /// A Linux bridge on the host.
+    Bridge,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: Name,
+    pub kind: NetworkKind,
+    /// The host bridge, for `kind = bridge`.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    #[serde(default)]
+    pub folder: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetworkView {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: NetworkKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    pub folder: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Limits of a pool; an absent limit is unlimited.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreate {
+    pub name: Name,
+    #[serde(default)]
+    pub quota: Quota,
+    #[serde(default)]
+    pub folder: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PoolView {
+    pub id: Uuid,
+    pub name: String,
+    pub quota: Quota,
+    pub folder: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostView {
+    pub id: Uuid,
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Whether `/dev/kvm` can be opened.
+    pub kvm: bool,
+    /// `kvm`, `kvm_pvm` (a slow nested software KVM) or `none`.
+    pub kvm_kind: String,
+    pub folder: String,
+    /// When this host last registered (the local host: at every start).
+    pub seen_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Events and audit
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct EventView {
+    pub seq: i64,
+    pub time: DateTime<Utc>,
+    /// The user name that caused it (`-` for covm itself, or an unknown name on a failed sign-in).
+    pub actor: String,
+    pub request_id: Option<String>,
+    /// `folder.created`, `permission.granted`, `authz.denied`, `session.failed`, …
+    pub kind: String,
+    pub object_kind: String,
+    pub object_id: Option<Uuid>,
+    pub object_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_before: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_after: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch: Option<serde_json::Value>,
+    pub data: serde_json::Value,
+    /// `sha256(prev_hash ‖ canonical entry)`, hex.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Only events after this sequence number.
+    pub after: Option<i64>,
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<u32>,
+    /// Only events on this object (id).
+    pub object: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    pub actor: Option<String>,
+    /// An object id.
+    pub object: Option<Uuid>,
+    /// An event kind, or a prefix ending in `.` (`authz.`).
+    pub kind: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct AuditVerify {
+    pub ok: bool,
+    pub entries: u64,
+    /// The first sequence number whose hash does not match, when `ok` is false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken_seq: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}

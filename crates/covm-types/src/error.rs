@@ -1,0 +1,139 @@
+//! The public error: what went wrong from the client's point of view.
+//!
+//! Every variant carries a stable machine-readable `code` and a sentence a person understands; the HTTP
+//! status is chosen from [`ErrorKind`] in one place in the server. Bodies look like
+//! `{"error":{"code","message","field"?,"details"?}}`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The class of an error; it alone decides the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 400: the request is malformed or a value is out of range.
+    InvalidRequest,
+    /// 401: no credentials, or bad ones.
+    Unauthenticated,
+    /// 403: the caller lacks a privilege on an object it may see.
+    Forbidden,
+    /// 404: no such object, or one the caller may not view.
+    NotFound,
+    /// 409: the request conflicts with the state of an object.
+    Conflict,
+    /// 412: `If-Match` named a version that is no longer current.
+    PreconditionFailed,
+    /// 413: the body is larger than the server accepts.
+    PayloadTooLarge,
+    /// 423: the object is leased by someone else.
+    Locked,
+    /// 429: too many requests (or failed sign-ins); retry later.
+    RateLimited,
+    /// 503: a dependency is not available right now.
+    Unavailable,
+    /// 500: a fault in covm; the message carries a request id to find in the log.
+    Internal,
+}
+
+/// A covm error as clients see it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub code: String,
+    pub message: String,
+    pub field: Option<String>,
+    pub details: Option<serde_json::Value>,
+    /// Seconds a client should wait before retrying (429).
+    pub retry_after_s: Option<u64>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, code: &str, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            code: code.to_owned(),
+            message: message.into(),
+            field: None,
+            details: None,
+            retry_after_s: None,
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Error {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Error {
+        self.details = Some(details);
+        self
+    }
+
+    /// 400 with the offending field named.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InvalidRequest, "invalid_value", message).with_field(field)
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Unauthenticated, "unauthenticated", message)
+    }
+
+    /// 403 naming the missing privilege and the object it was needed on.
+    pub fn forbidden(privilege: &str, object: &str) -> Error {
+        Error::new(
+            ErrorKind::Forbidden,
+            "forbidden",
+            format!("privilege {privilege} is required on {object}"),
+        )
+        .with_details(serde_json::json!({ "privilege": privilege, "object": object }))
+    }
+
+    pub fn not_found(kind: &str, what: &str) -> Error {
+        Error::new(ErrorKind::NotFound, "not_found", format!("{kind} {what} not found"))
+            .with_details(serde_json::json!({ "kind": kind, "object": what }))
+    }
+
+    pub fn conflict(code: &str, message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Conflict, code, message)
+    }
+
+    pub fn rate_limited(retry_after_s: u64, message: impl Into<String>) -> Error {
+        let mut e = Error::new(ErrorKind::RateLimited, "rate_limited", message);
+        e.retry_after_s = Some(retry_after_s);
+        e
+    }
+
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Internal, "internal", message)
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.clone(),
+                message: self.message.clone(),
+                field: self.field.clone(),
+                details: self.details.clone(),
+            },
+        }
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `invalid_value`, `unknown_field`, `forbidden`, `not_found`, …
+    pub code: String,
+    /// A sentence for a person.
+    pub message: String,
+    /// The request field at fault, where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
