@@ -1,0 +1,397 @@
+//! A typed HTTP client for the covm API, used by the CLI, the benchmark and the tests.
+//!
+//! Every API error comes back as [`ClientError::Api`] with the HTTP status and the server's error body
+//! (code, message, field, details), so that callers can match on the stable `code`.
+
+use std::time::Duration;
+
+use covm_types::api::*;
+use covm_types::{ErrorBody, Privilege};
+use futures::StreamExt;
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use covm_types::error::ErrorDetail;
+
+/// What went wrong with a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{}", .error.message)]
+    Api {
+        status: u16,
+        error: ErrorDetail,
+        /// `Retry-After`, in seconds (429).
+        retry_after_s: Option<u64>,
+    },
+    /// The server could not be reached or the answer could not be read.
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            ClientError::Transport(_) => None,
+        }
+    }
+
+    /// The stable error code of an API error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { error, .. } => Some(&error.code),
+            ClientError::Transport(_) => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+fn transport(e: reqwest::Error) -> ClientError {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    ClientError::Transport(msg)
+}
+
+/// A connection to one covm server.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// `base` is the server's URL, such as `http://127.0.0.1:8006`.
+    pub fn new(base: &str) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("a plain HTTP client always builds");
+        Client {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+        }
+    }
+
+    pub fn with_token(mut self, token: impl Into<String>) -> Client {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// A request to `/api/v1{path}` with the bearer token.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let url = if path.starts_with("/api/")
+            || path.starts_with("/healthz")
+            || path.starts_with("/readyz")
+            || path.starts_with("/metrics")
+        {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/api/v1{path}", self.base)
+        };
+        let rb = self
+            .http
+            .request(method, url)
+            .timeout(Duration::from_secs(120));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// Sends a request and decodes a JSON answer (or nothing, for 204).
+    pub async fn send<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T> {
+        let resp = rb.send().await.map_err(transport)?;
+        let status = resp.status();
+        if status.is_success() {
+            let bytes = resp.bytes().await.map_err(transport)?;
+            let bytes = if bytes.is_empty() {
+                &b"null"[..]
+            } else {
+                &bytes[..]
+            };
+            return serde_json::from_slice(bytes)
+                .map_err(|e| ClientError::Transport(format!("could not read the answer: {e}")));
+        }
+        Err(error_from(resp).await)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(self.request(Method::PUT, path).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send::<serde_json::Value>(self.request(Method::DELETE, path))
+            .await
+            .map(|_| ())
+    }
+
+    // --- session ------------------------------------------------------------------------------
+
+    /// Signs in; the returned client carries the session token.
+    pub async fn login(&self, user: &str, password: &str) -> Result<(Client, SessionToken)> {
+        let t: SessionToken = self
+            .post(
+                "/session",
+                &SessionCreate {
+                    user: user.into(),
+                    password: password.into(),
+                },
+            )
+            .await?;
+        Ok((self.clone().with_token(t.token.clone()), t))
+    }
+
+    pub async fn logout(&self) -> Result<()> {
+        self.delete("/session").await
+    }
+
+    pub async fn whoami(&self, object: Option<&str>) -> Result<Whoami> {
+        self.send(self.request(Method::GET, "/session").query(&SessionQuery {
+            object: object.map(str::to_owned),
+        }))
+        .await
+    }
+
+    // --- principals ---------------------------------------------------------------------------
+
+    pub async fn user_create(&self, name: &str, password: &str) -> Result<UserView> {
+        self.post(
+            "/users",
+            &serde_json::json!({ "name": name, "password": password }),
+        )
+        .await
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserView>> {
+        self.get("/users").await
+    }
+
+    pub async fn user_password_set(&self, user: &str, password: &str) -> Result<()> {
+        self.put::<_, serde_json::Value>(
+            &format!("/users/{user}/password"),
+            &PasswordSet {
+                password: password.into(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn user_delete(&self, user: &str) -> Result<()> {
+        self.delete(&format!("/users/{user}")).await
+    }
+
+    pub async fn group_create(&self, name: &str) -> Result<GroupView> {
+        self.post("/groups", &serde_json::json!({ "name": name }))
+            .await
+    }
+
+    pub async fn group_member_add(&self, group: &str, user: &str) -> Result<GroupView> {
+        self.post(
+            &format!("/groups/{group}/members"),
+            &GroupMemberAdd { user: user.into() },
+        )
+        .await
+    }
+
+    pub async fn groups(&self) -> Result<Vec<GroupView>> {
+        self.get("/groups").await
+    }
+
+    pub async fn role_create(&self, name: &str, privileges: &[Privilege]) -> Result<RoleView> {
+        self.post(
+            "/roles",
+            &RoleCreate {
+                name: name.into(),
+                privileges: privileges.to_vec(),
+            },
+        )
+        .await
+    }
+
+    pub async fn roles(&self) -> Result<Vec<RoleView>> {
+        self.get("/roles").await
+    }
+
+    pub async fn role(&self, name: &str) -> Result<RoleView> {
+        self.get(&format!("/roles/{name}")).await
+    }
+
+    pub async fn permission_grant(
+        &self,
+        principal: &str,
+        role: &str,
+        object: &str,
+        propagate: bool,
+    ) -> Result<PermissionView> {
+        self.post(
+            "/permissions",
+            &PermissionCreate {
+                principal: principal.into(),
+                role: role.into(),
+                object: object.into(),
+                propagate,
+            },
+        )
+        .await
+    }
+
+    pub async fn permissions(&self, q: &PermissionQuery) -> Result<Vec<PermissionView>> {
+        self.send(self.request(Method::GET, "/permissions").query(q))
+            .await
+    }
+
+    pub async fn permission_revoke(&self, id: &str) -> Result<()> {
+        self.delete(&format!("/permissions/{id}")).await
+    }
+
+    // --- inventory ----------------------------------------------------------------------------
+
+    pub async fn ls(&self, path: Option<&str>) -> Result<Vec<ObjectRef>> {
+        self.send(
+            self.request(Method::GET, "/inventory")
+                .query(&InventoryQuery {
+                    path: path.map(str::to_owned),
+                }),
+        )
+        .await
+    }
+
+    pub async fn folder_create(&self, name: &str, parent: &str) -> Result<FolderView> {
+        self.post(
+            "/folders",
+            &serde_json::json!({ "name": name, "parent": parent }),
+        )
+        .await
+    }
+
+    pub async fn folder_delete(&self, folder: &str) -> Result<()> {
+        self.delete(&format!("/folders/{folder}")).await
+    }
+
+    pub async fn folders(&self) -> Result<Page<FolderView>> {
+        self.get("/folders").await
+    }
+
+    // --- events and audit ---------------------------------------------------------------------
+
+    pub async fn events(&self, q: &EventQuery) -> Result<Page<EventView>> {
+        self.send(self.request(Method::GET, "/events").query(q))
+            .await
+    }
+
+    pub async fn audit(&self, q: &AuditQuery) -> Result<Page<EventView>> {
+        self.send(self.request(Method::GET, "/audit").query(q))
+            .await
+    }
+
+    pub async fn audit_verify(&self) -> Result<AuditVerify> {
+        self.get("/audit/verify").await
+    }
+
+    /// Follows the live feed after `after` (default: from now). The stream ends when the connection
+    /// does; resume with the last `seq` seen.
+    pub async fn events_follow(
+        &self,
+        after: Option<i64>,
+        object: Option<uuid::Uuid>,
+    ) -> Result<futures::stream::BoxStream<'static, Result<EventView>>> {
+        let mut rb = self
+            .request(Method::GET, "/events")
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(Duration::from_secs(365 * 24 * 3600));
+        if let Some(a) = after {
+            rb = rb.header("Last-Event-ID", a.to_string());
+        }
+        if let Some(o) = object {
+            rb = rb.query(&[("object", o.to_string())]);
+        }
+        let resp = rb.send().await.map_err(transport)?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        use eventsource_stream::Eventsource;
+        Ok(Box::pin(resp.bytes_stream().eventsource().filter_map(
+            |ev| async move {
+                match ev {
+                    Ok(ev) if ev.data.is_empty() => None,
+                    Ok(ev) => Some(
+                        serde_json::from_str::<EventView>(&ev.data)
+                            .map_err(|e| ClientError::Transport(format!("bad event: {e}"))),
+                    ),
+                    Err(e) => Some(Err(ClientError::Transport(format!("the feed broke: {e}")))),
+                }
+            },
+        )))
+    }
+}
+
+async fn error_from(resp: reqwest::Response) -> ClientError {
+    let status = resp.status();
+    let retry_after_s = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let error = serde_json::from_slice::<ErrorBody>(&bytes)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| ErrorDetail {
+            code: format!("http_{}", status.as_u16()),
+            message: format!(
+                "the server answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+            field: None,
+            details: None,
+        });
+    ClientError::Api {
+        status: status.as_u16(),
+        error,
+        retry_after_s,
+    }
+}
+
+/// Whether a status is one a client may retry the same request after.
+pub fn retryable(status: u16) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS.as_u16()
+        || status == StatusCode::SERVICE_UNAVAILABLE.as_u16()
+}

@@ -1,0 +1,143 @@
+//! covm's server: the app layer (`app`: every rule), the HTTP API (`http`: thin handlers), and
+//! [`start`]/[`serve`], which put them on a listening socket over a store in the data directory.
+
+pub mod app;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use covm_store::{SqliteStore, Store};
+use tokio::sync::oneshot;
+
+use app::{App, AppConfig};
+
+/// How `covm serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Create a small demo inventory on the first start.
+    pub demo: bool,
+}
+
+/// A server that is listening.
+pub struct Running {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    pub app: App,
+    /// Where the first start wrote the admin password, if this start created the admin.
+    pub initial_password_file: Option<PathBuf>,
+    shutdown: oneshot::Sender<()>,
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+    tailer: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets requests in flight finish, and returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.app.hub().close();
+        self.tailer.abort();
+        match tokio::time::timeout(std::time::Duration::from_secs(10), self.join).await {
+            Ok(r) => r
+                .context("the server task failed")?
+                .context("the server failed"),
+            Err(_) => {
+                tracing::warn!("requests still running after 10 s; stopping anyway");
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until the server ends by itself (it does not, short of an error).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let Running { join, shutdown, .. } = self;
+        let r = join.await;
+        drop(shutdown);
+        r.context("the server task failed")?
+            .context("the server failed")
+    }
+}
+
+/// Opens the data directory and the store, bootstraps, and starts listening.
+pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "could not create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let data_dir = config
+        .data_dir
+        .canonicalize()
+        .unwrap_or(config.data_dir.clone());
+    let db = data_dir.join("covm.db");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))
+            .with_context(|| format!("could not open the database {}", db.display()))?,
+    );
+    let app = App::new(
+        store,
+        AppConfig {
+            data_dir: data_dir.clone(),
+        },
+    );
+    let initial_password_file = app
+        .bootstrap(&data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    if let Some(f) = &initial_password_file {
+        tracing::info!(file = %f.display(), "created the user admin; its initial password is in this file (mode 0600)");
+    }
+    app.inventory_bootstrap(&data_dir, config.demo)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let tailer = app
+        .hub()
+        .start()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), store = "sqlite", "covm is listening");
+    let (shutdown, rx) = oneshot::channel::<()>();
+    let service = http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let join = tokio::spawn(async move {
+        axum::serve(listener, service)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(Running {
+        addr,
+        app,
+        initial_password_file,
+        shutdown,
+        join,
+        tailer,
+    })
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+    }
+    running.stop().await
+}

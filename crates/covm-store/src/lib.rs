@@ -1,0 +1,333 @@
+//! The covm store: one trait, [`Store`], that the app layer talks to, and its implementations (SQLite now;
+//! PostgreSQL beside it later, passing the same conformance suite).
+//!
+//! Rules every implementation keeps:
+//! - Every method that changes something takes the [`NewEvent`] that records the change and appends it to
+//!   the log in the same transaction, so that a change without its log entry (or the reverse) cannot exist.
+//! - The log is append-only and hash-chained: `hash = sha256(prev_hash ‖ canonical entry)`, computed by
+//!   [`event_hash`] so that every backend and the verifier agree byte for byte.
+//! - "Who may see what" is answered in SQL ([`Store::objects_list`], [`Store::object_children`]), so that a
+//!   list is filtered before it is paged, never after.
+//! - Errors are [`covm_types::Error`]: a unique name taken is a conflict, a missing row is `not found`, a
+//!   database fault is logged here once and surfaces as `internal`.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use covm_types::Error;
+use covm_types::api::{AuditVerify, ObjectKind};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub use sqlite::SqliteStore;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An inventory object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectRecord {
+    pub id: Uuid,
+    pub kind: ObjectKind,
+    pub name: String,
+    pub parent_id: Option<Uuid>,
+    pub path: String,
+    /// The kind's own fields (datastore path, pool quota, host facts, …) as JSON.
+    pub spec: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An object to create under `parent_id`; the store computes its path and closure rows.
+#[derive(Debug, Clone)]
+pub struct NewObject {
+    pub id: Uuid,
+    pub kind: ObjectKind,
+    pub name: String,
+    pub parent_id: Uuid,
+    pub spec: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub members: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub builtin: bool,
+    /// Dotted privilege names, sorted.
+    pub privileges: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    User,
+    Group,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::User => "user",
+            PrincipalKind::Group => "group",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermissionRecord {
+    pub id: Uuid,
+    pub principal_kind: PrincipalKind,
+    pub principal_id: Uuid,
+    /// The user or group name.
+    pub principal_name: String,
+    pub role_id: Uuid,
+    pub role_name: String,
+    pub object_id: Uuid,
+    pub propagate: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PermissionFilter {
+    pub object_id: Option<Uuid>,
+    pub principal_id: Option<Uuid>,
+    /// Only grants on objects this user may view.
+    pub viewer: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Session,
+    Api,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Session => "session",
+            TokenKind::Api => "api",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub kind: TokenKind,
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A log entry to append; the store gives it its sequence number, time and hash.
+#[derive(Debug, Clone, Default)]
+pub struct NewEvent {
+    pub actor: String,
+    pub request_id: Option<String>,
+    pub kind: String,
+    pub object_kind: String,
+    pub object_id: Option<Uuid>,
+    pub object_name: Option<String>,
+    /// The inventory object whose visibility decides who sees this event in the feed.
+    pub scope_id: Option<Uuid>,
+    /// False for audit-only entries.
+    pub feed: bool,
+    pub version_before: Option<i64>,
+    pub version_after: Option<i64>,
+    pub patch: Option<serde_json::Value>,
+    pub data: serde_json::Value,
+}
+
+/// A stored log entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    pub seq: i64,
+    pub time: DateTime<Utc>,
+    pub actor: String,
+    pub request_id: Option<String>,
+    pub kind: String,
+    pub object_kind: String,
+    pub object_id: Option<Uuid>,
+    pub object_name: Option<String>,
+    pub scope_id: Option<Uuid>,
+    pub feed: bool,
+    pub version_before: Option<i64>,
+    pub version_after: Option<i64>,
+    pub patch: Option<serde_json::Value>,
+    pub data: serde_json::Value,
+    #[serde(skip)]
+    pub hash: String,
+}
+
+/// Filters of the audit log; all given ones must match.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub object_id: Option<Uuid>,
+    /// An exact kind, or a prefix ending in `.`.
+    pub kind: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub after: i64,
+    pub limit: u32,
+}
+
+/// The hash of a log entry: `sha256(prev_hash ‖ canonical JSON of the entry without its hash)`.
+/// The canonical JSON is serde_json's rendering of [`EventRecord`] (fields in declaration order, object
+/// keys of `data` and `patch` sorted, since serde_json's map is ordered).
+pub fn event_hash(prev_hash: &str, entry: &EventRecord) -> String {
+    let canonical = serde_json::to_vec(entry).expect("an event always serializes");
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(&canonical);
+    hex::encode(h.finalize())
+}
+
+/// Times as stored: RFC 3339, UTC, microseconds, so that text order is time order.
+pub fn time_to_db(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Now, truncated to what the store keeps (microseconds), so that a stored time reads back equal.
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// Everything the app layer asks of storage.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    // --- inventory ------------------------------------------------------------------------------
+    async fn object_get(&self, id: Uuid) -> Result<Option<ObjectRecord>>;
+    async fn object_by_path(&self, path: &str) -> Result<Option<ObjectRecord>>;
+    async fn object_by_name(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectRecord>>;
+    /// Children of `parent`, by name. With a viewer: only those the viewer may view, or that lead to
+    /// something it may view (so that a user granted `/a/b` sees `/a` when listing `/`).
+    async fn object_children(
+        &self,
+        parent: Uuid,
+        viewer: Option<Uuid>,
+    ) -> Result<Vec<ObjectRecord>>;
+    /// Objects of a kind by path, after the cursor `after` (a path), at most `limit`; with a viewer, only
+    /// those it may view.
+    async fn objects_list(
+        &self,
+        kind: ObjectKind,
+        viewer: Option<Uuid>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ObjectRecord>>;
+    async fn object_create(
+        &self,
+        object: NewObject,
+        event: NewEvent,
+    ) -> Result<(ObjectRecord, EventRecord)>;
+    /// Replaces an object's spec (host facts at start, datastore capacity, …).
+    async fn object_spec_set(&self, id: Uuid, spec: serde_json::Value) -> Result<()>;
+    /// Deletes an object that has no children (409 `folder_not_empty` otherwise), with its grants.
+    async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
+    /// Ids of every object the user may view (for filtering the live feed).
+    async fn objects_visible(&self, user: Uuid) -> Result<Vec<Uuid>>;
+
+    // --- principals -----------------------------------------------------------------------------
+    async fn user_create(&self, user: UserRecord, event: NewEvent) -> Result<EventRecord>;
+    /// Creates the first user and grants it `role` on the root, only if there is no user yet. Returns
+    /// false (and changes nothing) when a user exists.
+    async fn user_bootstrap(&self, user: UserRecord, role: Uuid, event: NewEvent) -> Result<bool>;
+    async fn user_get(&self, id: Uuid) -> Result<Option<UserRecord>>;
+    async fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>>;
+    async fn users_list(&self) -> Result<Vec<UserRecord>>;
+    async fn user_password_set(
+        &self,
+        id: Uuid,
+        password_hash: String,
+        event: NewEvent,
+    ) -> Result<EventRecord>;
+    /// Deletes a user with its tokens, memberships and grants.
+    async fn user_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
+    async fn user_groups(&self, user: Uuid) -> Result<Vec<String>>;
+
+    async fn group_create(&self, id: Uuid, name: &str, event: NewEvent) -> Result<EventRecord>;
+    async fn group_by_name(&self, name: &str) -> Result<Option<GroupRecord>>;
+    async fn groups_list(&self) -> Result<Vec<GroupRecord>>;
+    /// Adds a member; already a member is success.
+    async fn group_member_add(
+        &self,
+        group: Uuid,
+        user: Uuid,
+        event: NewEvent,
+    ) -> Result<EventRecord>;
+    async fn group_member_remove(
+        &self,
+        group: Uuid,
+        user: Uuid,
+        event: NewEvent,
+    ) -> Result<EventRecord>;
+
+    /// Creates or refreshes a built-in role (used at start; logged only when it changes nothing else).
+    async fn role_upsert_builtin(&self, id: Uuid, name: &str, privileges: &[&str]) -> Result<()>;
+    async fn role_create(&self, role: RoleRecord, event: NewEvent) -> Result<EventRecord>;
+    async fn role_by_name(&self, name: &str) -> Result<Option<RoleRecord>>;
+    async fn roles_list(&self) -> Result<Vec<RoleRecord>>;
+
+    async fn permission_create(
+        &self,
+        id: Uuid,
+        principal: (PrincipalKind, Uuid),
+        role: Uuid,
+        object: Uuid,
+        propagate: bool,
+        event: NewEvent,
+    ) -> Result<(PermissionRecord, EventRecord)>;
+    async fn permission_get(&self, id: Uuid) -> Result<Option<PermissionRecord>>;
+    async fn permission_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
+    async fn permissions_list(&self, filter: PermissionFilter) -> Result<Vec<PermissionRecord>>;
+    /// The user's effective privileges on an object (DESIGN §7): the nearest node on the path from the
+    /// object up to the root that holds a grant applying to it (on the object itself, or propagating
+    /// from an ancestor) decides; there, the user's own grants beat its groups'; groups' grants unite.
+    async fn privileges_effective(&self, user: Uuid, object: Uuid) -> Result<Vec<String>>;
+
+    // --- tokens ---------------------------------------------------------------------------------
+    async fn token_create(&self, token: TokenRecord, event: Option<NewEvent>) -> Result<()>;
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
+    async fn tokens_list(&self, user: Uuid, kind: TokenKind) -> Result<Vec<TokenRecord>>;
+    /// Deletes a token of this user; false when there was none.
+    async fn token_delete(&self, user: Uuid, id: Uuid, event: Option<NewEvent>) -> Result<bool>;
+
+    // --- the log --------------------------------------------------------------------------------
+    async fn event_append(&self, event: NewEvent) -> Result<EventRecord>;
+    /// Feed entries (`feed` true) after `after`, in order, at most `limit`.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>>;
+    /// The newest sequence number (0 when empty).
+    async fn events_head(&self) -> Result<i64>;
+    async fn audit_query(&self, filter: AuditFilter) -> Result<Vec<EventRecord>>;
+    /// Recomputes the whole chain.
+    async fn audit_verify(&self) -> Result<AuditVerify>;
+
+    // --- meta -----------------------------------------------------------------------------------
+    async fn meta_get(&self, key: &str) -> Result<Option<String>>;
+    async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
+}

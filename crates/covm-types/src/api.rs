@@ -15,6 +15,16 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// Paging of a list: pass a page's `next` back as `after`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// The cursor from the previous page's `next`.
+    pub after: Option<String>,
+    /// At most this many items (default 100, at most 1000).
+    pub limit: Option<u32>,
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Sessions, tokens, principals
 

@@ -89,8 +89,12 @@ impl Error {
     }
 
     pub fn not_found(kind: &str, what: &str) -> Error {
-        Error::new(ErrorKind::NotFound, "not_found", format!("{kind} {what} not found"))
-            .with_details(serde_json::json!({ "kind": kind, "object": what }))
+        Error::new(
+            ErrorKind::NotFound,
+            "not_found",
+            format!("{kind} {what} not found"),
+        )
+        .with_details(serde_json::json!({ "kind": kind, "object": what }))
     }
 
     pub fn conflict(code: &str, message: impl Into<String>) -> Error {

@@ -1,1 +1,543 @@
-fn main() {}
+//! `covm`: the server (`covm serve`) and the command line client for everything else.
+//!
+//! Exit codes scripts can trust: 0 done; 1 a fault (covm unreachable, a server error); 2 bad usage;
+//! 3 not found; 4 not signed in or not allowed; 5 conflict with the current state (409, 412, 423);
+//! 6 the request was refused as invalid (400, 413); 7 try again later (429, 503).
+
+mod creds;
+mod output;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use covm_client::{Client, ClientError};
+use covm_types::Privilege;
+use covm_types::api::{AuditQuery, EventQuery, PermissionQuery};
+use futures::StreamExt;
+
+use output::{Out, print_events};
+
+#[derive(Parser)]
+#[command(
+    name = "covm",
+    version,
+    about = "A shared virtual-machine host for a team"
+)]
+struct Cli {
+    /// The covm server.
+    #[arg(
+        long,
+        global = true,
+        env = "COVM_URL",
+        default_value = "http://127.0.0.1:8006"
+    )]
+    url: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the covm server.
+    Serve(ServeArgs),
+    /// Sign in and keep the session token in the config dir (mode 0600).
+    Login {
+        #[arg(short, long, default_value = "admin")]
+        user: String,
+        /// Read the password from this file (first line); otherwise COVM_PASSWORD, or a prompt.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Sign out and forget the token.
+    Logout,
+    /// Who am I, and what may I do (on --object, default /).
+    Whoami {
+        #[arg(long)]
+        object: Option<String>,
+    },
+    /// List a folder (default /).
+    Ls { path: Option<String> },
+    /// Folders.
+    #[command(subcommand)]
+    Folder(FolderCmd),
+    /// Users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Roles.
+    #[command(subcommand)]
+    Role(RoleCmd),
+    /// Permissions: grants of a role to a user or group on an object.
+    #[command(subcommand)]
+    Permission(PermissionCmd),
+    /// Hosts, datastores, networks and pools.
+    #[command(subcommand)]
+    Inventory(InventoryCmd),
+    /// The change feed.
+    Events {
+        /// Follow the live feed.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start after this sequence number (default: the latest page, or now with -f).
+        #[arg(long)]
+        after: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// The audit log (needs Audit.Read), or `audit verify`.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where covm keeps its database, datastores and VM files.
+    #[arg(long, env = "COVM_DATA_DIR", default_value = "covm-data")]
+    data_dir: PathBuf,
+    #[arg(long, env = "COVM_LISTEN", default_value = "127.0.0.1:8006")]
+    listen: SocketAddr,
+    /// On the first start, also create a demo inventory (folders team-a, team-b; pool small).
+    #[arg(long)]
+    demo: bool,
+}
+
+#[derive(Subcommand)]
+enum FolderCmd {
+    /// Create a folder, e.g. /team-a/x.
+    Create { path: String },
+    /// Delete an empty folder.
+    Rm { path: String },
+    /// All folders I may view.
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a user (password from --password-file, COVM_PASSWORD, or a prompt).
+    Create {
+        name: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    Ls,
+    /// Set a user's password (one's own, or anyone's with Users.Manage).
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    Create {
+        name: String,
+    },
+    /// Add a user to a group.
+    Add {
+        group: String,
+        user: String,
+    },
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum RoleCmd {
+    /// Create a role from privileges (repeat -p, or separate with commas).
+    Create {
+        name: String,
+        #[arg(short, long = "privilege", value_delimiter = ',')]
+        privileges: Vec<String>,
+    },
+    Ls,
+    Show {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PermissionCmd {
+    /// Grant ROLE to PRINCIPAL (a user, or group:NAME) on OBJECT (a path, an id, or kind:name).
+    Grant {
+        principal: String,
+        role: String,
+        object: String,
+        /// The grant applies to the object only, not to what is below it.
+        #[arg(long)]
+        no_propagate: bool,
+    },
+    /// Revoke a grant by its id.
+    Revoke { id: String },
+    Ls {
+        #[arg(long)]
+        object: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum InventoryCmd {
+    Hosts,
+    Datastores,
+    Networks,
+    Pools,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(subcommand)]
+    verify: Option<AuditCmd>,
+    #[arg(long)]
+    actor: Option<String>,
+    /// A kind, or a prefix ending in '.' (authz.).
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(long)]
+    object: Option<uuid::Uuid>,
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long)]
+    after: Option<i64>,
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the hash chain of the log.
+    Verify,
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ClientError>().and_then(|c| c.status()) {
+        Some(404) => 3,
+        Some(401 | 403) => 4,
+        Some(409 | 412 | 423) => 5,
+        Some(400 | 413) => 6,
+        Some(429 | 503) => 7,
+        _ => 1,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("covm: could not start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Api { status, error, .. }) => {
+                    let field = error
+                        .field
+                        .as_deref()
+                        .map(|f| format!(", field {f}"))
+                        .unwrap_or_default();
+                    eprintln!("covm: {} ({status} {}{field})", error.message, error.code);
+                }
+                _ => eprintln!("covm: {e:#}"),
+            }
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn read_password(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f)
+            .with_context(|| format!("could not read {}", f.display()))?;
+        return Ok(s.lines().next().unwrap_or_default().to_owned());
+    }
+    if let Ok(p) = std::env::var("COVM_PASSWORD") {
+        return Ok(p);
+    }
+    if !std::io::stdin().is_terminal() {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    Ok(rpassword::prompt_password(prompt)?)
+}
+
+/// A client signed in with the stored (or `COVM_TOKEN`) token.
+fn client(url: &str) -> anyhow::Result<Client> {
+    if let Ok(t) = std::env::var("COVM_TOKEN") {
+        return Ok(Client::new(url).with_token(t));
+    }
+    match creds::load()? {
+        Some(c) => Ok(Client::new(url).with_token(c.token)),
+        None => bail!("not signed in: run `covm login` first"),
+    }
+}
+
+/// `/team-a/x` → (`/team-a`, `x`).
+fn split_path(path: &str) -> anyhow::Result<(String, String)> {
+    let p = path.trim_end_matches('/');
+    let Some((parent, name)) = p.rsplit_once('/') else {
+        bail!("a folder path starts with / (like /team-a/x)");
+    };
+    Ok((
+        if parent.is_empty() {
+            "/".into()
+        } else {
+            parent.into()
+        },
+        name.into(),
+    ))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Out { json: cli.json };
+    match cli.command {
+        Command::Serve(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
+                )
+                .init();
+            covm_server::serve(covm_server::ServeConfig {
+                data_dir: a.data_dir,
+                listen: a.listen,
+                demo: a.demo,
+            })
+            .await
+        }
+        Command::Login {
+            user,
+            password_file,
+        } => {
+            let password =
+                read_password(password_file.as_ref(), &format!("password for {user}: "))?;
+            let (_, t) = Client::new(&cli.url).login(&user, &password).await?;
+            let f = creds::save(&creds::Credentials {
+                url: cli.url.clone(),
+                user: t.user.clone(),
+                token: t.token,
+            })?;
+            out.message(&format!(
+                "signed in as {} until {} (token in {})",
+                t.user,
+                t.expires_at,
+                f.display()
+            ));
+            Ok(())
+        }
+        Command::Logout => {
+            if let Ok(c) = client(&cli.url) {
+                // The token may have expired already; forgetting it is what matters.
+                let _ = c.logout().await;
+            }
+            creds::remove()?;
+            out.message("signed out");
+            Ok(())
+        }
+        Command::Whoami { object } => {
+            out.whoami(&client(&cli.url)?.whoami(object.as_deref()).await?)
+        }
+        Command::Ls { path } => out.objects(&client(&cli.url)?.ls(path.as_deref()).await?),
+        Command::Folder(cmd) => {
+            let c = client(&cli.url)?;
+            match cmd {
+                FolderCmd::Create { path } => {
+                    let (parent, name) = split_path(&path)?;
+                    out.folder(&c.folder_create(&name, &parent).await?)
+                }
+                FolderCmd::Rm { path } => {
+                    // The API deletes by id: find the folder's id from its path first.
+                    let who = c.whoami(Some(&path)).await?;
+                    c.folder_delete(&who.object.id.to_string()).await?;
+                    out.message(&format!("deleted {path}"));
+                    Ok(())
+                }
+                FolderCmd::Ls => out.folders(&c.folders().await?.items),
+            }
+        }
+        Command::User(cmd) => {
+            let c = client(&cli.url)?;
+            match cmd {
+                UserCmd::Create {
+                    name,
+                    password_file,
+                } => {
+                    let pw =
+                        read_password(password_file.as_ref(), &format!("password for {name}: "))?;
+                    out.user(&c.user_create(&name, &pw).await?)
+                }
+                UserCmd::Ls => out.users(&c.users().await?),
+                UserCmd::Passwd {
+                    name,
+                    password_file,
+                } => {
+                    let pw = read_password(
+                        password_file.as_ref(),
+                        &format!("new password for {name}: "),
+                    )?;
+                    c.user_password_set(&name, &pw).await?;
+                    out.message(&format!(
+                        "password of {name} changed; its sessions have ended"
+                    ));
+                    Ok(())
+                }
+                UserCmd::Rm { name } => {
+                    c.user_delete(&name).await?;
+                    out.message(&format!("deleted user {name}"));
+                    Ok(())
+                }
+            }
+        }
+        Command::Group(cmd) => {
+            let c = client(&cli.url)?;
+            match cmd {
+                GroupCmd::Create { name } => out.groups(&[c.group_create(&name).await?]),
+                GroupCmd::Add { group, user } => {
+                    out.groups(&[c.group_member_add(&group, &user).await?])
+                }
+                GroupCmd::Ls => out.groups(&c.groups().await?),
+            }
+        }
+        Command::Role(cmd) => {
+            let c = client(&cli.url)?;
+            match cmd {
+                RoleCmd::Create { name, privileges } => {
+                    let privs = privileges
+                        .iter()
+                        .map(|p| {
+                            p.trim()
+                                .parse::<Privilege>()
+                                .map_err(|e| anyhow::anyhow!(e))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    out.role(&c.role_create(&name, &privs).await?)
+                }
+                RoleCmd::Ls => out.roles(&c.roles().await?),
+                RoleCmd::Show { name } => out.role(&c.role(&name).await?),
+            }
+        }
+        Command::Permission(cmd) => {
+            let c = client(&cli.url)?;
+            match cmd {
+                PermissionCmd::Grant {
+                    principal,
+                    role,
+                    object,
+                    no_propagate,
+                } => out.permissions(&[c
+                    .permission_grant(&principal, &role, &object, !no_propagate)
+                    .await?]),
+                PermissionCmd::Revoke { id } => {
+                    c.permission_revoke(&id).await?;
+                    out.message(&format!("revoked {id}"));
+                    Ok(())
+                }
+                PermissionCmd::Ls { object, principal } => out.permissions(
+                    &c.permissions(&PermissionQuery { object, principal })
+                        .await?,
+                ),
+            }
+        }
+        Command::Inventory(cmd) => {
+            let c = client(&cli.url)?;
+            let path = match cmd {
+                InventoryCmd::Hosts => "/hosts",
+                InventoryCmd::Datastores => "/datastores",
+                InventoryCmd::Networks => "/networks",
+                InventoryCmd::Pools => "/pools",
+            };
+            let page: covm_types::api::Page<serde_json::Value> = c.get(path).await?;
+            out.values(&page.items)
+        }
+        Command::Events {
+            follow,
+            after,
+            limit,
+        } => {
+            let c = client(&cli.url)?;
+            if follow {
+                let mut cursor = after;
+                loop {
+                    let mut stream = c.events_follow(cursor, None).await?;
+                    while let Some(ev) = stream.next().await {
+                        match ev {
+                            Ok(ev) => {
+                                cursor = Some(ev.seq);
+                                print_events(&out, std::slice::from_ref(&ev))?;
+                            }
+                            Err(e) => {
+                                eprintln!("covm: {e}; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+            // TODO-perf: without --after this pages through the whole feed to print its tail; the API
+            // could offer "the newest N" instead.
+            let mut page = c
+                .events(&EventQuery {
+                    after,
+                    limit: Some(1000),
+                    object: None,
+                })
+                .await?;
+            while let Some(next) = page.next.clone() {
+                let more = c
+                    .events(&EventQuery {
+                        after: next.parse().ok(),
+                        limit: Some(1000),
+                        object: None,
+                    })
+                    .await?;
+                page.items.extend(more.items);
+                page.next = more.next;
+            }
+            let skip = page.items.len().saturating_sub(limit as usize);
+            print_events(&out, &page.items[skip..])
+        }
+        Command::Audit(a) => {
+            let c = client(&cli.url)?;
+            if a.verify.is_some() {
+                let v = c.audit_verify().await?;
+                out.verify(&v)?;
+                if !v.ok {
+                    bail!(
+                        "the audit log is broken at sequence number {}",
+                        v.broken_seq.unwrap_or_default()
+                    );
+                }
+                return Ok(());
+            }
+            let q = AuditQuery {
+                actor: a.actor,
+                object: a.object,
+                kind: a.kind,
+                since: a.since,
+                until: None,
+                after: a.after,
+                limit: Some(a.limit.clamp(1, 1000)),
+            };
+            print_events(&out, &c.audit(&q).await?.items)
+        }
+    }
+}

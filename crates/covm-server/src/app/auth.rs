@@ -1,0 +1,469 @@
+//! Sign-in, sessions and API tokens, the first `admin`, and the sign-in rate limiter.
+//!
+//! Passwords are argon2id hashes (computed off the async runtime). Tokens are 32 random bytes shown
+//! once as hex; the store keeps only their SHA-256, so a copy of the database signs nobody in.
+//! Failed sign-ins are audited and counted per (user, address) and per address; past the limit the
+//! next attempt gets 429 with `Retry-After`, before any password is checked.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use chrono::Utc;
+use covm_store::{TokenKind, TokenRecord, UserRecord};
+use covm_types::api::{SessionCreate, SessionToken, TokenCreate, TokenView, UserView, Whoami};
+use covm_types::{BuiltinRole, Error, Privilege, ROOT_ID};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{App, Ctx, EventExt, RequestInfo, system_event};
+
+/// How long a session lasts.
+pub const SESSION_TTL: chrono::Duration = chrono::Duration::hours(12);
+/// API token lifetimes.
+const TOKEN_TTL_DEFAULT_S: u64 = 30 * 24 * 3600;
+const TOKEN_TTL_MAX_S: u64 = 365 * 24 * 3600;
+/// Shortest password accepted.
+pub const PASSWORD_MIN_LEN: usize = 8;
+
+/// The file the first start writes the `admin` password into.
+pub const INITIAL_PASSWORD_FILE: &str = "initial-admin-password";
+
+/// Fixed ids of the built-in roles, so that every store and replica agree.
+pub fn builtin_role_id(role: BuiltinRole) -> Uuid {
+    let n = match role {
+        BuiltinRole::Admin => 1,
+        BuiltinRole::ReadOnly => 2,
+        BuiltinRole::NoAccess => 3,
+        BuiltinRole::VmUser => 4,
+        BuiltinRole::VmCreator => 5,
+    };
+    Uuid::from_u128(0x0c0f_0000_0000_0000_0000_0000_0000_0000 | n)
+}
+
+pub(crate) async fn password_hash(password: String) -> Result<String, Error> {
+    tokio::task::spawn_blocking(move || {
+        let salt = rand::rng().random::<[u8; 16]>();
+        Argon2::default()
+            .hash_password_with_salt(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|_| Error::internal("could not hash the password"))
+    })
+    .await
+    .map_err(|_| Error::internal("the password hasher failed"))?
+}
+
+/// Checks a password against a stored hash. Without a hash (an unknown user) it hashes anyway and
+/// answers false, so that an unknown user costs the same time as a wrong password.
+async fn password_verify(password: String, hash: Option<String>) -> bool {
+    let Some(hash) = hash else {
+        let _ = password_hash(password).await;
+        return false;
+    };
+    tokio::task::spawn_blocking(move || {
+        PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash)
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+pub(crate) fn password_check(field: &str, password: &str) -> Result<(), Error> {
+    if password.chars().count() < PASSWORD_MIN_LEN {
+        return Err(Error::new(
+            covm_types::ErrorKind::InvalidRequest,
+            "weak_password",
+            format!("a password has at least {PASSWORD_MIN_LEN} characters"),
+        )
+        .with_field(field));
+    }
+    Ok(())
+}
+
+fn token_new() -> (String, String) {
+    let token = format!("covm_{}", hex::encode(rand::rng().random::<[u8; 32]>()));
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A random password of 24 letters and digits.
+fn password_random() -> String {
+    const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rng();
+    (0..24)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+/// Counts failed sign-ins in a sliding window.
+#[derive(Default)]
+pub struct RateLimiter {
+    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+/// Failures allowed per (user, address) and per address within [`WINDOW`].
+const PER_USER_ADDR: usize = 5;
+const PER_ADDR: usize = 20;
+
+impl RateLimiter {
+    fn keys(user: &str, addr: Option<IpAddr>) -> [(String, usize); 2] {
+        let a = addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        [
+            (format!("{user}@{a}"), PER_USER_ADDR),
+            (format!("@{a}"), PER_ADDR),
+        ]
+    }
+
+    /// Seconds to wait, if the caller is over a limit now.
+    pub fn blocked(&self, user: &str, addr: Option<IpAddr>) -> Option<u64> {
+        let now = Instant::now();
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wait = None;
+        for (key, limit) in Self::keys(user, addr) {
+            if let Some(q) = map.get_mut(&key) {
+                while q.front().is_some_and(|t| now.duration_since(*t) > WINDOW) {
+                    q.pop_front();
+                }
+                if q.len() >= limit
+                    && let Some(first) = q.front()
+                {
+                    let w = WINDOW
+                        .saturating_sub(now.duration_since(*first))
+                        .as_secs()
+                        .max(1);
+                    wait = Some(wait.map_or(w, |x: u64| x.max(w)));
+                }
+            }
+        }
+        wait
+    }
+
+    pub fn failed(&self, user: &str, addr: Option<IpAddr>) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, _) in Self::keys(user, addr) {
+            map.entry(key).or_default().push_back(Instant::now());
+        }
+        // Bound the map: forget keys whose window has passed.
+        if map.len() > 10_000 {
+            let now = Instant::now();
+            map.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) <= WINDOW));
+        }
+    }
+
+    pub fn succeeded(&self, user: &str, addr: Option<IpAddr>) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&Self::keys(user, addr)[0].0);
+    }
+}
+
+pub(crate) fn user_view(u: &UserRecord) -> UserView {
+    UserView {
+        id: u.id,
+        name: u.name.clone(),
+        created_at: u.created_at,
+    }
+}
+
+impl App {
+    /// Creates the built-in roles (refreshing their privileges) and, on the very first start, the user
+    /// `admin` with a random password written to `DATA/initial-admin-password` (mode 0600). Returns the
+    /// path of that file when this call created the admin.
+    pub async fn bootstrap(&self, data_dir: &Path) -> Result<Option<std::path::PathBuf>, Error> {
+        for role in BuiltinRole::ALL {
+            let privs: Vec<&str> = role.privileges().iter().map(|p| p.as_str()).collect();
+            self.store()
+                .role_upsert_builtin(builtin_role_id(role), role.name(), &privs)
+                .await?;
+        }
+        if self.store().user_by_name("admin").await?.is_some()
+            || !self.store().users_list().await?.is_empty()
+        {
+            return Ok(None);
+        }
+        let password = password_random();
+        let file = data_dir.join(INITIAL_PASSWORD_FILE);
+        // The file first: a crash after it and before the user leaves a file that the next start
+        // overwrites; the reverse order could leave an admin whose password nobody knows.
+        write_secret(&file, &password).map_err(|e| {
+            tracing::error!(error = %e, file = %file.display(), "could not write the initial admin password");
+            Error::internal("could not write the initial admin password")
+        })?;
+        let user = UserRecord {
+            id: Uuid::now_v7(),
+            name: "admin".into(),
+            password_hash: password_hash(password).await?,
+            created_at: covm_store::now(),
+        };
+        let ev = system_event("user.created", "user", Some(user.id), "admin")
+            .scope(ROOT_ID)
+            .data(serde_json::json!({ "role": "Admin", "object": "/", "bootstrap": true }));
+        if self
+            .store()
+            .user_bootstrap(user, builtin_role_id(BuiltinRole::Admin), ev)
+            .await?
+        {
+            self.committed();
+            Ok(Some(file))
+        } else {
+            // Another replica made the first user at the same time; its password is in its data dir.
+            let _ = std::fs::remove_file(&file);
+            Ok(None)
+        }
+    }
+
+    /// Signs in with a password. Failures are audited and rate limited.
+    pub async fn session_create(
+        &self,
+        req: &Arc<RequestInfo>,
+        p: SessionCreate,
+    ) -> Result<SessionToken, Error> {
+        let denied = |code: &str, message: String| {
+            let ev = system_event(code, "user", None, &p.user).audit_only();
+            covm_store::NewEvent { actor: p.user.clone(), request_id: Some(req.id.clone()), ..ev }
+                .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "reason": message }))
+        };
+        if let Some(wait) = self.limiter().blocked(&p.user, req.addr) {
+            self.store()
+                .event_append(denied(
+                    "session.rate_limited",
+                    format!("retry after {wait} s"),
+                ))
+                .await?;
+            req.mark_audited();
+            return Err(Error::rate_limited(
+                wait,
+                format!("too many failed sign-ins; try again in {wait} seconds"),
+            ));
+        }
+        let user = self.store().user_by_name(&p.user).await?;
+        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        let ok = password_verify(p.password.clone(), hash).await;
+        let Some(user) = user.filter(|_| ok) else {
+            self.limiter().failed(&p.user, req.addr);
+            self.store()
+                .event_append(denied("session.failed", "bad user or password".into()))
+                .await?;
+            req.mark_audited();
+            return Err(Error::unauthenticated(
+                "the user name or the password is wrong",
+            ));
+        };
+        self.limiter().succeeded(&p.user, req.addr);
+        let (token, hash) = token_new();
+        let now = covm_store::now();
+        let rec = TokenRecord {
+            id: Uuid::now_v7(),
+            user_id: user.id,
+            kind: TokenKind::Session,
+            name: "session".into(),
+            hash,
+            created_at: now,
+            expires_at: now + SESSION_TTL,
+        };
+        let ev = covm_store::NewEvent {
+            actor: user.name.clone(),
+            request_id: Some(req.id.clone()),
+            ..system_event("session.created", "user", Some(user.id), &user.name).audit_only()
+        }
+        .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()) }));
+        let expires_at = rec.expires_at;
+        self.store().token_create(rec, Some(ev)).await?;
+        Ok(SessionToken {
+            token,
+            user: user.name,
+            expires_at,
+        })
+    }
+
+    /// Finds the caller of a bearer token.
+    pub async fn authenticate(&self, req: &Arc<RequestInfo>, token: &str) -> Result<Ctx, Error> {
+        let bad = || Error::unauthenticated("the token is unknown or has expired; sign in again");
+        let rec = self
+            .store()
+            .token_by_hash(&token_hash(token))
+            .await?
+            .ok_or_else(bad)?;
+        if rec.expires_at <= Utc::now() {
+            return Err(bad());
+        }
+        let user = self.store().user_get(rec.user_id).await?.ok_or_else(bad)?;
+        let _ = req.actor.set(user.name.clone());
+        Ok(Ctx {
+            user_id: user.id,
+            user: user.name,
+            token_id: rec.id,
+            req: req.clone(),
+        })
+    }
+
+    pub async fn session_delete(&self, ctx: &Ctx) -> Result<(), Error> {
+        let ev = ctx
+            .event("session.deleted", "user", Some(ctx.user_id), &ctx.user)
+            .audit_only();
+        self.store()
+            .token_delete(ctx.user_id, ctx.token_id, Some(ev))
+            .await?;
+        Ok(())
+    }
+
+    /// Who am I, and what may I do on `object` (default `/`).
+    pub async fn session_get(&self, ctx: &Ctx, object: Option<&str>) -> Result<Whoami, Error> {
+        let user = self
+            .store()
+            .user_get(ctx.user_id)
+            .await?
+            .ok_or_else(|| Error::unauthenticated("the user no longer exists"))?;
+        let obj = self
+            .object_resolve(ctx, object.unwrap_or("/"), None, "object")
+            .await?;
+        let privileges = self.privileges(ctx, obj.id).await?;
+        Ok(Whoami {
+            user: user_view(&user),
+            groups: self.store().user_groups(ctx.user_id).await?,
+            object: self.object_ref(&obj),
+            privileges,
+        })
+    }
+
+    pub async fn token_create(&self, ctx: &Ctx, p: TokenCreate) -> Result<TokenView, Error> {
+        let ttl = p.expires_in_s.unwrap_or(TOKEN_TTL_DEFAULT_S);
+        if ttl == 0 || ttl > TOKEN_TTL_MAX_S {
+            return Err(Error::invalid(
+                "expires_in_s",
+                format!("a token lives from 1 second to {TOKEN_TTL_MAX_S} seconds (one year)"),
+            ));
+        }
+        if self
+            .store()
+            .tokens_list(ctx.user_id, TokenKind::Api)
+            .await?
+            .iter()
+            .any(|t| t.name == p.name.as_str())
+        {
+            return Err(Error::conflict(
+                "already_exists",
+                format!("you already have a token named {}", p.name),
+            )
+            .with_field("name"));
+        }
+        let (token, hash) = token_new();
+        let now = covm_store::now();
+        let rec = TokenRecord {
+            id: Uuid::now_v7(),
+            user_id: ctx.user_id,
+            kind: TokenKind::Api,
+            name: p.name.to_string(),
+            hash,
+            created_at: now,
+            expires_at: now + chrono::Duration::seconds(ttl as i64),
+        };
+        let ev = ctx
+            .event("token.created", "user", Some(ctx.user_id), &ctx.user)
+            .audit_only()
+            .data(serde_json::json!({ "token": rec.name, "token_id": rec.id, "expires_at": rec.expires_at }));
+        let mut view = token_view(&rec);
+        self.store().token_create(rec, Some(ev)).await?;
+        view.token = Some(token);
+        Ok(view)
+    }
+
+    pub async fn tokens_list(&self, ctx: &Ctx) -> Result<Vec<TokenView>, Error> {
+        Ok(self
+            .store()
+            .tokens_list(ctx.user_id, TokenKind::Api)
+            .await?
+            .iter()
+            .map(token_view)
+            .collect())
+    }
+
+    pub async fn token_delete(&self, ctx: &Ctx, id: Uuid) -> Result<(), Error> {
+        let ev = ctx
+            .event("token.deleted", "user", Some(ctx.user_id), &ctx.user)
+            .audit_only()
+            .data(serde_json::json!({ "token_id": id }));
+        if !self.store().token_delete(ctx.user_id, id, Some(ev)).await? {
+            return Err(Error::not_found("token", &id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The caller's privileges on an object, as typed values.
+    pub async fn privileges(&self, ctx: &Ctx, object: Uuid) -> Result<Vec<Privilege>, Error> {
+        Ok(self
+            .store()
+            .privileges_effective(ctx.user_id, object)
+            .await?
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+}
+
+fn token_view(t: &TokenRecord) -> TokenView {
+    TokenView {
+        id: t.id,
+        name: t.name.clone(),
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        token: None,
+    }
+}
+
+/// Writes a secret file readable by its owner only, atomically.
+pub fn write_secret(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(content.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_blocks_after_the_limit_and_names_a_wait() {
+        let l = RateLimiter::default();
+        let a = Some("127.0.0.1".parse().unwrap());
+        for _ in 0..PER_USER_ADDR {
+            assert_eq!(l.blocked("bob", a), None);
+            l.failed("bob", a);
+        }
+        let wait = l.blocked("bob", a).expect("blocked");
+        assert!((1..=60).contains(&wait));
+        // Another user from the same address is not blocked yet; success clears only the pair.
+        assert_eq!(l.blocked("carol", a), None);
+        l.succeeded("bob", a);
+        assert_eq!(l.blocked("bob", a), None);
+    }
+
+    #[tokio::test]
+    async fn passwords_hash_and_verify() {
+        let h = password_hash("correct horse".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(password_verify("correct horse".into(), Some(h.clone())).await);
+        assert!(!password_verify("wrong horse".into(), Some(h)).await);
+        assert!(!password_verify("x".into(), Some("garbage".into())).await);
+        assert!(!password_verify("x".into(), None).await);
+    }
+}

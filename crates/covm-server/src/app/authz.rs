@@ -1,0 +1,141 @@
+//! Authorization: resolving object references and checking privileges on them.
+//!
+//! The rule (DESIGN §7) is evaluated in SQL by the store (`privileges_effective`); this module decides
+//! what a failed check looks like. An object the caller may not view (no `System.View`) is reported as
+//! not found, so that names do not leak; one it may view but not change is a 403 naming the missing
+//! privilege and the object. Both are audited as `authz.denied`.
+
+use covm_store::ObjectRecord;
+use covm_types::api::{ObjectKind, ObjectRef};
+use covm_types::{Error, Privilege, ROOT_ID};
+use uuid::Uuid;
+
+use super::{App, Ctx, EventExt};
+
+impl App {
+    pub fn object_ref(&self, o: &ObjectRecord) -> ObjectRef {
+        ObjectRef {
+            id: o.id,
+            kind: o.kind,
+            name: if o.id == ROOT_ID {
+                "/".into()
+            } else {
+                o.name.clone()
+            },
+            path: o.path.clone(),
+        }
+    }
+
+    /// Finds an object by reference, without any check: a path (`/team-a`), an id, `KIND:NAME`, or a
+    /// bare name of the expected kind.
+    pub async fn object_lookup(
+        &self,
+        reference: &str,
+        kind: Option<ObjectKind>,
+    ) -> Result<Option<ObjectRecord>, Error> {
+        let store = self.store();
+        let found = if reference.starts_with('/') {
+            let path = if reference.len() > 1 {
+                reference.trim_end_matches('/')
+            } else {
+                reference
+            };
+            store.object_by_path(path).await?
+        } else if let Ok(id) = Uuid::parse_str(reference) {
+            store.object_get(id).await?
+        } else if let Some((k, name)) = reference.split_once(':')
+            && let Some(k) = ObjectKind::parse(k)
+        {
+            store.object_by_name(k, name).await?
+        } else if let Some(k) = kind {
+            match k {
+                // A bare folder name is a top-level folder.
+                ObjectKind::Folder => store.object_by_path(&format!("/{reference}")).await?,
+                _ => store.object_by_name(k, reference).await?,
+            }
+        } else {
+            None
+        };
+        Ok(found.filter(|o| kind.is_none_or(|k| k == o.kind)))
+    }
+
+    /// Finds an object the caller may view; anything else is "not found" (audited when it exists).
+    pub async fn object_resolve(
+        &self,
+        ctx: &Ctx,
+        reference: &str,
+        kind: Option<ObjectKind>,
+        field: &str,
+    ) -> Result<ObjectRecord, Error> {
+        let kind_name = kind.map_or("object", |k| k.as_str());
+        let not_found = || Error::not_found(kind_name, reference).with_field(field);
+        let Some(obj) = self.object_lookup(reference, kind).await? else {
+            return Err(not_found());
+        };
+        // The root is always navigable: everyone may list it (and sees only what they may view).
+        if obj.id == ROOT_ID {
+            return Ok(obj);
+        }
+        let privs = self
+            .store()
+            .privileges_effective(ctx.user_id, obj.id)
+            .await?;
+        if !privs.iter().any(|p| p == Privilege::SystemView.as_str()) {
+            self.denied(ctx, &obj, Privilege::SystemView, 404).await?;
+            return Err(not_found());
+        }
+        Ok(obj)
+    }
+
+    /// Checks that the caller holds `privilege` on `obj`; audits and refuses otherwise.
+    pub async fn require(
+        &self,
+        ctx: &Ctx,
+        obj: &ObjectRecord,
+        privilege: Privilege,
+    ) -> Result<(), Error> {
+        let privs = self
+            .store()
+            .privileges_effective(ctx.user_id, obj.id)
+            .await?;
+        if privs.iter().any(|p| p == privilege.as_str()) {
+            return Ok(());
+        }
+        let visible =
+            obj.id == ROOT_ID || privs.iter().any(|p| p == Privilege::SystemView.as_str());
+        self.denied(ctx, obj, privilege, if visible { 403 } else { 404 })
+            .await?;
+        if visible {
+            Err(Error::forbidden(privilege.as_str(), &obj.path))
+        } else {
+            Err(Error::not_found(obj.kind.as_str(), &obj.name))
+        }
+    }
+
+    /// Checks a privilege that is not about an inventory object (users, roles, audit): it is held on
+    /// the root.
+    pub async fn require_global(&self, ctx: &Ctx, privilege: Privilege) -> Result<(), Error> {
+        let root = self
+            .store()
+            .object_get(ROOT_ID)
+            .await?
+            .ok_or_else(|| Error::internal("the root folder is missing"))?;
+        self.require(ctx, &root, privilege).await
+    }
+
+    async fn denied(
+        &self,
+        ctx: &Ctx,
+        obj: &ObjectRecord,
+        privilege: Privilege,
+        status: u16,
+    ) -> Result<(), Error> {
+        let ev = ctx
+            .event("authz.denied", obj.kind.as_str(), Some(obj.id), &obj.name)
+            .audit_only()
+            .data(serde_json::json!({ "privilege": privilege.as_str(), "object": obj.path, "status": status }));
+        self.store().event_append(ev).await?;
+        ctx.req.mark_audited();
+        Ok(())
+    }
+}

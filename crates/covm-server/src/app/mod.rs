@@ -1,0 +1,185 @@
+//! The app layer: every rule of covm lives here — who may do what (`authz`), sign-in and tokens
+//! (`auth`), the inventory tree (`inventory`), principals and grants (`principals`), and the log that
+//! feeds the live event stream and the audit trail (`events`).
+//!
+//! Rules:
+//! - No HTTP types here. Functions take a [`Ctx`] (who asks, which request) and typed parameters, and
+//!   return API views or a [`covm_types::Error`]; the HTTP layer picks status codes from the error kind.
+//! - Every change is written together with its log entry (the store appends both in one transaction).
+//! - Every denial is written to the log (audit only) before the error is returned; the request is then
+//!   marked as audited so that the HTTP layer does not log it twice.
+
+pub mod auth;
+pub mod authz;
+pub mod events;
+pub mod host;
+pub mod inventory;
+pub mod principals;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use covm_store::{NewEvent, Store};
+use uuid::Uuid;
+
+pub use auth::RateLimiter;
+pub use events::EventHub;
+
+/// What the app layer needs to know of the process it runs in.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub data_dir: PathBuf,
+}
+
+/// The app: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    store: Arc<dyn Store>,
+    hub: EventHub,
+    limiter: RateLimiter,
+    config: AppConfig,
+}
+
+impl App {
+    pub fn new(store: Arc<dyn Store>, config: AppConfig) -> App {
+        let hub = EventHub::new(store.clone());
+        App {
+            inner: Arc::new(AppInner {
+                store,
+                hub,
+                limiter: RateLimiter::default(),
+                config,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn hub(&self) -> &EventHub {
+        &self.inner.hub
+    }
+
+    pub fn config(&self) -> &AppConfig {
+        &self.inner.config
+    }
+
+    fn limiter(&self) -> &RateLimiter {
+        &self.inner.limiter
+    }
+
+    /// Tells the feed that something was committed.
+    fn committed(&self) {
+        self.inner.hub.wake();
+    }
+}
+
+/// Facts about one request that the HTTP layer and the app layer share: its id, the caller's address,
+/// who the caller turned out to be, and whether an audit entry was already written for its failure.
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    pub id: String,
+    pub addr: Option<std::net::IpAddr>,
+    pub actor: OnceLock<String>,
+    audited: AtomicBool,
+}
+
+impl RequestInfo {
+    pub fn new(id: String, addr: Option<std::net::IpAddr>) -> RequestInfo {
+        RequestInfo {
+            id,
+            addr,
+            ..Default::default()
+        }
+    }
+
+    pub fn mark_audited(&self) {
+        self.audited.store(true, Ordering::Relaxed);
+    }
+
+    pub fn audited(&self) -> bool {
+        self.audited.load(Ordering::Relaxed)
+    }
+}
+
+/// The signed-in caller of one request.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub user_id: Uuid,
+    pub user: String,
+    /// The token this request was authenticated with (to sign out).
+    pub token_id: Uuid,
+    pub req: Arc<RequestInfo>,
+}
+
+impl Ctx {
+    /// A log entry by this caller about an object.
+    pub fn event(
+        &self,
+        kind: &str,
+        object_kind: &str,
+        object_id: Option<Uuid>,
+        object_name: &str,
+    ) -> NewEvent {
+        NewEvent {
+            actor: self.user.clone(),
+            request_id: Some(self.req.id.clone()),
+            kind: kind.to_owned(),
+            object_kind: object_kind.to_owned(),
+            object_id,
+            object_name: Some(object_name.to_owned()),
+            scope_id: object_id,
+            feed: true,
+            data: serde_json::json!({}),
+            ..Default::default()
+        }
+    }
+}
+
+/// A log entry by covm itself (start-up, bootstrap).
+pub fn system_event(
+    kind: &str,
+    object_kind: &str,
+    object_id: Option<Uuid>,
+    object_name: &str,
+) -> NewEvent {
+    NewEvent {
+        actor: "-".to_owned(),
+        kind: kind.to_owned(),
+        object_kind: object_kind.to_owned(),
+        object_id,
+        object_name: Some(object_name.to_owned()),
+        scope_id: object_id,
+        feed: true,
+        data: serde_json::json!({}),
+        ..Default::default()
+    }
+}
+
+/// Builder-style helpers on log entries.
+pub trait EventExt {
+    fn data(self, data: serde_json::Value) -> Self;
+    fn scope(self, scope: Uuid) -> Self;
+    fn audit_only(self) -> Self;
+}
+
+impl EventExt for NewEvent {
+    fn data(mut self, data: serde_json::Value) -> Self {
+        self.data = data;
+        self
+    }
+    fn scope(mut self, scope: Uuid) -> Self {
+        self.scope_id = Some(scope);
+        self
+    }
+    fn audit_only(mut self) -> Self {
+        self.feed = false;
+        self
+    }
+}

@@ -1,0 +1,238 @@
+//! Extractors that turn every malformed request into a covm error with a code and the field at fault:
+//! JSON bodies (at most [`BODY_LIMIT`], unknown fields refused), query strings, and the bearer token.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use covm_types::{Error, ErrorKind};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::app::{App, Ctx, RequestInfo};
+
+/// The largest request body accepted.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// A JSON request body.
+pub struct JsonBody<T>(pub T);
+
+/// Turns a serde error at `path` into a covm error.
+pub fn json_error(path: &str, e: &serde_json::Error) -> Error {
+    let msg = e.to_string();
+    // serde's messages end with " at line L column C"; the path says more to a person.
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+    let field = |f: &str| {
+        if path.is_empty() || path == "." {
+            f.to_owned()
+        } else {
+            format!("{path}.{f}")
+        }
+    };
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let name = rest.split('`').next().unwrap_or_default();
+        return Error::new(
+            ErrorKind::InvalidRequest,
+            "unknown_field",
+            format!("unknown field {name}"),
+        )
+        .with_field(field(name));
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let name = rest.split('`').next().unwrap_or_default();
+        return Error::new(
+            ErrorKind::InvalidRequest,
+            "missing_field",
+            format!("the field {name} is required"),
+        )
+        .with_field(field(name));
+    }
+    let code = if msg.starts_with("a name ") {
+        "invalid_name"
+    } else {
+        "invalid_value"
+    };
+    match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => Error::new(
+            ErrorKind::InvalidRequest,
+            "invalid_json",
+            format!("the body is not valid JSON: {msg}"),
+        ),
+        _ if path.is_empty() || path == "." => Error::new(ErrorKind::InvalidRequest, code, msg),
+        _ => Error::new(ErrorKind::InvalidRequest, code, format!("{path}: {msg}")).with_field(path),
+    }
+}
+
+/// Parses a JSON document into `T`, naming the field at fault.
+pub fn json_parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| json_error(&e.path().to_string(), e.inner()))
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                "unsupported_media_type",
+                "the body must be JSON (Content-Type: application/json)",
+            )
+            .into());
+        }
+        let bytes: Bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    "payload_too_large",
+                    format!("the body is larger than {BODY_LIMIT} bytes"),
+                )
+            })?;
+        if bytes.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                "missing_body",
+                "this request needs a JSON body",
+            )
+            .into());
+        }
+        Ok(JsonBody(json_parse(&bytes)?))
+    }
+}
+
+/// An id from the path.
+pub fn parse_id(s: &str) -> Result<uuid::Uuid, Error> {
+    uuid::Uuid::parse_str(s).map_err(|_| Error::invalid("id", format!("{s} is not an id (a UUID)")))
+}
+
+/// A query string.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Query::try_from_uri(&parts.uri)
+            .map(|Query(q)| QueryParams(q))
+            .map_err(|e| {
+                let detail = e.body_text();
+                let detail = detail
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&detail)
+                    .to_owned();
+                ApiError(Error::new(
+                    ErrorKind::InvalidRequest,
+                    "invalid_query",
+                    format!("bad query string: {detail}"),
+                ))
+            })
+    }
+}
+
+/// The request's shared facts (set by the middleware; a default one outside it, in unit tests).
+pub fn request_info(parts: &Parts) -> Arc<RequestInfo> {
+    parts
+        .extensions
+        .get::<Arc<RequestInfo>>()
+        .cloned()
+        .unwrap_or_else(|| {
+            Arc::new(RequestInfo::new(
+                uuid::Uuid::now_v7().simple().to_string(),
+                None,
+            ))
+        })
+}
+
+/// The signed-in caller (`Authorization: Bearer <token>`).
+pub struct Auth(pub Ctx);
+
+impl FromRequestParts<App> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Error::unauthenticated("sign in first: send Authorization: Bearer <token>")
+            })?;
+        Ok(Auth(app.authenticate(&request_info(parts), token).await?))
+    }
+}
+
+/// The request's facts, for handlers that run before anyone is signed in.
+pub struct ReqInfo(pub Arc<RequestInfo>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReqInfo {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ReqInfo(request_info(parts)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use covm_types::api::FolderCreate;
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = json_parse::<FolderCreate>(br#"{"name":"a","colour":"red"}"#)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, "unknown_field");
+        assert_eq!(e.field.as_deref(), Some("colour"));
+    }
+
+    #[test]
+    fn bad_names_are_named() {
+        for bad in [r#"{"name":"../x"}"#, r#"{"name":"A B"}"#, r#"{"name":""}"#] {
+            let e = json_parse::<FolderCreate>(bad.as_bytes()).err().unwrap();
+            assert_eq!(e.code, "invalid_name", "{bad}");
+            assert_eq!(e.field.as_deref(), Some("name"), "{bad}");
+        }
+        let long = format!(r#"{{"name":"{}"}}"#, "x".repeat(64));
+        assert_eq!(
+            json_parse::<FolderCreate>(long.as_bytes())
+                .err()
+                .unwrap()
+                .code,
+            "invalid_name"
+        );
+    }
+
+    #[test]
+    fn missing_and_malformed() {
+        let e = json_parse::<FolderCreate>(b"{}").err().unwrap();
+        assert_eq!(
+            (e.code.as_str(), e.field.as_deref()),
+            ("missing_field", Some("name"))
+        );
+        assert_eq!(
+            json_parse::<FolderCreate>(b"{").err().unwrap().code,
+            "invalid_json"
+        );
+        let e = json_parse::<FolderCreate>(br#"{"name":7}"#).err().unwrap();
+        assert_eq!(
+            (e.code.as_str(), e.field.as_deref()),
+            ("invalid_value", Some("name"))
+        );
+    }
+}

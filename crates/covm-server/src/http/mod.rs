@@ -1,0 +1,299 @@
+//! The HTTP API: axum handlers that authenticate, call one app function and render its result.
+//!
+//! Around every request, [`request_mw`] gives it an id (`X-Request-Id`), counts it in the metrics,
+//! writes a `request.failed` audit entry for a change that failed without one, and makes sure that a 500
+//! (a panic included) carries the request id that is in the log.
+
+pub mod error;
+pub mod events;
+pub mod extract;
+pub mod inventory;
+pub mod principals;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use covm_types::api::Health;
+use covm_types::{Error, ErrorBody};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::{App, RequestInfo, system_event};
+use error::{ApiError, ErrorCode};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "covm", description = "A shared virtual-machine host for a team.", license(name = "Apache-2.0")),
+    modifiers(&BearerAuth),
+    components(schemas(ErrorBody)),
+    tags(
+        (name = "session", description = "Sign-in, sessions and API tokens"),
+        (name = "principals", description = "Users, groups, roles and permissions"),
+        (name = "inventory", description = "Folders, datastores, networks, pools and hosts"),
+        (name = "events", description = "The change feed and the audit log"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every API route, with its OpenAPI description.
+fn api_routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(
+            session::session_create,
+            session::session_get,
+            session::session_delete
+        ))
+        .routes(routes!(session::token_list, session::token_create))
+        .routes(routes!(session::token_delete))
+        .routes(routes!(principals::user_list, principals::user_create))
+        .routes(routes!(principals::user_get, principals::user_delete))
+        .routes(routes!(principals::user_password_set))
+        .routes(routes!(principals::group_list, principals::group_create))
+        .routes(routes!(principals::group_member_add))
+        .routes(routes!(principals::group_member_remove))
+        .routes(routes!(principals::privilege_list))
+        .routes(routes!(principals::role_list, principals::role_create))
+        .routes(routes!(principals::role_get))
+        .routes(routes!(
+            principals::permission_list,
+            principals::permission_create
+        ))
+        .routes(routes!(principals::permission_delete))
+        .routes(routes!(inventory::inventory_list))
+        .routes(routes!(inventory::folder_list, inventory::folder_create))
+        .routes(routes!(inventory::folder_get, inventory::folder_delete))
+        .routes(routes!(
+            inventory::datastore_list,
+            inventory::datastore_create
+        ))
+        .routes(routes!(inventory::datastore_get))
+        .routes(routes!(inventory::network_list, inventory::network_create))
+        .routes(routes!(inventory::pool_list, inventory::pool_create))
+        .routes(routes!(inventory::host_list))
+        .routes(routes!(events::event_list))
+        .routes(routes!(events::audit_list))
+        .routes(routes!(events::audit_verify))
+}
+
+/// The OpenAPI document of the API, as checked in at `openapi/covm.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = OpenApiRouter::<App>::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", api_routes())
+        .into_openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
+}
+
+/// The routes outside the API document: health, readiness, metrics and the document itself.
+pub const SERVICE_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"];
+
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .map_err(|e| tracing::warn!(error = %e, "metrics are off"))
+                .ok()
+        })
+        .clone()
+}
+
+/// The whole HTTP service.
+pub fn router(app: App) -> axum::Router {
+    let metrics = metrics_handle();
+    let (api, _) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", api_routes())
+        .split_for_parts();
+    let doc = Arc::new(openapi());
+    api.route(
+        "/healthz",
+        get(|| async {
+            Json(Health {
+                status: "ok".into(),
+                details: vec![],
+            })
+        }),
+    )
+    .route("/readyz", get(readyz))
+    .route(
+        "/metrics",
+        get(move || async move { metrics.map(|m| m.render()).unwrap_or_default() }),
+    )
+    .route(
+        "/api/v1/openapi.json",
+        get(move || async move { Json(doc.as_ref().clone()) }),
+    )
+    .fallback(|| async {
+        ApiError(Error::new(
+            covm_types::ErrorKind::NotFound,
+            "no_route",
+            "there is no such API path",
+        ))
+    })
+    .layer(CatchPanicLayer::custom(|_| {
+        ApiError(Error::internal(
+            "covm hit a bug while handling this request",
+        ))
+        .into_response()
+    }))
+    .layer(axum::middleware::from_fn_with_state(
+        app.clone(),
+        request_mw,
+    ))
+    .with_state(app)
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    match app.store().ping().await {
+        Ok(()) => Json(Health {
+            status: "ready".into(),
+            details: vec![format!("store: {}", app.store().backend())],
+        })
+        .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "unavailable".into(),
+                details: vec![format!("store: {}", e.message)],
+            }),
+        )
+            .into_response(),
+    }
+}
+
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
+}
+
+async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let info = Arc::new(RequestInfo::new(id.clone(), addr));
+    req.extensions_mut().insert(info.clone());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
+
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+
+    let mutating = matches!(
+        method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    if mutating
+        && (status.is_client_error() || status.is_server_error())
+        && status != StatusCode::UNAUTHORIZED
+        && !info.audited()
+    {
+        let code = resp.extensions().get::<ErrorCode>().map(|c| c.0.clone());
+        let actor = info.actor.get().cloned().unwrap_or_else(|| "-".into());
+        let ev = covm_store::NewEvent {
+            actor,
+            request_id: Some(id.clone()),
+            ..system_event(
+                "request.failed",
+                "request",
+                None,
+                &format!("{method} {path}"),
+            )
+        };
+        let ev = crate::app::EventExt::audit_only(crate::app::EventExt::data(
+            ev,
+            serde_json::json!({ "method": method.as_str(), "path": path, "status": status.as_u16(), "code": code }),
+        ));
+        if let Err(e) = app.store().event_append(ev).await {
+            tracing::error!(request_id = %id, error = %e, "could not audit a failed request");
+        }
+    }
+    if status.is_server_error() {
+        resp = with_request_id(resp, &id).await;
+        tracing::error!(request_id = %id, %method, %path, status = status.as_u16(), "request failed");
+    } else {
+        tracing::debug!(request_id = %id, %method, %path, status = status.as_u16(), "request");
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let labels = [
+        ("method", method.as_str().to_owned()),
+        ("route", route),
+        ("status", status.as_u16().to_string()),
+    ];
+    metrics::counter!("covm_http_requests_total", &labels).increment(1);
+    metrics::histogram!("covm_http_request_duration_seconds", &labels[..2])
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Puts the request id into a 5xx error body, so that a user can quote it and find the log line.
+async fn with_request_id(resp: Response, id: &str) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut err: ErrorBody =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Error::internal("internal error").body());
+    err.error.message = format!(
+        "{} (request id {id}; the server log has the details)",
+        err.error.message
+    );
+    let mut details = err
+        .error
+        .details
+        .take()
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(obj) = details.as_object_mut() {
+        obj.insert("request_id".into(), id.into());
+    }
+    err.error.details = Some(details);
+    let body = serde_json::to_vec(&err).unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}

@@ -1,0 +1,90 @@
+//! Sign-in, who am I, sign-out, and API tokens.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use covm_types::ErrorBody;
+use covm_types::api::{SessionCreate, SessionQuery, SessionToken, TokenCreate, TokenView, Whoami};
+
+use super::error::ApiError;
+use super::extract::{Auth, JsonBody, QueryParams, ReqInfo};
+use crate::app::App;
+
+/// Sign in with a user name and password; the token goes in `Authorization: Bearer`.
+#[utoipa::path(post, path = "/session", tag = "session", operation_id = "session_create",
+    request_body = SessionCreate,
+    responses((status = 201, body = SessionToken), (status = "4XX", body = ErrorBody)))]
+pub async fn session_create(
+    State(app): State<App>,
+    ReqInfo(req): ReqInfo,
+    JsonBody(p): JsonBody<SessionCreate>,
+) -> Result<(StatusCode, Json<SessionToken>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(app.session_create(&req, p).await?),
+    ))
+}
+
+/// Who am I, my groups, and my effective privileges on `object` (default `/`).
+#[utoipa::path(get, path = "/session", tag = "session", operation_id = "session_get",
+    params(SessionQuery),
+    responses((status = 200, body = Whoami), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn session_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    QueryParams(q): QueryParams<SessionQuery>,
+) -> Result<Json<Whoami>, ApiError> {
+    Ok(Json(app.session_get(&ctx, q.object.as_deref()).await?))
+}
+
+/// Sign out: the token of this request stops working.
+#[utoipa::path(delete, path = "/session", tag = "session", operation_id = "session_delete",
+    responses((status = 204), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn session_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+) -> Result<StatusCode, ApiError> {
+    app.session_delete(&ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// My API tokens (without their secrets).
+#[utoipa::path(get, path = "/tokens", tag = "session", operation_id = "token_list",
+    responses((status = 200, body = Vec<TokenView>), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn token_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    Ok(Json(app.tokens_list(&ctx).await?))
+}
+
+/// Make a named API token; its secret is in this response only.
+#[utoipa::path(post, path = "/tokens", tag = "session", operation_id = "token_create",
+    request_body = TokenCreate,
+    responses((status = 201, body = TokenView), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn token_create(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    JsonBody(p): JsonBody<TokenCreate>,
+) -> Result<(StatusCode, Json<TokenView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.token_create(&ctx, p).await?)))
+}
+
+/// Revoke one of my API tokens.
+#[utoipa::path(delete, path = "/tokens/{id}", tag = "session", operation_id = "token_delete",
+    params(("id" = Uuid, Path, description = "token id")),
+    responses((status = 204), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn token_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = super::extract::parse_id(&id)?;
+    app.token_delete(&ctx, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
