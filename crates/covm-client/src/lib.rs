@@ -68,6 +68,13 @@ pub struct Client {
     token: Option<String>,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Client").field("base", &self.base).field("signed_in", &self.token.is_some()).finish()
+    }
+}
+
 impl Client {
     /// `base` is the server's URL, such as `http://127.0.0.1:8006`.
     pub fn new(base: &str) -> Client {
@@ -76,11 +83,7 @@ impl Client {
             .pool_max_idle_per_host(64)
             .build()
             .expect("a plain HTTP client always builds");
-        Client {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
-            token: None,
-        }
+        Client { http, base: base.trim_end_matches('/').to_owned(), token: None }
     }
 
     pub fn with_token(mut self, token: impl Into<String>) -> Client {
@@ -107,10 +110,7 @@ impl Client {
         } else {
             format!("{}/api/v1{path}", self.base)
         };
-        let rb = self
-            .http
-            .request(method, url)
-            .timeout(Duration::from_secs(120));
+        let rb = self.http.request(method, url).timeout(Duration::from_secs(120));
         match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,
@@ -123,11 +123,7 @@ impl Client {
         let status = resp.status();
         if status.is_success() {
             let bytes = resp.bytes().await.map_err(transport)?;
-            let bytes = if bytes.is_empty() {
-                &b"null"[..]
-            } else {
-                &bytes[..]
-            };
+            let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
             return serde_json::from_slice(bytes)
                 .map_err(|e| ClientError::Transport(format!("could not read the answer: {e}")));
         }
@@ -138,41 +134,24 @@ impl Client {
         self.send(self.request(Method::GET, path)).await
     }
 
-    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         self.send(self.request(Method::POST, path).json(body)).await
     }
 
-    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         self.send(self.request(Method::PUT, path).json(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<()> {
-        self.send::<serde_json::Value>(self.request(Method::DELETE, path))
-            .await
-            .map(|_| ())
+        self.send::<serde_json::Value>(self.request(Method::DELETE, path)).await.map(|_| ())
     }
 
     // --- session ------------------------------------------------------------------------------
 
     /// Signs in; the returned client carries the session token.
     pub async fn login(&self, user: &str, password: &str) -> Result<(Client, SessionToken)> {
-        let t: SessionToken = self
-            .post(
-                "/session",
-                &SessionCreate {
-                    user: user.into(),
-                    password: password.into(),
-                },
-            )
-            .await?;
+        let t: SessionToken =
+            self.post("/session", &SessionCreate { user: user.into(), password: password.into() }).await?;
         Ok((self.clone().with_token(t.token.clone()), t))
     }
 
@@ -181,20 +160,14 @@ impl Client {
     }
 
     pub async fn whoami(&self, object: Option<&str>) -> Result<Whoami> {
-        self.send(self.request(Method::GET, "/session").query(&SessionQuery {
-            object: object.map(str::to_owned),
-        }))
-        .await
+        self.send(self.request(Method::GET, "/session").query(&SessionQuery { object: object.map(str::to_owned) }))
+            .await
     }
 
     // --- principals ---------------------------------------------------------------------------
 
     pub async fn user_create(&self, name: &str, password: &str) -> Result<UserView> {
-        self.post(
-            "/users",
-            &serde_json::json!({ "name": name, "password": password }),
-        )
-        .await
+        self.post("/users", &serde_json::json!({ "name": name, "password": password })).await
     }
 
     pub async fn users(&self) -> Result<Vec<UserView>> {
@@ -202,14 +175,9 @@ impl Client {
     }
 
     pub async fn user_password_set(&self, user: &str, password: &str) -> Result<()> {
-        self.put::<_, serde_json::Value>(
-            &format!("/users/{user}/password"),
-            &PasswordSet {
-                password: password.into(),
-            },
-        )
-        .await
-        .map(|_| ())
+        self.put::<_, serde_json::Value>(&format!("/users/{user}/password"), &PasswordSet { password: password.into() })
+            .await
+            .map(|_| ())
     }
 
     pub async fn user_delete(&self, user: &str) -> Result<()> {
@@ -217,16 +185,11 @@ impl Client {
     }
 
     pub async fn group_create(&self, name: &str) -> Result<GroupView> {
-        self.post("/groups", &serde_json::json!({ "name": name }))
-            .await
+        self.post("/groups", &serde_json::json!({ "name": name })).await
     }
 
     pub async fn group_member_add(&self, group: &str, user: &str) -> Result<GroupView> {
-        self.post(
-            &format!("/groups/{group}/members"),
-            &GroupMemberAdd { user: user.into() },
-        )
-        .await
+        self.post(&format!("/groups/{group}/members"), &GroupMemberAdd { user: user.into() }).await
     }
 
     pub async fn groups(&self) -> Result<Vec<GroupView>> {
@@ -234,14 +197,7 @@ impl Client {
     }
 
     pub async fn role_create(&self, name: &str, privileges: &[Privilege]) -> Result<RoleView> {
-        self.post(
-            "/roles",
-            &RoleCreate {
-                name: name.into(),
-                privileges: privileges.to_vec(),
-            },
-        )
-        .await
+        self.post("/roles", &RoleCreate { name: name.into(), privileges: privileges.to_vec() }).await
     }
 
     pub async fn roles(&self) -> Result<Vec<RoleView>> {
@@ -261,19 +217,13 @@ impl Client {
     ) -> Result<PermissionView> {
         self.post(
             "/permissions",
-            &PermissionCreate {
-                principal: principal.into(),
-                role: role.into(),
-                object: object.into(),
-                propagate,
-            },
+            &PermissionCreate { principal: principal.into(), role: role.into(), object: object.into(), propagate },
         )
         .await
     }
 
     pub async fn permissions(&self, q: &PermissionQuery) -> Result<Vec<PermissionView>> {
-        self.send(self.request(Method::GET, "/permissions").query(q))
-            .await
+        self.send(self.request(Method::GET, "/permissions").query(q)).await
     }
 
     pub async fn permission_revoke(&self, id: &str) -> Result<()> {
@@ -283,21 +233,12 @@ impl Client {
     // --- inventory ----------------------------------------------------------------------------
 
     pub async fn ls(&self, path: Option<&str>) -> Result<Vec<ObjectRef>> {
-        self.send(
-            self.request(Method::GET, "/inventory")
-                .query(&InventoryQuery {
-                    path: path.map(str::to_owned),
-                }),
-        )
-        .await
+        self.send(self.request(Method::GET, "/inventory").query(&InventoryQuery { path: path.map(str::to_owned) }))
+            .await
     }
 
     pub async fn folder_create(&self, name: &str, parent: &str) -> Result<FolderView> {
-        self.post(
-            "/folders",
-            &serde_json::json!({ "name": name, "parent": parent }),
-        )
-        .await
+        self.post("/folders", &serde_json::json!({ "name": name, "parent": parent })).await
     }
 
     pub async fn folder_delete(&self, folder: &str) -> Result<()> {
@@ -311,13 +252,11 @@ impl Client {
     // --- events and audit ---------------------------------------------------------------------
 
     pub async fn events(&self, q: &EventQuery) -> Result<Page<EventView>> {
-        self.send(self.request(Method::GET, "/events").query(q))
-            .await
+        self.send(self.request(Method::GET, "/events").query(q)).await
     }
 
     pub async fn audit(&self, q: &AuditQuery) -> Result<Page<EventView>> {
-        self.send(self.request(Method::GET, "/audit").query(q))
-            .await
+        self.send(self.request(Method::GET, "/audit").query(q)).await
     }
 
     pub async fn audit_verify(&self) -> Result<AuditVerify> {
@@ -346,52 +285,37 @@ impl Client {
             return Err(error_from(resp).await);
         }
         use eventsource_stream::Eventsource;
-        Ok(Box::pin(resp.bytes_stream().eventsource().filter_map(
-            |ev| async move {
-                match ev {
-                    Ok(ev) if ev.data.is_empty() => None,
-                    Ok(ev) => Some(
-                        serde_json::from_str::<EventView>(&ev.data)
-                            .map_err(|e| ClientError::Transport(format!("bad event: {e}"))),
-                    ),
-                    Err(e) => Some(Err(ClientError::Transport(format!("the feed broke: {e}")))),
-                }
-            },
-        )))
+        Ok(Box::pin(resp.bytes_stream().eventsource().filter_map(|ev| async move {
+            match ev {
+                Ok(ev) if ev.data.is_empty() => None,
+                Ok(ev) => Some(
+                    serde_json::from_str::<EventView>(&ev.data)
+                        .map_err(|e| ClientError::Transport(format!("bad event: {e}"))),
+                ),
+                Err(e) => Some(Err(ClientError::Transport(format!("the feed broke: {e}")))),
+            }
+        })))
     }
 }
 
 async fn error_from(resp: reqwest::Response) -> ClientError {
     let status = resp.status();
-    let retry_after_s = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let retry_after_s =
+        resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let bytes = resp.bytes().await.unwrap_or_default();
-    let error = serde_json::from_slice::<ErrorBody>(&bytes)
-        .map(|b| b.error)
-        .unwrap_or_else(|_| ErrorDetail {
-            code: format!("http_{}", status.as_u16()),
-            message: format!(
-                "the server answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            ),
-            field: None,
-            details: None,
-        });
-    ClientError::Api {
-        status: status.as_u16(),
-        error,
-        retry_after_s,
-    }
+    let error = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.error).unwrap_or_else(|_| ErrorDetail {
+        code: format!("http_{}", status.as_u16()),
+        message: format!(
+            "the server answered {status}: {}",
+            String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()
+        ),
+        field: None,
+        details: None,
+    });
+    ClientError::Api { status: status.as_u16(), error, retry_after_s }
 }
 
 /// Whether a status is one a client may retry the same request after.
 pub fn retryable(status: u16) -> bool {
-    status == StatusCode::TOO_MANY_REQUESTS.as_u16()
-        || status == StatusCode::SERVICE_UNAVAILABLE.as_u16()
+    status == StatusCode::TOO_MANY_REQUESTS.as_u16() || status == StatusCode::SERVICE_UNAVAILABLE.as_u16()
 }

@@ -42,9 +42,7 @@ impl Running {
         self.app.hub().close();
         self.tailer.abort();
         match tokio::time::timeout(std::time::Duration::from_secs(10), self.join).await {
-            Ok(r) => r
-                .context("the server task failed")?
-                .context("the server failed"),
+            Ok(r) => r.context("the server task failed")?.context("the server failed"),
             Err(_) => {
                 tracing::warn!("requests still running after 10 s; stopping anyway");
                 Ok(())
@@ -57,27 +55,19 @@ impl Running {
         let Running { join, shutdown, .. } = self;
         let r = join.await;
         drop(shutdown);
-        r.context("the server task failed")?
-            .context("the server failed")
+        r.context("the server task failed")?.context("the server failed")
     }
 }
 
 /// Opens the data directory and the store, bootstraps, and starts listening.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!(
-            "could not create the data directory {}",
-            config.data_dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("could not create the data directory {}", config.data_dir.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
     }
-    let data_dir = config
-        .data_dir
-        .canonicalize()
-        .unwrap_or(config.data_dir.clone());
+    let data_dir = config.data_dir.canonicalize().unwrap_or(config.data_dir.clone());
     let db = data_dir.join("covm.db");
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&db)
@@ -85,27 +75,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             .map_err(|e| anyhow::anyhow!("{}", e.message))
             .with_context(|| format!("could not open the database {}", db.display()))?,
     );
-    let app = App::new(
-        store,
-        AppConfig {
-            data_dir: data_dir.clone(),
-        },
-    );
-    let initial_password_file = app
-        .bootstrap(&data_dir)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let app = App::new(store, AppConfig { data_dir: data_dir.clone() });
+    let initial_password_file = app.bootstrap(&data_dir).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     if let Some(f) = &initial_password_file {
         tracing::info!(file = %f.display(), "created the user admin; its initial password is in this file (mode 0600)");
     }
-    app.inventory_bootstrap(&data_dir, config.demo)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let tailer = app
-        .hub()
-        .start()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    app.inventory_bootstrap(&data_dir, config.demo).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let tailer = app.hub().start().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -121,14 +97,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             })
             .await
     });
-    Ok(Running {
-        addr,
-        app,
-        initial_password_file,
-        shutdown,
-        join,
-        tailer,
-    })
+    Ok(Running { addr, app, initial_password_file, shutdown, join, tailer })
 }
 
 /// Runs until SIGINT or SIGTERM.

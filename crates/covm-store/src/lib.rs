@@ -226,11 +226,7 @@ pub trait Store: Send + Sync + 'static {
     async fn object_by_name(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectRecord>>;
     /// Children of `parent`, by name. With a viewer: only those the viewer may view, or that lead to
     /// something it may view (so that a user granted `/a/b` sees `/a` when listing `/`).
-    async fn object_children(
-        &self,
-        parent: Uuid,
-        viewer: Option<Uuid>,
-    ) -> Result<Vec<ObjectRecord>>;
+    async fn object_children(&self, parent: Uuid, viewer: Option<Uuid>) -> Result<Vec<ObjectRecord>>;
     /// Objects of a kind by path, after the cursor `after` (a path), at most `limit`; with a viewer, only
     /// those it may view.
     async fn objects_list(
@@ -240,11 +236,7 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<ObjectRecord>>;
-    async fn object_create(
-        &self,
-        object: NewObject,
-        event: NewEvent,
-    ) -> Result<(ObjectRecord, EventRecord)>;
+    async fn object_create(&self, object: NewObject, event: NewEvent) -> Result<(ObjectRecord, EventRecord)>;
     /// Replaces an object's spec (host facts at start, datastore capacity, …).
     async fn object_spec_set(&self, id: Uuid, spec: serde_json::Value) -> Result<()>;
     /// Deletes an object that has no children (409 `folder_not_empty` otherwise), with its grants.
@@ -260,12 +252,7 @@ pub trait Store: Send + Sync + 'static {
     async fn user_get(&self, id: Uuid) -> Result<Option<UserRecord>>;
     async fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>>;
     async fn users_list(&self) -> Result<Vec<UserRecord>>;
-    async fn user_password_set(
-        &self,
-        id: Uuid,
-        password_hash: String,
-        event: NewEvent,
-    ) -> Result<EventRecord>;
+    async fn user_password_set(&self, id: Uuid, password_hash: String, event: NewEvent) -> Result<EventRecord>;
     /// Deletes a user with its tokens, memberships and grants.
     async fn user_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     async fn user_groups(&self, user: Uuid) -> Result<Vec<String>>;
@@ -274,18 +261,8 @@ pub trait Store: Send + Sync + 'static {
     async fn group_by_name(&self, name: &str) -> Result<Option<GroupRecord>>;
     async fn groups_list(&self) -> Result<Vec<GroupRecord>>;
     /// Adds a member; already a member is success.
-    async fn group_member_add(
-        &self,
-        group: Uuid,
-        user: Uuid,
-        event: NewEvent,
-    ) -> Result<EventRecord>;
-    async fn group_member_remove(
-        &self,
-        group: Uuid,
-        user: Uuid,
-        event: NewEvent,
-    ) -> Result<EventRecord>;
+    async fn group_member_add(&self, group: Uuid, user: Uuid, event: NewEvent) -> Result<EventRecord>;
+    async fn group_member_remove(&self, group: Uuid, user: Uuid, event: NewEvent) -> Result<EventRecord>;
 
     /// Creates or refreshes a built-in role (used at start; logged only when it changes nothing else).
     async fn role_upsert_builtin(&self, id: Uuid, name: &str, privileges: &[&str]) -> Result<()>;

@@ -12,8 +12,7 @@ use chrono::{DateTime, Utc};
 use covm_types::api::{AuditVerify, ObjectKind};
 use covm_types::{Error, ROOT_ID};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
@@ -75,13 +74,10 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(db_err("open the database"))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&writer)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "database migration failed");
-                Error::internal("the database could not be migrated")
-            })?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await.map_err(|e| {
+            tracing::error!(error = %e, "database migration failed");
+            Error::internal("the database could not be migrated")
+        })?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
@@ -105,21 +101,16 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err("create the root folder"))?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO closure (object_id, ancestor_id, depth) VALUES ($1, $1, 0)",
-        )
-        .bind(&root)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create the root folder"))?;
+        sqlx::query("INSERT OR IGNORE INTO closure (object_id, ancestor_id, depth) VALUES ($1, $1, 0)")
+            .bind(&root)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("create the root folder"))?;
         tx.commit().await.map_err(db_err("commit"))
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err("begin a transaction"))
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err("begin a transaction"))
     }
 }
 
@@ -129,16 +120,10 @@ fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
     move |e| {
         if let sqlx::Error::Database(d) = &e {
             if d.is_unique_violation() {
-                return Error::conflict(
-                    "already_exists",
-                    format!("{what}: the name is already taken"),
-                );
+                return Error::conflict("already_exists", format!("{what}: the name is already taken"));
             }
             if d.is_foreign_key_violation() {
-                return Error::conflict(
-                    "in_use",
-                    format!("{what}: the object is still referenced"),
-                );
+                return Error::conflict("in_use", format!("{what}: the object is still referenced"));
             }
         }
         tracing::error!(error = %e, "database error: {what}");
@@ -168,8 +153,7 @@ fn object_row(r: &SqliteRow) -> Result<ObjectRecord> {
     let kind: String = r.get("kind");
     Ok(ObjectRecord {
         id: uuid(r.get("id"))?,
-        kind: ObjectKind::parse(&kind)
-            .ok_or_else(|| Error::internal(format!("bad kind {kind}")))?,
+        kind: ObjectKind::parse(&kind).ok_or_else(|| Error::internal(format!("bad kind {kind}")))?,
         name: r.get("name"),
         parent_id: uuid_opt(r.get("parent_id"))?,
         path: r.get("path"),
@@ -192,11 +176,7 @@ fn token_row(r: &SqliteRow) -> Result<TokenRecord> {
     Ok(TokenRecord {
         id: uuid(r.get("id"))?,
         user_id: uuid(r.get("user_id"))?,
-        kind: if kind == "api" {
-            TokenKind::Api
-        } else {
-            TokenKind::Session
-        },
+        kind: if kind == "api" { TokenKind::Api } else { TokenKind::Session },
         name: r.get("name"),
         hash: r.get("hash"),
         created_at: time(r.get("created_at"))?,
@@ -279,6 +259,25 @@ async fn append(tx: &mut Transaction<'static, Sqlite>, e: NewEvent) -> Result<Ev
     Ok(rec)
 }
 
+async fn insert_user(tx: &mut Transaction<'static, Sqlite>, user: &UserRecord) -> Result<()> {
+    sqlx::query("INSERT INTO users (id, name, password_hash, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(user.id.to_string())
+        .bind(&user.name)
+        .bind(&user.password_hash)
+        .bind(time_to_db(user.created_at))
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err("create the user"))?;
+    Ok(())
+}
+
+/// Appends the change's log entry and commits.
+async fn finish(mut tx: Transaction<'static, Sqlite>, event: NewEvent) -> Result<EventRecord> {
+    let ev = append(&mut tx, event).await?;
+    tx.commit().await.map_err(db_err("commit"))?;
+    Ok(ev)
+}
+
 impl SqliteStore {
     async fn group_members(&self, group: &str) -> Result<Vec<String>> {
         let rows = sqlx::query(
@@ -293,13 +292,11 @@ impl SqliteStore {
     }
 
     async fn role_privileges(&self, role: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT privilege FROM role_privileges WHERE role_id = $1 ORDER BY privilege",
-        )
-        .bind(role)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(db_err("read role privileges"))?;
+        let rows = sqlx::query("SELECT privilege FROM role_privileges WHERE role_id = $1 ORDER BY privilege")
+            .bind(role)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("read role privileges"))?;
         Ok(rows.iter().map(|r| r.get("privilege")).collect())
     }
 
@@ -314,8 +311,7 @@ impl SqliteStore {
     }
 }
 
-const PERMISSION_SELECT: &str =
-    "SELECT p.id, p.principal_kind, p.principal_id, p.role_id, p.object_id,
+const PERMISSION_SELECT: &str = "SELECT p.id, p.principal_kind, p.principal_id, p.role_id, p.object_id,
         p.propagate, p.created_at, r.name AS role_name,
         COALESCE(u.name, g.name) AS principal_name
     FROM permissions p
@@ -327,15 +323,9 @@ fn permission_row(r: &SqliteRow) -> Result<PermissionRecord> {
     let kind: String = r.get("principal_kind");
     Ok(PermissionRecord {
         id: uuid(r.get("id"))?,
-        principal_kind: if kind == "group" {
-            PrincipalKind::Group
-        } else {
-            PrincipalKind::User
-        },
+        principal_kind: if kind == "group" { PrincipalKind::Group } else { PrincipalKind::User },
         principal_id: uuid(r.get("principal_id"))?,
-        principal_name: r
-            .get::<Option<String>, _>("principal_name")
-            .unwrap_or_default(),
+        principal_name: r.get::<Option<String>, _>("principal_name").unwrap_or_default(),
         role_id: uuid(r.get("role_id"))?,
         role_name: r.get("role_name"),
         object_id: uuid(r.get("object_id"))?,
@@ -351,33 +341,33 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.reader)
-            .await
-            .map(|_| ())
-            .map_err(db_err("reach the database"))
+        sqlx::query("SELECT 1").execute(&self.reader).await.map(|_| ()).map_err(db_err("reach the database"))
     }
 
     async fn object_get(&self, id: Uuid) -> Result<Option<ObjectRecord>> {
-        sqlx::query("SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o WHERE o.id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(db_err("read an object"))?
-            .as_ref()
-            .map(object_row)
-            .transpose()
+        sqlx::query(
+            "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o WHERE o.id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db_err("read an object"))?
+        .as_ref()
+        .map(object_row)
+        .transpose()
     }
 
     async fn object_by_path(&self, path: &str) -> Result<Option<ObjectRecord>> {
-        sqlx::query("SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o WHERE o.path = $1")
-            .bind(path)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(db_err("read an object"))?
-            .as_ref()
-            .map(object_row)
-            .transpose()
+        sqlx::query(
+            "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o WHERE o.path = $1",
+        )
+        .bind(path)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db_err("read an object"))?
+        .as_ref()
+        .map(object_row)
+        .transpose()
     }
 
     async fn object_by_name(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectRecord>> {
@@ -395,30 +385,30 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn object_children(
-        &self,
-        parent: Uuid,
-        viewer: Option<Uuid>,
-    ) -> Result<Vec<ObjectRecord>> {
+    async fn object_children(&self, parent: Uuid, viewer: Option<Uuid>) -> Result<Vec<ObjectRecord>> {
         let rows = match viewer {
-            None => sqlx::query(
-                "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
+            None => {
+                sqlx::query(
+                    "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
                  WHERE o.parent_id = $1 ORDER BY o.name",
-            )
-            .bind(parent.to_string())
-            .fetch_all(&self.reader)
-            .await,
-            Some(user) => sqlx::query(concat!(
-                visibility_cte!(),
-                "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
+                )
+                .bind(parent.to_string())
+                .fetch_all(&self.reader)
+                .await
+            }
+            Some(user) => {
+                sqlx::query(concat!(
+                    visibility_cte!(),
+                    "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
                  WHERE o.parent_id = $2 AND EXISTS (
                     SELECT 1 FROM closure c JOIN visible v ON v.id = c.object_id WHERE c.ancestor_id = o.id)
                  ORDER BY o.name"
-            ))
-            .bind(user.to_string())
-            .bind(parent.to_string())
-            .fetch_all(&self.reader)
-            .await,
+                ))
+                .bind(user.to_string())
+                .bind(parent.to_string())
+                .fetch_all(&self.reader)
+                .await
+            }
         }
         .map_err(db_err("list a folder"))?;
         rows.iter().map(object_row).collect()
@@ -433,39 +423,39 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ObjectRecord>> {
         let after = after.unwrap_or("");
         let rows = match viewer {
-            None => sqlx::query(
-                "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
+            None => {
+                sqlx::query(
+                    "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
                  WHERE o.kind = $1 AND o.path > $2 AND o.id <> $4 ORDER BY o.path LIMIT $3",
-            )
-            .bind(kind.as_str())
-            .bind(after)
-            .bind(limit as i64)
-            .bind(ROOT_ID.to_string())
-            .fetch_all(&self.reader)
-            .await,
-            Some(user) => sqlx::query(concat!(
-                visibility_cte!(),
-                "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at
+                )
+                .bind(kind.as_str())
+                .bind(after)
+                .bind(limit as i64)
+                .bind(ROOT_ID.to_string())
+                .fetch_all(&self.reader)
+                .await
+            }
+            Some(user) => {
+                sqlx::query(concat!(
+                    visibility_cte!(),
+                    "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at
                  FROM objects o JOIN visible v ON v.id = o.id
                  WHERE o.kind = $2 AND o.path > $3 AND o.id <> $5 ORDER BY o.path LIMIT $4"
-            ))
-            .bind(user.to_string())
-            .bind(kind.as_str())
-            .bind(after)
-            .bind(limit as i64)
-            .bind(ROOT_ID.to_string())
-            .fetch_all(&self.reader)
-            .await,
+                ))
+                .bind(user.to_string())
+                .bind(kind.as_str())
+                .bind(after)
+                .bind(limit as i64)
+                .bind(ROOT_ID.to_string())
+                .fetch_all(&self.reader)
+                .await
+            }
         }
         .map_err(db_err("list objects"))?;
         rows.iter().map(object_row).collect()
     }
 
-    async fn object_create(
-        &self,
-        object: NewObject,
-        event: NewEvent,
-    ) -> Result<(ObjectRecord, EventRecord)> {
+    async fn object_create(&self, object: NewObject, event: NewEvent) -> Result<(ObjectRecord, EventRecord)> {
         let mut tx = self.begin().await?;
         let parent = sqlx::query("SELECT path, kind FROM objects WHERE id = $1")
             .bind(object.parent_id.to_string())
@@ -477,25 +467,20 @@ impl Store for SqliteStore {
             return Err(Error::invalid("parent", "the parent is not a folder"));
         }
         let parent_path: String = parent.get("path");
-        let path = if parent_path == "/" {
-            format!("/{}", object.name)
-        } else {
-            format!("{parent_path}/{}", object.name)
-        };
-        let taken = sqlx::query("SELECT kind FROM objects WHERE path = $1 OR (kind = $2 AND kind <> 'folder' AND name = $3)")
-            .bind(&path)
-            .bind(object.kind.as_str())
-            .bind(&object.name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err("check the name"))?;
+        let path =
+            if parent_path == "/" { format!("/{}", object.name) } else { format!("{parent_path}/{}", object.name) };
+        let taken =
+            sqlx::query("SELECT kind FROM objects WHERE path = $1 OR (kind = $2 AND kind <> 'folder' AND name = $3)")
+                .bind(&path)
+                .bind(object.kind.as_str())
+                .bind(&object.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err("check the name"))?;
         if let Some(r) = taken {
             let kind: String = r.get("kind");
-            return Err(Error::conflict(
-                "already_exists",
-                format!("a {kind} named {} already exists", object.name),
-            )
-            .with_field("name"));
+            return Err(Error::conflict("already_exists", format!("a {kind} named {} already exists", object.name))
+                .with_field("name"));
         }
         let rec = ObjectRecord {
             id: object.id,
@@ -549,10 +534,7 @@ impl Store for SqliteStore {
 
     async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord> {
         if id == ROOT_ID {
-            return Err(Error::conflict(
-                "root_folder",
-                "the root folder cannot be deleted",
-            ));
+            return Err(Error::conflict("root_folder", "the root folder cannot be deleted"));
         }
         let mut tx = self.begin().await?;
         let id_s = id.to_string();
@@ -578,9 +560,7 @@ impl Store for SqliteStore {
         if n == 0 {
             return Err(Error::not_found("object", &id_s));
         }
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn objects_visible(&self, user: Uuid) -> Result<Vec<Uuid>> {
@@ -594,19 +574,8 @@ impl Store for SqliteStore {
 
     async fn user_create(&self, user: UserRecord, event: NewEvent) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO users (id, name, password_hash, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(user.id.to_string())
-        .bind(&user.name)
-        .bind(&user.password_hash)
-        .bind(time_to_db(user.created_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create the user"))?;
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        insert_user(&mut tx, &user).await?;
+        finish(tx, event).await
     }
 
     async fn user_bootstrap(&self, user: UserRecord, role: Uuid, event: NewEvent) -> Result<bool> {
@@ -619,16 +588,7 @@ impl Store for SqliteStore {
         if n > 0 {
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO users (id, name, password_hash, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(user.id.to_string())
-        .bind(&user.name)
-        .bind(&user.password_hash)
-        .bind(time_to_db(user.created_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create the first user"))?;
+        insert_user(&mut tx, &user).await?;
         sqlx::query(
             "INSERT INTO permissions (id, principal_kind, principal_id, role_id, object_id, propagate, created_at)
              VALUES ($1, 'user', $2, $3, $4, 1, $5)",
@@ -669,20 +629,14 @@ impl Store for SqliteStore {
     }
 
     async fn users_list(&self) -> Result<Vec<UserRecord>> {
-        let rows =
-            sqlx::query("SELECT id, name, password_hash, created_at FROM users ORDER BY name")
-                .fetch_all(&self.reader)
-                .await
-                .map_err(db_err("list users"))?;
+        let rows = sqlx::query("SELECT id, name, password_hash, created_at FROM users ORDER BY name")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("list users"))?;
         rows.iter().map(user_row).collect()
     }
 
-    async fn user_password_set(
-        &self,
-        id: Uuid,
-        password_hash: String,
-        event: NewEvent,
-    ) -> Result<EventRecord> {
+    async fn user_password_set(&self, id: Uuid, password_hash: String, event: NewEvent) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         let n = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
             .bind(id.to_string())
@@ -700,9 +654,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err("end sessions"))?;
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn user_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord> {
@@ -722,9 +674,7 @@ impl Store for SqliteStore {
         if n == 0 {
             return Err(Error::not_found("user", &id_s));
         }
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn user_groups(&self, user: Uuid) -> Result<Vec<String>> {
@@ -748,9 +698,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err("create the group"))?;
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn group_by_name(&self, name: &str) -> Result<Option<GroupRecord>> {
@@ -789,12 +737,7 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn group_member_add(
-        &self,
-        group: Uuid,
-        user: Uuid,
-        event: NewEvent,
-    ) -> Result<EventRecord> {
+    async fn group_member_add(&self, group: Uuid, user: Uuid, event: NewEvent) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         sqlx::query("INSERT OR IGNORE INTO group_members (group_id, user_id) VALUES ($1, $2)")
             .bind(group.to_string())
@@ -802,17 +745,10 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err("add a group member"))?;
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
-    async fn group_member_remove(
-        &self,
-        group: Uuid,
-        user: Uuid,
-        event: NewEvent,
-    ) -> Result<EventRecord> {
+    async fn group_member_remove(&self, group: Uuid, user: Uuid, event: NewEvent) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND user_id = $2")
             .bind(group.to_string())
@@ -820,9 +756,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err("remove a group member"))?;
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn role_upsert_builtin(&self, id: Uuid, name: &str, privileges: &[&str]) -> Result<()> {
@@ -865,18 +799,14 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err("create the role"))?;
         for p in &role.privileges {
-            sqlx::query(
-                "INSERT OR IGNORE INTO role_privileges (role_id, privilege) VALUES ($1, $2)",
-            )
-            .bind(&id_s)
-            .bind(p)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("create the role"))?;
+            sqlx::query("INSERT OR IGNORE INTO role_privileges (role_id, privilege) VALUES ($1, $2)")
+                .bind(&id_s)
+                .bind(p)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("create the role"))?;
         }
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn role_by_name(&self, name: &str) -> Result<Option<RoleRecord>> {
@@ -933,10 +863,8 @@ impl Store for SqliteStore {
         .map_err(db_err("grant a permission"))?;
         let ev = append(&mut tx, event).await?;
         tx.commit().await.map_err(db_err("commit"))?;
-        let rec = self
-            .permission_get(id)
-            .await?
-            .ok_or_else(|| Error::internal("a new grant could not be read back"))?;
+        let rec =
+            self.permission_get(id).await?.ok_or_else(|| Error::internal("a new grant could not be read back"))?;
         Ok((rec, ev))
     }
 
@@ -963,9 +891,7 @@ impl Store for SqliteStore {
         if n == 0 {
             return Err(Error::not_found("permission", &id.to_string()));
         }
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        finish(tx, event).await
     }
 
     async fn permissions_list(&self, filter: PermissionFilter) -> Result<Vec<PermissionRecord>> {
@@ -987,15 +913,13 @@ impl Store for SqliteStore {
     }
 
     async fn privileges_effective(&self, user: Uuid, object: Uuid) -> Result<Vec<String>> {
-        let rows = sqlx::query(concat!(
-            visibility_cte!(),
-            "SELECT privilege FROM eff WHERE obj = $2 ORDER BY privilege"
-        ))
-        .bind(user.to_string())
-        .bind(object.to_string())
-        .fetch_all(&self.reader)
-        .await
-        .map_err(db_err("compute privileges"))?;
+        let rows =
+            sqlx::query(concat!(visibility_cte!(), "SELECT privilege FROM eff WHERE obj = $2 ORDER BY privilege"))
+                .bind(user.to_string())
+                .bind(object.to_string())
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err("compute privileges"))?;
         Ok(rows.iter().map(|r| r.get("privilege")).collect())
     }
 
@@ -1064,20 +988,17 @@ impl Store for SqliteStore {
     }
 
     async fn event_append(&self, event: NewEvent) -> Result<EventRecord> {
-        let mut tx = self.begin().await?;
-        let ev = append(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err("commit"))?;
-        Ok(ev)
+        let tx = self.begin().await?;
+        finish(tx, event).await
     }
 
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>> {
-        let rows =
-            sqlx::query("SELECT * FROM events WHERE seq > $1 AND feed = 1 ORDER BY seq LIMIT $2")
-                .bind(after)
-                .bind(limit as i64)
-                .fetch_all(&self.reader)
-                .await
-                .map_err(db_err("read the log"))?;
+        let rows = sqlx::query("SELECT * FROM events WHERE seq > $1 AND feed = 1 ORDER BY seq LIMIT $2")
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("read the log"))?;
         rows.iter().map(event_row).collect()
     }
 
@@ -1091,10 +1012,7 @@ impl Store for SqliteStore {
 
     async fn audit_query(&self, f: AuditFilter) -> Result<Vec<EventRecord>> {
         let (kind_exact, kind_prefix) = match f.kind {
-            Some(k) if k.ends_with('.') => (
-                None,
-                Some(format!("{}%", k.replace('%', "").replace('_', "\\_"))),
-            ),
+            Some(k) if k.ends_with('.') => (None, Some(format!("{}%", k.replace('%', "").replace('_', "\\_")))),
             Some(k) => (Some(k), None),
             None => (None, None),
         };
@@ -1135,19 +1053,11 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db_err("read the log"))?;
             if rows.is_empty() {
-                return Ok(AuditVerify {
-                    ok: true,
-                    entries,
-                    broken_seq: None,
-                });
+                return Ok(AuditVerify { ok: true, entries, broken_seq: None });
             }
             for r in &rows {
                 let seq: i64 = r.get("seq");
-                let broken = AuditVerify {
-                    ok: false,
-                    entries,
-                    broken_seq: Some(expected_seq),
-                };
+                let broken = AuditVerify { ok: false, entries, broken_seq: Some(expected_seq) };
                 if seq != expected_seq {
                     return Ok(broken);
                 }
@@ -1175,12 +1085,14 @@ impl Store for SqliteStore {
 
     async fn meta_set(&self, key: &str, value: &str) -> Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-            .bind(key)
-            .bind(value)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("write settings"))?;
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("write settings"))?;
         tx.commit().await.map_err(db_err("commit"))
     }
 }

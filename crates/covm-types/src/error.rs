@@ -34,10 +34,14 @@ pub enum ErrorKind {
     Internal,
 }
 
-/// A covm error as clients see it.
+/// A covm error as clients see it. Boxed, so that `Result<T, Error>` stays small on the happy path;
+/// its fields read through `Deref` (`e.code`, `e.message`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{message}")]
-pub struct Error {
+#[error("{}", .0.message)]
+pub struct Error(Box<ErrorInner>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorInner {
     pub kind: ErrorKind,
     pub code: String,
     pub message: String,
@@ -47,16 +51,29 @@ pub struct Error {
     pub retry_after_s: Option<u64>,
 }
 
+impl std::ops::Deref for Error {
+    type Target = ErrorInner;
+    fn deref(&self) -> &ErrorInner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Error {
+    fn deref_mut(&mut self) -> &mut ErrorInner {
+        &mut self.0
+    }
+}
+
 impl Error {
     pub fn new(kind: ErrorKind, code: &str, message: impl Into<String>) -> Error {
-        Error {
+        Error(Box::new(ErrorInner {
             kind,
             code: code.to_owned(),
             message: message.into(),
             field: None,
             details: None,
             retry_after_s: None,
-        }
+        }))
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Error {
@@ -80,21 +97,13 @@ impl Error {
 
     /// 403 naming the missing privilege and the object it was needed on.
     pub fn forbidden(privilege: &str, object: &str) -> Error {
-        Error::new(
-            ErrorKind::Forbidden,
-            "forbidden",
-            format!("privilege {privilege} is required on {object}"),
-        )
-        .with_details(serde_json::json!({ "privilege": privilege, "object": object }))
+        Error::new(ErrorKind::Forbidden, "forbidden", format!("privilege {privilege} is required on {object}"))
+            .with_details(serde_json::json!({ "privilege": privilege, "object": object }))
     }
 
     pub fn not_found(kind: &str, what: &str) -> Error {
-        Error::new(
-            ErrorKind::NotFound,
-            "not_found",
-            format!("{kind} {what} not found"),
-        )
-        .with_details(serde_json::json!({ "kind": kind, "object": what }))
+        Error::new(ErrorKind::NotFound, "not_found", format!("{kind} {what} not found"))
+            .with_details(serde_json::json!({ "kind": kind, "object": what }))
     }
 
     pub fn conflict(code: &str, message: impl Into<String>) -> Error {

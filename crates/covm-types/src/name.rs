@@ -37,9 +37,7 @@ impl Name {
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err(NameError::BadStart);
         }
-        if !bytes.iter().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        }) {
+        if !bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')) {
             return Err(NameError::BadChar);
         }
         Ok(Name(s.to_owned()))

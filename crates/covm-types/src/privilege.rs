@@ -107,13 +107,8 @@ pub enum BuiltinRole {
 }
 
 impl BuiltinRole {
-    pub const ALL: [BuiltinRole; 5] = [
-        BuiltinRole::Admin,
-        BuiltinRole::ReadOnly,
-        BuiltinRole::NoAccess,
-        BuiltinRole::VmUser,
-        BuiltinRole::VmCreator,
-    ];
+    pub const ALL: [BuiltinRole; 5] =
+        [BuiltinRole::Admin, BuiltinRole::ReadOnly, BuiltinRole::NoAccess, BuiltinRole::VmUser, BuiltinRole::VmCreator];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -128,12 +123,7 @@ impl BuiltinRole {
     pub fn privileges(self) -> Vec<Privilege> {
         use Privilege::*;
         let read = [SystemView, SystemRead];
-        let user = [
-            VmInteractPowerOn,
-            VmInteractPowerOff,
-            VmInteractReset,
-            VmInteractConsole,
-        ];
+        let user = [VmInteractPowerOn, VmInteractPowerOff, VmInteractReset, VmInteractConsole];
         let creator = [
             VmInventoryCreate,
             VmInventoryDelete,

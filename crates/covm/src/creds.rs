@@ -17,9 +17,7 @@ pub fn dir() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("COVM_CONFIG_DIR") {
         return Ok(PathBuf::from(d));
     }
-    Ok(dirs::config_dir()
-        .context("no config directory for this user (set COVM_CONFIG_DIR)")?
-        .join("covm"))
+    Ok(dirs::config_dir().context("no config directory for this user (set COVM_CONFIG_DIR)")?.join("covm"))
 }
 
 fn file() -> anyhow::Result<PathBuf> {
@@ -29,9 +27,9 @@ fn file() -> anyhow::Result<PathBuf> {
 pub fn load() -> anyhow::Result<Option<Credentials>> {
     let f = file()?;
     match std::fs::read(&f) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
-            format!("{} is not readable; sign in again", f.display())
-        })?)),
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("{} is not readable; sign in again", f.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("could not read {}", f.display())),
     }
@@ -41,18 +39,11 @@ pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let d = dir()?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&d)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d)?;
     let f = d.join("credentials.json");
     let tmp = d.join("credentials.json.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     out.write_all(&serde_json::to_vec_pretty(c)?)?;
     out.sync_all()?;
     std::fs::rename(&tmp, &f)?;

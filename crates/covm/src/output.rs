@@ -2,8 +2,7 @@
 
 use comfy_table::{Table, presets::NOTHING};
 use covm_types::api::{
-    AuditVerify, EventView, FolderView, GroupView, ObjectRef, PermissionView, RoleView, UserView,
-    Whoami,
+    AuditVerify, EventView, FolderView, GroupView, ObjectRef, PermissionView, RoleView, UserView, Whoami,
 };
 use serde::Serialize;
 
@@ -37,14 +36,7 @@ impl Out {
             return self.print_json(w);
         }
         println!("user:       {}", w.user.name);
-        println!(
-            "groups:     {}",
-            if w.groups.is_empty() {
-                "-".into()
-            } else {
-                w.groups.join(", ")
-            }
-        );
+        println!("groups:     {}", if w.groups.is_empty() { "-".into() } else { w.groups.join(", ") });
         println!("object:     {} ({})", w.object.path, w.object.kind.as_str());
         println!("privileges:");
         if w.privileges.is_empty() {
@@ -62,11 +54,7 @@ impl Out {
         }
         let mut t = table(&["PATH", "KIND", "ID"]);
         for o in items {
-            t.add_row(vec![
-                o.path.clone(),
-                o.kind.as_str().to_owned(),
-                o.id.to_string(),
-            ]);
+            t.add_row(vec![o.path.clone(), o.kind.as_str().to_owned(), o.id.to_string()]);
         }
         println!("{t}");
         Ok(())
@@ -82,11 +70,7 @@ impl Out {
         }
         let mut t = table(&["PATH", "ID", "CREATED"]);
         for f in items {
-            t.add_row(vec![
-                f.path.clone(),
-                f.id.to_string(),
-                f.created_at.format("%F %T").to_string(),
-            ]);
+            t.add_row(vec![f.path.clone(), f.id.to_string(), f.created_at.format("%F %T").to_string()]);
         }
         println!("{t}");
         Ok(())
@@ -102,11 +86,7 @@ impl Out {
         }
         let mut t = table(&["NAME", "ID", "CREATED"]);
         for u in items {
-            t.add_row(vec![
-                u.name.clone(),
-                u.id.to_string(),
-                u.created_at.format("%F %T").to_string(),
-            ]);
+            t.add_row(vec![u.name.clone(), u.id.to_string(), u.created_at.format("%F %T").to_string()]);
         }
         println!("{t}");
         Ok(())
@@ -128,11 +108,7 @@ impl Out {
         if self.json {
             return self.print_json(r);
         }
-        println!(
-            "role:       {}{}",
-            r.name,
-            if r.builtin { " (built-in)" } else { "" }
-        );
+        println!("role:       {}{}", r.name, if r.builtin { " (built-in)" } else { "" });
         println!("privileges:");
         for p in &r.privileges {
             println!("  {p}");
@@ -182,10 +158,7 @@ impl Out {
             println!("(none)");
             return Ok(());
         };
-        let keys: Vec<&String> = first
-            .keys()
-            .filter(|k| *k != "id" && *k != "created_at")
-            .collect();
+        let keys: Vec<&String> = first.keys().filter(|k| *k != "id" && *k != "created_at").collect();
         let mut t = table(&keys.iter().map(|k| k.as_str()).collect::<Vec<_>>());
         for v in items {
             t.add_row(
@@ -208,10 +181,7 @@ impl Out {
         }
         match v.broken_seq {
             None => println!("ok: {} entries, hash chain intact", v.entries),
-            Some(s) => println!(
-                "BROKEN at sequence number {s} ({} entries verified before it)",
-                v.entries
-            ),
+            Some(s) => println!("BROKEN at sequence number {s} ({} entries verified before it)", v.entries),
         }
         Ok(())
     }
@@ -229,19 +199,8 @@ pub fn event_summary(e: &EventView) -> String {
             };
             format!("{principal} {} on {}", s("role"), s("object"))
         }
-        "authz.denied" => format!(
-            "needs {} on {} ({})",
-            s("privilege"),
-            s("object"),
-            d["status"]
-        ),
-        "request.failed" => format!(
-            "{} {} → {} {}",
-            s("method"),
-            s("path"),
-            d["status"],
-            s("code")
-        ),
+        "authz.denied" => format!("needs {} on {} ({})", s("privilege"), s("object"), d["status"]),
+        "request.failed" => format!("{} {} → {} {}", s("method"), s("path"), d["status"], s("code")),
         "session.failed" | "session.rate_limited" => {
             format!("from {}: {}", s("address"), s("reason"))
         }
@@ -250,12 +209,7 @@ pub fn event_summary(e: &EventView) -> String {
         _ => {
             let mut t = d.to_string();
             if t.len() > 100 {
-                t.truncate(
-                    t.char_indices()
-                        .take_while(|(i, _)| *i < 97)
-                        .last()
-                        .map_or(0, |(i, c)| i + c.len_utf8()),
-                );
+                t.truncate(t.char_indices().take_while(|(i, _)| *i < 97).last().map_or(0, |(i, c)| i + c.len_utf8()));
                 t.push('…');
             }
             t

@@ -66,8 +66,7 @@ async fn password_verify(password: String, hash: Option<String>) -> bool {
         return false;
     };
     tokio::task::spawn_blocking(move || {
-        PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash)
-            .is_ok()
+        PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash).is_ok()
     })
     .await
     .unwrap_or(false)
@@ -99,9 +98,7 @@ fn token_hash(token: &str) -> String {
 fn password_random() -> String {
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::rng();
-    (0..24)
-        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-        .collect()
+    (0..24).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
 }
 
 /// Counts failed sign-ins in a sliding window.
@@ -118,10 +115,7 @@ const PER_ADDR: usize = 20;
 impl RateLimiter {
     fn keys(user: &str, addr: Option<IpAddr>) -> [(String, usize); 2] {
         let a = addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-        [
-            (format!("{user}@{a}"), PER_USER_ADDR),
-            (format!("@{a}"), PER_ADDR),
-        ]
+        [(format!("{user}@{a}"), PER_USER_ADDR), (format!("@{a}"), PER_ADDR)]
     }
 
     /// Seconds to wait, if the caller is over a limit now.
@@ -137,10 +131,7 @@ impl RateLimiter {
                 if q.len() >= limit
                     && let Some(first) = q.front()
                 {
-                    let w = WINDOW
-                        .saturating_sub(now.duration_since(*first))
-                        .as_secs()
-                        .max(1);
+                    let w = WINDOW.saturating_sub(now.duration_since(*first)).as_secs().max(1);
                     wait = Some(wait.map_or(w, |x: u64| x.max(w)));
                 }
             }
@@ -167,11 +158,7 @@ impl RateLimiter {
 }
 
 pub(crate) fn user_view(u: &UserRecord) -> UserView {
-    UserView {
-        id: u.id,
-        name: u.name.clone(),
-        created_at: u.created_at,
-    }
+    UserView { id: u.id, name: u.name.clone(), created_at: u.created_at }
 }
 
 impl App {
@@ -181,13 +168,9 @@ impl App {
     pub async fn bootstrap(&self, data_dir: &Path) -> Result<Option<std::path::PathBuf>, Error> {
         for role in BuiltinRole::ALL {
             let privs: Vec<&str> = role.privileges().iter().map(|p| p.as_str()).collect();
-            self.store()
-                .role_upsert_builtin(builtin_role_id(role), role.name(), &privs)
-                .await?;
+            self.store().role_upsert_builtin(builtin_role_id(role), role.name(), &privs).await?;
         }
-        if self.store().user_by_name("admin").await?.is_some()
-            || !self.store().users_list().await?.is_empty()
-        {
+        if self.store().user_by_name("admin").await?.is_some() || !self.store().users_list().await?.is_empty() {
             return Ok(None);
         }
         let password = password_random();
@@ -207,11 +190,7 @@ impl App {
         let ev = system_event("user.created", "user", Some(user.id), "admin")
             .scope(ROOT_ID)
             .data(serde_json::json!({ "role": "Admin", "object": "/", "bootstrap": true }));
-        if self
-            .store()
-            .user_bootstrap(user, builtin_role_id(BuiltinRole::Admin), ev)
-            .await?
-        {
+        if self.store().user_bootstrap(user, builtin_role_id(BuiltinRole::Admin), ev).await? {
             self.committed();
             Ok(Some(file))
         } else {
@@ -222,41 +201,25 @@ impl App {
     }
 
     /// Signs in with a password. Failures are audited and rate limited.
-    pub async fn session_create(
-        &self,
-        req: &Arc<RequestInfo>,
-        p: SessionCreate,
-    ) -> Result<SessionToken, Error> {
+    pub async fn session_create(&self, req: &Arc<RequestInfo>, p: SessionCreate) -> Result<SessionToken, Error> {
         let denied = |code: &str, message: String| {
             let ev = system_event(code, "user", None, &p.user).audit_only();
             covm_store::NewEvent { actor: p.user.clone(), request_id: Some(req.id.clone()), ..ev }
                 .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "reason": message }))
         };
         if let Some(wait) = self.limiter().blocked(&p.user, req.addr) {
-            self.store()
-                .event_append(denied(
-                    "session.rate_limited",
-                    format!("retry after {wait} s"),
-                ))
-                .await?;
+            self.store().event_append(denied("session.rate_limited", format!("retry after {wait} s"))).await?;
             req.mark_audited();
-            return Err(Error::rate_limited(
-                wait,
-                format!("too many failed sign-ins; try again in {wait} seconds"),
-            ));
+            return Err(Error::rate_limited(wait, format!("too many failed sign-ins; try again in {wait} seconds")));
         }
         let user = self.store().user_by_name(&p.user).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let ok = password_verify(p.password.clone(), hash).await;
         let Some(user) = user.filter(|_| ok) else {
             self.limiter().failed(&p.user, req.addr);
-            self.store()
-                .event_append(denied("session.failed", "bad user or password".into()))
-                .await?;
+            self.store().event_append(denied("session.failed", "bad user or password".into())).await?;
             req.mark_audited();
-            return Err(Error::unauthenticated(
-                "the user name or the password is wrong",
-            ));
+            return Err(Error::unauthenticated("the user name or the password is wrong"));
         };
         self.limiter().succeeded(&p.user, req.addr);
         let (token, hash) = token_new();
@@ -278,41 +241,24 @@ impl App {
         .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()) }));
         let expires_at = rec.expires_at;
         self.store().token_create(rec, Some(ev)).await?;
-        Ok(SessionToken {
-            token,
-            user: user.name,
-            expires_at,
-        })
+        Ok(SessionToken { token, user: user.name, expires_at })
     }
 
     /// Finds the caller of a bearer token.
     pub async fn authenticate(&self, req: &Arc<RequestInfo>, token: &str) -> Result<Ctx, Error> {
         let bad = || Error::unauthenticated("the token is unknown or has expired; sign in again");
-        let rec = self
-            .store()
-            .token_by_hash(&token_hash(token))
-            .await?
-            .ok_or_else(bad)?;
+        let rec = self.store().token_by_hash(&token_hash(token)).await?.ok_or_else(bad)?;
         if rec.expires_at <= Utc::now() {
             return Err(bad());
         }
         let user = self.store().user_get(rec.user_id).await?.ok_or_else(bad)?;
         let _ = req.actor.set(user.name.clone());
-        Ok(Ctx {
-            user_id: user.id,
-            user: user.name,
-            token_id: rec.id,
-            req: req.clone(),
-        })
+        Ok(Ctx { user_id: user.id, user: user.name, token_id: rec.id, req: req.clone() })
     }
 
     pub async fn session_delete(&self, ctx: &Ctx) -> Result<(), Error> {
-        let ev = ctx
-            .event("session.deleted", "user", Some(ctx.user_id), &ctx.user)
-            .audit_only();
-        self.store()
-            .token_delete(ctx.user_id, ctx.token_id, Some(ev))
-            .await?;
+        let ev = ctx.event("session.deleted", "user", Some(ctx.user_id), &ctx.user).audit_only();
+        self.store().token_delete(ctx.user_id, ctx.token_id, Some(ev)).await?;
         Ok(())
     }
 
@@ -323,9 +269,7 @@ impl App {
             .user_get(ctx.user_id)
             .await?
             .ok_or_else(|| Error::unauthenticated("the user no longer exists"))?;
-        let obj = self
-            .object_resolve(ctx, object.unwrap_or("/"), None, "object")
-            .await?;
+        let obj = self.object_resolve(ctx, object.unwrap_or("/"), None, "object").await?;
         let privileges = self.privileges(ctx, obj.id).await?;
         Ok(Whoami {
             user: user_view(&user),
@@ -343,18 +287,9 @@ impl App {
                 format!("a token lives from 1 second to {TOKEN_TTL_MAX_S} seconds (one year)"),
             ));
         }
-        if self
-            .store()
-            .tokens_list(ctx.user_id, TokenKind::Api)
-            .await?
-            .iter()
-            .any(|t| t.name == p.name.as_str())
-        {
-            return Err(Error::conflict(
-                "already_exists",
-                format!("you already have a token named {}", p.name),
-            )
-            .with_field("name"));
+        if self.store().tokens_list(ctx.user_id, TokenKind::Api).await?.iter().any(|t| t.name == p.name.as_str()) {
+            return Err(Error::conflict("already_exists", format!("you already have a token named {}", p.name))
+                .with_field("name"));
         }
         let (token, hash) = token_new();
         let now = covm_store::now();
@@ -378,13 +313,7 @@ impl App {
     }
 
     pub async fn tokens_list(&self, ctx: &Ctx) -> Result<Vec<TokenView>, Error> {
-        Ok(self
-            .store()
-            .tokens_list(ctx.user_id, TokenKind::Api)
-            .await?
-            .iter()
-            .map(token_view)
-            .collect())
+        Ok(self.store().tokens_list(ctx.user_id, TokenKind::Api).await?.iter().map(token_view).collect())
     }
 
     pub async fn token_delete(&self, ctx: &Ctx, id: Uuid) -> Result<(), Error> {
@@ -400,24 +329,20 @@ impl App {
 
     /// The caller's privileges on an object, as typed values.
     pub async fn privileges(&self, ctx: &Ctx, object: Uuid) -> Result<Vec<Privilege>, Error> {
-        Ok(self
+        let mut privs: Vec<Privilege> = self
             .store()
             .privileges_effective(ctx.user_id, object)
             .await?
             .iter()
             .filter_map(|p| p.parse().ok())
-            .collect())
+            .collect();
+        privs.sort();
+        Ok(privs)
     }
 }
 
 fn token_view(t: &TokenRecord) -> TokenView {
-    TokenView {
-        id: t.id,
-        name: t.name.clone(),
-        created_at: t.created_at,
-        expires_at: t.expires_at,
-        token: None,
-    }
+    TokenView { id: t.id, name: t.name.clone(), created_at: t.created_at, expires_at: t.expires_at, token: None }
 }
 
 /// Writes a secret file readable by its owner only, atomically.
@@ -426,11 +351,7 @@ pub fn write_secret(path: &Path, content: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(content.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;

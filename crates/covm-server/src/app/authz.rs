@@ -17,11 +17,7 @@ impl App {
         ObjectRef {
             id: o.id,
             kind: o.kind,
-            name: if o.id == ROOT_ID {
-                "/".into()
-            } else {
-                o.name.clone()
-            },
+            name: if o.id == ROOT_ID { "/".into() } else { o.name.clone() },
             path: o.path.clone(),
         }
     }
@@ -35,11 +31,7 @@ impl App {
     ) -> Result<Option<ObjectRecord>, Error> {
         let store = self.store();
         let found = if reference.starts_with('/') {
-            let path = if reference.len() > 1 {
-                reference.trim_end_matches('/')
-            } else {
-                reference
-            };
+            let path = if reference.len() > 1 { reference.trim_end_matches('/') } else { reference };
             store.object_by_path(path).await?
         } else if let Ok(id) = Uuid::parse_str(reference) {
             store.object_get(id).await?
@@ -76,10 +68,7 @@ impl App {
         if obj.id == ROOT_ID {
             return Ok(obj);
         }
-        let privs = self
-            .store()
-            .privileges_effective(ctx.user_id, obj.id)
-            .await?;
+        let privs = self.store().privileges_effective(ctx.user_id, obj.id).await?;
         if !privs.iter().any(|p| p == Privilege::SystemView.as_str()) {
             self.denied(ctx, &obj, Privilege::SystemView, 404).await?;
             return Err(not_found());
@@ -88,23 +77,13 @@ impl App {
     }
 
     /// Checks that the caller holds `privilege` on `obj`; audits and refuses otherwise.
-    pub async fn require(
-        &self,
-        ctx: &Ctx,
-        obj: &ObjectRecord,
-        privilege: Privilege,
-    ) -> Result<(), Error> {
-        let privs = self
-            .store()
-            .privileges_effective(ctx.user_id, obj.id)
-            .await?;
+    pub async fn require(&self, ctx: &Ctx, obj: &ObjectRecord, privilege: Privilege) -> Result<(), Error> {
+        let privs = self.store().privileges_effective(ctx.user_id, obj.id).await?;
         if privs.iter().any(|p| p == privilege.as_str()) {
             return Ok(());
         }
-        let visible =
-            obj.id == ROOT_ID || privs.iter().any(|p| p == Privilege::SystemView.as_str());
-        self.denied(ctx, obj, privilege, if visible { 403 } else { 404 })
-            .await?;
+        let visible = obj.id == ROOT_ID || privs.iter().any(|p| p == Privilege::SystemView.as_str());
+        self.denied(ctx, obj, privilege, if visible { 403 } else { 404 }).await?;
         if visible {
             Err(Error::forbidden(privilege.as_str(), &obj.path))
         } else {
@@ -115,21 +94,12 @@ impl App {
     /// Checks a privilege that is not about an inventory object (users, roles, audit): it is held on
     /// the root.
     pub async fn require_global(&self, ctx: &Ctx, privilege: Privilege) -> Result<(), Error> {
-        let root = self
-            .store()
-            .object_get(ROOT_ID)
-            .await?
-            .ok_or_else(|| Error::internal("the root folder is missing"))?;
+        let root =
+            self.store().object_get(ROOT_ID).await?.ok_or_else(|| Error::internal("the root folder is missing"))?;
         self.require(ctx, &root, privilege).await
     }
 
-    async fn denied(
-        &self,
-        ctx: &Ctx,
-        obj: &ObjectRecord,
-        privilege: Privilege,
-        status: u16,
-    ) -> Result<(), Error> {
+    async fn denied(&self, ctx: &Ctx, obj: &ObjectRecord, privilege: Privilege, status: u16) -> Result<(), Error> {
         let ev = ctx
             .event("authz.denied", obj.kind.as_str(), Some(obj.id), &obj.name)
             .audit_only()

@@ -87,10 +87,7 @@ impl EventHub {
                 store,
                 wake: Notify::new(),
                 head,
-                ring: RwLock::new(Ring {
-                    start: 0,
-                    items: VecDeque::new(),
-                }),
+                ring: RwLock::new(Ring { start: 0, items: VecDeque::new() }),
                 closing: watch::channel(false).0,
             }),
         }
@@ -167,14 +164,7 @@ impl EventHub {
                 return Ok(ring.items.iter().skip(from).take(limit).cloned().collect());
             }
         }
-        Ok(self
-            .inner
-            .store
-            .events_after(cursor, limit as u32)
-            .await?
-            .into_iter()
-            .map(Arc::new)
-            .collect())
+        Ok(self.inner.store.events_after(cursor, limit as u32).await?.into_iter().map(Arc::new).collect())
     }
 
     pub fn subscribe(&self, user: Uuid, after: i64, object: Option<Uuid>) -> Subscription {
@@ -231,13 +221,7 @@ impl Subscription {
                     continue;
                 }
             }
-            let stopping = || {
-                Error::new(
-                    covm_types::ErrorKind::Unavailable,
-                    "shutting_down",
-                    "covm is stopping",
-                )
-            };
+            let stopping = || Error::new(covm_types::ErrorKind::Unavailable, "shutting_down", "covm is stopping");
             tokio::select! {
                 r = self.head.changed() => r.map_err(|_| stopping())?,
                 _ = self.closing.wait_for(|c| *c) => return Err(stopping()),
@@ -255,21 +239,11 @@ impl App {
         }
         let after = q.after.unwrap_or(0);
         if after < 0 {
-            return Err(Error::invalid(
-                "after",
-                "after is a sequence number, 0 or more",
-            ));
+            return Err(Error::invalid("after", "after is a sequence number, 0 or more"));
         }
         let batch = self.store().events_after(after, limit).await?;
-        let visible: HashSet<Uuid> = self
-            .store()
-            .objects_visible(ctx.user_id)
-            .await?
-            .into_iter()
-            .collect();
-        let next = (batch.len() == limit as usize)
-            .then(|| batch.last().map(|e| e.seq.to_string()))
-            .flatten();
+        let visible: HashSet<Uuid> = self.store().objects_visible(ctx.user_id).await?.into_iter().collect();
+        let next = (batch.len() == limit as usize).then(|| batch.last().map(|e| e.seq.to_string())).flatten();
         let items = batch
             .iter()
             .filter(|e| e.scope_id.is_some_and(|s| visible.contains(&s)))
@@ -280,12 +254,7 @@ impl App {
     }
 
     /// Starts following the feed after `after` (a sequence number; default: from now).
-    pub fn events_subscribe(
-        &self,
-        ctx: &Ctx,
-        after: Option<i64>,
-        object: Option<Uuid>,
-    ) -> Subscription {
+    pub fn events_subscribe(&self, ctx: &Ctx, after: Option<i64>, object: Option<Uuid>) -> Subscription {
         let after = after.unwrap_or_else(|| self.hub().head());
         self.hub().subscribe(ctx.user_id, after, object)
     }
@@ -308,13 +277,8 @@ impl App {
                 limit,
             })
             .await?;
-        let next = (items.len() == limit as usize)
-            .then(|| items.last().map(|e| e.seq.to_string()))
-            .flatten();
-        Ok(Page {
-            items: items.iter().map(event_view).collect(),
-            next,
-        })
+        let next = (items.len() == limit as usize).then(|| items.last().map(|e| e.seq.to_string())).flatten();
+        Ok(Page { items: items.iter().map(event_view).collect(), next })
     }
 
     pub async fn audit_verify(&self, ctx: &Ctx) -> Result<AuditVerify, Error> {

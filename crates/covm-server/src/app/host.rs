@@ -16,19 +16,13 @@ pub struct HostFacts {
 }
 
 pub fn host_facts() -> HostFacts {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     let memory_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| meminfo_total_kib(&s))
         .map(|kib| kib / 1024)
         .unwrap_or(0);
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let kvm_kind = if !kvm {
         "none"
     } else if Path::new("/sys/module/kvm_pvm").exists() {
@@ -39,13 +33,7 @@ pub fn host_facts() -> HostFacts {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());
-    HostFacts {
-        hostname,
-        cpus,
-        memory_mib,
-        kvm,
-        kvm_kind: kvm_kind.into(),
-    }
+    HostFacts { hostname, cpus, memory_mib, kvm, kvm_kind: kvm_kind.into() }
 }
 
 fn meminfo_total_kib(meminfo: &str) -> Option<u64> {
@@ -60,10 +48,7 @@ fn meminfo_total_kib(meminfo: &str) -> Option<u64> {
 pub fn fs_capacity(path: &Path) -> std::io::Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let frag = st.fragment_size() as u64;
-    Ok((
-        st.blocks() as u64 * frag,
-        st.blocks_available() as u64 * frag,
-    ))
+    Ok((st.blocks() as u64 * frag, st.blocks_available() as u64 * frag))
 }
 
 #[cfg(test)]
@@ -72,10 +57,7 @@ mod tests {
 
     #[test]
     fn reads_meminfo() {
-        assert_eq!(
-            meminfo_total_kib("MemTotal:       24563000 kB\nMemFree: 1 kB\n"),
-            Some(24_563_000)
-        );
+        assert_eq!(meminfo_total_kib("MemTotal:       24563000 kB\nMemFree: 1 kB\n"), Some(24_563_000));
         assert_eq!(meminfo_total_kib("nothing"), None);
     }
 

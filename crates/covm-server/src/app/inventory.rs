@@ -8,8 +8,8 @@ use std::path::Path;
 
 use covm_store::{NewObject, ObjectRecord};
 use covm_types::api::{
-    DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, ListQuery, NetworkCreate,
-    NetworkKind, NetworkView, ObjectKind, ObjectRef, Page, PoolCreate, PoolView, Quota,
+    DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, ListQuery, NetworkCreate, NetworkKind,
+    NetworkView, ObjectKind, ObjectRef, Page, PoolCreate, PoolView, Quota,
 };
 use covm_types::{Error, Name, Privilege, ROOT_ID};
 use serde_json::json;
@@ -29,13 +29,7 @@ fn parent_path(o: &ObjectRecord) -> String {
 }
 
 fn folder_view(o: &ObjectRecord) -> FolderView {
-    FolderView {
-        id: o.id,
-        name: o.name.clone(),
-        path: o.path.clone(),
-        parent: o.parent_id,
-        created_at: o.created_at,
-    }
+    FolderView { id: o.id, name: o.name.clone(), path: o.path.clone(), parent: o.parent_id, created_at: o.created_at }
 }
 
 fn datastore_view(o: &ObjectRecord) -> DatastoreView {
@@ -83,10 +77,7 @@ fn host_view(o: &ObjectRecord) -> HostView {
         kvm: s["kvm"].as_bool().unwrap_or(false),
         kvm_kind: s["kvm_kind"].as_str().unwrap_or("none").to_owned(),
         folder: parent_path(o),
-        seen_at: s["seen_at"]
-            .as_str()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(o.created_at),
+        seen_at: s["seen_at"].as_str().and_then(|t| t.parse().ok()).unwrap_or(o.created_at),
     }
 }
 
@@ -95,24 +86,10 @@ fn host_name(hostname: &str) -> String {
     let s: String = hostname
         .to_ascii_lowercase()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
         .collect();
-    let s = s
-        .trim_start_matches(['.', '_', '-'])
-        .chars()
-        .take(Name::MAX_LEN)
-        .collect::<String>();
-    if Name::parse(&s).is_ok() {
-        s
-    } else {
-        "localhost".into()
-    }
+    let s = s.trim_start_matches(['.', '_', '-']).chars().take(Name::MAX_LEN).collect::<String>();
+    if Name::parse(&s).is_ok() { s } else { "localhost".into() }
 }
 
 impl App {
@@ -125,18 +102,10 @@ impl App {
     ) -> Result<(Vec<ObjectRecord>, Option<String>), Error> {
         let limit = q.limit.unwrap_or(LIST_LIMIT_DEFAULT);
         if !(1..=LIST_LIMIT_MAX).contains(&limit) {
-            return Err(Error::invalid(
-                "limit",
-                format!("limit is between 1 and {LIST_LIMIT_MAX}"),
-            ));
+            return Err(Error::invalid("limit", format!("limit is between 1 and {LIST_LIMIT_MAX}")));
         }
-        let items = self
-            .store()
-            .objects_list(kind, Some(ctx.user_id), q.after.as_deref(), limit)
-            .await?;
-        let next = (items.len() == limit as usize)
-            .then(|| items.last().map(|o| o.path.clone()))
-            .flatten();
+        let items = self.store().objects_list(kind, Some(ctx.user_id), q.after.as_deref(), limit).await?;
+        let next = (items.len() == limit as usize).then(|| items.last().map(|o| o.path.clone())).flatten();
         Ok((items, next))
     }
 
@@ -148,9 +117,7 @@ impl App {
         field: &str,
         privilege: Privilege,
     ) -> Result<ObjectRecord, Error> {
-        let folder = self
-            .object_resolve(ctx, folder.unwrap_or("/"), Some(ObjectKind::Folder), field)
-            .await?;
+        let folder = self.object_resolve(ctx, folder.unwrap_or("/"), Some(ObjectKind::Folder), field).await?;
         self.require(ctx, &folder, privilege).await?;
         Ok(folder)
     }
@@ -165,25 +132,11 @@ impl App {
     ) -> Result<ObjectRecord, Error> {
         let id = Uuid::now_v7();
         let ev = ctx
-            .event(
-                &format!("{}.created", kind.as_str()),
-                kind.as_str(),
-                Some(id),
-                name.as_str(),
-            )
+            .event(&format!("{}.created", kind.as_str()), kind.as_str(), Some(id), name.as_str())
             .data(json!({ "parent": parent.path, "spec": spec }));
         let (rec, _) = self
             .store()
-            .object_create(
-                NewObject {
-                    id,
-                    kind,
-                    name: name.to_string(),
-                    parent_id: parent.id,
-                    spec,
-                },
-                ev,
-            )
+            .object_create(NewObject { id, kind, name: name.to_string(), parent_id: parent.id, spec }, ev)
             .await?;
         self.committed();
         Ok(rec)
@@ -191,57 +144,32 @@ impl App {
 
     /// What is in a folder (`covm ls`): the children the caller may view or that lead to something it
     /// may view.
-    pub async fn inventory_list(
-        &self,
-        ctx: &Ctx,
-        path: Option<&str>,
-    ) -> Result<Vec<ObjectRef>, Error> {
-        let folder = self
-            .object_resolve(ctx, path.unwrap_or("/"), None, "path")
-            .await?;
-        let children = self
-            .store()
-            .object_children(folder.id, Some(ctx.user_id))
-            .await?;
+    pub async fn inventory_list(&self, ctx: &Ctx, path: Option<&str>) -> Result<Vec<ObjectRef>, Error> {
+        let folder = self.object_resolve(ctx, path.unwrap_or("/"), None, "path").await?;
+        let children = self.store().object_children(folder.id, Some(ctx.user_id)).await?;
         Ok(children.iter().map(|o| self.object_ref(o)).collect())
     }
 
     pub async fn folder_create(&self, ctx: &Ctx, p: FolderCreate) -> Result<FolderView, Error> {
-        let parent = self
-            .placement(ctx, p.parent.as_deref(), "parent", Privilege::FolderCreate)
-            .await?;
-        let rec = self
-            .object_new(ctx, ObjectKind::Folder, &p.name, &parent, json!({}))
-            .await?;
+        let parent = self.placement(ctx, p.parent.as_deref(), "parent", Privilege::FolderCreate).await?;
+        let rec = self.object_new(ctx, ObjectKind::Folder, &p.name, &parent, json!({})).await?;
         Ok(folder_view(&rec))
     }
 
     pub async fn folders_list(&self, ctx: &Ctx, q: ListQuery) -> Result<Page<FolderView>, Error> {
         let (items, next) = self.objects_page(ctx, ObjectKind::Folder, &q).await?;
-        Ok(Page {
-            items: items.iter().map(folder_view).collect(),
-            next,
-        })
+        Ok(Page { items: items.iter().map(folder_view).collect(), next })
     }
 
     pub async fn folder_get(&self, ctx: &Ctx, folder: &str) -> Result<FolderView, Error> {
-        Ok(folder_view(
-            &self
-                .object_resolve(ctx, folder, Some(ObjectKind::Folder), "folder")
-                .await?,
-        ))
+        Ok(folder_view(&self.object_resolve(ctx, folder, Some(ObjectKind::Folder), "folder").await?))
     }
 
     /// Deletes an empty folder (and the grants on it).
     pub async fn folder_delete(&self, ctx: &Ctx, folder: &str) -> Result<(), Error> {
-        let f = self
-            .object_resolve(ctx, folder, Some(ObjectKind::Folder), "folder")
-            .await?;
+        let f = self.object_resolve(ctx, folder, Some(ObjectKind::Folder), "folder").await?;
         if f.id == ROOT_ID {
-            return Err(Error::conflict(
-                "root_folder",
-                "the root folder cannot be deleted",
-            ));
+            return Err(Error::conflict("root_folder", "the root folder cannot be deleted"));
         }
         self.require(ctx, &f, Privilege::FolderDelete).await?;
         let ev = ctx
@@ -253,19 +181,8 @@ impl App {
         Ok(())
     }
 
-    pub async fn datastore_create(
-        &self,
-        ctx: &Ctx,
-        p: DatastoreCreate,
-    ) -> Result<DatastoreView, Error> {
-        let folder = self
-            .placement(
-                ctx,
-                p.folder.as_deref(),
-                "folder",
-                Privilege::DatastoreConfig,
-            )
-            .await?;
+    pub async fn datastore_create(&self, ctx: &Ctx, p: DatastoreCreate) -> Result<DatastoreView, Error> {
+        let folder = self.placement(ctx, p.folder.as_deref(), "folder", Privilege::DatastoreConfig).await?;
         let path = Path::new(&p.path);
         if !path.is_absolute() {
             return Err(Error::invalid("path", "a datastore path is absolute"));
@@ -274,108 +191,55 @@ impl App {
             .canonicalize()
             .ok()
             .filter(|c| c.is_dir())
-            .ok_or_else(|| {
-                Error::invalid("path", format!("{} is not an existing directory", p.path))
-            })?;
-        let rec = self
-            .object_new(
-                ctx,
-                ObjectKind::Datastore,
-                &p.name,
-                &folder,
-                json!({ "path": canonical }),
-            )
-            .await?;
+            .ok_or_else(|| Error::invalid("path", format!("{} is not an existing directory", p.path)))?;
+        let rec = self.object_new(ctx, ObjectKind::Datastore, &p.name, &folder, json!({ "path": canonical })).await?;
         Ok(datastore_view(&rec))
     }
 
-    pub async fn datastores_list(
-        &self,
-        ctx: &Ctx,
-        q: ListQuery,
-    ) -> Result<Page<DatastoreView>, Error> {
+    pub async fn datastores_list(&self, ctx: &Ctx, q: ListQuery) -> Result<Page<DatastoreView>, Error> {
         let (items, next) = self.objects_page(ctx, ObjectKind::Datastore, &q).await?;
-        Ok(Page {
-            items: items.iter().map(datastore_view).collect(),
-            next,
-        })
+        Ok(Page { items: items.iter().map(datastore_view).collect(), next })
     }
 
     pub async fn datastore_get(&self, ctx: &Ctx, ds: &str) -> Result<DatastoreView, Error> {
-        Ok(datastore_view(
-            &self
-                .object_resolve(ctx, ds, Some(ObjectKind::Datastore), "datastore")
-                .await?,
-        ))
+        Ok(datastore_view(&self.object_resolve(ctx, ds, Some(ObjectKind::Datastore), "datastore").await?))
     }
 
     pub async fn network_create(&self, ctx: &Ctx, p: NetworkCreate) -> Result<NetworkView, Error> {
-        let folder = self
-            .placement(ctx, p.folder.as_deref(), "folder", Privilege::NetworkConfig)
-            .await?;
+        let folder = self.placement(ctx, p.folder.as_deref(), "folder", Privilege::NetworkConfig).await?;
         let bridge = match (p.kind, p.bridge) {
             (NetworkKind::User, None) => None,
             (NetworkKind::User, Some(_)) => {
-                return Err(Error::invalid(
-                    "bridge",
-                    "a user-mode network has no bridge",
-                ));
+                return Err(Error::invalid("bridge", "a user-mode network has no bridge"));
             }
             (NetworkKind::Bridge, None) => {
-                return Err(Error::invalid(
-                    "bridge",
-                    "a bridge network names its host bridge",
-                ));
+                return Err(Error::invalid("bridge", "a bridge network names its host bridge"));
             }
             (NetworkKind::Bridge, Some(b)) => {
                 if b.is_empty()
                     || b.len() > 15
-                    || !b
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    || !b.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 {
-                    return Err(Error::invalid(
-                        "bridge",
-                        "a bridge name has 1 to 15 letters, digits, '-', '_' or '.'",
-                    ));
+                    return Err(Error::invalid("bridge", "a bridge name has 1 to 15 letters, digits, '-', '_' or '.'"));
                 }
                 Some(b)
             }
         };
         let rec = self
-            .object_new(
-                ctx,
-                ObjectKind::Network,
-                &p.name,
-                &folder,
-                json!({ "kind": p.kind, "bridge": bridge }),
-            )
+            .object_new(ctx, ObjectKind::Network, &p.name, &folder, json!({ "kind": p.kind, "bridge": bridge }))
             .await?;
         Ok(network_view(&rec))
     }
 
     pub async fn networks_list(&self, ctx: &Ctx, q: ListQuery) -> Result<Page<NetworkView>, Error> {
         let (items, next) = self.objects_page(ctx, ObjectKind::Network, &q).await?;
-        Ok(Page {
-            items: items.iter().map(network_view).collect(),
-            next,
-        })
+        Ok(Page { items: items.iter().map(network_view).collect(), next })
     }
 
     pub async fn pool_create(&self, ctx: &Ctx, p: PoolCreate) -> Result<PoolView, Error> {
-        let folder = self
-            .placement(
-                ctx,
-                p.folder.as_deref(),
-                "folder",
-                Privilege::ResourceCreatePool,
-            )
-            .await?;
+        let folder = self.placement(ctx, p.folder.as_deref(), "folder", Privilege::ResourceCreatePool).await?;
         if p.quota.vcpus == Some(0) {
-            return Err(Error::invalid(
-                "quota.vcpus",
-                "a vCPU quota is at least 1 (leave it out for no limit)",
-            ));
+            return Err(Error::invalid("quota.vcpus", "a vCPU quota is at least 1 (leave it out for no limit)"));
         }
         if p.quota.memory_mib == Some(0) {
             return Err(Error::invalid(
@@ -383,32 +247,18 @@ impl App {
                 "a memory quota is at least 1 MiB (leave it out for no limit)",
             ));
         }
-        let rec = self
-            .object_new(
-                ctx,
-                ObjectKind::Pool,
-                &p.name,
-                &folder,
-                json!({ "quota": p.quota }),
-            )
-            .await?;
+        let rec = self.object_new(ctx, ObjectKind::Pool, &p.name, &folder, json!({ "quota": p.quota })).await?;
         Ok(pool_view(&rec))
     }
 
     pub async fn pools_list(&self, ctx: &Ctx, q: ListQuery) -> Result<Page<PoolView>, Error> {
         let (items, next) = self.objects_page(ctx, ObjectKind::Pool, &q).await?;
-        Ok(Page {
-            items: items.iter().map(pool_view).collect(),
-            next,
-        })
+        Ok(Page { items: items.iter().map(pool_view).collect(), next })
     }
 
     pub async fn hosts_list(&self, ctx: &Ctx, q: ListQuery) -> Result<Page<HostView>, Error> {
         let (items, next) = self.objects_page(ctx, ObjectKind::Host, &q).await?;
-        Ok(Page {
-            items: items.iter().map(host_view).collect(),
-            next,
-        })
+        Ok(Page { items: items.iter().map(host_view).collect(), next })
     }
 
     /// At every start: registers the local host (refreshing its facts) and, once, the default datastore
@@ -416,39 +266,21 @@ impl App {
     /// small demo inventory.
     pub async fn inventory_bootstrap(&self, data_dir: &Path, demo: bool) -> Result<(), Error> {
         let store = self.store();
-        let root = store
-            .object_get(ROOT_ID)
-            .await?
-            .ok_or_else(|| Error::internal("the root folder is missing"))?;
+        let root = store.object_get(ROOT_ID).await?.ok_or_else(|| Error::internal("the root folder is missing"))?;
         let facts = host_facts();
         let spec = json!({
             "cpus": facts.cpus, "memory_mib": facts.memory_mib, "kvm": facts.kvm,
             "kvm_kind": facts.kvm_kind, "seen_at": covm_store::now(),
         });
-        let host_id = store
-            .meta_get("local_host_id")
-            .await?
-            .and_then(|s| Uuid::parse_str(&s).ok());
+        let host_id = store.meta_get("local_host_id").await?.and_then(|s| Uuid::parse_str(&s).ok());
         match host_id {
-            Some(id) if store.object_get(id).await?.is_some() => {
-                store.object_spec_set(id, spec).await?
-            }
+            Some(id) if store.object_get(id).await?.is_some() => store.object_spec_set(id, spec).await?,
             _ => {
                 let id = Uuid::now_v7();
                 let name = host_name(&facts.hostname);
-                let ev = system_event("host.created", "host", Some(id), &name)
-                    .data(json!({ "spec": spec }));
+                let ev = system_event("host.created", "host", Some(id), &name).data(json!({ "spec": spec }));
                 store
-                    .object_create(
-                        NewObject {
-                            id,
-                            kind: ObjectKind::Host,
-                            name,
-                            parent_id: ROOT_ID,
-                            spec,
-                        },
-                        ev,
-                    )
+                    .object_create(NewObject { id, kind: ObjectKind::Host, name, parent_id: ROOT_ID, spec }, ev)
                     .await?;
                 store.meta_set("local_host_id", &id.to_string()).await?;
             }
@@ -464,38 +296,16 @@ impl App {
             let ds_dir = ds_dir.canonicalize().unwrap_or(ds_dir);
             let defaults = [
                 (ObjectKind::Datastore, "local", json!({ "path": ds_dir })),
-                (
-                    ObjectKind::Network,
-                    "user",
-                    json!({ "kind": "user", "bridge": null }),
-                ),
-                (
-                    ObjectKind::Pool,
-                    "default",
-                    json!({ "quota": Quota::default() }),
-                ),
+                (ObjectKind::Network, "user", json!({ "kind": "user", "bridge": null })),
+                (ObjectKind::Pool, "default", json!({ "quota": Quota::default() })),
             ];
             for (kind, name, spec) in defaults {
                 if store.object_by_name(kind, name).await?.is_none() {
                     let id = Uuid::now_v7();
-                    let ev = system_event(
-                        &format!("{}.created", kind.as_str()),
-                        kind.as_str(),
-                        Some(id),
-                        name,
-                    )
-                    .data(json!({ "parent": "/", "spec": spec }));
+                    let ev = system_event(&format!("{}.created", kind.as_str()), kind.as_str(), Some(id), name)
+                        .data(json!({ "parent": "/", "spec": spec }));
                     store
-                        .object_create(
-                            NewObject {
-                                id,
-                                kind,
-                                name: name.into(),
-                                parent_id: root.id,
-                                spec,
-                            },
-                            ev,
-                        )
+                        .object_create(NewObject { id, kind, name: name.into(), parent_id: root.id, spec }, ev)
                         .await?;
                 }
             }
@@ -513,30 +323,12 @@ impl App {
                 ),
             ];
             for (kind, name, spec) in demo_objects {
-                if self
-                    .object_lookup(&format!("/{name}"), None)
-                    .await?
-                    .is_none()
-                {
+                if self.object_lookup(&format!("/{name}"), None).await?.is_none() {
                     let id = Uuid::now_v7();
-                    let ev = system_event(
-                        &format!("{}.created", kind.as_str()),
-                        kind.as_str(),
-                        Some(id),
-                        name,
-                    )
-                    .data(json!({ "parent": "/", "spec": spec, "demo": true }));
+                    let ev = system_event(&format!("{}.created", kind.as_str()), kind.as_str(), Some(id), name)
+                        .data(json!({ "parent": "/", "spec": spec, "demo": true }));
                     store
-                        .object_create(
-                            NewObject {
-                                id,
-                                kind,
-                                name: name.into(),
-                                parent_id: root.id,
-                                spec,
-                            },
-                            ev,
-                        )
+                        .object_create(NewObject { id, kind, name: name.into(), parent_id: root.id, spec }, ev)
                         .await?;
                 }
             }

@@ -48,14 +48,7 @@ struct AppInner {
 impl App {
     pub fn new(store: Arc<dyn Store>, config: AppConfig) -> App {
         let hub = EventHub::new(store.clone());
-        App {
-            inner: Arc::new(AppInner {
-                store,
-                hub,
-                limiter: RateLimiter::default(),
-                config,
-            }),
-        }
+        App { inner: Arc::new(AppInner { store, hub, limiter: RateLimiter::default(), config }) }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -92,11 +85,7 @@ pub struct RequestInfo {
 
 impl RequestInfo {
     pub fn new(id: String, addr: Option<std::net::IpAddr>) -> RequestInfo {
-        RequestInfo {
-            id,
-            addr,
-            ..Default::default()
-        }
+        RequestInfo { id, addr, ..Default::default() }
     }
 
     pub fn mark_audited(&self) {
@@ -120,13 +109,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// A log entry by this caller about an object.
-    pub fn event(
-        &self,
-        kind: &str,
-        object_kind: &str,
-        object_id: Option<Uuid>,
-        object_name: &str,
-    ) -> NewEvent {
+    pub fn event(&self, kind: &str, object_kind: &str, object_id: Option<Uuid>, object_name: &str) -> NewEvent {
         NewEvent {
             actor: self.user.clone(),
             request_id: Some(self.req.id.clone()),
@@ -143,12 +126,7 @@ impl Ctx {
 }
 
 /// A log entry by covm itself (start-up, bootstrap).
-pub fn system_event(
-    kind: &str,
-    object_kind: &str,
-    object_id: Option<Uuid>,
-    object_name: &str,
-) -> NewEvent {
+pub fn system_event(kind: &str, object_kind: &str, object_id: Option<Uuid>, object_name: &str) -> NewEvent {
     NewEvent {
         actor: "-".to_owned(),
         kind: kind.to_owned(),

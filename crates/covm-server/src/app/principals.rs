@@ -7,8 +7,8 @@
 
 use covm_store::{PermissionFilter, PermissionRecord, PrincipalKind, RoleRecord, UserRecord};
 use covm_types::api::{
-    GroupCreate, GroupMemberAdd, GroupView, PasswordSet, PermissionCreate, PermissionQuery,
-    PermissionView, RoleCreate, RoleView, UserCreate, UserView,
+    GroupCreate, GroupMemberAdd, GroupView, PasswordSet, PermissionCreate, PermissionQuery, PermissionView, RoleCreate,
+    RoleView, UserCreate, UserView,
 };
 use covm_types::{Error, Privilege, ROOT_ID};
 use serde_json::json;
@@ -18,34 +18,21 @@ use super::auth::{password_check, password_hash, user_view};
 use super::{App, Ctx, EventExt};
 
 fn role_view(r: &RoleRecord) -> RoleView {
-    RoleView {
-        id: r.id,
-        name: r.name.clone(),
-        builtin: r.builtin,
-        privileges: r.privileges.iter().filter_map(|p| p.parse().ok()).collect(),
-    }
+    let mut privileges: Vec<Privilege> = r.privileges.iter().filter_map(|p| p.parse().ok()).collect();
+    privileges.sort();
+    RoleView { id: r.id, name: r.name.clone(), builtin: r.builtin, privileges }
 }
 
 fn group_view(g: &covm_store::GroupRecord) -> GroupView {
-    GroupView {
-        id: g.id,
-        name: g.name.clone(),
-        members: g.members.clone(),
-        created_at: g.created_at,
-    }
+    GroupView { id: g.id, name: g.name.clone(), members: g.members.clone(), created_at: g.created_at }
 }
 
 /// Role names: like object names, but capitals are allowed (`VMUser`).
 fn role_name_check(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -68,10 +55,7 @@ impl App {
     }
 
     async fn group_find(&self, name: &str, field: &str) -> Result<covm_store::GroupRecord, Error> {
-        self.store()
-            .group_by_name(name)
-            .await?
-            .ok_or_else(|| Error::not_found("group", name).with_field(field))
+        self.store().group_by_name(name).await?.ok_or_else(|| Error::not_found("group", name).with_field(field))
     }
 
     pub async fn user_create(&self, ctx: &Ctx, p: UserCreate) -> Result<UserView, Error> {
@@ -83,33 +67,19 @@ impl App {
             password_hash: password_hash(p.password).await?,
             created_at: covm_store::now(),
         };
-        let ev = ctx
-            .event("user.created", "user", Some(user.id), &user.name)
-            .scope(ROOT_ID);
-        self.store()
-            .user_create(user.clone(), ev)
-            .await
-            .map_err(|e| match e.code.as_str() {
-                "already_exists" => Error::conflict(
-                    "already_exists",
-                    format!("a user named {} already exists", user.name),
-                )
+        let ev = ctx.event("user.created", "user", Some(user.id), &user.name).scope(ROOT_ID);
+        self.store().user_create(user.clone(), ev).await.map_err(|e| match e.code.as_str() {
+            "already_exists" => Error::conflict("already_exists", format!("a user named {} already exists", user.name))
                 .with_field("name"),
-                _ => e,
-            })?;
+            _ => e,
+        })?;
         self.committed();
         Ok(user_view(&user))
     }
 
     pub async fn users_list(&self, ctx: &Ctx) -> Result<Vec<UserView>, Error> {
         self.require_global(ctx, Privilege::SystemRead).await?;
-        Ok(self
-            .store()
-            .users_list()
-            .await?
-            .iter()
-            .map(user_view)
-            .collect())
+        Ok(self.store().users_list().await?.iter().map(user_view).collect())
     }
 
     pub async fn user_get(&self, ctx: &Ctx, name: &str) -> Result<UserView, Error> {
@@ -121,23 +91,14 @@ impl App {
     }
 
     /// Sets a password: one's own, or anyone's with `Users.Manage`. Ends the user's sessions.
-    pub async fn user_password_set(
-        &self,
-        ctx: &Ctx,
-        name: &str,
-        p: PasswordSet,
-    ) -> Result<(), Error> {
+    pub async fn user_password_set(&self, ctx: &Ctx, name: &str, p: PasswordSet) -> Result<(), Error> {
         let user = self.user_find(name, "user").await?;
         if user.id != ctx.user_id {
             self.require_global(ctx, Privilege::UsersManage).await?;
         }
         password_check("password", &p.password)?;
-        let ev = ctx
-            .event("user.password_changed", "user", Some(user.id), &user.name)
-            .audit_only();
-        self.store()
-            .user_password_set(user.id, password_hash(p.password).await?, ev)
-            .await?;
+        let ev = ctx.event("user.password_changed", "user", Some(user.id), &user.name).audit_only();
+        self.store().user_password_set(user.id, password_hash(p.password).await?, ev).await?;
         Ok(())
     }
 
@@ -147,9 +108,7 @@ impl App {
         if user.id == ctx.user_id {
             return Err(Error::conflict("self_delete", "you cannot delete yourself"));
         }
-        let ev = ctx
-            .event("user.deleted", "user", Some(user.id), &user.name)
-            .scope(ROOT_ID);
+        let ev = ctx.event("user.deleted", "user", Some(user.id), &user.name).scope(ROOT_ID);
         self.store().user_delete(user.id, ev).await?;
         self.committed();
         Ok(())
@@ -158,20 +117,13 @@ impl App {
     pub async fn group_create(&self, ctx: &Ctx, p: GroupCreate) -> Result<GroupView, Error> {
         self.require_global(ctx, Privilege::UsersManage).await?;
         let id = Uuid::now_v7();
-        let ev = ctx
-            .event("group.created", "group", Some(id), p.name.as_str())
-            .scope(ROOT_ID);
-        self.store()
-            .group_create(id, p.name.as_str(), ev)
-            .await
-            .map_err(|e| match e.code.as_str() {
-                "already_exists" => Error::conflict(
-                    "already_exists",
-                    format!("a group named {} already exists", p.name),
-                )
-                .with_field("name"),
-                _ => e,
-            })?;
+        let ev = ctx.event("group.created", "group", Some(id), p.name.as_str()).scope(ROOT_ID);
+        self.store().group_create(id, p.name.as_str(), ev).await.map_err(|e| match e.code.as_str() {
+            "already_exists" => {
+                Error::conflict("already_exists", format!("a group named {} already exists", p.name)).with_field("name")
+            }
+            _ => e,
+        })?;
         self.committed();
         let g = self.group_find(p.name.as_str(), "name").await?;
         Ok(group_view(&g))
@@ -179,21 +131,10 @@ impl App {
 
     pub async fn groups_list(&self, ctx: &Ctx) -> Result<Vec<GroupView>, Error> {
         self.require_global(ctx, Privilege::SystemRead).await?;
-        Ok(self
-            .store()
-            .groups_list()
-            .await?
-            .iter()
-            .map(group_view)
-            .collect())
+        Ok(self.store().groups_list().await?.iter().map(group_view).collect())
     }
 
-    pub async fn group_member_add(
-        &self,
-        ctx: &Ctx,
-        group: &str,
-        p: GroupMemberAdd,
-    ) -> Result<GroupView, Error> {
+    pub async fn group_member_add(&self, ctx: &Ctx, group: &str, p: GroupMemberAdd) -> Result<GroupView, Error> {
         self.require_global(ctx, Privilege::UsersManage).await?;
         let g = self.group_find(group, "group").await?;
         let u = self.user_find(&p.user, "user").await?;
@@ -206,12 +147,7 @@ impl App {
         Ok(group_view(&self.group_find(group, "group").await?))
     }
 
-    pub async fn group_member_remove(
-        &self,
-        ctx: &Ctx,
-        group: &str,
-        user: &str,
-    ) -> Result<(), Error> {
+    pub async fn group_member_remove(&self, ctx: &Ctx, group: &str, user: &str) -> Result<(), Error> {
         self.require_global(ctx, Privilege::UsersManage).await?;
         let g = self.group_find(group, "group").await?;
         let u = self.user_find(user, "user").await?;
@@ -228,62 +164,37 @@ impl App {
     }
 
     pub async fn roles_list(&self) -> Result<Vec<RoleView>, Error> {
-        Ok(self
-            .store()
-            .roles_list()
-            .await?
-            .iter()
-            .map(role_view)
-            .collect())
+        Ok(self.store().roles_list().await?.iter().map(role_view).collect())
     }
 
     pub async fn role_get(&self, name: &str) -> Result<RoleView, Error> {
-        let r = self
-            .store()
-            .role_by_name(name)
-            .await?
-            .ok_or_else(|| Error::not_found("role", name).with_field("role"))?;
+        let r =
+            self.store().role_by_name(name).await?.ok_or_else(|| Error::not_found("role", name).with_field("role"))?;
         Ok(role_view(&r))
     }
 
     pub async fn role_create(&self, ctx: &Ctx, p: RoleCreate) -> Result<RoleView, Error> {
-        self.require_global(ctx, Privilege::PermissionsModify)
-            .await?;
+        self.require_global(ctx, Privilege::PermissionsModify).await?;
         role_name_check(&p.name)?;
-        let mut privileges: Vec<String> =
-            p.privileges.iter().map(|p| p.as_str().to_owned()).collect();
+        let mut privileges: Vec<String> = p.privileges.iter().map(|p| p.as_str().to_owned()).collect();
         privileges.sort();
         privileges.dedup();
-        let role = RoleRecord {
-            id: Uuid::now_v7(),
-            name: p.name.clone(),
-            builtin: false,
-            privileges,
-        };
+        let role = RoleRecord { id: Uuid::now_v7(), name: p.name.clone(), builtin: false, privileges };
         let ev = ctx
             .event("role.created", "role", Some(role.id), &role.name)
             .scope(ROOT_ID)
             .data(json!({ "privileges": role.privileges }));
-        self.store()
-            .role_create(role.clone(), ev)
-            .await
-            .map_err(|e| match e.code.as_str() {
-                "already_exists" => Error::conflict(
-                    "already_exists",
-                    format!("a role named {} already exists", p.name),
-                )
-                .with_field("name"),
-                _ => e,
-            })?;
+        self.store().role_create(role.clone(), ev).await.map_err(|e| match e.code.as_str() {
+            "already_exists" => {
+                Error::conflict("already_exists", format!("a role named {} already exists", p.name)).with_field("name")
+            }
+            _ => e,
+        })?;
         self.committed();
         Ok(role_view(&role))
     }
 
-    fn permission_view(
-        &self,
-        p: &PermissionRecord,
-        object: covm_types::api::ObjectRef,
-    ) -> PermissionView {
+    fn permission_view(&self, p: &PermissionRecord, object: covm_types::api::ObjectRef) -> PermissionView {
         PermissionView {
             id: p.id,
             principal: match p.principal_kind {
@@ -297,10 +208,7 @@ impl App {
         }
     }
 
-    async fn principal_find(
-        &self,
-        principal: &str,
-    ) -> Result<(PrincipalKind, Uuid, String), Error> {
+    async fn principal_find(&self, principal: &str) -> Result<(PrincipalKind, Uuid, String), Error> {
         match principal.strip_prefix("group:") {
             Some(g) => {
                 let g = self.group_find(g, "principal").await?;
@@ -313,14 +221,9 @@ impl App {
         }
     }
 
-    pub async fn permission_create(
-        &self,
-        ctx: &Ctx,
-        p: PermissionCreate,
-    ) -> Result<PermissionView, Error> {
+    pub async fn permission_create(&self, ctx: &Ctx, p: PermissionCreate) -> Result<PermissionView, Error> {
         let obj = self.object_resolve(ctx, &p.object, None, "object").await?;
-        self.require(ctx, &obj, Privilege::PermissionsModify)
-            .await?;
+        self.require(ctx, &obj, Privilege::PermissionsModify).await?;
         let (kind, principal_id, principal_name) = self.principal_find(&p.principal).await?;
         let role = self
             .store()
@@ -328,25 +231,17 @@ impl App {
             .await?
             .ok_or_else(|| Error::not_found("role", &p.role).with_field("role"))?;
         let id = Uuid::now_v7();
-        let ev = ctx
-            .event("permission.granted", obj.kind.as_str(), Some(obj.id), &obj.name)
-            .data(json!({
-                "permission": id, "principal": p.principal, "principal_kind": kind.as_str(),
-                "principal_name": principal_name, "role": role.name, "object": obj.path, "propagate": p.propagate,
-            }));
-        let (rec, _) = self
-            .store()
-            .permission_create(id, (kind, principal_id), role.id, obj.id, p.propagate, ev)
-            .await?;
+        let ev = ctx.event("permission.granted", obj.kind.as_str(), Some(obj.id), &obj.name).data(json!({
+            "permission": id, "principal": p.principal, "principal_kind": kind.as_str(),
+            "principal_name": principal_name, "role": role.name, "object": obj.path, "propagate": p.propagate,
+        }));
+        let (rec, _) =
+            self.store().permission_create(id, (kind, principal_id), role.id, obj.id, p.propagate, ev).await?;
         self.committed();
         Ok(self.permission_view(&rec, self.object_ref(&obj)))
     }
 
-    pub async fn permissions_list(
-        &self,
-        ctx: &Ctx,
-        q: PermissionQuery,
-    ) -> Result<Vec<PermissionView>, Error> {
+    pub async fn permissions_list(&self, ctx: &Ctx, q: PermissionQuery) -> Result<Vec<PermissionView>, Error> {
         let object_id = match &q.object {
             Some(o) => Some(self.object_resolve(ctx, o, None, "object").await?.id),
             None => None,
@@ -357,11 +252,7 @@ impl App {
         };
         let recs = self
             .store()
-            .permissions_list(PermissionFilter {
-                object_id,
-                principal_id,
-                viewer: Some(ctx.user_id),
-            })
+            .permissions_list(PermissionFilter { object_id, principal_id, viewer: Some(ctx.user_id) })
             .await?;
         let mut out = Vec::with_capacity(recs.len());
         for r in &recs {
@@ -374,24 +265,13 @@ impl App {
 
     pub async fn permission_delete(&self, ctx: &Ctx, id: Uuid) -> Result<(), Error> {
         let not_found = || Error::not_found("permission", &id.to_string());
-        let rec = self
-            .store()
-            .permission_get(id)
-            .await?
-            .ok_or_else(not_found)?;
-        let obj = self
-            .store()
-            .object_get(rec.object_id)
-            .await?
-            .ok_or_else(not_found)?;
-        self.require(ctx, &obj, Privilege::PermissionsModify)
-            .await?;
-        let ev = ctx
-            .event("permission.revoked", obj.kind.as_str(), Some(obj.id), &obj.name)
-            .data(json!({
-                "permission": id, "principal_kind": rec.principal_kind.as_str(), "principal_name": rec.principal_name,
-                "role": rec.role_name, "object": obj.path, "propagate": rec.propagate,
-            }));
+        let rec = self.store().permission_get(id).await?.ok_or_else(not_found)?;
+        let obj = self.store().object_get(rec.object_id).await?.ok_or_else(not_found)?;
+        self.require(ctx, &obj, Privilege::PermissionsModify).await?;
+        let ev = ctx.event("permission.revoked", obj.kind.as_str(), Some(obj.id), &obj.name).data(json!({
+            "permission": id, "principal_kind": rec.principal_kind.as_str(), "principal_name": rec.principal_name,
+            "role": rec.role_name, "object": obj.path, "propagate": rec.propagate,
+        }));
         self.store().permission_delete(id, ev).await?;
         self.committed();
         Ok(())

@@ -39,14 +39,12 @@ impl IntoResponse for ApiError {
         let e = self.0;
         let mut resp = (status(e.kind), axum::Json(e.body())).into_response();
         if let Some(s) = e.retry_after_s {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         if e.kind == ErrorKind::Unauthenticated {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        resp.extensions_mut().insert(ErrorCode(e.code));
+        resp.extensions_mut().insert(ErrorCode(e.code.clone()));
         resp
     }
 }

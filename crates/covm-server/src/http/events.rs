@@ -31,21 +31,15 @@ pub async fn event_list(
     headers: HeaderMap,
     QueryParams(q): QueryParams<EventQuery>,
 ) -> Result<Response, ApiError> {
-    let sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let sse =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     if !sse {
         return Ok(Json(app.events_page(&ctx, q).await?).into_response());
     }
-    let last_id = match headers
-        .get("last-event-id")
-        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok()))
+    let last_id = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok()))
     {
         Some(None) => {
-            return Err(
-                Error::invalid("Last-Event-ID", "Last-Event-ID is a sequence number").into(),
-            );
+            return Err(Error::invalid("Last-Event-ID", "Last-Event-ID is a sequence number").into());
         }
         Some(Some(n)) => Some(n),
         None => None,
@@ -63,15 +57,10 @@ pub async fn event_list(
     .flat_map(|batch| {
         futures::stream::iter(batch.into_iter().map(|e| {
             let ev = Event::default().id(e.seq.to_string());
-            Ok::<_, Infallible>(
-                ev.json_data(&e)
-                    .unwrap_or_else(|_| Event::default().comment("unserializable event")),
-            )
+            Ok::<_, Infallible>(ev.json_data(&e).unwrap_or_else(|_| Event::default().comment("unserializable event")))
         }))
     });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }
 
 /// The audit log: every change, denial and failed request (needs `Audit.Read` on `/`).
@@ -88,9 +77,6 @@ pub async fn audit_list(
 /// Recompute the audit log's hash chain; names the first entry that does not match.
 #[utoipa::path(get, path = "/audit/verify", tag = "events", operation_id = "audit_verify",
     responses((status = 200, body = AuditVerify), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub async fn audit_verify(
-    State(app): State<App>,
-    Auth(ctx): Auth,
-) -> Result<Json<AuditVerify>, ApiError> {
+pub async fn audit_verify(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<AuditVerify>, ApiError> {
     Ok(Json(app.audit_verify(&ctx).await?))
 }

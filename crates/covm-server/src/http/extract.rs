@@ -25,41 +25,24 @@ pub fn json_error(path: &str, e: &serde_json::Error) -> Error {
     // serde's messages end with " at line L column C"; the path says more to a person.
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
     let field = |f: &str| {
-        if path.is_empty() || path == "." {
-            f.to_owned()
-        } else {
-            format!("{path}.{f}")
-        }
+        if path.is_empty() || path == "." { f.to_owned() } else { format!("{path}.{f}") }
     };
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let name = rest.split('`').next().unwrap_or_default();
-        return Error::new(
-            ErrorKind::InvalidRequest,
-            "unknown_field",
-            format!("unknown field {name}"),
-        )
-        .with_field(field(name));
+        // serde_path_to_error's path already ends with the unknown field.
+        let f = if path == name || path.ends_with(&format!(".{name}")) { path.to_owned() } else { field(name) };
+        return Error::new(ErrorKind::InvalidRequest, "unknown_field", format!("unknown field {name}")).with_field(f);
     }
     if let Some(rest) = msg.strip_prefix("missing field `") {
         let name = rest.split('`').next().unwrap_or_default();
-        return Error::new(
-            ErrorKind::InvalidRequest,
-            "missing_field",
-            format!("the field {name} is required"),
-        )
-        .with_field(field(name));
+        return Error::new(ErrorKind::InvalidRequest, "missing_field", format!("the field {name} is required"))
+            .with_field(field(name));
     }
-    let code = if msg.starts_with("a name ") {
-        "invalid_name"
-    } else {
-        "invalid_value"
-    };
+    let code = if msg.starts_with("a name ") { "invalid_name" } else { "invalid_value" };
     match e.classify() {
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => Error::new(
-            ErrorKind::InvalidRequest,
-            "invalid_json",
-            format!("the body is not valid JSON: {msg}"),
-        ),
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            Error::new(ErrorKind::InvalidRequest, "invalid_json", format!("the body is not valid JSON: {msg}"))
+        }
         _ if path.is_empty() || path == "." => Error::new(ErrorKind::InvalidRequest, code, msg),
         _ => Error::new(ErrorKind::InvalidRequest, code, format!("{path}: {msg}")).with_field(path),
     }
@@ -75,11 +58,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let ct = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
             return Err(Error::new(
                 ErrorKind::InvalidRequest,
@@ -88,22 +67,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             )
             .into());
         }
-        let bytes: Bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::PayloadTooLarge,
-                    "payload_too_large",
-                    format!("the body is larger than {BODY_LIMIT} bytes"),
-                )
-            })?;
-        if bytes.is_empty() {
-            return Err(Error::new(
-                ErrorKind::InvalidRequest,
-                "missing_body",
-                "this request needs a JSON body",
+        let bytes: Bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT).await.map_err(|_| {
+            Error::new(
+                ErrorKind::PayloadTooLarge,
+                "payload_too_large",
+                format!("the body is larger than {BODY_LIMIT} bytes"),
             )
-            .into());
+        })?;
+        if bytes.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidRequest, "missing_body", "this request needs a JSON body").into());
         }
         Ok(JsonBody(json_parse(&bytes)?))
     }
@@ -121,20 +93,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Query::try_from_uri(&parts.uri)
-            .map(|Query(q)| QueryParams(q))
-            .map_err(|e| {
-                let detail = e.body_text();
-                let detail = detail
-                    .strip_prefix("Failed to deserialize query string: ")
-                    .unwrap_or(&detail)
-                    .to_owned();
-                ApiError(Error::new(
-                    ErrorKind::InvalidRequest,
-                    "invalid_query",
-                    format!("bad query string: {detail}"),
-                ))
-            })
+        Query::try_from_uri(&parts.uri).map(|Query(q)| QueryParams(q)).map_err(|e| {
+            let detail = e.body_text();
+            let detail = detail.strip_prefix("Failed to deserialize query string: ").unwrap_or(&detail).to_owned();
+            ApiError(Error::new(ErrorKind::InvalidRequest, "invalid_query", format!("bad query string: {detail}")))
+        })
     }
 }
 
@@ -144,12 +107,7 @@ pub fn request_info(parts: &Parts) -> Arc<RequestInfo> {
         .extensions
         .get::<Arc<RequestInfo>>()
         .cloned()
-        .unwrap_or_else(|| {
-            Arc::new(RequestInfo::new(
-                uuid::Uuid::now_v7().simple().to_string(),
-                None,
-            ))
-        })
+        .unwrap_or_else(|| Arc::new(RequestInfo::new(uuid::Uuid::now_v7().simple().to_string(), None)))
 }
 
 /// The signed-in caller (`Authorization: Bearer <token>`).
@@ -163,15 +121,10 @@ impl FromRequestParts<App> for Auth {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Error::unauthenticated("sign in first: send Authorization: Bearer <token>")
-            })?;
+            .ok_or_else(|| Error::unauthenticated("sign in first: send Authorization: Bearer <token>"))?;
         Ok(Auth(app.authenticate(&request_info(parts), token).await?))
     }
 }
@@ -194,9 +147,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let e = json_parse::<FolderCreate>(br#"{"name":"a","colour":"red"}"#)
-            .err()
-            .unwrap();
+        let e = json_parse::<FolderCreate>(br#"{"name":"a","colour":"red"}"#).err().unwrap();
         assert_eq!(e.code, "unknown_field");
         assert_eq!(e.field.as_deref(), Some("colour"));
     }
@@ -209,30 +160,15 @@ mod tests {
             assert_eq!(e.field.as_deref(), Some("name"), "{bad}");
         }
         let long = format!(r#"{{"name":"{}"}}"#, "x".repeat(64));
-        assert_eq!(
-            json_parse::<FolderCreate>(long.as_bytes())
-                .err()
-                .unwrap()
-                .code,
-            "invalid_name"
-        );
+        assert_eq!(json_parse::<FolderCreate>(long.as_bytes()).err().unwrap().code, "invalid_name");
     }
 
     #[test]
     fn missing_and_malformed() {
         let e = json_parse::<FolderCreate>(b"{}").err().unwrap();
-        assert_eq!(
-            (e.code.as_str(), e.field.as_deref()),
-            ("missing_field", Some("name"))
-        );
-        assert_eq!(
-            json_parse::<FolderCreate>(b"{").err().unwrap().code,
-            "invalid_json"
-        );
+        assert_eq!((e.code.as_str(), e.field.as_deref()), ("missing_field", Some("name")));
+        assert_eq!(json_parse::<FolderCreate>(b"{").err().unwrap().code, "invalid_json");
         let e = json_parse::<FolderCreate>(br#"{"name":7}"#).err().unwrap();
-        assert_eq!(
-            (e.code.as_str(), e.field.as_deref()),
-            ("invalid_value", Some("name"))
-        );
+        assert_eq!((e.code.as_str(), e.field.as_deref()), ("invalid_value", Some("name")));
     }
 }

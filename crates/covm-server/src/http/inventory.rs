@@ -5,8 +5,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::api::{
-    DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, InventoryQuery, ListQuery,
-    NetworkCreate, NetworkView, ObjectRef, Page, PoolCreate, PoolView,
+    DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, InventoryQuery, ListQuery, NetworkCreate,
+    NetworkView, ObjectRef, Page, PoolCreate, PoolView,
 };
 
 use super::error::ApiError;
@@ -91,10 +91,7 @@ pub async fn datastore_create(
     Auth(ctx): Auth,
     JsonBody(p): JsonBody<DatastoreCreate>,
 ) -> Result<(StatusCode, Json<DatastoreView>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.datastore_create(&ctx, p).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(app.datastore_create(&ctx, p).await?)))
 }
 
 /// One datastore.
@@ -128,10 +125,7 @@ pub async fn network_create(
     Auth(ctx): Auth,
     JsonBody(p): JsonBody<NetworkCreate>,
 ) -> Result<(StatusCode, Json<NetworkView>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.network_create(&ctx, p).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(app.network_create(&ctx, p).await?)))
 }
 
 /// Resource pools I may view, with their quotas.

@@ -63,11 +63,7 @@ impl utoipa::Modify for BearerAuth {
 /// Every API route, with its OpenAPI description.
 fn api_routes() -> OpenApiRouter<App> {
     OpenApiRouter::new()
-        .routes(routes!(
-            session::session_create,
-            session::session_get,
-            session::session_delete
-        ))
+        .routes(routes!(session::session_create, session::session_get, session::session_delete))
         .routes(routes!(session::token_list, session::token_create))
         .routes(routes!(session::token_delete))
         .routes(routes!(principals::user_list, principals::user_create))
@@ -79,18 +75,12 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(principals::privilege_list))
         .routes(routes!(principals::role_list, principals::role_create))
         .routes(routes!(principals::role_get))
-        .routes(routes!(
-            principals::permission_list,
-            principals::permission_create
-        ))
+        .routes(routes!(principals::permission_list, principals::permission_create))
         .routes(routes!(principals::permission_delete))
         .routes(routes!(inventory::inventory_list))
         .routes(routes!(inventory::folder_list, inventory::folder_create))
         .routes(routes!(inventory::folder_get, inventory::folder_delete))
-        .routes(routes!(
-            inventory::datastore_list,
-            inventory::datastore_create
-        ))
+        .routes(routes!(inventory::datastore_list, inventory::datastore_create))
         .routes(routes!(inventory::datastore_get))
         .routes(routes!(inventory::network_list, inventory::network_create))
         .routes(routes!(inventory::pool_list, inventory::pool_create))
@@ -102,9 +92,7 @@ fn api_routes() -> OpenApiRouter<App> {
 
 /// The OpenAPI document of the API, as checked in at `openapi/covm.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = OpenApiRouter::<App>::with_openapi(ApiDoc::openapi())
-        .nest("/api/v1", api_routes())
-        .into_openapi();
+    let mut doc = OpenApiRouter::<App>::with_openapi(ApiDoc::openapi()).nest("/api/v1", api_routes()).into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     doc
 }
@@ -116,10 +104,7 @@ fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .map_err(|e| tracing::warn!(error = %e, "metrics are off"))
-                .ok()
+            PrometheusBuilder::new().install_recorder().map_err(|e| tracing::warn!(error = %e, "metrics are off")).ok()
         })
         .clone()
 }
@@ -127,61 +112,36 @@ fn metrics_handle() -> Option<PrometheusHandle> {
 /// The whole HTTP service.
 pub fn router(app: App) -> axum::Router {
     let metrics = metrics_handle();
-    let (api, _) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .nest("/api/v1", api_routes())
-        .split_for_parts();
+    let (api, _) = OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", api_routes()).split_for_parts();
     let doc = Arc::new(openapi());
-    api.route(
-        "/healthz",
-        get(|| async {
-            Json(Health {
-                status: "ok".into(),
-                details: vec![],
-            })
-        }),
-    )
-    .route("/readyz", get(readyz))
-    .route(
-        "/metrics",
-        get(move || async move { metrics.map(|m| m.render()).unwrap_or_default() }),
-    )
-    .route(
-        "/api/v1/openapi.json",
-        get(move || async move { Json(doc.as_ref().clone()) }),
-    )
-    .fallback(|| async {
-        ApiError(Error::new(
-            covm_types::ErrorKind::NotFound,
-            "no_route",
-            "there is no such API path",
-        ))
-    })
-    .layer(CatchPanicLayer::custom(|_| {
-        ApiError(Error::internal(
-            "covm hit a bug while handling this request",
-        ))
-        .into_response()
-    }))
-    .layer(axum::middleware::from_fn_with_state(
-        app.clone(),
-        request_mw,
-    ))
-    .with_state(app)
+    let api = api
+        .route("/healthz", get(|| async { Json(Health { status: "ok".into(), details: vec![] }) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || async move { metrics.map(|m| m.render()).unwrap_or_default() }))
+        .route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }));
+    with_service_layers(api, app)
+}
+
+/// The fallback and the layers every route gets: panics caught, requests counted, ids and audits.
+fn with_service_layers(routes: axum::Router<App>, app: App) -> axum::Router {
+    routes
+        .fallback(|| async {
+            ApiError(Error::new(covm_types::ErrorKind::NotFound, "no_route", "there is no such API path"))
+        })
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError(Error::internal("covm hit a bug while handling this request")).into_response()
+        }))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), request_mw))
+        .with_state(app)
 }
 
 async fn readyz(State(app): State<App>) -> Response {
     match app.store().ping().await {
-        Ok(()) => Json(Health {
-            status: "ready".into(),
-            details: vec![format!("store: {}", app.store().backend())],
-        })
-        .into_response(),
+        Ok(()) => Json(Health { status: "ready".into(), details: vec![format!("store: {}", app.store().backend())] })
+            .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "unavailable".into(),
-                details: vec![format!("store: {}", e.message)],
-            }),
+            Json(Health { status: "unavailable".into(), details: vec![format!("store: {}", e.message)] }),
         )
             .into_response(),
     }
@@ -191,11 +151,7 @@ fn request_id(req: &Request) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
 }
@@ -203,26 +159,17 @@ fn request_id(req: &Request) -> String {
 async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
-    let addr = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let info = Arc::new(RequestInfo::new(id.clone(), addr));
     req.extensions_mut().insert(info.clone());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
 
     let mut resp = next.run(req).await;
     let status = resp.status();
 
-    let mutating = matches!(
-        method,
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    );
+    let mutating = matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
     if mutating
         && (status.is_client_error() || status.is_server_error())
         && status != StatusCode::UNAUTHORIZED
@@ -233,12 +180,7 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         let ev = covm_store::NewEvent {
             actor,
             request_id: Some(id.clone()),
-            ..system_event(
-                "request.failed",
-                "request",
-                None,
-                &format!("{method} {path}"),
-            )
+            ..system_event("request.failed", "request", None, &format!("{method} {path}"))
         };
         let ev = crate::app::EventExt::audit_only(crate::app::EventExt::data(
             ev,
@@ -257,43 +199,68 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let labels = [
-        ("method", method.as_str().to_owned()),
-        ("route", route),
-        ("status", status.as_u16().to_string()),
-    ];
+    let labels = [("method", method.as_str().to_owned()), ("route", route), ("status", status.as_u16().to_string())];
     metrics::counter!("covm_http_requests_total", &labels).increment(1);
-    metrics::histogram!("covm_http_request_duration_seconds", &labels[..2])
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("covm_http_request_duration_seconds", &labels[..2]).record(started.elapsed().as_secs_f64());
     resp
 }
 
 /// Puts the request id into a 5xx error body, so that a user can quote it and find the log line.
 async fn with_request_id(resp: Response, id: &str) -> Response {
     let (mut parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
     let mut err: ErrorBody =
         serde_json::from_slice(&bytes).unwrap_or_else(|_| Error::internal("internal error").body());
-    err.error.message = format!(
-        "{} (request id {id}; the server log has the details)",
-        err.error.message
-    );
-    let mut details = err
-        .error
-        .details
-        .take()
-        .unwrap_or_else(|| serde_json::json!({}));
+    err.error.message = format!("{} (request id {id}; the server log has the details)", err.error.message);
+    let mut details = err.error.details.take().unwrap_or_else(|| serde_json::json!({}));
     if let Some(obj) = details.as_object_mut() {
         obj.insert("request_id".into(), id.into());
     }
     err.error.details = Some(details);
     let body = serde_json::to_vec(&err).unwrap_or_default();
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::app::AppConfig;
+
+    #[tokio::test]
+    async fn a_panic_is_a_json_500_with_the_request_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = covm_store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let app = App::new(Arc::new(store), AppConfig { data_dir: dir.path().to_owned() });
+        let routes = axum::Router::new().route(
+            "/boom",
+            axum::routing::post(|| async {
+                if true {
+                    panic!("a bug");
+                }
+            }),
+        );
+        let svc = with_service_layers(routes, app.clone());
+        let req = Request::post("/boom").header("x-request-id", "req-42").body(Body::empty()).unwrap();
+        let resp = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 500);
+        assert_eq!(resp.headers()["x-request-id"], "req-42");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+        let err: ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(err.error.code, "internal");
+        assert!(err.error.message.contains("req-42"), "{}", err.error.message);
+        assert_eq!(err.error.details.unwrap()["request_id"], "req-42");
+        // The failed request is in the audit log, with its request id.
+        let audit = app.store().audit_query(covm_store::AuditFilter { limit: 10, ..Default::default() }).await.unwrap();
+        assert!(audit.iter().any(|e| e.kind == "request.failed" && e.request_id.as_deref() == Some("req-42")));
+        // An unknown path is a JSON 404 too.
+        let resp = svc.oneshot(Request::get("/nope").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 404);
+    }
 }

@@ -4,8 +4,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use covm_types::api::{
-    GroupCreate, GroupMemberAdd, GroupView, PasswordSet, PermissionCreate, PermissionQuery,
-    PermissionView, RoleCreate, RoleView, UserCreate, UserView,
+    GroupCreate, GroupMemberAdd, GroupView, PasswordSet, PermissionCreate, PermissionQuery, PermissionView, RoleCreate,
+    RoleView, UserCreate, UserView,
 };
 use covm_types::{ErrorBody, Privilege};
 
@@ -16,10 +16,7 @@ use crate::app::App;
 /// All users (needs `System.Read` on `/`).
 #[utoipa::path(get, path = "/users", tag = "principals", operation_id = "user_list",
     responses((status = 200, body = Vec<UserView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub async fn user_list(
-    State(app): State<App>,
-    Auth(ctx): Auth,
-) -> Result<Json<Vec<UserView>>, ApiError> {
+pub async fn user_list(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<Vec<UserView>>, ApiError> {
     Ok(Json(app.users_list(&ctx).await?))
 }
 
@@ -76,10 +73,7 @@ pub async fn user_password_set(
 /// All groups with their members (needs `System.Read` on `/`).
 #[utoipa::path(get, path = "/groups", tag = "principals", operation_id = "group_list",
     responses((status = 200, body = Vec<GroupView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub async fn group_list(
-    State(app): State<App>,
-    Auth(ctx): Auth,
-) -> Result<Json<Vec<GroupView>>, ApiError> {
+pub async fn group_list(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<Vec<GroupView>>, ApiError> {
     Ok(Json(app.groups_list(&ctx).await?))
 }
 
@@ -130,10 +124,7 @@ pub async fn privilege_list(Auth(_ctx): Auth) -> Json<Vec<Privilege>> {
 /// The built-in and custom roles.
 #[utoipa::path(get, path = "/roles", tag = "principals", operation_id = "role_list",
     responses((status = 200, body = Vec<RoleView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub async fn role_list(
-    State(app): State<App>,
-    Auth(_ctx): Auth,
-) -> Result<Json<Vec<RoleView>>, ApiError> {
+pub async fn role_list(State(app): State<App>, Auth(_ctx): Auth) -> Result<Json<Vec<RoleView>>, ApiError> {
     Ok(Json(app.roles_list().await?))
 }
 
@@ -181,10 +172,7 @@ pub async fn permission_create(
     Auth(ctx): Auth,
     JsonBody(p): JsonBody<PermissionCreate>,
 ) -> Result<(StatusCode, Json<PermissionView>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.permission_create(&ctx, p).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(app.permission_create(&ctx, p).await?)))
 }
 
 /// Revoke a grant (needs `Permissions.Modify` on its object).

@@ -19,10 +19,7 @@ pub async fn session_create(
     ReqInfo(req): ReqInfo,
     JsonBody(p): JsonBody<SessionCreate>,
 ) -> Result<(StatusCode, Json<SessionToken>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.session_create(&req, p).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(app.session_create(&req, p).await?)))
 }
 
 /// Who am I, my groups, and my effective privileges on `object` (default `/`).
@@ -42,10 +39,7 @@ pub async fn session_get(
 #[utoipa::path(delete, path = "/session", tag = "session", operation_id = "session_delete",
     responses((status = 204), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn session_delete(
-    State(app): State<App>,
-    Auth(ctx): Auth,
-) -> Result<StatusCode, ApiError> {
+pub async fn session_delete(State(app): State<App>, Auth(ctx): Auth) -> Result<StatusCode, ApiError> {
     app.session_delete(&ctx).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -54,10 +48,7 @@ pub async fn session_delete(
 #[utoipa::path(get, path = "/tokens", tag = "session", operation_id = "token_list",
     responses((status = 200, body = Vec<TokenView>), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn token_list(
-    State(app): State<App>,
-    Auth(ctx): Auth,
-) -> Result<Json<Vec<TokenView>>, ApiError> {
+pub async fn token_list(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<Vec<TokenView>>, ApiError> {
     Ok(Json(app.tokens_list(&ctx).await?))
 }
 

@@ -1,0 +1,283 @@
+//! The authorization matrix: every endpoint, called by a user holding each built-in role on `/`
+//! (propagating), and the status it gets. The result must equal `tests/golden/authz_matrix.txt`, and
+//! every endpoint of the OpenAPI document (and the service routes) must have a row, so that a new
+//! endpoint cannot ship without its line. Regenerate with
+//! `UPDATE_GOLDEN=1 cargo test -p covm-server --test api authz_matrix` and review the diff.
+
+use std::collections::BTreeSet;
+
+use covm_client::Client;
+use covm_types::BuiltinRole;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::common::{PASSWORD, TestServer};
+use crate::openapi::repo_file;
+
+struct Env {
+    s: TestServer,
+    scratch: tempfile::TempDir,
+}
+
+/// Lower-case user name for a role.
+fn tag(role: BuiltinRole) -> String {
+    format!("r-{}", role.name().to_lowercase())
+}
+
+/// Every endpoint the matrix knows, as `METHOD /path/template`.
+const ENDPOINTS: &[&str] = &[
+    "POST /api/v1/session",
+    "GET /api/v1/session",
+    "DELETE /api/v1/session",
+    "GET /api/v1/tokens",
+    "POST /api/v1/tokens",
+    "DELETE /api/v1/tokens/{id}",
+    "GET /api/v1/users",
+    "POST /api/v1/users",
+    "GET /api/v1/users/{user}",
+    "DELETE /api/v1/users/{user}",
+    "PUT /api/v1/users/{user}/password",
+    "GET /api/v1/groups",
+    "POST /api/v1/groups",
+    "POST /api/v1/groups/{group}/members",
+    "DELETE /api/v1/groups/{group}/members/{user}",
+    "GET /api/v1/privileges",
+    "GET /api/v1/roles",
+    "POST /api/v1/roles",
+    "GET /api/v1/roles/{role}",
+    "GET /api/v1/permissions",
+    "POST /api/v1/permissions",
+    "DELETE /api/v1/permissions/{id}",
+    "GET /api/v1/inventory",
+    "GET /api/v1/folders",
+    "POST /api/v1/folders",
+    "GET /api/v1/folders/{folder}",
+    "DELETE /api/v1/folders/{folder}",
+    "GET /api/v1/datastores",
+    "POST /api/v1/datastores",
+    "GET /api/v1/datastores/{datastore}",
+    "GET /api/v1/networks",
+    "POST /api/v1/networks",
+    "GET /api/v1/pools",
+    "POST /api/v1/pools",
+    "GET /api/v1/hosts",
+    "GET /api/v1/events",
+    "GET /api/v1/audit",
+    "GET /api/v1/audit/verify",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /metrics",
+    "GET /api/v1/openapi.json",
+];
+
+async fn status(c: &Client, method: Method, path: &str, body: Option<Value>) -> u16 {
+    let mut rb = c.request(method, path);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    rb.send().await.expect("request sent").status().as_u16()
+}
+
+impl Env {
+    async fn setup() -> Env {
+        let s = TestServer::start().await;
+        let a = &s.admin;
+        a.user_create("target", PASSWORD).await.unwrap();
+        a.group_create("g0").await.unwrap();
+        a.folder_create("shared", "/").await.unwrap();
+        for role in BuiltinRole::ALL {
+            let t = tag(role);
+            a.user_create(&t, PASSWORD).await.unwrap();
+            a.permission_grant(&t, role.name(), "/", true).await.unwrap();
+            a.user_create(&format!("victim-{t}"), PASSWORD).await.unwrap();
+            a.user_create(&format!("pw-{t}"), PASSWORD).await.unwrap();
+            a.user_create(&format!("m-{t}"), PASSWORD).await.unwrap();
+            a.group_member_add("g0", &format!("m-{t}")).await.unwrap();
+            a.folder_create(&format!("d-{t}"), "/").await.unwrap();
+            a.folder_create(&format!("f-{t}"), "/").await.unwrap();
+            a.folder_create(&format!("p-{t}"), "/").await.unwrap();
+            a.permission_grant("target", "ReadOnly", &format!("/p-{t}"), true).await.unwrap();
+        }
+        Env { s, scratch: tempfile::tempdir().unwrap() }
+    }
+
+    async fn probe(&self, role: BuiltinRole, endpoint: &str) -> u16 {
+        let t = tag(role);
+        let c = self.s.login(&t).await;
+        let anon = self.s.anonymous();
+        match endpoint {
+            "POST /api/v1/session" => {
+                status(&anon, Method::POST, "/session", Some(json!({ "user": t, "password": PASSWORD }))).await
+            }
+            "GET /api/v1/session" => status(&c, Method::GET, "/session", None).await,
+            "DELETE /api/v1/session" => status(&c, Method::DELETE, "/session", None).await,
+            "GET /api/v1/tokens" => status(&c, Method::GET, "/tokens", None).await,
+            "POST /api/v1/tokens" => status(&c, Method::POST, "/tokens", Some(json!({ "name": "t1" }))).await,
+            "DELETE /api/v1/tokens/{id}" => {
+                let tok: Value = c.post("/tokens", &json!({ "name": "t2" })).await.unwrap();
+                status(&c, Method::DELETE, &format!("/tokens/{}", tok["id"].as_str().unwrap()), None).await
+            }
+            "GET /api/v1/users" => status(&c, Method::GET, "/users", None).await,
+            "POST /api/v1/users" => {
+                status(&c, Method::POST, "/users", Some(json!({ "name": format!("new-{t}"), "password": PASSWORD })))
+                    .await
+            }
+            "GET /api/v1/users/{user}" => status(&c, Method::GET, "/users/target", None).await,
+            "DELETE /api/v1/users/{user}" => status(&c, Method::DELETE, &format!("/users/victim-{t}"), None).await,
+            "PUT /api/v1/users/{user}/password" => {
+                status(
+                    &c,
+                    Method::PUT,
+                    &format!("/users/pw-{t}/password"),
+                    Some(json!({ "password": "another-password" })),
+                )
+                .await
+            }
+            "GET /api/v1/groups" => status(&c, Method::GET, "/groups", None).await,
+            "POST /api/v1/groups" => {
+                status(&c, Method::POST, "/groups", Some(json!({ "name": format!("g-{t}") }))).await
+            }
+            "POST /api/v1/groups/{group}/members" => {
+                status(&c, Method::POST, "/groups/g0/members", Some(json!({ "user": "target" }))).await
+            }
+            "DELETE /api/v1/groups/{group}/members/{user}" => {
+                status(&c, Method::DELETE, &format!("/groups/g0/members/m-{t}"), None).await
+            }
+            "GET /api/v1/privileges" => status(&c, Method::GET, "/privileges", None).await,
+            "GET /api/v1/roles" => status(&c, Method::GET, "/roles", None).await,
+            "POST /api/v1/roles" => {
+                status(
+                    &c,
+                    Method::POST,
+                    "/roles",
+                    Some(json!({ "name": format!("role-{t}"), "privileges": ["System.View"] })),
+                )
+                .await
+            }
+            "GET /api/v1/roles/{role}" => status(&c, Method::GET, "/roles/ReadOnly", None).await,
+            "GET /api/v1/permissions" => status(&c, Method::GET, "/permissions", None).await,
+            "POST /api/v1/permissions" => {
+                status(
+                    &c,
+                    Method::POST,
+                    "/permissions",
+                    Some(json!({ "principal": "target", "role": "ReadOnly", "object": format!("/f-{t}") })),
+                )
+                .await
+            }
+            "DELETE /api/v1/permissions/{id}" => {
+                let grants = self
+                    .s
+                    .admin
+                    .permissions(&covm_types::api::PermissionQuery {
+                        object: Some(format!("/p-{t}")),
+                        principal: Some("target".into()),
+                    })
+                    .await
+                    .unwrap();
+                status(&c, Method::DELETE, &format!("/permissions/{}", grants[0].id), None).await
+            }
+            "GET /api/v1/inventory" => status(&c, Method::GET, "/inventory?path=/shared", None).await,
+            "GET /api/v1/folders" => status(&c, Method::GET, "/folders", None).await,
+            "POST /api/v1/folders" => {
+                status(&c, Method::POST, "/folders", Some(json!({ "name": format!("n-{t}"), "parent": "/shared" })))
+                    .await
+            }
+            "GET /api/v1/folders/{folder}" => status(&c, Method::GET, "/folders/shared", None).await,
+            "DELETE /api/v1/folders/{folder}" => status(&c, Method::DELETE, &format!("/folders/d-{t}"), None).await,
+            "GET /api/v1/datastores" => status(&c, Method::GET, "/datastores", None).await,
+            "POST /api/v1/datastores" => {
+                status(
+                    &c,
+                    Method::POST,
+                    "/datastores",
+                    Some(json!({ "name": format!("ds-{t}"), "path": self.scratch.path() })),
+                )
+                .await
+            }
+            "GET /api/v1/datastores/{datastore}" => status(&c, Method::GET, "/datastores/local", None).await,
+            "GET /api/v1/networks" => status(&c, Method::GET, "/networks", None).await,
+            "POST /api/v1/networks" => {
+                status(&c, Method::POST, "/networks", Some(json!({ "name": format!("net-{t}"), "kind": "user" }))).await
+            }
+            "GET /api/v1/pools" => status(&c, Method::GET, "/pools", None).await,
+            "POST /api/v1/pools" => {
+                status(&c, Method::POST, "/pools", Some(json!({ "name": format!("pool-{t}") }))).await
+            }
+            "GET /api/v1/hosts" => status(&c, Method::GET, "/hosts", None).await,
+            "GET /api/v1/events" => status(&c, Method::GET, "/events", None).await,
+            "GET /api/v1/audit" => status(&c, Method::GET, "/audit", None).await,
+            "GET /api/v1/audit/verify" => status(&c, Method::GET, "/audit/verify", None).await,
+            "GET /healthz" => status(&anon, Method::GET, "/healthz", None).await,
+            "GET /readyz" => status(&anon, Method::GET, "/readyz", None).await,
+            "GET /metrics" => status(&anon, Method::GET, "/metrics", None).await,
+            "GET /api/v1/openapi.json" => status(&anon, Method::GET, "/api/v1/openapi.json", None).await,
+            other => panic!("no probe for {other}; add one to authz_matrix.rs"),
+        }
+    }
+}
+
+/// Every operation of the OpenAPI document and the service routes.
+fn documented_endpoints() -> BTreeSet<String> {
+    let doc = serde_json::to_value(covm_server::http::openapi()).unwrap();
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                out.insert(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+    }
+    for r in covm_server::http::SERVICE_ROUTES {
+        out.insert(format!("GET {r}"));
+    }
+    out
+}
+
+#[test]
+fn every_endpoint_has_a_row() {
+    let known: BTreeSet<String> = ENDPOINTS.iter().map(|s| s.to_string()).collect();
+    let documented = documented_endpoints();
+    let missing: Vec<_> = documented.difference(&known).collect();
+    let stale: Vec<_> = known.difference(&documented).collect();
+    assert!(missing.is_empty(), "endpoints without a row in the authorization matrix: {missing:?}");
+    assert!(stale.is_empty(), "rows for endpoints that do not exist: {stale:?}");
+    let golden =
+        std::fs::read_to_string(repo_file("crates/covm-server/tests/golden/authz_matrix.txt")).unwrap_or_default();
+    for e in &documented {
+        assert!(golden.lines().any(|l| l.starts_with(&format!("{e:<48}"))), "{e} has no row in the golden file");
+    }
+}
+
+#[tokio::test]
+async fn the_authorization_matrix_matches_the_golden_file() {
+    let env = Env::setup().await;
+    let mut lines = vec![format!(
+        "{:<48}{}",
+        "# endpoint",
+        BuiltinRole::ALL.iter().map(|r| format!("{:<10}", r.name())).collect::<String>().trim_end()
+    )];
+    let mut endpoints: Vec<&str> = ENDPOINTS.to_vec();
+    endpoints.sort_by_key(|e| {
+        let (m, p) = e.split_once(' ').unwrap();
+        (p, m)
+    });
+    for e in endpoints {
+        let mut row = format!("{e:<48}");
+        for role in BuiltinRole::ALL {
+            row.push_str(&format!("{:<10}", env.probe(role, e).await));
+        }
+        lines.push(row.trim_end().to_owned());
+    }
+    let actual = lines.join("\n") + "\n";
+    let file = repo_file("crates/covm-server/tests/golden/authz_matrix.txt");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&file, &actual).unwrap();
+    }
+    let golden = std::fs::read_to_string(&file).unwrap_or_default();
+    if golden != actual {
+        let diff: Vec<String> =
+            golden.lines().zip(actual.lines()).filter(|(g, a)| g != a).map(|(g, a)| format!("- {g}\n+ {a}")).collect();
+        panic!("the authorization matrix changed (UPDATE_GOLDEN=1 to accept):\n{}", diff.join("\n"));
+    }
+}

@@ -1,0 +1,75 @@
+//! A real covm server on a loopback port over a SQLite file in a temporary directory, and clients
+//! signed in to it.
+
+use covm_client::Client;
+use covm_server::{Running, ServeConfig};
+use tempfile::TempDir;
+
+pub const PASSWORD: &str = "test-password-1";
+
+pub struct TestServer {
+    pub dir: TempDir,
+    running: Option<Running>,
+    pub url: String,
+    pub admin: Client,
+    pub admin_password: String,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = Self::boot(&dir, 0).await;
+        let url = format!("http://{}", running.addr);
+        let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))
+            .expect("the first start writes the admin password")
+            .trim()
+            .to_owned();
+        let (admin, _) = Client::new(&url).login("admin", &admin_password).await.expect("admin signs in");
+        TestServer { dir, running: Some(running), url, admin, admin_password }
+    }
+
+    async fn boot(dir: &TempDir, port: u16) -> Running {
+        covm_server::start(ServeConfig {
+            data_dir: dir.path().to_owned(),
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            demo: false,
+        })
+        .await
+        .expect("covm starts")
+    }
+
+    /// Stops the server and starts it again on the same port and data directory.
+    pub async fn restart(&mut self) {
+        let running = self.running.take().expect("running");
+        let port = running.addr.port();
+        running.stop().await.expect("covm stops");
+        self.running = Some(Self::boot(&self.dir, port).await);
+    }
+
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("covm.db")
+    }
+
+    pub fn anonymous(&self) -> Client {
+        Client::new(&self.url)
+    }
+
+    /// Creates a user (as admin) and signs it in.
+    pub async fn user(&self, name: &str) -> Client {
+        self.admin.user_create(name, PASSWORD).await.expect("user created");
+        self.login(name).await
+    }
+
+    pub async fn login(&self, name: &str) -> Client {
+        self.anonymous().login(name, PASSWORD).await.expect("user signs in").0
+    }
+
+    /// How many rows a table has, read straight from the database file.
+    pub async fn count(&self, table: &str) -> i64 {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", self.db_path().display())).await.unwrap();
+        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"));
+        let n: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n.0
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the covm server over real HTTP on loopback, on a real SQLite file.
+
+mod authz_matrix;
+mod common;
+mod feed;
+mod foundation;
+mod openapi;

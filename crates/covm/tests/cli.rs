@@ -1,0 +1,126 @@
+//! The `covm` binary end to end: `covm serve` as a child process and the CLI against it, as a person
+//! following the README would use them.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_covm");
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn serve(data: &Path) -> Server {
+    let port = free_port();
+    let log = std::fs::File::create(data.with_extension("log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--demo", "--data-dir"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("covm serve starts");
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "covm serve did not listen within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server { child, url: format!("http://127.0.0.1:{port}") }
+}
+
+/// Runs `covm ARGS` as the user whose config dir is `cfg`.
+fn covm(s: &Server, cfg: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("COVM_URL", &s.url)
+        .env("COVM_CONFIG_DIR", cfg)
+        .env_remove("COVM_TOKEN")
+        .env_remove("COVM_PASSWORD");
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "covm failed: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+#[test]
+fn the_foundation_scenario_from_the_readme() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve(&data);
+    let admin = tmp.path().join("admin");
+    let bob = tmp.path().join("bob");
+    let pwfile = data.join("initial-admin-password");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&pwfile).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    let password = std::fs::read_to_string(&pwfile).unwrap();
+    assert!(!log.contains(password.trim()), "the password is never in the log");
+    assert!(log.contains("initial-admin-password"), "the log says where the password is");
+
+    ok(covm(&s, &admin, &["login", "--password-file", pwfile.to_str().unwrap()], None));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let creds = admin.join("credentials.json");
+        assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    ok(covm(&s, &admin, &["user", "create", "bob"], Some("bob-password-1\n")));
+    let demo = ok(covm(&s, &admin, &["ls"], None));
+    assert!(demo.contains("/team-a") && demo.contains("/team-b"), "the demo inventory: {demo}");
+    ok(covm(&s, &admin, &["permission", "grant", "bob", "ReadOnly", "/team-a"], None));
+
+    ok(covm(&s, &bob, &["login", "-u", "bob"], Some("bob-password-1\n")));
+    let ls = ok(covm(&s, &bob, &["ls"], None));
+    assert!(ls.contains("/team-a") && !ls.contains("/team-b"), "{ls}");
+    let denied = covm(&s, &bob, &["folder", "create", "/team-a/x"], None);
+    assert_eq!(denied.status.code(), Some(4), "a denial exits 4");
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains("Folder.Create") && err.contains("403"), "{err}");
+
+    let audit = ok(covm(&s, &admin, &["audit", "--actor", "bob"], None));
+    assert!(audit.contains("authz.denied") && audit.contains("Folder.Create"), "{audit}");
+    let json: Vec<serde_json::Value> = ok(covm(&s, &admin, &["--json", "audit", "--kind", "authz.denied"], None))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(json.len(), 1);
+    assert_eq!(json[0]["data"]["privilege"], "Folder.Create");
+    let verify = ok(covm(&s, &admin, &["audit", "verify"], None));
+    assert!(verify.starts_with("ok:"), "{verify}");
+    // bob may not verify: exit 4 again.
+    assert_eq!(covm(&s, &bob, &["audit", "verify"], None).status.code(), Some(4));
+
+    // Not found exits 3; signing out forgets the token.
+    assert_eq!(covm(&s, &admin, &["folder", "rm", "/nope"], None).status.code(), Some(3));
+    ok(covm(&s, &bob, &["logout"], None));
+    assert!(!bob.join("credentials.json").exists());
+    assert_eq!(covm(&s, &bob, &["ls"], None).status.code(), Some(1));
+    let events = ok(covm(&s, &admin, &["events"], None));
+    assert!(events.contains("permission.granted") && events.contains("bob ReadOnly on /team-a"), "{events}");
+}
