@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use covm_types::api::*;
+use covm_types::vm::*;
 use covm_types::{ErrorBody, Privilege};
 use futures::StreamExt;
 use reqwest::{Method, RequestBuilder, StatusCode};
@@ -58,6 +59,47 @@ fn transport(e: reqwest::Error) -> ClientError {
         src = s.source();
     }
     ClientError::Transport(msg)
+}
+
+/// Conditions and notes of a VM change.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeOptions {
+    /// `If-Match`: the version the change is based on.
+    pub if_match: Option<i64>,
+    /// `Covm-Lease`: my lease's fencing token.
+    pub lease: Option<i64>,
+    pub message: Option<String>,
+    pub dry_run: bool,
+}
+
+/// The JSON Merge Patch (RFC 7386) that turns `from` into `to`: removed keys become null, changed
+/// values are replaced (arrays whole), objects recurse.
+pub fn merge_diff(from: &serde_json::Value, to: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (from, to) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut out = serde_json::Map::new();
+            for (k, av) in a {
+                match b.get(k) {
+                    None => {
+                        out.insert(k.clone(), Value::Null);
+                    }
+                    Some(bv) if bv != av => {
+                        let d = if av.is_object() && bv.is_object() { merge_diff(av, bv) } else { bv.clone() };
+                        out.insert(k.clone(), d);
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (k, bv) in b {
+                if !a.contains_key(k) {
+                    out.insert(k.clone(), bv.clone());
+                }
+            }
+            Value::Object(out)
+        }
+        _ => to.clone(),
+    }
 }
 
 /// A connection to one covm server.
@@ -247,6 +289,98 @@ impl Client {
 
     pub async fn folders(&self) -> Result<Page<FolderView>> {
         self.get("/folders").await
+    }
+
+    // --- VMs ----------------------------------------------------------------------------------
+
+    pub async fn vm_create(&self, config: &serde_json::Value) -> Result<VmView> {
+        self.post("/vms", config).await
+    }
+
+    pub async fn vms(&self, q: &VmListQuery) -> Result<Page<VmView>> {
+        self.send(self.request(Method::GET, "/vms").query(q)).await
+    }
+
+    pub async fn vm(&self, vm: &str) -> Result<VmView> {
+        self.get(&format!("/vms/{vm}")).await
+    }
+
+    /// A JSON Merge Patch; `if_match` and `lease` become `If-Match` and `Covm-Lease`.
+    pub async fn vm_change(&self, vm: &str, patch: &serde_json::Value, opts: &ChangeOptions) -> Result<VmView> {
+        self.send(self.change_request(vm, patch, opts)).await
+    }
+
+    /// The plan of a change, changing nothing.
+    pub async fn vm_change_plan(
+        &self,
+        vm: &str,
+        patch: &serde_json::Value,
+        opts: &ChangeOptions,
+    ) -> Result<serde_json::Value> {
+        let opts = ChangeOptions { dry_run: true, ..opts.clone() };
+        self.send(self.change_request(vm, patch, &opts)).await
+    }
+
+    fn change_request(&self, vm: &str, patch: &serde_json::Value, opts: &ChangeOptions) -> RequestBuilder {
+        let mut rb = self
+            .request(Method::PATCH, &format!("/vms/{vm}"))
+            .header(reqwest::header::CONTENT_TYPE, "application/merge-patch+json")
+            .body(patch.to_string());
+        if let Some(v) = opts.if_match {
+            rb = rb.header(reqwest::header::IF_MATCH, format!("\"{v}\""));
+        }
+        if let Some(t) = opts.lease {
+            rb = rb.header("Covm-Lease", t.to_string());
+        }
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(m) = &opts.message {
+            q.push(("message", m.clone()));
+        }
+        if opts.dry_run {
+            q.push(("dry_run", "true".into()));
+        }
+        rb.query(&q)
+    }
+
+    pub async fn vm_delete(&self, vm: &str) -> Result<()> {
+        self.delete(&format!("/vms/{vm}")).await
+    }
+
+    pub async fn vm_versions(&self, vm: &str, q: &VersionQuery) -> Result<Page<VersionView>> {
+        self.send(self.request(Method::GET, &format!("/vms/{vm}/versions")).query(q)).await
+    }
+
+    pub async fn vm_version(&self, vm: &str, n: i64) -> Result<VersionView> {
+        self.get(&format!("/vms/{vm}/versions/{n}")).await
+    }
+
+    pub async fn vm_diff(&self, vm: &str, from: i64, to: i64) -> Result<DiffView> {
+        self.send(self.request(Method::GET, &format!("/vms/{vm}/diff")).query(&DiffQuery { from, to })).await
+    }
+
+    pub async fn vm_revert(&self, vm: &str, version: i64, message: Option<&str>) -> Result<VmView> {
+        self.post(&format!("/vms/{vm}/revert"), &RevertRequest { version, message: message.map(str::to_owned) }).await
+    }
+
+    pub async fn lease(&self, vm: &str) -> Result<Option<LeaseView>> {
+        self.get(&format!("/vms/{vm}/lease")).await
+    }
+
+    pub async fn lease_acquire(&self, vm: &str, ttl_s: u32) -> Result<LeaseView> {
+        self.post(&format!("/vms/{vm}/lease"), &LeaseRequest { ttl_s }).await
+    }
+
+    pub async fn lease_renew(&self, vm: &str, ttl_s: u32, token: Option<i64>) -> Result<LeaseView> {
+        let mut rb = self.request(Method::PUT, &format!("/vms/{vm}/lease")).json(&LeaseRequest { ttl_s });
+        if let Some(t) = token {
+            rb = rb.header("Covm-Lease", t.to_string());
+        }
+        self.send(rb).await
+    }
+
+    pub async fn lease_release(&self, vm: &str, force: bool) -> Result<()> {
+        let rb = self.request(Method::DELETE, &format!("/vms/{vm}/lease")).query(&LeaseReleaseQuery { force });
+        self.send::<serde_json::Value>(rb).await.map(|_| ())
     }
 
     // --- events and audit ---------------------------------------------------------------------

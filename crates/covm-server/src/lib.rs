@@ -32,7 +32,7 @@ pub struct Running {
     pub initial_password_file: Option<PathBuf>,
     shutdown: oneshot::Sender<()>,
     join: tokio::task::JoinHandle<std::io::Result<()>>,
-    tailer: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -40,7 +40,9 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.app.hub().close();
-        self.tailer.abort();
+        for t in &self.background {
+            t.abort();
+        }
         match tokio::time::timeout(std::time::Duration::from_secs(10), self.join).await {
             Ok(r) => r.context("the server task failed")?.context("the server failed"),
             Err(_) => {
@@ -82,6 +84,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     }
     app.inventory_bootstrap(&data_dir, config.demo).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let tailer = app.hub().start().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let sweeper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = app.leases_expire().await {
+                    tracing::warn!(error = %e, "could not report expired leases");
+                }
+            }
+        })
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -97,7 +111,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             })
             .await
     });
-    Ok(Running { addr, app, initial_password_file, shutdown, join, tailer })
+    Ok(Running { addr, app, initial_password_file, shutdown, join, background: vec![tailer, sweeper] })
 }
 
 /// Runs until SIGINT or SIGTERM.

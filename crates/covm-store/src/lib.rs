@@ -11,7 +11,9 @@
 //! - Errors are [`covm_types::Error`]: a unique name taken is a conflict, a missing row is `not found`, a
 //!   database fault is logged here once and surfaces as `internal`.
 
+#[macro_use]
 pub mod sqlite;
+mod sqlite_vms;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -212,6 +214,91 @@ pub fn now() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
+/// An edit lease on a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRecord {
+    pub holder_id: Uuid,
+    pub holder: String,
+    /// The fencing token (monotonic per VM).
+    pub token: i64,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A VM: its inventory object, newest config, runtime state and lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub object: ObjectRecord,
+    pub version: i64,
+    pub config: serde_json::Value,
+    pub power_state: String,
+    pub runtime: serde_json::Value,
+    pub generation: i64,
+    /// The lease as stored; it may have expired (the caller decides with the time it is given).
+    pub lease: Option<LeaseRecord>,
+    /// The last fencing token handed out.
+    pub lease_fence: i64,
+}
+
+/// One version of a VM's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRecord {
+    pub version: i64,
+    pub config: serde_json::Value,
+    pub author: String,
+    pub time: DateTime<Utc>,
+    pub message: Option<String>,
+    pub request_id: Option<String>,
+    /// RFC 6902 from the version before (from `{}` for version 1).
+    pub patch: serde_json::Value,
+    pub event_seq: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VmFilter {
+    /// Only VMs below this folder.
+    pub folder: Option<Uuid>,
+    pub name_prefix: Option<String>,
+    pub power_state: Option<String>,
+    /// The cursor: a name.
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+/// A new config version to write.
+#[derive(Debug, Clone)]
+pub struct ConfigWrite {
+    pub config: serde_json::Value,
+    /// The VM's name and folder as the config says (a rename or a move when they differ).
+    pub name: String,
+    pub parent_id: Uuid,
+    pub author: String,
+    pub message: Option<String>,
+    pub request_id: Option<String>,
+    pub patch: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub enum LeaseWrite {
+    /// A lease (new, renewed, or taken over); a new token also becomes the VM's fence.
+    Set(LeaseRecord),
+    Clear,
+}
+
+/// What one write to a VM does, decided inside the transaction by a [`VmWriteFn`].
+#[derive(Debug, Clone, Default)]
+pub struct VmWrite {
+    pub config: Option<ConfigWrite>,
+    pub lease: Option<LeaseWrite>,
+    pub delete: bool,
+    /// Appended in order; a config write links its version to the first.
+    pub events: Vec<NewEvent>,
+}
+
+/// Decides a VM write from the VM as it is inside the transaction and the store's clock. It must not
+/// do I/O: everything that needs the database is checked before. An error aborts the write.
+pub type VmWriteFn = Box<dyn FnOnce(&VmRecord, DateTime<Utc>) -> Result<VmWrite> + Send>;
+
 /// Everything the app layer asks of storage.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -303,6 +390,26 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_query(&self, filter: AuditFilter) -> Result<Vec<EventRecord>>;
     /// Recomputes the whole chain.
     async fn audit_verify(&self) -> Result<AuditVerify>;
+
+    // --- VMs ------------------------------------------------------------------------------------
+    /// Creates the VM's object and version 1 of its config.
+    async fn vm_create(
+        &self,
+        object: NewObject,
+        config: ConfigWrite,
+        event: NewEvent,
+    ) -> Result<(VmRecord, EventRecord)>;
+    async fn vm_get(&self, id: Uuid) -> Result<Option<VmRecord>>;
+    /// VMs by name after the cursor; with a viewer, only those it may view.
+    async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>>;
+    /// One atomic write: reads the VM, lets `f` decide, applies what it says with its log entries.
+    /// Returns the VM after the write (None when deleted) and the entries appended.
+    async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<(Option<VmRecord>, Vec<EventRecord>)>;
+    /// Versions newest first, older than `before`.
+    async fn vm_versions(&self, id: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<VersionRecord>>;
+    async fn vm_version(&self, id: Uuid, version: i64) -> Result<Option<VersionRecord>>;
+    /// VMs whose lease has expired by `now` (for the sweeper that reports expiries).
+    async fn vm_leases_expired(&self, now: DateTime<Utc>) -> Result<Vec<Uuid>>;
 
     // --- meta -----------------------------------------------------------------------------------
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;

@@ -52,8 +52,8 @@ macro_rules! visibility_cte {
 }
 
 pub struct SqliteStore {
-    writer: SqlitePool,
-    reader: SqlitePool,
+    pub(crate) writer: SqlitePool,
+    pub(crate) reader: SqlitePool,
 }
 
 impl SqliteStore {
@@ -109,14 +109,14 @@ impl SqliteStore {
         tx.commit().await.map_err(db_err("commit"))
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err("begin a transaction"))
     }
 }
 
 /// Maps a database error: a unique constraint is a conflict on `what`; anything else is logged once
 /// here and becomes an internal error.
-fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
+pub(crate) fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
     move |e| {
         if let sqlx::Error::Database(d) = &e {
             if d.is_unique_violation() {
@@ -131,25 +131,25 @@ fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
     }
 }
 
-fn uuid(s: &str) -> Result<Uuid> {
+pub(crate) fn uuid(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s).map_err(|_| Error::internal(format!("bad id {s} in the database")))
 }
 
-fn uuid_opt(s: Option<String>) -> Result<Option<Uuid>> {
+pub(crate) fn uuid_opt(s: Option<String>) -> Result<Option<Uuid>> {
     s.as_deref().map(uuid).transpose()
 }
 
-fn time(s: &str) -> Result<DateTime<Utc>> {
+pub(crate) fn time(s: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| Error::internal(format!("bad time {s} in the database")))
 }
 
-fn json(s: &str) -> Result<serde_json::Value> {
+pub(crate) fn json(s: &str) -> Result<serde_json::Value> {
     serde_json::from_str(s).map_err(|_| Error::internal("bad JSON in the database"))
 }
 
-fn object_row(r: &SqliteRow) -> Result<ObjectRecord> {
+pub(crate) fn object_row(r: &SqliteRow) -> Result<ObjectRecord> {
     let kind: String = r.get("kind");
     Ok(ObjectRecord {
         id: uuid(r.get("id"))?,
@@ -206,7 +206,7 @@ fn event_row(r: &SqliteRow) -> Result<EventRecord> {
 }
 
 /// Appends one entry to the log inside the caller's write transaction.
-async fn append(tx: &mut Transaction<'static, Sqlite>, e: NewEvent) -> Result<EventRecord> {
+pub(crate) async fn append(tx: &mut Transaction<'static, Sqlite>, e: NewEvent) -> Result<EventRecord> {
     let prev = sqlx::query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
         .await
@@ -272,7 +272,7 @@ async fn insert_user(tx: &mut Transaction<'static, Sqlite>, user: &UserRecord) -
 }
 
 /// Appends the change's log entry and commits.
-async fn finish(mut tx: Transaction<'static, Sqlite>, event: NewEvent) -> Result<EventRecord> {
+pub(crate) async fn finish(mut tx: Transaction<'static, Sqlite>, event: NewEvent) -> Result<EventRecord> {
     let ev = append(&mut tx, event).await?;
     tx.commit().await.map_err(db_err("commit"))?;
     Ok(ev)
@@ -1072,6 +1072,39 @@ impl Store for SqliteStore {
                 entries += 1;
             }
         }
+    }
+
+    async fn vm_create(
+        &self,
+        object: NewObject,
+        config: ConfigWrite,
+        event: NewEvent,
+    ) -> Result<(VmRecord, EventRecord)> {
+        self.vm_create_impl(object, config, event).await
+    }
+
+    async fn vm_get(&self, id: Uuid) -> Result<Option<VmRecord>> {
+        self.vm_get_impl(&self.reader, id).await
+    }
+
+    async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>> {
+        self.vms_list_impl(viewer, filter).await
+    }
+
+    async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<(Option<VmRecord>, Vec<EventRecord>)> {
+        self.vm_write_impl(id, f).await
+    }
+
+    async fn vm_versions(&self, id: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<VersionRecord>> {
+        self.vm_versions_impl(id, before, limit).await
+    }
+
+    async fn vm_version(&self, id: Uuid, version: i64) -> Result<Option<VersionRecord>> {
+        self.vm_version_impl(id, version).await
+    }
+
+    async fn vm_leases_expired(&self, now: DateTime<Utc>) -> Result<Vec<Uuid>> {
+        self.vm_leases_expired_impl(now).await
     }
 
     async fn meta_get(&self, key: &str) -> Result<Option<String>> {

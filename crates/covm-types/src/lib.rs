@@ -8,6 +8,7 @@ pub mod api;
 pub mod error;
 pub mod name;
 pub mod privilege;
+pub mod vm;
 
 pub use error::{Error, ErrorBody, ErrorKind};
 pub use name::Name;

@@ -6,6 +6,7 @@
 
 mod creds;
 mod output;
+mod vm;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -70,6 +71,9 @@ enum Command {
     /// Permissions: grants of a role to a user or group on an object.
     #[command(subcommand)]
     Permission(PermissionCmd),
+    /// VMs: create, change, edit, history, diff, revert, leases.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
     /// Hosts, datastores, networks and pools.
     #[command(subcommand)]
     Inventory(InventoryCmd),
@@ -388,6 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Vm(cmd) => vm::run(&client(&cli.url)?, &out, cmd).await,
         Command::Inventory(cmd) => {
             let c = client(&cli.url)?;
             let path = match cmd {

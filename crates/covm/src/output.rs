@@ -4,6 +4,7 @@ use comfy_table::{Table, presets::NOTHING};
 use covm_types::api::{
     AuditVerify, EventView, FolderView, GroupView, ObjectRef, PermissionView, RoleView, UserView, Whoami,
 };
+use covm_types::vm::{LeaseView, VersionView, VmView};
 use serde::Serialize;
 
 pub struct Out {
@@ -175,6 +176,72 @@ impl Out {
         Ok(())
     }
 
+    pub fn vms(&self, items: &[VmView]) -> anyhow::Result<()> {
+        if self.json {
+            return self.print_json(items);
+        }
+        let mut t = table(&["NAME", "PATH", "POWER", "CPUS", "MEMORY", "VERSION", "LEASE"]);
+        for v in items {
+            t.add_row(vec![
+                v.name.clone(),
+                v.path.clone(),
+                v.runtime.power_state.as_str().to_owned(),
+                v.config.cpus.to_string(),
+                format!("{} MiB", v.config.memory_mib),
+                v.version.to_string(),
+                v.lease.as_ref().map_or_else(|| "-".into(), |l| l.holder.clone()),
+            ]);
+        }
+        println!("{t}");
+        Ok(())
+    }
+
+    pub fn versions(&self, items: &[VersionView]) -> anyhow::Result<()> {
+        if self.json {
+            return self.print_json(items);
+        }
+        let mut t = table(&["VERSION", "TIME", "AUTHOR", "MESSAGE", "CHANGED"]);
+        for v in items {
+            let changed: Vec<String> = v
+                .patch
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|op| op["path"].as_str())
+                .map(|p| p.trim_start_matches('/').replace('/', "."))
+                .collect();
+            let mut changed = changed.join(", ");
+            if changed.len() > 60 {
+                changed = format!("{}…", changed.chars().take(59).collect::<String>());
+            }
+            t.add_row(vec![
+                v.version.to_string(),
+                v.time.format("%F %T").to_string(),
+                v.author.clone(),
+                v.message.clone().unwrap_or_default(),
+                changed,
+            ]);
+        }
+        println!("{t}");
+        Ok(())
+    }
+
+    pub fn lease(&self, vm: &str, l: Option<&LeaseView>) -> anyhow::Result<()> {
+        if self.json {
+            return self.print_json(&l);
+        }
+        match l {
+            Some(l) => println!(
+                "{vm}: leased by {} until {}{}",
+                l.holder,
+                l.expires_at.format("%F %T UTC"),
+                l.token.map(|t| format!(" (token {t})")).unwrap_or_default()
+            ),
+            None => println!("{vm}: no lease"),
+        }
+        Ok(())
+    }
+
     pub fn verify(&self, v: &AuditVerify) -> anyhow::Result<()> {
         if self.json {
             return self.print_json(v);
@@ -205,6 +272,19 @@ pub fn event_summary(e: &EventView) -> String {
             format!("from {}: {}", s("address"), s("reason"))
         }
         "group.member_added" | "group.member_removed" => format!("user {}", s("user")),
+        "vm.config.changed" => {
+            let summary: Vec<&str> = d["summary"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
+            let versions = match (e.version_before, e.version_after) {
+                (Some(a), Some(b)) => format!("v{a}→v{b} "),
+                _ => String::new(),
+            };
+            let msg = d["message"].as_str().map(|m| format!(" ({m})")).unwrap_or_default();
+            format!("{versions}{}{msg}", summary.join("; "))
+        }
+        k if k.starts_with("vm.lease.") => {
+            let by = d["broken_by"].as_str().map(|b| format!(", broken by {b}")).unwrap_or_default();
+            format!("holder {} until {}{by}", s("holder"), s("expires_at"))
+        }
         _ if d.as_object().is_some_and(|o| o.is_empty()) => String::new(),
         _ => {
             let mut t = d.to_string();

@@ -50,8 +50,10 @@ pub fn event_view(e: &EventRecord) -> EventView {
 }
 
 /// Whether an event can change who may view what.
-fn changes_visibility(kind: &str) -> bool {
-    kind.ends_with(".created")
+fn changes_visibility(e: &EventRecord) -> bool {
+    let kind = e.kind.as_str();
+    e.data["moved"] == serde_json::Value::Bool(true)
+        || kind.ends_with(".created")
         || kind.ends_with(".deleted")
         || kind.starts_with("permission.")
         || kind.starts_with("group.")
@@ -204,7 +206,7 @@ impl Subscription {
                 let batch = self.hub.read_after(self.cursor, 500).await?;
                 if let Some(last) = batch.last() {
                     self.cursor = last.seq;
-                    if self.visible.is_none() || batch.iter().any(|e| changes_visibility(&e.kind)) {
+                    if self.visible.is_none() || batch.iter().any(|e| changes_visibility(e)) {
                         let ids = self.hub.inner.store.objects_visible(self.user).await?;
                         self.visible = Some(ids.into_iter().collect());
                     }
@@ -293,10 +295,29 @@ mod tests {
 
     #[test]
     fn visibility_changing_kinds() {
-        assert!(changes_visibility("folder.created"));
-        assert!(changes_visibility("permission.revoked"));
-        assert!(changes_visibility("group.member_added"));
-        assert!(!changes_visibility("vm.config.changed"));
-        assert!(!changes_visibility("user.password_changed"));
+        let ev = |kind: &str, data: serde_json::Value| EventRecord {
+            seq: 1,
+            time: chrono::Utc::now(),
+            actor: "a".into(),
+            request_id: None,
+            kind: kind.into(),
+            object_kind: "x".into(),
+            object_id: None,
+            object_name: None,
+            scope_id: None,
+            feed: true,
+            version_before: None,
+            version_after: None,
+            patch: None,
+            data,
+            hash: String::new(),
+        };
+        let none = serde_json::json!({});
+        assert!(changes_visibility(&ev("folder.created", none.clone())));
+        assert!(changes_visibility(&ev("permission.revoked", none.clone())));
+        assert!(changes_visibility(&ev("group.member_added", none.clone())));
+        assert!(!changes_visibility(&ev("vm.config.changed", none.clone())));
+        assert!(changes_visibility(&ev("vm.config.changed", serde_json::json!({ "moved": true }))));
+        assert!(!changes_visibility(&ev("user.password_changed", none)));
     }
 }

@@ -14,7 +14,9 @@ pub mod authz;
 pub mod events;
 pub mod host;
 pub mod inventory;
+pub mod leases;
 pub mod principals;
+pub mod vms;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod inventory;
 pub mod principals;
 pub mod session;
+pub mod vms;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -43,6 +44,7 @@ use error::{ApiError, ErrorCode};
         (name = "session", description = "Sign-in, sessions and API tokens"),
         (name = "principals", description = "Users, groups, roles and permissions"),
         (name = "inventory", description = "Folders, datastores, networks, pools and hosts"),
+        (name = "vms", description = "VMs as versioned documents, their history and edit leases"),
         (name = "events", description = "The change feed and the audit log"),
     )
 )]
@@ -85,6 +87,13 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(inventory::network_list, inventory::network_create))
         .routes(routes!(inventory::pool_list, inventory::pool_create))
         .routes(routes!(inventory::host_list))
+        .routes(routes!(vms::vm_list, vms::vm_create))
+        .routes(routes!(vms::vm_get, vms::vm_change, vms::vm_delete))
+        .routes(routes!(vms::vm_version_list))
+        .routes(routes!(vms::vm_version_get))
+        .routes(routes!(vms::vm_diff))
+        .routes(routes!(vms::vm_revert))
+        .routes(routes!(vms::lease_get, vms::lease_acquire, vms::lease_renew, vms::lease_release))
         .routes(routes!(events::event_list))
         .routes(routes!(events::audit_list))
         .routes(routes!(events::audit_verify))

@@ -1,0 +1,593 @@
+//! VMs as versioned documents: create, change (JSON Merge Patch), history, diff, revert, delete.
+//!
+//! A change is decided inside one store transaction (`Store::vm_write`): the patch is merged into the
+//! newest version as it is *in* the transaction, so two concurrent changes without `If-Match` both land,
+//! one after the other, and neither is lost. With `If-Match` a change whose base is not the newest
+//! version is refused (412) with what changed since, so the client can rebase without asking again.
+//!
+//! Checks that need the database (does the network exist? may the caller assign this pool?) run before
+//! the transaction, on the document merged with the newest version read then; inside the
+//! transaction the same references are compared again, and a change whose references moved under it
+//! is retried from the start.
+
+use std::collections::BTreeSet;
+
+use covm_store::{ConfigWrite, NewObject, VersionRecord, VmFilter, VmRecord, VmWrite};
+use covm_types::api::{ObjectKind, Page};
+use covm_types::vm::{
+    DiffView, LeaseView, PowerState, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmConfig, VmListQuery,
+    VmRuntime, VmView, datastore_path,
+};
+use covm_types::{Error, ErrorKind, Privilege, ROOT_ID};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::leases::{LeaseCheck, lease_check};
+use super::{App, Ctx, EventExt};
+
+const RETRIES: usize = 20;
+
+/// What a change request carries besides its body.
+#[derive(Debug, Clone, Default)]
+pub struct Preconditions {
+    /// `If-Match`: the version the client based its change on.
+    pub if_match: Option<i64>,
+    /// `Covm-Lease`: the fencing token of the caller's lease.
+    pub lease_token: Option<i64>,
+}
+
+/// What a change did, or (dry run) would do.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ChangePlan {
+    pub from_version: i64,
+    /// RFC 6902 from the newest version.
+    pub patch: Value,
+    pub summary: Vec<String>,
+    /// The top-level fields that change.
+    pub fields: Vec<String>,
+}
+
+/// One line per changed leaf: `memory_mib: 2048 → 4096`.
+pub fn diff_summary(from: &Value, to: &Value) -> Vec<String> {
+    fn show(v: Option<&Value>) -> String {
+        match v {
+            None | Some(Value::Null) => "(none)".into(),
+            Some(v) => v.to_string(),
+        }
+    }
+    fn walk(path: &str, a: Option<&Value>, b: Option<&Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(Value::Object(x)), Some(Value::Object(y))) => {
+                let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&p, x.get(k), y.get(k), out);
+                }
+            }
+            (a, b) if a != b => out.push(format!("{path}: {} → {}", show(a), show(b))),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", Some(from), Some(to), &mut out);
+    out
+}
+
+fn patch_of(from: &Value, to: &Value) -> Value {
+    serde_json::to_value(json_patch::diff(from, to)).unwrap_or(Value::Array(vec![]))
+}
+
+fn changed_fields(from: &Value, to: &Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (from.as_object(), to.as_object()) else { return vec![] };
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).cloned().collect()
+}
+
+/// Everything a document refers to in the inventory; compared inside the transaction.
+fn references(c: &VmConfig) -> Vec<String> {
+    let mut r = vec![format!("folder:{}", c.folder), format!("pool:{}", c.pool)];
+    r.extend(c.nics.iter().map(|n| format!("network:{}", n.network)));
+    r.extend(c.disks.iter().map(|d| format!("disk:{}", d.disk)));
+    r.extend(c.cdrom.iter().chain(&c.kernel).chain(&c.initrd).map(|p| format!("file:{p}")));
+    r.sort();
+    r
+}
+
+fn parse_config(doc: &Value) -> Result<VmConfig, Error> {
+    let v = serde_json::to_vec(doc).map_err(|_| Error::internal("could not render a config"))?;
+    crate::http::extract::json_parse(&v)
+}
+
+/// A MAC in QEMU's locally administered range.
+fn mac_new() -> String {
+    let b: [u8; 3] = rand::random();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+fn version_view(v: &VersionRecord, with_config: bool) -> VersionView {
+    VersionView {
+        version: v.version,
+        author: v.author.clone(),
+        time: v.time,
+        message: v.message.clone(),
+        request_id: v.request_id.clone(),
+        patch: v.patch.clone(),
+        event_seq: v.event_seq,
+        config: if with_config { serde_json::from_value(v.config.clone()).ok() } else { None },
+    }
+}
+
+impl App {
+    pub(crate) fn vm_view(&self, ctx: Option<&Ctx>, r: &VmRecord) -> Result<VmView, Error> {
+        let config: VmConfig = serde_json::from_value(r.config.clone())
+            .map_err(|e| Error::internal(format!("the stored config of {} does not read: {e}", r.object.name)))?;
+        let mut runtime: VmRuntime = serde_json::from_value(r.runtime.clone()).unwrap_or_default();
+        runtime.generation = r.generation;
+        let now = chrono::Utc::now();
+        let lease = r.lease.as_ref().filter(|l| l.expires_at > now).map(|l| LeaseView {
+            holder: l.holder.clone(),
+            acquired_at: l.acquired_at,
+            expires_at: l.expires_at,
+            token: ctx.filter(|c| c.user_id == l.holder_id).map(|_| l.token),
+        });
+        Ok(VmView {
+            id: r.object.id,
+            name: r.object.name.clone(),
+            path: r.object.path.clone(),
+            version: r.version,
+            config,
+            runtime,
+            lease,
+        })
+    }
+
+    /// A VM the caller may view.
+    pub(crate) async fn vm_resolve(&self, ctx: &Ctx, vm: &str) -> Result<VmRecord, Error> {
+        let obj = self.object_resolve(ctx, vm, Some(ObjectKind::Vm), "vm").await?;
+        self.store().vm_get(obj.id).await?.ok_or_else(|| Error::not_found("vm", vm))
+    }
+
+    /// Checks every reference of a document against the inventory and the caller's privileges to use
+    /// them; returns the folder's id.
+    async fn vm_references_check(&self, ctx: &Ctx, c: &VmConfig, old: Option<&VmConfig>) -> Result<Uuid, Error> {
+        let folder = self.object_resolve(ctx, &c.folder, Some(ObjectKind::Folder), "folder").await?;
+        if old.is_none_or(|o| o.folder != c.folder) {
+            self.require(ctx, &folder, Privilege::VmInventoryCreate).await?;
+        }
+        let pool = self
+            .object_lookup(&c.pool, Some(ObjectKind::Pool))
+            .await?
+            .ok_or_else(|| Error::invalid("pool", format!("there is no pool {}", c.pool)))?;
+        if old.is_none_or(|o| o.pool != c.pool) {
+            self.require(ctx, &pool, Privilege::ResourceAssignVmToPool).await?;
+        }
+        for (i, n) in c.nics.iter().enumerate() {
+            if self.object_lookup(&n.network, Some(ObjectKind::Network)).await?.is_none() {
+                return Err(Error::invalid(
+                    &format!("nics[{i}].network"),
+                    format!("there is no network {}", n.network),
+                ));
+            }
+        }
+        for (i, d) in c.disks.iter().enumerate() {
+            if self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?.is_none() {
+                return Err(Error::new(
+                    ErrorKind::InvalidRequest,
+                    "unknown_disk",
+                    format!("there is no disk {}", d.disk),
+                )
+                .with_field(format!("disks[{i}].disk")));
+            }
+        }
+        for (field, v) in [("cdrom", &c.cdrom), ("kernel", &c.kernel), ("initrd", &c.initrd)] {
+            if let Some(p) = v {
+                let (ds, _) = datastore_path(field, p)?;
+                if self.object_lookup(&ds, Some(ObjectKind::Datastore)).await?.is_none() {
+                    return Err(Error::invalid(field, format!("there is no datastore {ds}")));
+                }
+            }
+        }
+        Ok(folder.id)
+    }
+
+    /// The privileges a change from `old` to `new` needs on the VM (DESIGN §7, per field).
+    fn vm_change_privileges(old: &VmConfig, new: &VmConfig, fields: &[String]) -> BTreeSet<Privilege> {
+        let mut need = BTreeSet::new();
+        for f in fields {
+            match f.as_str() {
+                "cpus" => {
+                    need.insert(Privilege::VmConfigCpuCount);
+                }
+                "memory_mib" => {
+                    need.insert(Privilege::VmConfigMemory);
+                }
+                "nics" | "controllers" | "cdrom" => {
+                    need.insert(Privilege::VmConfigAddRemoveDevice);
+                }
+                "disks" => {
+                    if new.disks.iter().any(|d| !old.disks.contains(d)) {
+                        need.insert(Privilege::VmConfigAddExistingDisk);
+                    }
+                    if old.disks.iter().any(|d| !new.disks.contains(d)) {
+                        need.insert(Privilege::VmConfigRemoveDisk);
+                    }
+                }
+                // Folder and pool need their own privileges on the target (checked with references).
+                _ => {
+                    need.insert(Privilege::VmConfigEdit);
+                }
+            }
+        }
+        need
+    }
+
+    pub async fn vm_create(&self, ctx: &Ctx, mut c: VmConfig) -> Result<VmView, Error> {
+        for n in &mut c.nics {
+            if n.mac.is_none() {
+                n.mac = Some(mac_new());
+            }
+        }
+        c.check(self.host_memory_mib())?;
+        let folder = self.vm_references_check(ctx, &c, None).await?;
+        let doc = serde_json::to_value(&c).map_err(|_| Error::internal("could not render a config"))?;
+        let id = Uuid::now_v7();
+        let patch = patch_of(&json!({}), &doc);
+        let ev = ctx
+            .event("vm.created", "vm", Some(id), c.name.as_str())
+            .data(json!({ "folder": c.folder, "pool": c.pool, "cpus": c.cpus, "memory_mib": c.memory_mib }));
+        let ev = covm_store::NewEvent { version_after: Some(1), patch: Some(patch.clone()), ..ev };
+        let write = ConfigWrite {
+            config: doc,
+            name: c.name.to_string(),
+            parent_id: folder,
+            author: ctx.user.clone(),
+            message: Some("created".into()),
+            request_id: Some(ctx.req.id.clone()),
+            patch,
+        };
+        let object =
+            NewObject { id, kind: ObjectKind::Vm, name: c.name.to_string(), parent_id: folder, spec: json!({}) };
+        let (vm, _) = self.store().vm_create(object, write, ev).await?;
+        self.committed();
+        self.vm_view(Some(ctx), &vm)
+    }
+
+    pub async fn vm_get(&self, ctx: &Ctx, vm: &str) -> Result<VmView, Error> {
+        let r = self.vm_resolve(ctx, vm).await?;
+        self.vm_view(Some(ctx), &r)
+    }
+
+    pub async fn vms_list(&self, ctx: &Ctx, q: VmListQuery) -> Result<Page<VmView>, Error> {
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::invalid("limit", "limit is between 1 and 1000"));
+        }
+        let folder = match &q.folder {
+            Some(f) => Some(self.object_resolve(ctx, f, Some(ObjectKind::Folder), "folder").await?.id),
+            None => None,
+        };
+        let filter = VmFilter {
+            folder,
+            name_prefix: q.name,
+            power_state: q.power_state.map(|p| p.as_str().to_owned()),
+            after: q.after,
+            limit,
+        };
+        let items = self.store().vms_list(Some(ctx.user_id), filter).await?;
+        let next = (items.len() == limit as usize).then(|| items.last().map(|v| v.object.name.clone())).flatten();
+        let items = items.iter().map(|r| self.vm_view(Some(ctx), r)).collect::<Result<_, _>>()?;
+        Ok(Page { items, next })
+    }
+
+    /// Applies a JSON Merge Patch (RFC 7386) to the newest version. Returns the VM after the change, or
+    /// with `dry_run` the plan and no change.
+    pub async fn vm_change(
+        &self,
+        ctx: &Ctx,
+        vm: &str,
+        merge: Value,
+        pre: Preconditions,
+        q: VmChangeQuery,
+    ) -> Result<(VmView, ChangePlan), Error> {
+        if !merge.is_object() {
+            return Err(Error::new(ErrorKind::InvalidRequest, "invalid_patch", "a change is a JSON object (RFC 7386)"));
+        }
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, q.message, q.dry_run).await
+    }
+
+    /// Writes a new version whose content is version `K`'s.
+    pub async fn vm_revert(&self, ctx: &Ctx, vm: &str, r: RevertRequest, pre: Preconditions) -> Result<VmView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let old =
+            self.store().vm_version(rec.object.id, r.version).await?.ok_or_else(|| {
+                Error::invalid("version", format!("{} has no version {}", rec.object.name, r.version))
+            })?;
+        let message = r.message.unwrap_or_else(|| format!("revert to version {}", r.version));
+        let (view, _) =
+            self.vm_write_doc(ctx, rec, DocChange::Replace(old.config, r.version), pre, Some(message), false).await?;
+        Ok(view)
+    }
+
+    async fn vm_write_doc(
+        &self,
+        ctx: &Ctx,
+        mut rec: VmRecord,
+        change: DocChange,
+        pre: Preconditions,
+        message: Option<String>,
+        dry_run: bool,
+    ) -> Result<(VmView, ChangePlan), Error> {
+        if let Some(m) = &message
+            && m.len() > 1024
+        {
+            return Err(Error::invalid("message", "a message has at most 1024 bytes"));
+        }
+        let host_mem = self.host_memory_mib();
+        for _ in 0..RETRIES {
+            // Outside the transaction: the whole document, checked against the inventory and privileges.
+            // (With a stale If-Match the transaction refuses the write; these checks are then moot.)
+            let base = rec.config.clone();
+            let new_doc = change.apply(&base);
+            let new_cfg = parse_config(&new_doc)?;
+            new_cfg.check(host_mem)?;
+            let old_cfg: VmConfig = parse_config(&rec.config)?;
+            let fields = changed_fields(&rec.config, &serde_json::to_value(&new_cfg).unwrap_or_default());
+            for p in Self::vm_change_privileges(&old_cfg, &new_cfg, &fields) {
+                self.require(ctx, &rec.object, p).await?;
+            }
+            let folder = self.vm_references_check(ctx, &new_cfg, Some(&old_cfg)).await?;
+            let refs = references(&new_cfg);
+
+            if dry_run {
+                let new_doc = serde_json::to_value(&new_cfg).unwrap_or_default();
+                let plan = ChangePlan {
+                    from_version: rec.version,
+                    patch: patch_of(&rec.config, &new_doc),
+                    summary: diff_summary(&rec.config, &new_doc),
+                    fields,
+                };
+                return Ok((self.vm_view(Some(ctx), &rec)?, plan));
+            }
+
+            // Inside the transaction: merge into the newest version, check preconditions, write.
+            let (c2, pre2, msg, user, user_id, req_id) =
+                (change.clone(), pre.clone(), message.clone(), ctx.user.clone(), ctx.user_id, ctx.req.id.clone());
+            let name = rec.object.name.clone();
+            let ctx2 = ctx.clone();
+            let write = Box::new(move |vm: &VmRecord, at: chrono::DateTime<chrono::Utc>| {
+                if let Some(v) = pre2.if_match
+                    && v != vm.version
+                {
+                    return Err(Error::new(
+                        ErrorKind::PreconditionFailed,
+                        "version_mismatch",
+                        format!("{name} is at version {}, not {v}", vm.version),
+                    )
+                    .with_details(json!({ "current_version": vm.version, "your_version": v })));
+                }
+                match lease_check(vm, user_id, pre2.lease_token, at) {
+                    LeaseCheck::Ok => {}
+                    LeaseCheck::Refused(e) => return Err(e),
+                }
+                let new_doc = c2.apply(&vm.config);
+                let cfg = parse_config(&new_doc)?;
+                cfg.check(host_mem)?;
+                if references(&cfg) != refs {
+                    return Err(Error::new(ErrorKind::Conflict, "retry", "references changed; retrying"));
+                }
+                let new_doc = serde_json::to_value(&cfg).map_err(|_| Error::internal("could not render a config"))?;
+                if new_doc == vm.config {
+                    // Already so: nothing to write.
+                    return Ok(VmWrite::default());
+                }
+                let patch = patch_of(&vm.config, &new_doc);
+                let summary = diff_summary(&vm.config, &new_doc);
+                let moved = vm.config["folder"] != new_doc["folder"];
+                let mut data = json!({ "message": msg, "summary": summary, "moved": moved });
+                if let DocChange::Replace(_, k) = &c2 {
+                    data["reverted_to"] = json!(k);
+                }
+                let ev = ctx2.event("vm.config.changed", "vm", Some(vm.object.id), cfg.name.as_str()).data(data);
+                let ev = covm_store::NewEvent {
+                    version_before: Some(vm.version),
+                    version_after: Some(vm.version + 1),
+                    patch: Some(patch.clone()),
+                    ..ev
+                };
+                Ok(VmWrite {
+                    config: Some(ConfigWrite {
+                        config: new_doc,
+                        name: cfg.name.to_string(),
+                        parent_id: folder,
+                        author: user,
+                        message: msg,
+                        request_id: Some(req_id),
+                        patch,
+                    }),
+                    events: vec![ev],
+                    ..Default::default()
+                })
+            });
+            match self.store().vm_write(rec.object.id, write).await {
+                Ok((after, events)) => {
+                    if !events.is_empty() {
+                        self.committed();
+                    }
+                    let after = after.ok_or_else(|| Error::internal("the VM vanished during a change"))?;
+                    let plan = ChangePlan {
+                        from_version: after.version - i64::from(!events.is_empty()),
+                        patch: events.first().and_then(|e| e.patch.clone()).unwrap_or(json!([])),
+                        summary: events
+                            .first()
+                            .and_then(|e| serde_json::from_value(e.data["summary"].clone()).ok())
+                            .unwrap_or_default(),
+                        fields,
+                    };
+                    return Ok((self.vm_view(Some(ctx), &after)?, plan));
+                }
+                Err(e) if e.code == "retry" => {
+                    rec = self
+                        .store()
+                        .vm_get(rec.object.id)
+                        .await?
+                        .ok_or_else(|| Error::not_found("vm", &rec.object.name))?;
+                }
+                Err(e) if e.code == "version_mismatch" => return Err(self.stale_error(&rec, e).await),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            "busy",
+            "the VM changed too often while this change was checked; try again",
+        ))
+    }
+
+    /// A 412 that tells the client what changed since its version, so it can rebase.
+    async fn stale_error(&self, rec: &VmRecord, mut e: Error) -> Error {
+        let mine = e.details.as_ref().and_then(|d| d["your_version"].as_i64()).unwrap_or(0);
+        let id = rec.object.id;
+        let Ok(Some(current)) = self.store().vm_get(id).await else { return e };
+        let latest = self.store().vm_version(id, current.version).await.ok().flatten();
+        let theirs = self.store().vm_version(id, mine).await.ok().flatten();
+        let mut details = json!({ "current_version": current.version, "your_version": mine });
+        if let Some(l) = &latest {
+            details["author"] = json!(l.author);
+            details["time"] = json!(l.time);
+            details["message"] = json!(l.message);
+        }
+        if let Some(t) = &theirs {
+            details["patch"] = patch_of(&t.config, &current.config);
+            details["summary"] = json!(diff_summary(&t.config, &current.config));
+        }
+        let who = latest.map(|l| format!(" by {}", l.author)).unwrap_or_default();
+        e.message = format!(
+            "{} changed since your version {mine}: it is at version {}{who}; rebase your change on it",
+            rec.object.name, current.version
+        );
+        e.with_details(details)
+    }
+
+    pub async fn vm_delete(&self, ctx: &Ctx, vm: &str, pre: Preconditions) -> Result<(), Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.require(ctx, &rec.object, Privilege::VmInventoryDelete).await?;
+        let ctx2 = ctx.clone();
+        let write = Box::new(move |vm: &VmRecord, at: chrono::DateTime<chrono::Utc>| {
+            if let Some(v) = pre.if_match
+                && v != vm.version
+            {
+                return Err(Error::new(
+                    ErrorKind::PreconditionFailed,
+                    "version_mismatch",
+                    format!("{} is at version {}, not {v}", vm.object.name, vm.version),
+                ));
+            }
+            if let LeaseCheck::Refused(e) = lease_check(vm, ctx2.user_id, pre.lease_token, at) {
+                return Err(e);
+            }
+            if vm.power_state != PowerState::Off.as_str() && vm.power_state != PowerState::Crashed.as_str() {
+                return Err(Error::conflict(
+                    "vm_running",
+                    format!("{} is {}; power it off first", vm.object.name, vm.power_state),
+                ));
+            }
+            let ev = ctx2
+                .event("vm.deleted", "vm", Some(vm.object.id), &vm.object.name)
+                .scope(vm.object.parent_id.unwrap_or(ROOT_ID))
+                .data(json!({ "path": vm.object.path, "version": vm.version }));
+            Ok(VmWrite { delete: true, events: vec![ev], ..Default::default() })
+        });
+        self.store().vm_write(rec.object.id, write).await?;
+        self.committed();
+        Ok(())
+    }
+
+    pub async fn vm_versions(&self, ctx: &Ctx, vm: &str, q: VersionQuery) -> Result<Page<VersionView>, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let limit = q.limit.unwrap_or(50);
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::invalid("limit", "limit is between 1 and 1000"));
+        }
+        let items = self.store().vm_versions(rec.object.id, q.before, limit).await?;
+        let next = (items.len() == limit as usize).then(|| items.last().map(|v| v.version.to_string())).flatten();
+        Ok(Page { items: items.iter().map(|v| version_view(v, false)).collect(), next })
+    }
+
+    pub async fn vm_version(&self, ctx: &Ctx, vm: &str, n: i64) -> Result<VersionView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let v = self
+            .store()
+            .vm_version(rec.object.id, n)
+            .await?
+            .ok_or_else(|| Error::not_found("version", &format!("{} of {}", n, rec.object.name)))?;
+        Ok(version_view(&v, true))
+    }
+
+    pub async fn vm_diff(&self, ctx: &Ctx, vm: &str, from: i64, to: i64) -> Result<DiffView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let get = async |n: i64, field: &str| {
+            self.store()
+                .vm_version(rec.object.id, n)
+                .await?
+                .ok_or_else(|| Error::invalid(field, format!("{} has no version {n}", rec.object.name)))
+        };
+        let a = get(from, "from").await?;
+        let b = get(to, "to").await?;
+        Ok(DiffView { from, to, patch: patch_of(&a.config, &b.config), summary: diff_summary(&a.config, &b.config) })
+    }
+
+    pub(crate) fn host_memory_mib(&self) -> u64 {
+        super::host::host_facts().memory_mib
+    }
+}
+
+/// How a write makes the new document from the newest one.
+#[derive(Debug, Clone)]
+enum DocChange {
+    /// RFC 7386.
+    Merge(Value),
+    /// Revert: version K's document.
+    Replace(Value, i64),
+}
+
+impl DocChange {
+    fn apply(&self, base: &Value) -> Value {
+        match self {
+            DocChange::Merge(m) => {
+                let mut doc = base.clone();
+                json_patch::merge(&mut doc, m);
+                doc
+            }
+            DocChange::Replace(doc, _) => doc.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_read_like_a_person_would_write_them() {
+        let a = json!({ "memory_mib": 2048, "annotations": { "owner": "ann" }, "cpus": 1 });
+        let b = json!({ "memory_mib": 4096, "annotations": { "owner": "bob", "team": "x" }, "cpus": 1 });
+        assert_eq!(
+            diff_summary(&a, &b),
+            ["annotations.owner: \"ann\" → \"bob\"", "annotations.team: (none) → \"x\"", "memory_mib: 2048 → 4096"]
+        );
+        assert!(diff_summary(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn merge_and_patch_replay() {
+        let base = json!({ "name": "a", "cpus": 1, "annotations": { "k": "v" } });
+        let new = DocChange::Merge(json!({ "cpus": 2, "annotations": { "k": null, "j": "w" } })).apply(&base);
+        assert_eq!(new, json!({ "name": "a", "cpus": 2, "annotations": { "j": "w" } }));
+        let p: json_patch::Patch = serde_json::from_value(patch_of(&base, &new)).unwrap();
+        let mut replay = base.clone();
+        json_patch::patch(&mut replay, &p).unwrap();
+        assert_eq!(replay, new);
+        assert_eq!(changed_fields(&base, &new), ["annotations", "cpus"]);
+    }
+}

@@ -1,0 +1,252 @@
+//! VMs, their history, and their edit leases.
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use covm_types::api::Page;
+use covm_types::vm::{
+    DiffQuery, DiffView, LeaseReleaseQuery, LeaseRequest, LeaseView, RevertRequest, VersionQuery, VersionView,
+    VmChangeQuery, VmConfig, VmListQuery, VmView,
+};
+use covm_types::{Error, ErrorBody};
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::extract::{Auth, JsonBody, QueryParams};
+use crate::app::App;
+use crate::app::vms::{ChangePlan, Preconditions};
+
+/// `If-Match` (`"7"`, `7`, `W/"7"`; `*` is no condition) and `Covm-Lease` (a fencing token).
+pub struct Pre(pub Preconditions);
+
+fn header_int(headers: &HeaderMap, name: &str) -> Result<Option<i64>, Error> {
+    let Some(v) = headers.get(name) else { return Ok(None) };
+    let s = v.to_str().unwrap_or_default().trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let s = s.trim_start_matches("W/").trim_matches('"');
+    s.parse::<i64>().map(Some).map_err(|_| Error::invalid(name, format!("{name} is a version number, like \"7\"")))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Pre {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Pre(Preconditions {
+            if_match: header_int(&parts.headers, "If-Match")?,
+            lease_token: header_int(&parts.headers, "Covm-Lease")?,
+        }))
+    }
+}
+
+fn with_etag<T: Serialize>(status: StatusCode, version: i64, body: &T) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+/// The answer to a change: the VM, or with `dry_run` the plan.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum VmChangeResponse {
+    Vm(VmView),
+    Plan(ChangePlan),
+}
+
+/// VMs I may view, by name.
+#[utoipa::path(get, path = "/vms", tag = "vms", operation_id = "vm_list", params(VmListQuery),
+    responses((status = 200, body = Page<VmView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    QueryParams(q): QueryParams<VmListQuery>,
+) -> Result<Json<Page<VmView>>, ApiError> {
+    Ok(Json(app.vms_list(&ctx, q).await?))
+}
+
+/// Create a VM from a config (every field but `name` has a default). Needs
+/// `VirtualMachine.Inventory.Create` on the folder and `Resource.AssignVMToPool` on the pool.
+#[utoipa::path(post, path = "/vms", tag = "vms", operation_id = "vm_create", request_body = VmConfig,
+    responses((status = 201, body = VmView, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_create(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    JsonBody(c): JsonBody<VmConfig>,
+) -> Result<Response, ApiError> {
+    let vm = app.vm_create(&ctx, c).await?;
+    Ok(with_etag(StatusCode::CREATED, vm.version, &vm))
+}
+
+/// A VM: config, runtime state, lease; `ETag` is its version.
+#[utoipa::path(get, path = "/vms/{vm}", tag = "vms", operation_id = "vm_get",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_get(State(app): State<App>, Auth(ctx): Auth, Path(vm): Path<String>) -> Result<Response, ApiError> {
+    let v = app.vm_get(&ctx, &vm).await?;
+    Ok(with_etag(StatusCode::OK, v.version, &v))
+}
+
+/// Change a VM with a JSON Merge Patch (RFC 7386). With `If-Match` a stale base is refused (412, with
+/// what changed since); without it the patch applies to the newest version. Each field needs its
+/// privilege (`cpus`: CPUCount, `memory_mib`: Memory, devices: AddRemoveDevice, disks:
+/// AddExistingDisk/RemoveDisk, the rest: Edit). While someone else holds the lease: 423.
+#[utoipa::path(patch, path = "/vms/{vm}", tag = "vms", operation_id = "vm_change",
+    params(("vm" = String, Path, description = "VM name or id"), VmChangeQuery,
+        ("If-Match" = Option<String>, Header, description = "the version the change is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    request_body(content = serde_json::Value, content_type = "application/merge-patch+json"),
+    responses((status = 200, body = VmChangeResponse, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_change(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    Pre(pre): Pre,
+    QueryParams(q): QueryParams<VmChangeQuery>,
+    JsonBody(patch): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let dry = q.dry_run;
+    let (view, plan) = app.vm_change(&ctx, &vm, patch, pre, q).await?;
+    Ok(if dry {
+        with_etag(StatusCode::OK, view.version, &VmChangeResponse::Plan(plan))
+    } else {
+        with_etag(StatusCode::OK, view.version, &VmChangeResponse::Vm(view))
+    })
+}
+
+/// Delete a VM that is off (needs `VirtualMachine.Inventory.Delete`).
+#[utoipa::path(delete, path = "/vms/{vm}", tag = "vms", operation_id = "vm_delete",
+    params(("vm" = String, Path, description = "VM name or id"),
+        ("If-Match" = Option<String>, Header, description = "the version the deletion is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    Pre(pre): Pre,
+) -> Result<StatusCode, ApiError> {
+    app.vm_delete(&ctx, &vm, pre).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The config history, newest first: author, time, message, request id and the RFC 6902 patch.
+#[utoipa::path(get, path = "/vms/{vm}/versions", tag = "vms", operation_id = "vm_version_list",
+    params(("vm" = String, Path, description = "VM name or id"), VersionQuery),
+    responses((status = 200, body = Page<VersionView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_version_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    QueryParams(q): QueryParams<VersionQuery>,
+) -> Result<Json<Page<VersionView>>, ApiError> {
+    Ok(Json(app.vm_versions(&ctx, &vm, q).await?))
+}
+
+/// One version with its whole document.
+#[utoipa::path(get, path = "/vms/{vm}/versions/{n}", tag = "vms", operation_id = "vm_version_get",
+    params(("vm" = String, Path, description = "VM name or id"), ("n" = i64, Path, description = "version")),
+    responses((status = 200, body = VersionView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_version_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, n)): Path<(String, String)>,
+) -> Result<Json<VersionView>, ApiError> {
+    let n = n.parse::<i64>().map_err(|_| Error::invalid("n", "a version is a number"))?;
+    Ok(Json(app.vm_version(&ctx, &vm, n).await?))
+}
+
+/// What changed between two versions: RFC 6902 and one line per field.
+#[utoipa::path(get, path = "/vms/{vm}/diff", tag = "vms", operation_id = "vm_diff",
+    params(("vm" = String, Path, description = "VM name or id"), DiffQuery),
+    responses((status = 200, body = DiffView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_diff(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    QueryParams(q): QueryParams<DiffQuery>,
+) -> Result<Json<DiffView>, ApiError> {
+    Ok(Json(app.vm_diff(&ctx, &vm, q.from, q.to).await?))
+}
+
+/// Write a new version whose content is version K's (checked like any change).
+#[utoipa::path(post, path = "/vms/{vm}/revert", tag = "vms", operation_id = "vm_revert",
+    params(("vm" = String, Path, description = "VM name or id"),
+        ("If-Match" = Option<String>, Header, description = "the version the revert is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    request_body = RevertRequest,
+    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_revert(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    Pre(pre): Pre,
+    JsonBody(r): JsonBody<RevertRequest>,
+) -> Result<Response, ApiError> {
+    let v = app.vm_revert(&ctx, &vm, r, pre).await?;
+    Ok(with_etag(StatusCode::OK, v.version, &v))
+}
+
+/// The VM's live lease, or null.
+#[utoipa::path(get, path = "/vms/{vm}/lease", tag = "vms", operation_id = "lease_get",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Option<LeaseView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn lease_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<Json<Option<LeaseView>>, ApiError> {
+    Ok(Json(app.lease_get(&ctx, &vm).await?))
+}
+
+/// Check the VM out for `ttl_s` seconds (at most an hour); others' writes get 423 until it ends.
+/// The answer's `token` goes in `Covm-Lease` with my writes.
+#[utoipa::path(post, path = "/vms/{vm}/lease", tag = "vms", operation_id = "lease_acquire",
+    params(("vm" = String, Path, description = "VM name or id")), request_body = LeaseRequest,
+    responses((status = 201, body = LeaseView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn lease_acquire(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<LeaseRequest>,
+) -> Result<(StatusCode, Json<LeaseView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.lease_acquire(&ctx, &vm, p).await?)))
+}
+
+/// Extend my live lease.
+#[utoipa::path(put, path = "/vms/{vm}/lease", tag = "vms", operation_id = "lease_renew",
+    params(("vm" = String, Path, description = "VM name or id"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    request_body = LeaseRequest,
+    responses((status = 200, body = LeaseView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn lease_renew(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    Pre(pre): Pre,
+    JsonBody(p): JsonBody<LeaseRequest>,
+) -> Result<Json<LeaseView>, ApiError> {
+    Ok(Json(app.lease_renew(&ctx, &vm, p, pre.lease_token).await?))
+}
+
+/// Release my lease; `?force=true` breaks anyone's (needs `VirtualMachine.Lease.Break`).
+#[utoipa::path(delete, path = "/vms/{vm}/lease", tag = "vms", operation_id = "lease_release",
+    params(("vm" = String, Path, description = "VM name or id"), LeaseReleaseQuery),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn lease_release(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    QueryParams(q): QueryParams<LeaseReleaseQuery>,
+) -> Result<StatusCode, ApiError> {
+    app.lease_release(&ctx, &vm, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,586 @@
+//! The VM configuration document (DESIGN §3) and the shapes of the VM, version, diff and lease API.
+//!
+//! A config is one JSON document. Every field has a default, so `{"name":"web-1"}` is a whole VM; an
+//! unknown field is refused. Checks that need nothing but the document (ranges, shapes, controller
+//! references) are in [`VmConfig::check`]; checks against the inventory (does the network exist?) are
+//! the server's.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{Error, Name};
+
+pub const CPUS_MAX: u32 = 256;
+pub const MEMORY_MIB_MIN: u64 = 16;
+pub const ANNOTATIONS_MAX: usize = 256;
+pub const ANNOTATION_KEY_MAX: usize = 64;
+pub const ANNOTATION_VALUE_MAX: usize = 4096;
+pub const DESCRIPTION_MAX: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Machine {
+    #[default]
+    Q35,
+    Pc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// KVM where it is real and fast, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControllerType {
+    /// Hot-pluggable; units 0–255.
+    VirtioScsi,
+    /// `pc` machines only; units 0–3; no hot-plug.
+    Ide,
+    /// SATA; units 0–5; no hot-plug.
+    Ahci,
+}
+
+impl ControllerType {
+    /// The highest unit number on this bus.
+    pub fn max_unit(self) -> u32 {
+        match self {
+            ControllerType::VirtioScsi => 255,
+            ControllerType::Ide => 3,
+            ControllerType::Ahci => 5,
+        }
+    }
+
+    pub fn hotplug(self) -> bool {
+        match self {
+            ControllerType::VirtioScsi => true,
+            ControllerType::Ide | ControllerType::Ahci => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    /// `scsi0`, `ide0`, `sata0`, …
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: ControllerType,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskAttachment {
+    /// The disk's name or id.
+    pub disk: String,
+    pub controller: String,
+    pub unit: u32,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NicModel {
+    #[default]
+    VirtioNet,
+    E1000,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// A network's name.
+    pub network: String,
+    #[serde(default)]
+    pub model: NicModel,
+    /// `52:54:00:xx:xx:xx`; covm picks one when it is left out, and keeps it.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Whether the link is up (a live change).
+    #[serde(default = "yes")]
+    pub connected: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BootDevice {
+    Disk,
+    Cdrom,
+    Network,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Console {
+    #[serde(default = "yes")]
+    pub vnc: bool,
+    #[serde(default = "yes")]
+    pub serial: bool,
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Console { vnc: true, serial: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Autostart {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Lower starts first.
+    #[serde(default)]
+    pub order: i32,
+    /// Seconds to wait after starting this VM before the next.
+    #[serde(default)]
+    pub delay_s: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> u64 {
+    512
+}
+
+fn default_folder() -> String {
+    "/".into()
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+
+fn default_controllers() -> Vec<Controller> {
+    vec![Controller { id: "scsi0".into(), kind: ControllerType::VirtioScsi }]
+}
+
+fn default_boot() -> Vec<BootDevice> {
+    vec![BootDevice::Disk]
+}
+
+/// The whole configuration of a VM: the versioned document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: Name,
+    #[serde(default)]
+    pub description: String,
+    /// The folder's path.
+    #[serde(default = "default_folder")]
+    pub folder: String,
+    /// The resource pool's name.
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub machine: Machine,
+    #[serde(default)]
+    pub firmware: Firmware,
+    #[serde(default)]
+    pub accel: Accel,
+    #[serde(default = "default_controllers")]
+    pub controllers: Vec<Controller>,
+    #[serde(default)]
+    pub disks: Vec<DiskAttachment>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    /// An ISO image as `DATASTORE:path/in/it.iso`.
+    #[serde(default)]
+    pub cdrom: Option<String>,
+    #[serde(default = "default_boot")]
+    pub boot: Vec<BootDevice>,
+    #[serde(default)]
+    pub console: Console,
+    #[serde(default)]
+    pub autostart: Autostart,
+    /// Free key/values.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Direct kernel boot: `DATASTORE:path` of a kernel image.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// `DATASTORE:path` of an initramfs, with `kernel`.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// The kernel command line, with `kernel`.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// A `DATASTORE:relative/path` reference: the datastore's name and a path that stays inside it.
+pub fn datastore_path(field: &str, s: &str) -> Result<(String, String), Error> {
+    let bad = |why: &str| Error::invalid(field, format!("{field} is DATASTORE:relative/path ({why})"));
+    let (ds, path) = s.split_once(':').ok_or_else(|| bad("no datastore"))?;
+    Name::parse(ds).map_err(|_| bad("the datastore is not a valid name"))?;
+    if path.is_empty() || path.starts_with('/') || path.len() > 1024 {
+        return Err(bad("the path is relative and not empty"));
+    }
+    if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") || path.contains('\0') {
+        return Err(bad("the path may not hold '..', '.' or empty parts"));
+    }
+    Ok((ds.to_owned(), path.to_owned()))
+}
+
+fn mac_ok(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+        // Unicast: the low bit of the first octet is 0.
+        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
+}
+
+impl VmConfig {
+    /// Checks what the document alone can tell; the error names the field at fault.
+    pub fn check(&self, host_memory_mib: u64) -> Result<(), Error> {
+        if !(1..=CPUS_MAX).contains(&self.cpus) {
+            return Err(Error::invalid("cpus", format!("cpus is between 1 and {CPUS_MAX}")));
+        }
+        if self.memory_mib < MEMORY_MIB_MIN || (host_memory_mib > 0 && self.memory_mib > host_memory_mib) {
+            return Err(Error::invalid(
+                "memory_mib",
+                format!("memory_mib is between {MEMORY_MIB_MIN} and the host's memory ({host_memory_mib} MiB)"),
+            ));
+        }
+        if self.description.len() > DESCRIPTION_MAX {
+            return Err(Error::invalid("description", format!("a description has at most {DESCRIPTION_MAX} bytes")));
+        }
+        if !self.folder.starts_with('/') {
+            return Err(Error::invalid("folder", "folder is a path starting with /"));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, c) in self.controllers.iter().enumerate() {
+            let field = format!("controllers[{i}].id");
+            if c.id.is_empty()
+                || c.id.len() > 16
+                || !c.id.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit())
+            {
+                return Err(Error::invalid(&field, "a controller id has 1 to 16 lowercase letters or digits"));
+            }
+            if !ids.insert(c.id.as_str()) {
+                return Err(Error::invalid(&field, format!("two controllers are named {}", c.id)));
+            }
+            if c.kind == ControllerType::Ide && self.machine != Machine::Pc {
+                return Err(Error::new(
+                    crate::ErrorKind::InvalidRequest,
+                    "controller_unsupported",
+                    format!("an IDE controller needs machine pc, not {:?}", self.machine).to_lowercase(),
+                )
+                .with_field(format!("controllers[{i}].type")));
+            }
+        }
+        let mut slots = std::collections::HashSet::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let Some(c) = self.controllers.iter().find(|c| c.id == d.controller) else {
+                return Err(Error::new(
+                    crate::ErrorKind::InvalidRequest,
+                    "unknown_controller",
+                    format!("there is no controller {}", d.controller),
+                )
+                .with_field(format!("disks[{i}].controller")));
+            };
+            if d.unit > c.kind.max_unit() {
+                return Err(Error::new(
+                    crate::ErrorKind::InvalidRequest,
+                    "unit_out_of_range",
+                    format!("unit {} is beyond {} (0 to {})", d.unit, c.id, c.kind.max_unit()),
+                )
+                .with_field(format!("disks[{i}].unit")));
+            }
+            if !slots.insert((d.controller.as_str(), d.unit)) {
+                return Err(Error::new(
+                    crate::ErrorKind::InvalidRequest,
+                    "unit_taken",
+                    format!("two disks are on {} unit {}", d.controller, d.unit),
+                )
+                .with_field(format!("disks[{i}].unit")));
+            }
+        }
+        let mut macs = std::collections::HashSet::new();
+        for (i, n) in self.nics.iter().enumerate() {
+            if let Some(mac) = &n.mac {
+                if !mac_ok(mac) {
+                    return Err(Error::invalid(
+                        &format!("nics[{i}].mac"),
+                        "a MAC is six hex pairs like 52:54:00:12:34:56, unicast",
+                    ));
+                }
+                if !macs.insert(mac.to_ascii_lowercase()) {
+                    return Err(Error::invalid(&format!("nics[{i}].mac"), format!("two nics have the MAC {mac}")));
+                }
+            }
+        }
+        if self.annotations.len() > ANNOTATIONS_MAX {
+            return Err(Error::invalid("annotations", format!("at most {ANNOTATIONS_MAX} annotations")));
+        }
+        for (k, v) in &self.annotations {
+            if k.is_empty() || k.len() > ANNOTATION_KEY_MAX || v.len() > ANNOTATION_VALUE_MAX {
+                return Err(Error::invalid(
+                    &format!("annotations.{k}"),
+                    format!(
+                        "annotation keys have 1 to {ANNOTATION_KEY_MAX} bytes, values at most {ANNOTATION_VALUE_MAX}"
+                    ),
+                ));
+            }
+        }
+        if let Some(c) = &self.cdrom {
+            datastore_path("cdrom", c)?;
+        }
+        if let Some(k) = &self.kernel {
+            datastore_path("kernel", k)?;
+        }
+        if let Some(i) = &self.initrd {
+            datastore_path("initrd", i)?;
+            if self.kernel.is_none() {
+                return Err(Error::invalid("initrd", "an initrd goes with a kernel"));
+            }
+        }
+        if let Some(c) = &self.cmdline {
+            if self.kernel.is_none() {
+                return Err(Error::invalid("cmdline", "a kernel command line goes with a kernel"));
+            }
+            if c.len() > 4096 {
+                return Err(Error::invalid("cmdline", "a kernel command line has at most 4096 bytes"));
+            }
+        }
+        if self.boot.is_empty() || self.boot.len() > 3 {
+            return Err(Error::invalid("boot", "boot lists 1 to 3 devices"));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// API shapes
+
+/// Power states of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    #[default]
+    Off,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Crashed,
+}
+
+impl PowerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerState::Off => "off",
+            PowerState::Starting => "starting",
+            PowerState::Running => "running",
+            PowerState::Paused => "paused",
+            PowerState::Stopping => "stopping",
+            PowerState::Crashed => "crashed",
+        }
+    }
+}
+
+/// What is running, as opposed to what is configured. Not versioned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct VmRuntime {
+    pub power_state: PowerState,
+    pub pid: Option<u32>,
+    pub host: Option<String>,
+    /// `kvm` or `tcg` while running.
+    pub accel: Option<String>,
+    /// The config version QEMU runs (older than `version` means changes are pending).
+    pub running_version: Option<i64>,
+    pub since: Option<DateTime<Utc>>,
+    pub generation: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseView {
+    pub holder: String,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// The fencing token: send it as `Covm-Lease` with every write under the lease. Only its holder
+    /// sees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmView {
+    pub id: Uuid,
+    pub name: String,
+    pub path: String,
+    /// The newest config version (also the `ETag`).
+    pub version: i64,
+    pub config: VmConfig,
+    pub runtime: VmRuntime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmListQuery {
+    /// Only VMs in this folder (and below it).
+    pub folder: Option<String>,
+    /// Only VMs whose name starts with this.
+    pub name: Option<String>,
+    pub power_state: Option<PowerState>,
+    pub after: Option<String>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmChangeQuery {
+    /// A note for the history.
+    pub message: Option<String>,
+    /// Return what would change, and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionView {
+    pub version: i64,
+    pub author: String,
+    pub time: DateTime<Utc>,
+    pub message: Option<String>,
+    pub request_id: Option<String>,
+    /// RFC 6902 patch from the version before.
+    pub patch: serde_json::Value,
+    /// The log entry that recorded it.
+    pub event_seq: Option<i64>,
+    /// The whole document, in `GET /vms/{vm}/versions/{n}` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VersionQuery {
+    /// Only versions older than this (paging: pass the last version seen).
+    pub before: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DiffQuery {
+    pub from: i64,
+    pub to: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiffView {
+    pub from: i64,
+    pub to: i64,
+    /// RFC 6902.
+    pub patch: serde_json::Value,
+    /// One line per changed field: `memory_mib: 2048 → 4096`.
+    pub summary: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    pub version: i64,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// Seconds, 1 to 3600.
+    pub ttl_s: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LeaseReleaseQuery {
+    /// Break someone else's lease (needs `VirtualMachine.Lease.Break`).
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(json: serde_json::Value) -> VmConfig {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_make_a_whole_vm() {
+        let c = cfg(serde_json::json!({ "name": "web-1" }));
+        assert_eq!(
+            (c.cpus, c.memory_mib, c.machine, c.pool.as_str(), c.folder.as_str()),
+            (1, 512, Machine::Q35, "default", "/")
+        );
+        assert_eq!(c.controllers[0].kind, ControllerType::VirtioScsi);
+        c.check(1024).unwrap();
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let field = |j: serde_json::Value| cfg(j).check(4096).unwrap_err().field.clone().unwrap();
+        assert_eq!(field(serde_json::json!({ "name": "a", "cpus": 0 })), "cpus");
+        assert_eq!(field(serde_json::json!({ "name": "a", "cpus": 257 })), "cpus");
+        assert_eq!(field(serde_json::json!({ "name": "a", "memory_mib": 8 })), "memory_mib");
+        assert_eq!(field(serde_json::json!({ "name": "a", "memory_mib": 8192 })), "memory_mib");
+        assert_eq!(
+            field(serde_json::json!({ "name": "a", "disks": [{ "disk": "d", "controller": "nope", "unit": 0 }] })),
+            "disks[0].controller"
+        );
+        assert_eq!(
+            field(serde_json::json!({ "name": "a", "disks": [{ "disk": "d", "controller": "scsi0", "unit": 256 }] })),
+            "disks[0].unit"
+        );
+        assert_eq!(
+            field(serde_json::json!({ "name": "a", "controllers": [{ "id": "ide0", "type": "ide" }] })),
+            "controllers[0].type"
+        );
+        assert_eq!(
+            field(serde_json::json!({ "name": "a", "nics": [{ "network": "user", "mac": "01:00:00:00:00:00" }] })),
+            "nics[0].mac"
+        );
+        assert_eq!(field(serde_json::json!({ "name": "a", "kernel": "local:../etc/passwd" })), "kernel");
+        assert_eq!(field(serde_json::json!({ "name": "a", "initrd": "local:i.img" })), "initrd");
+    }
+
+    #[test]
+    fn datastore_paths_stay_inside() {
+        assert_eq!(datastore_path("k", "local:a/b.img").unwrap(), ("local".into(), "a/b.img".into()));
+        for bad in ["local", "local:", "local:/abs", "local:a/../b", "Bad:a", "local:a//b", "local:./a"] {
+            assert!(datastore_path("k", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! `covm vm …`: VMs, their history and their edit leases.
+//!
+//! Lease tokens from `covm vm lease acquire` are kept in the config dir (`leases.json`) and sent as
+//! `Covm-Lease` with later changes of that VM, so a write after the lease was lost is refused instead
+//! of landing unfenced.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use covm_client::{ChangeOptions, Client, ClientError, merge_diff};
+use covm_types::vm::{PowerState, VersionQuery, VmListQuery, VmView};
+use serde_json::{Value, json};
+
+use crate::output::Out;
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Create a VM.
+    Create {
+        name: String,
+        #[arg(short = 'c', long)]
+        cpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(short = 'm', long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        folder: Option<String>,
+        #[arg(long)]
+        pool: Option<String>,
+        /// Add a NIC on this network (repeatable).
+        #[arg(long = "net")]
+        nets: Vec<String>,
+        /// Direct kernel boot: DATASTORE:path.
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        initrd: Option<String>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// An annotation key=value (repeatable).
+        #[arg(short = 'e', long = "extra")]
+        annotations: Vec<String>,
+        /// The whole config as a JSON file (flags override it).
+        #[arg(long)]
+        from_file: Option<std::path::PathBuf>,
+    },
+    /// List VMs.
+    Ls {
+        #[arg(long)]
+        folder: Option<String>,
+        /// Only names starting with this.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        power_state: Option<String>,
+    },
+    /// A VM's config, runtime state and lease.
+    Info { name: String },
+    /// Delete a VM.
+    Rm { name: String },
+    /// Change fields, like govc vm.change.
+    Change {
+        name: String,
+        #[arg(short = 'c', long)]
+        cpus: Option<u32>,
+        #[arg(short = 'm', long)]
+        memory: Option<u64>,
+        /// key=value sets an annotation, key= removes it (repeatable).
+        #[arg(short = 'e', long = "extra")]
+        annotations: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// A JSON Merge Patch of your own, merged with the flags.
+        #[arg(long)]
+        patch: Option<String>,
+        /// A note for the history.
+        #[arg(long)]
+        message: Option<String>,
+        /// Refuse the change unless the VM is still at this version.
+        #[arg(long)]
+        if_match: Option<i64>,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Edit the config in $EDITOR; on a conflict, show the other change and edit again.
+    Edit {
+        name: String,
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// The config history, newest first.
+    History {
+        name: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// What changed between two versions.
+    Diff { name: String, from: i64, to: i64 },
+    /// Write a new version equal to an old one.
+    Revert {
+        name: String,
+        version: i64,
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Edit leases.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+}
+
+#[derive(Subcommand)]
+pub enum LeaseCmd {
+    /// Check the VM out; others' changes are refused until the lease ends.
+    Acquire {
+        name: String,
+        #[arg(long, default_value_t = 600)]
+        ttl: u32,
+    },
+    Renew {
+        name: String,
+        #[arg(long, default_value_t = 600)]
+        ttl: u32,
+    },
+    Release {
+        name: String,
+    },
+    /// Break someone else's lease (needs VirtualMachine.Lease.Break).
+    Break {
+        name: String,
+    },
+    Show {
+        name: String,
+    },
+}
+
+fn leases_file() -> anyhow::Result<std::path::PathBuf> {
+    Ok(crate::creds::dir()?.join("leases.json"))
+}
+
+fn leases_load() -> BTreeMap<String, i64> {
+    leases_file()
+        .ok()
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn leases_save(m: &BTreeMap<String, i64>) -> anyhow::Result<()> {
+    let f = leases_file()?;
+    if let Some(d) = f.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(f, serde_json::to_vec_pretty(m)?)?;
+    Ok(())
+}
+
+fn annotations_patch(items: &[String]) -> anyhow::Result<Value> {
+    let mut m = serde_json::Map::new();
+    for a in items {
+        let Some((k, v)) = a.split_once('=') else { bail!("an annotation is key=value (or key= to remove it): {a}") };
+        m.insert(k.to_owned(), if v.is_empty() { Value::Null } else { json!(v) });
+    }
+    Ok(Value::Object(m))
+}
+
+fn print_vm(out: &Out, v: &VmView) -> anyhow::Result<()> {
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let c = &v.config;
+    let r = &v.runtime;
+    println!("name:        {}", v.name);
+    println!("path:        {}", v.path);
+    println!("id:          {}", v.id);
+    println!("version:     {}", v.version);
+    println!("power:       {}", r.power_state.as_str());
+    if let Some(rv) = r.running_version {
+        let pending =
+            if rv < v.version { format!(" (changes pending: version {} is newer)", v.version) } else { String::new() };
+        println!("running:     version {rv}{pending}");
+    }
+    if let Some(a) = &r.accel {
+        println!("accel:       {a}");
+    }
+    println!("cpus:        {}", c.cpus);
+    println!("memory:      {} MiB", c.memory_mib);
+    println!("machine:     {:?} / {:?}", c.machine, c.firmware);
+    println!("pool:        {}", c.pool);
+    for (i, n) in c.nics.iter().enumerate() {
+        println!("nic{i}:        {} {:?} {}", n.network, n.model, n.mac.as_deref().unwrap_or("-"));
+    }
+    for d in &c.disks {
+        println!(
+            "disk:        {} on {} unit {}{}",
+            d.disk,
+            d.controller,
+            d.unit,
+            if d.read_only { " (read-only)" } else { "" }
+        );
+    }
+    if let Some(k) = &c.kernel {
+        println!("kernel:      {k}");
+    }
+    for (k, val) in &c.annotations {
+        println!("annotation:  {k}={val}");
+    }
+    match &v.lease {
+        Some(l) => println!("lease:       held by {} until {}", l.holder, l.expires_at.format("%F %T UTC")),
+        None => println!("lease:       none"),
+    }
+    Ok(())
+}
+
+/// Runs `$EDITOR` (or vi) on a file.
+fn editor(path: &std::path::Path) -> anyhow::Result<()> {
+    let ed = std::env::var("VISUAL").or_else(|_| std::env::var("EDITOR")).unwrap_or_else(|_| "vi".into());
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ed} \"$1\""))
+        .arg("sh")
+        .arg(path)
+        .status()
+        .with_context(|| format!("could not run the editor {ed}"))?;
+    if !status.success() {
+        bail!("the editor {ed} failed; nothing was changed");
+    }
+    Ok(())
+}
+
+fn read_edited(path: &std::path::Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path)?;
+    let body: String = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    serde_json::from_str(&body).context("the edited config is not valid JSON; nothing was changed")
+}
+
+async fn edit(c: &Client, out: &Out, name: &str, message: Option<String>) -> anyhow::Result<()> {
+    let vm = c.vm(name).await?;
+    let mut base = serde_json::to_value(&vm.config)?;
+    let mut version = vm.version;
+    let mut doc = base.clone();
+    let mut header = format!("# {} at version {version}. Lines starting with # are ignored.\n", vm.name);
+    let file = tempfile::Builder::new().prefix("covm-edit-").suffix(".json").tempfile()?;
+    loop {
+        {
+            let mut f = std::fs::File::create(file.path())?;
+            f.write_all(header.as_bytes())?;
+            f.write_all(serde_json::to_string_pretty(&doc)?.as_bytes())?;
+            f.write_all(b"\n")?;
+        }
+        editor(file.path())?;
+        let edited = read_edited(file.path())?;
+        let patch = merge_diff(&base, &edited);
+        if patch.as_object().is_some_and(|m| m.is_empty()) {
+            out.message("no changes");
+            return Ok(());
+        }
+        let opts = ChangeOptions {
+            if_match: Some(version),
+            lease: leases_load().get(name).copied(),
+            message: message.clone(),
+            dry_run: false,
+        };
+        match c.vm_change(name, &patch, &opts).await {
+            Ok(v) => {
+                out.message(&format!("{} is now at version {}", v.name, v.version));
+                return Ok(());
+            }
+            Err(ClientError::Api { status: 412, error, .. }) => {
+                let d = error.details.unwrap_or_default();
+                let current = c.vm(name).await?;
+                let summary: Vec<String> = serde_json::from_value(d["summary"].clone()).unwrap_or_default();
+                eprintln!(
+                    "covm: {} changed while you edited: version {} by {}:",
+                    current.name,
+                    current.version,
+                    d["author"].as_str().unwrap_or("someone")
+                );
+                for s in &summary {
+                    eprintln!("  {s}");
+                }
+                // Both: their version with my changes on top; edit again.
+                base = serde_json::to_value(&current.config)?;
+                version = current.version;
+                doc = base.clone();
+                json_patch::merge(&mut doc, &patch);
+                header = format!(
+                    "# {} changed while you edited: now version {version} by {}.\n# Their change:\n{}\n# Below: their version with your changes applied. Save to send it, or empty the file to give up.\n",
+                    current.name,
+                    d["author"].as_str().unwrap_or("someone"),
+                    summary.iter().map(|s| format!("#   {s}")).collect::<Vec<_>>().join("\n")
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
+    match cmd {
+        VmCmd::Create { name, cpus, memory, folder, pool, nets, kernel, initrd, cmdline, annotations, from_file } => {
+            let mut cfg: Value = match from_file {
+                Some(f) => serde_json::from_slice(&std::fs::read(&f)?)
+                    .with_context(|| format!("{} is not JSON", f.display()))?,
+                None => json!({}),
+            };
+            cfg["name"] = json!(name);
+            let set = |cfg: &mut Value, k: &str, v: Option<Value>| {
+                if let Some(v) = v {
+                    cfg[k] = v;
+                }
+            };
+            set(&mut cfg, "cpus", cpus.map(|v| json!(v)));
+            set(&mut cfg, "memory_mib", memory.map(|v| json!(v)));
+            set(&mut cfg, "folder", folder.map(|v| json!(v)));
+            set(&mut cfg, "pool", pool.map(|v| json!(v)));
+            set(&mut cfg, "kernel", kernel.map(|v| json!(v)));
+            set(&mut cfg, "initrd", initrd.map(|v| json!(v)));
+            set(&mut cfg, "cmdline", cmdline.map(|v| json!(v)));
+            if !nets.is_empty() {
+                cfg["nics"] = json!(nets.iter().map(|n| json!({ "network": n })).collect::<Vec<_>>());
+            }
+            if !annotations.is_empty() {
+                cfg["annotations"] = annotations_patch(&annotations)?;
+            }
+            print_vm(out, &c.vm_create(&cfg).await?)
+        }
+        VmCmd::Ls { folder, name, power_state } => {
+            let power_state = match power_state {
+                Some(p) => Some(
+                    serde_json::from_value::<PowerState>(json!(p))
+                        .map_err(|_| anyhow::anyhow!("unknown power state {p}"))?,
+                ),
+                None => None,
+            };
+            let mut q = VmListQuery { folder, name, power_state, after: None, limit: Some(1000) };
+            let mut all = Vec::new();
+            loop {
+                let page = c.vms(&q).await?;
+                all.extend(page.items);
+                match page.next {
+                    Some(n) => q.after = Some(n),
+                    None => break,
+                }
+            }
+            out.vms(&all)
+        }
+        VmCmd::Info { name } => {
+            let v = c.vm(&name).await?;
+            print_vm(out, &v)
+        }
+        VmCmd::Rm { name } => {
+            c.vm_delete(&name).await?;
+            out.message(&format!("deleted {name}"));
+            Ok(())
+        }
+        VmCmd::Change { name, cpus, memory, annotations, description, patch, message, if_match, dry_run } => {
+            let mut p: Value = match patch {
+                Some(p) => serde_json::from_str(&p).context("--patch is not JSON")?,
+                None => json!({}),
+            };
+            if let Some(v) = cpus {
+                p["cpus"] = json!(v);
+            }
+            if let Some(v) = memory {
+                p["memory_mib"] = json!(v);
+            }
+            if let Some(v) = description {
+                p["description"] = json!(v);
+            }
+            if !annotations.is_empty() {
+                p["annotations"] = annotations_patch(&annotations)?;
+            }
+            if p.as_object().is_some_and(|m| m.is_empty()) {
+                bail!("nothing to change: give -c, -m, -e, --description or --patch");
+            }
+            let opts = ChangeOptions { if_match, lease: leases_load().get(&name).copied(), message, dry_run };
+            if dry_run {
+                let plan = c.vm_change_plan(&name, &p, &opts).await?;
+                if out.json {
+                    println!("{}", serde_json::to_string_pretty(&plan)?);
+                } else {
+                    println!("from version {}:", plan["from_version"]);
+                    for s in plan["summary"].as_array().into_iter().flatten() {
+                        println!("  {}", s.as_str().unwrap_or_default());
+                    }
+                }
+                return Ok(());
+            }
+            let before = c.vm(&name).await.map(|v| v.version).ok();
+            let v = c.vm_change(&name, &p, &opts).await?;
+            if out.json {
+                return print_vm(out, &v);
+            }
+            match before {
+                Some(b) if b == v.version => {
+                    out.message(&format!("{} already so; still at version {}", v.name, v.version))
+                }
+                _ => out.message(&format!("{} is now at version {}", v.name, v.version)),
+            }
+            Ok(())
+        }
+        VmCmd::Edit { name, message } => edit(c, out, &name, message).await,
+        VmCmd::History { name, limit } => {
+            let page = c.vm_versions(&name, &VersionQuery { before: None, limit: Some(limit.clamp(1, 1000)) }).await?;
+            out.versions(&page.items)
+        }
+        VmCmd::Diff { name, from, to } => {
+            let d = c.vm_diff(&name, from, to).await?;
+            if out.json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else if d.summary.is_empty() {
+                println!("versions {from} and {to} are the same");
+            } else {
+                for s in &d.summary {
+                    println!("{s}");
+                }
+            }
+            Ok(())
+        }
+        VmCmd::Revert { name, version, message } => {
+            let v = c.vm_revert(&name, version, message.as_deref()).await?;
+            out.message(&format!("{} is now at version {} (equal to version {version})", v.name, v.version));
+            Ok(())
+        }
+        VmCmd::Lease(cmd) => lease(c, out, cmd).await,
+    }
+}
+
+async fn lease(c: &Client, out: &Out, cmd: LeaseCmd) -> anyhow::Result<()> {
+    let mut tokens = leases_load();
+    match cmd {
+        LeaseCmd::Acquire { name, ttl } => {
+            let l = c.lease_acquire(&name, ttl).await?;
+            if let Some(t) = l.token {
+                tokens.insert(name.clone(), t);
+                leases_save(&tokens)?;
+            }
+            out.lease(&name, Some(&l))
+        }
+        LeaseCmd::Renew { name, ttl } => {
+            let l = c.lease_renew(&name, ttl, tokens.get(&name).copied()).await?;
+            out.lease(&name, Some(&l))
+        }
+        LeaseCmd::Release { name } => {
+            c.lease_release(&name, false).await?;
+            tokens.remove(&name);
+            leases_save(&tokens)?;
+            out.message(&format!("released the lease on {name}"));
+            Ok(())
+        }
+        LeaseCmd::Break { name } => {
+            c.lease_release(&name, true).await?;
+            out.message(&format!("broke the lease on {name}"));
+            Ok(())
+        }
+        LeaseCmd::Show { name } => out.lease(&name, c.lease(&name).await?.as_ref()),
+    }
+}
