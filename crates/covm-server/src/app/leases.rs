@@ -205,3 +205,59 @@ impl App {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use covm_store::ObjectRecord;
+    use covm_types::api::ObjectKind;
+
+    fn vm(lease: Option<LeaseRecord>) -> VmRecord {
+        VmRecord {
+            object: ObjectRecord {
+                id: Uuid::nil(),
+                kind: ObjectKind::Vm,
+                name: "web-1".into(),
+                parent_id: None,
+                path: "/web-1".into(),
+                spec: json!({}),
+                created_at: Utc::now(),
+            },
+            version: 1,
+            config: json!({}),
+            power_state: "off".into(),
+            runtime: json!({}),
+            generation: 0,
+            lease_fence: lease.as_ref().map_or(0, |l| l.token),
+            lease,
+        }
+    }
+
+    #[test]
+    fn expiry_is_decided_by_the_time_of_the_request() {
+        let (alice, bob) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let t0 = Utc::now();
+        let l = LeaseRecord {
+            holder_id: alice,
+            holder: "alice".into(),
+            token: 7,
+            acquired_at: t0,
+            expires_at: t0 + chrono::Duration::seconds(10),
+        };
+        let v = vm(Some(l));
+        let before = t0 + chrono::Duration::seconds(5);
+        let after = t0 + chrono::Duration::seconds(11);
+        let code = |c: LeaseCheck| match c {
+            LeaseCheck::Ok => "ok".to_owned(),
+            LeaseCheck::Refused(e) => e.code.clone(),
+        };
+        assert_eq!(code(lease_check(&v, bob, None, before)), "leased");
+        assert_eq!(code(lease_check(&v, alice, Some(7), before)), "ok");
+        assert_eq!(code(lease_check(&v, alice, None, before)), "ok");
+        assert_eq!(code(lease_check(&v, alice, Some(6), before)), "lease_expired");
+        // The same stored row, a second after its expiry: nobody needed to clear it.
+        assert_eq!(code(lease_check(&v, bob, None, after)), "ok");
+        assert_eq!(code(lease_check(&v, alice, Some(7), after)), "lease_expired");
+        assert_eq!(code(lease_check(&vm(None), alice, Some(7), before)), "lease_expired");
+    }
+}

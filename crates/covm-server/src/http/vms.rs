@@ -54,7 +54,7 @@ fn with_etag<T: Serialize>(status: StatusCode, version: i64, body: &T) -> Respon
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum VmChangeResponse {
-    Vm(VmView),
+    Vm(Box<VmView>),
     Plan(ChangePlan),
 }
 
@@ -117,7 +117,7 @@ pub async fn vm_change(
     Ok(if dry {
         with_etag(StatusCode::OK, view.version, &VmChangeResponse::Plan(plan))
     } else {
-        with_etag(StatusCode::OK, view.version, &VmChangeResponse::Vm(view))
+        with_etag(StatusCode::OK, view.version, &VmChangeResponse::Vm(Box::new(view)))
     })
 }
 

@@ -17,6 +17,8 @@ use crate::openapi::repo_file;
 struct Env {
     s: TestServer,
     scratch: tempfile::TempDir,
+    /// One session per role (signing in costs an argon2 hash).
+    sessions: Vec<(BuiltinRole, Client)>,
 }
 
 /// Lower-case user name for a role.
@@ -61,6 +63,19 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/pools",
     "POST /api/v1/pools",
     "GET /api/v1/hosts",
+    "GET /api/v1/vms",
+    "POST /api/v1/vms",
+    "GET /api/v1/vms/{vm}",
+    "PATCH /api/v1/vms/{vm}",
+    "DELETE /api/v1/vms/{vm}",
+    "GET /api/v1/vms/{vm}/versions",
+    "GET /api/v1/vms/{vm}/versions/{n}",
+    "GET /api/v1/vms/{vm}/diff",
+    "POST /api/v1/vms/{vm}/revert",
+    "GET /api/v1/vms/{vm}/lease",
+    "POST /api/v1/vms/{vm}/lease",
+    "PUT /api/v1/vms/{vm}/lease",
+    "DELETE /api/v1/vms/{vm}/lease",
     "GET /api/v1/events",
     "GET /api/v1/audit",
     "GET /api/v1/audit/verify",
@@ -85,6 +100,8 @@ impl Env {
         a.user_create("target", PASSWORD).await.unwrap();
         a.group_create("g0").await.unwrap();
         a.folder_create("shared", "/").await.unwrap();
+        a.vm_create(&json!({ "name": "vm-shared" })).await.unwrap();
+        a.vm_change("vm-shared", &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
         for role in BuiltinRole::ALL {
             let t = tag(role);
             a.user_create(&t, PASSWORD).await.unwrap();
@@ -97,20 +114,30 @@ impl Env {
             a.folder_create(&format!("f-{t}"), "/").await.unwrap();
             a.folder_create(&format!("p-{t}"), "/").await.unwrap();
             a.permission_grant("target", "ReadOnly", &format!("/p-{t}"), true).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-del-{t}") })).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-ed-{t}") })).await.unwrap();
+            a.vm_change(&format!("vm-ed-{t}"), &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-lease-{t}") })).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-renew-{t}") })).await.unwrap();
+            a.lease_acquire(&format!("vm-lease-{t}"), 3600).await.unwrap();
         }
-        Env { s, scratch: tempfile::tempdir().unwrap() }
+        let mut sessions = Vec::new();
+        for role in BuiltinRole::ALL {
+            sessions.push((role, s.login(&tag(role)).await));
+        }
+        Env { s, scratch: tempfile::tempdir().unwrap(), sessions }
     }
 
     async fn probe(&self, role: BuiltinRole, endpoint: &str) -> u16 {
         let t = tag(role);
-        let c = self.s.login(&t).await;
+        let c = self.sessions.iter().find(|(r, _)| *r == role).expect("a session per role").1.clone();
         let anon = self.s.anonymous();
         match endpoint {
             "POST /api/v1/session" => {
                 status(&anon, Method::POST, "/session", Some(json!({ "user": t, "password": PASSWORD }))).await
             }
             "GET /api/v1/session" => status(&c, Method::GET, "/session", None).await,
-            "DELETE /api/v1/session" => status(&c, Method::DELETE, "/session", None).await,
+            "DELETE /api/v1/session" => status(&self.s.login(&t).await, Method::DELETE, "/session", None).await,
             "GET /api/v1/tokens" => status(&c, Method::GET, "/tokens", None).await,
             "POST /api/v1/tokens" => status(&c, Method::POST, "/tokens", Some(json!({ "name": "t1" }))).await,
             "DELETE /api/v1/tokens/{id}" => {
@@ -205,6 +232,35 @@ impl Env {
                 status(&c, Method::POST, "/pools", Some(json!({ "name": format!("pool-{t}") }))).await
             }
             "GET /api/v1/hosts" => status(&c, Method::GET, "/hosts", None).await,
+            "GET /api/v1/vms" => status(&c, Method::GET, "/vms", None).await,
+            "POST /api/v1/vms" => {
+                status(&c, Method::POST, "/vms", Some(json!({ "name": format!("vm-new-{t}") }))).await
+            }
+            "GET /api/v1/vms/{vm}" => status(&c, Method::GET, "/vms/vm-shared", None).await,
+            "PATCH /api/v1/vms/{vm}" => {
+                status(&c, Method::PATCH, &format!("/vms/vm-ed-{t}"), Some(json!({ "annotations": { "k": "v" } })))
+                    .await
+            }
+            "DELETE /api/v1/vms/{vm}" => status(&c, Method::DELETE, &format!("/vms/vm-del-{t}"), None).await,
+            "GET /api/v1/vms/{vm}/versions" => status(&c, Method::GET, "/vms/vm-shared/versions", None).await,
+            "GET /api/v1/vms/{vm}/versions/{n}" => status(&c, Method::GET, "/vms/vm-shared/versions/1", None).await,
+            "GET /api/v1/vms/{vm}/diff" => status(&c, Method::GET, "/vms/vm-shared/diff?from=1&to=2", None).await,
+            "POST /api/v1/vms/{vm}/revert" => {
+                status(&c, Method::POST, &format!("/vms/vm-ed-{t}/revert"), Some(json!({ "version": 1 }))).await
+            }
+            "GET /api/v1/vms/{vm}/lease" => status(&c, Method::GET, "/vms/vm-shared/lease", None).await,
+            "POST /api/v1/vms/{vm}/lease" => {
+                status(&c, Method::POST, &format!("/vms/vm-ed-{t}/lease"), Some(json!({ "ttl_s": 60 }))).await
+            }
+            "PUT /api/v1/vms/{vm}/lease" => {
+                // Renewing needs a lease of one's own: taken just before (where the role may).
+                status(&c, Method::POST, &format!("/vms/vm-renew-{t}/lease"), Some(json!({ "ttl_s": 60 }))).await;
+                status(&c, Method::PUT, &format!("/vms/vm-renew-{t}/lease"), Some(json!({ "ttl_s": 60 }))).await
+            }
+            "DELETE /api/v1/vms/{vm}/lease" => {
+                // Breaking admin's lease.
+                status(&c, Method::DELETE, &format!("/vms/vm-lease-{t}/lease?force=true"), None).await
+            }
             "GET /api/v1/events" => status(&c, Method::GET, "/events", None).await,
             "GET /api/v1/audit" => status(&c, Method::GET, "/audit", None).await,
             "GET /api/v1/audit/verify" => status(&c, Method::GET, "/audit/verify", None).await,

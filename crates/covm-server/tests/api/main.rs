@@ -5,3 +5,4 @@ mod common;
 mod feed;
 mod foundation;
 mod openapi;
+mod vms;

@@ -1,0 +1,358 @@
+//! VMs as versioned documents: no lost updates, leases and fencing, per-field privileges, history.
+
+use std::time::Duration;
+
+use covm_client::{ChangeOptions, Client, ClientError};
+use covm_types::Privilege;
+use covm_types::vm::VersionQuery;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::common::TestServer;
+
+fn api_err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<Value>) {
+    match r {
+        Err(ClientError::Api { status, error, .. }) => (status, error.code, error.details),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Every stored version, oldest first, with its whole document.
+async fn history(c: &Client, vm: &str) -> Vec<covm_types::vm::VersionView> {
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let page = c.vm_versions(vm, &VersionQuery { before, limit: Some(1000) }).await.unwrap();
+        out.extend(page.items);
+        match page.next {
+            Some(n) => before = n.parse().ok(),
+            None => break,
+        }
+    }
+    out.reverse();
+    let mut full = Vec::with_capacity(out.len());
+    for v in out {
+        full.push(c.vm_version(vm, v.version).await.unwrap());
+    }
+    full
+}
+
+/// Versions are 1..=n, and each stored patch applied to its predecessor gives the next document.
+async fn assert_history_replays(c: &Client, vm: &str, n: i64) {
+    let h = history(c, vm).await;
+    assert_eq!(h.iter().map(|v| v.version).collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>(), "contiguous versions");
+    let mut doc = json!({});
+    for v in &h {
+        let p: json_patch::Patch = serde_json::from_value(v.patch.clone()).unwrap();
+        json_patch::patch(&mut doc, &p).unwrap();
+        assert_eq!(doc, serde_json::to_value(v.config.as_ref().unwrap()).unwrap(), "replay of version {}", v.version);
+    }
+}
+
+#[tokio::test]
+async fn fifty_clients_editing_with_if_match_lose_nothing() {
+    let s = TestServer::start().await;
+    s.admin.vm_create(&json!({ "name": "hot", "annotations": { "counter": "0" } })).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let c = s.admin.clone();
+        tasks.push(tokio::spawn(async move {
+            let vm = c.vm("hot").await.unwrap();
+            let mut doc = serde_json::to_value(&vm.config).unwrap();
+            let mut version = vm.version;
+            let mut retries = 0u32;
+            for _ in 0..20 {
+                loop {
+                    let n: u64 = doc["annotations"]["counter"].as_str().unwrap().parse().unwrap();
+                    let patch = json!({ "annotations": { "counter": (n + 1).to_string() } });
+                    let opts = ChangeOptions { if_match: Some(version), ..Default::default() };
+                    match c.vm_change("hot", &patch, &opts).await {
+                        Ok(v) => {
+                            doc = serde_json::to_value(&v.config).unwrap();
+                            version = v.version;
+                            break;
+                        }
+                        Err(ClientError::Api { status: 412, error, .. }) => {
+                            // Rebase from the 412 alone: apply what changed since my version.
+                            let d = error.details.unwrap();
+                            let p: json_patch::Patch = serde_json::from_value(d["patch"].clone()).unwrap();
+                            json_patch::patch(&mut doc, &p).unwrap();
+                            version = d["current_version"].as_i64().unwrap();
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_micros(rand_jitter())).await;
+                        }
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            }
+            retries
+        }));
+    }
+    let mut retries = 0;
+    for t in tasks {
+        retries += t.await.unwrap();
+    }
+    let vm = s.admin.vm("hot").await.unwrap();
+    assert_eq!(vm.version, 1001);
+    assert_eq!(vm.config.annotations["counter"], "1000");
+    assert!(retries > 0, "50 clients on one VM must have collided");
+    assert_history_replays(&s.admin, "hot", 1001).await;
+}
+
+fn rand_jitter() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 % 3000
+}
+
+#[tokio::test]
+async fn fifty_clients_editing_without_if_match_lose_nothing() {
+    let s = TestServer::start().await;
+    s.admin.vm_create(&json!({ "name": "warm" })).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let c = s.admin.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in 1..=20 {
+                let patch = json!({ "annotations": { format!("c{i}"): j.to_string() } });
+                c.vm_change("warm", &patch, &ChangeOptions::default()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let vm = s.admin.vm("warm").await.unwrap();
+    assert_eq!(vm.version, 1001);
+    for i in 0..50 {
+        assert_eq!(vm.config.annotations[&format!("c{i}")], "20", "client {i}'s last edit");
+    }
+    assert_history_replays(&s.admin, "warm", 1001).await;
+}
+
+#[tokio::test]
+async fn a_stale_if_match_gets_412_with_what_changed() {
+    let s = TestServer::start().await;
+    let v1 = s.admin.vm_create(&json!({ "name": "web-1", "memory_mib": 2048 })).await.unwrap();
+    let alice = s.user("alice").await;
+    s.admin.permission_grant("alice", "VMCreator", "/", true).await.unwrap();
+    alice
+        .vm_change(
+            "web-1",
+            &json!({ "cpus": 2 }),
+            &ChangeOptions { message: Some("more".into()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+    let (status, code, d) = api_err(
+        s.admin
+            .vm_change(
+                "web-1",
+                &json!({ "memory_mib": 4096 }),
+                &ChangeOptions { if_match: Some(v1.version), ..Default::default() },
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (412, "version_mismatch"));
+    let d = d.unwrap();
+    assert_eq!(d["current_version"], 2);
+    assert_eq!(d["author"], "alice");
+    assert_eq!(d["message"], "more");
+    assert_eq!(d["summary"], json!(["cpus: 1 → 2"]));
+    assert_eq!(d["patch"], json!([{ "op": "replace", "path": "/cpus", "value": 2 }]));
+    // Nothing was written.
+    assert_eq!(s.admin.vm("web-1").await.unwrap().config.memory_mib, 2048);
+    // The ETag header is the version; a bad If-Match is a 400 naming it.
+    let resp = s.admin.request(reqwest::Method::GET, "/vms/web-1").send().await.unwrap();
+    assert_eq!(resp.headers()["etag"], "\"2\"");
+    let resp = s
+        .admin
+        .request(reqwest::Method::PATCH, "/vms/web-1")
+        .header("If-Match", "abc")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<covm_types::ErrorBody>().await.unwrap().error.field.as_deref(), Some("If-Match"));
+}
+
+#[tokio::test]
+async fn leases_lock_out_others_and_fence_stale_holders() {
+    let s = TestServer::start().await;
+    s.admin.vm_create(&json!({ "name": "web-1" })).await.unwrap();
+    let a = s.user("alice").await;
+    let b = s.user("bob").await;
+    for u in ["alice", "bob"] {
+        s.admin.permission_grant(u, "VMCreator", "/", true).await.unwrap();
+    }
+    let lease = a.lease_acquire("web-1", 1).await.unwrap();
+    let t1 = lease.token.unwrap();
+    // Others: 423 naming the holder and expiry.
+    let (status, code, d) = api_err(b.vm_change("web-1", &json!({ "memory_mib": 4096 }), &Default::default()).await);
+    assert_eq!((status, code.as_str()), (423, "leased"));
+    assert_eq!(d.as_ref().unwrap()["holder"], "alice");
+    assert!(d.unwrap()["expires_at"].is_string());
+    assert_eq!(api_err(b.lease_acquire("web-1", 60).await).0, 423);
+    // Bob sees the lease, but not its token.
+    let seen = b.lease("web-1").await.unwrap().unwrap();
+    assert_eq!((seen.holder.as_str(), seen.token), ("alice", None));
+    // The holder writes under the token.
+    let under = ChangeOptions { lease: Some(t1), ..Default::default() };
+    a.vm_change("web-1", &json!({ "cpus": 2 }), &under).await.unwrap();
+    // After expiry the token is refused, and Bob may write and lease; his token is newer.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, code, _) = api_err(a.vm_change("web-1", &json!({ "cpus": 3 }), &under).await);
+    assert_eq!((status, code.as_str()), (409, "lease_expired"));
+    b.vm_change("web-1", &json!({ "memory_mib": 1024 }), &Default::default()).await.unwrap();
+    let t2 = b.lease_acquire("web-1", 60).await.unwrap().token.unwrap();
+    assert!(t2 > t1, "fencing tokens only grow");
+    // A break by an admin fences the holder; the holder hears of it in the feed.
+    let mut feed = b.events_follow(None, None).await.unwrap();
+    s.admin.lease_release("web-1", true).await.unwrap();
+    let bt = ChangeOptions { lease: Some(t2), ..Default::default() };
+    assert_eq!(api_err(b.vm_change("web-1", &json!({ "cpus": 4 }), &bt).await).1, "lease_expired");
+    let ev = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(ev.kind, "vm.lease.broken");
+    assert_eq!((ev.data["holder"].as_str(), ev.data["broken_by"].as_str()), (Some("bob"), Some("admin")));
+    // Breaking needs its privilege (VMCreator lacks it); releasing someone else's lease is a 423.
+    let t3 = a.lease_acquire("web-1", 60).await.unwrap().token.unwrap();
+    assert!(t3 > t2);
+    assert_eq!(api_err(b.lease_release("web-1", true).await).0, 403);
+    assert_eq!(api_err(b.lease_release("web-1", false).await).0, 423);
+    // Renewing keeps the token; a bad TTL is a 400 naming ttl_s.
+    assert_eq!(a.lease_renew("web-1", 120, Some(t3)).await.unwrap().token, Some(t3));
+    assert_eq!(api_err(a.lease_acquire("web-1", 0).await).0, 400);
+    a.lease_release("web-1", false).await.unwrap();
+    assert!(a.lease("web-1").await.unwrap().is_none());
+    assert_eq!(api_err(a.lease_renew("web-1", 60, Some(t3)).await).1, "lease_expired");
+}
+
+#[tokio::test]
+async fn expired_leases_are_reported_to_the_feed() {
+    let s = TestServer::start().await;
+    s.admin.vm_create(&json!({ "name": "web-1" })).await.unwrap();
+    let mut feed = s.admin.events_follow(None, None).await.unwrap();
+    s.admin.lease_acquire("web-1", 1).await.unwrap();
+    let kinds: Vec<String> = async {
+        let mut k = Vec::new();
+        while k.len() < 2 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap().unwrap();
+            k.push(ev.kind);
+        }
+        k
+    }
+    .await;
+    assert_eq!(kinds, ["vm.lease.acquired", "vm.lease.expired"]);
+}
+
+#[tokio::test]
+async fn each_field_needs_its_privilege() {
+    let s = TestServer::start().await;
+    s.admin.vm_create(&json!({ "name": "web-1" })).await.unwrap();
+    let ed = s.user("ed").await;
+    s.admin.role_create("editor", &[Privilege::SystemView, Privilege::VmConfigEdit]).await.unwrap();
+    s.admin.permission_grant("ed", "editor", "/web-1", false).await.unwrap();
+    ed.vm_change("web-1", &json!({ "annotations": { "k": "v" }, "description": "mine" }), &Default::default())
+        .await
+        .unwrap();
+    for (patch, privilege) in [
+        (json!({ "cpus": 2 }), "VirtualMachine.Config.CPUCount"),
+        (json!({ "memory_mib": 1024 }), "VirtualMachine.Config.Memory"),
+        (json!({ "nics": [{ "network": "user" }] }), "VirtualMachine.Config.AddRemoveDevice"),
+        (json!({ "controllers": [] }), "VirtualMachine.Config.AddRemoveDevice"),
+    ] {
+        let r = ed.vm_change("web-1", &patch, &Default::default()).await;
+        let Err(ClientError::Api { status: 403, error, .. }) = r else { panic!("{patch}: {r:?}") };
+        assert!(error.message.contains(privilege), "{}", error.message);
+    }
+    assert_eq!(s.admin.vm("web-1").await.unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn bad_configs_are_refused_with_the_field() {
+    let s = TestServer::start().await;
+    let cases = [
+        (json!({ "name": "a", "cpus": 0 }), "cpus"),
+        (json!({ "name": "a", "cpus": 257 }), "cpus"),
+        (json!({ "name": "a", "memory_mib": 8 }), "memory_mib"),
+        (json!({ "name": "a", "memory_mib": 1u64 << 40 }), "memory_mib"),
+        (json!({ "name": "a", "nics": [{ "network": "nope" }] }), "nics[0].network"),
+        (json!({ "name": "a", "pool": "nope" }), "pool"),
+        (json!({ "name": "a", "colour": "red" }), "colour"),
+        (json!({ "name": "A" }), "name"),
+        (json!({ "name": "a", "kernel": "local:../../etc/shadow" }), "kernel"),
+        (json!({ "name": "a", "disks": [{ "disk": "nope", "controller": "scsi0", "unit": 0 }] }), "disks[0].disk"),
+    ];
+    for (body, field) in cases {
+        let resp = s.admin.request(reqwest::Method::POST, "/vms").json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        assert_eq!(resp.json::<covm_types::ErrorBody>().await.unwrap().error.field.as_deref(), Some(field), "{body}");
+    }
+    assert!(s.admin.vms(&Default::default()).await.unwrap().items.is_empty());
+    s.admin.vm_create(&json!({ "name": "a" })).await.unwrap();
+    assert_eq!(api_err(s.admin.vm_create(&json!({ "name": "a" })).await).0, 409);
+    assert_eq!(api_err(s.admin.vm_change("a", &json!({ "cpus": "two" }), &Default::default()).await).0, 400);
+    assert_eq!(api_err(s.admin.vm_change("a", &json!([1]), &Default::default()).await).1, "invalid_patch");
+    assert_eq!(s.admin.vm("a").await.unwrap().version, 1);
+}
+
+#[tokio::test]
+async fn history_diff_and_revert_do_what_they_say() {
+    let s = TestServer::start().await;
+    s.admin.folder_create("tmp", "/").await.unwrap();
+    s.admin.vm_create(&json!({ "name": "web-1", "memory_mib": 2048, "folder": "/tmp" })).await.unwrap();
+    let c = &s.admin;
+    c.vm_change("web-1", &json!({ "cpus": 2 }), &ChangeOptions { message: Some("two".into()), ..Default::default() })
+        .await
+        .unwrap();
+    c.vm_change("web-1", &json!({ "memory_mib": 4096 }), &Default::default()).await.unwrap();
+    c.vm_change("web-1", &json!({ "cpus": 4, "annotations": { "x": "y" } }), &Default::default()).await.unwrap();
+    let d = c.vm_diff("web-1", 2, 4).await.unwrap();
+    assert_eq!(d.summary, ["annotations.x: (none) → \"y\"", "cpus: 2 → 4", "memory_mib: 2048 → 4096"]);
+    let reverted = c.vm_revert("web-1", 2, None).await.unwrap();
+    assert_eq!(reverted.version, 5);
+    assert_eq!((reverted.config.cpus, reverted.config.memory_mib), (2, 2048));
+    assert!(reverted.config.annotations.is_empty());
+    let h = c.vm_versions("web-1", &Default::default()).await.unwrap().items;
+    assert_eq!(h[0].message.as_deref(), Some("revert to version 2"));
+    assert_eq!(h[3].message.as_deref(), Some("two"));
+    assert!(h.iter().all(|v| v.event_seq.is_some() && v.author == "admin"));
+    // A no-op change writes no version.
+    c.vm_change("web-1", &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
+    assert_eq!(c.vm("web-1").await.unwrap().version, 5);
+    // Move out of /tmp, delete it; a revert into the deleted folder is refused and says which.
+    let moved = c.vm_change("web-1", &json!({ "folder": "/" }), &Default::default()).await.unwrap();
+    assert_eq!(moved.path, "/web-1");
+    c.folder_delete("tmp").await.unwrap();
+    let Err(ClientError::Api { error, .. }) = c.vm_revert("web-1", 5, None).await else { panic!() };
+    assert_eq!(error.field.as_deref(), Some("folder"));
+    assert!(error.message.contains("/tmp"), "{}", error.message);
+    assert_eq!(api_err(c.vm_revert("web-1", 99, None).await).0, 400);
+    // Deleting: the VM and its history go.
+    c.vm_delete("web-1").await.unwrap();
+    assert_eq!(api_err(c.vm("web-1").await).0, 404);
+}
+
+#[tokio::test]
+async fn others_see_changes_in_the_feed_with_the_patch() {
+    let s = TestServer::start().await;
+    s.admin.folder_create("team-a", "/").await.unwrap();
+    s.admin.vm_create(&json!({ "name": "web-1", "folder": "/team-a" })).await.unwrap();
+    s.admin.vm_create(&json!({ "name": "secret" })).await.unwrap();
+    let b = s.user("bob").await;
+    s.admin.permission_grant("bob", "ReadOnly", "/team-a", true).await.unwrap();
+    let mut feed = b.events_follow(None, None).await.unwrap();
+    s.admin.vm_change("secret", &json!({ "cpus": 3 }), &Default::default()).await.unwrap();
+    s.admin.vm_change("web-1", &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((ev.kind.as_str(), ev.object_name.as_deref()), ("vm.config.changed", Some("web-1")));
+    assert_eq!((ev.version_before, ev.version_after), (Some(1), Some(2)));
+    assert_eq!(ev.patch, Some(json!([{ "op": "replace", "path": "/cpus", "value": 2 }])));
+    assert_eq!(ev.data["summary"], json!(["cpus: 1 → 2"]));
+    // Bob lists only what he may view; filters work.
+    let names: Vec<String> = b.vms(&Default::default()).await.unwrap().items.into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["web-1"]);
+    let q = covm_types::vm::VmListQuery { name: Some("sec".into()), ..Default::default() };
+    assert_eq!(s.admin.vms(&q).await.unwrap().items.len(), 1);
+    let q = covm_types::vm::VmListQuery { folder: Some("/team-a".into()), ..Default::default() };
+    assert_eq!(s.admin.vms(&q).await.unwrap().items[0].name, "web-1");
+}
