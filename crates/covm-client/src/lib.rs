@@ -359,7 +359,11 @@ impl Client {
     }
 
     pub async fn vm_revert(&self, vm: &str, version: i64, message: Option<&str>) -> Result<VmView> {
-        self.post(&format!("/vms/{vm}/revert"), &RevertRequest { version, message: message.map(str::to_owned) }).await
+        self.post(
+            &format!("/vms/{vm}/revert"),
+            &RevertRequest { version, message: message.map(str::to_owned), next_boot: false },
+        )
+        .await
     }
 
     pub async fn lease(&self, vm: &str) -> Result<Option<LeaseView>> {

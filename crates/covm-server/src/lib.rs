@@ -14,6 +14,28 @@ use tokio::sync::oneshot;
 
 use app::{App, AppConfig};
 
+/// Which hypervisor driver runs VMs.
+#[derive(Clone, Default)]
+pub enum Driver {
+    /// Real QEMU processes (the default).
+    #[default]
+    Qemu,
+    /// Simulated VMs, for machines without QEMU.
+    Sim,
+    /// A driver given by the caller (tests share one simulated driver across restarts).
+    Custom(Arc<dyn covm_hv::Hypervisor>),
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Driver::Qemu => f.write_str("qemu"),
+            Driver::Sim => f.write_str("sim"),
+            Driver::Custom(d) => write!(f, "custom({})", d.name()),
+        }
+    }
+}
+
 /// How `covm serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -21,6 +43,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Create a small demo inventory on the first start.
     pub demo: bool,
+    pub driver: Driver,
 }
 
 /// A server that is listening.
@@ -77,13 +100,36 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             .map_err(|e| anyhow::anyhow!("{}", e.message))
             .with_context(|| format!("could not open the database {}", db.display()))?,
     );
-    let app = App::new(store, AppConfig { data_dir: data_dir.clone() });
+    let driver: Arc<dyn covm_hv::Hypervisor> = match &config.driver {
+        Driver::Qemu => Arc::new(covm_hv::qemu::QemuDriver::default()),
+        Driver::Sim => Arc::new(covm_hv::sim::SimDriver::default()),
+        Driver::Custom(d) => d.clone(),
+    };
+    match driver.check() {
+        Ok(()) => tracing::info!(driver = driver.name(), "hypervisor driver ready"),
+        Err(e) => tracing::warn!(driver = driver.name(), "VMs cannot be powered on: {e}"),
+    }
+    if driver.name() == "sim" {
+        tracing::warn!("the simulated driver runs no real VMs; runtime state is labelled simulated");
+    }
+    let app = App::new(store, AppConfig { data_dir: data_dir.clone() }, driver);
     let initial_password_file = app.bootstrap(&data_dir).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     if let Some(f) = &initial_password_file {
         tracing::info!(file = %f.display(), "created the user admin; its initial password is in this file (mode 0600)");
     }
     app.inventory_bootstrap(&data_dir, config.demo).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let tailer = app.hub().start().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    app.node_recover().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            match app.autostart().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(started = n, "autostart done"),
+                Err(e) => tracing::warn!(error = %e, "autostart failed"),
+            }
+        });
+    }
     let sweeper = {
         let app = app.clone();
         tokio::spawn(async move {

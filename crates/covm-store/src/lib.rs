@@ -285,10 +285,38 @@ pub enum LeaseWrite {
     Clear,
 }
 
+/// New runtime state. `generation` counts runs: a power-on (or an adoption) bumps it, and a node
+/// agent's writes for an older run are ignored by the write's closure.
+#[derive(Debug, Clone)]
+pub struct RuntimeWrite {
+    pub power_state: String,
+    pub runtime: serde_json::Value,
+    pub bump_generation: bool,
+}
+
+/// A long operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub id: Uuid,
+    pub kind: String,
+    pub object_id: Option<Uuid>,
+    pub object_name: Option<String>,
+    pub actor: String,
+    pub request_id: Option<String>,
+    /// `queued`, `running`, `success`, `error`, `cancelled`.
+    pub state: String,
+    pub progress: i64,
+    pub message: Option<String>,
+    pub error: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// What one write to a VM does, decided inside the transaction by a [`VmWriteFn`].
 #[derive(Debug, Clone, Default)]
 pub struct VmWrite {
     pub config: Option<ConfigWrite>,
+    pub runtime: Option<RuntimeWrite>,
     pub lease: Option<LeaseWrite>,
     pub delete: bool,
     /// Appended in order; a config write links its version to the first.
@@ -410,6 +438,13 @@ pub trait Store: Send + Sync + 'static {
     async fn vm_version(&self, id: Uuid, version: i64) -> Result<Option<VersionRecord>>;
     /// VMs whose lease has expired by `now` (for the sweeper that reports expiries).
     async fn vm_leases_expired(&self, now: DateTime<Utc>) -> Result<Vec<Uuid>>;
+
+    // --- tasks ----------------------------------------------------------------------------------
+    /// Creates or updates a task, with an optional log entry in the same transaction.
+    async fn task_put(&self, task: TaskRecord, event: Option<NewEvent>) -> Result<()>;
+    async fn task_get(&self, id: Uuid) -> Result<Option<TaskRecord>>;
+    /// Newest first, created before the cursor (a task id), at most `limit`.
+    async fn tasks_list(&self, before: Option<Uuid>, limit: u32) -> Result<Vec<TaskRecord>>;
 
     // --- meta -----------------------------------------------------------------------------------
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;

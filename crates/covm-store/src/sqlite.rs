@@ -1107,6 +1107,18 @@ impl Store for SqliteStore {
         self.vm_leases_expired_impl(now).await
     }
 
+    async fn task_put(&self, task: TaskRecord, event: Option<NewEvent>) -> Result<()> {
+        self.task_put_impl(task, event).await
+    }
+
+    async fn task_get(&self, id: Uuid) -> Result<Option<TaskRecord>> {
+        self.task_get_impl(id).await
+    }
+
+    async fn tasks_list(&self, before: Option<Uuid>, limit: u32) -> Result<Vec<TaskRecord>> {
+        self.tasks_list_impl(before, limit).await
+    }
+
     async fn meta_get(&self, key: &str) -> Result<Option<String>> {
         Ok(sqlx::query("SELECT value FROM meta WHERE key = $1")
             .bind(key)

@@ -284,6 +284,18 @@ impl SqliteStore {
                     .map_err(db_err("write a config version"))?;
                 version_insert(&mut tx, &id_s, version, c, at, events.first().map(|e| e.seq)).await?;
             }
+            if let Some(r) = &w.runtime {
+                sqlx::query(
+                    "UPDATE vms SET power_state = $2, runtime = $3, generation = generation + $4 WHERE id = $1",
+                )
+                .bind(&id_s)
+                .bind(&r.power_state)
+                .bind(r.runtime.to_string())
+                .bind(i64::from(r.bump_generation))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("write runtime state"))?;
+            }
             match &w.lease {
                 Some(LeaseWrite::Set(l)) => {
                     sqlx::query(
@@ -355,5 +367,76 @@ impl SqliteStore {
             .await
             .map_err(db_err("find expired leases"))?;
         rows.iter().map(|r| uuid(r.get("id"))).collect()
+    }
+}
+
+fn task_row(r: &SqliteRow) -> Result<TaskRecord> {
+    let error: Option<String> = r.get("error");
+    Ok(TaskRecord {
+        id: uuid(r.get("id"))?,
+        kind: r.get("kind"),
+        object_id: crate::sqlite::uuid_opt(r.get("object_id"))?,
+        object_name: r.get("object_name"),
+        actor: r.get("actor"),
+        request_id: r.get("request_id"),
+        state: r.get("state"),
+        progress: r.get("progress"),
+        message: r.get("message"),
+        error: error.as_deref().map(json).transpose()?,
+        created_at: time(r.get("created_at"))?,
+        updated_at: time(r.get("updated_at"))?,
+    })
+}
+
+impl SqliteStore {
+    pub(crate) async fn task_put_impl(&self, t: TaskRecord, event: Option<NewEvent>) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO tasks (id, kind, object_id, object_name, actor, request_id, state, progress, message, error,
+                created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (id) DO UPDATE SET state = excluded.state, progress = excluded.progress,
+                message = excluded.message, error = excluded.error, updated_at = excluded.updated_at",
+        )
+        .bind(t.id.to_string())
+        .bind(&t.kind)
+        .bind(t.object_id.map(|u| u.to_string()))
+        .bind(&t.object_name)
+        .bind(&t.actor)
+        .bind(&t.request_id)
+        .bind(&t.state)
+        .bind(t.progress)
+        .bind(&t.message)
+        .bind(t.error.as_ref().map(|e| e.to_string()))
+        .bind(time_to_db(t.created_at))
+        .bind(time_to_db(t.updated_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("write a task"))?;
+        if let Some(e) = event {
+            append(&mut tx, e).await?;
+        }
+        tx.commit().await.map_err(db_err("commit"))
+    }
+
+    pub(crate) async fn task_get_impl(&self, id: Uuid) -> Result<Option<TaskRecord>> {
+        sqlx::query("SELECT * FROM tasks WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err("read a task"))?
+            .as_ref()
+            .map(task_row)
+            .transpose()
+    }
+
+    pub(crate) async fn tasks_list_impl(&self, before: Option<Uuid>, limit: u32) -> Result<Vec<TaskRecord>> {
+        let rows = sqlx::query("SELECT * FROM tasks WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2")
+            .bind(before.map(|u| u.to_string()))
+            .bind(limit as i64)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("list tasks"))?;
+        rows.iter().map(task_row).collect()
     }
 }

@@ -408,6 +408,7 @@ impl PowerState {
 
 /// What is running, as opposed to what is configured. Not versioned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(default)]
 pub struct VmRuntime {
     pub power_state: PowerState,
     pub pid: Option<u32>,
@@ -418,6 +419,9 @@ pub struct VmRuntime {
     pub running_version: Option<i64>,
     pub since: Option<DateTime<Utc>>,
     pub generation: i64,
+    /// True when the simulated driver "runs" the VM (no QEMU process).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub simulated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -456,6 +460,13 @@ pub struct VmListQuery {
     pub limit: Option<u32>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyMode {
+    /// Store changes that need a power cycle as pending instead of refusing them.
+    NextBoot,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct VmChangeQuery {
@@ -464,6 +475,72 @@ pub struct VmChangeQuery {
     /// Return what would change, and change nothing.
     #[serde(default)]
     pub dry_run: bool,
+    /// `next_boot`: on a running VM, keep changes that need a power cycle as pending.
+    pub apply: Option<ApplyMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerAction {
+    On,
+    /// Stop QEMU at once (pull the plug).
+    Off,
+    /// Ask the guest (ACPI); give up after `timeout_s`, leaving it running.
+    Shutdown,
+    Reset,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PowerRequest {
+    pub action: PowerAction,
+    /// For `shutdown`: how long to wait for the guest (default 60, at most 3600).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Success,
+    Error,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub id: Uuid,
+    /// `vm.power.on`, …
+    pub kind: String,
+    pub object_id: Option<Uuid>,
+    pub object_name: Option<String>,
+    pub actor: String,
+    pub state: TaskState,
+    /// 0 to 100.
+    pub progress: i64,
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<serde_json::Value>,
+    pub cancelable: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TaskQuery {
+    /// Only tasks older than this one (paging).
+    pub before: Option<Uuid>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SerialQuery {
+    /// The last N lines (default 100, at most 10000).
+    pub tail: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -513,6 +590,9 @@ pub struct RevertRequest {
     pub version: i64,
     #[serde(default)]
     pub message: Option<String>,
+    /// On a running VM, keep next-boot changes pending instead of refusing them.
+    #[serde(default)]
+    pub next_boot: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

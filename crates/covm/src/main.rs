@@ -102,6 +102,9 @@ struct ServeArgs {
     /// On the first start, also create a demo inventory (folders team-a, team-b; pool small).
     #[arg(long)]
     demo: bool,
+    /// `qemu` runs real VMs; `sim` simulates them (for machines without QEMU).
+    #[arg(long, env = "COVM_DRIVER", default_value = "qemu", value_parser = ["qemu", "sim"])]
+    driver: String,
 }
 
 #[derive(Subcommand)]
@@ -296,7 +299,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
                 )
                 .init();
-            covm_server::serve(covm_server::ServeConfig { data_dir: a.data_dir, listen: a.listen, demo: a.demo }).await
+            let driver = if a.driver == "sim" { covm_server::Driver::Sim } else { covm_server::Driver::Qemu };
+            covm_server::serve(covm_server::ServeConfig {
+                data_dir: a.data_dir,
+                listen: a.listen,
+                demo: a.demo,
+                driver,
+            })
+            .await
         }
         Command::Login { user, password_file } => {
             let password = read_password(password_file.as_ref(), &format!("password for {user}: "))?;

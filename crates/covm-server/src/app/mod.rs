@@ -15,6 +15,8 @@ pub mod events;
 pub mod host;
 pub mod inventory;
 pub mod leases;
+pub mod node;
+pub mod power;
 pub mod principals;
 pub mod vms;
 
@@ -42,15 +44,21 @@ pub struct App {
 
 struct AppInner {
     store: Arc<dyn Store>,
+    node: node::Node,
     hub: EventHub,
     limiter: RateLimiter,
     config: AppConfig,
 }
 
 impl App {
-    pub fn new(store: Arc<dyn Store>, config: AppConfig) -> App {
+    pub fn new(store: Arc<dyn Store>, config: AppConfig, driver: Arc<dyn covm_hv::Hypervisor>) -> App {
         let hub = EventHub::new(store.clone());
-        App { inner: Arc::new(AppInner { store, hub, limiter: RateLimiter::default(), config }) }
+        let node = node::Node::new(driver);
+        App { inner: Arc::new(AppInner { store, node, hub, limiter: RateLimiter::default(), config }) }
+    }
+
+    pub fn node(&self) -> &node::Node {
+        &self.inner.node
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

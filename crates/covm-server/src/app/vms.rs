@@ -45,6 +45,51 @@ pub struct ChangePlan {
     pub summary: Vec<String>,
     /// The top-level fields that change.
     pub fields: Vec<String>,
+    /// Of those, the ones a running VM takes at once.
+    pub live: Vec<String>,
+    /// And the ones that wait for the next power-on.
+    pub next_boot: Vec<String>,
+    /// Why the change would be refused, if it would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// Splits the changed fields into live ones (a running VM takes them at once) and next-boot ones.
+pub fn classify(old: &VmConfig, new: &VmConfig) -> (Vec<String>, Vec<String>) {
+    let a = serde_json::to_value(old).unwrap_or_default();
+    let b = serde_json::to_value(new).unwrap_or_default();
+    let (mut live, mut next) = (Vec::new(), Vec::new());
+    for f in changed_fields(&a, &b) {
+        let is_live = match f.as_str() {
+            "description" | "annotations" | "autostart" | "name" | "folder" | "pool" => true,
+            // Only the link state of existing NICs changes live.
+            "nics" => {
+                old.nics.len() == new.nics.len()
+                    && old.nics.iter().zip(&new.nics).all(|(x, y)| {
+                        covm_types::vm::Nic { connected: true, ..x.clone() }
+                            == covm_types::vm::Nic { connected: true, ..y.clone() }
+                    })
+            }
+            _ => false,
+        };
+        if is_live { live.push(f) } else { next.push(f) }
+    }
+    (live, next)
+}
+
+fn running(vm: &VmRecord) -> bool {
+    matches!(vm.power_state.as_str(), "running" | "paused" | "starting" | "stopping")
+}
+
+fn requires_power_cycle(name: &str, fields: &[String]) -> Error {
+    Error::conflict(
+        "requires_power_cycle",
+        format!(
+            "{name} is running and {} only take effect at the next power-on; send apply=next_boot to keep the change pending",
+            fields.join(", ")
+        ),
+    )
+    .with_details(json!({ "fields": fields }))
 }
 
 /// One line per changed leaf: `memory_mib: 2048 → 4096`.
@@ -121,8 +166,7 @@ impl App {
     pub(crate) fn vm_view(&self, ctx: Option<&Ctx>, r: &VmRecord) -> Result<VmView, Error> {
         let config: VmConfig = serde_json::from_value(r.config.clone())
             .map_err(|e| Error::internal(format!("the stored config of {} does not read: {e}", r.object.name)))?;
-        let mut runtime: VmRuntime = serde_json::from_value(r.runtime.clone()).unwrap_or_default();
-        runtime.generation = r.generation;
+        let runtime: VmRuntime = super::node::runtime_of(r);
         let now = chrono::Utc::now();
         let lease = r.lease.as_ref().filter(|l| l.expires_at > now).map(|l| LeaseView {
             holder: l.holder.clone(),
@@ -293,7 +337,8 @@ impl App {
             return Err(Error::new(ErrorKind::InvalidRequest, "invalid_patch", "a change is a JSON object (RFC 7386)"));
         }
         let rec = self.vm_resolve(ctx, vm).await?;
-        self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, q.message, q.dry_run).await
+        let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
+        self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, q.message, q.dry_run, next_boot).await
     }
 
     /// Writes a new version whose content is version `K`'s.
@@ -304,8 +349,9 @@ impl App {
                 Error::invalid("version", format!("{} has no version {}", rec.object.name, r.version))
             })?;
         let message = r.message.unwrap_or_else(|| format!("revert to version {}", r.version));
-        let (view, _) =
-            self.vm_write_doc(ctx, rec, DocChange::Replace(old.config, r.version), pre, Some(message), false).await?;
+        let (view, _) = self
+            .vm_write_doc(ctx, rec, DocChange::Replace(old.config, r.version), pre, Some(message), false, r.next_boot)
+            .await?;
         Ok(view)
     }
 
@@ -317,6 +363,7 @@ impl App {
         pre: Preconditions,
         message: Option<String>,
         dry_run: bool,
+        apply_next_boot: bool,
     ) -> Result<(VmView, ChangePlan), Error> {
         if let Some(m) = &message
             && m.len() > 1024
@@ -339,13 +386,19 @@ impl App {
             let folder = self.vm_references_check(ctx, &new_cfg, Some(&old_cfg)).await?;
             let refs = references(&new_cfg);
 
+            let (live, next_boot) = classify(&old_cfg, &new_cfg);
             if dry_run {
                 let new_doc = serde_json::to_value(&new_cfg).unwrap_or_default();
+                let refused = (running(&rec) && !next_boot.is_empty() && !apply_next_boot)
+                    .then(|| requires_power_cycle(&rec.object.name, &next_boot).message.clone());
                 let plan = ChangePlan {
                     from_version: rec.version,
                     patch: patch_of(&rec.config, &new_doc),
                     summary: diff_summary(&rec.config, &new_doc),
                     fields,
+                    live,
+                    next_boot,
+                    refused,
                 };
                 return Ok((self.vm_view(Some(ctx), &rec)?, plan));
             }
@@ -381,6 +434,26 @@ impl App {
                     // Already so: nothing to write.
                     return Ok(VmWrite::default());
                 }
+                // A running VM takes live fields at once; next-boot ones wait (if asked) or are refused.
+                let mut runtime = None;
+                if running(vm) {
+                    let old: VmConfig = parse_config(&vm.config)?;
+                    let (_, next) = classify(&old, &cfg);
+                    if !next.is_empty() && !apply_next_boot {
+                        return Err(requires_power_cycle(&vm.object.name, &next));
+                    }
+                    let mut rt = super::node::runtime_of(vm);
+                    if next.is_empty() && rt.running_version == Some(vm.version) {
+                        rt.running_version = Some(vm.version + 1);
+                        let mut v = serde_json::to_value(&rt).unwrap_or_default();
+                        v.as_object_mut().map(|o| o.remove("generation"));
+                        runtime = Some(covm_store::RuntimeWrite {
+                            power_state: vm.power_state.clone(),
+                            runtime: v,
+                            bump_generation: false,
+                        });
+                    }
+                }
                 let patch = patch_of(&vm.config, &new_doc);
                 let summary = diff_summary(&vm.config, &new_doc);
                 let moved = vm.config["folder"] != new_doc["folder"];
@@ -396,6 +469,7 @@ impl App {
                     ..ev
                 };
                 Ok(VmWrite {
+                    runtime,
                     config: Some(ConfigWrite {
                         config: new_doc,
                         name: cfg.name.to_string(),
@@ -415,7 +489,13 @@ impl App {
                         self.committed();
                     }
                     let after = after.ok_or_else(|| Error::internal("the VM vanished during a change"))?;
+                    if !events.is_empty() && running(&after) {
+                        self.nic_links_apply(&rec, &after).await;
+                    }
                     let plan = ChangePlan {
+                        live: live.clone(),
+                        next_boot: next_boot.clone(),
+                        refused: None,
                         from_version: after.version - i64::from(!events.is_empty()),
                         patch: events.first().and_then(|e| e.patch.clone()).unwrap_or(json!([])),
                         summary: events
@@ -500,6 +580,12 @@ impl App {
         });
         self.store().vm_write(rec.object.id, write).await?;
         self.committed();
+        let dir = self.run_dir(rec.object.id);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a deleted VM's run directory");
+        }
         Ok(())
     }
 
@@ -535,6 +621,22 @@ impl App {
         let a = get(from, "from").await?;
         let b = get(to, "to").await?;
         Ok(DiffView { from, to, patch: patch_of(&a.config, &b.config), summary: diff_summary(&a.config, &b.config) })
+    }
+
+    /// Sets NIC links that a live change turned up or down.
+    async fn nic_links_apply(&self, before: &VmRecord, after: &VmRecord) {
+        let (Ok(a), Ok(b)) = (parse_config(&before.config), parse_config(&after.config)) else { return };
+        if a.nics.len() != b.nics.len() {
+            return;
+        }
+        for (i, (x, y)) in a.nics.iter().zip(&b.nics).enumerate() {
+            if x.connected != y.connected {
+                let up = y.connected;
+                if let Err(e) = self.node().ask(after.object.id, |r| super::node::Cmd::SetLink(i, up, r)).await {
+                    tracing::warn!(vm = %after.object.name, nic = i, error = %e, "could not set the link");
+                }
+            }
+        }
     }
 
     pub(crate) fn host_memory_mib(&self) -> u64 {

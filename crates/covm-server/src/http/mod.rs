@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod inventory;
+pub mod power;
 pub mod principals;
 pub mod session;
 pub mod vms;
@@ -45,6 +46,7 @@ use error::{ApiError, ErrorCode};
         (name = "principals", description = "Users, groups, roles and permissions"),
         (name = "inventory", description = "Folders, datastores, networks, pools and hosts"),
         (name = "vms", description = "VMs as versioned documents, their history and edit leases"),
+        (name = "tasks", description = "Long operations and their progress"),
         (name = "events", description = "The change feed and the audit log"),
     )
 )]
@@ -94,6 +96,11 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(vms::vm_diff))
         .routes(routes!(vms::vm_revert))
         .routes(routes!(vms::lease_get, vms::lease_acquire, vms::lease_renew, vms::lease_release))
+        .routes(routes!(power::vm_power))
+        .routes(routes!(power::vm_console_serial))
+        .routes(routes!(power::vm_console_vnc))
+        .routes(routes!(power::task_list))
+        .routes(routes!(power::task_get))
         .routes(routes!(events::event_list))
         .routes(routes!(events::audit_list))
         .routes(routes!(events::audit_verify))
@@ -145,9 +152,14 @@ fn with_service_layers(routes: axum::Router<App>, app: App) -> axum::Router {
 }
 
 async fn readyz(State(app): State<App>) -> Response {
+    let mut details =
+        vec![format!("store: {}", app.store().backend()), format!("driver: {}", app.node().driver.name())];
+    if let Err(e) = app.node().driver.check() {
+        details.push(format!("driver: {e}"));
+    }
+    details.extend(app.node().leftovers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
     match app.store().ping().await {
-        Ok(()) => Json(Health { status: "ready".into(), details: vec![format!("store: {}", app.store().backend())] })
-            .into_response(),
+        Ok(()) => Json(Health { status: "ready".into(), details }).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Health { status: "unavailable".into(), details: vec![format!("store: {}", e.message)] }),
@@ -246,7 +258,8 @@ mod tests {
     async fn a_panic_is_a_json_500_with_the_request_id() {
         let dir = tempfile::tempdir().unwrap();
         let store = covm_store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
-        let app = App::new(Arc::new(store), AppConfig { data_dir: dir.path().to_owned() });
+        let driver = Arc::new(covm_hv::sim::SimDriver::default());
+        let app = App::new(Arc::new(store), AppConfig { data_dir: dir.path().to_owned() }, driver);
         let routes = axum::Router::new().route(
             "/boom",
             axum::routing::post(|| async {

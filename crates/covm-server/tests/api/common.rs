@@ -33,6 +33,7 @@ impl TestServer {
             data_dir: dir.path().to_owned(),
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             demo: false,
+            driver: covm_server::Driver::Sim,
         })
         .await
         .expect("covm starts")

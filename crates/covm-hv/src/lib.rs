@@ -1,0 +1,176 @@
+//! Hypervisor drivers behind one trait: [`qemu::QemuDriver`] runs real QEMU/KVM processes and speaks
+//! QMP to them; [`sim::SimDriver`] pretends, for fast tests and machines without QEMU.
+//!
+//! A driver starts a VM from a [`VmSpec`] and hands back a [`VmHandle`]; whoever owns the handle (one
+//! task per VM, in the server's node agent) is the only one that talks to that VM. A handle reports
+//! what happens to the VM as [`HvEvent`]s, ending with [`HvEvent::Exited`]. QEMU processes do not
+//! belong to covm's process group, so they keep running when covm stops; [`Hypervisor::adopt`] finds
+//! them again from their run directory (pid file and QMP socket).
+
+pub mod qemu;
+pub mod qmp;
+pub mod sim;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use covm_types::vm::{Accel, VmConfig};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HvError {
+    /// The driver cannot run VMs here (no QEMU binary, no firmware, …); says what to install.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("QEMU did not start: {0}")]
+    Start(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    /// QEMU refused a command.
+    #[error("QEMU refused: {desc} ({class})")]
+    Command { class: String, desc: String },
+    /// The VM's process is gone.
+    #[error("the VM's QEMU process is gone")]
+    Gone,
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Everything a driver needs to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: Uuid,
+    pub name: String,
+    /// The config version this start runs.
+    pub version: i64,
+    pub config: VmConfig,
+    /// `kernel`, `initrd` and `cdrom` resolved to files inside their datastores.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cdrom: Option<PathBuf>,
+    /// Per NIC: the host bridge, or None for user-mode networking.
+    pub nic_bridges: Vec<Option<String>>,
+    /// Where the VM's sockets, pid file and logs live (`DATA/vms/<id>`).
+    pub run_dir: PathBuf,
+    /// The accelerator to use (already decided from `auto`).
+    pub accel: AccelChoice,
+}
+
+/// What the VM is actually accelerated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    Kvm,
+    Tcg,
+}
+
+impl AccelChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccelChoice::Kvm => "kvm",
+            AccelChoice::Tcg => "tcg",
+        }
+    }
+}
+
+/// Facts the accelerator choice depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct KvmFacts {
+    /// `/dev/kvm` opens.
+    pub usable: bool,
+    /// It is `kvm_pvm`, a nested software KVM that boots a stock kernel in minutes.
+    pub slow: bool,
+}
+
+impl KvmFacts {
+    pub fn probe() -> KvmFacts {
+        KvmFacts {
+            usable: std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+            slow: Path::new("/sys/module/kvm_pvm").exists(),
+        }
+    }
+}
+
+/// `auto` takes KVM only where it is real and fast; `kvm` insists (and fails without it).
+pub fn accel_choose(wanted: Accel, facts: KvmFacts) -> Result<AccelChoice, HvError> {
+    match wanted {
+        Accel::Tcg => Ok(AccelChoice::Tcg),
+        Accel::Kvm if facts.usable => Ok(AccelChoice::Kvm),
+        Accel::Kvm => Err(HvError::Unavailable("accel kvm was asked for, but /dev/kvm cannot be opened".into())),
+        Accel::Auto if facts.usable && !facts.slow => Ok(AccelChoice::Kvm),
+        Accel::Auto => Ok(AccelChoice::Tcg),
+    }
+}
+
+/// What happens to a running VM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HvEvent {
+    /// The guest powered itself off (or answered an ACPI power-down); QEMU waits to be told to quit.
+    GuestShutdown,
+    /// The guest asked for a reset and QEMU did it.
+    Reset,
+    Paused,
+    Resumed,
+    /// A device was removed (hot-unplug confirmed by the guest).
+    DeviceDeleted(String),
+    /// The process ended. `status` is known only for a process covm started in this run.
+    Exited {
+        status: Option<String>,
+        log_tail: Vec<String>,
+    },
+}
+
+/// One running VM, owned by exactly one task.
+#[async_trait]
+pub trait VmHandle: Send {
+    fn pid(&self) -> Option<u32>;
+    fn accel(&self) -> AccelChoice;
+    /// Asks the guest to power off (ACPI); returns at once.
+    async fn powerdown(&mut self) -> Result<(), HvError>;
+    async fn reset(&mut self) -> Result<(), HvError>;
+    /// Ends the VM at once (power off) and waits for the process to go.
+    async fn quit(&mut self) -> Result<(), HvError>;
+    /// Sets a NIC's link up or down.
+    async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError>;
+    /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.
+    async fn next_event(&mut self) -> HvEvent;
+}
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// `qemu` or `sim`.
+    fn name(&self) -> &'static str;
+    /// Whether this driver can start VMs here; the error says what to install.
+    fn check(&self) -> Result<(), HvError>;
+    /// Starts a VM (paused, devices added, then running).
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, HvError>;
+    /// Finds a VM that runs from an earlier covm (its run directory), if its process is still alive.
+    async fn adopt(&self, id: Uuid, run_dir: &Path) -> Result<Option<Box<dyn VmHandle>>, HvError>;
+    /// The pid of a process found in a run directory that still lives (for leftovers of deleted VMs).
+    fn leftover_pid(&self, run_dir: &Path) -> Option<u32>;
+}
+
+/// The last lines of a log file (for crash reports).
+pub fn log_tail(path: &Path, lines: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read(path) else { return vec![] };
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_avoids_a_slow_kvm() {
+        let real = KvmFacts { usable: true, slow: false };
+        let pvm = KvmFacts { usable: true, slow: true };
+        let none = KvmFacts { usable: false, slow: false };
+        assert_eq!(accel_choose(Accel::Auto, real), Ok(AccelChoice::Kvm));
+        assert_eq!(accel_choose(Accel::Auto, pvm), Ok(AccelChoice::Tcg));
+        assert_eq!(accel_choose(Accel::Auto, none), Ok(AccelChoice::Tcg));
+        assert_eq!(accel_choose(Accel::Kvm, pvm), Ok(AccelChoice::Kvm));
+        assert!(accel_choose(Accel::Kvm, none).is_err());
+        assert_eq!(accel_choose(Accel::Tcg, real), Ok(AccelChoice::Tcg));
+    }
+}

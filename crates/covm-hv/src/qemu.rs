@@ -1,0 +1,397 @@
+//! The QEMU driver: one `qemu-system-x86_64` process per running VM, started paused (`-S`) with a QMP
+//! socket, a serial console (unix socket, logged to `serial.log`), a VNC unix socket and a pid file in
+//! the VM's run directory, then resumed with `cont`. `-no-shutdown` keeps QEMU alive when the guest
+//! powers off, so covm sees the `SHUTDOWN` event and ends the process itself.
+//!
+//! The process is put in its own process group, so stopping covm (even with Ctrl-C in a terminal)
+//! leaves running VMs running; a later covm adopts them from the pid file and the QMP socket.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use covm_types::vm::{BootDevice, ControllerType, Firmware, Machine, NicModel};
+use serde_json::json;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::qmp::{Qmp, QmpEvent};
+use crate::{AccelChoice, HvError, HvEvent, Hypervisor, VmHandle, VmSpec, log_tail};
+
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+
+pub struct QemuDriver {
+    binary: PathBuf,
+    qmp_timeout: Duration,
+}
+
+impl Default for QemuDriver {
+    fn default() -> Self {
+        let binary = std::env::var_os("COVM_QEMU").map(PathBuf::from).unwrap_or_else(|| QEMU_BINARY.into());
+        QemuDriver { binary, qmp_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The files of a VM's run directory.
+pub struct RunFiles {
+    pub qmp: PathBuf,
+    pub serial: PathBuf,
+    pub serial_log: PathBuf,
+    pub vnc: PathBuf,
+    pub pid: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn run_files(dir: &Path) -> RunFiles {
+    RunFiles {
+        qmp: dir.join("qmp.sock"),
+        serial: dir.join("serial.sock"),
+        serial_log: dir.join("serial.log"),
+        vnc: dir.join("vnc.sock"),
+        pid: dir.join("qemu.pid"),
+        log: dir.join("qemu.log"),
+    }
+}
+
+fn which(binary: &Path) -> Option<PathBuf> {
+    if binary.components().count() > 1 {
+        return binary.is_file().then(|| binary.to_owned());
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(binary)).find(|p| p.is_file())
+}
+
+/// The command line for a spec (without the binary).
+pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
+    let c = &spec.config;
+    let f = run_files(&spec.run_dir);
+    let p = |p: &Path| p.display().to_string();
+    let machine = match c.machine {
+        Machine::Q35 => "q35",
+        Machine::Pc => "pc",
+    };
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("guest={},debug-threads=on", spec.name),
+        "-uuid".into(),
+        spec.id.to_string(),
+        "-machine".into(),
+        format!("{machine},accel={}", spec.accel.as_str()),
+        "-cpu".into(),
+        match spec.accel {
+            AccelChoice::Kvm => "host".into(),
+            AccelChoice::Tcg => "max".into(),
+        },
+        "-smp".into(),
+        c.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", c.memory_mib),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-S".into(),
+        "-no-shutdown".into(),
+        "-display".into(),
+        "none".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p(&f.qmp)),
+        "-chardev".into(),
+        format!("socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on", p(&f.serial), p(&f.serial_log)),
+        "-serial".into(),
+        "chardev:serial0".into(),
+        "-pidfile".into(),
+        p(&f.pid),
+    ];
+    if c.console.vnc {
+        args.extend(["-vnc".into(), format!("unix:{}", p(&f.vnc))]);
+    }
+    if c.firmware == Firmware::Uefi {
+        if !Path::new(OVMF_CODE).is_file() {
+            return Err(HvError::Unavailable(format!(
+                "firmware uefi needs OVMF ({OVMF_CODE}); install the Debian package ovmf"
+            )));
+        }
+        args.extend(["-drive".into(), format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")]);
+    }
+    if let Some(k) = &spec.kernel {
+        args.extend(["-kernel".into(), p(k)]);
+        if let Some(i) = &spec.initrd {
+            args.extend(["-initrd".into(), p(i)]);
+        }
+        args.extend(["-append".into(), c.cmdline.clone().unwrap_or_else(|| "console=ttyS0".into())]);
+    }
+    for ctl in &c.controllers {
+        match ctl.kind {
+            ControllerType::VirtioScsi => args.extend(["-device".into(), format!("virtio-scsi-pci,id={}", ctl.id)]),
+            ControllerType::Ahci => args.extend(["-device".into(), format!("ahci,id={}", ctl.id)]),
+            // The pc machine has its IDE controller built in.
+            ControllerType::Ide => {}
+        }
+    }
+    for (i, n) in c.nics.iter().enumerate() {
+        let backend = match spec.nic_bridges.get(i).cloned().flatten() {
+            Some(br) => format!("bridge,id=net{i},br={br}"),
+            None => format!("user,id=net{i}"),
+        };
+        let model = match n.model {
+            NicModel::VirtioNet => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+        };
+        let mac = n.mac.clone().unwrap_or_default();
+        args.extend([
+            "-netdev".into(),
+            backend,
+            "-device".into(),
+            format!("{model},netdev=net{i},id=nic{i},mac={mac}"),
+        ]);
+    }
+    if let Some(cd) = &spec.cdrom {
+        args.extend(["-drive".into(), format!("file={},media=cdrom,readonly=on", p(cd))]);
+    }
+    let order: String = c
+        .boot
+        .iter()
+        .map(|b| match b {
+            BootDevice::Disk => 'c',
+            BootDevice::Cdrom => 'd',
+            BootDevice::Network => 'n',
+        })
+        .collect();
+    args.extend(["-boot".into(), format!("order={order}")]);
+    Ok(args)
+}
+
+/// Whether `pid` is alive and is the QEMU of this run directory (not a recycled pid).
+fn pid_is_ours(pid: u32, run_dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie (state Z) is gone for our purposes.
+    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !zombie && cmdline.contains(&run_dir.display().to_string())
+}
+
+fn read_pid(run_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(run_files(run_dir).pid).ok()?.trim().parse().ok()
+}
+
+#[async_trait]
+impl Hypervisor for QemuDriver {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn check(&self) -> Result<(), HvError> {
+        which(&self.binary).map(|_| ()).ok_or_else(|| {
+            HvError::Unavailable(format!(
+                "{} is not installed; install the Debian package qemu-system-x86 (scripts/install-qemu does it)",
+                self.binary.display()
+            ))
+        })
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, HvError> {
+        self.check()?;
+        let args = command_line(spec)?;
+        let f = run_files(&spec.run_dir);
+        std::fs::create_dir_all(&spec.run_dir).map_err(|e| HvError::Io(format!("{}: {e}", spec.run_dir.display())))?;
+        for stale in [&f.qmp, &f.serial, &f.vnc, &f.pid] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&f.log)
+            .map_err(|e| HvError::Io(format!("{}: {e}", f.log.display())))?;
+        let log2 = log.try_clone().map_err(|e| HvError::Io(e.to_string()))?;
+        tracing::info!(vm = %spec.name, accel = spec.accel.as_str(), "starting QEMU: {} {}", self.binary.display(), args.join(" "));
+        let mut child = tokio::process::Command::new(&self.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| HvError::Start(format!("{}: {e}", self.binary.display())))?;
+        let pid = child.id();
+        // Wait for the QMP socket; a QEMU that exits first has said why in its log.
+        let started = Instant::now();
+        while !f.qmp.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(HvError::Start(format!("QEMU exited ({status}): {}", log_tail(&f.log, 5).join(" | "))));
+            }
+            if started.elapsed() > self.qmp_timeout {
+                let _ = child.start_kill();
+                return Err(HvError::Start("QEMU did not open its QMP socket in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (qmp, events) = match Qmp::connect(&f.qmp, self.qmp_timeout).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.start_kill();
+                return Err(e);
+            }
+        };
+        let mut vm = QemuVm { qmp, events, child: Some(child), pid, accel: spec.accel, run_dir: spec.run_dir.clone() };
+        if let Err(e) = vm.qmp.execute("cont", json!({})).await {
+            let _ = vm.quit().await;
+            return Err(e);
+        }
+        Ok(Box::new(vm))
+    }
+
+    async fn adopt(&self, _id: Uuid, run_dir: &Path) -> Result<Option<Box<dyn VmHandle>>, HvError> {
+        let Some(pid) = read_pid(run_dir).filter(|p| pid_is_ours(*p, run_dir)) else { return Ok(None) };
+        let f = run_files(run_dir);
+        let (qmp, events) = Qmp::connect(&f.qmp, self.qmp_timeout).await?;
+        let kvm = qmp.execute("query-kvm", json!({})).await?;
+        let accel = if kvm["enabled"].as_bool() == Some(true) { AccelChoice::Kvm } else { AccelChoice::Tcg };
+        Ok(Some(Box::new(QemuVm { qmp, events, child: None, pid: Some(pid), accel, run_dir: run_dir.to_owned() })))
+    }
+
+    fn leftover_pid(&self, run_dir: &Path) -> Option<u32> {
+        read_pid(run_dir).filter(|p| pid_is_ours(*p, run_dir))
+    }
+}
+
+struct QemuVm {
+    qmp: Qmp,
+    events: mpsc::UnboundedReceiver<QmpEvent>,
+    /// Our child when this covm started it; None when adopted.
+    child: Option<Child>,
+    pid: Option<u32>,
+    accel: AccelChoice,
+    run_dir: PathBuf,
+}
+
+impl QemuVm {
+    /// Waits until the process has gone; returns its exit status when it was our child.
+    async fn wait_gone(&mut self) -> Option<String> {
+        if let Some(child) = &mut self.child {
+            return child.wait().await.ok().map(|s| s.to_string());
+        }
+        while self.pid.is_some_and(|p| pid_is_ours(p, &self.run_dir)) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    fn exited(&self, status: Option<String>) -> HvEvent {
+        HvEvent::Exited { status, log_tail: log_tail(&run_files(&self.run_dir).log, 10) }
+    }
+}
+
+#[async_trait]
+impl VmHandle for QemuVm {
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    fn accel(&self) -> AccelChoice {
+        self.accel
+    }
+
+    async fn powerdown(&mut self) -> Result<(), HvError> {
+        self.qmp.execute("system_powerdown", json!({})).await.map(|_| ())
+    }
+
+    async fn reset(&mut self) -> Result<(), HvError> {
+        self.qmp.execute("system_reset", json!({})).await.map(|_| ())
+    }
+
+    async fn quit(&mut self) -> Result<(), HvError> {
+        match self.qmp.execute("quit", json!({})).await {
+            Ok(_) | Err(HvError::Gone) => {}
+            Err(e) => tracing::warn!(error = %e, "quit failed; killing QEMU"),
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.wait_gone()).await.is_err()
+            && let Some(pid) = self.pid
+        {
+            tracing::warn!(pid, "QEMU did not quit in 10 s; killing it");
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = self.wait_gone().await;
+        }
+        Ok(())
+    }
+
+    async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError> {
+        self.qmp.execute("set_link", json!({ "name": format!("nic{nic}"), "up": up })).await.map(|_| ())
+    }
+
+    async fn next_event(&mut self) -> HvEvent {
+        loop {
+            let Some(ev) = self.events.recv().await else {
+                // The QMP socket closed: the process is ending.
+                let status = self.wait_gone().await;
+                return self.exited(status);
+            };
+            match ev.name.as_str() {
+                "SHUTDOWN" => return HvEvent::GuestShutdown,
+                "RESET" => return HvEvent::Reset,
+                "STOP" => return HvEvent::Paused,
+                "RESUME" => return HvEvent::Resumed,
+                "DEVICE_DELETED" => {
+                    let dev = ev.data["device"].as_str().or(ev.data["path"].as_str()).unwrap_or_default();
+                    return HvEvent::DeviceDeleted(dev.to_owned());
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AccelChoice;
+    use covm_types::vm::VmConfig;
+
+    #[test]
+    fn the_command_line_has_what_covm_relies_on() {
+        let config: VmConfig = serde_json::from_value(json!({
+            "name": "web-1", "cpus": 2, "memory_mib": 128, "cmdline": "console=ttyS0",
+            "kernel": "local:k", "nics": [{ "network": "user", "mac": "52:54:00:00:00:01" }]
+        }))
+        .unwrap();
+        let spec = VmSpec {
+            id: Uuid::nil(),
+            name: "web-1".into(),
+            version: 1,
+            config,
+            kernel: Some("/ds/k".into()),
+            initrd: None,
+            cdrom: None,
+            run_dir: "/data/vms/x".into(),
+            accel: AccelChoice::Tcg,
+            nic_bridges: vec![None],
+        };
+        let a = command_line(&spec).unwrap().join(" ");
+        for part in [
+            "-machine q35,accel=tcg",
+            "-cpu max",
+            "-smp 2",
+            "-m 128M",
+            "-S",
+            "-no-shutdown",
+            "-qmp unix:/data/vms/x/qmp.sock,server=on,wait=off",
+            "logfile=/data/vms/x/serial.log",
+            "-vnc unix:/data/vms/x/vnc.sock",
+            "-pidfile /data/vms/x/qemu.pid",
+            "-kernel /ds/k -append console=ttyS0",
+            "-device virtio-scsi-pci,id=scsi0",
+            "-netdev user,id=net0 -device virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01",
+        ] {
+            assert!(a.contains(part), "{part} missing from {a}");
+        }
+    }
+
+    #[test]
+    fn a_missing_binary_says_what_to_install() {
+        let d = QemuDriver { binary: "/nonexistent/qemu-system-x86_64".into(), qmp_timeout: Duration::from_secs(1) };
+        let e = d.check().unwrap_err();
+        assert!(e.to_string().contains("qemu-system-x86"), "{e}");
+    }
+}

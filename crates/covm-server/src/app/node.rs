@@ -1,0 +1,276 @@
+//! The node agent: one supervisor task per running VM, which alone talks to that VM's QEMU (through a
+//! [`VmHandle`]) and reports what happens to it as runtime state. Everything else sends it commands
+//! with a reply channel.
+//!
+//! ```text
+//!            power on                  QEMU up, cont
+//!   off ───────────────▶ starting ───────────────────▶ running ◀──▶ paused
+//!    ▲                      │ start failed                │ │
+//!    │◀─────────────────────┘                             │ │ guest powers off / quit
+//!    │◀───────────────────────────────────────────────────┘ │
+//!    │                                                      │ process died unexpectedly
+//!    └───────── power off (clears) ──────────────────── crashed
+//! ```
+//!
+//! Runtime writes carry the run's generation: a write for a run that is no longer the VM's current
+//! one (a late report from an old supervisor) changes nothing. When covm starts, VMs whose QEMU still
+//! runs are adopted (pid file + QMP socket) by a new supervisor; VMs whose QEMU is gone become crashed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use covm_hv::{HvError, HvEvent, Hypervisor, VmHandle};
+use covm_store::{RuntimeWrite, VmRecord, VmWrite};
+use covm_types::vm::{PowerState, VmRuntime};
+use covm_types::{Error, ErrorKind};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{App, EventExt, system_event};
+
+pub enum Cmd {
+    /// Power off at once; the reply comes when the process is gone.
+    Quit(oneshot::Sender<Result<(), HvError>>),
+    /// ACPI power-down; the reply comes when the guest has powered off.
+    Powerdown(oneshot::Sender<Result<(), HvError>>),
+    Reset(oneshot::Sender<Result<(), HvError>>),
+    SetLink(usize, bool, oneshot::Sender<Result<(), HvError>>),
+}
+
+/// The supervisors of the VMs running on this host.
+pub struct Node {
+    pub driver: Arc<dyn Hypervisor>,
+    vms: Mutex<HashMap<Uuid, mpsc::UnboundedSender<Cmd>>>,
+    /// QEMU processes left over from deleted VMs (reported, never killed).
+    pub leftovers: Mutex<Vec<String>>,
+}
+
+impl Node {
+    pub fn new(driver: Arc<dyn Hypervisor>) -> Node {
+        Node { driver, vms: Mutex::default(), leftovers: Mutex::default() }
+    }
+
+    fn sender(&self, id: Uuid) -> Option<mpsc::UnboundedSender<Cmd>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Sends a command to a VM's supervisor and waits for its reply.
+    pub async fn ask(
+        &self,
+        id: Uuid,
+        make: impl FnOnce(oneshot::Sender<Result<(), HvError>>) -> Cmd,
+    ) -> Result<(), HvError> {
+        let tx = self.sender(id).ok_or(HvError::Gone)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(make(reply)).map_err(|_| HvError::Gone)?;
+        rx.await.map_err(|_| HvError::Gone)?
+    }
+
+    pub fn supervised(&self, id: Uuid) -> bool {
+        self.sender(id).is_some_and(|s| !s.is_closed())
+    }
+}
+
+pub fn runtime_of(r: &VmRecord) -> VmRuntime {
+    let mut rt: VmRuntime = serde_json::from_value(r.runtime.clone()).unwrap_or_default();
+    rt.generation = r.generation;
+    rt.power_state = serde_json::from_value(json!(r.power_state)).unwrap_or_default();
+    rt
+}
+
+/// A runtime write for the run `generation` (None: any run), decided from the VM's current runtime.
+pub type RuntimeFn =
+    Box<dyn FnOnce(&VmRecord, &VmRuntime) -> Result<Option<(VmRuntime, serde_json::Value)>, Error> + Send>;
+
+impl App {
+    /// Writes runtime state (and a `vm.power.changed` event when the power state changes). With
+    /// `generation`, the write applies only while that run is current. Returns the VM after it.
+    pub(crate) async fn runtime_write(
+        &self,
+        id: Uuid,
+        generation: Option<i64>,
+        bump: bool,
+        actor: Option<(&str, &str)>,
+        f: RuntimeFn,
+    ) -> Result<Option<VmRecord>, Error> {
+        let (actor, request_id) = actor.map_or(("-".to_owned(), None), |(a, r)| (a.to_owned(), Some(r.to_owned())));
+        let write = Box::new(move |vm: &VmRecord, _at: chrono::DateTime<chrono::Utc>| {
+            if generation.is_some_and(|g| g != vm.generation) {
+                return Ok(VmWrite::default());
+            }
+            let old = runtime_of(vm);
+            let Some((new, data)) = f(vm, &old)? else { return Ok(VmWrite::default()) };
+            let mut events = Vec::new();
+            if new.power_state != old.power_state || bump {
+                let mut d = data;
+                d["power_state"] = json!(new.power_state);
+                d["previous"] = json!(old.power_state);
+                let ev = system_event("vm.power.changed", "vm", Some(vm.object.id), &vm.object.name).data(d);
+                events.push(covm_store::NewEvent { actor: actor.clone(), request_id: request_id.clone(), ..ev });
+            }
+            let power_state = new.power_state.as_str().to_owned();
+            let mut runtime = serde_json::to_value(&new).unwrap_or_default();
+            runtime.as_object_mut().map(|o| o.remove("generation"));
+            Ok(VmWrite {
+                runtime: Some(RuntimeWrite { power_state, runtime, bump_generation: bump }),
+                events,
+                ..Default::default()
+            })
+        });
+        let (after, events) = self.store().vm_write(id, write).await?;
+        if !events.is_empty() {
+            self.committed();
+        }
+        Ok(after)
+    }
+
+    /// Starts supervising a running VM (just started, or adopted) for run `generation`.
+    pub(crate) fn supervise(&self, id: Uuid, generation: i64, mut handle: Box<dyn VmHandle>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
+        self.node().vms.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut waiters: Vec<oneshot::Sender<Result<(), HvError>>> = Vec::new();
+            let (state, data) = loop {
+                tokio::select! {
+                    cmd = rx.recv() => match cmd {
+                        None => return,
+                        Some(Cmd::Quit(reply)) => {
+                            let r = handle.quit().await;
+                            waiters.push(reply);
+                            if let Err(e) = r {
+                                tracing::warn!(%id, error = %e, "quit failed");
+                            }
+                            break (PowerState::Off, json!({ "reason": "powered off" }));
+                        }
+                        Some(Cmd::Powerdown(reply)) => match handle.powerdown().await {
+                            Ok(()) => waiters.push(reply),
+                            Err(e) => { let _ = reply.send(Err(e)); }
+                        },
+                        Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
+                        Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
+                    },
+                    ev = handle.next_event() => match ev {
+                        HvEvent::GuestShutdown => {
+                            let _ = handle.quit().await;
+                            break (PowerState::Off, json!({ "reason": "the guest powered off" }));
+                        }
+                        HvEvent::Exited { status, log_tail } => {
+                            tracing::warn!(%id, ?status, "QEMU exited unexpectedly");
+                            break (PowerState::Crashed, json!({ "reason": "QEMU exited unexpectedly", "exit_status": status, "log_tail": log_tail }));
+                        }
+                        HvEvent::Paused | HvEvent::Resumed => {
+                            let ps = if matches!(ev, HvEvent::Paused) { PowerState::Paused } else { PowerState::Running };
+                            let f: RuntimeFn = Box::new(move |_, old| Ok((old.power_state != ps).then(|| (VmRuntime { power_state: ps, ..old.clone() }, json!({})))));
+                            if let Err(e) = app.runtime_write(id, Some(generation), false, None, f).await {
+                                tracing::warn!(%id, error = %e, "could not record a pause or resume");
+                            }
+                        }
+                        HvEvent::Reset => tracing::info!(%id, "the VM was reset"),
+                        HvEvent::DeviceDeleted(dev) => tracing::debug!(%id, %dev, "device deleted"),
+                    },
+                }
+            };
+            app.node().vms.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            let f: RuntimeFn = Box::new(move |_, _| {
+                Ok(Some((
+                    VmRuntime { power_state: state, since: Some(chrono::Utc::now()), ..Default::default() },
+                    data,
+                )))
+            });
+            if let Err(e) = app.runtime_write(id, Some(generation), false, None, f).await {
+                tracing::error!(%id, error = %e, "could not record that a VM stopped");
+            }
+            for w in waiters {
+                let _ = w.send(Ok(()));
+            }
+        });
+    }
+
+    pub(crate) fn run_dir(&self, id: Uuid) -> PathBuf {
+        self.config().data_dir.join("vms").join(id.to_string())
+    }
+
+    /// At start: adopts VMs whose QEMU still runs, marks the others crashed, reports leftovers.
+    pub async fn node_recover(&self) -> Result<(), Error> {
+        let mut known = std::collections::HashSet::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store()
+                .vms_list(None, covm_store::VmFilter { after: after.clone(), limit: 500, ..Default::default() })
+                .await?;
+            for vm in &page {
+                known.insert(vm.object.id);
+                let rt = runtime_of(vm);
+                if matches!(rt.power_state, PowerState::Off | PowerState::Crashed) {
+                    continue;
+                }
+                let id = vm.object.id;
+                match self.node().driver.adopt(id, &self.run_dir(id)).await {
+                    Ok(Some(handle)) => {
+                        let pid = handle.pid();
+                        let accel = handle.accel().as_str().to_owned();
+                        let f: RuntimeFn = Box::new(move |_, old| {
+                            Ok(Some((
+                                VmRuntime { power_state: PowerState::Running, pid, accel: Some(accel), ..old.clone() },
+                                json!({ "reason": "adopted after a covm restart", "adopted": true }),
+                            )))
+                        });
+                        let after = self.runtime_write(id, None, true, None, f).await?;
+                        let generation = after.map_or(0, |a| a.generation);
+                        tracing::info!(vm = %vm.object.name, ?pid, "adopted a running VM");
+                        self.supervise(id, generation, handle);
+                    }
+                    Ok(None) | Err(_) => {
+                        tracing::warn!(vm = %vm.object.name, "its QEMU is gone: marking it crashed");
+                        let f: RuntimeFn = Box::new(|_, _| {
+                            Ok(Some((
+                                VmRuntime {
+                                    power_state: PowerState::Crashed,
+                                    since: Some(chrono::Utc::now()),
+                                    ..Default::default()
+                                },
+                                json!({ "reason": "QEMU exited while covm was down" }),
+                            )))
+                        });
+                        self.runtime_write(id, None, false, None, f).await?;
+                    }
+                }
+            }
+            match page.last() {
+                Some(l) if page.len() == 500 => after = Some(l.object.name.clone()),
+                _ => break,
+            }
+        }
+        // QEMUs of VMs that no longer exist: reported, never killed.
+        if let Ok(dirs) = std::fs::read_dir(self.config().data_dir.join("vms")) {
+            for d in dirs.flatten() {
+                let Some(id) = d.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else { continue };
+                if known.contains(&id) {
+                    continue;
+                }
+                if let Some(pid) = self.node().driver.leftover_pid(&d.path()) {
+                    let msg = format!(
+                        "QEMU pid {pid} in {} belongs to no VM (deleted?); covm leaves it running",
+                        d.path().display()
+                    );
+                    tracing::warn!("{msg}");
+                    self.node().leftovers.lock().unwrap_or_else(|p| p.into_inner()).push(msg);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A driver error as the API shows it.
+pub fn hv_error(e: HvError) -> Error {
+    match e {
+        HvError::Unavailable(m) => Error::conflict("hypervisor_unavailable", m),
+        HvError::Gone => Error::conflict("vm_not_running", "the VM is not running"),
+        other => Error::new(ErrorKind::Internal, "hypervisor_error", other.to_string()),
+    }
+}

@@ -1,0 +1,167 @@
+//! Power actions, tasks, and consoles (serial log and VNC over WebSocket).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use covm_types::vm::{PowerRequest, SerialQuery, TaskQuery, TaskView};
+use covm_types::{Error, ErrorBody};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::error::ApiError;
+use super::extract::{Auth, JsonBody, QueryParams, parse_id};
+use crate::app::App;
+
+/// Power a VM `on`, `off` (at once), `shutdown` (ask the guest; give up after `timeout_s`) or `reset`.
+/// Answers 202 with the task that does it; its end reaches the feed.
+#[utoipa::path(post, path = "/vms/{vm}/power", tag = "vms", operation_id = "vm_power",
+    params(("vm" = String, Path, description = "VM name or id")), request_body = PowerRequest,
+    responses((status = 202, body = TaskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_power(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<PowerRequest>,
+) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(app.vm_power(&ctx, &vm, p).await?)))
+}
+
+/// Tasks on objects I may view, and mine; newest first.
+#[utoipa::path(get, path = "/tasks", tag = "tasks", operation_id = "task_list", params(TaskQuery),
+    responses((status = 200, body = Vec<TaskView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn task_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    QueryParams(q): QueryParams<TaskQuery>,
+) -> Result<Json<Vec<TaskView>>, ApiError> {
+    Ok(Json(app.tasks_list(&ctx, q).await?))
+}
+
+/// One task: state, progress, outcome.
+#[utoipa::path(get, path = "/tasks/{id}", tag = "tasks", operation_id = "task_get",
+    params(("id" = String, Path, description = "task id")),
+    responses((status = 200, body = TaskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn task_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    Ok(Json(app.task_get(&ctx, parse_id(&id)?).await?))
+}
+
+/// The serial console's log: the last `tail` lines as text, or with `Accept: text/event-stream` those
+/// lines and then every new one as it comes (needs `VirtualMachine.Interact.ConsoleInteract`).
+#[utoipa::path(get, path = "/vms/{vm}/console/serial", tag = "vms", operation_id = "vm_console_serial",
+    params(("vm" = String, Path, description = "VM name or id"), SerialQuery),
+    responses((status = 200, body = String, content_type = "text/plain"), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_console_serial(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<SerialQuery>,
+) -> Result<Response, ApiError> {
+    let tail = q.tail.unwrap_or(100);
+    if tail > 10_000 {
+        return Err(Error::invalid("tail", "tail is at most 10000").into());
+    }
+    let (path, lines) = app.vm_serial(&ctx, &vm, tail as usize).await?;
+    let sse =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    if !sse {
+        let mut text = lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
+    }
+    let start = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+    let first = futures::stream::iter(lines.into_iter().map(|l| Ok::<_, Infallible>(Event::default().data(l))));
+    let follow = futures::stream::unfold((path, start, String::new()), |(path, mut pos, mut partial)| async move {
+        loop {
+            let mut buf = Vec::new();
+            if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                if len < pos {
+                    pos = 0; // the log was truncated by a new run
+                }
+                if len > pos && f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {
+                    let _ = f.read_to_end(&mut buf).await;
+                    pos += buf.len() as u64;
+                }
+            }
+            partial.push_str(&String::from_utf8_lossy(&buf));
+            if let Some(i) = partial.rfind('\n') {
+                let done: String = partial.drain(..=i).collect();
+                let events: Vec<Result<Event, Infallible>> =
+                    done.lines().map(|l| Ok(Event::default().data(l.trim_end_matches('\r')))).collect();
+                return Some((futures::stream::iter(events), (path, pos, partial)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    use futures::StreamExt;
+    Ok(Sse::new(first.chain(follow.flatten())).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The VNC console as a WebSocket (subprotocol `binary`), relayed to QEMU's VNC socket, for noVNC
+/// (needs `VirtualMachine.Interact.ConsoleInteract`).
+#[utoipa::path(get, path = "/vms/{vm}/console/vnc", tag = "vms", operation_id = "vm_console_vnc",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 101, description = "WebSocket relay of RFB"), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_console_vnc(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let socket = app.vm_vnc_socket(&ctx, &vm).await?;
+    let unix = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|_| Error::conflict("console_unavailable", "the VM's VNC console is not available"))?;
+    Ok(ws.protocols(["binary"]).on_upgrade(move |ws| relay(ws, unix)))
+}
+
+async fn relay(ws: WebSocket, unix: tokio::net::UnixStream) {
+    use futures::{SinkExt, StreamExt};
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut un_rx, mut un_tx) = unix.into_split();
+    let up = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let data = match msg {
+                Message::Binary(b) => b,
+                Message::Text(t) => t.as_bytes().to_vec().into(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if un_tx.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match un_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
