@@ -70,6 +70,8 @@ pub struct ChangeOptions {
     pub lease: Option<i64>,
     pub message: Option<String>,
     pub dry_run: bool,
+    /// `apply=next_boot`.
+    pub next_boot: bool,
 }
 
 /// The JSON Merge Patch (RFC 7386) that turns `from` into `to`: removed keys become null, changed
@@ -339,6 +341,9 @@ impl Client {
         if opts.dry_run {
             q.push(("dry_run", "true".into()));
         }
+        if opts.next_boot {
+            q.push(("apply", "next_boot".into()));
+        }
         rb.query(&q)
     }
 
@@ -364,6 +369,80 @@ impl Client {
             &RevertRequest { version, message: message.map(str::to_owned), next_boot: false },
         )
         .await
+    }
+
+    /// Starts a power action; returns its task.
+    pub async fn vm_power(&self, vm: &str, action: PowerAction, timeout_s: Option<u32>) -> Result<TaskView> {
+        self.post(&format!("/vms/{vm}/power"), &PowerRequest { action, timeout_s }).await
+    }
+
+    pub async fn task(&self, id: uuid::Uuid) -> Result<TaskView> {
+        self.get(&format!("/tasks/{id}")).await
+    }
+
+    pub async fn tasks(&self, q: &TaskQuery) -> Result<Vec<TaskView>> {
+        self.send(self.request(Method::GET, "/tasks").query(q)).await
+    }
+
+    /// Waits until a task ends (polling), calling `progress` on each change.
+    pub async fn task_wait(
+        &self,
+        id: uuid::Uuid,
+        timeout: Duration,
+        mut progress: impl FnMut(&TaskView),
+    ) -> Result<TaskView> {
+        let started = std::time::Instant::now();
+        let mut last = None;
+        loop {
+            let t = self.task(id).await?;
+            if last != Some((t.state, t.progress)) {
+                progress(&t);
+                last = Some((t.state, t.progress));
+            }
+            if matches!(t.state, TaskState::Success | TaskState::Error | TaskState::Cancelled) {
+                return Ok(t);
+            }
+            if started.elapsed() > timeout {
+                return Err(ClientError::Transport(format!("task {id} did not end within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last `tail` lines of a VM's serial console.
+    pub async fn serial(&self, vm: &str, tail: u32) -> Result<String> {
+        let rb =
+            self.request(Method::GET, &format!("/vms/{vm}/console/serial")).query(&SerialQuery { tail: Some(tail) });
+        let resp = rb.send().await.map_err(transport)?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        resp.text().await.map_err(transport)
+    }
+
+    /// Follows a VM's serial console: its last `tail` lines, then every new line.
+    pub async fn serial_follow(
+        &self,
+        vm: &str,
+        tail: u32,
+    ) -> Result<futures::stream::BoxStream<'static, Result<String>>> {
+        let resp = self
+            .request(Method::GET, &format!("/vms/{vm}/console/serial"))
+            .query(&SerialQuery { tail: Some(tail) })
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(Duration::from_secs(365 * 24 * 3600))
+            .send()
+            .await
+            .map_err(transport)?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        use eventsource_stream::Eventsource;
+        Ok(Box::pin(
+            resp.bytes_stream()
+                .eventsource()
+                .map(|ev| ev.map(|e| e.data).map_err(|e| ClientError::Transport(format!("the console broke: {e}")))),
+        ))
     }
 
     pub async fn lease(&self, vm: &str) -> Result<Option<LeaseView>> {

@@ -35,6 +35,13 @@ impl Default for QemuDriver {
     }
 }
 
+impl QemuDriver {
+    /// A driver that runs this QEMU binary (a name looked up in PATH, or a path).
+    pub fn with_binary(binary: impl Into<PathBuf>) -> QemuDriver {
+        QemuDriver { binary: binary.into(), ..QemuDriver::default() }
+    }
+}
+
 /// The files of a VM's run directory.
 pub struct RunFiles {
     pub qmp: PathBuf,
@@ -279,8 +286,15 @@ impl QemuVm {
         None
     }
 
+    /// The end of the process, with the last lines of QEMU's log (or of the serial console's, when
+    /// QEMU said nothing).
     fn exited(&self, status: Option<String>) -> HvEvent {
-        HvEvent::Exited { status, log_tail: log_tail(&run_files(&self.run_dir).log, 10) }
+        let f = run_files(&self.run_dir);
+        let mut tail = log_tail(&f.log, 10);
+        if tail.is_empty() {
+            tail = log_tail(&f.serial_log, 10);
+        }
+        HvEvent::Exited { status, log_tail: tail }
     }
 }
 

@@ -63,6 +63,7 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.app.hub().close();
+        self.app.node().detach_all();
         for t in &self.background {
             t.abort();
         }

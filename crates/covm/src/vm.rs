@@ -10,7 +10,7 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use covm_client::{ChangeOptions, Client, ClientError, merge_diff};
-use covm_types::vm::{PowerState, VersionQuery, VmListQuery, VmView};
+use covm_types::vm::{PowerAction, PowerState, TaskState, VersionQuery, VmListQuery, VmView};
 use serde_json::{Value, json};
 
 use crate::output::Out;
@@ -78,6 +78,9 @@ pub enum VmCmd {
         /// A note for the history.
         #[arg(long)]
         message: Option<String>,
+        /// On a running VM, keep changes that need a power cycle pending instead of refusing them.
+        #[arg(long)]
+        next_boot: bool,
         /// Refuse the change unless the VM is still at this version.
         #[arg(long)]
         if_match: Option<i64>,
@@ -109,6 +112,28 @@ pub enum VmCmd {
     /// Edit leases.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// Power on, off (at once), shutdown (ask the guest) or reset; waits for the task.
+    Power {
+        name: String,
+        #[arg(value_parser = ["on", "off", "shutdown", "reset"])]
+        action: String,
+        /// For shutdown: seconds to wait for the guest.
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Return at once with the task instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Follow the serial console.
+    Console {
+        name: String,
+        /// Lines of history to show first.
+        #[arg(long, default_value_t = 50)]
+        tail: u32,
+        /// Print the history and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,7 +213,17 @@ fn print_vm(out: &Out, v: &VmView) -> anyhow::Result<()> {
     }
     println!("cpus:        {}", c.cpus);
     println!("memory:      {} MiB", c.memory_mib);
-    println!("machine:     {:?} / {:?}", c.machine, c.firmware);
+    println!(
+        "machine:     {} / {}",
+        json!(c.machine).as_str().unwrap_or("-"),
+        json!(c.firmware).as_str().unwrap_or("-")
+    );
+    if r.simulated {
+        println!("driver:      simulated (no QEMU process)");
+    }
+    if let Some(pid) = r.pid {
+        println!("pid:         {pid}");
+    }
     println!("pool:        {}", c.pool);
     for (i, n) in c.nics.iter().enumerate() {
         println!("nic{i}:        {} {:?} {}", n.network, n.model, n.mac.as_deref().unwrap_or("-"));
@@ -262,7 +297,7 @@ async fn edit(c: &Client, out: &Out, name: &str, message: Option<String>) -> any
             if_match: Some(version),
             lease: leases_load().get(name).copied(),
             message: message.clone(),
-            dry_run: false,
+            ..Default::default()
         };
         match c.vm_change(name, &patch, &opts).await {
             Ok(v) => {
@@ -350,14 +385,32 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
         }
         VmCmd::Info { name } => {
             let v = c.vm(&name).await?;
-            print_vm(out, &v)
+            print_vm(out, &v)?;
+            if let Some(rv) = v.runtime.running_version.filter(|rv| *rv < v.version && !out.json) {
+                println!("pending (applied at the next power-on):");
+                for line in c.vm_diff(&name, rv, v.version).await?.summary {
+                    println!("  {line}");
+                }
+            }
+            Ok(())
         }
         VmCmd::Rm { name } => {
             c.vm_delete(&name).await?;
             out.message(&format!("deleted {name}"));
             Ok(())
         }
-        VmCmd::Change { name, cpus, memory, annotations, description, patch, message, if_match, dry_run } => {
+        VmCmd::Change {
+            name,
+            cpus,
+            memory,
+            annotations,
+            description,
+            patch,
+            message,
+            next_boot,
+            if_match,
+            dry_run,
+        } => {
             let mut p: Value = match patch {
                 Some(p) => serde_json::from_str(&p).context("--patch is not JSON")?,
                 None => json!({}),
@@ -377,7 +430,8 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             if p.as_object().is_some_and(|m| m.is_empty()) {
                 bail!("nothing to change: give -c, -m, -e, --description or --patch");
             }
-            let opts = ChangeOptions { if_match, lease: leases_load().get(&name).copied(), message, dry_run };
+            let opts =
+                ChangeOptions { if_match, lease: leases_load().get(&name).copied(), message, dry_run, next_boot };
             if dry_run {
                 let plan = c.vm_change_plan(&name, &p, &opts).await?;
                 if out.json {
@@ -427,6 +481,64 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             Ok(())
         }
         VmCmd::Lease(cmd) => lease(c, out, cmd).await,
+        VmCmd::Power { name, action, timeout, no_wait } => {
+            let action: PowerAction = serde_json::from_value(json!(action))?;
+            let task = c.vm_power(&name, action, timeout).await?;
+            if no_wait {
+                if out.json {
+                    println!("{}", serde_json::to_string_pretty(&task)?);
+                } else {
+                    println!("task {} started", task.id);
+                }
+                return Ok(());
+            }
+            let wait = std::time::Duration::from_secs(u64::from(timeout.unwrap_or(60)) + 600);
+            let t = c
+                .task_wait(task.id, wait, |t| {
+                    if !out.json {
+                        let filled = (t.progress.clamp(0, 100) / 5) as usize;
+                        eprint!(
+                            "\r[{}{}] {:>3}% {:?}",
+                            "#".repeat(filled),
+                            " ".repeat(20 - filled),
+                            t.progress,
+                            t.state
+                        );
+                    }
+                })
+                .await?;
+            if !out.json {
+                eprintln!();
+            }
+            match t.state {
+                TaskState::Success => {
+                    out.message(t.message.as_deref().unwrap_or("done"));
+                    Ok(())
+                }
+                _ => {
+                    let e: covm_client::ErrorDetail = serde_json::from_value(t.error.clone().unwrap_or_default())
+                        .unwrap_or(covm_client::ErrorDetail {
+                            code: "task_failed".into(),
+                            message: t.message.clone().unwrap_or_default(),
+                            field: None,
+                            details: None,
+                        });
+                    Err(ClientError::Api { status: 409, error: e, retry_after_s: None }.into())
+                }
+            }
+        }
+        VmCmd::Console { name, tail, no_follow } => {
+            if no_follow {
+                print!("{}", c.serial(&name, tail).await?);
+                return Ok(());
+            }
+            let mut lines = c.serial_follow(&name, tail).await?;
+            use futures::StreamExt;
+            while let Some(l) = lines.next().await {
+                println!("{}", l?);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -141,7 +141,7 @@ fn two_users_edit_one_vm() {
         ok(covm(&s, &admin, &["permission", "grant", user, "VMCreator", "/"], None));
         ok(covm(&s, cfg, &["login", "-u", user], Some("a-long-password\n")));
     }
-    ok(covm(&s, &a, &["vm", "create", "web-1", "-m", "2048", "--folder", "/team-a"], None));
+    ok(covm(&s, &a, &["vm", "create", "app-1", "-m", "2048", "--folder", "/team-a"], None));
 
     // Bob follows the feed.
     let mut follow = Command::new(BIN)
@@ -163,12 +163,12 @@ fn two_users_edit_one_vm() {
     });
     std::thread::sleep(Duration::from_millis(300));
 
-    ok(covm(&s, &a, &["vm", "lease", "acquire", "web-1", "--ttl", "600"], None));
-    let refused = covm(&s, &b, &["vm", "change", "web-1", "-m", "4096"], None);
+    ok(covm(&s, &a, &["vm", "lease", "acquire", "app-1", "--ttl", "600"], None));
+    let refused = covm(&s, &b, &["vm", "change", "app-1", "-m", "4096"], None);
     assert_eq!(refused.status.code(), Some(5));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("leased by alice until"), "{err}");
-    ok(covm(&s, &a, &["vm", "change", "web-1", "-c", "2"], None));
+    ok(covm(&s, &a, &["vm", "change", "app-1", "-c", "2"], None));
     let line = loop {
         let l = rx.recv_timeout(Duration::from_secs(10)).expect("bob's feed shows alice's change");
         if l.contains("vm.config.changed") {
@@ -178,7 +178,7 @@ fn two_users_edit_one_vm() {
     assert!(line.contains("alice") && line.contains("cpus: 1 → 2"), "{line}");
     let _ = follow.kill();
     let _ = follow.wait();
-    ok(covm(&s, &a, &["vm", "lease", "release", "web-1"], None));
+    ok(covm(&s, &a, &["vm", "lease", "release", "app-1"], None));
 
     // Bob edits a copy that goes stale while his editor is open: alice changes an annotation. The
     // 412 shows her change; the editor opens again with both, and the second save lands.
@@ -187,7 +187,7 @@ fn two_users_edit_one_vm() {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nset -e\nif [ ! -e \"$0.once\" ]; then\n  touch \"$0.once\"\n  COVM_CONFIG_DIR={alice_cfg} COVM_URL={url} {BIN} vm change web-1 -e note=by-alice >/dev/null\n  sed -i 's/\"memory_mib\": 2048/\"memory_mib\": 4096/' \"$1\"\nelse\n  grep -q 'changed while you edited' \"$1\"\nfi\n",
+            "#!/bin/sh\nset -e\nif [ ! -e \"$0.once\" ]; then\n  touch \"$0.once\"\n  COVM_CONFIG_DIR={alice_cfg} COVM_URL={url} {BIN} vm change app-1 -e note=by-alice >/dev/null\n  sed -i 's/\"memory_mib\": 2048/\"memory_mib\": 4096/' \"$1\"\nelse\n  grep -q 'changed while you edited' \"$1\"\nfi\n",
             url = s.url
         ),
     )
@@ -197,27 +197,27 @@ fn two_users_edit_one_vm() {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let mut cmd = Command::new(BIN);
-    cmd.args(["vm", "edit", "web-1"]).env("COVM_URL", &s.url).env("COVM_CONFIG_DIR", &b).env("EDITOR", &script);
+    cmd.args(["vm", "edit", "app-1"]).env("COVM_URL", &s.url).env("COVM_CONFIG_DIR", &b).env("EDITOR", &script);
     let edit = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&edit.stderr);
     assert!(edit.status.success(), "{err}");
     assert!(err.contains("changed while you edited") && err.contains("annotations.note"), "{err}");
     let info: serde_json::Value =
-        serde_json::from_str(&ok(covm(&s, &b, &["--json", "vm", "info", "web-1"], None))).unwrap();
+        serde_json::from_str(&ok(covm(&s, &b, &["--json", "vm", "info", "app-1"], None))).unwrap();
     assert_eq!(info["config"]["memory_mib"], 4096);
     assert_eq!(info["config"]["annotations"]["note"], "by-alice");
     assert_eq!(info["version"], 4);
 
-    let history = ok(covm(&s, &b, &["vm", "history", "web-1"], None));
+    let history = ok(covm(&s, &b, &["vm", "history", "app-1"], None));
     assert!(history.contains("alice") && history.contains("bob"), "{history}");
-    let diff = ok(covm(&s, &b, &["vm", "diff", "web-1", "2", "4"], None));
+    let diff = ok(covm(&s, &b, &["vm", "diff", "app-1", "2", "4"], None));
     assert_eq!(
         diff.lines().collect::<Vec<_>>(),
         ["annotations.note: (none) → \"by-alice\"", "memory_mib: 2048 → 4096"]
     );
-    ok(covm(&s, &b, &["vm", "revert", "web-1", "2"], None));
+    ok(covm(&s, &b, &["vm", "revert", "app-1", "2"], None));
     let info: serde_json::Value =
-        serde_json::from_str(&ok(covm(&s, &b, &["--json", "vm", "info", "web-1"], None))).unwrap();
+        serde_json::from_str(&ok(covm(&s, &b, &["--json", "vm", "info", "app-1"], None))).unwrap();
     assert_eq!((info["version"].as_i64(), info["config"]["memory_mib"].as_i64()), (Some(5), Some(2048)));
     assert_eq!(info["config"]["cpus"], 2);
 }

@@ -332,8 +332,37 @@ impl App {
                         .await?;
                 }
             }
+            // A VM to edit together (config only; give it a kernel to boot it).
+            if let Some(folder) = self.object_lookup("/team-a", Some(ObjectKind::Folder)).await?
+                && self.object_lookup("web-1", Some(ObjectKind::Vm)).await?.is_none()
+            {
+                let config = json!({
+                    "name": "web-1", "folder": "/team-a", "pool": "small", "memory_mib": 128,
+                    "nics": [{ "network": "user", "mac": "52:54:00:00:0d:01" }],
+                    "annotations": { "owner": "team-a" }
+                });
+                let cfg: covm_types::vm::VmConfig =
+                    serde_json::from_value(config).map_err(|e| Error::internal(e.to_string()))?;
+                let doc = serde_json::to_value(&cfg).map_err(|e| Error::internal(e.to_string()))?;
+                let id = Uuid::now_v7();
+                let patch = serde_json::to_value(json_patch::diff(&json!({}), &doc)).unwrap_or_default();
+                let ev = system_event("vm.created", "vm", Some(id), "web-1")
+                    .data(json!({ "folder": "/team-a", "demo": true }));
+                let write = covm_store::ConfigWrite {
+                    config: doc,
+                    name: "web-1".into(),
+                    parent_id: folder.id,
+                    author: "-".into(),
+                    message: Some("demo".into()),
+                    request_id: None,
+                    patch,
+                };
+                let object =
+                    NewObject { id, kind: ObjectKind::Vm, name: "web-1".into(), parent_id: folder.id, spec: json!({}) };
+                store.vm_create(object, write, ev).await?;
+            }
             store.meta_set("demo_created", "1").await?;
-            tracing::info!("demo inventory created: folders /team-a and /team-b, pool small");
+            tracing::info!("demo inventory created: folders /team-a and /team-b, pool small, VM /team-a/web-1");
         }
         self.committed();
         Ok(())

@@ -68,6 +68,12 @@ impl Node {
         rx.await.map_err(|_| HvError::Gone)?
     }
 
+    /// Lets go of every VM without touching it (covm is stopping; the VMs keep running and the next
+    /// covm adopts them): each supervisor ends when its command channel closes.
+    pub fn detach_all(&self) {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub fn supervised(&self, id: Uuid) -> bool {
         self.sender(id).is_some_and(|s| !s.is_closed())
     }

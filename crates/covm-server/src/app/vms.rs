@@ -338,7 +338,8 @@ impl App {
         }
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
-        self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, q.message, q.dry_run, next_boot).await
+        let opts = WriteOpts { message: q.message, dry_run: q.dry_run, next_boot };
+        self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, opts).await
     }
 
     /// Writes a new version whose content is version `K`'s.
@@ -350,7 +351,13 @@ impl App {
             })?;
         let message = r.message.unwrap_or_else(|| format!("revert to version {}", r.version));
         let (view, _) = self
-            .vm_write_doc(ctx, rec, DocChange::Replace(old.config, r.version), pre, Some(message), false, r.next_boot)
+            .vm_write_doc(
+                ctx,
+                rec,
+                DocChange::Replace(old.config, r.version),
+                pre,
+                WriteOpts { message: Some(message), dry_run: false, next_boot: r.next_boot },
+            )
             .await?;
         Ok(view)
     }
@@ -361,10 +368,9 @@ impl App {
         mut rec: VmRecord,
         change: DocChange,
         pre: Preconditions,
-        message: Option<String>,
-        dry_run: bool,
-        apply_next_boot: bool,
+        opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
+        let WriteOpts { message, dry_run, next_boot: apply_next_boot } = opts;
         if let Some(m) = &message
             && m.len() > 1024
         {
@@ -642,6 +648,14 @@ impl App {
     pub(crate) fn host_memory_mib(&self) -> u64 {
         super::host::host_facts().memory_mib
     }
+}
+
+/// How a document write behaves.
+struct WriteOpts {
+    message: Option<String>,
+    dry_run: bool,
+    /// `apply=next_boot`.
+    next_boot: bool,
 }
 
 /// How a write makes the new document from the newest one.

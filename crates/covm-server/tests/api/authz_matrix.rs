@@ -19,6 +19,8 @@ struct Env {
     scratch: tempfile::TempDir,
     /// One session per role (signing in costs an argon2 hash).
     sessions: Vec<(BuiltinRole, Client)>,
+    /// A task of admin's on vm-shared.
+    task: uuid::Uuid,
 }
 
 /// Lower-case user name for a role.
@@ -76,6 +78,11 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/vms/{vm}/lease",
     "PUT /api/v1/vms/{vm}/lease",
     "DELETE /api/v1/vms/{vm}/lease",
+    "POST /api/v1/vms/{vm}/power",
+    "GET /api/v1/vms/{vm}/console/serial",
+    "GET /api/v1/vms/{vm}/console/vnc",
+    "GET /api/v1/tasks",
+    "GET /api/v1/tasks/{id}",
     "GET /api/v1/events",
     "GET /api/v1/audit",
     "GET /api/v1/audit/verify",
@@ -125,7 +132,8 @@ impl Env {
         for role in BuiltinRole::ALL {
             sessions.push((role, s.login(&tag(role)).await));
         }
-        Env { s, scratch: tempfile::tempdir().unwrap(), sessions }
+        let task = s.admin.vm_power("vm-shared", covm_types::vm::PowerAction::Off, None).await.unwrap().id;
+        Env { s, scratch: tempfile::tempdir().unwrap(), sessions, task }
     }
 
     async fn probe(&self, role: BuiltinRole, endpoint: &str) -> u16 {
@@ -261,6 +269,27 @@ impl Env {
                 // Breaking admin's lease.
                 status(&c, Method::DELETE, &format!("/vms/vm-lease-{t}/lease?force=true"), None).await
             }
+            "POST /api/v1/vms/{vm}/power" => {
+                status(&c, Method::POST, "/vms/vm-shared/power", Some(json!({ "action": "off" }))).await
+            }
+            "GET /api/v1/vms/{vm}/console/serial" => {
+                status(&c, Method::GET, "/vms/vm-shared/console/serial", None).await
+            }
+            "GET /api/v1/vms/{vm}/console/vnc" => {
+                // A real upgrade request; vm-shared is off, so the allowed get 409.
+                c.request(Method::GET, "/vms/vm-shared/console/vnc")
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-version", "13")
+                    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+            "GET /api/v1/tasks" => status(&c, Method::GET, "/tasks", None).await,
+            "GET /api/v1/tasks/{id}" => status(&c, Method::GET, &format!("/tasks/{}", self.task), None).await,
             "GET /api/v1/events" => status(&c, Method::GET, "/events", None).await,
             "GET /api/v1/audit" => status(&c, Method::GET, "/audit", None).await,
             "GET /api/v1/audit/verify" => status(&c, Method::GET, "/audit/verify", None).await,

@@ -13,27 +13,32 @@ pub struct TestServer {
     pub url: String,
     pub admin: Client,
     pub admin_password: String,
+    driver: covm_server::Driver,
 }
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        Self::start_with(covm_server::Driver::Sim).await
+    }
+
+    pub async fn start_with(driver: covm_server::Driver) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let running = Self::boot(&dir, 0).await;
+        let running = Self::boot(&dir, 0, driver.clone()).await;
         let url = format!("http://{}", running.addr);
         let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))
             .expect("the first start writes the admin password")
             .trim()
             .to_owned();
         let (admin, _) = Client::new(&url).login("admin", &admin_password).await.expect("admin signs in");
-        TestServer { dir, running: Some(running), url, admin, admin_password }
+        TestServer { dir, running: Some(running), url, admin, admin_password, driver }
     }
 
-    async fn boot(dir: &TempDir, port: u16) -> Running {
+    async fn boot(dir: &TempDir, port: u16, driver: covm_server::Driver) -> Running {
         covm_server::start(ServeConfig {
             data_dir: dir.path().to_owned(),
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             demo: false,
-            driver: covm_server::Driver::Sim,
+            driver,
         })
         .await
         .expect("covm starts")
@@ -41,10 +46,16 @@ impl TestServer {
 
     /// Stops the server and starts it again on the same port and data directory.
     pub async fn restart(&mut self) {
+        self.restart_with(|| {}).await
+    }
+
+    /// Like [`restart`](Self::restart), doing `between` while covm is down.
+    pub async fn restart_with(&mut self, between: impl FnOnce()) {
         let running = self.running.take().expect("running");
         let port = running.addr.port();
         running.stop().await.expect("covm stops");
-        self.running = Some(Self::boot(&self.dir, port).await);
+        between();
+        self.running = Some(Self::boot(&self.dir, port, self.driver.clone()).await);
     }
 
     pub fn db_path(&self) -> std::path::PathBuf {
@@ -73,4 +84,9 @@ impl TestServer {
         pool.close().await;
         n.0
     }
+}
+
+/// Waits for a task to end.
+pub async fn task_done(c: &Client, task: &covm_types::vm::TaskView) -> covm_types::vm::TaskView {
+    c.task_wait(task.id, std::time::Duration::from_secs(120), |_| {}).await.expect("the task ends")
 }

@@ -5,4 +5,6 @@ mod common;
 mod feed;
 mod foundation;
 mod openapi;
+mod power;
+mod qemu;
 mod vms;

@@ -1,0 +1,178 @@
+//! Against real QEMU with the test guest (`scripts/build-test-guest`, cached in `target/test-guest`).
+//! CI installs QEMU (`scripts/install-qemu`); set `COVM_SKIP_QEMU=1` to skip these on a machine
+//! without it. Guests run under TCG here (this machine's KVM is a slow nested one).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use covm_client::{ChangeOptions, Client, ClientError};
+use covm_types::vm::{PowerAction, PowerState, TaskState};
+use serde_json::json;
+
+use crate::common::{TestServer, task_done};
+use crate::openapi::repo_file;
+
+fn skip() -> bool {
+    if std::env::var_os("COVM_SKIP_QEMU").is_some() {
+        eprintln!("COVM_SKIP_QEMU is set: skipping a real-QEMU test");
+        return true;
+    }
+    false
+}
+
+/// The test guest, built once (the script caches it).
+fn guest() -> PathBuf {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let dir = repo_file("target/test-guest");
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !*built {
+        let status = std::process::Command::new(repo_file("scripts/build-test-guest"))
+            .arg(&dir)
+            .status()
+            .expect("build-test-guest runs");
+        assert!(status.success(), "scripts/build-test-guest failed");
+        *built = true;
+    }
+    dir
+}
+
+async fn qemu_server() -> TestServer {
+    let g = guest();
+    let s = TestServer::start_with(covm_server::Driver::Qemu).await;
+    let ds = s.dir.path().join("datastores/local/guest");
+    std::fs::create_dir_all(&ds).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(g.join(f), ds.join(f)).unwrap();
+    }
+    s
+}
+
+async fn guest_vm(c: &Client, name: &str) {
+    c.vm_create(&json!({
+        "name": name, "memory_mib": 128, "kernel": "local:guest/vmlinuz", "initrd": "local:guest/initrd.img",
+        "cmdline": "console=ttyS0 quiet panic=-1"
+    }))
+    .await
+    .unwrap();
+}
+
+/// Waits until the serial console has `count` lines containing `needle`; returns the last one.
+async fn serial_wait(c: &Client, vm: &str, needle: &str, count: usize) -> String {
+    let started = Instant::now();
+    loop {
+        let text = c.serial(vm, 10_000).await.unwrap();
+        let hits: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+        if hits.len() >= count {
+            return hits[count - 1].to_owned();
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no {needle} on {vm}'s console:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn state_wait(c: &Client, vm: &str, want: PowerState) {
+    let started = Instant::now();
+    while c.vm(vm).await.unwrap().runtime.power_state != want {
+        assert!(started.elapsed() < Duration::from_secs(60), "{vm} did not become {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn mem_kib(line: &str) -> u64 {
+    line.split("mem_kib=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+}
+
+#[tokio::test]
+async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself_off() {
+    if skip() {
+        return;
+    }
+    let s = qemu_server().await;
+    let c = &s.admin;
+    guest_vm(c, "g1").await;
+    let t = task_done(c, &c.vm_power("g1", PowerAction::On, None).await.unwrap()).await;
+    assert_eq!(t.state, TaskState::Success, "{t:?}");
+    let vm = c.vm("g1").await.unwrap();
+    assert_eq!(vm.runtime.power_state, PowerState::Running);
+    assert!(vm.runtime.accel.is_some() && vm.runtime.pid.is_some() && !vm.runtime.simulated);
+    let ready = serial_wait(c, "g1", "COVM-GUEST-READY", 1).await;
+    let before = mem_kib(&ready);
+
+    // More memory while it runs: refused, then pending with apply=next_boot.
+    let r = c.vm_change("g1", &json!({ "memory_mib": 256 }), &Default::default()).await;
+    assert!(
+        matches!(r, Err(ClientError::Api { status: 409, ref error, .. }) if error.code == "requires_power_cycle"),
+        "{r:?}"
+    );
+    let vm = c
+        .vm_change("g1", &json!({ "memory_mib": 256 }), &ChangeOptions { next_boot: true, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!((vm.version, vm.runtime.running_version), (2, Some(1)));
+
+    // ACPI shutdown: the guest answers, QEMU goes.
+    let pid = vm.runtime.pid.unwrap();
+    let t = task_done(c, &c.vm_power("g1", PowerAction::Shutdown, Some(60)).await.unwrap()).await;
+    assert_eq!(t.state, TaskState::Success, "{t:?}");
+    assert_eq!(c.vm("g1").await.unwrap().runtime.power_state, PowerState::Off);
+    assert!(!alive(pid), "QEMU is gone after shutdown");
+
+    // The next boot runs version 2: the guest sees the new memory size.
+    task_done(c, &c.vm_power("g1", PowerAction::On, None).await.unwrap()).await;
+    let after = mem_kib(&serial_wait(c, "g1", "COVM-GUEST-READY", 2).await);
+    assert!(after > before + 100_000, "{before} KiB then {after} KiB");
+    assert_eq!(c.vm("g1").await.unwrap().runtime.running_version, Some(2));
+
+    // The guest powers itself off (typed into its serial console): off.
+    serial_wait(c, "g1", "COVM-BLOCKS", 2).await;
+    let sock = s.dir.path().join("vms").join(c.vm("g1").await.unwrap().id.to_string()).join("serial.sock");
+    let mut stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"\npoweroff -f\n").await.unwrap();
+    state_wait(c, "g1", PowerState::Off).await;
+    let events =
+        c.events(&covm_types::api::EventQuery { limit: Some(1000), ..Default::default() }).await.unwrap().items;
+    assert!(events.iter().any(|e| e.kind == "vm.power.changed" && e.data["reason"] == "the guest powered off"));
+}
+
+#[tokio::test]
+async fn a_killed_qemu_is_crashed_and_a_restarted_covm_adopts_a_running_one() {
+    if skip() {
+        return;
+    }
+    let mut s = qemu_server().await;
+    let c = s.admin.clone();
+    guest_vm(&c, "g2").await;
+    task_done(&c, &c.vm_power("g2", PowerAction::On, None).await.unwrap()).await;
+    serial_wait(&c, "g2", "COVM-GUEST-READY", 1).await;
+    let pid = c.vm("g2").await.unwrap().runtime.pid.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    state_wait(&c, "g2", PowerState::Crashed).await;
+    let events =
+        c.events(&covm_types::api::EventQuery { limit: Some(1000), ..Default::default() }).await.unwrap().items;
+    let crash = events.iter().rev().find(|e| e.data["power_state"] == "crashed").expect("a crash event");
+    assert!(crash.data["exit_status"].as_str().unwrap().contains('9'), "{}", crash.data);
+    assert!(!crash.data["log_tail"].as_array().unwrap().is_empty(), "{}", crash.data);
+
+    // Running again; covm stops and starts; the VM runs on, adopted, and powers off through the API.
+    task_done(&c, &c.vm_power("g2", PowerAction::On, None).await.unwrap()).await;
+    serial_wait(&c, "g2", "COVM-GUEST-READY", 2).await;
+    let pid = c.vm("g2").await.unwrap().runtime.pid.unwrap();
+    s.restart().await;
+    assert!(alive(pid), "QEMU outlives covm");
+    let vm = c.vm("g2").await.unwrap();
+    assert_eq!((vm.runtime.power_state, vm.runtime.pid), (PowerState::Running, Some(pid)));
+    let t = task_done(&c, &c.vm_power("g2", PowerAction::Off, None).await.unwrap()).await;
+    assert_eq!(t.state, TaskState::Success, "{t:?}");
+    assert_eq!(c.vm("g2").await.unwrap().runtime.power_state, PowerState::Off);
+    let started = Instant::now();
+    while alive(pid) {
+        assert!(started.elapsed() < Duration::from_secs(10), "QEMU still alive after power off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
