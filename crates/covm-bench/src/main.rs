@@ -1,0 +1,142 @@
+//! `covm-bench SCENARIO …`: starts its own covm (the `covm` binary beside this one, on a temporary data
+//! dir) or targets `--url`, runs the scenario, prints a table (or `--json`), and exits non-zero when
+//! the checker found a violation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use covm_bench::server::{Server, covm_binary};
+use covm_bench::{Report, power, scale, storm};
+
+#[derive(Parser)]
+#[command(name = "covm-bench", about = "Load, latency and consistency checks for covm")]
+struct Cli {
+    /// A running covm to load instead of starting one (needs --password).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// The admin password of --url.
+    #[arg(long, global = true, env = "COVM_BENCH_PASSWORD")]
+    password: Option<String>,
+    /// The covm binary to start (default: the one beside covm-bench).
+    #[arg(long, global = true)]
+    covm: Option<PathBuf>,
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Read-modify-write edits with If-Match by many users on a few VMs, feed subscribers, checker.
+    EditStorm {
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        #[arg(long, default_value_t = 200)]
+        subscribers: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Clients racing for leases and writing under them; the checker replays the lease events.
+    LeaseContention {
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// N VMs, then list, filtered list and get times and the server's memory.
+    InventoryScale {
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+    },
+    /// Power-on latency to the guest's READY against the bare QEMU floor (real QEMU), and the server's
+    /// memory with VMs running.
+    PowerOn {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 20)]
+        idle_vms: usize,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// The test guest (scripts/build-test-guest DIR).
+        #[arg(long, default_value = "target/test-guest")]
+        guest: PathBuf,
+    },
+}
+
+async fn server(cli: &Cli, driver: &str) -> anyhow::Result<Server> {
+    match &cli.url {
+        Some(url) => {
+            let pw = cli.password.as_deref().ok_or_else(|| anyhow::anyhow!("--url needs --password"))?;
+            Server::remote(url, pw).await
+        }
+        None => Server::start(&cli.covm.clone().unwrap_or_else(covm_binary), driver).await,
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Report> {
+    match &cli.scenario {
+        Scenario::EditStorm { users, vms, subscribers, duration } => {
+            let s = server(&cli, "sim").await?;
+            let p = storm::StormParams { users: *users, vms: *vms, subscribers: *subscribers, duration_s: *duration };
+            let mut r = storm::edit_storm(&s.admin, &p).await?;
+            r.figures["server_rss_mib"] = serde_json::json!(s.rss_mib());
+            Ok(r)
+        }
+        Scenario::LeaseContention { clients, vms, duration } => {
+            let s = server(&cli, "sim").await?;
+            storm::lease_contention(
+                &s.admin,
+                &storm::LeaseParams { clients: *clients, vms: *vms, duration_s: *duration },
+            )
+            .await
+        }
+        Scenario::InventoryScale { vms, samples } => {
+            let s = server(&cli, "sim").await?;
+            scale::inventory_scale(&s, &scale::ScaleParams { vms: *vms, samples: *samples }).await
+        }
+        Scenario::PowerOn { runs, idle_vms, memory_mib, guest } => {
+            let covm = cli.covm.clone().unwrap_or_else(covm_binary);
+            power::power_on(
+                &covm,
+                guest,
+                &power::PowerParams { runs: *runs, idle_vms: *idle_vms, memory_mib: *memory_mib },
+            )
+            .await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("covm-bench: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                r.print();
+            }
+            if r.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) }
+        }
+        Err(e) => {
+            eprintln!("covm-bench: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
