@@ -84,13 +84,16 @@ pub async fn log_after(admin: &Client, after: i64) -> anyhow::Result<Vec<EventVi
     }
 }
 
+/// What a subscriber received: (seq, kind, object, delay in ms from commit to arrival).
+type Received = Arc<Mutex<Vec<(i64, String, Option<Uuid>, f64)>>>;
+
 struct Subscriber {
-    received: Arc<Mutex<Vec<(i64, String, Option<Uuid>, f64)>>>,
+    received: Received,
     task: tokio::task::JoinHandle<()>,
 }
 
 fn subscribe(c: Client, after: i64) -> Subscriber {
-    let received: Arc<Mutex<Vec<(i64, String, Option<Uuid>, f64)>>> = Arc::default();
+    let received: Received = Arc::default();
     let r2 = received.clone();
     let task = tokio::spawn(async move {
         let mut cursor = after;
