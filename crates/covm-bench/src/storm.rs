@@ -399,46 +399,8 @@ pub async fn lease_contention(admin: &Client, p: &LeaseParams) -> anyhow::Result
     let writes = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let write_token: HashMap<(Uuid, i64), i64> = writes.iter().map(|(vm, ver, t)| ((*vm, *ver), *t)).collect();
     for (name, id) in &s.vms {
-        // (holder, token, expires_at)
-        let mut live: Option<(String, i64, chrono::DateTime<chrono::Utc>)> = None;
-        let mut last_token = 0;
-        for e in log.iter().filter(|e| e.object_id == Some(*id)) {
-            let token = e.data["token"].as_i64().unwrap_or(-1);
-            let holder = e.data["holder"].as_str().unwrap_or("").to_owned();
-            let expires: Option<chrono::DateTime<chrono::Utc>> =
-                e.data["expires_at"].as_str().and_then(|t| t.parse().ok());
-            match e.kind.as_str() {
-                "vm.lease.acquired" => {
-                    if let Some((h, t, _)) = &live {
-                        v.add(format!("{name} #{}: {holder} acquired token {token} while {h} held {t}", e.seq));
-                    }
-                    if token <= last_token {
-                        v.add(format!("{name} #{}: token {token} after {last_token}", e.seq));
-                    }
-                    last_token = token;
-                    live = expires.map(|x| (holder, token, x));
-                }
-                "vm.lease.renewed" => match &mut live {
-                    Some((_, t, x)) if *t == token => *x = expires.unwrap_or(*x),
-                    _ => v.add(format!("{name} #{}: renewal of token {token}, which is not live", e.seq)),
-                },
-                "vm.lease.released" | "vm.lease.broken" | "vm.lease.expired" => match &live {
-                    Some((_, t, _)) if *t == token => live = None,
-                    _ => v.add(format!("{name} #{}: {} of token {token}, which is not live", e.seq, e.kind)),
-                },
-                "vm.config.changed" => {
-                    let Some(t) = e.version_after.and_then(|ver| write_token.get(&(*id, ver))) else { continue };
-                    match &live {
-                        Some((_, lt, x)) if lt == t && e.time <= *x => {}
-                        _ => v.add(format!(
-                            "{name} #{}: a write under token {t} was accepted while that lease was not live",
-                            e.seq
-                        )),
-                    }
-                }
-                _ => {}
-            }
-        }
+        let events: Vec<&EventView> = log.iter().filter(|e| e.object_id == Some(*id)).collect();
+        check_leases(name, *id, &events, &write_token, &mut v);
     }
     let (acquired, refused, fenced) = *counts.lock().unwrap_or_else(|p| p.into_inner());
     Ok(Report {
@@ -454,4 +416,127 @@ pub async fn lease_contention(admin: &Client, p: &LeaseParams) -> anyhow::Result
         violations: v.count,
         violation_details: v.details,
     })
+}
+
+/// Replays one VM's lease events in log order: at most one live lease, tokens only grow, renewals and
+/// ends name the live token, and every write made under a token landed while that lease was live.
+pub fn check_leases(
+    name: &str,
+    id: Uuid,
+    events: &[&EventView],
+    write_token: &HashMap<(Uuid, i64), i64>,
+    v: &mut Violations,
+) {
+    // (holder, token, expires_at)
+    let mut live: Option<(String, i64, chrono::DateTime<chrono::Utc>)> = None;
+    let mut last_token = 0;
+    for e in events {
+        let token = e.data["token"].as_i64().unwrap_or(-1);
+        let holder = e.data["holder"].as_str().unwrap_or("").to_owned();
+        let expires: Option<chrono::DateTime<chrono::Utc>> = e.data["expires_at"].as_str().and_then(|t| t.parse().ok());
+        match e.kind.as_str() {
+            "vm.lease.acquired" => {
+                if let Some((h, t, _)) = &live {
+                    v.add(format!("{name} #{}: {holder} acquired token {token} while {h} held {t}", e.seq));
+                }
+                if token <= last_token {
+                    v.add(format!("{name} #{}: token {token} after {last_token}", e.seq));
+                }
+                last_token = token;
+                live = expires.map(|x| (holder, token, x));
+            }
+            "vm.lease.renewed" => match &mut live {
+                Some((_, t, x)) if *t == token => *x = expires.unwrap_or(*x),
+                _ => v.add(format!("{name} #{}: renewal of token {token}, which is not live", e.seq)),
+            },
+            "vm.lease.released" | "vm.lease.broken" | "vm.lease.expired" => match &live {
+                Some((_, t, _)) if *t == token => live = None,
+                _ => v.add(format!("{name} #{}: {} of token {token}, which is not live", e.seq, e.kind)),
+            },
+            "vm.config.changed" => {
+                let Some(t) = e.version_after.and_then(|ver| write_token.get(&(id, ver))) else { continue };
+                match &live {
+                    Some((_, lt, x)) if lt == t && e.time <= *x => {}
+                    _ => v.add(format!(
+                        "{name} #{}: a write under token {t} was accepted while that lease was not live",
+                        e.seq
+                    )),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: i64, kind: &str, data: serde_json::Value, version_after: Option<i64>, secs: i64) -> EventView {
+        EventView {
+            seq,
+            time: chrono::DateTime::from_timestamp(1_000 + secs, 0).unwrap(),
+            actor: "a".into(),
+            request_id: None,
+            kind: kind.into(),
+            object_kind: "vm".into(),
+            object_id: Some(Uuid::nil()),
+            object_name: Some("v".into()),
+            version_before: None,
+            version_after,
+            patch: None,
+            data,
+            hash: String::new(),
+        }
+    }
+
+    fn lease(holder: &str, token: i64, expires: i64) -> serde_json::Value {
+        json!({ "holder": holder, "token": token, "expires_at": chrono::DateTime::from_timestamp(1_000 + expires, 0).unwrap() })
+    }
+
+    fn check(events: &[EventView], writes: &[(i64, i64)]) -> usize {
+        let refs: Vec<&EventView> = events.iter().collect();
+        let w: HashMap<(Uuid, i64), i64> = writes.iter().map(|(ver, t)| ((Uuid::nil(), *ver), *t)).collect();
+        let mut v = Violations::default();
+        check_leases("v", Uuid::nil(), &refs, &w, &mut v);
+        v.count
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let log = [
+            ev(1, "vm.lease.acquired", lease("a", 1, 10), None, 0),
+            ev(2, "vm.config.changed", json!({}), Some(2), 1),
+            ev(3, "vm.lease.expired", lease("a", 1, 10), None, 11),
+            ev(4, "vm.lease.acquired", lease("b", 2, 20), None, 12),
+            ev(5, "vm.lease.released", lease("b", 2, 20), None, 13),
+        ];
+        assert_eq!(check(&log, &[(2, 1)]), 0);
+    }
+
+    #[test]
+    fn two_holders_a_stale_write_and_a_shrinking_token_are_caught() {
+        let two = [
+            ev(1, "vm.lease.acquired", lease("a", 1, 10), None, 0),
+            ev(2, "vm.lease.acquired", lease("b", 2, 10), None, 1),
+        ];
+        assert_eq!(check(&two, &[]), 1);
+        let stale = [
+            ev(1, "vm.lease.acquired", lease("a", 1, 10), None, 0),
+            ev(2, "vm.lease.released", lease("a", 1, 10), None, 1),
+            ev(3, "vm.config.changed", json!({}), Some(2), 2),
+        ];
+        assert_eq!(check(&stale, &[(2, 1)]), 1);
+        let late = [
+            ev(1, "vm.lease.acquired", lease("a", 1, 10), None, 0),
+            ev(2, "vm.config.changed", json!({}), Some(2), 11),
+        ];
+        assert_eq!(check(&late, &[(2, 1)]), 1);
+        let shrinking = [
+            ev(1, "vm.lease.acquired", lease("a", 5, 10), None, 0),
+            ev(2, "vm.lease.released", lease("a", 5, 10), None, 1),
+            ev(3, "vm.lease.acquired", lease("b", 3, 10), None, 2),
+        ];
+        assert_eq!(check(&shrinking, &[]), 1);
+    }
 }
