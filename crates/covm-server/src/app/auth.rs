@@ -247,18 +247,27 @@ impl App {
     /// Finds the caller of a bearer token.
     pub async fn authenticate(&self, req: &Arc<RequestInfo>, token: &str) -> Result<Ctx, Error> {
         let bad = || Error::unauthenticated("the token is unknown or has expired; sign in again");
-        let rec = self.store().token_by_hash(&token_hash(token)).await?.ok_or_else(bad)?;
-        if rec.expires_at <= Utc::now() {
+        let hash = token_hash(token);
+        let (token_id, user_id, user, expires_at) = match self.caches().token_get(&hash) {
+            Some(t) => (t.token_id, t.user_id, t.user, t.expires_at),
+            None => {
+                let rec = self.store().token_by_hash(&hash).await?.ok_or_else(bad)?;
+                let user = self.store().user_get(rec.user_id).await?.ok_or_else(bad)?;
+                self.caches().token_put(hash, rec.id, user.id, user.name.clone(), rec.expires_at);
+                (rec.id, user.id, user.name, rec.expires_at)
+            }
+        };
+        if expires_at <= Utc::now() {
             return Err(bad());
         }
-        let user = self.store().user_get(rec.user_id).await?.ok_or_else(bad)?;
-        let _ = req.actor.set(user.name.clone());
-        Ok(Ctx { user_id: user.id, user: user.name, token_id: rec.id, req: req.clone() })
+        let _ = req.actor.set(user.clone());
+        Ok(Ctx { user_id, user, token_id, req: req.clone() })
     }
 
     pub async fn session_delete(&self, ctx: &Ctx) -> Result<(), Error> {
         let ev = ctx.event("session.deleted", "user", Some(ctx.user_id), &ctx.user).audit_only();
         self.store().token_delete(ctx.user_id, ctx.token_id, Some(ev)).await?;
+        self.caches().tokens_clear();
         Ok(())
     }
 
@@ -324,18 +333,14 @@ impl App {
         if !self.store().token_delete(ctx.user_id, id, Some(ev)).await? {
             return Err(Error::not_found("token", &id.to_string()));
         }
+        self.caches().tokens_clear();
         Ok(())
     }
 
     /// The caller's privileges on an object, as typed values.
     pub async fn privileges(&self, ctx: &Ctx, object: Uuid) -> Result<Vec<Privilege>, Error> {
-        let mut privs: Vec<Privilege> = self
-            .store()
-            .privileges_effective(ctx.user_id, object)
-            .await?
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect();
+        let mut privs: Vec<Privilege> =
+            self.privileges_of(ctx.user_id, object).await?.iter().filter_map(|p| p.parse().ok()).collect();
         privs.sort();
         Ok(privs)
     }

@@ -68,7 +68,7 @@ impl App {
         if obj.id == ROOT_ID {
             return Ok(obj);
         }
-        let privs = self.store().privileges_effective(ctx.user_id, obj.id).await?;
+        let privs = self.privileges_of(ctx.user_id, obj.id).await?;
         if !privs.iter().any(|p| p == Privilege::SystemView.as_str()) {
             self.denied(ctx, &obj, Privilege::SystemView, 404).await?;
             return Err(not_found());
@@ -78,7 +78,7 @@ impl App {
 
     /// Checks that the caller holds `privilege` on `obj`; audits and refuses otherwise.
     pub async fn require(&self, ctx: &Ctx, obj: &ObjectRecord, privilege: Privilege) -> Result<(), Error> {
-        let privs = self.store().privileges_effective(ctx.user_id, obj.id).await?;
+        let privs = self.privileges_of(ctx.user_id, obj.id).await?;
         if privs.iter().any(|p| p == privilege.as_str()) {
             return Ok(());
         }

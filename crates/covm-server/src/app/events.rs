@@ -49,6 +49,14 @@ pub fn event_view(e: &EventRecord) -> EventView {
     }
 }
 
+/// Whether an event can change someone's effective privileges somewhere.
+fn changes_privileges(e: &EventRecord) -> bool {
+    e.kind.starts_with("permission.")
+        || e.kind.starts_with("group.member_")
+        || e.kind == "user.deleted"
+        || e.data["moved"] == serde_json::Value::Bool(true)
+}
+
 /// Whether an event can change who may view what.
 fn changes_visibility(e: &EventRecord) -> bool {
     let kind = e.kind.as_str();
@@ -68,6 +76,8 @@ struct Ring {
 
 struct HubInner {
     store: Arc<dyn Store>,
+    /// Called when the tailer reads a change that can alter privileges (also one from another process).
+    on_authz_change: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     wake: Notify,
     head: watch::Sender<i64>,
     ring: RwLock<Ring>,
@@ -87,12 +97,18 @@ impl EventHub {
         EventHub {
             inner: Arc::new(HubInner {
                 store,
+                on_authz_change: std::sync::OnceLock::new(),
                 wake: Notify::new(),
                 head,
                 ring: RwLock::new(Ring { start: 0, items: VecDeque::new() }),
                 closing: watch::channel(false).0,
             }),
         }
+    }
+
+    /// Sets what to call when the tailer reads a change that can alter privileges.
+    pub fn on_authz_change(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.inner.on_authz_change.set(f);
     }
 
     /// Something was committed: the tailer reads it now instead of at its next poll.
@@ -139,6 +155,11 @@ impl EventHub {
                     break;
                 };
                 let full = batch.len() == BATCH as usize;
+                if batch.iter().any(changes_privileges)
+                    && let Some(f) = self.inner.on_authz_change.get()
+                {
+                    f();
+                }
                 {
                     let mut ring = self.inner.ring.write().unwrap_or_else(|p| p.into_inner());
                     ring.items.extend(batch.into_iter().map(Arc::new));
@@ -255,10 +276,19 @@ impl App {
         Ok(Page { items, next })
     }
 
-    /// Starts following the feed after `after` (a sequence number; default: from now).
-    pub fn events_subscribe(&self, ctx: &Ctx, after: Option<i64>, object: Option<Uuid>) -> Subscription {
-        let after = after.unwrap_or_else(|| self.hub().head());
-        self.hub().subscribe(ctx.user_id, after, object)
+    /// Starts following the feed after `after` (a sequence number; default: from the newest committed
+    /// entry, which the hub's tailer may not have read yet).
+    pub async fn events_subscribe(
+        &self,
+        ctx: &Ctx,
+        after: Option<i64>,
+        object: Option<Uuid>,
+    ) -> Result<Subscription, Error> {
+        let after = match after {
+            Some(a) => a,
+            None => self.store().events_head().await?,
+        };
+        Ok(self.hub().subscribe(ctx.user_id, after, object))
     }
 
     pub async fn audit_query(&self, ctx: &Ctx, q: AuditQuery) -> Result<Page<EventView>, Error> {

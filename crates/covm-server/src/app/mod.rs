@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod authz;
+pub mod cache;
 pub mod events;
 pub mod host;
 pub mod inventory;
@@ -44,6 +45,7 @@ pub struct App {
 
 struct AppInner {
     store: Arc<dyn Store>,
+    caches: cache::Caches,
     node: node::Node,
     hub: EventHub,
     limiter: RateLimiter,
@@ -54,7 +56,31 @@ impl App {
     pub fn new(store: Arc<dyn Store>, config: AppConfig, driver: Arc<dyn covm_hv::Hypervisor>) -> App {
         let hub = EventHub::new(store.clone());
         let node = node::Node::new(driver);
-        App { inner: Arc::new(AppInner { store, node, hub, limiter: RateLimiter::default(), config }) }
+        let caches = cache::Caches::default();
+        let app =
+            App { inner: Arc::new(AppInner { store, caches, node, hub, limiter: RateLimiter::default(), config }) };
+        let weak = Arc::downgrade(&app.inner);
+        app.inner.hub.on_authz_change(Box::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.caches.authz_changed();
+            }
+        }));
+        app
+    }
+
+    pub fn caches(&self) -> &cache::Caches {
+        &self.inner.caches
+    }
+
+    /// Effective privileges of a user on an object, cached until something that decides them changes.
+    pub(crate) async fn privileges_of(&self, user: Uuid, object: Uuid) -> Result<Vec<String>, covm_types::Error> {
+        if let Some(p) = self.caches().privileges_get(user, object) {
+            return Ok(p);
+        }
+        let epoch = self.caches().epoch();
+        let p = self.store().privileges_effective(user, object).await?;
+        self.caches().privileges_put(epoch, user, object, p.clone());
+        Ok(p)
     }
 
     pub fn node(&self) -> &node::Node {

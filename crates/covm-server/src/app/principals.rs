@@ -99,6 +99,7 @@ impl App {
         password_check("password", &p.password)?;
         let ev = ctx.event("user.password_changed", "user", Some(user.id), &user.name).audit_only();
         self.store().user_password_set(user.id, password_hash(p.password).await?, ev).await?;
+        self.caches().tokens_clear();
         Ok(())
     }
 
@@ -110,6 +111,8 @@ impl App {
         }
         let ev = ctx.event("user.deleted", "user", Some(user.id), &user.name).scope(ROOT_ID);
         self.store().user_delete(user.id, ev).await?;
+        self.caches().tokens_clear();
+        self.caches().authz_changed();
         self.committed();
         Ok(())
     }
@@ -143,6 +146,7 @@ impl App {
             .scope(ROOT_ID)
             .data(json!({ "user": u.name }));
         self.store().group_member_add(g.id, u.id, ev).await?;
+        self.caches().authz_changed();
         self.committed();
         Ok(group_view(&self.group_find(group, "group").await?))
     }
@@ -159,6 +163,7 @@ impl App {
             .scope(ROOT_ID)
             .data(json!({ "user": u.name }));
         self.store().group_member_remove(g.id, u.id, ev).await?;
+        self.caches().authz_changed();
         self.committed();
         Ok(())
     }
@@ -237,6 +242,7 @@ impl App {
         }));
         let (rec, _) =
             self.store().permission_create(id, (kind, principal_id), role.id, obj.id, p.propagate, ev).await?;
+        self.caches().authz_changed();
         self.committed();
         Ok(self.permission_view(&rec, self.object_ref(&obj)))
     }
@@ -273,6 +279,7 @@ impl App {
             "role": rec.role_name, "object": obj.path, "propagate": rec.propagate,
         }));
         self.store().permission_delete(id, ev).await?;
+        self.caches().authz_changed();
         self.committed();
         Ok(())
     }

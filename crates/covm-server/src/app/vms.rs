@@ -191,21 +191,34 @@ impl App {
         self.store().vm_get(obj.id).await?.ok_or_else(|| Error::not_found("vm", vm))
     }
 
-    /// Checks every reference of a document against the inventory and the caller's privileges to use
-    /// them; returns the folder's id.
-    async fn vm_references_check(&self, ctx: &Ctx, c: &VmConfig, old: Option<&VmConfig>) -> Result<Uuid, Error> {
-        let folder = self.object_resolve(ctx, &c.folder, Some(ObjectKind::Folder), "folder").await?;
-        if old.is_none_or(|o| o.folder != c.folder) {
-            self.require(ctx, &folder, Privilege::VmInventoryCreate).await?;
-        }
-        let pool = self
-            .object_lookup(&c.pool, Some(ObjectKind::Pool))
-            .await?
-            .ok_or_else(|| Error::invalid("pool", format!("there is no pool {}", c.pool)))?;
+    /// Checks the references of a document against the inventory, and the caller's privileges to use
+    /// them; with `old` (a change), only those that differ from it. Returns the folder's id.
+    async fn vm_references_check(
+        &self,
+        ctx: &Ctx,
+        c: &VmConfig,
+        old: Option<(&VmConfig, Uuid)>,
+    ) -> Result<Uuid, Error> {
+        let folder = match old {
+            Some((o, parent)) if o.folder == c.folder => parent,
+            _ => {
+                let folder = self.object_resolve(ctx, &c.folder, Some(ObjectKind::Folder), "folder").await?;
+                self.require(ctx, &folder, Privilege::VmInventoryCreate).await?;
+                folder.id
+            }
+        };
+        let old = old.map(|(o, _)| o);
         if old.is_none_or(|o| o.pool != c.pool) {
+            let pool = self
+                .object_lookup(&c.pool, Some(ObjectKind::Pool))
+                .await?
+                .ok_or_else(|| Error::invalid("pool", format!("there is no pool {}", c.pool)))?;
             self.require(ctx, &pool, Privilege::ResourceAssignVmToPool).await?;
         }
         for (i, n) in c.nics.iter().enumerate() {
+            if old.is_some_and(|o| o.nics.iter().any(|x| x.network == n.network)) {
+                continue;
+            }
             if self.object_lookup(&n.network, Some(ObjectKind::Network)).await?.is_none() {
                 return Err(Error::invalid(
                     &format!("nics[{i}].network"),
@@ -214,6 +227,9 @@ impl App {
             }
         }
         for (i, d) in c.disks.iter().enumerate() {
+            if old.is_some_and(|o| o.disks.iter().any(|x| x.disk == d.disk)) {
+                continue;
+            }
             if self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?.is_none() {
                 return Err(Error::new(
                     ErrorKind::InvalidRequest,
@@ -224,14 +240,21 @@ impl App {
             }
         }
         for (field, v) in [("cdrom", &c.cdrom), ("kernel", &c.kernel), ("initrd", &c.initrd)] {
-            if let Some(p) = v {
+            let before = old.and_then(|o| match field {
+                "cdrom" => o.cdrom.as_ref(),
+                "kernel" => o.kernel.as_ref(),
+                _ => o.initrd.as_ref(),
+            });
+            if let Some(p) = v
+                && before != Some(p)
+            {
                 let (ds, _) = datastore_path(field, p)?;
                 if self.object_lookup(&ds, Some(ObjectKind::Datastore)).await?.is_none() {
                     return Err(Error::invalid(field, format!("there is no datastore {ds}")));
                 }
             }
         }
-        Ok(folder.id)
+        Ok(folder)
     }
 
     /// The privileges a change from `old` to `new` needs on the VM (DESIGN §7, per field).
@@ -377,6 +400,13 @@ impl App {
             return Err(Error::invalid("message", "a message has at most 1024 bytes"));
         }
         let host_mem = self.host_memory_mib();
+        // A stale base is answered from what was read, without waiting for the writer (the write
+        // transaction checks again, for the races in between).
+        if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
+            let e = Error::new(ErrorKind::PreconditionFailed, "version_mismatch", "stale")
+                .with_details(json!({ "current_version": rec.version, "your_version": v }));
+            return Err(self.stale_error(&rec, e).await);
+        }
         for _ in 0..RETRIES {
             // Outside the transaction: the whole document, checked against the inventory and privileges.
             // (With a stale If-Match the transaction refuses the write; these checks are then moot.)
@@ -389,7 +419,8 @@ impl App {
             for p in Self::vm_change_privileges(&old_cfg, &new_cfg, &fields) {
                 self.require(ctx, &rec.object, p).await?;
             }
-            let folder = self.vm_references_check(ctx, &new_cfg, Some(&old_cfg)).await?;
+            let parent = rec.object.parent_id.unwrap_or(ROOT_ID);
+            let folder = self.vm_references_check(ctx, &new_cfg, Some((&old_cfg, parent))).await?;
             let refs = references(&new_cfg);
 
             let (live, next_boot) = classify(&old_cfg, &new_cfg);
@@ -495,6 +526,9 @@ impl App {
                         self.committed();
                     }
                     let after = after.ok_or_else(|| Error::internal("the VM vanished during a change"))?;
+                    if events.iter().any(|e| e.data["moved"] == json!(true)) {
+                        self.caches().authz_changed();
+                    }
                     if !events.is_empty() && running(&after) {
                         self.nic_links_apply(&rec, &after).await;
                     }
@@ -646,7 +680,8 @@ impl App {
     }
 
     pub(crate) fn host_memory_mib(&self) -> u64 {
-        super::host::host_facts().memory_mib
+        static MEMORY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        *MEMORY.get_or_init(|| super::host::host_facts().memory_mib)
     }
 }
 

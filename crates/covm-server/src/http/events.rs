@@ -44,7 +44,7 @@ pub async fn event_list(
         Some(Some(n)) => Some(n),
         None => None,
     };
-    let sub = app.events_subscribe(&ctx, last_id.or(q.after), q.object);
+    let sub = app.events_subscribe(&ctx, last_id.or(q.after), q.object).await?;
     let stream = futures::stream::unfold(sub, |mut sub| async move {
         match sub.next_batch().await {
             Ok(batch) => Some((batch, sub)),

@@ -104,6 +104,31 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     let ready = serial_wait(c, "g1", "COVM-GUEST-READY", 1).await;
     let before = mem_kib(&ready);
 
+    // The serial console follows over SSE; the VNC console is a WebSocket relay of RFB.
+    let mut follow = c.serial_follow("g1", 1000).await.unwrap();
+    let started = Instant::now();
+    loop {
+        use futures::StreamExt;
+        let line = tokio::time::timeout(Duration::from_secs(10), follow.next()).await.unwrap().unwrap().unwrap();
+        if line.contains("COVM-GUEST-READY") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    drop(follow);
+    let url = format!("{}/api/v1/vms/g1/console/vnc", s.url.replace("http://", "ws://"));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {}", c.token().unwrap()).parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", "binary".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "binary");
+    let first = {
+        use futures::StreamExt;
+        tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap()
+    };
+    assert!(first.into_data().starts_with(b"RFB 003."), "an RFB greeting");
+    drop(ws);
+
     // More memory while it runs: refused, then pending with apply=next_boot.
     let r = c.vm_change("g1", &json!({ "memory_mib": 256 }), &Default::default()).await;
     assert!(
