@@ -27,10 +27,13 @@ pub struct CachedToken {
     fetched: Instant,
 }
 
+/// (user, object) → (epoch it was read under, privileges).
+type PrivilegeMap = HashMap<(Uuid, Uuid), (u64, Vec<String>)>;
+
 #[derive(Default)]
 pub struct Caches {
     epoch: AtomicU64,
-    privileges: Mutex<HashMap<(Uuid, Uuid), (u64, Vec<String>)>>,
+    privileges: Mutex<PrivilegeMap>,
     tokens: Mutex<HashMap<String, CachedToken>>,
 }
 
