@@ -41,12 +41,36 @@ macro_rules! visibility_cte {
             SELECT a.obj, a.role_id, a.is_user FROM app a JOIN best b ON a.obj = b.obj AND a.dist = b.dist
         ),
         cls(obj, is_user) AS (SELECT obj, MAX(is_user) FROM win GROUP BY obj),
-        eff(obj, privilege) AS (
-            SELECT DISTINCT w.obj, rp.privilege
+        visible(id) AS (
+            SELECT DISTINCT w.obj
             FROM win w JOIN cls ON w.obj = cls.obj AND w.is_user = cls.is_user
-            JOIN role_privileges rp ON rp.role_id = w.role_id
+            JOIN role_privileges rp ON rp.role_id = w.role_id AND rp.privilege = 'System.View'
+        )
+        "
+    };
+}
+
+/// The same rule for one object (`$2`): only the grants on its own path are looked at.
+macro_rules! object_privileges_cte {
+    () => {
+        "WITH ug(object_id, propagate, role_id, is_user) AS (
+            SELECT p.object_id, p.propagate, p.role_id, p.principal_kind = 'user'
+            FROM permissions p
+            WHERE p.object_id IN (SELECT ancestor_id FROM closure WHERE object_id = $2)
+              AND ((p.principal_kind = 'user' AND p.principal_id = $1)
+               OR (p.principal_kind = 'group'
+                   AND p.principal_id IN (SELECT group_id FROM group_members WHERE user_id = $1)))
         ),
-        visible(id) AS (SELECT obj FROM eff WHERE privilege = 'System.View')
+        app(dist, role_id, is_user) AS (
+            SELECT c.depth, ug.role_id, ug.is_user
+            FROM ug JOIN closure c ON c.ancestor_id = ug.object_id AND c.object_id = $2
+            WHERE c.depth = 0 OR ug.propagate = 1
+        ),
+        win(role_id, is_user) AS (SELECT role_id, is_user FROM app WHERE dist = (SELECT MIN(dist) FROM app)),
+        eff(privilege) AS (
+            SELECT DISTINCT rp.privilege FROM win JOIN role_privileges rp ON rp.role_id = win.role_id
+            WHERE win.is_user = (SELECT MAX(is_user) FROM win)
+        )
         "
     };
 }
@@ -66,7 +90,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-16000");
+            .pragma("cache_size", "-4000");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -913,13 +937,12 @@ impl Store for SqliteStore {
     }
 
     async fn privileges_effective(&self, user: Uuid, object: Uuid) -> Result<Vec<String>> {
-        let rows =
-            sqlx::query(concat!(visibility_cte!(), "SELECT privilege FROM eff WHERE obj = $2 ORDER BY privilege"))
-                .bind(user.to_string())
-                .bind(object.to_string())
-                .fetch_all(&self.reader)
-                .await
-                .map_err(db_err("compute privileges"))?;
+        let rows = sqlx::query(concat!(object_privileges_cte!(), "SELECT privilege FROM eff ORDER BY privilege"))
+            .bind(user.to_string())
+            .bind(object.to_string())
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("compute privileges"))?;
         Ok(rows.iter().map(|r| r.get("privilege")).collect())
     }
 

@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::{App, Ctx};
 
 /// How many recent feed events the hub keeps in memory.
-const RING_CAP: usize = 20_000;
+const RING_CAP: usize = 4_096;
 /// How many events one read of the store brings.
 const BATCH: u32 = 1000;
 /// The tailer looks at the store this often even without a wake-up (writes by other processes).
