@@ -68,10 +68,24 @@ fn changes_visibility(e: &EventRecord) -> bool {
         || kind.starts_with("role.")
 }
 
+/// A feed event with its JSON rendering, made once and shared by every subscriber.
+pub struct FeedItem {
+    pub rec: EventRecord,
+    /// The [`EventView`] as JSON.
+    pub json: String,
+}
+
+impl FeedItem {
+    fn new(rec: EventRecord) -> Arc<FeedItem> {
+        let json = serde_json::to_string(&event_view(&rec)).unwrap_or_default();
+        Arc::new(FeedItem { rec, json })
+    }
+}
+
 struct Ring {
     /// The sequence number just before the first item: the ring answers any cursor ≥ `start`.
     start: i64,
-    items: VecDeque<Arc<EventRecord>>,
+    items: VecDeque<Arc<FeedItem>>,
 }
 
 struct HubInner {
@@ -162,10 +176,10 @@ impl EventHub {
                 }
                 {
                     let mut ring = self.inner.ring.write().unwrap_or_else(|p| p.into_inner());
-                    ring.items.extend(batch.into_iter().map(Arc::new));
+                    ring.items.extend(batch.into_iter().map(FeedItem::new));
                     while ring.items.len() > RING_CAP {
                         if let Some(old) = ring.items.pop_front() {
-                            ring.start = old.seq;
+                            ring.start = old.rec.seq;
                         }
                     }
                 }
@@ -179,15 +193,15 @@ impl EventHub {
     }
 
     /// Feed events after `cursor`, from memory when the ring still holds them.
-    async fn read_after(&self, cursor: i64, limit: usize) -> Result<Vec<Arc<EventRecord>>, Error> {
+    async fn read_after(&self, cursor: i64, limit: usize) -> Result<Vec<Arc<FeedItem>>, Error> {
         {
             let ring = self.inner.ring.read().unwrap_or_else(|p| p.into_inner());
             if cursor >= ring.start {
-                let from = ring.items.partition_point(|e| e.seq <= cursor);
+                let from = ring.items.partition_point(|e| e.rec.seq <= cursor);
                 return Ok(ring.items.iter().skip(from).take(limit).cloned().collect());
             }
         }
-        Ok(self.inner.store.events_after(cursor, limit as u32).await?.into_iter().map(Arc::new).collect())
+        Ok(self.inner.store.events_after(cursor, limit as u32).await?.into_iter().map(FeedItem::new).collect())
     }
 
     pub fn subscribe(&self, user: Uuid, after: i64, object: Option<Uuid>) -> Subscription {
@@ -220,23 +234,22 @@ impl Subscription {
     }
 
     /// The next events this subscriber may see, waiting until there are some.
-    pub async fn next_batch(&mut self) -> Result<Vec<EventView>, Error> {
+    pub async fn next_batch(&mut self) -> Result<Vec<Arc<FeedItem>>, Error> {
         loop {
             let head = *self.head.borrow_and_update();
             if head > self.cursor {
                 let batch = self.hub.read_after(self.cursor, 500).await?;
                 if let Some(last) = batch.last() {
-                    self.cursor = last.seq;
-                    if self.visible.is_none() || batch.iter().any(|e| changes_visibility(e)) {
+                    self.cursor = last.rec.seq;
+                    if self.visible.is_none() || batch.iter().any(|e| changes_visibility(&e.rec)) {
                         let ids = self.hub.inner.store.objects_visible(self.user).await?;
                         self.visible = Some(ids.into_iter().collect());
                     }
                     let visible = self.visible.as_ref().expect("computed above");
-                    let out: Vec<EventView> = batch
-                        .iter()
-                        .filter(|e| e.scope_id.is_some_and(|s| visible.contains(&s)))
-                        .filter(|e| self.object.is_none_or(|o| e.object_id == Some(o)))
-                        .map(|e| event_view(e))
+                    let out: Vec<Arc<FeedItem>> = batch
+                        .into_iter()
+                        .filter(|e| e.rec.scope_id.is_some_and(|s| visible.contains(&s)))
+                        .filter(|e| self.object.is_none_or(|o| e.rec.object_id == Some(o)))
                         .collect();
                     if !out.is_empty() {
                         return Ok(out);

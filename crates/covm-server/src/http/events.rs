@@ -55,10 +55,9 @@ pub async fn event_list(
         }
     })
     .flat_map(|batch| {
-        futures::stream::iter(batch.into_iter().map(|e| {
-            let ev = Event::default().id(e.seq.to_string());
-            Ok::<_, Infallible>(ev.json_data(&e).unwrap_or_else(|_| Event::default().comment("unserializable event")))
-        }))
+        futures::stream::iter(
+            batch.into_iter().map(|e| Ok::<_, Infallible>(Event::default().id(e.rec.seq.to_string()).data(&e.json))),
+        )
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }
