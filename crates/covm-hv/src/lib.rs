@@ -7,6 +7,7 @@
 //! belong to covm's process group, so they keep running when covm stops; [`Hypervisor::adopt`] finds
 //! them again from their run directory (pid file and QMP socket).
 
+pub mod img;
 pub mod qemu;
 pub mod qmp;
 pub mod sim;

@@ -354,6 +354,15 @@ pub trait Store: Send + Sync + 'static {
     async fn object_create(&self, object: NewObject, event: NewEvent) -> Result<(ObjectRecord, EventRecord)>;
     /// Replaces an object's spec (host facts at start, datastore capacity, …).
     async fn object_spec_set(&self, id: Uuid, spec: serde_json::Value) -> Result<()>;
+    /// Replaces an object's spec with its log entry, if the spec is still `expected` (a compare and
+    /// swap: 409 `conflict` otherwise).
+    async fn object_spec_update(
+        &self,
+        id: Uuid,
+        expected: &serde_json::Value,
+        spec: serde_json::Value,
+        event: NewEvent,
+    ) -> Result<EventRecord>;
     /// Deletes an object that has no children (409 `folder_not_empty` otherwise), with its grants.
     async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     /// Ids of every object the user may view (for filtering the live feed).

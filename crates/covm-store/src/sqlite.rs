@@ -556,6 +556,35 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_err("commit"))
     }
 
+    async fn object_spec_update(
+        &self,
+        id: Uuid,
+        expected: &serde_json::Value,
+        spec: serde_json::Value,
+        event: NewEvent,
+    ) -> Result<EventRecord> {
+        let mut tx = self.begin().await?;
+        let current: Option<String> = sqlx::query("SELECT spec FROM objects WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err("read an object"))?
+            .map(|r| r.get("spec"));
+        let Some(current) = current else {
+            return Err(Error::not_found("object", &id.to_string()));
+        };
+        if &json(&current)? != expected {
+            return Err(Error::conflict("conflict", "the object changed meanwhile; try again"));
+        }
+        sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(spec.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("update an object"))?;
+        finish(tx, event).await
+    }
+
     async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord> {
         if id == ROOT_ID {
             return Err(Error::conflict("root_folder", "the root folder cannot be deleted"));

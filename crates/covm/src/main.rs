@@ -5,6 +5,7 @@
 //! 6 the request was refused as invalid (400, 413); 7 try again later (429, 503).
 
 mod creds;
+mod disk;
 mod output;
 mod vm;
 
@@ -71,6 +72,9 @@ enum Command {
     /// Permissions: grants of a role to a user or group on an object.
     #[command(subcommand)]
     Permission(PermissionCmd),
+    /// First-class disks: create, ls, info, resize, clone, import, rm.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
     /// VMs: create, change, edit, history, diff, revert, leases.
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -403,6 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Vm(cmd) => vm::run(&client(&cli.url)?, &out, cmd).await,
+        Command::Disk(cmd) => disk::run(&client(&cli.url)?, &out, cmd).await,
         Command::Inventory(cmd) => {
             let c = client(&cli.url)?;
             let path = match cmd {

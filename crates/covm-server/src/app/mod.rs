@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod authz;
 pub mod cache;
+pub mod disks;
 pub mod events;
 pub mod host;
 pub mod inventory;

@@ -4,6 +4,7 @@
 //! writes a `request.failed` audit entry for a change that failed without one, and makes sure that a 500
 //! (a panic included) carries the request id that is in the log.
 
+pub mod disks;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -46,6 +47,7 @@ use error::{ApiError, ErrorCode};
         (name = "principals", description = "Users, groups, roles and permissions"),
         (name = "inventory", description = "Folders, datastores, networks, pools and hosts"),
         (name = "vms", description = "VMs as versioned documents, their history and edit leases"),
+        (name = "disks", description = "First-class disks and their images"),
         (name = "tasks", description = "Long operations and their progress"),
         (name = "events", description = "The change feed and the audit log"),
     )
@@ -96,6 +98,11 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(vms::vm_diff))
         .routes(routes!(vms::vm_revert))
         .routes(routes!(vms::lease_get, vms::lease_acquire, vms::lease_renew, vms::lease_release))
+        .routes(routes!(disks::disk_list, disks::disk_create))
+        .routes(routes!(disks::disk_get, disks::disk_delete))
+        .routes(routes!(disks::disk_resize))
+        .routes(routes!(disks::disk_clone))
+        .routes(routes!(disks::disk_import))
         .routes(routes!(power::vm_power))
         .routes(routes!(power::vm_console_serial))
         .routes(routes!(power::vm_console_vnc))

@@ -78,6 +78,13 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/vms/{vm}/lease",
     "PUT /api/v1/vms/{vm}/lease",
     "DELETE /api/v1/vms/{vm}/lease",
+    "GET /api/v1/disks",
+    "POST /api/v1/disks",
+    "GET /api/v1/disks/{disk}",
+    "DELETE /api/v1/disks/{disk}",
+    "POST /api/v1/disks/{disk}/resize",
+    "POST /api/v1/disks/{disk}/clone",
+    "POST /api/v1/disks/{disk}/import",
     "POST /api/v1/vms/{vm}/power",
     "GET /api/v1/vms/{vm}/console/serial",
     "GET /api/v1/vms/{vm}/console/vnc",
@@ -126,6 +133,14 @@ impl Env {
             a.vm_change(&format!("vm-ed-{t}"), &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-lease-{t}") })).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-renew-{t}") })).await.unwrap();
+            for d in ["dd", "dr", "dc"] {
+                a.post::<_, serde_json::Value>(
+                    "/disks",
+                    &json!({ "name": format!("{d}-{t}"), "datastore": "local", "capacity_bytes": 1u64 << 20 }),
+                )
+                .await
+                .unwrap();
+            }
             a.lease_acquire(&format!("vm-lease-{t}"), 3600).await.unwrap();
         }
         let mut sessions = Vec::new();
@@ -268,6 +283,42 @@ impl Env {
             "DELETE /api/v1/vms/{vm}/lease" => {
                 // Breaking admin's lease.
                 status(&c, Method::DELETE, &format!("/vms/vm-lease-{t}/lease?force=true"), None).await
+            }
+            "GET /api/v1/disks" => status(&c, Method::GET, "/disks", None).await,
+            "POST /api/v1/disks" => {
+                status(
+                    &c,
+                    Method::POST,
+                    "/disks",
+                    Some(json!({ "name": format!("dn-{t}"), "datastore": "local", "capacity_bytes": 1u64 << 20 })),
+                )
+                .await
+            }
+            "GET /api/v1/disks/{disk}" => status(&c, Method::GET, &format!("/disks/dr-{t}"), None).await,
+            "DELETE /api/v1/disks/{disk}" => status(&c, Method::DELETE, &format!("/disks/dd-{t}"), None).await,
+            "POST /api/v1/disks/{disk}/resize" => {
+                status(
+                    &c,
+                    Method::POST,
+                    &format!("/disks/dr-{t}/resize"),
+                    Some(json!({ "capacity_bytes": 2u64 << 20 })),
+                )
+                .await
+            }
+            "POST /api/v1/disks/{disk}/clone" => {
+                status(&c, Method::POST, &format!("/disks/dc-{t}/clone"), Some(json!({ "name": format!("dcc-{t}") })))
+                    .await
+            }
+            "POST /api/v1/disks/{disk}/import" => {
+                let ds = self.s.dir.path().join("datastores/local");
+                covm_hv::img::create(&ds.join(format!("imp-{t}.qcow2")), "qcow2", 1 << 20).await.unwrap();
+                status(
+                    &c,
+                    Method::POST,
+                    &format!("/disks/di-{t}/import"),
+                    Some(json!({ "datastore": "local", "path": format!("imp-{t}.qcow2") })),
+                )
+                .await
             }
             "POST /api/v1/vms/{vm}/power" => {
                 status(&c, Method::POST, "/vms/vm-shared/power", Some(json!({ "action": "off" }))).await

@@ -2,6 +2,7 @@
 
 mod authz_matrix;
 mod common;
+mod disks;
 mod feed;
 mod foundation;
 mod openapi;

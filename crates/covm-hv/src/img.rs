@@ -1,0 +1,92 @@
+//! Disk images through `qemu-img` (`create`, `resize`, `convert`, `info --output=json`). Paths are
+//! chosen by the caller (covm names image files itself; users never give one).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokio::process::Command;
+
+use crate::HvError;
+
+pub const QEMU_IMG: &str = "qemu-img";
+
+/// What `qemu-img info` says of an image.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct ImageInfo {
+    pub format: String,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    pub actual_size: u64,
+    #[serde(rename = "backing-filename", default, skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+}
+
+async fn run(args: &[&str]) -> Result<String, HvError> {
+    let out = Command::new(QEMU_IMG).args(args).output().await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            HvError::Unavailable("qemu-img is not installed; install the Debian package qemu-utils".into())
+        } else {
+            HvError::Io(format!("qemu-img: {e}"))
+        }
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(HvError::Io(format!("qemu-img {} failed: {err}", args.first().unwrap_or(&""))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Creates an image of `format` (`qcow2` or `raw`) and `size` bytes; fails if the file exists.
+pub async fn create(path: &Path, format: &str, size: u64) -> Result<(), HvError> {
+    if path.exists() {
+        return Err(HvError::Io(format!("{} exists already", path.display())));
+    }
+    run(&["create", "-q", "-f", format, &s(path), &size.to_string()]).await.map(|_| ())
+}
+
+/// Grows an image to `size` bytes (never shrinks).
+pub async fn resize(path: &Path, format: &str, size: u64) -> Result<(), HvError> {
+    run(&["resize", "-q", "-f", format, &s(path), &size.to_string()]).await.map(|_| ())
+}
+
+/// Copies an image into a new file of `format`.
+pub async fn convert(src: &Path, src_format: &str, dst: &Path, format: &str) -> Result<(), HvError> {
+    if dst.exists() {
+        return Err(HvError::Io(format!("{} exists already", dst.display())));
+    }
+    run(&["convert", "-q", "-f", src_format, "-O", format, &s(src), &s(dst)]).await.map(|_| ())
+}
+
+pub async fn info(path: &Path) -> Result<ImageInfo, HvError> {
+    let out = run(&["info", "--output=json", "-U", &s(path)]).await?;
+    serde_json::from_str(&out).map_err(|e| HvError::Io(format!("qemu-img info: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn create_resize_convert_info() {
+        if std::process::Command::new(QEMU_IMG).arg("--version").output().is_err() {
+            panic!("qemu-img is needed (Debian package qemu-utils)");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.qcow2");
+        create(&a, "qcow2", 64 << 20).await.unwrap();
+        assert!(create(&a, "qcow2", 1 << 20).await.is_err(), "no overwrite");
+        let i = info(&a).await.unwrap();
+        assert_eq!((i.format.as_str(), i.virtual_size), ("qcow2", 64 << 20));
+        resize(&a, "qcow2", 128 << 20).await.unwrap();
+        assert_eq!(info(&a).await.unwrap().virtual_size, 128 << 20);
+        let b = dir.path().join("b.raw");
+        convert(&a, "qcow2", &b, "raw").await.unwrap();
+        let i = info(&b).await.unwrap();
+        assert_eq!((i.format.as_str(), i.virtual_size), ("raw", 128 << 20));
+    }
+}

@@ -1,0 +1,99 @@
+//! First-class disks.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use covm_types::ErrorBody;
+use covm_types::api::Page;
+use covm_types::disk::{DiskClone, DiskCreate, DiskImport, DiskListQuery, DiskResize, DiskView};
+
+use super::error::ApiError;
+use super::extract::{Auth, JsonBody, QueryParams};
+use crate::app::App;
+
+/// Disks I may view.
+#[utoipa::path(get, path = "/disks", tag = "disks", operation_id = "disk_list", params(DiskListQuery),
+    responses((status = 200, body = Page<DiskView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    QueryParams(q): QueryParams<DiskListQuery>,
+) -> Result<Json<Page<DiskView>>, ApiError> {
+    Ok(Json(app.disks_list(&ctx, q).await?))
+}
+
+/// Create a disk with `qemu-img` (needs `Disk.Create` on the folder and `Datastore.AllocateSpace` on
+/// the datastore; checks free space and the pool's disk quota first).
+#[utoipa::path(post, path = "/disks", tag = "disks", operation_id = "disk_create", request_body = DiskCreate,
+    responses((status = 201, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_create(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    JsonBody(p): JsonBody<DiskCreate>,
+) -> Result<(StatusCode, Json<DiskView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.disk_create(&ctx, p).await?)))
+}
+
+/// A disk, with what `qemu-img info` says of its image.
+#[utoipa::path(get, path = "/disks/{disk}", tag = "disks", operation_id = "disk_get",
+    params(("disk" = String, Path, description = "disk name or id")),
+    responses((status = 200, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+) -> Result<Json<DiskView>, ApiError> {
+    Ok(Json(app.disk_get(&ctx, &disk).await?))
+}
+
+/// Delete a disk and its image (refused while a VM holds it, naming the VMs).
+#[utoipa::path(delete, path = "/disks/{disk}", tag = "disks", operation_id = "disk_delete",
+    params(("disk" = String, Path, description = "disk name or id")),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.disk_delete(&ctx, &disk).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Grow a disk (needs `Disk.Extend`; shrinking is refused).
+#[utoipa::path(post, path = "/disks/{disk}/resize", tag = "disks", operation_id = "disk_resize",
+    params(("disk" = String, Path, description = "disk name or id")), request_body = DiskResize,
+    responses((status = 200, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_resize(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+    JsonBody(p): JsonBody<DiskResize>,
+) -> Result<Json<DiskView>, ApiError> {
+    Ok(Json(app.disk_resize(&ctx, &disk, p).await?))
+}
+
+/// Copy a disk into a new one in the same datastore.
+#[utoipa::path(post, path = "/disks/{disk}/clone", tag = "disks", operation_id = "disk_clone",
+    params(("disk" = String, Path, description = "disk name or id")), request_body = DiskClone,
+    responses((status = 201, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_clone(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+    JsonBody(p): JsonBody<DiskClone>,
+) -> Result<(StatusCode, Json<DiskView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.disk_clone(&ctx, &disk, p).await?)))
+}
+
+/// Make the disk `{disk}` from an image file already inside a datastore (moved to a covm name).
+#[utoipa::path(post, path = "/disks/{disk}/import", tag = "disks", operation_id = "disk_import",
+    params(("disk" = String, Path, description = "the new disk's name")), request_body = DiskImport,
+    responses((status = 201, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_import(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+    JsonBody(p): JsonBody<DiskImport>,
+) -> Result<(StatusCode, Json<DiskView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.disk_import(&ctx, &disk, p).await?)))
+}

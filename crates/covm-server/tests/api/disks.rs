@@ -1,0 +1,166 @@
+//! First-class disks with real qemu-img images: lifecycle, checks before changes, bad input.
+
+use covm_client::ClientError;
+use covm_types::disk::DiskView;
+use serde_json::{Value, json};
+
+use crate::common::TestServer;
+
+fn err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<String>) {
+    match r {
+        Err(ClientError::Api { status, error, .. }) => (status, error.code, error.field),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_disk_is_created_grown_cloned_and_deleted_with_its_image() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    let d: DiskView = c
+        .post("/disks", &json!({ "name": "data-1", "datastore": "local", "capacity_bytes": 64u64 << 20 }))
+        .await
+        .unwrap();
+    let file = s.dir.path().join("datastores/local").join(&d.file);
+    assert!(file.is_file(), "{}", file.display());
+    assert!(d.file.starts_with("disks/") && d.file.ends_with(".qcow2"), "covm names the file: {}", d.file);
+    let info: DiskView = c.get("/disks/data-1").await.unwrap();
+    let image = info.image.unwrap();
+    assert_eq!((image.format.as_str(), image.virtual_size), ("qcow2", 64 << 20));
+
+    let grown: DiskView = c.post("/disks/data-1/resize", &json!({ "capacity_bytes": 128u64 << 20 })).await.unwrap();
+    assert_eq!(grown.capacity_bytes, 128 << 20);
+    let info: DiskView = c.get("/disks/data-1").await.unwrap();
+    assert_eq!(info.image.unwrap().virtual_size, 128 << 20);
+    assert_eq!(
+        err(c.post::<_, Value>("/disks/data-1/resize", &json!({ "capacity_bytes": 64u64 << 20 })).await).1,
+        "shrink_refused"
+    );
+    // The same size is already done.
+    c.post::<_, Value>("/disks/data-1/resize", &json!({ "capacity_bytes": 128u64 << 20 })).await.unwrap();
+
+    let copy: DiskView = c.post("/disks/data-1/clone", &json!({ "name": "data-2" })).await.unwrap();
+    assert_ne!(copy.file, d.file);
+    assert_eq!(copy.capacity_bytes, 128 << 20);
+    assert!(s.dir.path().join("datastores/local").join(&copy.file).is_file());
+
+    // A VM whose config holds the disk keeps it from being deleted, and the error names the VM.
+    c.vm_create(&json!({ "name": "web-1", "disks": [{ "disk": "data-2", "controller": "scsi0", "unit": 0 }] }))
+        .await
+        .unwrap();
+    let Err(ClientError::Api { status: 409, error, .. }) = c.delete("/disks/data-2").await else { panic!() };
+    assert_eq!(error.code, "disk_in_use");
+    assert!(error.message.contains("web-1"), "{}", error.message);
+    let listed: covm_types::api::Page<DiskView> = c.get("/disks").await.unwrap();
+    let held = listed.items.iter().find(|x| x.name == "data-2").unwrap();
+    assert_eq!(held.attachments[0].vm, "web-1");
+
+    c.delete("/disks/data-1").await.unwrap();
+    assert!(!file.exists(), "the image goes with the disk");
+    assert_eq!(err(c.get::<Value>("/disks/data-1").await).0, 404);
+    // (The feed hides events of objects that are gone; the audit log keeps them.)
+    let q = covm_types::api::AuditQuery { kind: Some("disk.".into()), limit: Some(1000), ..Default::default() };
+    let kinds: Vec<String> = c.audit(&q).await.unwrap().items.into_iter().map(|e| e.kind).collect();
+    for k in ["disk.created", "disk.resized", "disk.deleted"] {
+        assert!(kinds.contains(&k.to_string()), "{k} not in {kinds:?}");
+    }
+}
+
+#[tokio::test]
+async fn bad_disk_requests_change_nothing() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    let before = s.count("objects").await;
+    let cases = [
+        (
+            json!({ "name": "d", "datastore": "local", "capacity_bytes": -1 }),
+            400,
+            "invalid_value",
+            Some("capacity_bytes"),
+        ),
+        (
+            json!({ "name": "d", "datastore": "local", "capacity_bytes": 0 }),
+            400,
+            "invalid_capacity",
+            Some("capacity_bytes"),
+        ),
+        (
+            json!({ "name": "d", "datastore": "local", "capacity_bytes": 1000 }),
+            400,
+            "invalid_capacity",
+            Some("capacity_bytes"),
+        ),
+        (
+            json!({ "name": "d", "datastore": "local", "capacity_bytes": 1u64 << 50 }),
+            400,
+            "invalid_capacity",
+            Some("capacity_bytes"),
+        ),
+        (json!({ "name": "d", "datastore": "local", "capacity_bytes": 60u64 << 40 }), 409, "insufficient_space", None),
+        (
+            json!({ "name": "d", "datastore": "nope", "capacity_bytes": 1u64 << 20 }),
+            404,
+            "not_found",
+            Some("datastore"),
+        ),
+        (
+            json!({ "name": "d", "datastore": "local", "capacity_bytes": 1u64 << 20, "sharing": "multi_writer" }),
+            400,
+            "invalid_value",
+            Some("sharing"),
+        ),
+        (
+            json!({ "name": "../d", "datastore": "local", "capacity_bytes": 1u64 << 20 }),
+            400,
+            "invalid_name",
+            Some("name"),
+        ),
+        (
+            json!({ "name": "d", "datastore": "local", "capacity_bytes": 1u64 << 20, "path": "/etc" }),
+            400,
+            "unknown_field",
+            Some("path"),
+        ),
+    ];
+    for (body, status, code, field) in cases {
+        let resp = c.request(reqwest::Method::POST, "/disks").json(&body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{body}");
+        let e = resp.json::<covm_types::ErrorBody>().await.unwrap().error;
+        assert_eq!((e.code.as_str(), e.field.as_deref()), (code, field), "{body}");
+    }
+    assert_eq!(s.count("objects").await, before);
+    let files = std::fs::read_dir(s.dir.path().join("datastores/local")).unwrap().count();
+    assert!(files <= 1, "no image was left behind");
+
+    // Imports: a path out of the datastore, through a link, or not an image.
+    let ds = s.dir.path().join("datastores/local");
+    std::fs::write(s.dir.path().join("outside.img"), b"x").unwrap();
+    std::os::unix::fs::symlink(s.dir.path().join("outside.img"), ds.join("link.img")).unwrap();
+    for path in ["../outside.img", "link.img", "missing.img", "/etc/passwd"] {
+        let r = c.post::<_, Value>("/disks/imp/import", &json!({ "datastore": "local", "path": path })).await;
+        let (status, _, field) = err(r);
+        assert_eq!((status, field.as_deref()), (400, Some("path")), "{path}");
+    }
+    // A real image inside the datastore is imported (moved under a covm name).
+    covm_hv::img::create(&ds.join("mine.qcow2"), "qcow2", 2 << 20).await.unwrap();
+    let d: DiskView =
+        c.post("/disks/imp/import", &json!({ "datastore": "local", "path": "mine.qcow2" })).await.unwrap();
+    assert_eq!((d.capacity_bytes, d.format), (2 << 20, covm_types::disk::DiskFormat::Qcow2));
+    assert!(!ds.join("mine.qcow2").exists() && ds.join(&d.file).is_file());
+
+    // The pool's disk quota is checked before anything is made.
+    c.post::<_, Value>("/pools", &json!({ "name": "tiny", "quota": { "disk_bytes": 4u64 << 20 } })).await.unwrap();
+    c.post::<_, Value>(
+        "/disks",
+        &json!({ "name": "q1", "datastore": "local", "capacity_bytes": 3u64 << 20, "pool": "tiny" }),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .post::<_, Value>(
+            "/disks",
+            &json!({ "name": "q2", "datastore": "local", "capacity_bytes": 2u64 << 20, "pool": "tiny" }),
+        )
+        .await;
+    assert_eq!(err(r).1, "quota_exceeded");
+}

@@ -1,0 +1,148 @@
+//! First-class disks (like vSphere's First Class Disks): objects of their own, in a datastore, with an
+//! image file that covm names and `qemu-img` makes.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::Name;
+
+/// The smallest and largest disk covm makes.
+pub const CAPACITY_MIN: u64 = 1 << 20;
+pub const CAPACITY_MAX: u64 = 64 << 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharing {
+    /// One read-write attachment at a time.
+    #[default]
+    None,
+    /// Several read-write attachments (raw only, no snapshots).
+    MultiWriter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskState {
+    Creating,
+    #[default]
+    Detached,
+    Attaching,
+    Attached,
+    Detaching,
+    Resizing,
+    Faulted,
+    Deleted,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCreate {
+    pub name: Name,
+    /// The datastore's name.
+    pub datastore: String,
+    /// Bytes, a multiple of 512, from 1 MiB to 64 TiB.
+    pub capacity_bytes: u64,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub sharing: Sharing,
+    /// The folder it is placed in (default `/`).
+    #[serde(default)]
+    pub folder: Option<String>,
+    /// The resource pool whose disk quota it counts against (default `default`).
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskResize {
+    /// The new size; larger than the current one (disks only grow).
+    pub capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskClone {
+    /// The new disk's name.
+    pub name: Name,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskImport {
+    pub datastore: String,
+    /// A file inside the datastore, relative to its root; `..` and links that lead out are refused.
+    pub path: String,
+    #[serde(default)]
+    pub folder: Option<String>,
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+/// What `qemu-img info` says of the image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageView {
+    pub format: String,
+    pub virtual_size: u64,
+    pub actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskAttachmentView {
+    pub vm: String,
+    pub controller: String,
+    pub unit: u32,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskView {
+    pub id: Uuid,
+    pub name: String,
+    pub path: String,
+    pub datastore: String,
+    /// The image file, relative to the datastore (covm names it).
+    pub file: String,
+    pub format: DiskFormat,
+    pub capacity_bytes: u64,
+    pub sharing: Sharing,
+    pub state: DiskState,
+    pub pool: String,
+    /// VMs whose config holds the disk.
+    pub attachments: Vec<DiskAttachmentView>,
+    /// In `GET /disks/{disk}` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageView>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DiskListQuery {
+    pub datastore: Option<String>,
+    pub state: Option<DiskState>,
+    pub after: Option<String>,
+    pub limit: Option<u32>,
+}
