@@ -87,6 +87,7 @@ pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Res
                     kernel: Some(ds.join("vmlinuz")),
                     initrd: Some(ds.join("initrd.img")),
                     cdrom: None,
+                    disks: vec![],
                     nic_bridges: vec![],
                     run_dir: floor_dir.path().join(format!("run{i}")),
                     accel: accel_choose(covm_types::vm::Accel::Auto, KvmFacts::probe())?,

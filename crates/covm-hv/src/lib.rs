@@ -37,6 +37,20 @@ pub enum HvError {
     Io(String),
 }
 
+/// A disk to attach: its image and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskSpec {
+    /// covm's name for the block node and device (unique in the VM), e.g. `d-<disk id>`.
+    pub node: String,
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    pub controller: String,
+    pub bus: covm_types::vm::ControllerType,
+    pub unit: u32,
+    pub read_only: bool,
+}
+
 /// Everything a driver needs to start one VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -49,6 +63,8 @@ pub struct VmSpec {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cdrom: Option<PathBuf>,
+    /// The disks, attached before the guest runs.
+    pub disks: Vec<DiskSpec>,
     /// Per NIC: the host bridge, or None for user-mode networking.
     pub nic_bridges: Vec<Option<String>>,
     /// Where the VM's sockets, pid file and logs live (`DATA/vms/<id>`).
@@ -132,6 +148,8 @@ pub trait VmHandle: Send {
     async fn quit(&mut self) -> Result<(), HvError>;
     /// Sets a NIC's link up or down.
     async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError>;
+    /// Adds a disk (`blockdev-add` + `device_add`; at start and for hot-plug alike).
+    async fn disk_add(&mut self, disk: &DiskSpec) -> Result<(), HvError>;
     /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.
     async fn next_event(&mut self) -> HvEvent;
 }

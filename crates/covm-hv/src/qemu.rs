@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::qmp::{Qmp, QmpEvent};
-use crate::{AccelChoice, HvError, HvEvent, Hypervisor, VmHandle, VmSpec, log_tail};
+use crate::{AccelChoice, DiskSpec, HvError, HvEvent, Hypervisor, VmHandle, VmSpec, log_tail};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
@@ -243,6 +243,12 @@ impl Hypervisor for QemuDriver {
             }
         };
         let mut vm = QemuVm { qmp, events, child: Some(child), pid, accel: spec.accel, run_dir: spec.run_dir.clone() };
+        for d in &spec.disks {
+            if let Err(e) = vm.disk_add(d).await {
+                let _ = vm.quit().await;
+                return Err(e);
+            }
+        }
         if let Err(e) = vm.qmp.execute("cont", json!({})).await {
             let _ = vm.quit().await;
             return Err(e);
@@ -335,6 +341,39 @@ impl VmHandle for QemuVm {
         self.qmp.execute("set_link", json!({ "name": format!("nic{nic}"), "up": up })).await.map(|_| ())
     }
 
+    async fn disk_add(&mut self, d: &DiskSpec) -> Result<(), HvError> {
+        let file = format!("{}-file", d.node);
+        self.qmp
+            .execute(
+                "blockdev-add",
+                json!({ "driver": "file", "node-name": file, "filename": d.path.display().to_string(), "read-only": d.read_only }),
+            )
+            .await?;
+        let fmt = json!({ "driver": d.format, "node-name": d.node, "file": file, "read-only": d.read_only });
+        if let Err(e) = self.qmp.execute("blockdev-add", fmt).await {
+            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;
+            return Err(e);
+        }
+        let device = match d.bus {
+            ControllerType::VirtioScsi => json!({
+                "driver": "scsi-hd", "id": d.node, "drive": d.node, "bus": format!("{}.0", d.controller),
+                "channel": 0, "scsi-id": d.unit, "lun": 0,
+            }),
+            ControllerType::Ahci => {
+                json!({ "driver": "ide-hd", "id": d.node, "drive": d.node, "bus": format!("{}.{}", d.controller, d.unit) })
+            }
+            ControllerType::Ide => json!({
+                "driver": "ide-hd", "id": d.node, "drive": d.node, "bus": format!("ide.{}", d.unit / 2), "unit": d.unit % 2,
+            }),
+        };
+        if let Err(e) = self.qmp.execute("device_add", device).await {
+            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": d.node })).await;
+            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn next_event(&mut self) -> HvEvent {
         loop {
             let Some(ev) = self.events.recv().await else {
@@ -381,6 +420,7 @@ mod tests {
             run_dir: "/data/vms/x".into(),
             accel: AccelChoice::Tcg,
             nic_bridges: vec![None],
+            disks: vec![],
         };
         let a = command_line(&spec).unwrap().join(" ");
         for part in [

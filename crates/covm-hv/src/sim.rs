@@ -121,6 +121,10 @@ impl VmHandle for SimVm {
         Ok(())
     }
 
+    async fn disk_add(&mut self, _disk: &crate::DiskSpec) -> Result<(), HvError> {
+        Ok(())
+    }
+
     async fn next_event(&mut self) -> HvEvent {
         self.rx.recv().await.unwrap_or(HvEvent::Exited { status: None, log_tail: vec![] })
     }

@@ -162,7 +162,7 @@ impl App {
     }
 
     /// The absolute path of a disk's image file.
-    async fn disk_file(&self, o: &ObjectRecord) -> Result<PathBuf, Error> {
+    pub(crate) async fn disk_file(&self, o: &ObjectRecord) -> Result<PathBuf, Error> {
         let ds = self
             .object_lookup(spec_str(o, "datastore"), Some(ObjectKind::Datastore))
             .await?

@@ -168,9 +168,30 @@ impl App {
             let net = self.object_lookup(&n.network, Some(ObjectKind::Network)).await?;
             nic_bridges.push(net.and_then(|o| o.spec["bridge"].as_str().map(str::to_owned)));
         }
-        if !config.disks.is_empty() {
-            // TODO: first-class disks (the disk issue) attach through blockdev-add + device_add.
-            return Err(Error::conflict("disks_unsupported", "this covm does not attach disks yet"));
+        let mut disks = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            let field = format!("disks[{i}].disk");
+            let obj = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?.ok_or_else(|| {
+                Error::conflict(
+                    "disk_missing",
+                    format!("{} names disk {}, which no longer exists", vm.object.name, d.disk),
+                )
+                .with_field(field.clone())
+            })?;
+            let path = self.disk_file(&obj).await?;
+            let bus = config.controllers.iter().find(|c| c.id == d.controller).map(|c| c.kind).ok_or_else(|| {
+                Error::conflict("unknown_controller", format!("there is no controller {}", d.controller))
+            })?;
+            disks.push(covm_hv::DiskSpec {
+                // QEMU node names have at most 31 characters: the id's random tail is enough in one VM.
+                node: format!("d{}", &obj.id.simple().to_string()[20..]),
+                path,
+                format: obj.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
+                controller: d.controller.clone(),
+                bus,
+                unit: d.unit,
+                read_only: d.read_only,
+            });
         }
         let accel = self.accel_for(&config)?;
         Ok(VmSpec {
@@ -181,6 +202,7 @@ impl App {
             kernel,
             initrd,
             cdrom,
+            disks,
             nic_bridges,
             run_dir: self.run_dir(vm.object.id),
             accel,

@@ -173,8 +173,24 @@ async fn a_killed_qemu_is_crashed_and_a_restarted_covm_adopts_a_running_one() {
     let mut s = qemu_server().await;
     let c = s.admin.clone();
     guest_vm(&c, "g2").await;
+    // A disk in the config is attached at power-on (blockdev-add + device_add), and the guest sees it.
+    c.post::<_, serde_json::Value>(
+        "/disks",
+        &json!({ "name": "data-1", "datastore": "local", "capacity_bytes": 64u64 << 20 }),
+    )
+    .await
+    .unwrap();
+    c.vm_change(
+        "g2",
+        &json!({ "disks": [{ "disk": "data-1", "controller": "scsi0", "unit": 0 }] }),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     task_done(&c, &c.vm_power("g2", PowerAction::On, None).await.unwrap()).await;
     serial_wait(&c, "g2", "COVM-GUEST-READY", 1).await;
+    let blocks = serial_wait(&c, "g2", "COVM-BLOCKS", 1).await;
+    assert!(blocks.contains("sda=67108864"), "{blocks}");
     let pid = c.vm("g2").await.unwrap().runtime.pid.unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     state_wait(&c, "g2", PowerState::Crashed).await;
