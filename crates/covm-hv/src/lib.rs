@@ -150,6 +150,10 @@ pub trait VmHandle: Send {
     async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError>;
     /// Adds a disk (`blockdev-add` + `device_add`; at start and for hot-plug alike).
     async fn disk_add(&mut self, disk: &DiskSpec) -> Result<(), HvError>;
+    /// Asks the guest to release a device (`device_del`); `DeviceDeleted` confirms it.
+    async fn device_del(&mut self, node: &str) -> Result<(), HvError>;
+    /// Removes a disk's block nodes after its device is gone.
+    async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError>;
     /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.
     async fn next_event(&mut self) -> HvEvent;
 }

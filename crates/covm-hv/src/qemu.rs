@@ -341,6 +341,15 @@ impl VmHandle for QemuVm {
         self.qmp.execute("set_link", json!({ "name": format!("nic{nic}"), "up": up })).await.map(|_| ())
     }
 
+    async fn device_del(&mut self, node: &str) -> Result<(), HvError> {
+        self.qmp.execute("device_del", json!({ "id": node })).await.map(|_| ())
+    }
+
+    async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
+        self.qmp.execute("blockdev-del", json!({ "node-name": node })).await?;
+        self.qmp.execute("blockdev-del", json!({ "node-name": format!("{node}-file") })).await.map(|_| ())
+    }
+
     async fn disk_add(&mut self, d: &DiskSpec) -> Result<(), HvError> {
         let file = format!("{}-file", d.node);
         self.qmp

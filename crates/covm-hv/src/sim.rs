@@ -125,6 +125,16 @@ impl VmHandle for SimVm {
         Ok(())
     }
 
+    async fn device_del(&mut self, node: &str) -> Result<(), HvError> {
+        // A simulated guest releases at once.
+        let _ = self.tx.send(HvEvent::DeviceDeleted(node.to_owned()));
+        Ok(())
+    }
+
+    async fn blockdev_del(&mut self, _node: &str) -> Result<(), HvError> {
+        Ok(())
+    }
+
     async fn next_event(&mut self) -> HvEvent {
         self.rx.recv().await.unwrap_or(HvEvent::Exited { status: None, log_tail: vec![] })
     }

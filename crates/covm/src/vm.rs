@@ -124,6 +124,9 @@ pub enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Attach, detach and list a VM's disks.
+    #[command(subcommand)]
+    Disk(VmDiskCmd),
     /// Follow the serial console.
     Console {
         name: String,
@@ -133,6 +136,33 @@ pub enum VmCmd {
         /// Print the history and exit instead of following.
         #[arg(long)]
         no_follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VmDiskCmd {
+    /// Attach a disk (hot-plugged on a running VM's virtio-scsi bus).
+    Attach {
+        vm: String,
+        disk: String,
+        #[arg(long)]
+        controller: Option<String>,
+        #[arg(long)]
+        unit: Option<u32>,
+        #[arg(long)]
+        read_only: bool,
+        /// Keep it pending until the next power-on where the bus cannot hot-plug.
+        #[arg(long)]
+        next_boot: bool,
+    },
+    Detach {
+        vm: String,
+        disk: String,
+        #[arg(long)]
+        next_boot: bool,
+    },
+    Ls {
+        vm: String,
     },
 }
 
@@ -527,6 +557,39 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
                 }
             }
         }
+        VmCmd::Disk(cmd) => match cmd {
+            VmDiskCmd::Attach { vm, disk, controller, unit, read_only, next_boot } => {
+                let body = json!({ "disk": disk, "controller": controller, "unit": unit, "read_only": read_only, "next_boot": next_boot });
+                let v: VmView = c.post(&format!("/vms/{vm}/disks"), &body).await?;
+                out.message(&format!("{disk} is attached to {} (version {})", v.name, v.version));
+                Ok(())
+            }
+            VmDiskCmd::Detach { vm, disk, next_boot } => {
+                let rb = c
+                    .request(reqwest::Method::DELETE, &format!("/vms/{vm}/disks/{disk}"))
+                    .query(&[("next_boot", next_boot)]);
+                let v: VmView = c.send(rb).await?;
+                out.message(&format!("{disk} is detached from {} (version {})", v.name, v.version));
+                Ok(())
+            }
+            VmDiskCmd::Ls { vm } => {
+                let v = c.vm(&vm).await?;
+                if out.json {
+                    println!("{}", serde_json::to_string_pretty(&v.config.disks)?);
+                } else {
+                    for d in &v.config.disks {
+                        println!(
+                            "{:<20} {}:{}{}",
+                            d.disk,
+                            d.controller,
+                            d.unit,
+                            if d.read_only { " read-only" } else { "" }
+                        );
+                    }
+                }
+                Ok(())
+            }
+        },
         VmCmd::Console { name, tail, no_follow } => {
             if no_follow {
                 print!("{}", c.serial(&name, tail).await?);

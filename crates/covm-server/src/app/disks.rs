@@ -105,7 +105,7 @@ impl App {
     }
 
     /// VMs whose config holds the disk (by name or id).
-    async fn disk_attachments(&self, disk: &ObjectRecord) -> Result<Vec<DiskAttachmentView>, Error> {
+    pub(crate) async fn disk_attachments(&self, disk: &ObjectRecord) -> Result<Vec<DiskAttachmentView>, Error> {
         let mut out = Vec::new();
         let mut after = None;
         loop {

@@ -9,6 +9,7 @@
 //! - Every denial is written to the log (audit only) before the error is returned; the request is then
 //!   marked as audited so that the HTTP layer does not log it twice.
 
+pub mod attach;
 pub mod auth;
 pub mod authz;
 pub mod cache;
@@ -46,6 +47,8 @@ pub struct App {
 
 struct AppInner {
     store: Arc<dyn Store>,
+    /// Serializes attach and detach decisions (the one-writer rule reads other VMs' configs).
+    attach_lock: tokio::sync::Mutex<()>,
     caches: cache::Caches,
     node: node::Node,
     hub: EventHub,
@@ -58,8 +61,17 @@ impl App {
         let hub = EventHub::new(store.clone());
         let node = node::Node::new(driver);
         let caches = cache::Caches::default();
-        let app =
-            App { inner: Arc::new(AppInner { store, caches, node, hub, limiter: RateLimiter::default(), config }) };
+        let app = App {
+            inner: Arc::new(AppInner {
+                store,
+                attach_lock: tokio::sync::Mutex::new(()),
+                caches,
+                node,
+                hub,
+                limiter: RateLimiter::default(),
+                config,
+            }),
+        };
         let weak = Arc::downgrade(&app.inner);
         app.inner.hub.on_authz_change(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
@@ -67,6 +79,10 @@ impl App {
             }
         }));
         app
+    }
+
+    pub(crate) fn attach_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.attach_lock
     }
 
     pub fn caches(&self) -> &cache::Caches {

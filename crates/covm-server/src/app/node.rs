@@ -37,6 +37,11 @@ pub enum Cmd {
     Powerdown(oneshot::Sender<Result<(), HvError>>),
     Reset(oneshot::Sender<Result<(), HvError>>),
     SetLink(usize, bool, oneshot::Sender<Result<(), HvError>>),
+    /// Hot-plugs a disk.
+    DiskAdd(Box<covm_hv::DiskSpec>, oneshot::Sender<Result<(), HvError>>),
+    /// Hot-unplugs a disk: `device_del`, then (when the guest has let go, `DEVICE_DELETED`) its block
+    /// nodes; the reply comes at the end.
+    DiskRemove(String, oneshot::Sender<Result<(), HvError>>),
 }
 
 /// The supervisors of the VMs running on this host.
@@ -139,6 +144,7 @@ impl App {
         let app = self.clone();
         tokio::spawn(async move {
             let mut waiters: Vec<oneshot::Sender<Result<(), HvError>>> = Vec::new();
+            let mut unplugs: Vec<(String, oneshot::Sender<Result<(), HvError>>)> = Vec::new();
             let (state, data) = loop {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
@@ -157,6 +163,11 @@ impl App {
                         },
                         Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
                         Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
+                        Some(Cmd::DiskAdd(d, reply)) => { let _ = reply.send(handle.disk_add(&d).await); }
+                        Some(Cmd::DiskRemove(node, reply)) => match handle.device_del(&node).await {
+                            Ok(()) => unplugs.push((node, reply)),
+                            Err(e) => { let _ = reply.send(Err(e)); }
+                        },
                     },
                     ev = handle.next_event() => match ev {
                         HvEvent::GuestShutdown => {
@@ -175,7 +186,13 @@ impl App {
                             }
                         }
                         HvEvent::Reset => tracing::info!(%id, "the VM was reset"),
-                        HvEvent::DeviceDeleted(dev) => tracing::debug!(%id, %dev, "device deleted"),
+                        HvEvent::DeviceDeleted(dev) => {
+                            tracing::debug!(%id, %dev, "device deleted");
+                            if let Some(i) = unplugs.iter().position(|(n, _)| *n == dev) {
+                                let (node, reply) = unplugs.swap_remove(i);
+                                let _ = reply.send(handle.blockdev_del(&node).await);
+                            }
+                        }
                     },
                 }
             };

@@ -77,7 +77,7 @@ pub fn classify(old: &VmConfig, new: &VmConfig) -> (Vec<String>, Vec<String>) {
     (live, next)
 }
 
-fn running(vm: &VmRecord) -> bool {
+pub(crate) fn running(vm: &VmRecord) -> bool {
     matches!(vm.power_state.as_str(), "running" | "paused" | "starting" | "stopping")
 }
 
@@ -138,7 +138,7 @@ fn references(c: &VmConfig) -> Vec<String> {
     r
 }
 
-fn parse_config(doc: &Value) -> Result<VmConfig, Error> {
+pub(crate) fn parse_config(doc: &Value) -> Result<VmConfig, Error> {
     let v = serde_json::to_vec(doc).map_err(|_| Error::internal("could not render a config"))?;
     crate::http::extract::json_parse(&v)
 }
@@ -361,7 +361,7 @@ impl App {
         }
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
-        let opts = WriteOpts { message: q.message, dry_run: q.dry_run, next_boot };
+        let opts = WriteOpts { message: q.message, dry_run: q.dry_run, next_boot, disks_live: false };
         self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, opts).await
     }
 
@@ -379,13 +379,13 @@ impl App {
                 rec,
                 DocChange::Replace(old.config, r.version),
                 pre,
-                WriteOpts { message: Some(message), dry_run: false, next_boot: r.next_boot },
+                WriteOpts { message: Some(message), dry_run: false, next_boot: r.next_boot, disks_live: false },
             )
             .await?;
         Ok(view)
     }
 
-    async fn vm_write_doc(
+    pub(crate) async fn vm_write_doc(
         &self,
         ctx: &Ctx,
         mut rec: VmRecord,
@@ -393,7 +393,7 @@ impl App {
         pre: Preconditions,
         opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
-        let WriteOpts { message, dry_run, next_boot: apply_next_boot } = opts;
+        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_live } = opts;
         if let Some(m) = &message
             && m.len() > 1024
         {
@@ -476,6 +476,7 @@ impl App {
                 if running(vm) {
                     let old: VmConfig = parse_config(&vm.config)?;
                     let (_, next) = classify(&old, &cfg);
+                    let next: Vec<String> = next.into_iter().filter(|f| !(disks_live && f == "disks")).collect();
                     if !next.is_empty() && !apply_next_boot {
                         return Err(requires_power_cycle(&vm.object.name, &next));
                     }
@@ -686,16 +687,19 @@ impl App {
 }
 
 /// How a document write behaves.
-struct WriteOpts {
-    message: Option<String>,
-    dry_run: bool,
+#[derive(Default)]
+pub(crate) struct WriteOpts {
+    pub message: Option<String>,
+    pub dry_run: bool,
     /// `apply=next_boot`.
-    next_boot: bool,
+    pub next_boot: bool,
+    /// The disks change was already applied to the running QEMU (hot-plug): it is live.
+    pub disks_live: bool,
 }
 
 /// How a write makes the new document from the newest one.
 #[derive(Debug, Clone)]
-enum DocChange {
+pub(crate) enum DocChange {
     /// RFC 7386.
     Merge(Value),
     /// Revert: version K's document.

@@ -97,3 +97,40 @@ pub async fn disk_import(
 ) -> Result<(StatusCode, Json<DiskView>), ApiError> {
     Ok((StatusCode::CREATED, Json(app.disk_import(&ctx, &disk, p).await?)))
 }
+
+/// Attach a disk to a VM (needs `VirtualMachine.Config.AddExistingDisk`): hot-plugged on a running VM's
+/// virtio-scsi bus; one writer unless the disk is `multi_writer`; controller and unit chosen unless
+/// given, and checked.
+#[utoipa::path(post, path = "/vms/{vm}/disks", tag = "disks", operation_id = "vm_disk_attach",
+    params(("vm" = String, Path, description = "VM name or id")), request_body = crate::app::attach::DiskAttach,
+    responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_disk_attach(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<crate::app::attach::DiskAttach>,
+) -> Result<Json<covm_types::vm::VmView>, ApiError> {
+    Ok(Json(app.vm_disk_attach(&ctx, &vm, p).await?))
+}
+
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DetachQuery {
+    /// On a running VM with a bus that cannot hot-unplug: keep the detach pending.
+    #[serde(default)]
+    pub next_boot: bool,
+}
+
+/// Detach a disk from a VM (needs `VirtualMachine.Config.RemoveDisk`); on a running VM the guest must
+/// release it, or the detach fails and the disk stays attached.
+#[utoipa::path(delete, path = "/vms/{vm}/disks/{disk}", tag = "disks", operation_id = "vm_disk_detach",
+    params(("vm" = String, Path, description = "VM name or id"), ("disk" = String, Path, description = "disk name or id"), DetachQuery),
+    responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_disk_detach(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, disk)): Path<(String, String)>,
+    QueryParams(q): QueryParams<DetachQuery>,
+) -> Result<Json<covm_types::vm::VmView>, ApiError> {
+    Ok(Json(app.vm_disk_detach(&ctx, &vm, &disk, q.next_boot).await?))
+}

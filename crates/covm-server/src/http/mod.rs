@@ -103,6 +103,8 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(disks::disk_resize))
         .routes(routes!(disks::disk_clone))
         .routes(routes!(disks::disk_import))
+        .routes(routes!(disks::vm_disk_attach))
+        .routes(routes!(disks::vm_disk_detach))
         .routes(routes!(power::vm_power))
         .routes(routes!(power::vm_console_serial))
         .routes(routes!(power::vm_console_vnc))

@@ -85,6 +85,8 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/disks/{disk}/resize",
     "POST /api/v1/disks/{disk}/clone",
     "POST /api/v1/disks/{disk}/import",
+    "POST /api/v1/vms/{vm}/disks",
+    "DELETE /api/v1/vms/{vm}/disks/{disk}",
     "POST /api/v1/vms/{vm}/power",
     "GET /api/v1/vms/{vm}/console/serial",
     "GET /api/v1/vms/{vm}/console/vnc",
@@ -133,7 +135,9 @@ impl Env {
             a.vm_change(&format!("vm-ed-{t}"), &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-lease-{t}") })).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-renew-{t}") })).await.unwrap();
-            for d in ["dd", "dr", "dc"] {
+            a.vm_create(&json!({ "name": format!("vm-att-{t}") })).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-det-{t}") })).await.unwrap();
+            for d in ["dd", "dr", "dc", "da", "dx"] {
                 a.post::<_, serde_json::Value>(
                     "/disks",
                     &json!({ "name": format!("{d}-{t}"), "datastore": "local", "capacity_bytes": 1u64 << 20 }),
@@ -319,6 +323,21 @@ impl Env {
                     Some(json!({ "datastore": "local", "path": format!("imp-{t}.qcow2") })),
                 )
                 .await
+            }
+            "POST /api/v1/vms/{vm}/disks" => {
+                status(&c, Method::POST, &format!("/vms/vm-att-{t}/disks"), Some(json!({ "disk": format!("da-{t}") })))
+                    .await
+            }
+            "DELETE /api/v1/vms/{vm}/disks/{disk}" => {
+                self.s
+                    .admin
+                    .post::<_, serde_json::Value>(
+                        &format!("/vms/vm-det-{t}/disks"),
+                        &json!({ "disk": format!("dx-{t}") }),
+                    )
+                    .await
+                    .unwrap();
+                status(&c, Method::DELETE, &format!("/vms/vm-det-{t}/disks/dx-{t}"), None).await
             }
             "POST /api/v1/vms/{vm}/power" => {
                 status(&c, Method::POST, "/vms/vm-shared/power", Some(json!({ "action": "off" }))).await

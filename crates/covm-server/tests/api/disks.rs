@@ -164,3 +164,102 @@ async fn bad_disk_requests_change_nothing() {
         .await;
     assert_eq!(err(r).1, "quota_exceeded");
 }
+
+async fn disk(c: &covm_client::Client, name: &str) {
+    c.post::<_, Value>("/disks", &json!({ "name": name, "datastore": "local", "capacity_bytes": 1u64 << 20 }))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn attach_rules_are_checked_before_anything_changes() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    for n in ["a", "b"] {
+        c.vm_create(&json!({ "name": n })).await.unwrap();
+    }
+    c.vm_create(&json!({ "name": "old", "machine": "pc", "controllers": [{ "id": "ide0", "type": "ide" }] }))
+        .await
+        .unwrap();
+    disk(c, "d1").await;
+    disk(c, "d2").await;
+    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "d1" })).await.unwrap();
+    assert_eq!((v.version, v.config.disks[0].controller.as_str(), v.config.disks[0].unit), (2, "scsi0", 0));
+    // One writer: b gets disk_in_use naming a.
+    let Err(ClientError::Api { status: 409, error, .. }) =
+        c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1" })).await
+    else {
+        panic!()
+    };
+    assert_eq!(error.code, "disk_in_use");
+    assert!(error.message.contains(" a (off)"), "{}", error.message);
+    assert!(
+        c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1", "read_only": true })).await.is_err(),
+        "not read-only beside a writer"
+    );
+    for (body, code) in [
+        (json!({ "disk": "d2", "controller": "nope" }), "unknown_controller"),
+        (json!({ "disk": "d2", "unit": 0 }), "unit_taken"),
+        (json!({ "disk": "d2", "unit": 256 }), "unit_out_of_range"),
+        (json!({ "disk": "d1" }), "already_attached"),
+    ] {
+        assert_eq!(err(c.post::<_, Value>("/vms/a/disks", &body).await).1, code, "{body}");
+    }
+    assert_eq!(c.vm("a").await.unwrap().version, 2, "nothing changed");
+    // On a running VM: virtio-scsi hot-plugs; IDE does not (unless next_boot).
+    let t = c.vm_power("a", covm_types::vm::PowerAction::On, None).await.unwrap();
+    crate::common::task_done(c, &t).await;
+    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "d2" })).await.unwrap();
+    assert_eq!(v.runtime.running_version, Some(v.version), "a hot-plug is live, not pending");
+    let t = c.vm_power("old", covm_types::vm::PowerAction::On, None).await.unwrap();
+    crate::common::task_done(c, &t).await;
+    disk(c, "d3").await;
+    assert_eq!(err(c.post::<_, Value>("/vms/old/disks", &json!({ "disk": "d3" })).await).1, "hotplug_unsupported");
+    let v: covm_types::vm::VmView =
+        c.post("/vms/old/disks", &json!({ "disk": "d3", "next_boot": true })).await.unwrap();
+    assert!(v.runtime.running_version < Some(v.version), "pending");
+    // Detach: hot on virtio-scsi; detaching what is not attached is done already.
+    let v: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/a/disks/d2")).await.unwrap();
+    assert_eq!(v.config.disks.len(), 1);
+    let again: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/a/disks/d2")).await.unwrap();
+    assert_eq!(again.version, v.version);
+    // Multi-writer disks take several writers.
+    c.post::<_, Value>("/disks", &json!({ "name": "shared", "datastore": "local", "capacity_bytes": 1u64 << 20, "format": "raw", "sharing": "multi_writer" }))
+        .await
+        .unwrap();
+    c.post::<_, Value>("/vms/a/disks", &json!({ "disk": "shared" })).await.unwrap();
+    c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "shared" })).await.unwrap();
+}
+
+#[tokio::test]
+async fn twenty_clients_attach_one_disk_read_write_and_exactly_one_wins() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    disk(c, "hot").await;
+    for i in 0..20 {
+        c.vm_create(&json!({ "name": format!("vm{i}") })).await.unwrap();
+    }
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                (i, c.post::<_, Value>(&format!("/vms/vm{i}/disks"), &json!({ "disk": "hot" })).await)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (i, Ok(_)) => winners.push(format!("vm{i}")),
+            (_, Err(ClientError::Api { status: 409, error, .. })) => losers.push(error),
+            (i, Err(e)) => panic!("vm{i}: {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    assert_eq!(losers.len(), 19);
+    for e in losers {
+        assert_eq!(e.code, "disk_in_use");
+        assert!(e.message.contains(&winners[0]), "{} names {}", e.message, winners[0]);
+    }
+}

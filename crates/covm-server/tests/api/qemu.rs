@@ -129,6 +129,28 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     assert!(first.into_data().starts_with(b"RFB 003."), "an RFB greeting");
     drop(ws);
 
+    // Hot-plug a 64 MiB disk: the guest sees it; hot-unplug: the guest sees it go.
+    c.post::<_, serde_json::Value>(
+        "/disks",
+        &json!({ "name": "hot-1", "datastore": "local", "capacity_bytes": 64u64 << 20 }),
+    )
+    .await
+    .unwrap();
+    let v: covm_types::vm::VmView = c.post("/vms/g1/disks", &json!({ "disk": "hot-1" })).await.unwrap();
+    assert_eq!(v.runtime.running_version, Some(v.version));
+    serial_wait(c, "g1", "sda=67108864", 1).await;
+    let _: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/g1/disks/hot-1")).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let text = c.serial("g1", 10_000).await.unwrap();
+        let last = text.lines().rfind(|l| l.contains("COVM-BLOCKS")).unwrap_or_default().to_owned();
+        if !last.contains("sda") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the guest still sees the disk: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // More memory while it runs: refused, then pending with apply=next_boot.
     let r = c.vm_change("g1", &json!({ "memory_mib": 256 }), &Default::default()).await;
     assert!(
@@ -139,7 +161,8 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
         .vm_change("g1", &json!({ "memory_mib": 256 }), &ChangeOptions { next_boot: true, ..Default::default() })
         .await
         .unwrap();
-    assert_eq!((vm.version, vm.runtime.running_version), (2, Some(1)));
+    // (Versions 2 and 3 were the hot attach and detach, both live.)
+    assert_eq!((vm.version, vm.runtime.running_version), (4, Some(3)));
 
     // ACPI shutdown: the guest answers, QEMU goes.
     let pid = vm.runtime.pid.unwrap();
@@ -152,10 +175,10 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     task_done(c, &c.vm_power("g1", PowerAction::On, None).await.unwrap()).await;
     let after = mem_kib(&serial_wait(c, "g1", "COVM-GUEST-READY", 2).await);
     assert!(after > before + 100_000, "{before} KiB then {after} KiB");
-    assert_eq!(c.vm("g1").await.unwrap().runtime.running_version, Some(2));
+    assert_eq!(c.vm("g1").await.unwrap().runtime.running_version, Some(4));
 
     // The guest powers itself off (typed into its serial console): off.
-    serial_wait(c, "g1", "COVM-BLOCKS", 2).await;
+    serial_wait(c, "g1", "COVM-GUEST-READY", 2).await;
     let sock = s.dir.path().join("vms").join(c.vm("g1").await.unwrap().id.to_string()).join("serial.sock");
     let mut stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut stream, b"\npoweroff -f\n").await.unwrap();
