@@ -50,6 +50,13 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// Many clients attach one disk read-write at once; exactly one may win, every round.
+    AttachRace {
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// N VMs, then list, filtered list and get times and the server's memory.
     InventoryScale {
         #[arg(long, default_value_t = 10_000)]
@@ -98,6 +105,10 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
                 &storm::LeaseParams { clients: *clients, vms: *vms, duration_s: *duration },
             )
             .await
+        }
+        Scenario::AttachRace { clients, rounds } => {
+            let s = server(&cli, "sim").await?;
+            storm::attach_race(&s.admin, &storm::AttachParams { clients: *clients, rounds: *rounds }).await
         }
         Scenario::InventoryScale { vms, samples } => {
             let s = server(&cli, "sim").await?;

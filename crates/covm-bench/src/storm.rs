@@ -540,3 +540,68 @@ mod tests {
         assert_eq!(check(&shrinking, &[]), 1);
     }
 }
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttachParams {
+    /// Clients (each with its own VM) racing per round.
+    pub clients: usize,
+    pub rounds: usize,
+}
+
+/// Each round, every client attaches the same disk read-write to its own VM at once: exactly one may
+/// win, and every loser's error must name the winner. The winner then detaches for the next round.
+pub async fn attach_race(admin: &Client, p: &AttachParams) -> anyhow::Result<Report> {
+    let s = setup(admin, p.clients, p.clients).await?;
+    let disk = format!("{}-disk", s.tag);
+    admin
+        .post::<_, serde_json::Value>("/disks", &json!({ "name": disk, "datastore": "local", "capacity_bytes": 1u64 << 20, "folder": format!("/{}", s.tag) }))
+        .await?;
+    let mut v = Violations::default();
+    let mut latencies = Vec::new();
+    for round in 0..p.rounds {
+        let mut tasks = Vec::new();
+        for i in 0..p.clients {
+            let c = s.users[i % s.users.len()].1.clone();
+            let (vm, _) = s.vms[i].clone();
+            let disk = disk.clone();
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let r = c.post::<_, serde_json::Value>(&format!("/vms/{vm}/disks"), &json!({ "disk": disk })).await;
+                (vm, r, t0.elapsed().as_secs_f64() * 1000.0)
+            }));
+        }
+        let mut winners = Vec::new();
+        let mut losers = Vec::new();
+        for t in tasks {
+            let (vm, r, ms) = t.await?;
+            latencies.push(ms);
+            match r {
+                Ok(_) => winners.push(vm),
+                Err(ClientError::Api { status: 409, error, .. }) if error.code == "disk_in_use" => {
+                    losers.push((vm, error.message))
+                }
+                Err(e) => v.add(format!("round {round}: {vm}: unexpected {e}")),
+            }
+        }
+        if winners.len() != 1 {
+            v.add(format!("round {round}: {} winners ({winners:?})", winners.len()));
+        }
+        if let Some(w) = winners.first() {
+            for (vm, msg) in &losers {
+                if !msg.contains(w.as_str()) {
+                    v.add(format!("round {round}: {vm} was refused without naming the holder {w}: {msg}"));
+                }
+            }
+            admin
+                .send::<serde_json::Value>(admin.request(reqwest::Method::DELETE, &format!("/vms/{w}/disks/{disk}")))
+                .await?;
+        }
+    }
+    Ok(Report {
+        scenario: "attach-race".into(),
+        params: serde_json::to_value(p)?,
+        figures: json!({ "attach_latency_ms": Percentiles::of(latencies), "rounds": p.rounds }),
+        violations: v.count,
+        violation_details: v.details,
+    })
+}

@@ -1,7 +1,7 @@
 //! Short runs of the consistency scenarios in the test suite. They fail only on a violation, never on
 //! speed (speed is the benchmark's business: docs/BENCHMARKS.md).
 
-use covm_bench::storm::{LeaseParams, StormParams, edit_storm, lease_contention};
+use covm_bench::storm::{AttachParams, LeaseParams, StormParams, attach_race, edit_storm, lease_contention};
 use covm_client::Client;
 
 async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
@@ -36,4 +36,11 @@ async fn a_short_lease_contention_has_no_violations() {
     assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
     assert!(r.figures["leases_acquired"].as_u64().unwrap() > 1, "{}", r.figures);
     assert!(r.figures["writes_accepted_under_lease"].as_u64().unwrap() > 0, "{}", r.figures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_attach_race_has_one_winner_every_round() {
+    let (_running, admin, _dir) = server().await;
+    let r = attach_race(&admin, &AttachParams { clients: 8, rounds: 5 }).await.unwrap();
+    assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
 }
