@@ -154,6 +154,8 @@ pub trait VmHandle: Send {
     async fn device_del(&mut self, node: &str) -> Result<(), HvError>;
     /// Removes a disk's block nodes after its device is gone.
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError>;
+    /// Grows an attached disk while the VM runs (`block_resize`).
+    async fn block_resize(&mut self, node: &str, size: u64) -> Result<(), HvError>;
     /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.
     async fn next_event(&mut self) -> HvEvent;
 }

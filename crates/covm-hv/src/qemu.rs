@@ -345,6 +345,10 @@ impl VmHandle for QemuVm {
         self.qmp.execute("device_del", json!({ "id": node })).await.map(|_| ())
     }
 
+    async fn block_resize(&mut self, node: &str, size: u64) -> Result<(), HvError> {
+        self.qmp.execute("block_resize", json!({ "node-name": node, "size": size })).await.map(|_| ())
+    }
+
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
         self.qmp.execute("blockdev-del", json!({ "node-name": node })).await?;
         self.qmp.execute("blockdev-del", json!({ "node-name": format!("{node}-file") })).await.map(|_| ())

@@ -135,6 +135,10 @@ impl VmHandle for SimVm {
         Ok(())
     }
 
+    async fn block_resize(&mut self, _node: &str, _size: u64) -> Result<(), HvError> {
+        Ok(())
+    }
+
     async fn next_event(&mut self) -> HvEvent {
         self.rx.recv().await.unwrap_or(HvEvent::Exited { status: None, log_tail: vec![] })
     }

@@ -129,6 +129,20 @@ impl App {
         }
     }
 
+    /// The running VMs that hold a disk.
+    async fn disk_holders_running(&self, disk: &ObjectRecord) -> Result<Vec<Uuid>, Error> {
+        let mut out = Vec::new();
+        for a in self.disk_attachments(disk).await? {
+            if let Some(o) = self.store().object_by_name(ObjectKind::Vm, &a.vm).await?
+                && let Some(vm) = self.store().vm_get(o.id).await?
+                && super::vms::running(&vm)
+            {
+                out.push(o.id);
+            }
+        }
+        Ok(out)
+    }
+
     async fn disk_view(&self, o: &ObjectRecord, with_image: bool) -> Result<DiskView, Error> {
         let image = if with_image {
             match self.disk_file(o).await {
@@ -268,15 +282,23 @@ impl App {
             )
             .with_field("capacity_bytes"));
         }
-        if !self.disk_attachments(&o).await?.is_empty() {
-            // TODO: a disk in a running VM's config grows live with block_resize (the disk issue).
-            return Err(Error::conflict("disk_in_use", format!("{} is in a VM's config; detach it to resize", o.name)));
-        }
         let file = self.disk_file(&o).await?;
         let root = file.parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
         Self::space_check(&root, p.capacity_bytes - current)?;
         self.disk_pool_admit(spec_str(&o, "pool"), p.capacity_bytes, Some(o.id)).await?;
-        img::resize(&file, format_of(&o).as_str(), p.capacity_bytes).await.map_err(hv_error)?;
+        // A disk that a running VM holds grows live through that VM's QEMU (which holds the image's
+        // lock); otherwise qemu-img grows the file.
+        let running: Vec<Uuid> = self.disk_holders_running(&o).await?;
+        if running.is_empty() {
+            img::resize(&file, format_of(&o).as_str(), p.capacity_bytes).await.map_err(hv_error)?;
+        } else {
+            let node = format!("d{}", &o.id.simple().to_string()[20..]);
+            let size = p.capacity_bytes;
+            for vm in running {
+                let n = node.clone();
+                self.node().ask(vm, |r| super::node::Cmd::DiskResize(n, size, r)).await.map_err(hv_error)?;
+            }
+        }
         let mut spec = o.spec.clone();
         spec["capacity_bytes"] = json!(p.capacity_bytes);
         let ev = ctx
@@ -303,7 +325,18 @@ impl App {
                 Error::conflict("already_exists", format!("a disk named {} already exists", p.name)).with_field("name")
             );
         }
-        // TODO: refuse while attached read-write to a running VM (the disk issue brings attachments).
+        if self.disk_attachments(&src).await?.iter().any(|a| !a.read_only)
+            && let Some(vm) = self.disk_holders_running(&src).await?.first()
+        {
+            let name = self.store().object_get(*vm).await?.map(|o| o.name).unwrap_or_default();
+            return Err(Error::conflict(
+                "disk_in_use",
+                format!(
+                    "{} is attached read-write to {name}, which is running; a copy would not be consistent",
+                    src.name
+                ),
+            ));
+        }
         let capacity = src.spec["capacity_bytes"].as_u64().unwrap_or(0);
         Self::space_check(&root, capacity)?;
         let pool = self.disk_pool_admit(spec_str(&src, "pool"), capacity, None).await?;

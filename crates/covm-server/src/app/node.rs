@@ -42,6 +42,8 @@ pub enum Cmd {
     /// Hot-unplugs a disk: `device_del`, then (when the guest has let go, `DEVICE_DELETED`) its block
     /// nodes; the reply comes at the end.
     DiskRemove(String, oneshot::Sender<Result<(), HvError>>),
+    /// Grows an attached disk (`block_resize`).
+    DiskResize(String, u64, oneshot::Sender<Result<(), HvError>>),
 }
 
 /// The supervisors of the VMs running on this host.
@@ -164,6 +166,7 @@ impl App {
                         Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
                         Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
                         Some(Cmd::DiskAdd(d, reply)) => { let _ = reply.send(handle.disk_add(&d).await); }
+                        Some(Cmd::DiskResize(node, size, reply)) => { let _ = reply.send(handle.block_resize(&node, size).await); }
                         Some(Cmd::DiskRemove(node, reply)) => match handle.device_del(&node).await {
                             Ok(()) => unplugs.push((node, reply)),
                             Err(e) => { let _ = reply.send(Err(e)); }

@@ -139,6 +139,14 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     let v: covm_types::vm::VmView = c.post("/vms/g1/disks", &json!({ "disk": "hot-1" })).await.unwrap();
     assert_eq!(v.runtime.running_version, Some(v.version));
     serial_wait(c, "g1", "sda=67108864", 1).await;
+    // Grown while attached to the running VM: block_resize, and the guest sees the new size.
+    let d: covm_types::disk::DiskView =
+        c.post("/disks/hot-1/resize", &json!({ "capacity_bytes": 128u64 << 20 })).await.unwrap();
+    assert_eq!(d.capacity_bytes, 128 << 20);
+    serial_wait(c, "g1", "sda=134217728", 1).await;
+    // A copy of a disk a running VM writes to is refused.
+    let r = c.post::<_, serde_json::Value>("/disks/hot-1/clone", &json!({ "name": "copy" })).await;
+    assert!(matches!(r, Err(ClientError::Api { status: 409, ref error, .. }) if error.code == "disk_in_use"), "{r:?}");
     let _: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/g1/disks/hot-1")).await.unwrap();
     let started = Instant::now();
     loop {
