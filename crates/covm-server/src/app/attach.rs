@@ -125,10 +125,15 @@ pub fn writers_check(
 
 impl App {
     pub async fn vm_disk_attach(&self, ctx: &Ctx, vm: &str, p: DiskAttach) -> Result<VmView, Error> {
+        let _one_at_a_time = self.attach_lock().lock().await;
+        self.disk_attach_locked(ctx, vm, p).await
+    }
+
+    /// Attach with the attach lock held by the caller.
+    async fn disk_attach_locked(&self, ctx: &Ctx, vm: &str, p: DiskAttach) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmConfigAddExistingDisk).await?;
         let disk = self.object_resolve(ctx, &p.disk, Some(ObjectKind::Disk), "disk").await?;
-        let _one_at_a_time = self.attach_lock().lock().await;
         let rec = self.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", vm))?;
         let cfg: VmConfig = parse_config(&rec.config)?;
         if cfg.disks.iter().any(|d| d.disk == disk.name || d.disk == disk.id.to_string()) {
@@ -199,9 +204,14 @@ impl App {
 
     /// Detaches a disk; one that is not attached is already detached.
     pub async fn vm_disk_detach(&self, ctx: &Ctx, vm: &str, disk: &str, next_boot: bool) -> Result<VmView, Error> {
+        let _one_at_a_time = self.attach_lock().lock().await;
+        self.disk_detach_locked(ctx, vm, disk, next_boot).await
+    }
+
+    /// Detach with the attach lock held by the caller.
+    async fn disk_detach_locked(&self, ctx: &Ctx, vm: &str, disk: &str, next_boot: bool) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmConfigRemoveDisk).await?;
-        let _one_at_a_time = self.attach_lock().lock().await;
         let rec = self.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", vm))?;
         let cfg: VmConfig = parse_config(&rec.config)?;
         let obj = self.object_lookup(disk, Some(ObjectKind::Disk)).await?;
@@ -253,6 +263,68 @@ impl App {
             .vm_write_doc(ctx, rec, DocChange::Merge(json!({ "disks": disks })), Preconditions::default(), opts)
             .await?;
         Ok(view)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMove {
+    /// The VM the disk goes to.
+    pub to_vm: String,
+    #[serde(default)]
+    pub controller: Option<String>,
+    #[serde(default)]
+    pub unit: Option<u32>,
+}
+
+impl App {
+    /// Moves a disk from the VM that holds it to another, as one operation: detach (hot if that VM
+    /// runs), attach (hot if the target runs); if the attach fails, the disk goes back where it was.
+    /// The attach lock is held throughout, so no one can take the disk in between.
+    pub async fn disk_move(&self, ctx: &Ctx, disk: &str, p: DiskMove) -> Result<VmView, Error> {
+        let d = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
+        let target = self.vm_resolve(ctx, &p.to_vm).await?;
+        self.require(ctx, &target.object, Privilege::VmConfigAddExistingDisk).await?;
+        let _one_at_a_time = self.attach_lock().lock().await;
+        let holders = self.disk_attachments(&d).await?;
+        if holders.len() > 1 {
+            return Err(conflict(
+                "disk_shared",
+                format!("{} is attached to {} VMs; detach it from all but one", d.name, holders.len()),
+            ));
+        }
+        let source = holders.into_iter().next();
+        if let Some(h) = &source {
+            if h.vm == target.object.name {
+                return self.vm_view(Some(ctx), &target);
+            }
+            self.disk_detach_locked(ctx, &h.vm, &d.name, false).await?;
+        }
+        let attach = DiskAttach {
+            disk: d.name.clone(),
+            controller: p.controller,
+            unit: p.unit,
+            read_only: false,
+            next_boot: false,
+        };
+        match self.disk_attach_locked(ctx, &target.object.name, attach).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if let Some(h) = source {
+                    let back = DiskAttach {
+                        disk: d.name.clone(),
+                        controller: Some(h.controller.clone()),
+                        unit: Some(h.unit),
+                        read_only: h.read_only,
+                        next_boot: false,
+                    };
+                    if let Err(undo) = self.disk_attach_locked(ctx, &h.vm, back).await {
+                        tracing::error!(disk = %d.name, vm = %h.vm, error = %undo, "a failed move could not put the disk back");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 }
 

@@ -134,3 +134,16 @@ pub async fn vm_disk_detach(
 ) -> Result<Json<covm_types::vm::VmView>, ApiError> {
     Ok(Json(app.vm_disk_detach(&ctx, &vm, &disk, q.next_boot).await?))
 }
+
+/// Move a disk from the VM that holds it to `to_vm`, as one operation (on failure it goes back).
+#[utoipa::path(post, path = "/disks/{disk}/move", tag = "disks", operation_id = "disk_move",
+    params(("disk" = String, Path, description = "disk name or id")), request_body = crate::app::attach::DiskMove,
+    responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_move(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+    JsonBody(p): JsonBody<crate::app::attach::DiskMove>,
+) -> Result<Json<covm_types::vm::VmView>, ApiError> {
+    Ok(Json(app.disk_move(&ctx, &disk, p).await?))
+}

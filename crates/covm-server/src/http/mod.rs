@@ -103,6 +103,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(disks::disk_resize))
         .routes(routes!(disks::disk_clone))
         .routes(routes!(disks::disk_import))
+        .routes(routes!(disks::disk_move))
         .routes(routes!(disks::vm_disk_attach))
         .routes(routes!(disks::vm_disk_detach))
         .routes(routes!(power::vm_power))

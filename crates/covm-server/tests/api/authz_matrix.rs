@@ -85,6 +85,7 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/disks/{disk}/resize",
     "POST /api/v1/disks/{disk}/clone",
     "POST /api/v1/disks/{disk}/import",
+    "POST /api/v1/disks/{disk}/move",
     "POST /api/v1/vms/{vm}/disks",
     "DELETE /api/v1/vms/{vm}/disks/{disk}",
     "POST /api/v1/vms/{vm}/power",
@@ -137,7 +138,8 @@ impl Env {
             a.vm_create(&json!({ "name": format!("vm-renew-{t}") })).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-att-{t}") })).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-det-{t}") })).await.unwrap();
-            for d in ["dd", "dr", "dc", "da", "dx"] {
+            a.vm_create(&json!({ "name": format!("vm-mv-{t}") })).await.unwrap();
+            for d in ["dd", "dr", "dc", "da", "dx", "dm"] {
                 a.post::<_, serde_json::Value>(
                     "/disks",
                     &json!({ "name": format!("{d}-{t}"), "datastore": "local", "capacity_bytes": 1u64 << 20 }),
@@ -323,6 +325,10 @@ impl Env {
                     Some(json!({ "datastore": "local", "path": format!("imp-{t}.qcow2") })),
                 )
                 .await
+            }
+            "POST /api/v1/disks/{disk}/move" => {
+                status(&c, Method::POST, &format!("/disks/dm-{t}/move"), Some(json!({ "to_vm": format!("vm-mv-{t}") })))
+                    .await
             }
             "POST /api/v1/vms/{vm}/disks" => {
                 status(&c, Method::POST, &format!("/vms/vm-att-{t}/disks"), Some(json!({ "disk": format!("da-{t}") })))

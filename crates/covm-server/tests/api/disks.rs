@@ -263,3 +263,33 @@ async fn twenty_clients_attach_one_disk_read_write_and_exactly_one_wins() {
         assert!(e.message.contains(&winners[0]), "{} names {}", e.message, winners[0]);
     }
 }
+
+#[tokio::test]
+async fn a_move_lands_on_the_target_or_goes_back() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    c.vm_create(&json!({ "name": "src" })).await.unwrap();
+    c.vm_create(&json!({ "name": "dst" })).await.unwrap();
+    c.vm_create(&json!({ "name": "old", "machine": "pc", "controllers": [{ "id": "ide0", "type": "ide" }] }))
+        .await
+        .unwrap();
+    disk(c, "mv").await;
+    c.post::<_, Value>("/vms/src/disks", &json!({ "disk": "mv", "unit": 3 })).await.unwrap();
+    for vm in ["dst", "old"] {
+        crate::common::task_done(c, &c.vm_power(vm, covm_types::vm::PowerAction::On, None).await.unwrap()).await;
+    }
+    // From a stopped VM to a running one: hot-plugged there, gone from the source.
+    let v: covm_types::vm::VmView = c.post("/disks/mv/move", &json!({ "to_vm": "dst" })).await.unwrap();
+    assert_eq!(v.config.disks[0].disk, "mv");
+    assert_eq!(v.runtime.running_version, Some(v.version));
+    assert!(c.vm("src").await.unwrap().config.disks.is_empty());
+    // To a running VM that cannot hot-plug: refused, and the disk is back where it was.
+    let r = c.post::<_, Value>("/disks/mv/move", &json!({ "to_vm": "old" })).await;
+    assert_eq!(err(r).1, "hotplug_unsupported");
+    let back = c.vm("dst").await.unwrap();
+    assert_eq!(back.config.disks.len(), 1, "the disk went back to dst");
+    assert!(c.vm("old").await.unwrap().config.disks.is_empty());
+    // Moving to where it is already is done.
+    let again: covm_types::vm::VmView = c.post("/disks/mv/move", &json!({ "to_vm": "dst" })).await.unwrap();
+    assert_eq!(again.version, back.version);
+}

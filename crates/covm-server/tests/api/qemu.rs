@@ -239,6 +239,18 @@ async fn a_killed_qemu_is_crashed_and_a_restarted_covm_adopts_a_running_one() {
     assert!(alive(pid), "QEMU outlives covm");
     let vm = c.vm("g2").await.unwrap();
     assert_eq!((vm.runtime.power_state, vm.runtime.pid), (PowerState::Running, Some(pid)));
+    // Another VM's disk moves to the adopted, running g2 and arrives in its guest.
+    c.vm_create(&json!({ "name": "src" })).await.unwrap();
+    c.post::<_, serde_json::Value>(
+        "/disks",
+        &json!({ "name": "mv-1", "datastore": "local", "capacity_bytes": 32u64 << 20 }),
+    )
+    .await
+    .unwrap();
+    c.post::<_, serde_json::Value>("/vms/src/disks", &json!({ "disk": "mv-1" })).await.unwrap();
+    let moved: covm_types::vm::VmView = c.post("/disks/mv-1/move", &json!({ "to_vm": "g2" })).await.unwrap();
+    assert_eq!(moved.config.disks.len(), 2);
+    serial_wait(&c, "g2", "=33554432", 1).await;
     let t = task_done(&c, &c.vm_power("g2", PowerAction::Off, None).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");
     assert_eq!(c.vm("g2").await.unwrap().runtime.power_state, PowerState::Off);
