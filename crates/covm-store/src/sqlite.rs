@@ -295,6 +295,69 @@ async fn insert_user(tx: &mut Transaction<'static, Sqlite>, user: &UserRecord) -
     Ok(())
 }
 
+/// Inserts an object under its parent folder with its path and closure rows, inside the caller's write
+/// transaction; a taken path, or a taken name of a kind other than folder, is a conflict.
+pub(crate) async fn object_insert(tx: &mut Transaction<'static, Sqlite>, object: NewObject) -> Result<ObjectRecord> {
+    let parent = sqlx::query("SELECT path, kind FROM objects WHERE id = $1")
+        .bind(object.parent_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err("read the parent folder"))?
+        .ok_or_else(|| Error::not_found("folder", &object.parent_id.to_string()))?;
+    if parent.get::<String, _>("kind") != "folder" {
+        return Err(Error::invalid("parent", "the parent is not a folder"));
+    }
+    let parent_path: String = parent.get("path");
+    let path = if parent_path == "/" { format!("/{}", object.name) } else { format!("{parent_path}/{}", object.name) };
+    let taken =
+        sqlx::query("SELECT kind FROM objects WHERE path = $1 OR (kind = $2 AND kind <> 'folder' AND name = $3)")
+            .bind(&path)
+            .bind(object.kind.as_str())
+            .bind(&object.name)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_err("check the name"))?;
+    if let Some(r) = taken {
+        let kind: String = r.get("kind");
+        return Err(Error::conflict("already_exists", format!("a {kind} named {} already exists", object.name))
+            .with_field("name"));
+    }
+    let rec = ObjectRecord {
+        id: object.id,
+        kind: object.kind,
+        name: object.name,
+        parent_id: Some(object.parent_id),
+        path,
+        spec: object.spec,
+        created_at: now(),
+    };
+    let id = rec.id.to_string();
+    sqlx::query(
+        "INSERT INTO objects (id, kind, name, parent_id, path, spec, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&id)
+    .bind(rec.kind.as_str())
+    .bind(&rec.name)
+    .bind(object.parent_id.to_string())
+    .bind(&rec.path)
+    .bind(rec.spec.to_string())
+    .bind(time_to_db(rec.created_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err("create an object"))?;
+    sqlx::query(
+        "INSERT INTO closure (object_id, ancestor_id, depth)
+         SELECT $1, ancestor_id, depth + 1 FROM closure WHERE object_id = $2
+         UNION ALL SELECT $1, $1, 0",
+    )
+    .bind(&id)
+    .bind(object.parent_id.to_string())
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err("create an object"))?;
+    Ok(rec)
+}
+
 /// Appends the change's log entry and commits.
 pub(crate) async fn finish(mut tx: Transaction<'static, Sqlite>, event: NewEvent) -> Result<EventRecord> {
     let ev = append(&mut tx, event).await?;
@@ -481,65 +544,7 @@ impl Store for SqliteStore {
 
     async fn object_create(&self, object: NewObject, event: NewEvent) -> Result<(ObjectRecord, EventRecord)> {
         let mut tx = self.begin().await?;
-        let parent = sqlx::query("SELECT path, kind FROM objects WHERE id = $1")
-            .bind(object.parent_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err("read the parent folder"))?
-            .ok_or_else(|| Error::not_found("folder", &object.parent_id.to_string()))?;
-        if parent.get::<String, _>("kind") != "folder" {
-            return Err(Error::invalid("parent", "the parent is not a folder"));
-        }
-        let parent_path: String = parent.get("path");
-        let path =
-            if parent_path == "/" { format!("/{}", object.name) } else { format!("{parent_path}/{}", object.name) };
-        let taken =
-            sqlx::query("SELECT kind FROM objects WHERE path = $1 OR (kind = $2 AND kind <> 'folder' AND name = $3)")
-                .bind(&path)
-                .bind(object.kind.as_str())
-                .bind(&object.name)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err("check the name"))?;
-        if let Some(r) = taken {
-            let kind: String = r.get("kind");
-            return Err(Error::conflict("already_exists", format!("a {kind} named {} already exists", object.name))
-                .with_field("name"));
-        }
-        let rec = ObjectRecord {
-            id: object.id,
-            kind: object.kind,
-            name: object.name,
-            parent_id: Some(object.parent_id),
-            path,
-            spec: object.spec,
-            created_at: now(),
-        };
-        let id = rec.id.to_string();
-        sqlx::query(
-            "INSERT INTO objects (id, kind, name, parent_id, path, spec, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&id)
-        .bind(rec.kind.as_str())
-        .bind(&rec.name)
-        .bind(object.parent_id.to_string())
-        .bind(&rec.path)
-        .bind(rec.spec.to_string())
-        .bind(time_to_db(rec.created_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create an object"))?;
-        sqlx::query(
-            "INSERT INTO closure (object_id, ancestor_id, depth)
-             SELECT $1, ancestor_id, depth + 1 FROM closure WHERE object_id = $2
-             UNION ALL SELECT $1, $1, 0",
-        )
-        .bind(&id)
-        .bind(object.parent_id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create an object"))?;
+        let rec = object_insert(&mut tx, object).await?;
         let ev = append(&mut tx, event).await?;
         tx.commit().await.map_err(db_err("commit"))?;
         Ok((rec, ev))

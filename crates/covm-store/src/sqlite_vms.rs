@@ -6,7 +6,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
-use crate::sqlite::{append, db_err, json, object_row, time, uuid};
+use crate::sqlite::{append, db_err, json, object_insert, object_row, time, uuid};
 use crate::*;
 
 const VM_SELECT: &str = "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at,
@@ -170,49 +170,9 @@ impl SqliteStore {
         let id = object.id;
         // The object (path, closure) and the VM row go in one transaction with the log entry.
         let mut tx = self.begin().await?;
-        let parent = sqlx::query("SELECT path, kind FROM objects WHERE id = $1")
-            .bind(object.parent_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err("read the folder"))?
-            .ok_or_else(|| Error::invalid("folder", "the folder does not exist").with_field("folder"))?;
-        let parent_path: String = parent.get("path");
-        let path =
-            if parent_path == "/" { format!("/{}", object.name) } else { format!("{parent_path}/{}", object.name) };
-        let taken = sqlx::query("SELECT kind FROM objects WHERE path = $1 OR (kind = 'vm' AND name = $2)")
-            .bind(&path)
-            .bind(&object.name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err("check the name"))?;
-        if let Some(r) = taken {
-            let kind: String = r.get("kind");
-            return Err(Error::conflict("already_exists", format!("a {kind} named {} already exists", object.name))
-                .with_field("name"));
-        }
-        let at = now();
+        let rec = object_insert(&mut tx, object).await?;
+        let at = rec.created_at;
         let id_s = id.to_string();
-        sqlx::query(
-            "INSERT INTO objects (id, kind, name, parent_id, path, spec, created_at) VALUES ($1, 'vm', $2, $3, $4, '{}', $5)",
-        )
-        .bind(&id_s)
-        .bind(&object.name)
-        .bind(object.parent_id.to_string())
-        .bind(&path)
-        .bind(time_to_db(at))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create a VM"))?;
-        sqlx::query(
-            "INSERT INTO closure (object_id, ancestor_id, depth)
-             SELECT $1, ancestor_id, depth + 1 FROM closure WHERE object_id = $2
-             UNION ALL SELECT $1, $1, 0",
-        )
-        .bind(&id_s)
-        .bind(object.parent_id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("create a VM"))?;
         sqlx::query("INSERT INTO vms (id, version, config) VALUES ($1, 1, $2)")
             .bind(&id_s)
             .bind(config.config.to_string())
