@@ -2,7 +2,7 @@
 //! beside the floor — the same QEMU command line (covm's own builder) started directly, resumed over
 //! QMP, and watched the same way. Also the server's resident memory with many VMs running.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -138,9 +138,4 @@ pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Res
         violations: 0,
         violation_details: vec![],
     })
-}
-
-/// Where the tests keep the guest.
-pub fn default_guest() -> PathBuf {
-    PathBuf::from("target/test-guest")
 }

@@ -107,26 +107,18 @@ impl App {
     /// VMs whose config holds the disk (by name or id).
     pub(crate) async fn disk_attachments(&self, disk: &ObjectRecord) -> Result<Vec<DiskAttachmentView>, Error> {
         let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page =
-                self.store().vms_list(None, covm_store::VmFilter { after, limit: 1000, ..Default::default() }).await?;
-            for vm in &page {
-                let Ok(c) = serde_json::from_value::<VmConfig>(vm.config.clone()) else { continue };
-                for d in c.disks.iter().filter(|d| d.disk == disk.name || d.disk == disk.id.to_string()) {
-                    out.push(DiskAttachmentView {
-                        vm: vm.object.name.clone(),
-                        controller: d.controller.clone(),
-                        unit: d.unit,
-                        read_only: d.read_only,
-                    });
-                }
-            }
-            match page.last() {
-                Some(l) if page.len() == 1000 => after = Some(l.object.name.clone()),
-                _ => return Ok(out),
+        for vm in self.vms_all().await? {
+            let Ok(c) = serde_json::from_value::<VmConfig>(vm.config.clone()) else { continue };
+            for d in c.disks.iter().filter(|d| d.disk == disk.name || d.disk == disk.id.to_string()) {
+                out.push(DiskAttachmentView {
+                    vm: vm.object.name.clone(),
+                    controller: d.controller.clone(),
+                    unit: d.unit,
+                    read_only: d.read_only,
+                });
             }
         }
+        Ok(out)
     }
 
     /// The running VMs that hold a disk.

@@ -229,10 +229,6 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn cursor(&self) -> i64 {
-        self.cursor
-    }
-
     /// The next events this subscriber may see, waiting until there are some.
     pub async fn next_batch(&mut self) -> Result<Vec<Arc<FeedItem>>, Error> {
         loop {

@@ -17,6 +17,7 @@ pub mod disks;
 pub mod events;
 pub mod host;
 pub mod inventory;
+pub mod json;
 pub mod leases;
 pub mod node;
 pub mod power;
@@ -100,6 +101,23 @@ impl App {
         Ok(p)
     }
 
+    /// Every VM, paged from the store. TODO-perf: the callers (quotas, autostart, recovery, a disk's
+    /// attachments) want indexes of their own once there are many VMs.
+    pub(crate) async fn vms_all(&self) -> Result<Vec<covm_store::VmRecord>, covm_types::Error> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page =
+                self.store().vms_list(None, covm_store::VmFilter { after, limit: 1000, ..Default::default() }).await?;
+            let full = page.len() == 1000;
+            after = page.last().map(|v| v.object.name.clone());
+            out.extend(page);
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
     pub fn node(&self) -> &node::Node {
         &self.inner.node
     }
@@ -166,14 +184,7 @@ impl Ctx {
         NewEvent {
             actor: self.user.clone(),
             request_id: Some(self.req.id.clone()),
-            kind: kind.to_owned(),
-            object_kind: object_kind.to_owned(),
-            object_id,
-            object_name: Some(object_name.to_owned()),
-            scope_id: object_id,
-            feed: true,
-            data: serde_json::json!({}),
-            ..Default::default()
+            ..system_event(kind, object_kind, object_id, object_name)
         }
     }
 }

@@ -80,10 +80,6 @@ impl Node {
     pub fn detach_all(&self) {
         self.vms.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
-
-    pub fn supervised(&self, id: Uuid) -> bool {
-        self.sender(id).is_some_and(|s| !s.is_closed())
-    }
 }
 
 pub fn runtime_of(r: &VmRecord) -> VmRuntime {
@@ -222,53 +218,42 @@ impl App {
     /// At start: adopts VMs whose QEMU still runs, marks the others crashed, reports leftovers.
     pub async fn node_recover(&self) -> Result<(), Error> {
         let mut known = std::collections::HashSet::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store()
-                .vms_list(None, covm_store::VmFilter { after: after.clone(), limit: 500, ..Default::default() })
-                .await?;
-            for vm in &page {
-                known.insert(vm.object.id);
-                let rt = runtime_of(vm);
-                if matches!(rt.power_state, PowerState::Off | PowerState::Crashed) {
-                    continue;
-                }
-                let id = vm.object.id;
-                match self.node().driver.adopt(id, &self.run_dir(id)).await {
-                    Ok(Some(handle)) => {
-                        let pid = handle.pid();
-                        let accel = handle.accel().as_str().to_owned();
-                        let f: RuntimeFn = Box::new(move |_, old| {
-                            Ok(Some((
-                                VmRuntime { power_state: PowerState::Running, pid, accel: Some(accel), ..old.clone() },
-                                json!({ "reason": "adopted after a covm restart", "adopted": true }),
-                            )))
-                        });
-                        let after = self.runtime_write(id, None, true, None, f).await?;
-                        let generation = after.map_or(0, |a| a.generation);
-                        tracing::info!(vm = %vm.object.name, ?pid, "adopted a running VM");
-                        self.supervise(id, generation, handle);
-                    }
-                    Ok(None) | Err(_) => {
-                        tracing::warn!(vm = %vm.object.name, "its QEMU is gone: marking it crashed");
-                        let f: RuntimeFn = Box::new(|_, _| {
-                            Ok(Some((
-                                VmRuntime {
-                                    power_state: PowerState::Crashed,
-                                    since: Some(chrono::Utc::now()),
-                                    ..Default::default()
-                                },
-                                json!({ "reason": "QEMU exited while covm was down" }),
-                            )))
-                        });
-                        self.runtime_write(id, None, false, None, f).await?;
-                    }
-                }
+        for vm in &self.vms_all().await? {
+            known.insert(vm.object.id);
+            let rt = runtime_of(vm);
+            if matches!(rt.power_state, PowerState::Off | PowerState::Crashed) {
+                continue;
             }
-            match page.last() {
-                Some(l) if page.len() == 500 => after = Some(l.object.name.clone()),
-                _ => break,
+            let id = vm.object.id;
+            match self.node().driver.adopt(id, &self.run_dir(id)).await {
+                Ok(Some(handle)) => {
+                    let pid = handle.pid();
+                    let accel = handle.accel().as_str().to_owned();
+                    let f: RuntimeFn = Box::new(move |_, old| {
+                        Ok(Some((
+                            VmRuntime { power_state: PowerState::Running, pid, accel: Some(accel), ..old.clone() },
+                            json!({ "reason": "adopted after a covm restart", "adopted": true }),
+                        )))
+                    });
+                    let after = self.runtime_write(id, None, true, None, f).await?;
+                    let generation = after.map_or(0, |a| a.generation);
+                    tracing::info!(vm = %vm.object.name, ?pid, "adopted a running VM");
+                    self.supervise(id, generation, handle);
+                }
+                Ok(None) | Err(_) => {
+                    tracing::warn!(vm = %vm.object.name, "its QEMU is gone: marking it crashed");
+                    let f: RuntimeFn = Box::new(|_, _| {
+                        Ok(Some((
+                            VmRuntime {
+                                power_state: PowerState::Crashed,
+                                since: Some(chrono::Utc::now()),
+                                ..Default::default()
+                            },
+                            json!({ "reason": "QEMU exited while covm was down" }),
+                        )))
+                    });
+                    self.runtime_write(id, None, false, None, f).await?;
+                }
             }
         }
         // QEMUs of VMs that no longer exist: reported, never killed.

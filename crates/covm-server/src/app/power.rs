@@ -217,24 +217,14 @@ impl App {
             return Ok(());
         }
         let (mut cpus, mut mem) = (u64::from(c.cpus), c.memory_mib);
-        let mut after = None;
-        // TODO-perf: sums over all VMs; a per-pool usage row would make this one read.
-        loop {
-            let page =
-                self.store().vms_list(None, covm_store::VmFilter { after, limit: 1000, ..Default::default() }).await?;
-            for other in &page {
-                let st = runtime_of(other).power_state;
-                if other.object.id == vm.object.id || matches!(st, PowerState::Off | PowerState::Crashed) {
-                    continue;
-                }
-                if other.config["pool"] == json!(c.pool) {
-                    cpus += other.config["cpus"].as_u64().unwrap_or(0);
-                    mem += other.config["memory_mib"].as_u64().unwrap_or(0);
-                }
+        for other in self.vms_all().await? {
+            let st = runtime_of(&other).power_state;
+            if other.object.id == vm.object.id || matches!(st, PowerState::Off | PowerState::Crashed) {
+                continue;
             }
-            match page.last() {
-                Some(l) if page.len() == 1000 => after = Some(l.object.name.clone()),
-                _ => break,
+            if other.config["pool"] == json!(c.pool) {
+                cpus += other.config["cpus"].as_u64().unwrap_or(0);
+                mem += other.config["memory_mib"].as_u64().unwrap_or(0);
             }
         }
         if let Some(q) = quota.vcpus
@@ -423,19 +413,10 @@ impl App {
     /// Starts the VMs with `autostart.enabled`, in `autostart.order`, waiting `delay_s` after each.
     pub async fn autostart(&self) -> Result<usize, Error> {
         let mut list = Vec::new();
-        let mut after = None;
-        loop {
-            let page =
-                self.store().vms_list(None, covm_store::VmFilter { after, limit: 1000, ..Default::default() }).await?;
-            for vm in &page {
-                let Ok(c) = serde_json::from_value::<VmConfig>(vm.config.clone()) else { continue };
-                if c.autostart.enabled && matches!(runtime_of(vm).power_state, PowerState::Off | PowerState::Crashed) {
-                    list.push((c.autostart.order, c.autostart.delay_s, vm.clone()));
-                }
-            }
-            match page.last() {
-                Some(l) if page.len() == 1000 => after = Some(l.object.name.clone()),
-                _ => break,
+        for vm in self.vms_all().await? {
+            let Ok(c) = serde_json::from_value::<VmConfig>(vm.config.clone()) else { continue };
+            if c.autostart.enabled && matches!(runtime_of(&vm).power_state, PowerState::Off | PowerState::Crashed) {
+                list.push((c.autostart.order, c.autostart.delay_s, vm));
             }
         }
         list.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.object.name.cmp(&b.2.object.name)));

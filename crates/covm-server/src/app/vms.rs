@@ -140,7 +140,7 @@ fn references(c: &VmConfig) -> Vec<String> {
 
 pub(crate) fn parse_config(doc: &Value) -> Result<VmConfig, Error> {
     let v = serde_json::to_vec(doc).map_err(|_| Error::internal("could not render a config"))?;
-    crate::http::extract::json_parse(&v)
+    super::json::json_parse(&v)
 }
 
 /// A MAC in QEMU's locally administered range.

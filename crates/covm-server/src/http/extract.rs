@@ -11,6 +11,7 @@ use covm_types::{Error, ErrorKind};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+pub use crate::app::json::json_parse;
 use crate::app::{App, Ctx, RequestInfo};
 
 /// The largest request body accepted.
@@ -18,41 +19,6 @@ pub const BODY_LIMIT: usize = 1 << 20;
 
 /// A JSON request body.
 pub struct JsonBody<T>(pub T);
-
-/// Turns a serde error at `path` into a covm error.
-pub fn json_error(path: &str, e: &serde_json::Error) -> Error {
-    let msg = e.to_string();
-    // serde's messages end with " at line L column C"; the path says more to a person.
-    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-    let field = |f: &str| {
-        if path.is_empty() || path == "." { f.to_owned() } else { format!("{path}.{f}") }
-    };
-    if let Some(rest) = msg.strip_prefix("unknown field `") {
-        let name = rest.split('`').next().unwrap_or_default();
-        // serde_path_to_error's path already ends with the unknown field.
-        let f = if path == name || path.ends_with(&format!(".{name}")) { path.to_owned() } else { field(name) };
-        return Error::new(ErrorKind::InvalidRequest, "unknown_field", format!("unknown field {name}")).with_field(f);
-    }
-    if let Some(rest) = msg.strip_prefix("missing field `") {
-        let name = rest.split('`').next().unwrap_or_default();
-        return Error::new(ErrorKind::InvalidRequest, "missing_field", format!("the field {name} is required"))
-            .with_field(field(name));
-    }
-    let code = if msg.starts_with("a name ") { "invalid_name" } else { "invalid_value" };
-    match e.classify() {
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-            Error::new(ErrorKind::InvalidRequest, "invalid_json", format!("the body is not valid JSON: {msg}"))
-        }
-        _ if path.is_empty() || path == "." => Error::new(ErrorKind::InvalidRequest, code, msg),
-        _ => Error::new(ErrorKind::InvalidRequest, code, format!("{path}: {msg}")).with_field(path),
-    }
-}
-
-/// Parses a JSON document into `T`, naming the field at fault.
-pub fn json_parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| json_error(&e.path().to_string(), e.inner()))
-}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
