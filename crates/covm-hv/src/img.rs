@@ -54,6 +54,12 @@ pub async fn resize(path: &Path, format: &str, size: u64) -> Result<(), HvError>
     run(&["resize", "-q", "-f", format, &s(path), &size.to_string()]).await.map(|_| ())
 }
 
+/// Puts an image that a failed operation grew back to `size` bytes (`--shrink`). Only for an image
+/// no guest has seen at its new size: the undo of a grow.
+pub async fn shrink_back(path: &Path, format: &str, size: u64) -> Result<(), HvError> {
+    run(&["resize", "-q", "--shrink", "-f", format, &s(path), &size.to_string()]).await.map(|_| ())
+}
+
 /// Copies an image into a new file of `format`.
 pub async fn convert(src: &Path, src_format: &str, dst: &Path, format: &str) -> Result<(), HvError> {
     if dst.exists() {

@@ -37,6 +37,8 @@ pub enum HvError {
     Io(String),
 }
 
+pub use covm_types::vm::BlockState;
+
 /// A disk to attach: its image and where it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
@@ -148,12 +150,27 @@ pub trait VmHandle: Send {
     async fn quit(&mut self) -> Result<(), HvError>;
     /// Sets a NIC's link up or down.
     async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError>;
-    /// Adds a disk (`blockdev-add` + `device_add`; at start and for hot-plug alike).
-    async fn disk_add(&mut self, disk: &DiskSpec) -> Result<(), HvError>;
-    /// Asks the guest to release a device (`device_del`); `DeviceDeleted` confirms it.
-    async fn device_del(&mut self, node: &str) -> Result<(), HvError>;
-    /// Removes a disk's block nodes after its device is gone.
+    /// Adds a disk's block nodes (`blockdev-add` of its file node and its format node); nodes already
+    /// there are kept, so a retry or a recovery can call it again.
+    async fn blockdev_add(&mut self, disk: &DiskSpec) -> Result<(), HvError>;
+    /// Adds a disk's device on its controller (`device_add`); a device already there is kept.
+    async fn device_add(&mut self, disk: &DiskSpec) -> Result<(), HvError>;
+    /// Adds a disk: block nodes, then device (at start and for hot-plug alike).
+    async fn disk_add(&mut self, disk: &DiskSpec) -> Result<(), HvError> {
+        self.blockdev_add(disk).await?;
+        if let Err(e) = self.device_add(disk).await {
+            let _ = self.blockdev_del(&disk.node).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+    /// Asks the guest to release a device (`device_del`); `DeviceDeleted` confirms it. `false`: there
+    /// is no such device (already gone).
+    async fn device_del(&mut self, node: &str) -> Result<bool, HvError>;
+    /// Removes a disk's block nodes after its device is gone (those that are there).
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError>;
+    /// The block nodes and block devices the VM holds (QEMU's `query-named-block-nodes` and `query-block`).
+    async fn block_query(&mut self) -> Result<BlockState, HvError>;
     /// Grows an attached disk while the VM runs (`block_resize`).
     async fn block_resize(&mut self, node: &str, size: u64) -> Result<(), HvError>;
     /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.

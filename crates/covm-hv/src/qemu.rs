@@ -341,8 +341,11 @@ impl VmHandle for QemuVm {
         self.qmp.execute("set_link", json!({ "name": format!("nic{nic}"), "up": up })).await.map(|_| ())
     }
 
-    async fn device_del(&mut self, node: &str) -> Result<(), HvError> {
-        self.qmp.execute("device_del", json!({ "id": node })).await.map(|_| ())
+    async fn device_del(&mut self, node: &str) -> Result<bool, HvError> {
+        if !self.block_query().await?.devices.iter().any(|d| d == node) {
+            return Ok(false);
+        }
+        self.qmp.execute("device_del", json!({ "id": node })).await.map(|_| true)
     }
 
     async fn block_resize(&mut self, node: &str, size: u64) -> Result<(), HvError> {
@@ -350,22 +353,35 @@ impl VmHandle for QemuVm {
     }
 
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
-        self.qmp.execute("blockdev-del", json!({ "node-name": node })).await?;
-        self.qmp.execute("blockdev-del", json!({ "node-name": format!("{node}-file") })).await.map(|_| ())
+        let have = self.block_query().await?.nodes;
+        for n in [node.to_owned(), format!("{node}-file")] {
+            if have.contains(&n) {
+                self.qmp.execute("blockdev-del", json!({ "node-name": n })).await?;
+            }
+        }
+        Ok(())
     }
 
-    async fn disk_add(&mut self, d: &DiskSpec) -> Result<(), HvError> {
+    async fn blockdev_add(&mut self, d: &DiskSpec) -> Result<(), HvError> {
+        let have = self.block_query().await?.nodes;
         let file = format!("{}-file", d.node);
-        self.qmp
-            .execute(
-                "blockdev-add",
-                json!({ "driver": "file", "node-name": file, "filename": d.path.display().to_string(), "read-only": d.read_only }),
-            )
-            .await?;
-        let fmt = json!({ "driver": d.format, "node-name": d.node, "file": file, "read-only": d.read_only });
-        if let Err(e) = self.qmp.execute("blockdev-add", fmt).await {
-            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;
-            return Err(e);
+        if !have.contains(&file) {
+            let f = json!({ "driver": "file", "node-name": file, "filename": d.path.display().to_string(), "read-only": d.read_only });
+            self.qmp.execute("blockdev-add", f).await?;
+        }
+        if !have.contains(&d.node) {
+            let fmt = json!({ "driver": d.format, "node-name": d.node, "file": file, "read-only": d.read_only });
+            if let Err(e) = self.qmp.execute("blockdev-add", fmt).await {
+                let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn device_add(&mut self, d: &DiskSpec) -> Result<(), HvError> {
+        if self.block_query().await?.devices.contains(&d.node) {
+            return Ok(());
         }
         let device = match d.bus {
             ControllerType::VirtioScsi => json!({
@@ -379,12 +395,24 @@ impl VmHandle for QemuVm {
                 "driver": "ide-hd", "id": d.node, "drive": d.node, "bus": format!("ide.{}", d.unit / 2), "unit": d.unit % 2,
             }),
         };
-        if let Err(e) = self.qmp.execute("device_add", device).await {
-            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": d.node })).await;
-            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;
-            return Err(e);
-        }
-        Ok(())
+        self.qmp.execute("device_add", device).await.map(|_| ())
+    }
+
+    async fn block_query(&mut self) -> Result<crate::BlockState, HvError> {
+        let nodes = self.qmp.execute("query-named-block-nodes", json!({ "flat": true })).await?;
+        let blocks = self.qmp.execute("query-block", json!({})).await?;
+        let names = |v: &serde_json::Value, key: &str| -> Vec<String> {
+            let mut out: Vec<String> = v
+                .as_array()
+                .map(|a| {
+                    a.iter().filter_map(|x| x[key].as_str()).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+                })
+                .unwrap_or_default();
+            out.sort();
+            out.dedup();
+            out
+        };
+        Ok(crate::BlockState { nodes: names(&nodes, "node-name"), devices: names(&blocks, "qdev") })
     }
 
     async fn next_event(&mut self) -> HvEvent {

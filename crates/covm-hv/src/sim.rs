@@ -18,7 +18,12 @@ pub struct SimDriver {
     running: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedSender<HvEvent>>>>,
     /// When true, simulated guests ignore ACPI power-down (to test the shutdown timeout).
     pub deaf_guests: std::sync::atomic::AtomicBool,
+    /// When true, simulated guests do not release unplugged devices until [`SimDriver::release_devices`].
+    pub sticky_devices: Arc<std::sync::atomic::AtomicBool>,
+    blocks: Blocks,
 }
+
+type Blocks = Arc<Mutex<HashMap<Uuid, crate::BlockState>>>;
 
 impl SimDriver {
     fn send(&self, id: Uuid, ev: HvEvent) -> bool {
@@ -40,6 +45,18 @@ impl SimDriver {
         ok
     }
 
+    /// A sticky guest lets go of the devices it was asked to release (late, after covm gave up).
+    pub fn release_devices(&self, id: Uuid, devices: &[&str]) {
+        let mut b = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = b.get_mut(&id) {
+            st.devices.retain(|d| !devices.contains(&d.as_str()));
+        }
+        drop(b);
+        for d in devices {
+            self.send(id, HvEvent::DeviceDeleted((*d).to_owned()));
+        }
+    }
+
     pub fn is_running(&self, id: Uuid) -> bool {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
     }
@@ -51,6 +68,14 @@ struct SimVm {
     rx: mpsc::UnboundedReceiver<HvEvent>,
     running: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedSender<HvEvent>>>>,
     deaf: bool,
+    blocks: Blocks,
+    sticky: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SimVm {
+    fn blocks(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, crate::BlockState>> {
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[async_trait]
@@ -66,12 +91,15 @@ impl Hypervisor for SimDriver {
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, HvError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.id, tx.clone());
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner()).remove(&spec.id);
         Ok(Box::new(SimVm {
             id: spec.id,
             tx,
             rx,
             running: self.running.clone(),
             deaf: self.deaf_guests.load(std::sync::atomic::Ordering::Relaxed),
+            blocks: self.blocks.clone(),
+            sticky: self.sticky_devices.clone(),
         }))
     }
 
@@ -82,7 +110,15 @@ impl Hypervisor for SimDriver {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx.clone());
-        Ok(Some(Box::new(SimVm { id, tx, rx, running: self.running.clone(), deaf: false })))
+        Ok(Some(Box::new(SimVm {
+            id,
+            tx,
+            rx,
+            running: self.running.clone(),
+            deaf: false,
+            blocks: self.blocks.clone(),
+            sticky: self.sticky_devices.clone(),
+        })))
     }
 
     fn leftover_pid(&self, _run_dir: &Path) -> Option<u32> {
@@ -121,18 +157,56 @@ impl VmHandle for SimVm {
         Ok(())
     }
 
-    async fn disk_add(&mut self, _disk: &crate::DiskSpec) -> Result<(), HvError> {
+    async fn blockdev_add(&mut self, d: &crate::DiskSpec) -> Result<(), HvError> {
+        let mut b = self.blocks();
+        let st = b.entry(self.id).or_default();
+        for n in [d.node.clone(), format!("{}-file", d.node)] {
+            if !st.nodes.contains(&n) {
+                st.nodes.push(n);
+            }
+        }
         Ok(())
     }
 
-    async fn device_del(&mut self, node: &str) -> Result<(), HvError> {
-        // A simulated guest releases at once.
-        let _ = self.tx.send(HvEvent::DeviceDeleted(node.to_owned()));
+    async fn device_add(&mut self, d: &crate::DiskSpec) -> Result<(), HvError> {
+        let mut b = self.blocks();
+        let st = b.entry(self.id).or_default();
+        if !st.nodes.contains(&d.node) {
+            return Err(HvError::Qmp(format!("Cannot find device='' nor node-name='{}'", d.node)));
+        }
+        if !st.devices.contains(&d.node) {
+            st.devices.push(d.node.clone());
+        }
         Ok(())
     }
 
-    async fn blockdev_del(&mut self, _node: &str) -> Result<(), HvError> {
+    async fn device_del(&mut self, node: &str) -> Result<bool, HvError> {
+        let mut b = self.blocks();
+        let st = b.entry(self.id).or_default();
+        let Some(i) = st.devices.iter().position(|d| d == node) else { return Ok(false) };
+        if !self.sticky.load(std::sync::atomic::Ordering::Relaxed) {
+            // A simulated guest releases at once.
+            st.devices.remove(i);
+            let _ = self.tx.send(HvEvent::DeviceDeleted(node.to_owned()));
+        }
+        Ok(true)
+    }
+
+    async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
+        let mut b = self.blocks();
+        let st = b.entry(self.id).or_default();
+        if st.devices.iter().any(|d| d == node) {
+            return Err(HvError::Qmp(format!("Node '{node}' is busy: node is used as backing hd of a device")));
+        }
+        st.nodes.retain(|n| *n != node && *n != format!("{node}-file"));
         Ok(())
+    }
+
+    async fn block_query(&mut self) -> Result<crate::BlockState, HvError> {
+        let mut st = self.blocks().get(&self.id).cloned().unwrap_or_default();
+        st.nodes.sort();
+        st.devices.sort();
+        Ok(st)
     }
 
     async fn block_resize(&mut self, _node: &str, _size: u64) -> Result<(), HvError> {

@@ -121,6 +121,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     app.inventory_bootstrap(&data_dir, config.demo).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let tailer = app.hub().start().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     app.node_recover().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    // With the running VMs adopted, the sagas a crash interrupted are finished or undone.
+    match app.sagas_recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sagas = n, "recovered interrupted sagas"),
+        Err(e) => tracing::error!(error = %e, "saga recovery failed"),
+    }
     {
         let app = app.clone();
         tokio::spawn(async move {

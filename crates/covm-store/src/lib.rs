@@ -312,6 +312,36 @@ pub struct TaskRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One saga's log entry: what it is, how far it got.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaRecord {
+    pub id: Uuid,
+    pub kind: String,
+    /// `running`, `done`, `undone`, or `stuck` (an undo failed; an operator must look).
+    pub state: String,
+    pub actor: String,
+    pub request_id: Option<String>,
+    /// The saga's own typed state.
+    pub data: serde_json::Value,
+    /// The steps that completed, in order.
+    pub done: Vec<String>,
+    /// The step in progress (it may have had its effect or not).
+    pub current: Option<String>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Who holds an operation lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpLock {
+    pub object_id: Uuid,
+    pub saga_id: Uuid,
+    pub kind: String,
+    pub actor: String,
+    pub taken_at: DateTime<Utc>,
+}
+
 /// What one write to a VM does, decided inside the transaction by a [`VmWriteFn`].
 #[derive(Debug, Clone, Default)]
 pub struct VmWrite {
@@ -456,6 +486,20 @@ pub trait Store: Send + Sync + 'static {
     async fn tasks_list(&self, before: Option<Uuid>, limit: u32) -> Result<Vec<TaskRecord>>;
 
     // --- meta -----------------------------------------------------------------------------------
+    // --- sagas and operation locks
+    /// Records a new saga and takes its operation locks, all or nothing: when an object is already
+    /// locked, nothing is written and the holder is returned.
+    async fn saga_begin(&self, saga: SagaRecord, locks: &[Uuid]) -> Result<Option<OpLock>>;
+    /// Records a saga's progress (`done`, `current`, `data`).
+    async fn saga_update(&self, saga: &SagaRecord) -> Result<()>;
+    /// Records a saga's end (`done`, `undone` or `stuck`) and releases its locks.
+    async fn saga_end(&self, saga: &SagaRecord) -> Result<()>;
+    /// Sagas still `running` (a crash interrupted them), oldest first.
+    async fn sagas_unfinished(&self) -> Result<Vec<SagaRecord>>;
+    async fn saga_get(&self, id: Uuid) -> Result<Option<SagaRecord>>;
+    /// The lock on an object, if a saga holds one.
+    async fn op_lock_get(&self, object: Uuid) -> Result<Option<OpLock>>;
+
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;
     async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
 }

@@ -1176,6 +1176,30 @@ impl Store for SqliteStore {
         self.tasks_list_impl(before, limit).await
     }
 
+    async fn saga_begin(&self, saga: SagaRecord, locks: &[Uuid]) -> Result<Option<OpLock>> {
+        self.saga_begin_impl(saga, locks).await
+    }
+
+    async fn saga_update(&self, saga: &SagaRecord) -> Result<()> {
+        self.saga_update_impl(saga, false).await
+    }
+
+    async fn saga_end(&self, saga: &SagaRecord) -> Result<()> {
+        self.saga_update_impl(saga, true).await
+    }
+
+    async fn sagas_unfinished(&self) -> Result<Vec<SagaRecord>> {
+        self.sagas_unfinished_impl().await
+    }
+
+    async fn saga_get(&self, id: Uuid) -> Result<Option<SagaRecord>> {
+        self.saga_get_impl(id).await
+    }
+
+    async fn op_lock_get(&self, object: Uuid) -> Result<Option<OpLock>> {
+        self.op_lock_get_impl(object).await
+    }
+
     async fn meta_get(&self, key: &str) -> Result<Option<String>> {
         Ok(sqlx::query("SELECT value FROM meta WHERE key = $1")
             .bind(key)

@@ -115,6 +115,8 @@ pub struct DiskAttachmentView {
     pub controller: String,
     pub unit: u32,
     pub read_only: bool,
+    /// The attachment's generation (a detach may name it, to remove only this attachment).
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

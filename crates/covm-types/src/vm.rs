@@ -94,6 +94,10 @@ pub struct DiskAttachment {
     pub unit: u32,
     #[serde(default)]
     pub read_only: bool,
+    /// Which attachment of this disk this is (counts up per disk, set by covm on attach); a detach that
+    /// names a generation removes only that attachment.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -663,4 +667,14 @@ mod tests {
             assert!(datastore_path("k", bad).is_err(), "{bad}");
         }
     }
+}
+
+/// What a running VM holds of block devices, as its hypervisor reports it
+/// (`GET /vms/{vm}/block`: QEMU's `query-named-block-nodes` and `query-block`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BlockState {
+    /// Block node names (a covm disk has `<node>` and `<node>-file`).
+    pub nodes: Vec<String>,
+    /// Block device ids (a covm disk's device is named like its node).
+    pub devices: Vec<String>,
 }

@@ -7,11 +7,16 @@
 //! no, unless `apply=next_boot`). Then, on a running VM, QEMU gets the disk (`blockdev-add` +
 //! `device_add`), and the config version is written; if that write fails, the disk is unplugged again.
 //! Detaching a disk from a running VM waits for the guest to release it (`DEVICE_DELETED`); if it does
-//! not in time, the detach fails and the disk stays attached.
+//! not in time, the detach fails and the disk stays attached (and should the guest let go later, covm
+//! plugs the device back: the config decides).
 //!
-//! TODO-correctness: attach decisions are serialized by a lock in this process; several replicas need
-//! the store's (the PostgreSQL issue), and the saga log that finishes or undoes a half-done attach after
-//! a crash is the disk issue's next step.
+//! Attach, detach and move are sagas ([`super::saga`]): the rules are checked with the VM(s) and the
+//! disk locked in the store, then the steps run (QEMU's block node, its device, the config version; the
+//! config version is the pivot). A failure or a crash at any step leaves the disk where it was.
+//!
+//! Each attachment has a generation: the log's position when it was made (the log only grows, and the
+//! disk's lock keeps its attachments in order, so a disk's generations only grow). A detach that names
+//! a generation removes only that attachment, so a late detach never removes a newer one.
 
 use std::time::Duration;
 
@@ -23,7 +28,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
+use async_trait::async_trait;
+use covm_hv::HvError;
+use uuid::Uuid;
+
 use super::node::{Cmd, hv_error};
+use super::saga::Saga;
 use super::vms::{DocChange, Preconditions, WriteOpts, parse_config, running};
 use super::{App, Ctx};
 
@@ -45,6 +55,11 @@ pub struct DiskAttach {
     /// On a running VM, with a bus that cannot hot-plug: keep it pending until the next power-on.
     #[serde(default)]
     pub next_boot: bool,
+}
+
+/// The block node (and device id) name of a disk in a VM.
+pub fn disk_node(disk: Uuid) -> String {
+    format!("d{}", &disk.simple().to_string()[20..])
 }
 
 fn conflict(code: &str, msg: String) -> Error {
@@ -108,9 +123,10 @@ pub fn writers_check(
         return Err(conflict(
             "disk_in_use",
             format!(
-                "{disk} is attached {} to {} ({power}); {}",
+                "{disk} is attached {} to {} ({power}, attachment generation {}); {}",
                 if h.read_only { "read-only" } else { "read-write" },
                 h.vm,
+                h.generation,
                 if read_only {
                     "a read-only attachment cannot be beside a read-write one"
                 } else {
@@ -118,23 +134,349 @@ pub fn writers_check(
                 }
             ),
         )
-        .with_details(json!({ "vm": h.vm, "power_state": power, "read_only": h.read_only })));
+        .with_details(
+            json!({ "vm": h.vm, "power_state": power, "read_only": h.read_only, "generation": h.generation }),
+        ));
     }
     Ok(())
 }
 
-impl App {
-    pub async fn vm_disk_attach(&self, ctx: &Ctx, vm: &str, p: DiskAttach) -> Result<VmView, Error> {
-        let _one_at_a_time = self.attach_lock().lock().await;
-        self.disk_attach_locked(ctx, vm, p).await
+/// A disk going into or out of one VM: where, and whether QEMU takes part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plug {
+    pub vm: Uuid,
+    pub vm_name: String,
+    pub disk: Uuid,
+    pub disk_name: String,
+    pub attachment: DiskAttachment,
+    /// The VM runs and the bus hot-plugs: QEMU gets (or loses) the disk live.
+    pub hot: Option<HotDisk>,
+    /// Pending until the next power-on (a running VM, a bus that cannot hot-plug).
+    pub next_boot: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HotDisk {
+    pub node: String,
+    pub path: std::path::PathBuf,
+    pub format: String,
+    pub bus: ControllerType,
+}
+
+/// Undo steps tolerate a VM that stopped meanwhile: what it held went with its process.
+fn gone_ok(r: Result<(), HvError>) -> Result<(), Error> {
+    match r {
+        Err(HvError::Gone) => Ok(()),
+        r => r.map_err(hv_error),
+    }
+}
+
+impl Plug {
+    fn spec(&self) -> Option<covm_hv::DiskSpec> {
+        self.hot.as_ref().map(|h| covm_hv::DiskSpec {
+            node: h.node.clone(),
+            path: h.path.clone(),
+            format: h.format.clone(),
+            controller: self.attachment.controller.clone(),
+            bus: h.bus,
+            unit: self.attachment.unit,
+            read_only: self.attachment.read_only,
+        })
     }
 
-    /// Attach with the attach lock held by the caller.
-    async fn disk_attach_locked(&self, ctx: &Ctx, vm: &str, p: DiskAttach) -> Result<VmView, Error> {
+    fn node(&self) -> String {
+        self.hot.as_ref().map(|h| h.node.clone()).unwrap_or_default()
+    }
+
+    fn matches(&self, d: &DiskAttachment) -> bool {
+        (d.disk == self.disk_name || d.disk == self.disk.to_string()) && d.generation == self.attachment.generation
+    }
+
+    async fn blockdev_add(&self, app: &App) -> Result<(), Error> {
+        let Some(spec) = self.spec() else { return Ok(()) };
+        app.node().ask(self.vm, |r| Cmd::BlockdevAdd(Box::new(spec), r)).await.map_err(hv_error)
+    }
+
+    async fn device_add(&self, app: &App) -> Result<(), Error> {
+        let Some(spec) = self.spec() else { return Ok(()) };
+        app.node().ask(self.vm, |r| Cmd::DeviceAdd(Box::new(spec), r)).await.map_err(hv_error)
+    }
+
+    async fn blockdev_del(&self, app: &App) -> Result<(), Error> {
+        if self.hot.is_none() {
+            return Ok(());
+        }
+        let node = self.node();
+        gone_ok(app.node().ask(self.vm, |r| Cmd::BlockdevDel(node, r)).await)
+    }
+
+    /// Asks the guest to let go and waits for it (a bounded time).
+    async fn device_del(&self, app: &App) -> Result<(), Error> {
+        if self.hot.is_none() {
+            return Ok(());
+        }
+        let node = self.node();
+        match tokio::time::timeout(UNPLUG_TIMEOUT, app.node().ask(self.vm, |r| Cmd::DeviceDel(node, r))).await {
+            Ok(r) => gone_ok(r),
+            Err(_) => Err(conflict(
+                "detach_timeout",
+                format!(
+                    "the guest of {} did not release {} within {} s; it stays attached",
+                    self.vm_name,
+                    self.disk_name,
+                    UNPLUG_TIMEOUT.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// The VM's current config.
+    async fn config(&self, app: &App) -> Result<(covm_store::VmRecord, VmConfig), Error> {
+        let rec = app.store().vm_get(self.vm).await?.ok_or_else(|| Error::not_found("vm", &self.vm_name))?;
+        let cfg = parse_config(&rec.config)?;
+        Ok((rec, cfg))
+    }
+
+    async fn config_has(&self, app: &App) -> Result<bool, Error> {
+        Ok(self.config(app).await?.1.disks.iter().any(|d| self.matches(d)))
+    }
+
+    /// Writes a config version that holds the attachment (already so: nothing to write).
+    async fn config_add(&self, app: &App, ctx: &Ctx, message: String) -> Result<(), Error> {
+        let (rec, cfg) = self.config(app).await?;
+        if cfg.disks.iter().any(|d| self.matches(d)) {
+            return Ok(());
+        }
+        let mut disks = cfg.disks.clone();
+        disks.push(self.attachment.clone());
+        self.config_write(app, ctx, rec, disks, message).await
+    }
+
+    /// Writes a config version without the attachment (already so: nothing to write).
+    async fn config_remove(&self, app: &App, ctx: &Ctx, message: String) -> Result<(), Error> {
+        let (rec, cfg) = self.config(app).await?;
+        if !cfg.disks.iter().any(|d| self.matches(d)) {
+            return Ok(());
+        }
+        let disks: Vec<DiskAttachment> = cfg.disks.iter().filter(|d| !self.matches(d)).cloned().collect();
+        self.config_write(app, ctx, rec, disks, message).await
+    }
+
+    async fn config_write(
+        &self,
+        app: &App,
+        ctx: &Ctx,
+        rec: covm_store::VmRecord,
+        disks: Vec<DiskAttachment>,
+        message: String,
+    ) -> Result<(), Error> {
+        let opts = WriteOpts {
+            message: Some(message),
+            next_boot: self.next_boot,
+            disks_live: self.hot.is_some(),
+            ..Default::default()
+        };
+        let change = DocChange::Merge(json!({ "disks": disks }));
+        app.vm_write_doc(ctx, rec, change, Preconditions::default(), opts).await.map(|_| ())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlugStep {
+    BlockdevAdd,
+    DeviceAdd,
+    DeviceDel,
+    BlockdevDel,
+    Commit,
+}
+
+impl Plug {
+    /// Takes one step of an attach (`attach`) or a detach of this plug.
+    async fn step_forward(&self, app: &App, ctx: &Ctx, step: PlugStep, attach: bool, what: &str) -> Result<(), Error> {
+        match step {
+            PlugStep::BlockdevAdd => self.blockdev_add(app).await,
+            PlugStep::DeviceAdd => self.device_add(app).await,
+            PlugStep::DeviceDel => self.device_del(app).await,
+            PlugStep::BlockdevDel => self.blockdev_del(app).await,
+            PlugStep::Commit if attach => self.config_add(app, ctx, what.to_owned()).await,
+            PlugStep::Commit => self.config_remove(app, ctx, what.to_owned()).await,
+        }
+    }
+
+    /// Undoes one step. Putting a disk back into a VM that stopped meanwhile has nothing to do (the
+    /// next power-on takes the config).
+    async fn step_undo(&self, app: &App, ctx: &Ctx, step: PlugStep, attach: bool) -> Result<(), Error> {
+        let back = |r: Result<(), Error>| match r {
+            Err(e) if e.code == "vm_not_running" => Ok(()),
+            r => r,
+        };
+        let what = format!("undo: {} {}", if attach { "attach" } else { "detach" }, self.disk_name);
+        match step {
+            PlugStep::BlockdevAdd => self.blockdev_del(app).await,
+            PlugStep::DeviceAdd => self.device_del(app).await,
+            PlugStep::DeviceDel => back(self.device_add(app).await),
+            PlugStep::BlockdevDel => back(self.blockdev_add(app).await),
+            PlugStep::Commit if attach => self.config_remove(app, ctx, what).await,
+            PlugStep::Commit => self.config_add(app, ctx, what).await,
+        }
+    }
+}
+
+/// Attach (`ATTACH`: (hot) block node, device, then the config version) or detach ((hot) the guest
+/// lets go of the device, the block node goes, then the config version). The config version is the
+/// pivot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlugSaga<const ATTACH: bool> {
+    pub plug: Plug,
+}
+
+pub type AttachSaga = PlugSaga<true>;
+pub type DetachSaga = PlugSaga<false>;
+
+#[async_trait]
+impl<const ATTACH: bool> Saga for PlugSaga<ATTACH> {
+    const KIND: &'static str = if ATTACH { "disk.attach" } else { "disk.detach" };
+    type Step = PlugStep;
+
+    fn steps(&self) -> Vec<PlugStep> {
+        match (self.plug.hot.is_some(), ATTACH) {
+            (true, true) => vec![PlugStep::BlockdevAdd, PlugStep::DeviceAdd, PlugStep::Commit],
+            (true, false) => vec![PlugStep::DeviceDel, PlugStep::BlockdevDel, PlugStep::Commit],
+            (false, _) => vec![PlugStep::Commit],
+        }
+    }
+
+    fn pivot(&self) -> PlugStep {
+        PlugStep::Commit
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: PlugStep) -> Result<(), Error> {
+        let what = format!("{} {}", if ATTACH { "attach" } else { "detach" }, self.plug.disk_name);
+        self.plug.step_forward(app, ctx, step, ATTACH, &what).await
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: PlugStep) -> Result<(), Error> {
+        self.plug.step_undo(app, ctx, step, ATTACH).await
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        Ok(self.plug.config_has(app).await? == ATTACH)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveStep {
+    FromDeviceDel,
+    FromBlockdevDel,
+    FromCommit,
+    ToBlockdevAdd,
+    ToDeviceAdd,
+    ToCommit,
+}
+
+impl MoveStep {
+    /// Which side it acts on (`true`: the target) and which plug step it is.
+    fn split(self) -> (bool, PlugStep) {
+        match self {
+            MoveStep::FromDeviceDel => (false, PlugStep::DeviceDel),
+            MoveStep::FromBlockdevDel => (false, PlugStep::BlockdevDel),
+            MoveStep::FromCommit => (false, PlugStep::Commit),
+            MoveStep::ToBlockdevAdd => (true, PlugStep::BlockdevAdd),
+            MoveStep::ToDeviceAdd => (true, PlugStep::DeviceAdd),
+            MoveStep::ToCommit => (true, PlugStep::Commit),
+        }
+    }
+}
+
+/// Move: the detach steps on the VM that holds the disk, then the attach steps on the target; the
+/// target's config version is the pivot, so a failure anywhere before it puts the disk back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveSaga {
+    pub from: Option<Plug>,
+    pub to: Plug,
+}
+
+impl MoveSaga {
+    fn side(&self, to: bool) -> Option<&Plug> {
+        if to { Some(&self.to) } else { self.from.as_ref() }
+    }
+}
+
+#[async_trait]
+impl Saga for MoveSaga {
+    const KIND: &'static str = "disk.move";
+    type Step = MoveStep;
+
+    fn steps(&self) -> Vec<MoveStep> {
+        let mut s = Vec::new();
+        if let Some(f) = &self.from {
+            if f.hot.is_some() {
+                s.extend([MoveStep::FromDeviceDel, MoveStep::FromBlockdevDel]);
+            }
+            s.push(MoveStep::FromCommit);
+        }
+        if self.to.hot.is_some() {
+            s.extend([MoveStep::ToBlockdevAdd, MoveStep::ToDeviceAdd]);
+        }
+        s.push(MoveStep::ToCommit);
+        s
+    }
+
+    fn pivot(&self) -> MoveStep {
+        MoveStep::ToCommit
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: MoveStep) -> Result<(), Error> {
+        let (to, plug_step) = step.split();
+        let what = match &self.from {
+            _ if !to => format!("move {} to {}", self.to.disk_name, self.to.vm_name),
+            Some(f) => format!("move {} from {}", self.to.disk_name, f.vm_name),
+            None => format!("move {} (unattached)", self.to.disk_name),
+        };
+        match self.side(to) {
+            Some(p) => p.step_forward(app, ctx, plug_step, to, &what).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: MoveStep) -> Result<(), Error> {
+        let (to, plug_step) = step.split();
+        match self.side(to) {
+            Some(p) => p.step_undo(app, ctx, plug_step, to).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        self.to.config_has(app).await
+    }
+}
+
+impl App {
+    pub async fn vm_disk_attach(&self, ctx: &Ctx, vm: &str, p: DiskAttach) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmConfigAddExistingDisk).await?;
         let disk = self.object_resolve(ctx, &p.disk, Some(ObjectKind::Disk), "disk").await?;
-        let rec = self.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", vm))?;
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx2, AttachSaga::KIND, &[disk.id, rec.object.id]).await?;
+            let plug = match app.attach_plan(&disk, rec.object.id, &p).await {
+                Ok(plug) => plug,
+                Err(e) => return Err(guard.refuse(e).await),
+            };
+            let vm = plug.vm;
+            guard.run(&ctx2, AttachSaga { plug }).await?;
+            let rec = app.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
+            app.vm_view(Some(&ctx2), &rec)
+        })
+        .await
+    }
+
+    /// Every rule of an attach, checked with the disk and the VM locked; the plan if they hold.
+    async fn attach_plan(&self, disk: &covm_store::ObjectRecord, vm: Uuid, p: &DiskAttach) -> Result<Plug, Error> {
+        let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &p.disk))?;
         let cfg: VmConfig = parse_config(&rec.config)?;
         if cfg.disks.iter().any(|d| d.disk == disk.name || d.disk == disk.id.to_string()) {
             return Err(conflict(
@@ -143,7 +485,7 @@ impl App {
             ));
         }
         let mut holders = Vec::new();
-        for h in self.disk_attachments(&disk).await? {
+        for h in self.disk_attachments(disk).await? {
             let power = match self.store().object_by_name(ObjectKind::Vm, &h.vm).await? {
                 Some(o) => self.store().vm_get(o.id).await?.map(|v| v.power_state).unwrap_or_default(),
                 None => String::new(),
@@ -154,7 +496,6 @@ impl App {
         writers_check(&disk.name, sharing, p.read_only, &holders)?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
         let is_running = running(&rec);
-        let hot = is_running && bus.hotplug();
         if is_running && !bus.hotplug() && !p.next_boot {
             return Err(conflict(
                 "hotplug_unsupported",
@@ -164,63 +505,104 @@ impl App {
                 ),
             ));
         }
-        let node = format!("d{}", &disk.id.simple().to_string()[20..]);
-        if hot {
-            let spec = covm_hv::DiskSpec {
-                node: node.clone(),
-                path: self.disk_file(&disk).await?,
+        let hot = if is_running && bus.hotplug() {
+            Some(HotDisk {
+                node: disk_node(disk.id),
+                path: self.disk_file(disk).await?,
                 format: disk.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
-                controller: controller.clone(),
                 bus,
+            })
+        } else {
+            None
+        };
+        let generation = u64::try_from(self.store().events_head().await?).unwrap_or(0) + 1;
+        Ok(Plug {
+            vm,
+            vm_name: rec.object.name.clone(),
+            disk: disk.id,
+            disk_name: disk.name.clone(),
+            attachment: DiskAttachment {
+                disk: disk.name.clone(),
+                controller,
                 unit,
                 read_only: p.read_only,
-            };
-            self.node().ask(rec.object.id, |r| Cmd::DiskAdd(Box::new(spec), r)).await.map_err(hv_error)?;
-        }
-        let mut disks = cfg.disks.clone();
-        disks.push(DiskAttachment { disk: disk.name.clone(), controller, unit, read_only: p.read_only });
-        let opts = WriteOpts {
-            message: Some(format!("attach {}", disk.name)),
-            next_boot: p.next_boot,
-            disks_live: hot,
-            ..Default::default()
-        };
-        let change = DocChange::Merge(json!({ "disks": disks }));
-        match self.vm_write_doc(ctx, rec.clone(), change, Preconditions::default(), opts).await {
-            Ok((view, _)) => Ok(view),
-            Err(e) => {
-                if hot {
-                    // Undo the hot-plug: the config does not hold the disk.
-                    let _ = tokio::time::timeout(
-                        UNPLUG_TIMEOUT,
-                        self.node().ask(rec.object.id, |r| Cmd::DiskRemove(node, r)),
-                    )
-                    .await;
-                }
-                Err(e)
-            }
-        }
+                generation,
+            },
+            hot,
+            next_boot: p.next_boot && is_running && !bus.hotplug(),
+        })
     }
 
-    /// Detaches a disk; one that is not attached is already detached.
-    pub async fn vm_disk_detach(&self, ctx: &Ctx, vm: &str, disk: &str, next_boot: bool) -> Result<VmView, Error> {
-        let _one_at_a_time = self.attach_lock().lock().await;
-        self.disk_detach_locked(ctx, vm, disk, next_boot).await
-    }
-
-    /// Detach with the attach lock held by the caller.
-    async fn disk_detach_locked(&self, ctx: &Ctx, vm: &str, disk: &str, next_boot: bool) -> Result<VmView, Error> {
+    /// Detaches a disk; one that is not attached is already detached. With `generation`, only that
+    /// attachment is removed (a newer one is refused with `stale_generation`).
+    pub async fn vm_disk_detach(
+        &self,
+        ctx: &Ctx,
+        vm: &str,
+        disk: &str,
+        next_boot: bool,
+        generation: Option<u64>,
+    ) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmConfigRemoveDisk).await?;
-        let rec = self.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", vm))?;
-        let cfg: VmConfig = parse_config(&rec.config)?;
         let obj = self.object_lookup(disk, Some(ObjectKind::Disk)).await?;
-        let matches = |d: &DiskAttachment| {
-            d.disk == disk || obj.as_ref().is_some_and(|o| d.disk == o.name || d.disk == o.id.to_string())
-        };
+        let (app, ctx2, disk) = (self.clone(), ctx.clone(), disk.to_owned());
+        self.to_the_end(async move {
+            let mut locks = vec![rec.object.id];
+            locks.extend(obj.as_ref().map(|o| o.id));
+            let guard = app.saga_begin(&ctx2, DetachSaga::KIND, &locks).await?;
+            let plan = match app.detach_plan(rec.object.id, &disk, obj.as_ref(), next_boot, generation).await {
+                Ok(p) => p,
+                Err(e) => return Err(guard.refuse(e).await),
+            };
+            match plan {
+                None => {
+                    guard.refuse(Error::internal("not attached")).await;
+                }
+                Some(plug) => {
+                    guard.run(&ctx2, DetachSaga { plug }).await?;
+                }
+            }
+            let rec = app.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
+            app.vm_view(Some(&ctx2), &rec)
+        })
+        .await
+    }
+
+    /// The rules of a detach, checked with the VM and disk locked; `None`: not attached.
+    async fn detach_plan(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        obj: Option<&covm_store::ObjectRecord>,
+        next_boot: bool,
+        generation: Option<u64>,
+    ) -> Result<Option<Plug>, Error> {
+        let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", disk))?;
+        let cfg: VmConfig = parse_config(&rec.config)?;
+        let matches =
+            |d: &DiskAttachment| d.disk == disk || obj.is_some_and(|o| d.disk == o.name || d.disk == o.id.to_string());
         let Some(entry) = cfg.disks.iter().find(|d| matches(d)).cloned() else {
-            return self.vm_view(Some(ctx), &rec);
+            if let Some(g) = generation {
+                return Err(conflict(
+                    "stale_generation",
+                    format!("{disk} is not attached to {}; attachment generation {g} is gone", rec.object.name),
+                )
+                .with_field("generation"));
+            }
+            return Ok(None);
         };
+        if let Some(g) = generation.filter(|g| *g != entry.generation) {
+            return Err(conflict(
+                "stale_generation",
+                format!(
+                    "{disk} is attached to {} as generation {}, not {g}: it was detached and attached again since",
+                    rec.object.name, entry.generation
+                ),
+            )
+            .with_field("generation")
+            .with_details(json!({ "generation": entry.generation })));
+        }
         let bus = cfg
             .controllers
             .iter()
@@ -237,32 +619,62 @@ impl App {
                 ),
             ));
         }
-        let hot = is_running && bus.hotplug();
-        if hot && let Some(o) = &obj {
-            let node = format!("d{}", &o.id.simple().to_string()[20..]);
-            match tokio::time::timeout(UNPLUG_TIMEOUT, self.node().ask(rec.object.id, |r| Cmd::DiskRemove(node, r)))
-                .await
-            {
-                Ok(r) => r.map_err(hv_error)?,
-                Err(_) => {
-                    return Err(conflict(
-                        "detach_timeout",
-                        format!(
-                            "the guest of {} did not release {disk} within {} s; it stays attached",
-                            rec.object.name,
-                            UNPLUG_TIMEOUT.as_secs()
-                        ),
-                    ));
-                }
+        let hot = match obj {
+            Some(o) if is_running && bus.hotplug() => Some(HotDisk {
+                node: disk_node(o.id),
+                path: self.disk_file(o).await?,
+                format: o.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
+                bus,
+            }),
+            _ => None,
+        };
+        Ok(Some(Plug {
+            vm,
+            vm_name: rec.object.name.clone(),
+            disk: obj.map_or(Uuid::nil(), |o| o.id),
+            disk_name: entry.disk.clone(),
+            attachment: entry,
+            hot,
+            next_boot: next_boot && is_running && !bus.hotplug(),
+        }))
+    }
+
+    /// A device went from a VM with no detach waiting for it (the guest let go after a detach gave
+    /// up): the config decides. Still attached: plugged back. Not attached: its block nodes go.
+    pub(crate) async fn disk_device_reconcile(&self, vm: Uuid, dev: &str) {
+        let Ok(Some(rec)) = self.store().vm_get(vm).await else { return };
+        let Ok(cfg) = parse_config(&rec.config) else { return };
+        for d in &cfg.disks {
+            let Ok(Some(o)) = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await else { continue };
+            if disk_node(o.id) != dev {
+                continue;
             }
+            let bus =
+                cfg.controllers.iter().find(|c| c.id == d.controller).map_or(ControllerType::VirtioScsi, |c| c.kind);
+            let Ok(path) = self.disk_file(&o).await else { return };
+            let spec = covm_hv::DiskSpec {
+                node: dev.to_owned(),
+                path,
+                format: o.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
+                controller: d.controller.clone(),
+                bus,
+                unit: d.unit,
+                read_only: d.read_only,
+            };
+            tracing::warn!(vm = %rec.object.name, disk = %o.name, "the guest let go of a disk after its detach gave up; the config holds it, so it is plugged back");
+            if let Err(e) = self.node().ask(vm, |r| Cmd::DeviceAdd(Box::new(spec), r)).await {
+                tracing::error!(vm = %rec.object.name, disk = %o.name, error = %e, "a disk could not be plugged back");
+            }
+            return;
         }
-        let disks: Vec<DiskAttachment> = cfg.disks.iter().filter(|d| !matches(d)).cloned().collect();
-        let opts =
-            WriteOpts { message: Some(format!("detach {disk}")), next_boot, disks_live: hot, ..Default::default() };
-        let (view, _) = self
-            .vm_write_doc(ctx, rec, DocChange::Merge(json!({ "disks": disks })), Preconditions::default(), opts)
-            .await?;
-        Ok(view)
+        let node = dev.to_owned();
+        let _ = self.node().ask(vm, |r| Cmd::BlockdevDel(node, r)).await;
+    }
+
+    /// What QEMU holds of block nodes and devices for a running VM (to compare with its config).
+    pub async fn vm_block_state(&self, ctx: &Ctx, vm: &str) -> Result<covm_hv::BlockState, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.node().ask(rec.object.id, Cmd::BlockQuery).await.map_err(hv_error)
     }
 }
 
@@ -278,53 +690,104 @@ pub struct DiskMove {
 }
 
 impl App {
-    /// Moves a disk from the VM that holds it to another, as one operation: detach (hot if that VM
-    /// runs), attach (hot if the target runs); if the attach fails, the disk goes back where it was.
-    /// The attach lock is held throughout, so no one can take the disk in between.
+    /// Moves a disk from the VM that holds it to another, as one saga: detach (hot if that VM runs),
+    /// attach (hot if the target runs); on any failure the disk is back where it was.
     pub async fn disk_move(&self, ctx: &Ctx, disk: &str, p: DiskMove) -> Result<VmView, Error> {
         let d = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
         let target = self.vm_resolve(ctx, &p.to_vm).await?;
         self.require(ctx, &target.object, Privilege::VmConfigAddExistingDisk).await?;
-        let _one_at_a_time = self.attach_lock().lock().await;
-        let holders = self.disk_attachments(&d).await?;
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            for _ in 0..5 {
+                let seen = app.disk_attachments(&d).await?;
+                let mut locks = vec![d.id, target.object.id];
+                let mut source = None;
+                if let Some(h) = seen.first() {
+                    let o = app.store().object_by_name(ObjectKind::Vm, &h.vm).await?;
+                    source = o.map(|o| o.id);
+                    locks.extend(source.filter(|s| *s != target.object.id));
+                }
+                let guard = app.saga_begin(&ctx2, MoveSaga::KIND, &locks).await?;
+                if app.disk_attachments(&d).await? != seen {
+                    // It moved while the locks were taken: look again.
+                    guard.refuse(Error::internal("the disk's holders changed; retrying")).await;
+                    continue;
+                }
+                let plan = app.move_plan(&ctx2, &d, &seen, source, &target, &p).await;
+                let saga = match plan {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        guard.refuse(Error::internal("already there")).await;
+                        return app.vm_view(Some(&ctx2), &target);
+                    }
+                    Err(e) => return Err(guard.refuse(e).await),
+                };
+                guard.run(&ctx2, saga).await?;
+                let rec = app.store().vm_get(target.object.id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
+                return app.vm_view(Some(&ctx2), &rec);
+            }
+            Err(conflict("operation_in_progress", format!("{} keeps moving; try again", d.name)))
+        })
+        .await
+    }
+
+    async fn move_plan(
+        &self,
+        ctx: &Ctx,
+        d: &covm_store::ObjectRecord,
+        holders: &[DiskAttachmentView],
+        source: Option<Uuid>,
+        target: &covm_store::VmRecord,
+        p: &DiskMove,
+    ) -> Result<Option<MoveSaga>, Error> {
         if holders.len() > 1 {
             return Err(conflict(
                 "disk_shared",
                 format!("{} is attached to {} VMs; detach it from all but one", d.name, holders.len()),
             ));
         }
-        let source = holders.into_iter().next();
-        if let Some(h) = &source {
-            if h.vm == target.object.name {
-                return self.vm_view(Some(ctx), &target);
+        let from = match (holders.first(), source) {
+            (Some(h), _) if h.vm == target.object.name => return Ok(None),
+            (Some(h), Some(src)) => {
+                let src_rec = self.store().vm_get(src).await?.ok_or_else(|| Error::not_found("vm", &h.vm))?;
+                let src_obj = src_rec.object.clone();
+                self.require(ctx, &src_obj, Privilege::VmConfigRemoveDisk).await?;
+                self.detach_plan(src, &d.name, Some(d), false, Some(h.generation)).await?
             }
-            self.disk_detach_locked(ctx, &h.vm, &d.name, false).await?;
+            _ => None,
+        };
+        // The target's rules, as if the disk were already free.
+        let rec = self.store().vm_get(target.object.id).await?.ok_or_else(|| Error::not_found("vm", &p.to_vm))?;
+        let cfg: VmConfig = parse_config(&rec.config)?;
+        let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
+        let is_running = running(&rec);
+        if is_running && !bus.hotplug() {
+            return Err(conflict(
+                "hotplug_unsupported",
+                format!("{} is running and {controller} cannot hot-plug; power it off first", rec.object.name),
+            ));
         }
-        let attach = DiskAttach {
-            disk: d.name.clone(),
-            controller: p.controller,
-            unit: p.unit,
-            read_only: false,
+        let hot = if is_running {
+            Some(HotDisk {
+                node: disk_node(d.id),
+                path: self.disk_file(d).await?,
+                format: d.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
+                bus,
+            })
+        } else {
+            None
+        };
+        let generation = u64::try_from(self.store().events_head().await?).unwrap_or(0) + 1;
+        let to = Plug {
+            vm: rec.object.id,
+            vm_name: rec.object.name.clone(),
+            disk: d.id,
+            disk_name: d.name.clone(),
+            attachment: DiskAttachment { disk: d.name.clone(), controller, unit, read_only: false, generation },
+            hot,
             next_boot: false,
         };
-        match self.disk_attach_locked(ctx, &target.object.name, attach).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if let Some(h) = source {
-                    let back = DiskAttach {
-                        disk: d.name.clone(),
-                        controller: Some(h.controller.clone()),
-                        unit: Some(h.unit),
-                        read_only: h.read_only,
-                        next_boot: false,
-                    };
-                    if let Err(undo) = self.disk_attach_locked(ctx, &h.vm, back).await {
-                        tracing::error!(disk = %d.name, vm = %h.vm, error = %undo, "a failed move could not put the disk back");
-                    }
-                }
-                Err(e)
-            }
-        }
+        Ok(Some(MoveSaga { from, to }))
     }
 }
 
@@ -352,13 +815,14 @@ mod tests {
     #[test]
     fn one_writer_unless_shared() {
         let rw = (
-            DiskAttachmentView { vm: "b".into(), controller: "scsi0".into(), unit: 0, read_only: false },
+            DiskAttachmentView { vm: "b".into(), controller: "scsi0".into(), unit: 0, read_only: false, generation: 7 },
             "running".to_owned(),
         );
         let ro = (DiskAttachmentView { read_only: true, ..rw.0.clone() }, "off".to_owned());
         let e = writers_check("d", Sharing::None, false, std::slice::from_ref(&rw)).unwrap_err();
         assert_eq!(e.code, "disk_in_use");
-        assert!(e.message.contains("b (running)"), "{}", e.message);
+        assert!(e.message.contains("b (running, attachment generation 7)"), "{}", e.message);
+        assert_eq!(e.details.as_ref().unwrap()["generation"], 7);
         assert!(writers_check("d", Sharing::None, true, std::slice::from_ref(&rw)).is_err());
         assert!(writers_check("d", Sharing::None, true, std::slice::from_ref(&ro)).is_ok());
         assert!(writers_check("d", Sharing::None, false, std::slice::from_ref(&ro)).is_err());

@@ -261,7 +261,7 @@ impl App {
             return Err(bad());
         }
         let _ = req.actor.set(user.clone());
-        Ok(Ctx { user_id, user, token_id, req: req.clone() })
+        Ok(Ctx { user_id, user, token_id, req: req.clone(), system: false })
     }
 
     pub async fn session_delete(&self, ctx: &Ctx) -> Result<(), Error> {

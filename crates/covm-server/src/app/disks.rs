@@ -3,8 +3,10 @@
 //! except to import a file that already lies inside a datastore.
 //!
 //! Every operation checks everything before it changes anything (privileges, sizes, free space, the
-//! pool's disk quota), and undoes its file work when the store refuses the record.
-//! TODO: attach and detach (hot and cold), move, and the persisted saga log are the next step.
+//! pool's disk quota), then runs as a saga ([`super::saga`]): create, clone and import make the file and
+//! then the record (the pivot); delete removes the record (the pivot) and then the file; resize grows
+//! the image (or, on a running VM, the block node) and then the record. A failure or a crash leaves
+//! no file without a record and no record without its file.
 
 use std::path::{Path, PathBuf};
 
@@ -20,9 +22,305 @@ use covm_types::{Error, ErrorKind, Privilege, ROOT_ID};
 use serde_json::json;
 use uuid::Uuid;
 
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::attach::disk_node;
 use super::host::fs_capacity;
 use super::node::hv_error;
+use super::saga::Saga;
 use super::{App, Ctx, EventExt};
+
+/// Where a new disk's image comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// `qemu-img create`.
+    Empty { format: String, capacity: u64 },
+    /// `qemu-img convert` of another disk's image.
+    Copy { from: PathBuf, format: String },
+    /// A file already in the datastore, moved under covm's name.
+    Import { from: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskStep {
+    File,
+    Record,
+}
+
+/// A disk's record in the store, as a saga makes or removes it (idempotently).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub folder: Uuid,
+    pub spec: serde_json::Value,
+}
+
+impl DiskRecord {
+    async fn exists(&self, app: &App) -> Result<bool, Error> {
+        Ok(app.store().object_get(self.id).await?.is_some())
+    }
+
+    async fn ensure(&self, app: &App, ctx: &Ctx, data: serde_json::Value) -> Result<(), Error> {
+        if self.exists(app).await? {
+            return Ok(());
+        }
+        let ev = ctx.event("disk.created", "disk", Some(self.id), &self.name).data(data);
+        let object = NewObject {
+            id: self.id,
+            kind: ObjectKind::Disk,
+            name: self.name.clone(),
+            parent_id: self.folder,
+            spec: self.spec.clone(),
+        };
+        app.store().object_create(object, ev).await?;
+        app.committed();
+        Ok(())
+    }
+
+    async fn remove(&self, app: &App, ctx: &Ctx, data: serde_json::Value) -> Result<(), Error> {
+        if !self.exists(app).await? {
+            return Ok(());
+        }
+        let ev = ctx.event("disk.deleted", "disk", Some(self.id), &self.name).scope(self.folder).data(data);
+        app.store().object_delete(self.id, ev).await?;
+        app.committed();
+        Ok(())
+    }
+}
+
+/// Create, clone or import: the image file, then the record (the pivot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateSaga {
+    pub record: DiskRecord,
+    pub file: PathBuf,
+    pub source: Source,
+    pub data: serde_json::Value,
+}
+
+#[async_trait]
+impl Saga for CreateSaga {
+    const KIND: &'static str = "disk.create";
+    type Step = DiskStep;
+
+    fn steps(&self) -> Vec<DiskStep> {
+        vec![DiskStep::File, DiskStep::Record]
+    }
+
+    fn pivot(&self) -> DiskStep {
+        DiskStep::Record
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: DiskStep) -> Result<(), Error> {
+        match step {
+            DiskStep::File => {
+                if let Some(dir) = self.file.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| Error::internal(format!("cannot make the disks directory: {e}")))?;
+                }
+                match &self.source {
+                    // A file already there is this saga's own (a retry after a crash undoes first).
+                    Source::Empty { .. } | Source::Copy { .. } if self.file.exists() => Ok(()),
+                    Source::Empty { format, capacity } => {
+                        img::create(&self.file, format, *capacity).await.map_err(hv_error)
+                    }
+                    Source::Copy { from, format } => {
+                        img::convert(from, format, &self.file, format).await.map_err(hv_error)
+                    }
+                    Source::Import { from } => {
+                        if self.file.exists() && !from.exists() {
+                            return Ok(());
+                        }
+                        std::fs::rename(from, &self.file)
+                            .map_err(|e| Error::internal(format!("cannot move the image into place: {e}")))
+                    }
+                }
+            }
+            DiskStep::Record => self.record.ensure(app, ctx, self.data.clone()).await,
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: DiskStep) -> Result<(), Error> {
+        match step {
+            DiskStep::File => match &self.source {
+                Source::Import { from } => {
+                    if self.file.exists() && !from.exists() {
+                        std::fs::rename(&self.file, from)
+                            .map_err(|e| Error::internal(format!("cannot put an imported image back: {e}")))?;
+                    }
+                    Ok(())
+                }
+                _ => match std::fs::remove_file(&self.file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(Error::internal(format!("cannot remove a new disk's image: {e}")))
+                    }
+                    _ => Ok(()),
+                },
+            },
+            DiskStep::Record => self.record.remove(app, ctx, json!({ "undo": true })).await,
+        }
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        self.record.exists(app).await
+    }
+}
+
+/// Delete: the record (the pivot), then the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteSaga {
+    pub record: DiskRecord,
+    pub file: PathBuf,
+}
+
+#[async_trait]
+impl Saga for DeleteSaga {
+    const KIND: &'static str = "disk.delete";
+    type Step = DiskStep;
+
+    fn steps(&self) -> Vec<DiskStep> {
+        vec![DiskStep::Record, DiskStep::File]
+    }
+
+    fn pivot(&self) -> DiskStep {
+        DiskStep::Record
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: DiskStep) -> Result<(), Error> {
+        match step {
+            DiskStep::Record => {
+                let data = json!({ "datastore": self.record.spec["datastore"], "file": self.record.spec["file"] });
+                self.record.remove(app, ctx, data).await
+            }
+            DiskStep::File => match std::fs::remove_file(&self.file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::internal(format!("cannot remove a deleted disk's image: {e}")))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: DiskStep) -> Result<(), Error> {
+        // The record went, then the saga failed before it ended: the disk comes back (its file is still there).
+        match step {
+            DiskStep::Record => self.record.ensure(app, ctx, json!({ "undo": true })).await,
+            DiskStep::File => Ok(()),
+        }
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        Ok(!self.record.exists(app).await?)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeStep {
+    Grow,
+    Record,
+}
+
+/// Resize: the image grows (live through each running holder's QEMU, else `qemu-img`), then the
+/// record (the pivot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResizeSaga {
+    pub id: Uuid,
+    pub name: String,
+    pub file: PathBuf,
+    pub format: String,
+    pub from: u64,
+    pub to: u64,
+    /// Running VMs that hold the disk (it grows live through them).
+    pub live: Vec<Uuid>,
+}
+
+impl ResizeSaga {
+    async fn record(&self, app: &App, ctx: &Ctx, from: u64, to: u64) -> Result<(), Error> {
+        let o = app.store().object_get(self.id).await?.ok_or_else(|| Error::not_found("disk", &self.name))?;
+        if o.spec["capacity_bytes"].as_u64() == Some(to) {
+            return Ok(());
+        }
+        let mut spec = o.spec.clone();
+        spec["capacity_bytes"] = json!(to);
+        let ev =
+            ctx.event("disk.resized", "disk", Some(o.id), &o.name).data(json!({ "from_bytes": from, "to_bytes": to }));
+        app.store().object_spec_update(o.id, &o.spec, spec, ev).await?;
+        app.committed();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Saga for ResizeSaga {
+    const KIND: &'static str = "disk.resize";
+    type Step = ResizeStep;
+
+    fn steps(&self) -> Vec<ResizeStep> {
+        vec![ResizeStep::Grow, ResizeStep::Record]
+    }
+
+    fn pivot(&self) -> ResizeStep {
+        ResizeStep::Record
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: ResizeStep) -> Result<(), Error> {
+        match step {
+            ResizeStep::Grow if self.live.is_empty() => {
+                img::resize(&self.file, &self.format, self.to).await.map_err(hv_error)
+            }
+            ResizeStep::Grow => {
+                for vm in &self.live {
+                    let (node, size) = (disk_node(self.id), self.to);
+                    app.node().ask(*vm, |r| super::node::Cmd::DiskResize(node, size, r)).await.map_err(hv_error)?;
+                }
+                Ok(())
+            }
+            ResizeStep::Record => self.record(app, ctx, self.from, self.to).await,
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: ResizeStep) -> Result<(), Error> {
+        match step {
+            // No guest has seen the new size of an image no running VM holds: it shrinks back.
+            ResizeStep::Grow if self.live.is_empty() => {
+                let info = img::info(&self.file).await.map_err(hv_error)?;
+                if info.virtual_size > self.from {
+                    img::shrink_back(&self.file, &self.format, self.from).await.map_err(hv_error)?;
+                }
+                Ok(())
+            }
+            ResizeStep::Grow => {
+                // A guest may already use the new space; a live disk never shrinks. The image stays
+                // larger than the record says, which is harmless, and a retry grows the record.
+                tracing::warn!(disk = %self.name, "a live grow cannot be undone; the image keeps its new size");
+                Ok(())
+            }
+            ResizeStep::Record => {
+                let o = app.store().object_get(self.id).await?.ok_or_else(|| Error::not_found("disk", &self.name))?;
+                if o.spec["capacity_bytes"].as_u64() != Some(self.to) {
+                    return Ok(());
+                }
+                let mut spec = o.spec.clone();
+                spec["capacity_bytes"] = json!(self.from);
+                let ev = ctx
+                    .event("disk.resized", "disk", Some(o.id), &o.name)
+                    .data(json!({ "from_bytes": self.to, "to_bytes": self.from, "undo": true }));
+                app.store().object_spec_update(o.id, &o.spec, spec, ev).await?;
+                app.committed();
+                Ok(())
+            }
+        }
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        let o = app.store().object_get(self.id).await?;
+        Ok(o.is_some_and(|o| o.spec["capacity_bytes"].as_u64() == Some(self.to)))
+    }
+}
 
 fn spec_str<'a>(o: &'a ObjectRecord, k: &str) -> &'a str {
     o.spec[k].as_str().unwrap_or_default()
@@ -115,6 +413,7 @@ impl App {
                     controller: d.controller.clone(),
                     unit: d.unit,
                     read_only: d.read_only,
+                    generation: d.generation,
                 });
             }
         }
@@ -176,30 +475,20 @@ impl App {
         Ok(PathBuf::from(spec_str(&ds, "path")).join(spec_str(o, "file")))
     }
 
-    /// Records a new disk whose image file exists; removes the file when the store refuses.
-    #[allow(clippy::too_many_arguments)]
-    async fn disk_record(
-        &self,
-        ctx: &Ctx,
-        id: Uuid,
-        name: &str,
-        folder: &ObjectRecord,
-        spec: serde_json::Value,
-        file: &Path,
-        data: serde_json::Value,
-    ) -> Result<DiskView, Error> {
-        let ev = ctx.event("disk.created", "disk", Some(id), name).data(data);
-        let object = NewObject { id, kind: ObjectKind::Disk, name: name.to_owned(), parent_id: folder.id, spec };
-        match self.store().object_create(object, ev).await {
-            Ok((rec, _)) => {
-                self.committed();
-                self.disk_view(&rec, false).await
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(file);
-                Err(e)
-            }
-        }
+    /// Runs a create, clone or import saga; the new disk's view.
+    async fn disk_make(&self, ctx: &Ctx, saga: CreateSaga, locks: Vec<Uuid>) -> Result<DiskView, Error> {
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx2, CreateSaga::KIND, &locks).await?;
+            let saga = guard.run(&ctx2, saga).await?;
+            let rec = app
+                .store()
+                .object_get(saga.record.id)
+                .await?
+                .ok_or_else(|| Error::not_found("disk", &saga.record.name))?;
+            app.disk_view(&rec, false).await
+        })
+        .await
     }
 
     async fn disk_placement(&self, ctx: &Ctx, folder: Option<&str>) -> Result<ObjectRecord, Error> {
@@ -224,16 +513,18 @@ impl App {
         let pool = self.disk_pool_admit(p.pool.as_deref().unwrap_or("default"), p.capacity_bytes, None).await?;
         let id = Uuid::now_v7();
         let rel = format!("disks/{id}.{}", p.format.as_str());
-        let file = root.join(&rel);
-        std::fs::create_dir_all(root.join("disks"))
-            .map_err(|e| Error::internal(format!("cannot make the disks directory: {e}")))?;
-        img::create(&file, p.format.as_str(), p.capacity_bytes).await.map_err(hv_error)?;
         let spec = json!({
             "datastore": ds.name, "file": rel, "format": p.format, "capacity_bytes": p.capacity_bytes,
             "sharing": p.sharing, "pool": pool,
         });
         let data = json!({ "datastore": ds.name, "capacity_bytes": p.capacity_bytes, "format": p.format });
-        self.disk_record(ctx, id, p.name.as_str(), &folder, spec, &file, data).await
+        let saga = CreateSaga {
+            record: DiskRecord { id, name: p.name.to_string(), folder: folder.id, spec },
+            file: root.join(&rel),
+            source: Source::Empty { format: p.format.as_str().to_owned(), capacity: p.capacity_bytes },
+            data,
+        };
+        self.disk_make(ctx, saga, vec![id]).await
     }
 
     pub async fn disks_list(&self, ctx: &Ctx, q: DiskListQuery) -> Result<Page<DiskView>, Error> {
@@ -263,43 +554,55 @@ impl App {
         capacity_check("capacity_bytes", p.capacity_bytes)?;
         let o = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
         self.require(ctx, &o, Privilege::DiskExtend).await?;
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx2, ResizeSaga::KIND, &[o.id]).await?;
+            let saga = match app.resize_plan(o.id, p.capacity_bytes).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    guard.refuse(Error::internal("already that size")).await;
+                    let o = app.store().object_get(o.id).await?.ok_or_else(|| Error::not_found("disk", &o.name))?;
+                    return app.disk_view(&o, false).await;
+                }
+                Err(e) => return Err(guard.refuse(e).await),
+            };
+            let saga = guard.run(&ctx2, saga).await?;
+            let o = app.store().object_get(saga.id).await?.ok_or_else(|| Error::not_found("disk", &saga.name))?;
+            app.disk_view(&o, false).await
+        })
+        .await
+    }
+
+    /// A resize's rules, checked with the disk locked; `None`: it is that size already.
+    async fn resize_plan(&self, id: Uuid, to: u64) -> Result<Option<ResizeSaga>, Error> {
+        let o = self.store().object_get(id).await?.ok_or_else(|| Error::not_found("disk", &id.to_string()))?;
         let current = o.spec["capacity_bytes"].as_u64().unwrap_or(0);
-        if p.capacity_bytes == current {
-            return self.disk_view(&o, false).await;
+        if to == current {
+            return Ok(None);
         }
-        if p.capacity_bytes < current {
+        if to < current {
             return Err(Error::conflict(
                 "shrink_refused",
-                format!("disks only grow: {} is {current} bytes, {} is smaller", o.name, p.capacity_bytes),
+                format!("disks only grow: {} is {current} bytes, {to} is smaller", o.name),
             )
             .with_field("capacity_bytes"));
         }
         let file = self.disk_file(&o).await?;
         let root = file.parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
-        Self::space_check(&root, p.capacity_bytes - current)?;
-        self.disk_pool_admit(spec_str(&o, "pool"), p.capacity_bytes, Some(o.id)).await?;
+        Self::space_check(&root, to - current)?;
+        self.disk_pool_admit(spec_str(&o, "pool"), to, Some(o.id)).await?;
         // A disk that a running VM holds grows live through that VM's QEMU (which holds the image's
         // lock); otherwise qemu-img grows the file.
-        let running: Vec<Uuid> = self.disk_holders_running(&o).await?;
-        if running.is_empty() {
-            img::resize(&file, format_of(&o).as_str(), p.capacity_bytes).await.map_err(hv_error)?;
-        } else {
-            let node = format!("d{}", &o.id.simple().to_string()[20..]);
-            let size = p.capacity_bytes;
-            for vm in running {
-                let n = node.clone();
-                self.node().ask(vm, |r| super::node::Cmd::DiskResize(n, size, r)).await.map_err(hv_error)?;
-            }
-        }
-        let mut spec = o.spec.clone();
-        spec["capacity_bytes"] = json!(p.capacity_bytes);
-        let ev = ctx
-            .event("disk.resized", "disk", Some(o.id), &o.name)
-            .data(json!({ "from_bytes": current, "to_bytes": p.capacity_bytes }));
-        self.store().object_spec_update(o.id, &o.spec, spec, ev).await?;
-        self.committed();
-        let o = self.store().object_get(o.id).await?.ok_or_else(|| Error::not_found("disk", disk))?;
-        self.disk_view(&o, false).await
+        let live = self.disk_holders_running(&o).await?;
+        Ok(Some(ResizeSaga {
+            id: o.id,
+            name: o.name.clone(),
+            file,
+            format: format_of(&o).as_str().to_owned(),
+            from: current,
+            to,
+            live,
+        }))
     }
 
     /// A copy of a disk as a new disk in the same datastore and folder.
@@ -317,8 +620,45 @@ impl App {
                 Error::conflict("already_exists", format!("a disk named {} already exists", p.name)).with_field("name")
             );
         }
-        if self.disk_attachments(&src).await?.iter().any(|a| !a.read_only)
-            && let Some(vm) = self.disk_holders_running(&src).await?.first()
+        let capacity = src.spec["capacity_bytes"].as_u64().unwrap_or(0);
+        Self::space_check(&root, capacity)?;
+        let pool = self.disk_pool_admit(spec_str(&src, "pool"), capacity, None).await?;
+        let format = format_of(&src);
+        let id = Uuid::now_v7();
+        let rel = format!("disks/{id}.{}", format.as_str());
+        let mut spec = src.spec.clone();
+        spec["file"] = json!(rel);
+        spec["pool"] = json!(pool);
+        spec["sharing"] = json!(Sharing::None);
+        let data = json!({ "datastore": ds.name, "cloned_from": src.name, "capacity_bytes": capacity });
+        let saga = CreateSaga {
+            record: DiskRecord { id, name: p.name.to_string(), folder: parent.id, spec },
+            file: root.join(&rel),
+            source: Source::Copy { from: self.disk_file(&src).await?, format: format.as_str().to_owned() },
+            data,
+        };
+        // The source stays locked while it is copied, so no one attaches it read-write meanwhile.
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx2, CreateSaga::KIND, &[src.id, id]).await?;
+            if let Err(e) = app.clone_check(&src).await {
+                return Err(guard.refuse(e).await);
+            }
+            let saga = guard.run(&ctx2, saga).await?;
+            let rec = app
+                .store()
+                .object_get(saga.record.id)
+                .await?
+                .ok_or_else(|| Error::not_found("disk", &saga.record.name))?;
+            app.disk_view(&rec, false).await
+        })
+        .await
+    }
+
+    /// A disk a running VM writes to is not copied: the copy would not be consistent.
+    async fn clone_check(&self, src: &ObjectRecord) -> Result<(), Error> {
+        if self.disk_attachments(src).await?.iter().any(|a| !a.read_only)
+            && let Some(vm) = self.disk_holders_running(src).await?.first()
         {
             let name = self.store().object_get(*vm).await?.map(|o| o.name).unwrap_or_default();
             return Err(Error::conflict(
@@ -329,20 +669,7 @@ impl App {
                 ),
             ));
         }
-        let capacity = src.spec["capacity_bytes"].as_u64().unwrap_or(0);
-        Self::space_check(&root, capacity)?;
-        let pool = self.disk_pool_admit(spec_str(&src, "pool"), capacity, None).await?;
-        let format = format_of(&src);
-        let id = Uuid::now_v7();
-        let rel = format!("disks/{id}.{}", format.as_str());
-        let file = root.join(&rel);
-        img::convert(&self.disk_file(&src).await?, format.as_str(), &file, format.as_str()).await.map_err(hv_error)?;
-        let mut spec = src.spec.clone();
-        spec["file"] = json!(rel);
-        spec["pool"] = json!(pool);
-        spec["sharing"] = json!(Sharing::None);
-        let data = json!({ "datastore": ds.name, "cloned_from": src.name, "capacity_bytes": capacity });
-        self.disk_record(ctx, id, p.name.as_str(), &parent, spec, &file, data).await
+        Ok(())
     }
 
     /// Makes a disk of an image file that already lies inside a datastore; covm moves it to a name of
@@ -388,45 +715,52 @@ impl App {
         let pool = self.disk_pool_admit(p.pool.as_deref().unwrap_or("default"), info.virtual_size, None).await?;
         let id = Uuid::now_v7();
         let new_rel = format!("disks/{id}.{}", format.as_str());
-        let file = root.join(&new_rel);
-        std::fs::create_dir_all(root.join("disks"))
-            .map_err(|e| Error::internal(format!("cannot make the disks directory: {e}")))?;
-        std::fs::rename(&src, &file).map_err(|e| Error::internal(format!("cannot move the image into place: {e}")))?;
         let spec = json!({
             "datastore": ds.name, "file": new_rel, "format": format, "capacity_bytes": info.virtual_size,
             "sharing": Sharing::None, "pool": pool,
         });
         let data = json!({ "datastore": ds.name, "imported_from": p.path, "capacity_bytes": info.virtual_size });
-        match self.disk_record(ctx, id, name.as_str(), &folder, spec, &file, data).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                // disk_record removed the file; the import was a move, so put it back instead.
-                let _ = std::fs::rename(&file, &src);
-                Err(e)
-            }
-        }
+        let saga = CreateSaga {
+            record: DiskRecord { id, name: name.to_string(), folder: folder.id, spec },
+            file: root.join(&new_rel),
+            source: Source::Import { from: src },
+            data,
+        };
+        self.disk_make(ctx, saga, vec![id]).await
     }
 
     /// Deletes a disk and its image; refused while a VM's config holds it, naming the VMs.
     pub async fn disk_delete(&self, ctx: &Ctx, disk: &str) -> Result<(), Error> {
         let o = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
         self.require(ctx, &o, Privilege::DiskDelete).await?;
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx2, DeleteSaga::KIND, &[o.id]).await?;
+            let saga = match app.delete_plan(o.id).await {
+                Ok(s) => s,
+                Err(e) => return Err(guard.refuse(e).await),
+            };
+            guard.run(&ctx2, saga).await.map(|_| ())
+        })
+        .await
+    }
+
+    async fn delete_plan(&self, id: Uuid) -> Result<DeleteSaga, Error> {
+        let o = self.store().object_get(id).await?.ok_or_else(|| Error::not_found("disk", &id.to_string()))?;
         let holders = self.disk_attachments(&o).await?;
         if !holders.is_empty() {
             let vms: Vec<&str> = holders.iter().map(|a| a.vm.as_str()).collect();
             return Err(Error::conflict("disk_in_use", format!("{} is attached to {}", o.name, vms.join(", ")))
                 .with_details(json!({ "vms": vms })));
         }
-        let file = self.disk_file(&o).await?;
-        let ev = ctx
-            .event("disk.deleted", "disk", Some(o.id), &o.name)
-            .scope(o.parent_id.unwrap_or(ROOT_ID))
-            .data(json!({ "datastore": spec_str(&o, "datastore"), "file": spec_str(&o, "file") }));
-        self.store().object_delete(o.id, ev).await?;
-        self.committed();
-        if let Err(e) = std::fs::remove_file(&file) {
-            tracing::warn!(file = %file.display(), error = %e, "a deleted disk's image could not be removed");
-        }
-        Ok(())
+        Ok(DeleteSaga {
+            record: DiskRecord {
+                id: o.id,
+                name: o.name.clone(),
+                folder: o.parent_id.unwrap_or(ROOT_ID),
+                spec: o.spec.clone(),
+            },
+            file: self.disk_file(&o).await?,
+        })
     }
 }

@@ -22,6 +22,7 @@ pub mod leases;
 pub mod node;
 pub mod power;
 pub mod principals;
+pub mod saga;
 pub mod vms;
 
 use std::path::PathBuf;
@@ -48,8 +49,8 @@ pub struct App {
 
 struct AppInner {
     store: Arc<dyn Store>,
-    /// Serializes attach and detach decisions (the one-writer rule reads other VMs' configs).
-    attach_lock: tokio::sync::Mutex<()>,
+    /// Fault injection for tests (empty unless `COVM_FAULT` or a test sets it).
+    faults: saga::Faults,
     caches: cache::Caches,
     node: node::Node,
     hub: EventHub,
@@ -65,7 +66,7 @@ impl App {
         let app = App {
             inner: Arc::new(AppInner {
                 store,
-                attach_lock: tokio::sync::Mutex::new(()),
+                faults: saga::Faults::from_env(),
                 caches,
                 node,
                 hub,
@@ -82,8 +83,9 @@ impl App {
         app
     }
 
-    pub(crate) fn attach_lock(&self) -> &tokio::sync::Mutex<()> {
-        &self.inner.attach_lock
+    /// The fault switch (tests).
+    pub fn faults(&self) -> &saga::Faults {
+        &self.inner.faults
     }
 
     pub fn caches(&self) -> &cache::Caches {
@@ -176,9 +178,26 @@ pub struct Ctx {
     /// The token this request was authenticated with (to sign out).
     pub token_id: Uuid,
     pub req: Arc<RequestInfo>,
+    /// covm acting for this user on its own (a saga's undo, a recovery after a crash): what the user
+    /// began was checked then, so privileges and leases are not checked again.
+    pub system: bool,
 }
 
 impl Ctx {
+    /// covm finishing or undoing what `actor` began (request `request_id`).
+    pub fn system(actor: &str, request_id: Option<&str>) -> Ctx {
+        let req = RequestInfo::new(
+            request_id.map_or_else(|| format!("sys-{}", Uuid::now_v7().simple()), str::to_owned),
+            None,
+        );
+        Ctx { user_id: Uuid::nil(), user: actor.to_owned(), token_id: Uuid::nil(), req: Arc::new(req), system: true }
+    }
+
+    /// The same caller, as covm acting on its own (for undo steps).
+    pub fn as_system(&self) -> Ctx {
+        Ctx { system: true, ..self.clone() }
+    }
+
     /// A log entry by this caller about an object.
     pub fn event(&self, kind: &str, object_kind: &str, object_id: Option<Uuid>, object_name: &str) -> NewEvent {
         NewEvent {

@@ -37,11 +37,17 @@ pub enum Cmd {
     Powerdown(oneshot::Sender<Result<(), HvError>>),
     Reset(oneshot::Sender<Result<(), HvError>>),
     SetLink(usize, bool, oneshot::Sender<Result<(), HvError>>),
-    /// Hot-plugs a disk.
-    DiskAdd(Box<covm_hv::DiskSpec>, oneshot::Sender<Result<(), HvError>>),
-    /// Hot-unplugs a disk: `device_del`, then (when the guest has let go, `DEVICE_DELETED`) its block
-    /// nodes; the reply comes at the end.
-    DiskRemove(String, oneshot::Sender<Result<(), HvError>>),
+    /// Adds a disk's block nodes (kept if already there).
+    BlockdevAdd(Box<covm_hv::DiskSpec>, oneshot::Sender<Result<(), HvError>>),
+    /// Adds a disk's device (kept if already there).
+    DeviceAdd(Box<covm_hv::DiskSpec>, oneshot::Sender<Result<(), HvError>>),
+    /// Asks the guest to release a disk's device (`device_del`); the reply comes when it has
+    /// (`DEVICE_DELETED`), or at once when there is no such device.
+    DeviceDel(String, oneshot::Sender<Result<(), HvError>>),
+    /// Removes a disk's block nodes (those there).
+    BlockdevDel(String, oneshot::Sender<Result<(), HvError>>),
+    /// What the VM holds of block nodes and devices.
+    BlockQuery(oneshot::Sender<Result<covm_hv::BlockState, HvError>>),
     /// Grows an attached disk (`block_resize`).
     DiskResize(String, u64, oneshot::Sender<Result<(), HvError>>),
 }
@@ -64,11 +70,11 @@ impl Node {
     }
 
     /// Sends a command to a VM's supervisor and waits for its reply.
-    pub async fn ask(
+    pub async fn ask<T>(
         &self,
         id: Uuid,
-        make: impl FnOnce(oneshot::Sender<Result<(), HvError>>) -> Cmd,
-    ) -> Result<(), HvError> {
+        make: impl FnOnce(oneshot::Sender<Result<T, HvError>>) -> Cmd,
+    ) -> Result<T, HvError> {
         let tx = self.sender(id).ok_or(HvError::Gone)?;
         let (reply, rx) = oneshot::channel();
         tx.send(make(reply)).map_err(|_| HvError::Gone)?;
@@ -161,10 +167,14 @@ impl App {
                         },
                         Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
                         Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
-                        Some(Cmd::DiskAdd(d, reply)) => { let _ = reply.send(handle.disk_add(&d).await); }
+                        Some(Cmd::BlockdevAdd(d, reply)) => { let _ = reply.send(handle.blockdev_add(&d).await); }
+                        Some(Cmd::DeviceAdd(d, reply)) => { let _ = reply.send(handle.device_add(&d).await); }
+                        Some(Cmd::BlockdevDel(node, reply)) => { let _ = reply.send(handle.blockdev_del(&node).await); }
+                        Some(Cmd::BlockQuery(reply)) => { let _ = reply.send(handle.block_query().await); }
                         Some(Cmd::DiskResize(node, size, reply)) => { let _ = reply.send(handle.block_resize(&node, size).await); }
-                        Some(Cmd::DiskRemove(node, reply)) => match handle.device_del(&node).await {
-                            Ok(()) => unplugs.push((node, reply)),
+                        Some(Cmd::DeviceDel(node, reply)) => match handle.device_del(&node).await {
+                            Ok(true) => unplugs.push((node, reply)),
+                            Ok(false) => { let _ = reply.send(Ok(())); }
                             Err(e) => { let _ = reply.send(Err(e)); }
                         },
                     },
@@ -187,9 +197,11 @@ impl App {
                         HvEvent::Reset => tracing::info!(%id, "the VM was reset"),
                         HvEvent::DeviceDeleted(dev) => {
                             tracing::debug!(%id, %dev, "device deleted");
-                            if let Some(i) = unplugs.iter().position(|(n, _)| *n == dev) {
-                                let (node, reply) = unplugs.swap_remove(i);
-                                let _ = reply.send(handle.blockdev_del(&node).await);
+                            let waiter = unplugs.iter().position(|(n, _)| *n == dev).map(|i| unplugs.swap_remove(i).1);
+                            if waiter.is_none_or(|w| w.send(Ok(())).is_err()) {
+                                // No one waits (the detach gave up, or no one asked): the config decides.
+                                let app = app.clone();
+                                tokio::spawn(async move { app.disk_device_reconcile(id, &dev).await });
                             }
                         }
                     },

@@ -184,7 +184,7 @@ impl App {
             })?;
             disks.push(covm_hv::DiskSpec {
                 // QEMU node names have at most 31 characters: the id's random tail is enough in one VM.
-                node: format!("d{}", &obj.id.simple().to_string()[20..]),
+                node: super::attach::disk_node(obj.id),
                 path,
                 format: obj.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
                 controller: d.controller.clone(),

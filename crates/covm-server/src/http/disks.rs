@@ -119,6 +119,10 @@ pub struct DetachQuery {
     /// On a running VM with a bus that cannot hot-unplug: keep the detach pending.
     #[serde(default)]
     pub next_boot: bool,
+    /// Remove only this attachment (its generation, as `disk_in_use` and the config name it); a newer
+    /// attachment is refused with `stale_generation`.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 /// Detach a disk from a VM (needs `VirtualMachine.Config.RemoveDisk`); on a running VM the guest must
@@ -132,7 +136,7 @@ pub async fn vm_disk_detach(
     Path((vm, disk)): Path<(String, String)>,
     QueryParams(q): QueryParams<DetachQuery>,
 ) -> Result<Json<covm_types::vm::VmView>, ApiError> {
-    Ok(Json(app.vm_disk_detach(&ctx, &vm, &disk, q.next_boot).await?))
+    Ok(Json(app.vm_disk_detach(&ctx, &vm, &disk, q.next_boot, q.generation).await?))
 }
 
 /// Move a disk from the VM that holds it to `to_vm`, as one operation (on failure it goes back).
@@ -146,4 +150,17 @@ pub async fn disk_move(
     JsonBody(p): JsonBody<crate::app::attach::DiskMove>,
 ) -> Result<Json<covm_types::vm::VmView>, ApiError> {
     Ok(Json(app.disk_move(&ctx, &disk, p).await?))
+}
+
+/// What QEMU holds of block nodes and devices for a running VM (`query-named-block-nodes`,
+/// `query-block`), to compare with its config.
+#[utoipa::path(get, path = "/vms/{vm}/block", tag = "disks", operation_id = "vm_block_state",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = covm_types::vm::BlockState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_block_state(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<Json<covm_types::vm::BlockState>, ApiError> {
+    Ok(Json(app.vm_block_state(&ctx, &vm).await?))
 }

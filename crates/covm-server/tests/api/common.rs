@@ -58,6 +58,11 @@ impl TestServer {
         self.running = Some(Self::boot(&self.dir, port, self.driver.clone()).await);
     }
 
+    /// The app inside the server (for the fault switch).
+    pub fn app(&self) -> &covm_server::app::App {
+        &self.running.as_ref().expect("running").app
+    }
+
     pub fn db_path(&self) -> std::path::PathBuf {
         self.dir.path().join("covm.db")
     }
@@ -78,9 +83,13 @@ impl TestServer {
 
     /// How many rows a table has, read straight from the database file.
     pub async fn count(&self, table: &str) -> i64 {
+        self.scalar(&format!("SELECT COUNT(*) FROM {table}")).await
+    }
+
+    /// One number, read straight from the database file.
+    pub async fn scalar(&self, sql: &str) -> i64 {
         let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", self.db_path().display())).await.unwrap();
-        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"));
-        let n: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+        let n: (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();
         pool.close().await;
         n.0
     }

@@ -192,7 +192,10 @@ async fn attach_rules_are_checked_before_anything_changes() {
         panic!()
     };
     assert_eq!(error.code, "disk_in_use");
-    assert!(error.message.contains(" a (off)"), "{}", error.message);
+    let generation = v.config.disks[0].generation;
+    assert!(generation > 0);
+    assert!(error.message.contains(&format!(" a (off, attachment generation {generation})")), "{}", error.message);
+    assert_eq!(error.details.as_ref().unwrap()["generation"], generation);
     assert!(
         c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1", "read_only": true })).await.is_err(),
         "not read-only beside a writer"

@@ -8,4 +8,5 @@ mod foundation;
 mod openapi;
 mod power;
 mod qemu;
+mod sagas;
 mod vms;

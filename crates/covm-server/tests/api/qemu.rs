@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::common::{TestServer, task_done};
 use crate::openapi::repo_file;
 
-fn skip() -> bool {
+pub fn skip() -> bool {
     if std::env::var_os("COVM_SKIP_QEMU").is_some() {
         eprintln!("COVM_SKIP_QEMU is set: skipping a real-QEMU test");
         return true;

@@ -1,0 +1,374 @@
+//! Sagas: operations with more than one side effect (attach a disk: block node, device, config
+//! version), run as ordered steps with a persisted log, so that a failure or a crash in the middle
+//! leaves nothing half done.
+//!
+//! - A saga is a typed value ([`Saga`]): its own state (what it decided, what its steps produced), the
+//!   steps it takes, and for each step an idempotent `forward` and `undo`.
+//! - One step is the **pivot**: the one that commits the operation (usually the store write). A failure
+//!   up to and including it undoes every step taken, newest first, the failed one included (it may have
+//!   had its effect before it failed). Steps after the pivot are finished instead (retried).
+//! - The log (the `sagas` table) is written when the saga begins, before each step and at the end. After
+//!   a crash, [`App::sagas_recover`] reads the sagas still `running`: one whose pivot took effect is
+//!   finished, any other is undone.
+//! - A saga holds **operation locks** on the objects it changes from its first write to its end: at
+//!   most one saga changes a VM or a disk at a time. A second one waits a while for the lock, then gets
+//!   409 `operation_in_progress` naming the holder.
+//! - Tests inject a failure or a crash before or after any step ([`Faults`]; `COVM_FAULT` in the
+//!   environment, e.g. `disk.attach:device_add:after:crash`).
+
+use std::fmt::Debug;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use covm_store::{OpLock, SagaRecord};
+use covm_types::{Error, ErrorKind};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{App, Ctx};
+
+/// How long a saga waits for another one's locks before it gives up.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+#[async_trait]
+pub trait Saga: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The saga's name in the log and in fault switches (`disk.attach`).
+    const KIND: &'static str;
+    type Step: Copy + Eq + Debug + Serialize + DeserializeOwned + Send + Sync;
+
+    /// The steps, in order.
+    fn steps(&self) -> Vec<Self::Step>;
+    /// The step that commits the operation.
+    fn pivot(&self) -> Self::Step;
+    /// Takes a step. Idempotent: a recovery may take it again.
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: Self::Step) -> Result<(), Error>;
+    /// Undoes a step, whether it took effect or not. Idempotent.
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: Self::Step) -> Result<(), Error>;
+    /// At recovery, with the pivot in progress when covm stopped: did it take effect?
+    async fn pivoted(&self, app: &App) -> Result<bool, Error>;
+}
+
+fn step_name<T: Serialize>(step: T) -> String {
+    serde_json::to_value(step).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn step_parse<T: DeserializeOwned>(name: &str) -> Result<T, Error> {
+    serde_json::from_value(json!(name)).map_err(|_| Error::internal(format!("unknown saga step {name} in the log")))
+}
+
+// --- fault injection (tests)
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultAt {
+    Before,
+    After,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultAction {
+    /// The step fails (after its effect, with `After`).
+    Fail,
+    /// The process dies on the spot, as with `kill -9`.
+    Crash,
+}
+
+/// One injected fault: `saga:step:before|after:fail|crash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub saga: String,
+    pub step: String,
+    pub at: FaultAt,
+    pub action: FaultAction,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let [saga, step, at, action] = parts[..] else {
+            return Err(format!("a fault is saga:step:before|after:fail|crash, not {s}"));
+        };
+        let at = match at {
+            "before" => FaultAt::Before,
+            "after" => FaultAt::After,
+            _ => return Err(format!("a fault happens before or after a step, not {at}")),
+        };
+        let action = match action {
+            "fail" => FaultAction::Fail,
+            "crash" => FaultAction::Crash,
+            _ => return Err(format!("a fault is fail or crash, not {action}")),
+        };
+        Ok(Fault { saga: saga.to_owned(), step: step.to_owned(), at, action })
+    }
+}
+
+/// The fault switch: empty in production; `COVM_FAULT` or a test sets it.
+#[derive(Debug, Default)]
+pub struct Faults(Mutex<Option<Fault>>);
+
+impl Faults {
+    pub fn from_env() -> Faults {
+        let f = std::env::var("COVM_FAULT").ok().filter(|s| !s.is_empty()).and_then(|s| match s.parse() {
+            Ok(f) => {
+                tracing::warn!(fault = %s, "fault injection is on (COVM_FAULT); this is for tests");
+                Some(f)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "COVM_FAULT is not understood; no fault is injected");
+                None
+            }
+        });
+        Faults(Mutex::new(f))
+    }
+
+    pub fn set(&self, fault: Option<Fault>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = fault;
+    }
+
+    fn check(&self, saga: &str, step: &str, at: FaultAt) -> Result<(), Error> {
+        let hit = {
+            let f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            f.as_ref().filter(|f| f.saga == saga && f.step == step && f.at == at).map(|f| f.action)
+        };
+        match hit {
+            None => Ok(()),
+            Some(FaultAction::Fail) => Err(Error::internal(format!(
+                "injected failure {} step {step} of {saga}",
+                if at == FaultAt::Before { "before" } else { "after" }
+            ))),
+            Some(FaultAction::Crash) => {
+                tracing::error!(saga, step, ?at, "injected crash");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+// --- the engine
+
+/// A saga that holds its locks and is logged, before its steps run: the caller checks its rules now,
+/// with the objects locked, then [`SagaGuard::run`]s it or [`SagaGuard::refuse`]s.
+pub struct SagaGuard {
+    app: App,
+    rec: SagaRecord,
+}
+
+impl App {
+    /// Logs a new saga of `kind` and takes its locks (waiting a while for another saga's).
+    pub async fn saga_begin(&self, ctx: &Ctx, kind: &str, locks: &[Uuid]) -> Result<SagaGuard, Error> {
+        let now = covm_store::now();
+        let rec = SagaRecord {
+            id: Uuid::now_v7(),
+            kind: kind.to_owned(),
+            state: "running".into(),
+            actor: ctx.user.clone(),
+            request_id: Some(ctx.req.id.clone()),
+            data: json!(null),
+            done: Vec::new(),
+            current: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let deadline = Instant::now() + LOCK_WAIT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.store().saga_begin(rec.clone(), locks).await? {
+                None => return Ok(SagaGuard { app: self.clone(), rec }),
+                Some(holder) if Instant::now() + pause >= deadline => {
+                    return Err(self.lock_error(holder).await);
+                }
+                Some(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    async fn lock_error(&self, l: OpLock) -> Error {
+        let name = self.store().object_get(l.object_id).await.ok().flatten().map(|o| o.name).unwrap_or_default();
+        Error::new(
+            ErrorKind::Conflict,
+            "operation_in_progress",
+            format!("{name} is being changed by {} ({}, since {})", l.actor, l.kind, l.taken_at.to_rfc3339()),
+        )
+        .with_details(json!({ "object": name, "holder": l.actor, "operation": l.kind, "saga": l.saga_id }))
+    }
+
+    /// Runs `f` to its end even when the caller goes away (a client that hangs up mid-saga must not
+    /// leave it half done).
+    pub async fn to_the_end<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        tokio::spawn(f).await.map_err(|e| Error::internal(format!("an operation failed: {e}")))?
+    }
+
+    /// Finishes or undoes every saga a crash interrupted (at start, after the VMs are adopted).
+    pub async fn sagas_recover(&self) -> Result<usize, Error> {
+        let unfinished = self.store().sagas_unfinished().await?;
+        for rec in &unfinished {
+            let r = match rec.kind.as_str() {
+                super::attach::AttachSaga::KIND => self.saga_recover::<super::attach::AttachSaga>(rec.clone()).await,
+                super::attach::DetachSaga::KIND => self.saga_recover::<super::attach::DetachSaga>(rec.clone()).await,
+                super::attach::MoveSaga::KIND => self.saga_recover::<super::attach::MoveSaga>(rec.clone()).await,
+                super::disks::CreateSaga::KIND => self.saga_recover::<super::disks::CreateSaga>(rec.clone()).await,
+                super::disks::DeleteSaga::KIND => self.saga_recover::<super::disks::DeleteSaga>(rec.clone()).await,
+                super::disks::ResizeSaga::KIND => self.saga_recover::<super::disks::ResizeSaga>(rec.clone()).await,
+                _ => Err(Error::internal(format!("unknown saga kind {}", rec.kind))),
+            };
+            if let Err(e) = r {
+                tracing::error!(saga = %rec.id, kind = %rec.kind, error = %e, "a saga could not be recovered");
+                let mut rec = rec.clone();
+                rec.state = "stuck".into();
+                rec.error = Some(format!("recovery: {}", e.message));
+                rec.updated_at = covm_store::now();
+                self.store().saga_end(&rec).await?;
+            }
+        }
+        if !unfinished.is_empty() {
+            self.committed();
+        }
+        Ok(unfinished.len())
+    }
+
+    async fn saga_recover<S: Saga>(&self, mut rec: SagaRecord) -> Result<(), Error> {
+        let ctx = Ctx::system(&rec.actor, rec.request_id.as_deref());
+        if rec.data.is_null() {
+            // It stopped while checking its rules: nothing was done.
+            rec.state = "undone".into();
+            rec.error = Some("interrupted before its first step".into());
+            rec.updated_at = covm_store::now();
+            return self.store().saga_end(&rec).await;
+        }
+        let mut saga: S = serde_json::from_value(rec.data.clone())
+            .map_err(|e| Error::internal(format!("a {} saga's log cannot be read: {e}", rec.kind)))?;
+        let done: Vec<S::Step> = rec.done.iter().map(|s| step_parse(s)).collect::<Result<_, _>>()?;
+        let current: Option<S::Step> = rec.current.as_deref().map(step_parse).transpose()?;
+        let pivot = saga.pivot();
+        let committed = done.contains(&pivot) || (current == Some(pivot) && saga.pivoted(self).await?);
+        tracing::info!(saga = %rec.id, kind = %rec.kind, done = ?done, current = ?current, committed, "recovering a saga a crash interrupted");
+        if committed {
+            let steps = saga.steps();
+            let after = steps.iter().position(|s| *s == pivot).map_or(steps.len(), |i| i + 1);
+            for step in steps[after..].iter().filter(|s| !done.contains(s)) {
+                saga.forward(self, &ctx, *step).await?;
+            }
+            rec.state = "done".into();
+            rec.error = Some("finished after a crash".into());
+        } else {
+            for step in current.iter().chain(done.iter().rev()) {
+                saga.undo(self, &ctx, *step).await?;
+            }
+            rec.state = "undone".into();
+            rec.error = Some("undone after a crash".into());
+        }
+        rec.data = serde_json::to_value(&saga).unwrap_or_default();
+        rec.current = None;
+        rec.updated_at = covm_store::now();
+        self.store().saga_end(&rec).await
+    }
+}
+
+impl SagaGuard {
+    pub fn id(&self) -> Uuid {
+        self.rec.id
+    }
+
+    /// The rules said no: nothing was done; the saga ends and its locks go.
+    pub async fn refuse(mut self, e: Error) -> Error {
+        self.rec.state = "undone".into();
+        self.rec.error = Some(e.message.clone());
+        self.rec.updated_at = covm_store::now();
+        if let Err(le) = self.app.store().saga_end(&self.rec).await {
+            tracing::error!(saga = %self.rec.id, error = %le, "a refused saga's locks could not be released");
+        }
+        e
+    }
+
+    /// Runs the steps. On a failure up to the pivot, undoes what was done and returns the failure.
+    pub async fn run<S: Saga>(mut self, ctx: &Ctx, mut saga: S) -> Result<S, Error> {
+        let app = self.app.clone();
+        let steps = saga.steps();
+        let pivot = saga.pivot();
+        let mut done: Vec<S::Step> = Vec::new();
+        for step in steps {
+            let name = step_name(step);
+            self.rec.current = Some(name.clone());
+            self.rec.data = serde_json::to_value(&saga).unwrap_or_default();
+            self.rec.updated_at = covm_store::now();
+            if let Err(e) = app.store().saga_update(&self.rec).await {
+                return Err(self.unwind(ctx, &mut saga, None, &done, e).await);
+            }
+            let faults = &app.inner.faults;
+            let r = match faults.check(S::KIND, &name, FaultAt::Before) {
+                Ok(()) => match saga.forward(&app, ctx, step).await {
+                    Ok(()) => faults.check(S::KIND, &name, FaultAt::After),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {
+                    done.push(step);
+                    self.rec.done.push(name);
+                    self.rec.current = None;
+                }
+                Err(e) if done.contains(&pivot) => {
+                    // Committed: the operation happened; what is left is retried at the next start.
+                    tracing::error!(saga = %self.rec.id, kind = S::KIND, step = %name, error = %e, "a step after the commit failed; it is retried at the next start");
+                    return Ok(saga);
+                }
+                Err(e) => return Err(self.unwind(ctx, &mut saga, Some(step), &done, e).await),
+            }
+        }
+        self.rec.state = "done".into();
+        self.rec.current = None;
+        self.rec.data = serde_json::to_value(&saga).unwrap_or_default();
+        self.rec.updated_at = covm_store::now();
+        if let Err(e) = app.store().saga_end(&self.rec).await {
+            // The operation is done; the log's end is retried by recovery (which finds it committed).
+            tracing::error!(saga = %self.rec.id, error = %e, "a finished saga could not be logged as done");
+        }
+        Ok(saga)
+    }
+
+    /// Undoes the failed step and the done ones, newest first; logs the end.
+    async fn unwind<S: Saga>(
+        &mut self,
+        ctx: &Ctx,
+        saga: &mut S,
+        failed: Option<S::Step>,
+        done: &[S::Step],
+        cause: Error,
+    ) -> Error {
+        let app = self.app.clone();
+        let sys = ctx.as_system();
+        let mut stuck = None;
+        for step in failed.iter().chain(done.iter().rev()) {
+            if let Err(e) = saga.undo(&app, &sys, *step).await {
+                tracing::error!(saga = %self.rec.id, kind = S::KIND, step = ?step, error = %e, "a saga step could not be undone");
+                stuck = Some(e);
+                break;
+            }
+        }
+        self.rec.state = if stuck.is_some() { "stuck" } else { "undone" }.into();
+        self.rec.error = Some(match &stuck {
+            Some(u) => format!("{}; undo failed: {}", cause.message, u.message),
+            None => cause.message.clone(),
+        });
+        self.rec.data = serde_json::to_value(&*saga).unwrap_or_default();
+        self.rec.current = None;
+        self.rec.updated_at = covm_store::now();
+        if let Err(e) = app.store().saga_end(&self.rec).await {
+            tracing::error!(saga = %self.rec.id, error = %e, "an undone saga could not be logged; recovery will undo it again");
+        }
+        cause
+    }
+}
