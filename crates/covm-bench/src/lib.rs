@@ -5,6 +5,7 @@
 //! were told (acknowledged versions, lease tokens) with the stored history and the event log, and what
 //! each feed subscriber received with the log itself.
 
+pub mod disks;
 pub mod power;
 pub mod scale;
 pub mod server;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use covm_bench::server::{Server, covm_binary};
-use covm_bench::{Report, power, scale, storm};
+use covm_bench::{Report, disks, power, scale, storm};
 
 #[derive(Parser)]
 #[command(name = "covm-bench", about = "Load, latency and consistency checks for covm")]
@@ -77,6 +77,17 @@ enum Scenario {
         #[arg(long, default_value = "target/test-guest")]
         guest: PathBuf,
     },
+    /// Hot attach to the guest seeing the disk, hot detach, and disk create, each beside its floor
+    /// (the same QMP commands by hand; qemu-img alone). Real QEMU and the test guest.
+    DiskOps {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 64)]
+        disk_mib: u64,
+        /// The test guest (scripts/build-test-guest DIR).
+        #[arg(long, default_value = "target/test-guest")]
+        guest: PathBuf,
+    },
 }
 
 async fn server(cli: &Cli, driver: &str) -> anyhow::Result<Server> {
@@ -122,6 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
                 &power::PowerParams { runs: *runs, idle_vms: *idle_vms, memory_mib: *memory_mib },
             )
             .await
+        }
+        Scenario::DiskOps { runs, disk_mib, guest } => {
+            let covm = cli.covm.clone().unwrap_or_else(covm_binary);
+            disks::disk_ops(&covm, guest, &disks::DiskParams { runs: *runs, disk_mib: *disk_mib }).await
         }
     }
 }

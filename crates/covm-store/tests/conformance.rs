@@ -176,6 +176,61 @@ async fn first_user_once(s: &dyn Store) {
     assert!(s.user_by_name("first").await.unwrap().is_none());
 }
 
+fn saga(kind: &str) -> SagaRecord {
+    SagaRecord {
+        id: Uuid::now_v7(),
+        kind: kind.into(),
+        state: "running".into(),
+        actor: "test".into(),
+        request_id: None,
+        data: serde_json::json!({ "k": 1 }),
+        done: vec![],
+        current: None,
+        error: None,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+/// Operation locks: all or nothing, one saga per object, released with the saga's end; the log keeps
+/// running sagas for recovery.
+async fn sagas_and_locks(s: Arc<dyn Store>) {
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let first = saga("disk.attach");
+    assert_eq!(s.saga_begin(first.clone(), &[a, b]).await.unwrap(), None);
+    // b is held: nothing of the second saga is written, c stays free.
+    let second = saga("disk.move");
+    let holder = s.saga_begin(second.clone(), &[c, b]).await.unwrap().expect("b is held");
+    assert_eq!((holder.object_id, holder.saga_id, holder.kind.as_str()), (b, first.id, "disk.attach"));
+    assert!(s.saga_get(second.id).await.unwrap().is_none());
+    assert!(s.op_lock_get(c).await.unwrap().is_none());
+    // Progress is kept; the running saga is listed for recovery.
+    let mut first = first;
+    first.done = vec!["blockdev_add".into()];
+    first.current = Some("device_add".into());
+    s.saga_update(&first).await.unwrap();
+    let unfinished = s.sagas_unfinished().await.unwrap();
+    assert_eq!(unfinished.iter().filter(|r| r.id == first.id).count(), 1);
+    assert_eq!(s.saga_get(first.id).await.unwrap().unwrap().done, ["blockdev_add"]);
+    // Its end releases its locks; it is no longer listed.
+    first.state = "done".into();
+    s.saga_end(&first).await.unwrap();
+    assert!(s.op_lock_get(a).await.unwrap().is_none());
+    assert!(s.sagas_unfinished().await.unwrap().iter().all(|r| r.id != first.id));
+    // Many racing for one object: exactly one holds it at a time.
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.saga_begin(saga("race"), &[c]).await.unwrap().is_none() })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+}
+
 pub async fn run_suite(s: Arc<dyn Store>) {
     // Bootstrap on an empty store creates the user and its grant on the root, once.
     let r = role(s.as_ref(), "admin-ish", &["System.View", "Folder.Create"]).await;
@@ -188,6 +243,7 @@ pub async fn run_suite(s: Arc<dyn Store>) {
     the_log_is_a_hash_chain(s.as_ref()).await;
     concurrent_appends_keep_the_chain(s.clone()).await;
     first_user_once(s.as_ref()).await;
+    sagas_and_locks(s.clone()).await;
 }
 
 #[tokio::test]

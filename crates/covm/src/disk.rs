@@ -53,6 +53,18 @@ pub enum DiskCmd {
         #[arg(long)]
         path: String,
     },
+    /// Move a disk from the VM that holds it to another (hot on running VMs); on any failure it stays
+    /// where it was.
+    Move {
+        name: String,
+        /// The VM it goes to.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        controller: Option<String>,
+        #[arg(long)]
+        unit: Option<u32>,
+    },
     Rm {
         name: String,
     },
@@ -147,6 +159,12 @@ pub async fn run(c: &Client, out: &Out, cmd: DiskCmd) -> anyhow::Result<()> {
         DiskCmd::Import { name, datastore, path } => {
             let body = json!({ "datastore": datastore, "path": path });
             print(out, &[c.post::<_, DiskView>(&format!("/disks/{name}/import"), &body).await?])
+        }
+        DiskCmd::Move { name, to, controller, unit } => {
+            let body = json!({ "to_vm": to, "controller": controller, "unit": unit });
+            let v: covm_types::vm::VmView = c.post(&format!("/disks/{name}/move"), &body).await?;
+            out.message(&format!("{name} is attached to {} (version {})", v.name, v.version));
+            Ok(())
         }
         DiskCmd::Rm { name } => {
             c.delete(&format!("/disks/{name}")).await?;

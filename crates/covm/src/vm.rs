@@ -160,6 +160,10 @@ pub enum VmDiskCmd {
         disk: String,
         #[arg(long)]
         next_boot: bool,
+        /// Remove only this attachment (as `vm disk ls` shows it); refused if the disk was detached
+        /// and attached again since.
+        #[arg(long)]
+        generation: Option<u64>,
     },
     Ls {
         vm: String,
@@ -564,10 +568,13 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
                 out.message(&format!("{disk} is attached to {} (version {})", v.name, v.version));
                 Ok(())
             }
-            VmDiskCmd::Detach { vm, disk, next_boot } => {
-                let rb = c
+            VmDiskCmd::Detach { vm, disk, next_boot, generation } => {
+                let mut rb = c
                     .request(reqwest::Method::DELETE, &format!("/vms/{vm}/disks/{disk}"))
                     .query(&[("next_boot", next_boot)]);
+                if let Some(g) = generation {
+                    rb = rb.query(&[("generation", g)]);
+                }
                 let v: VmView = c.send(rb).await?;
                 out.message(&format!("{disk} is detached from {} (version {})", v.name, v.version));
                 Ok(())
@@ -579,11 +586,12 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
                 } else {
                     for d in &v.config.disks {
                         println!(
-                            "{:<20} {}:{}{}",
+                            "{:<20} {}:{}  generation {}{}",
                             d.disk,
                             d.controller,
                             d.unit,
-                            if d.read_only { " read-only" } else { "" }
+                            d.generation,
+                            if d.read_only { "  read-only" } else { "" }
                         );
                     }
                 }

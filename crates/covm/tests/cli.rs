@@ -25,11 +25,16 @@ fn free_port() -> u16 {
 }
 
 fn serve(data: &Path) -> Server {
+    serve_with(data, &[])
+}
+
+fn serve_with(data: &Path, extra: &[&str]) -> Server {
     let port = free_port();
     let log = std::fs::File::create(data.with_extension("log")).unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--demo", "--data-dir"])
         .arg(data)
+        .args(extra)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -220,4 +225,38 @@ fn two_users_edit_one_vm() {
         serde_json::from_str(&ok(covm(&s, &b, &["--json", "vm", "info", "app-1"], None))).unwrap();
     assert_eq!((info["version"].as_i64(), info["config"]["memory_mib"].as_i64()), (Some(5), Some(2048)));
     assert_eq!(info["config"]["cpus"], 2);
+}
+
+/// Issue 5's scenario from the CLI (simulated VMs; the QEMU tests see the same in a real guest): a disk
+/// made for VM a goes to running VM b; attaching it to a third VM says exactly who holds it; it moves,
+/// detaches by generation, and goes.
+#[test]
+fn a_disk_moves_between_vms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve_with(&data, &["--driver", "sim"]);
+    let admin = tmp.path().join("admin");
+    let pwfile = data.join("initial-admin-password");
+    ok(covm(&s, &admin, &["login", "--password-file", pwfile.to_str().unwrap()], None));
+    for vm in ["a", "b", "c"] {
+        ok(covm(&s, &admin, &["vm", "create", vm, "-m", "64"], None));
+    }
+    ok(covm(&s, &admin, &["vm", "power", "b", "on"], None));
+    ok(covm(&s, &admin, &["disk", "create", "data-1", "--size", "64M"], None));
+    ok(covm(&s, &admin, &["vm", "disk", "attach", "a", "data-1"], None));
+    let moved = ok(covm(&s, &admin, &["disk", "move", "data-1", "--to", "b"], None));
+    assert!(moved.contains("data-1 is attached to b"), "{moved}");
+    let held = covm(&s, &admin, &["vm", "disk", "attach", "c", "data-1"], None);
+    assert_eq!(held.status.code(), Some(5), "a conflict exits 5");
+    let err = String::from_utf8_lossy(&held.stderr);
+    assert!(err.contains("disk_in_use") && err.contains("read-write to b (running, attachment generation"), "{err}");
+    let ls = ok(covm(&s, &admin, &["vm", "disk", "ls", "b"], None));
+    let generation = ls.split("generation ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let stale = covm(&s, &admin, &["vm", "disk", "detach", "b", "data-1", "--generation", "1"], None);
+    assert_eq!(stale.status.code(), Some(5), "{}", String::from_utf8_lossy(&stale.stderr));
+    ok(covm(&s, &admin, &["vm", "disk", "detach", "b", "data-1", "--generation", &generation], None));
+    let info = ok(covm(&s, &admin, &["disk", "info", "data-1"], None));
+    assert!(info.contains("detached") && info.contains("64 MiB"), "{info}");
+    ok(covm(&s, &admin, &["disk", "rm", "data-1"], None));
+    assert_eq!(covm(&s, &admin, &["disk", "info", "data-1"], None).status.code(), Some(3));
 }

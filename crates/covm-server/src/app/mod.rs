@@ -51,6 +51,8 @@ struct AppInner {
     store: Arc<dyn Store>,
     /// Fault injection for tests (empty unless `COVM_FAULT` or a test sets it).
     faults: saga::Faults,
+    /// Wakes sagas waiting for operation locks when one of this process ends.
+    saga_ended: tokio::sync::Notify,
     caches: cache::Caches,
     node: node::Node,
     hub: EventHub,
@@ -67,6 +69,7 @@ impl App {
             inner: Arc::new(AppInner {
                 store,
                 faults: saga::Faults::from_env(),
+                saga_ended: tokio::sync::Notify::new(),
                 caches,
                 node,
                 hub,

@@ -183,11 +183,23 @@ impl App {
                     return Err(self.lock_error(holder).await);
                 }
                 Some(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    // A saga of this process that ends wakes the waiters at once; the pause bounds the
+                    // wait for one of another replica.
+                    let woken = self.inner.saga_ended.notified();
+                    tokio::select! {
+                        _ = woken => {}
+                        _ = tokio::time::sleep(pause) => pause = (pause * 2).min(Duration::from_millis(50)),
+                    }
                 }
             }
         }
+    }
+
+    /// Logs a saga's end (its locks go) and wakes the sagas waiting for locks.
+    async fn saga_end(&self, rec: &SagaRecord) -> Result<(), Error> {
+        let r = self.store().saga_end(rec).await;
+        self.inner.saga_ended.notify_waiters();
+        r
     }
 
     async fn lock_error(&self, l: OpLock) -> Error {
@@ -229,7 +241,7 @@ impl App {
                 rec.state = "stuck".into();
                 rec.error = Some(format!("recovery: {}", e.message));
                 rec.updated_at = covm_store::now();
-                self.store().saga_end(&rec).await?;
+                self.saga_end(&rec).await?;
             }
         }
         if !unfinished.is_empty() {
@@ -245,7 +257,7 @@ impl App {
             rec.state = "undone".into();
             rec.error = Some("interrupted before its first step".into());
             rec.updated_at = covm_store::now();
-            return self.store().saga_end(&rec).await;
+            return self.saga_end(&rec).await;
         }
         let mut saga: S = serde_json::from_value(rec.data.clone())
             .map_err(|e| Error::internal(format!("a {} saga's log cannot be read: {e}", rec.kind)))?;
@@ -272,7 +284,7 @@ impl App {
         rec.data = serde_json::to_value(&saga).unwrap_or_default();
         rec.current = None;
         rec.updated_at = covm_store::now();
-        self.store().saga_end(&rec).await
+        self.saga_end(&rec).await
     }
 }
 
@@ -286,7 +298,7 @@ impl SagaGuard {
         self.rec.state = "undone".into();
         self.rec.error = Some(e.message.clone());
         self.rec.updated_at = covm_store::now();
-        if let Err(le) = self.app.store().saga_end(&self.rec).await {
+        if let Err(le) = self.app.saga_end(&self.rec).await {
             tracing::error!(saga = %self.rec.id, error = %le, "a refused saga's locks could not be released");
         }
         e
@@ -332,7 +344,7 @@ impl SagaGuard {
         self.rec.current = None;
         self.rec.data = serde_json::to_value(&saga).unwrap_or_default();
         self.rec.updated_at = covm_store::now();
-        if let Err(e) = app.store().saga_end(&self.rec).await {
+        if let Err(e) = app.saga_end(&self.rec).await {
             // The operation is done; the log's end is retried by recovery (which finds it committed).
             tracing::error!(saga = %self.rec.id, error = %e, "a finished saga could not be logged as done");
         }
@@ -366,7 +378,7 @@ impl SagaGuard {
         self.rec.data = serde_json::to_value(&*saga).unwrap_or_default();
         self.rec.current = None;
         self.rec.updated_at = covm_store::now();
-        if let Err(e) = app.store().saga_end(&self.rec).await {
+        if let Err(e) = app.saga_end(&self.rec).await {
             tracing::error!(saga = %self.rec.id, error = %e, "an undone saga could not be logged; recovery will undo it again");
         }
         cause

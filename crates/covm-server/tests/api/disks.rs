@@ -296,3 +296,58 @@ async fn a_move_lands_on_the_target_or_goes_back() {
     let again: covm_types::vm::VmView = c.post("/disks/mv/move", &json!({ "to_vm": "dst" })).await.unwrap();
     assert_eq!(again.version, back.version);
 }
+
+#[tokio::test]
+async fn a_detach_names_its_generation_and_a_stale_one_changes_nothing() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    c.vm_create(&json!({ "name": "a" })).await.unwrap();
+    disk(c, "g").await;
+    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "g" })).await.unwrap();
+    let g1 = v.config.disks[0].generation;
+    let r = c.delete(&format!("/vms/a/disks/g?generation={}", g1 + 1000)).await;
+    assert_eq!(err(r), (409, "stale_generation".into(), Some("generation".into())));
+    assert_eq!(c.vm("a").await.unwrap().version, v.version, "nothing changed");
+    c.delete(&format!("/vms/a/disks/g?generation={g1}")).await.unwrap();
+    // Attached again: a newer generation; a late detach of the old one is refused.
+    let v2: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "g" })).await.unwrap();
+    let g2 = v2.config.disks[0].generation;
+    assert!(g2 > g1, "{g2} > {g1}");
+    let r = c.delete(&format!("/vms/a/disks/g?generation={g1}")).await;
+    assert_eq!(err(r).1, "stale_generation");
+    assert_eq!(c.vm("a").await.unwrap().config.disks.len(), 1);
+    let d: DiskView = c.get("/disks/g").await.unwrap();
+    assert_eq!(d.attachments[0].generation, g2);
+}
+
+/// A guest that does not let go: the detach fails after its timeout and the disk stays attached; when
+/// the guest lets go later, the config still holds the disk, so covm plugs it back.
+#[tokio::test]
+async fn a_guest_that_holds_on_keeps_the_disk_attached() {
+    let sim = std::sync::Arc::new(covm_hv::sim::SimDriver::default());
+    let s = TestServer::start_with(covm_server::Driver::Custom(sim.clone())).await;
+    let c = &s.admin;
+    let vm = c.vm_create(&json!({ "name": "a" })).await.unwrap();
+    crate::common::task_done(c, &c.vm_power("a", covm_types::vm::PowerAction::On, None).await.unwrap()).await;
+    disk(c, "held").await;
+    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "held" })).await.unwrap();
+    let block: covm_types::vm::BlockState = c.get("/vms/a/block").await.unwrap();
+    assert_eq!(block.devices.len(), 1);
+    sim.sticky_devices.store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = c.delete("/vms/a/disks/held").await;
+    assert_eq!(err(r).1, "detach_timeout");
+    let after = c.vm("a").await.unwrap();
+    assert_eq!((after.config.disks.len(), after.version), (1, v.version), "the disk stays attached");
+    // The guest lets go late: the device is plugged back, since the config holds it.
+    let dev = block.devices[0].clone();
+    sim.release_devices(vm.id, &[dev.as_str()]);
+    let started = std::time::Instant::now();
+    loop {
+        let b: covm_types::vm::BlockState = c.get("/vms/a/block").await.unwrap();
+        if b == block {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "not plugged back: {b:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

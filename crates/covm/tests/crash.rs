@@ -1,0 +1,151 @@
+//! covm killed in the middle of a hot attach and started again. `COVM_FAULT=disk.attach:STEP:AT:crash`
+//! makes the `covm serve` process abort at that point (as `kill -9` would: no cleanup runs); the next
+//! start finds the saga in its log and finishes or undoes it. Every point is tried in turn, against real
+//! QEMU (a VM with firmware only: the block layer is what the steps touch), and each time the store and
+//! QEMU must agree: the config holds the disk exactly when QEMU has its block node and device.
+//! Set `COVM_SKIP_QEMU=1` to skip on a machine without QEMU.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use covm_client::Client;
+use covm_types::vm::{BlockState, PowerAction, TaskState, VmView};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_covm");
+
+struct Covm {
+    child: Child,
+    port: u16,
+}
+
+impl Covm {
+    fn start(data: &Path, port: u16, fault: Option<&str>) -> Covm {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--driver", "qemu", "--data-dir"])
+            .arg(data)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match fault {
+            Some(f) => cmd.env("COVM_FAULT", f),
+            None => cmd.env_remove("COVM_FAULT"),
+        };
+        let mut child = cmd.spawn().expect("covm serve starts");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "covm serve exited at start; see {}",
+                data.with_extension("log").display()
+            );
+            assert!(started.elapsed() < Duration::from_secs(60), "covm serve did not listen within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Covm { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_dead(&mut self) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "covm did not die at the fault");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Covm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the QEMUs this test started (a failing test must not leave them running).
+struct QemuReaper(PathBuf);
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.0.join("vms")) else { return };
+        for d in dirs.flatten() {
+            if let Ok(pid) = std::fs::read_to_string(d.path().join("qemu.pid")) {
+                let _ = Command::new("sh").args(["-c", &format!("kill -9 {} 2>/dev/null", pid.trim())]).status();
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The config holds the disk, and QEMU's block node and device for it: (in config, node, device).
+async fn agreement(c: &Client) -> (bool, bool, bool) {
+    let vm: VmView = c.vm("b").await.unwrap();
+    let block: BlockState = c.get("/vms/b/block").await.unwrap();
+    let has_node = block.nodes.iter().any(|n| n.starts_with('d') && !n.ends_with("-file"));
+    let has_device = !block.devices.is_empty();
+    (!vm.config.disks.is_empty(), has_node, has_device)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
+    if std::env::var_os("COVM_SKIP_QEMU").is_some() {
+        eprintln!("COVM_SKIP_QEMU is set: skipping a real-QEMU test");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let _reaper = QemuReaper(data.clone());
+    let port = free_port();
+    let mut covm = Covm::start(&data, port, None);
+    let password = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
+    let (c, _) = Client::new(&covm.url()).login("admin", password.trim()).await.unwrap();
+    c.vm_create(&json!({ "name": "b", "memory_mib": 64 })).await.unwrap();
+    let t = c.vm_power("b", PowerAction::On, None).await.unwrap();
+    assert_eq!(c.task_wait(t.id, Duration::from_secs(60), |_| {}).await.unwrap().state, TaskState::Success);
+    c.post::<_, Value>("/disks", &json!({ "name": "d1", "datastore": "local", "capacity_bytes": 64u64 << 20 }))
+        .await
+        .unwrap();
+
+    for step in ["blockdev_add", "device_add", "commit"] {
+        for at in ["before", "after"] {
+            let fault = format!("disk.attach:{step}:{at}:crash");
+            drop(covm);
+            covm = Covm::start(&data, port, Some(&fault));
+            let r = c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1" })).await;
+            assert!(r.is_err(), "{fault}: the attach must not answer (covm died)");
+            let status = covm.wait_dead();
+            assert!(!status.success(), "{fault}: covm aborted ({status})");
+            // The saga's log says where it stopped; the restart finishes or undoes it.
+            drop(covm);
+            covm = Covm::start(&data, port, None);
+            let (in_config, node, device) = agreement(&c).await;
+            assert_eq!((node, device), (in_config, in_config), "{fault}: QEMU and the store disagree");
+            let committed = step == "commit" && at == "after";
+            assert_eq!(in_config, committed, "{fault}: finished only if the config version was written");
+            // No lock is left: the disk can be detached (if attached) and attached again at once.
+            let started = Instant::now();
+            if in_config {
+                c.delete("/vms/b/disks/d1").await.unwrap();
+            }
+            c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1" })).await.unwrap();
+            assert_eq!(agreement(&c).await, (true, true, true), "{fault}: attach after recovery");
+            c.delete("/vms/b/disks/d1").await.unwrap();
+            assert_eq!(agreement(&c).await, (false, false, false), "{fault}: detach after recovery");
+            assert!(started.elapsed() < Duration::from_secs(20), "{fault}: something waited on a stale lock");
+        }
+    }
+    let t = c.vm_power("b", PowerAction::Off, None).await.unwrap();
+    c.task_wait(t.id, Duration::from_secs(60), |_| {}).await.unwrap();
+}
