@@ -12,12 +12,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use covm_hv::{DiskSpec, HvEvent, Hypervisor, KvmFacts, VmSpec, accel_choose};
 use covm_types::vm::{ControllerType, PowerAction, TaskState};
 use serde_json::{Value, json};
 
-use crate::server::Server;
+use crate::power::with_guest;
 use crate::{Percentiles, Report};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -61,14 +61,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Result<Report> {
-    let server = Server::start(covm, "qemu").await?;
-    let data = server.data_dir.clone().context("a local server")?;
-    let ds = data.join("datastores/local/guest");
-    std::fs::create_dir_all(&ds)?;
-    for f in ["vmlinuz", "initrd.img"] {
-        std::fs::copy(guest.join(f), ds.join(f))
-            .with_context(|| format!("{} (build it with scripts/build-test-guest)", guest.join(f).display()))?;
-    }
+    let (server, data, ds) = with_guest(covm, guest).await?;
     let c = &server.admin;
     let bytes = p.disk_mib << 20;
     let size_tag = format!("={bytes}");

@@ -2,7 +2,7 @@
 //! beside the floor — the same QEMU command line (covm's own builder) started directly, resumed over
 //! QMP, and watched the same way. Also the server's resident memory with many VMs running.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -53,7 +53,9 @@ async fn power(c: &Client, vm: &str, action: PowerAction) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Result<Report> {
+/// A local covm on real QEMU with the test guest in its `local` datastore (`local:guest/vmlinuz`,
+/// `local:guest/initrd.img`): the server, its data dir and the guest's directory.
+pub async fn with_guest(covm: &Path, guest: &Path) -> anyhow::Result<(Server, PathBuf, PathBuf)> {
     let server = Server::start(covm, "qemu").await?;
     let data = server.data_dir.clone().context("a local server")?;
     let ds = data.join("datastores/local/guest");
@@ -62,6 +64,11 @@ pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Res
         std::fs::copy(guest.join(f), ds.join(f))
             .with_context(|| format!("{} (build it with scripts/build-test-guest)", guest.join(f).display()))?;
     }
+    Ok((server, data, ds))
+}
+
+pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Result<Report> {
+    let (server, data, ds) = with_guest(covm, guest).await?;
     let c = &server.admin;
     let driver = covm_hv::qemu::QemuDriver::default();
     let floor_dir = tempfile::tempdir()?;
