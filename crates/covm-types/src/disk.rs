@@ -145,6 +145,8 @@ pub struct DiskView {
 pub struct DiskListQuery {
     pub datastore: Option<String>,
     pub state: Option<DiskState>,
+    /// Only disks attached to this VM (its name).
+    pub vm: Option<String>,
     pub after: Option<String>,
     pub limit: Option<u32>,
 }

@@ -25,7 +25,7 @@ use uuid::Uuid;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::attach::disk_node;
+use super::attach::{AttachSaga, DetachSaga, MoveSaga, disk_node};
 use super::host::fs_capacity;
 use super::node::hv_error;
 use super::saga::Saga;
@@ -449,6 +449,14 @@ impl App {
             None
         };
         let attachments = self.disk_attachments(o).await?;
+        // A saga at work on the disk says what it is doing; otherwise the attachments decide.
+        let state = match self.store().op_lock_get(o.id).await?.map(|l| l.kind) {
+            Some(k) if k == AttachSaga::KIND || k == MoveSaga::KIND => DiskState::Attaching,
+            Some(k) if k == DetachSaga::KIND => DiskState::Detaching,
+            Some(k) if k == ResizeSaga::KIND => DiskState::Resizing,
+            _ if attachments.is_empty() => DiskState::Detached,
+            _ => DiskState::Attached,
+        };
         Ok(DiskView {
             id: o.id,
             name: o.name.clone(),
@@ -458,7 +466,7 @@ impl App {
             format: format_of(o),
             capacity_bytes: o.spec["capacity_bytes"].as_u64().unwrap_or(0),
             sharing: serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default(),
-            state: if attachments.is_empty() { DiskState::Detached } else { DiskState::Attached },
+            state,
             pool: spec_str(o, "pool").to_owned(),
             attachments,
             image,
@@ -537,7 +545,9 @@ impl App {
         let mut out = Vec::new();
         for o in items.iter().filter(|o| q.datastore.as_deref().is_none_or(|d| spec_str(o, "datastore") == d)) {
             let v = self.disk_view(o, false).await?;
-            if q.state.is_none_or(|s| s == v.state) {
+            if q.state.is_none_or(|s| s == v.state)
+                && q.vm.as_deref().is_none_or(|vm| v.attachments.iter().any(|a| a.vm == vm))
+            {
                 out.push(v);
             }
         }

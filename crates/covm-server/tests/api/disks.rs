@@ -318,6 +318,11 @@ async fn a_detach_names_its_generation_and_a_stale_one_changes_nothing() {
     assert_eq!(c.vm("a").await.unwrap().config.disks.len(), 1);
     let d: DiskView = c.get("/disks/g").await.unwrap();
     assert_eq!(d.attachments[0].generation, g2);
+    disk(c, "other").await;
+    let on_a: covm_types::api::Page<DiskView> = c.get("/disks?vm=a").await.unwrap();
+    assert_eq!(on_a.items.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["g"]);
+    let detached: covm_types::api::Page<DiskView> = c.get("/disks?state=detached").await.unwrap();
+    assert_eq!(detached.items.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["other"]);
 }
 
 /// A guest that does not let go: the detach fails after its timeout and the disk stays attached; when
