@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use covm_store::{SqliteStore, Store};
+use covm_store::{PgStore, SqliteStore, Store};
 use tokio::sync::oneshot;
 
 use app::{App, AppConfig};
@@ -44,6 +44,9 @@ pub struct ServeConfig {
     /// Create a small demo inventory on the first start.
     pub demo: bool,
     pub driver: Driver,
+    /// A PostgreSQL URL (`postgres://…`) for several replicas on one database; `None`: SQLite in the
+    /// data directory.
+    pub db: Option<String>,
 }
 
 /// A server that is listening.
@@ -67,13 +70,15 @@ impl Running {
         for t in &self.background {
             t.abort();
         }
-        match tokio::time::timeout(std::time::Duration::from_secs(10), self.join).await {
+        let r = match tokio::time::timeout(std::time::Duration::from_secs(10), self.join).await {
             Ok(r) => r.context("the server task failed")?.context("the server failed"),
             Err(_) => {
                 tracing::warn!("requests still running after 10 s; stopping anyway");
                 Ok(())
             }
-        }
+        };
+        self.app.store().close().await;
+        r
     }
 
     /// Waits until the server ends by itself (it does not, short of an error).
@@ -94,13 +99,23 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
     }
     let data_dir = config.data_dir.canonicalize().unwrap_or(config.data_dir.clone());
-    let db = data_dir.join("covm.db");
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&db)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message))
-            .with_context(|| format!("could not open the database {}", db.display()))?,
-    );
+    let store: Arc<dyn Store> = match &config.db {
+        Some(url) => Arc::new(
+            PgStore::connect(url)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))
+                .context("could not open the PostgreSQL database")?,
+        ),
+        None => {
+            let db = data_dir.join("covm.db");
+            Arc::new(
+                SqliteStore::open(&db)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))
+                    .with_context(|| format!("could not open the database {}", db.display()))?,
+            )
+        }
+    };
     let driver: Arc<dyn covm_hv::Hypervisor> = match &config.driver {
         Driver::Qemu => Arc::new(covm_hv::qemu::QemuDriver::default()),
         Driver::Sim => Arc::new(covm_hv::sim::SimDriver::default()),
@@ -113,7 +128,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     if driver.name() == "sim" {
         tracing::warn!("the simulated driver runs no real VMs; runtime state is labelled simulated");
     }
-    let app = App::new(store, AppConfig { data_dir: data_dir.clone() }, driver);
+    let node_id = node_id(&data_dir)?;
+    let app = App::new(store.clone(), AppConfig { data_dir: data_dir.clone(), node_id }, driver);
+    store.replica_register(app.replica()).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let initial_password_file = app.bootstrap(&data_dir).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     if let Some(f) = &initial_password_file {
         tracing::info!(file = %f.display(), "created the user admin; its initial password is in this file (mode 0600)");
@@ -121,13 +138,19 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     app.inventory_bootstrap(&data_dir, config.demo).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let tailer = app.hub().start().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     app.node_recover().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    // With the running VMs adopted, the sagas a crash interrupted are finished or undone.
-    match app.sagas_recover().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(sagas = n, "recovered interrupted sagas"),
-        Err(e) => tracing::error!(error = %e, "saga recovery failed"),
-    }
     {
+        let hub = app.hub().clone();
+        store.log_watch(Arc::new(move || hub.wake())).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    }
+    // With the running VMs adopted, the sagas a crash interrupted are finished or undone (by the one
+    // replica that runs background work; on SQLite, this process).
+    let leader = store.leader_try().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    if leader {
+        match app.sagas_recover().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sagas = n, "recovered interrupted sagas"),
+            Err(e) => tracing::error!(error = %e, "saga recovery failed"),
+        }
         let app = app.clone();
         tokio::spawn(async move {
             match app.autostart().await {
@@ -137,24 +160,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             }
         });
     }
-    let sweeper = {
+    let background = {
         let app = app.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if let Err(e) = app.leases_expire().await {
-                    tracing::warn!(error = %e, "could not report expired leases");
-                }
-            }
-        })
+        tokio::spawn(async move { app.background(leader).await })
     };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %data_dir.display(), store = "sqlite", "covm is listening");
+    tracing::info!(%addr, data_dir = %data_dir.display(), store = store.backend(), replica = %app.replica(), "covm is listening");
     let (shutdown, rx) = oneshot::channel::<()>();
     let service = http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let join = tokio::spawn(async move {
@@ -164,7 +179,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             })
             .await
     });
-    Ok(Running { addr, app, initial_password_file, shutdown, join, background: vec![tailer, sweeper] })
+    Ok(Running { addr, app, initial_password_file, shutdown, join, background: vec![tailer, background] })
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -176,4 +191,17 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("terminated; stopping"),
     }
     running.stop().await
+}
+
+/// The node id of a data directory (made on its first start): which VMs this node's agent runs.
+fn node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let f = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&f)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_owned());
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    std::fs::write(&f, &id).with_context(|| format!("could not write {}", f.display()))?;
+    Ok(id)
 }

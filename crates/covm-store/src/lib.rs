@@ -12,8 +12,10 @@
 //!   database fault is logged here once and surfaces as `internal`.
 
 #[macro_use]
+mod sql;
+pub mod postgres;
 pub mod sqlite;
-mod sqlite_vms;
+pub mod testing;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -23,6 +25,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -328,6 +331,8 @@ pub struct SagaRecord {
     /// The step in progress (it may have had its effect or not).
     pub current: Option<String>,
     pub error: Option<String>,
+    /// The replica running it.
+    pub owner: Uuid,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -486,6 +491,20 @@ pub trait Store: Send + Sync + 'static {
     async fn tasks_list(&self, before: Option<Uuid>, limit: u32) -> Result<Vec<TaskRecord>>;
 
     // --- meta -----------------------------------------------------------------------------------
+    // --- replicas: several covm processes on one database
+    /// Registers this process as a live replica, until it ends.
+    async fn replica_register(&self, id: Uuid) -> Result<()>;
+    /// Whether a replica still runs (its sagas are its own while it does).
+    async fn replica_alive(&self, id: Uuid) -> Result<bool>;
+    /// Takes, or keeps, the role of the one replica that runs background work (saga recovery, lease
+    /// expiry reports, autostart); `false`: another replica has it. Taken over when its holder dies.
+    async fn leader_try(&self) -> Result<bool>;
+    /// Calls `wake` whenever a process commits to the log (for feeds across replicas; a no-op where
+    /// only this process writes).
+    async fn log_watch(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<()>;
+    /// This process stops using the store: its replica and leader locks go, its connections close.
+    async fn close(&self);
+
     // --- sagas and operation locks
     /// Records a new saga and takes its operation locks, all or nothing: when an object is already
     /// locked, nothing is written and the holder is returned.

@@ -187,6 +187,7 @@ fn saga(kind: &str) -> SagaRecord {
         done: vec![],
         current: None,
         error: None,
+        owner: Uuid::now_v7(),
         created_at: now(),
         updated_at: now(),
     }
@@ -250,5 +251,12 @@ pub async fn run_suite(s: Arc<dyn Store>) {
 async fn sqlite_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).await.unwrap());
+    run_suite(s).await;
+}
+
+#[tokio::test]
+async fn postgres_passes_the_conformance_suite() {
+    let url = covm_store::testing::postgres_database().await.expect("PostgreSQL for tests (Debian package postgresql)");
+    let s: Arc<dyn Store> = Arc::new(PgStore::connect(&url).await.unwrap());
     run_suite(s).await;
 }

@@ -417,6 +417,10 @@ pub struct VmRuntime {
     pub power_state: PowerState,
     pub pid: Option<u32>,
     pub host: Option<String>,
+    /// The covm node (data directory) whose agent runs it; with several replicas, power and console
+    /// requests for it go to that replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// `kvm` or `tcg` while running.
     pub accel: Option<String>,
     /// The config version QEMU runs (older than `version` means changes are pending).

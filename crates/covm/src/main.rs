@@ -109,6 +109,10 @@ struct ServeArgs {
     /// `qemu` runs real VMs; `sim` simulates them (for machines without QEMU).
     #[arg(long, env = "COVM_DRIVER", default_value = "qemu", value_parser = ["qemu", "sim"])]
     driver: String,
+    /// PostgreSQL (`postgres://user@host:port/database`) for several replicas on one database
+    /// (docs/DEPLOYMENT.md); by default, SQLite in the data directory.
+    #[arg(long, env = "COVM_DB")]
+    db: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -309,6 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 listen: a.listen,
                 demo: a.demo,
                 driver,
+                db: a.db,
             })
             .await
         }

@@ -39,6 +39,8 @@ pub use events::EventHub;
 #[derive(Debug, Clone)]
 pub struct AppConfig {
     pub data_dir: PathBuf,
+    /// This node's id (kept in the data directory): which VMs its agent runs and adopts.
+    pub node_id: String,
 }
 
 /// The app: cheap to clone, shared by every request.
@@ -53,6 +55,8 @@ struct AppInner {
     faults: saga::Faults,
     /// Wakes sagas waiting for operation locks when one of this process ends.
     saga_ended: tokio::sync::Notify,
+    /// This process, as one replica among those on the database (new at every start).
+    replica: Uuid,
     caches: cache::Caches,
     node: node::Node,
     hub: EventHub,
@@ -70,6 +74,7 @@ impl App {
                 store,
                 faults: saga::Faults::from_env(),
                 saga_ended: tokio::sync::Notify::new(),
+                replica: Uuid::now_v7(),
                 caches,
                 node,
                 hub,
@@ -84,6 +89,11 @@ impl App {
             }
         }));
         app
+    }
+
+    /// This process's replica id.
+    pub fn replica(&self) -> Uuid {
+        self.inner.replica
     }
 
     /// The fault switch (tests).

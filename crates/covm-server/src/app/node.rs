@@ -236,6 +236,10 @@ impl App {
             if matches!(rt.power_state, PowerState::Off | PowerState::Crashed) {
                 continue;
             }
+            if rt.node.as_ref().is_some_and(|n| *n != self.config().node_id) {
+                // Another replica's node runs it.
+                continue;
+            }
             let id = vm.object.id;
             match self.node().driver.adopt(id, &self.run_dir(id)).await {
                 Ok(Some(handle)) => {

@@ -337,6 +337,7 @@ impl App {
             Ok(handle) => {
                 let pid = handle.pid();
                 let host = super::host::host_facts().hostname;
+                let node = self.config().node_id.clone();
                 let simulated = self.node().driver.name() == "sim";
                 let f: RuntimeFn = Box::new(move |_, old| {
                     Ok(Some((
@@ -345,6 +346,7 @@ impl App {
                             power_state: PowerState::Running,
                             pid,
                             host: Some(host),
+                            node: Some(node),
                             accel: Some(accel.to_owned()),
                             since: Some(chrono::Utc::now()),
                             ..old.clone()

@@ -171,6 +171,7 @@ impl App {
             done: Vec::new(),
             current: None,
             error: None,
+            owner: self.replica(),
             created_at: now,
             updated_at: now,
         };
@@ -222,9 +223,15 @@ impl App {
         tokio::spawn(f).await.map_err(|e| Error::internal(format!("an operation failed: {e}")))?
     }
 
-    /// Finishes or undoes every saga a crash interrupted (at start, after the VMs are adopted).
+    /// Finishes or undoes every saga whose replica is gone (a crash interrupted it): at start, after the
+    /// VMs are adopted, and then by the replica that runs background work.
     pub async fn sagas_recover(&self) -> Result<usize, Error> {
-        let unfinished = self.store().sagas_unfinished().await?;
+        let mut unfinished = Vec::new();
+        for rec in self.store().sagas_unfinished().await? {
+            if !self.store().replica_alive(rec.owner).await? {
+                unfinished.push(rec);
+            }
+        }
         for rec in &unfinished {
             let r = match rec.kind.as_str() {
                 super::attach::AttachSaga::KIND => self.saga_recover::<super::attach::AttachSaga>(rec.clone()).await,
@@ -382,5 +389,41 @@ impl SagaGuard {
             tracing::error!(saga = %self.rec.id, error = %e, "an undone saga could not be logged; recovery will undo it again");
         }
         cause
+    }
+}
+
+impl App {
+    /// Background work that one replica runs at a time, every second: lease expiry reports and the
+    /// recovery of sagas whose replica died. Every replica keeps asking for the role, so that another
+    /// takes over within a second or two when its holder dies (PostgreSQL releases the holder's lock
+    /// with its connection). `leader`: whether this replica took the role at start.
+    pub async fn background(&self, mut leader: bool) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            match self.store().leader_try().await {
+                Ok(now) => {
+                    if now != leader {
+                        tracing::info!(leader = now, "this replica {} background work", if now { "now runs" } else { "no longer runs" });
+                    }
+                    leader = now;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not ask for the background role");
+                    leader = false;
+                }
+            }
+            if !leader {
+                continue;
+            }
+            if let Err(e) = self.leases_expire().await {
+                tracing::warn!(error = %e, "could not report expired leases");
+            }
+            match self.sagas_recover().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sagas = n, "recovered the sagas of a replica that died"),
+                Err(e) => tracing::warn!(error = %e, "saga recovery failed"),
+            }
+        }
     }
 }

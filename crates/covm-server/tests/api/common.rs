@@ -1,5 +1,6 @@
-//! A real covm server on a loopback port over a SQLite file in a temporary directory, and clients
-//! signed in to it.
+//! A real covm server on a loopback port over a SQLite file in a temporary directory (or, in the
+//! `api_postgres` test target, a database of its own on a real PostgreSQL server the tests start), and
+//! clients signed in to it.
 
 use covm_client::Client;
 use covm_server::{Running, ServeConfig};
@@ -14,6 +15,13 @@ pub struct TestServer {
     pub admin: Client,
     pub admin_password: String,
     driver: covm_server::Driver,
+    /// The PostgreSQL database (None: SQLite in `dir`).
+    pub db: Option<String>,
+}
+
+/// Whether these tests run on PostgreSQL (the `api_postgres` target compiles this same file).
+pub fn on_postgres() -> bool {
+    module_path!().starts_with("api_postgres")
 }
 
 impl TestServer {
@@ -22,26 +30,55 @@ impl TestServer {
     }
 
     pub async fn start_with(driver: covm_server::Driver) -> TestServer {
+        let db = match on_postgres() {
+            true => Some(covm_store::testing::postgres_database().await.expect("PostgreSQL for tests")),
+            false => None,
+        };
         let dir = tempfile::tempdir().expect("tempdir");
-        let running = Self::boot(&dir, 0, driver.clone()).await;
+        let running = Self::boot(&dir, 0, driver.clone(), db.clone()).await;
         let url = format!("http://{}", running.addr);
         let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))
             .expect("the first start writes the admin password")
             .trim()
             .to_owned();
         let (admin, _) = Client::new(&url).login("admin", &admin_password).await.expect("admin signs in");
-        TestServer { dir, running: Some(running), url, admin, admin_password, driver }
+        TestServer { dir, running: Some(running), url, admin, admin_password, driver, db }
     }
 
-    async fn boot(dir: &TempDir, port: u16, driver: covm_server::Driver) -> Running {
+    /// Another replica on the same database (PostgreSQL), with a data directory of its own; its admin
+    /// client signs in with the first replica's password.
+    pub async fn replica(&self) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone()).await;
+        assert!(running.initial_password_file.is_none(), "only the first replica creates admin");
+        let url = format!("http://{}", running.addr);
+        let (admin, _) = Client::new(&url).login("admin", &self.admin_password).await.expect("admin signs in");
+        TestServer {
+            dir,
+            running: Some(running),
+            url,
+            admin,
+            admin_password: self.admin_password.clone(),
+            driver: self.driver.clone(),
+            db: self.db.clone(),
+        }
+    }
+
+    async fn boot(dir: &TempDir, port: u16, driver: covm_server::Driver, db: Option<String>) -> Running {
         covm_server::start(ServeConfig {
             data_dir: dir.path().to_owned(),
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             demo: false,
             driver,
+            db,
         })
         .await
         .expect("covm starts")
+    }
+
+    /// Stops this server (a replica that goes away).
+    pub async fn stop(mut self) {
+        self.running.take().expect("running").stop().await.expect("covm stops");
     }
 
     /// Stops the server and starts it again on the same port and data directory.
@@ -55,7 +92,7 @@ impl TestServer {
         let port = running.addr.port();
         running.stop().await.expect("covm stops");
         between();
-        self.running = Some(Self::boot(&self.dir, port, self.driver.clone()).await);
+        self.running = Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone()).await);
     }
 
     /// The app inside the server (for the fault switch).
@@ -86,8 +123,33 @@ impl TestServer {
         self.scalar(&format!("SELECT COUNT(*) FROM {table}")).await
     }
 
-    /// One number, read straight from the database file.
+    /// Runs one statement straight on the database (as someone with the file or the credentials).
+    pub async fn execute(&self, sql: &str) -> Result<u64, String> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match &self.db {
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                let r = sqlx::query(sql).execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string());
+                pool.close().await;
+                r
+            }
+            None => {
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", self.db_path().display())).await.unwrap();
+                let r = sqlx::query(sql).execute(&pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string());
+                pool.close().await;
+                r
+            }
+        }
+    }
+
+    /// One number, read straight from the database.
     pub async fn scalar(&self, sql: &str) -> i64 {
+        if let Some(url) = &self.db {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let n: (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            return n.0;
+        }
         let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", self.db_path().display())).await.unwrap();
         let n: (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();
         pool.close().await;

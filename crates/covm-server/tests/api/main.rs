@@ -1,12 +1,12 @@
 //! Integration tests of the covm server over real HTTP on loopback, on a real SQLite file.
 
-mod authz_matrix;
-mod common;
-mod disks;
-mod feed;
-mod foundation;
-mod openapi;
-mod power;
-mod qemu;
-mod sagas;
-mod vms;
+pub mod authz_matrix;
+pub mod common;
+pub mod disks;
+pub mod feed;
+pub mod foundation;
+pub mod openapi;
+pub mod power;
+pub mod qemu;
+pub mod sagas;
+pub mod vms;

@@ -13,6 +13,8 @@ CREATE TABLE sagas (
     done        TEXT NOT NULL,
     current     TEXT,
     error       TEXT,
+    -- The replica running it (recovery takes only sagas whose replica is gone).
+    owner       TEXT NOT NULL DEFAULT '',
     created_at  TEXT NOT NULL,
     updated_at  TEXT NOT NULL
 );
