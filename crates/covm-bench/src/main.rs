@@ -23,6 +23,13 @@ struct Cli {
     covm: Option<PathBuf>,
     #[arg(long, global = true)]
     json: bool,
+    /// Start covm on PostgreSQL at this URL (`temp`: a throwaway PostgreSQL the bench starts with
+    /// initdb in a temporary directory; needs Debian's postgresql package).
+    #[arg(long, global = true)]
+    db: Option<String>,
+    /// How many covm replicas to start on --db; clients and subscribers are spread over them.
+    #[arg(long, global = true, default_value_t = 1)]
+    replicas: usize,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -91,35 +98,60 @@ enum Scenario {
 }
 
 async fn server(cli: &Cli, driver: &str) -> anyhow::Result<Server> {
-    match &cli.url {
-        Some(url) => {
-            let pw = cli.password.as_deref().ok_or_else(|| anyhow::anyhow!("--url needs --password"))?;
-            Server::remote(url, pw).await
-        }
-        None => Server::start(&cli.covm.clone().unwrap_or_else(covm_binary), driver).await,
+    Ok(servers(cli, driver).await?.remove(0))
+}
+
+/// The server(s) of a run: one, or `--replicas` on `--db`.
+async fn servers(cli: &Cli, driver: &str) -> anyhow::Result<Vec<Server>> {
+    if let Some(url) = &cli.url {
+        let pw = cli.password.as_deref().ok_or_else(|| anyhow::anyhow!("--url needs --password"))?;
+        return Ok(vec![Server::remote(url, pw).await?]);
     }
+    let covm = cli.covm.clone().unwrap_or_else(covm_binary);
+    let db = match cli.db.as_deref() {
+        Some("temp") => Some(covm_store::testing::postgres_database().await.map_err(|e| anyhow::anyhow!(e))?),
+        Some(url) => Some(url.to_owned()),
+        None if cli.replicas > 1 => anyhow::bail!("--replicas needs --db (several replicas share a PostgreSQL)"),
+        None => None,
+    };
+    let first = Server::start_on(&covm, driver, db.as_deref(), None, &[]).await?;
+    let mut all = vec![first];
+    for _ in 1..cli.replicas {
+        let r = all[0].replica(&covm, driver, db.as_deref().unwrap_or_default()).await?;
+        all.push(r);
+    }
+    Ok(all)
+}
+
+fn urls(servers: &[Server]) -> Vec<String> {
+    if servers.len() < 2 { vec![] } else { servers.iter().map(|s| s.url.clone()).collect() }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Report> {
     match &cli.scenario {
         Scenario::EditStorm { users, vms, subscribers, duration } => {
-            let s = server(&cli, "sim").await?;
-            let p = storm::StormParams { users: *users, vms: *vms, subscribers: *subscribers, duration_s: *duration };
-            let mut r = storm::edit_storm(&s.admin, &p).await?;
-            r.figures["server_rss_mib"] = serde_json::json!(s.rss_mib());
+            let all = servers(&cli, "sim").await?;
+            let p = storm::StormParams {
+                users: *users,
+                vms: *vms,
+                subscribers: *subscribers,
+                duration_s: *duration,
+                replicas: urls(&all),
+            };
+            let mut r = storm::edit_storm(&all[0].admin, &p).await?;
+            r.figures["server_rss_mib"] = serde_json::json!(all.iter().map(|s| s.rss_mib()).collect::<Vec<_>>());
+            r.figures["store"] = serde_json::json!(if cli.db.is_some() { "postgres" } else { "sqlite" });
             Ok(r)
         }
         Scenario::LeaseContention { clients, vms, duration } => {
-            let s = server(&cli, "sim").await?;
-            storm::lease_contention(
-                &s.admin,
-                &storm::LeaseParams { clients: *clients, vms: *vms, duration_s: *duration },
-            )
-            .await
+            let all = servers(&cli, "sim").await?;
+            let p = storm::LeaseParams { clients: *clients, vms: *vms, duration_s: *duration, replicas: urls(&all) };
+            storm::lease_contention(&all[0].admin, &p).await
         }
         Scenario::AttachRace { clients, rounds } => {
-            let s = server(&cli, "sim").await?;
-            storm::attach_race(&s.admin, &storm::AttachParams { clients: *clients, rounds: *rounds }).await
+            let all = servers(&cli, "sim").await?;
+            let p = storm::AttachParams { clients: *clients, rounds: *rounds, replicas: urls(&all) };
+            storm::attach_race(&all[0].admin, &p).await
         }
         Scenario::InventoryScale { vms, samples } => {
             let s = server(&cli, "sim").await?;

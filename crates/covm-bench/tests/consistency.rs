@@ -11,6 +11,7 @@ async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
         listen: "127.0.0.1:0".parse().unwrap(),
         demo: false,
         driver: covm_server::Driver::Sim,
+        db: None,
     })
     .await
     .unwrap();
@@ -23,7 +24,9 @@ async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_edit_storm_has_no_violations() {
     let (_running, admin, _dir) = server().await;
-    let r = edit_storm(&admin, &StormParams { users: 12, vms: 3, subscribers: 4, duration_s: 3.0 }).await.unwrap();
+    let r = edit_storm(&admin, &StormParams { users: 12, vms: 3, subscribers: 4, duration_s: 3.0, replicas: vec![] })
+        .await
+        .unwrap();
     assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
     assert!(r.figures["edits_committed"].as_u64().unwrap() > 0, "{}", r.figures);
     assert!(r.figures["feed_events_expected_per_subscriber"].as_u64().unwrap() > 0);
@@ -32,7 +35,8 @@ async fn a_short_edit_storm_has_no_violations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_lease_contention_has_no_violations() {
     let (_running, admin, _dir) = server().await;
-    let r = lease_contention(&admin, &LeaseParams { clients: 8, vms: 2, duration_s: 3.0 }).await.unwrap();
+    let r =
+        lease_contention(&admin, &LeaseParams { clients: 8, vms: 2, duration_s: 3.0, replicas: vec![] }).await.unwrap();
     assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
     assert!(r.figures["leases_acquired"].as_u64().unwrap() > 1, "{}", r.figures);
     assert!(r.figures["writes_accepted_under_lease"].as_u64().unwrap() > 0, "{}", r.figures);
@@ -41,6 +45,6 @@ async fn a_short_lease_contention_has_no_violations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_attach_race_has_one_winner_every_round() {
     let (_running, admin, _dir) = server().await;
-    let r = attach_race(&admin, &AttachParams { clients: 8, rounds: 5 }).await.unwrap();
+    let r = attach_race(&admin, &AttachParams { clients: 8, rounds: 5, replicas: vec![] }).await.unwrap();
     assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
 }

@@ -114,7 +114,6 @@ pub(crate) const VM_SELECT: &str = "SELECT o.id, o.kind, o.name, o.parent_id, o.
         v.lease_token, v.lease_acquired_at, v.lease_expires_at, v.lease_fence
     FROM objects o JOIN vms v ON v.id = o.id";
 
-
 /// The store's code for one backend: `sql_store!(SqliteStore, Sqlite, SqliteRow, SqlitePool, "sqlite")`.
 /// The backend module defines the struct (with `writer` and `reader` pools) and `begin()`, which opens
 /// a write transaction that holds the log's write lock until it ends.

@@ -89,5 +89,4 @@ impl SqliteStore {
     }
 }
 
-
 sql_store!(SqliteStore, Sqlite, SqliteRow, SqlitePool, "sqlite");

@@ -52,7 +52,8 @@ fn as_server_user(cmd: &mut Command) -> &mut Command {
 
 fn start() -> Result<TestPostgres, String> {
     let bin = bindir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
     let dir = std::env::temp_dir().join(format!("covm-pg-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if let Some((uid, gid)) = server_user() {

@@ -404,7 +404,11 @@ impl App {
             match self.store().leader_try().await {
                 Ok(now) => {
                     if now != leader {
-                        tracing::info!(leader = now, "this replica {} background work", if now { "now runs" } else { "no longer runs" });
+                        tracing::info!(
+                            leader = now,
+                            "this replica {} background work",
+                            if now { "now runs" } else { "no longer runs" }
+                        );
                     }
                     leader = now;
                 }

@@ -270,7 +270,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = covm_store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
         let driver = Arc::new(covm_hv::sim::SimDriver::default());
-        let app = App::new(Arc::new(store), AppConfig { data_dir: dir.path().to_owned(), node_id: "test".into() }, driver);
+        let app =
+            App::new(Arc::new(store), AppConfig { data_dir: dir.path().to_owned(), node_id: "test".into() }, driver);
         let routes = axum::Router::new().route(
             "/boom",
             axum::routing::post(|| async {

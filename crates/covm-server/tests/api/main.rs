@@ -8,5 +8,6 @@ pub mod foundation;
 pub mod openapi;
 pub mod power;
 pub mod qemu;
+pub mod replicas;
 pub mod sagas;
 pub mod vms;
