@@ -472,6 +472,8 @@ pub trait Store: Send + Sync + 'static {
         event: NewEvent,
     ) -> Result<(VmRecord, EventRecord)>;
     async fn vm_get(&self, id: Uuid) -> Result<Option<VmRecord>>;
+    /// A VM by its name (one read: the object and its VM row).
+    async fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>>;
     /// VMs by name after the cursor; with a viewer, only those it may view.
     async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>>;
     /// One atomic write: reads the VM, lets `f` decide, applies what it says with its log entries.

@@ -1082,6 +1082,10 @@ impl Store for $Store {
         self.vm_get_impl(&self.reader, id).await
     }
 
+    async fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>> {
+        self.vm_by_name_impl(name).await
+    }
+
     async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>> {
         self.vms_list_impl(viewer, filter).await
     }
@@ -1327,6 +1331,18 @@ async fn object_place(
 }
 
 impl $Store {
+    pub(crate) async fn vm_by_name_impl(&self, name: &str) -> Result<Option<VmRecord>> {
+        let sql = sqlx::AssertSqlSafe(format!("{VM_SELECT} WHERE o.kind = 'vm' AND o.name = $1"));
+        sqlx::query(sql)
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err("read a VM"))?
+            .as_ref()
+            .map(vm_row)
+            .transpose()
+    }
+
     pub(crate) async fn vm_get_impl(&self, pool: &$Pool, id: Uuid) -> Result<Option<VmRecord>> {
         let sql = sqlx::AssertSqlSafe(format!("{VM_SELECT} WHERE o.id = $1"));
         sqlx::query(sql)

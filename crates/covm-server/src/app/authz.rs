@@ -60,10 +60,21 @@ impl App {
         field: &str,
     ) -> Result<ObjectRecord, Error> {
         let kind_name = kind.map_or("object", |k| k.as_str());
-        let not_found = || Error::not_found(kind_name, reference).with_field(field);
         let Some(obj) = self.object_lookup(reference, kind).await? else {
-            return Err(not_found());
+            return Err(Error::not_found(kind_name, reference).with_field(field));
         };
+        self.viewable(ctx, obj, kind_name, reference, field).await
+    }
+
+    /// `obj`, if the caller may view it; else 404 (as if it did not exist), with the denial audited.
+    pub(crate) async fn viewable(
+        &self,
+        ctx: &Ctx,
+        obj: ObjectRecord,
+        kind_name: &str,
+        reference: &str,
+        field: &str,
+    ) -> Result<ObjectRecord, Error> {
         // The root is always navigable: everyone may list it (and sees only what they may view).
         if obj.id == ROOT_ID {
             return Ok(obj);
@@ -71,7 +82,7 @@ impl App {
         let privs = self.privileges_of(ctx.user_id, obj.id).await?;
         if !privs.iter().any(|p| p == Privilege::SystemView.as_str()) {
             self.denied(ctx, &obj, Privilege::SystemView, 404).await?;
-            return Err(not_found());
+            return Err(Error::not_found(kind_name, reference).with_field(field));
         }
         Ok(obj)
     }

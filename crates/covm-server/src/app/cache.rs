@@ -9,10 +9,11 @@
 //!   the feed's tailer also bumps it when it reads such a change written by another process.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use covm_store::VersionRecord;
 use uuid::Uuid;
 
 pub const TOKEN_TTL: Duration = Duration::from_secs(5);
@@ -35,9 +36,25 @@ pub struct Caches {
     epoch: AtomicU64,
     privileges: Mutex<PrivilegeMap>,
     tokens: Mutex<HashMap<String, CachedToken>>,
+    /// VM config versions: immutable once written, so never stale (a deleted VM's are never asked for).
+    versions: Mutex<HashMap<(Uuid, i64), Arc<VersionRecord>>>,
 }
 
+const MAX_VERSIONS: usize = 4096;
+
 impl Caches {
+    pub fn version_get(&self, vm: Uuid, version: i64) -> Option<Arc<VersionRecord>> {
+        self.versions.lock().unwrap_or_else(|p| p.into_inner()).get(&(vm, version)).cloned()
+    }
+
+    pub fn version_put(&self, vm: Uuid, version: i64, v: Arc<VersionRecord>) {
+        let mut map = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_VERSIONS {
+            map.clear();
+        }
+        map.insert((vm, version), v);
+    }
+
     pub fn privileges_get(&self, user: Uuid, object: Uuid) -> Option<Vec<String>> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let map = self.privileges.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,6 +11,7 @@
 //! is retried from the start.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use covm_store::{ConfigWrite, NewObject, VersionRecord, VmFilter, VmRecord, VmWrite};
 use covm_types::api::{ObjectKind, Page};
@@ -187,6 +188,13 @@ impl App {
 
     /// A VM the caller may view.
     pub(crate) async fn vm_resolve(&self, ctx: &Ctx, vm: &str) -> Result<VmRecord, Error> {
+        // A bare name (the usual case) is one read of the object and its VM row.
+        if covm_types::Name::parse(vm).is_ok() && Uuid::parse_str(vm).is_err() {
+            let mut rec =
+                self.store().vm_by_name(vm).await?.ok_or_else(|| Error::not_found("vm", vm).with_field("vm"))?;
+            rec.object = self.viewable(ctx, rec.object, "vm", vm, "vm").await?;
+            return Ok(rec);
+        }
         let obj = self.object_resolve(ctx, vm, Some(ObjectKind::Vm), "vm").await?;
         self.store().vm_get(obj.id).await?.ok_or_else(|| Error::not_found("vm", vm))
     }
@@ -569,10 +577,18 @@ impl App {
     /// A 412 that tells the client what changed since its version, so it can rebase.
     async fn stale_error(&self, rec: &VmRecord, mut e: Error) -> Error {
         let mine = e.details.as_ref().and_then(|d| d["your_version"].as_i64()).unwrap_or(0);
+        let at = e.details.as_ref().and_then(|d| d["current_version"].as_i64());
         let id = rec.object.id;
-        let Ok(Some(current)) = self.store().vm_get(id).await else { return e };
-        let latest = self.store().vm_version(id, current.version).await.ok().flatten();
-        let theirs = self.store().vm_version(id, mine).await.ok().flatten();
+        // What the caller read is current unless the write transaction found a newer version.
+        let current = match at {
+            Some(v) if v == rec.version => rec.clone(),
+            _ => match self.store().vm_get(id).await {
+                Ok(Some(c)) => c,
+                _ => return e,
+            },
+        };
+        let latest = self.vm_version_cached(id, current.version).await;
+        let theirs = self.vm_version_cached(id, mine).await;
         let mut details = json!({ "current_version": current.version, "your_version": mine });
         if let Some(l) = &latest {
             details["author"] = json!(l.author);
@@ -589,6 +605,16 @@ impl App {
             rec.object.name, current.version
         );
         e.with_details(details)
+    }
+
+    /// A config version (immutable, so cached once read).
+    async fn vm_version_cached(&self, id: Uuid, version: i64) -> Option<Arc<VersionRecord>> {
+        if let Some(v) = self.caches().version_get(id, version) {
+            return Some(v);
+        }
+        let v = Arc::new(self.store().vm_version(id, version).await.ok().flatten()?);
+        self.caches().version_put(id, version, v.clone());
+        Some(v)
     }
 
     pub async fn vm_delete(&self, ctx: &Ctx, vm: &str, pre: Preconditions) -> Result<(), Error> {
