@@ -496,6 +496,7 @@ impl App {
         writers_check(&disk.name, sharing, p.read_only, &holders)?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
         let is_running = running(&rec);
+        self.vm_local(&rec)?;
         if is_running && !bus.hotplug() && !p.next_boot {
             return Err(conflict(
                 "hotplug_unsupported",
@@ -610,6 +611,7 @@ impl App {
             .map(|c| c.kind)
             .unwrap_or(ControllerType::VirtioScsi);
         let is_running = running(&rec);
+        self.vm_local(&rec)?;
         if is_running && !bus.hotplug() && !next_boot {
             return Err(conflict(
                 "hotplug_unsupported",
@@ -674,6 +676,7 @@ impl App {
     /// What QEMU holds of block nodes and devices for a running VM (to compare with its config).
     pub async fn vm_block_state(&self, ctx: &Ctx, vm: &str) -> Result<covm_hv::BlockState, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
+        self.vm_local(&rec)?;
         self.node().ask(rec.object.id, Cmd::BlockQuery).await.map_err(hv_error)
     }
 }
@@ -761,6 +764,7 @@ impl App {
         let cfg: VmConfig = parse_config(&rec.config)?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
         let is_running = running(&rec);
+        self.vm_local(&rec)?;
         if is_running && !bus.hotplug() {
             return Err(conflict(
                 "hotplug_unsupported",

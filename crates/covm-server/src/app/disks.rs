@@ -604,6 +604,11 @@ impl App {
         // A disk that a running VM holds grows live through that VM's QEMU (which holds the image's
         // lock); otherwise qemu-img grows the file.
         let live = self.disk_holders_running(&o).await?;
+        for id in &live {
+            if let Some(vm) = self.store().vm_get(*id).await? {
+                self.vm_local(&vm)?;
+            }
+        }
         Ok(Some(ResizeSaga {
             id: o.id,
             name: o.name.clone(),

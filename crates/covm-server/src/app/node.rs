@@ -223,6 +223,27 @@ impl App {
         });
     }
 
+    /// Refuses work on a VM that another node (another covm replica's data directory) runs: its QEMU,
+    /// run files and agent are there. 409 `vm_on_other_node` names the node.
+    pub(crate) fn vm_local(&self, rec: &VmRecord) -> Result<(), Error> {
+        let rt = runtime_of(rec);
+        match rt.node {
+            Some(n)
+                if n != self.config().node_id && !matches!(rt.power_state, PowerState::Off | PowerState::Crashed) =>
+            {
+                Err(Error::conflict(
+                    "vm_on_other_node",
+                    format!(
+                        "{} runs on node {n} (another covm replica); send this request to that replica",
+                        rec.object.name
+                    ),
+                )
+                .with_details(json!({ "node": n })))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn run_dir(&self, id: Uuid) -> PathBuf {
         self.config().data_dir.join("vms").join(id.to_string())
     }

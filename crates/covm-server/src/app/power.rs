@@ -261,6 +261,7 @@ impl App {
         }
         let id = rec.object.id;
         let state = runtime_of(&rec).power_state;
+        self.vm_local(&rec)?;
         match p.action {
             PowerAction::On => {
                 self.node().driver.check().map_err(hv_error)?;
@@ -474,6 +475,7 @@ impl App {
     ) -> Result<(std::path::PathBuf, Vec<String>), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInteractConsole).await?;
+        self.vm_local(&rec)?;
         let path = covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).serial_log;
         let lines = covm_hv::log_tail(&path, tail).into_iter().map(|l| l.trim_end_matches('\r').to_owned()).collect();
         Ok((path, lines))
@@ -486,6 +488,7 @@ impl App {
         if !matches!(runtime_of(&rec).power_state, PowerState::Running | PowerState::Paused) {
             return Err(Error::conflict("vm_not_running", format!("{} is not running", rec.object.name)));
         }
+        self.vm_local(&rec)?;
         Ok(covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).vnc)
     }
 }

@@ -61,3 +61,33 @@ async fn background_work_moves_to_a_live_replica() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_running_vm_is_managed_through_the_replica_that_runs_it() {
+    if !on_postgres() {
+        return;
+    }
+    let a = TestServer::start().await;
+    let b = a.replica().await;
+    a.admin.vm_create(&json!({ "name": "on-a" })).await.unwrap();
+    let t = a.admin.vm_power("on-a", covm_types::vm::PowerAction::On, None).await.unwrap();
+    crate::common::task_done(&a.admin, &t).await;
+    // b sees it running, and says where to go for what only a's agent can do.
+    assert_eq!(b.admin.vm("on-a").await.unwrap().runtime.power_state, covm_types::vm::PowerState::Running);
+    let r = b.admin.vm_power("on-a", covm_types::vm::PowerAction::Off, None).await;
+    let Err(covm_client::ClientError::Api { status: 409, error, .. }) = r else { panic!("{r:?}") };
+    assert_eq!(error.code, "vm_on_other_node");
+    b.admin
+        .post::<_, serde_json::Value>(
+            "/disks",
+            &json!({ "name": "d", "datastore": "local", "capacity_bytes": 1u64 << 20 }),
+        )
+        .await
+        .unwrap();
+    let r = b.admin.post::<_, serde_json::Value>("/vms/on-a/disks", &json!({ "disk": "d" })).await;
+    assert_eq!(r.unwrap_err().code(), Some("vm_on_other_node"));
+    // Through a, all of it works.
+    a.admin.post::<_, serde_json::Value>("/vms/on-a/disks", &json!({ "disk": "d" })).await.unwrap();
+    let t = a.admin.vm_power("on-a", covm_types::vm::PowerAction::Off, None).await.unwrap();
+    crate::common::task_done(&a.admin, &t).await;
+}
