@@ -1,5 +1,6 @@
-//! The covm store: one trait, [`Store`], that the app layer talks to, and its implementations (SQLite now;
-//! PostgreSQL beside it later, passing the same conformance suite).
+//! The covm store: one trait, [`Store`], that the app layer talks to, and its two implementations,
+//! [`SqliteStore`] (the embedded default) and [`PgStore`] (several replicas on one database), which run
+//! the same SQL (`sql.rs`) and pass the same conformance suite.
 //!
 //! Rules every implementation keeps:
 //! - Every method that changes something takes the [`NewEvent`] that records the change and appends it to

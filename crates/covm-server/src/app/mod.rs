@@ -1,6 +1,8 @@
 //! The app layer: every rule of covm lives here — who may do what (`authz`), sign-in and tokens
-//! (`auth`), the inventory tree (`inventory`), principals and grants (`principals`), and the log that
-//! feeds the live event stream and the audit trail (`events`).
+//! (`auth`), the inventory tree (`inventory`), principals and grants (`principals`), VMs and their
+//! versions (`vms`, `leases`), the node agent and power (`node`, `power`), disks (`disks`, `attach`),
+//! multi-step operations and their recovery (`saga`), and the log that feeds the live event stream and
+//! the audit trail (`events`).
 //!
 //! Rules:
 //! - No HTTP types here. Functions take a [`Ctx`] (who asks, which request) and typed parameters, and
