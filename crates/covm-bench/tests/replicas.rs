@@ -28,6 +28,11 @@ async fn an_edit_storm_over_two_replicas_has_no_violations() {
     assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
     assert!(r.figures["edits_committed"].as_u64().unwrap() > 0, "{}", r.figures);
     assert_eq!(r.figures["unanswered_edits"], 0);
+    // One log, written from both replicas: gap-free and one hash chain, from either side.
+    for s in [&a, &b] {
+        let v = s.admin.audit_verify().await.unwrap();
+        assert!(v.ok && v.broken_seq.is_none(), "{v:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,6 +55,7 @@ async fn a_replica_killed_mid_storm_loses_nothing_it_acknowledged() {
     assert!(r.figures["edits_committed"].as_u64().unwrap() > 0, "{}", r.figures);
     // The kill happened mid-run: clients of b saw it go and moved to a.
     assert!(r.figures["errors"].as_u64().unwrap() > 0, "{}", r.figures);
+    assert!(a.admin.audit_verify().await.unwrap().ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
