@@ -12,6 +12,7 @@ async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
         demo: false,
         driver: covm_server::Driver::Sim,
         db: None,
+        advertise: None,
     })
     .await
     .unwrap();

@@ -47,6 +47,9 @@ pub struct ServeConfig {
     /// A PostgreSQL URL (`postgres://…`) for several replicas on one database; `None`: SQLite in the
     /// data directory.
     pub db: Option<String>,
+    /// The URL other replicas reach this one at (default `http://` and the address it listens on): a
+    /// request about a VM this node runs is forwarded there.
+    pub advertise: Option<String>,
 }
 
 /// A server that is listening.
@@ -169,6 +172,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| match addr.ip().is_unspecified() {
+        true => format!("http://127.0.0.1:{}", addr.port()),
+        false => format!("http://{addr}"),
+    });
+    app.store().node_register(&app.config().node_id, &advertise).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     tracing::info!(%addr, data_dir = %data_dir.display(), store = store.backend(), replica = %app.replica(), "covm is listening");
     let (shutdown, rx) = oneshot::channel::<()>();
     let service = http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();

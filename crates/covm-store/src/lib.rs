@@ -505,6 +505,10 @@ pub trait Store: Send + Sync + 'static {
     /// Calls `wake` whenever a process commits to the log (for feeds across replicas; a no-op where
     /// only this process writes).
     async fn log_watch(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<()>;
+    /// Records where a node's replica answers (at every start).
+    async fn node_register(&self, node: &str, url: &str) -> Result<()>;
+    /// Where a node's replica answers.
+    async fn node_url(&self, node: &str) -> Result<Option<String>>;
     /// This process stops using the store: its replica and leader locks go, its connections close.
     async fn close(&self);
 

@@ -1138,6 +1138,30 @@ impl Store for $Store {
         self.close_impl().await
     }
 
+    async fn node_register(&self, node: &str, url: &str) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO nodes (id, url, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET url = excluded.url, updated_at = excluded.updated_at",
+        )
+        .bind(node)
+        .bind(url)
+        .bind(time_to_db(now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("register a node"))?;
+        tx.commit().await.map_err(db_err("commit"))
+    }
+
+    async fn node_url(&self, node: &str) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT url FROM nodes WHERE id = $1")
+            .bind(node)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err("read a node"))?
+            .map(|r| r.get("url")))
+    }
+
     async fn saga_begin(&self, saga: SagaRecord, locks: &[Uuid]) -> Result<Option<OpLock>> {
         self.saga_begin_impl(saga, locks).await
     }

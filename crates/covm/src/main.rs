@@ -113,6 +113,10 @@ struct ServeArgs {
     /// (docs/DEPLOYMENT.md); by default, SQLite in the data directory.
     #[arg(long, env = "COVM_DB")]
     db: Option<String>,
+    /// The URL other replicas reach this one at (default: http:// and --listen); requests about a VM
+    /// this node runs are forwarded there.
+    #[arg(long, env = "COVM_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -314,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 demo: a.demo,
                 driver,
                 db: a.db,
+                advertise: a.advertise,
             })
             .await
         }

@@ -44,6 +44,11 @@ impl IntoResponse for ApiError {
         if e.kind == ErrorKind::Unauthenticated {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if e.code == "vm_on_other_node"
+            && let Some(node) = e.details.as_ref().and_then(|d| d["node"].as_str())
+        {
+            resp.extensions_mut().insert(super::forward::OtherNode(node.to_owned()));
+        }
         resp.extensions_mut().insert(ErrorCode(e.code.clone()));
         resp
     }

@@ -8,6 +8,7 @@ pub mod disks;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod forward;
 pub mod inventory;
 pub mod power;
 pub mod principals;
@@ -158,6 +159,7 @@ fn with_service_layers(routes: axum::Router<App>, app: App) -> axum::Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError(Error::internal("covm hit a bug while handling this request")).into_response()
         }))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), forward::forward_mw))
         .layer(axum::middleware::from_fn_with_state(app.clone(), request_mw))
         .with_state(app)
 }
@@ -206,6 +208,7 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         && (status.is_client_error() || status.is_server_error())
         && status != StatusCode::UNAUTHORIZED
         && !info.audited()
+        && resp.extensions().get::<forward::Forwarded>().is_none()
     {
         let code = resp.extensions().get::<ErrorCode>().map(|c| c.0.clone());
         let actor = info.actor.get().cloned().unwrap_or_else(|| "-".into());

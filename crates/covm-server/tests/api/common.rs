@@ -71,6 +71,7 @@ impl TestServer {
             demo: false,
             driver,
             db,
+            advertise: None,
         })
         .await
         .expect("covm starts")

@@ -1,0 +1,95 @@
+//! Requests about a VM that another node runs go to that node's replica. With several replicas on one
+//! database, a running VM's QEMU, run files and agent are on the replica whose node powered it on; the
+//! app answers such a request with 409 `vm_on_other_node` (before it changes anything), and this
+//! middleware then sends the same request (method, path, headers, body) to that node's registered URL
+//! and streams its answer back, so that a client, or a plain load balancer, may send anything anywhere.
+//! A forwarded request carries `Covm-Forwarded` and is never forwarded again. WebSocket consoles are not
+//! forwarded (the 409 names the node).
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use covm_types::Error;
+use futures::TryStreamExt;
+
+use super::error::ApiError;
+use crate::app::App;
+
+pub const FORWARDED: &str = "covm-forwarded";
+const MAX_BODY: usize = 1 << 20;
+
+/// A response's marker: the app said another node runs the VM.
+#[derive(Debug, Clone)]
+pub struct OtherNode(pub String);
+
+/// A response that came from another replica (its failure was audited there).
+#[derive(Debug, Clone)]
+pub struct Forwarded;
+
+fn client() -> &'static reqwest::Client {
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .expect("a plain HTTP client always builds")
+    })
+}
+
+pub async fn forward_mw(State(app): State<App>, req: Request, next: Next) -> Response {
+    let about_a_vm = req.uri().path().starts_with("/api/v1/vms/");
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    if !about_a_vm || upgrade || req.headers().contains_key(FORWARDED) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let (method, uri, headers) = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return ApiError(Error::new(
+            covm_types::ErrorKind::PayloadTooLarge,
+            "payload_too_large",
+            format!("a request body has at most {MAX_BODY} bytes"),
+        ))
+        .into_response();
+    };
+    let resp = next.run(Request::from_parts(parts, Body::from(bytes.clone()))).await;
+    let Some(OtherNode(node)) = resp.extensions().get::<OtherNode>().cloned() else { return resp };
+    let url = match app.store().node_url(&node).await {
+        Ok(Some(u)) => u,
+        _ => return resp,
+    };
+    let target = format!("{}{}", url.trim_end_matches('/'), uri.path_and_query().map_or("", |p| p.as_str()));
+    let mut rb = client().request(method, &target).body(bytes);
+    for (k, v) in headers.iter().filter(|(k, _)| *k != header::HOST && *k != header::CONTENT_LENGTH) {
+        rb = rb.header(k, v);
+    }
+    rb = rb.header(FORWARDED, app.config().node_id.as_str());
+    match rb.send().await {
+        Ok(r) => {
+            let mut out = Response::builder().status(r.status());
+            for (k, v) in r.headers() {
+                if k != header::TRANSFER_ENCODING && k != header::CONNECTION && k != header::CONTENT_LENGTH {
+                    out = out.header(k, v);
+                }
+            }
+            out = out.header(
+                HeaderName::from_static("covm-node"),
+                HeaderValue::from_str(&node).unwrap_or(HeaderValue::from_static("-")),
+            );
+            let stream = r.bytes_stream().map_err(std::io::Error::other);
+            let mut resp = out.body(Body::from_stream(stream)).unwrap_or_else(|_| resp_error());
+            resp.extensions_mut().insert(Forwarded);
+            resp
+        }
+        Err(e) => {
+            tracing::warn!(%node, %url, error = %e, "could not forward a request to the VM's node");
+            resp
+        }
+    }
+}
+
+fn resp_error() -> Response {
+    ApiError(Error::internal("a forwarded answer could not be relayed")).into_response()
+}
