@@ -223,6 +223,11 @@ impl App {
         });
     }
 
+    /// Where a node's replica answers (for forwarding a request about one of its VMs).
+    pub async fn node_url(&self, node: &str) -> Option<String> {
+        self.store().node_url(node).await.ok().flatten()
+    }
+
     /// Refuses work on a VM that another node (another covm replica's data directory) runs: its QEMU,
     /// run files and agent are there. 409 `vm_on_other_node` names the node.
     pub(crate) fn vm_local(&self, rec: &VmRecord) -> Result<(), Error> {

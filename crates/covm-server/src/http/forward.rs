@@ -56,10 +56,7 @@ pub async fn forward_mw(State(app): State<App>, req: Request, next: Next) -> Res
     };
     let resp = next.run(Request::from_parts(parts, Body::from(bytes.clone()))).await;
     let Some(OtherNode(node)) = resp.extensions().get::<OtherNode>().cloned() else { return resp };
-    let url = match app.store().node_url(&node).await {
-        Ok(Some(u)) => u,
-        _ => return resp,
-    };
+    let Some(url) = app.node_url(&node).await else { return resp };
     let target = format!("{}{}", url.trim_end_matches('/'), uri.path_and_query().map_or("", |p| p.as_str()));
     let mut rb = client().request(method, &target).body(bytes);
     for (k, v) in headers.iter().filter(|(k, _)| *k != header::HOST && *k != header::CONTENT_LENGTH) {
