@@ -520,6 +520,8 @@ pub trait Store: Send + Sync + 'static {
     async fn saga_update(&self, saga: &SagaRecord) -> Result<()>;
     /// Records a saga's end (`done`, `undone` or `stuck`) and releases its locks.
     async fn saga_end(&self, saga: &SagaRecord) -> Result<()>;
+    /// Releases a running saga's locks (it committed; what is left of it needs no exclusion).
+    async fn saga_unlock(&self, id: Uuid) -> Result<()>;
     /// Sagas still `running` (a crash interrupted them), oldest first.
     async fn sagas_unfinished(&self) -> Result<Vec<SagaRecord>>;
     async fn saga_get(&self, id: Uuid) -> Result<Option<SagaRecord>>;

@@ -1174,6 +1174,16 @@ impl Store for $Store {
         self.saga_update_impl(saga, true).await
     }
 
+    async fn saga_unlock(&self, id: Uuid) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM op_locks WHERE saga_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("release operation locks"))?;
+        tx.commit().await.map_err(db_err("commit"))
+    }
+
     async fn sagas_unfinished(&self) -> Result<Vec<SagaRecord>> {
         self.sagas_unfinished_impl().await
     }

@@ -340,8 +340,13 @@ impl SagaGuard {
                     self.rec.current = None;
                 }
                 Err(e) if done.contains(&pivot) => {
-                    // Committed: the operation happened; what is left is retried at the next start.
+                    // Committed: the operation happened. What is left (cleanup) stays in the log and is
+                    // finished at the next start; it needs no lock meanwhile.
                     tracing::error!(saga = %self.rec.id, kind = S::KIND, step = %name, error = %e, "a step after the commit failed; it is retried at the next start");
+                    if let Err(le) = app.store().saga_unlock(self.rec.id).await {
+                        tracing::error!(saga = %self.rec.id, error = %le, "a committed saga's locks could not be released");
+                    }
+                    app.inner.saga_ended.notify_waiters();
                     return Ok(saga);
                 }
                 Err(e) => return Err(self.unwind(ctx, &mut saga, Some(step), &done, e).await),

@@ -256,6 +256,7 @@ async fn a_committed_saga_is_finished_at_the_next_start() {
     assert!(c.get::<Value>("/disks/gone").await.is_err());
     assert!(file.exists(), "the file step failed");
     assert_eq!(s.scalar("SELECT COUNT(*) FROM sagas WHERE state = 'running'").await, 1);
+    assert_eq!(s.count("op_locks").await, 0, "a committed saga holds no lock while its cleanup waits");
     s.restart().await;
     assert!(!Path::new(&file).exists(), "recovery finished the delete");
     assert_eq!(s.scalar("SELECT COUNT(*) FROM sagas WHERE state = 'running'").await, 0);
