@@ -483,11 +483,20 @@ impl App {
         Ok(PathBuf::from(spec_str(&ds, "path")).join(spec_str(o, "file")))
     }
 
-    /// Runs a create, clone or import saga; the new disk's view.
-    async fn disk_make(&self, ctx: &Ctx, saga: CreateSaga, locks: Vec<Uuid>) -> Result<DiskView, Error> {
+    /// Runs a create, clone or import saga; the new disk's view. A clone's source (`copy_of`) stays
+    /// locked while it is copied, so no one attaches it read-write meanwhile, and is checked with the
+    /// lock held.
+    async fn disk_make(&self, ctx: &Ctx, saga: CreateSaga, copy_of: Option<ObjectRecord>) -> Result<DiskView, Error> {
         let (app, ctx2) = (self.clone(), ctx.clone());
         self.to_the_end(async move {
+            let mut locks = vec![saga.record.id];
+            locks.extend(copy_of.as_ref().map(|s| s.id));
             let guard = app.saga_begin(&ctx2, CreateSaga::KIND, &locks).await?;
+            if let Some(src) = &copy_of
+                && let Err(e) = app.clone_check(src).await
+            {
+                return Err(guard.refuse(e).await);
+            }
             let saga = guard.run(&ctx2, saga).await?;
             let rec = app
                 .store()
@@ -532,7 +541,7 @@ impl App {
             source: Source::Empty { format: p.format.as_str().to_owned(), capacity: p.capacity_bytes },
             data,
         };
-        self.disk_make(ctx, saga, vec![id]).await
+        self.disk_make(ctx, saga, None).await
     }
 
     pub async fn disks_list(&self, ctx: &Ctx, q: DiskListQuery) -> Result<Page<DiskView>, Error> {
@@ -652,22 +661,7 @@ impl App {
             source: Source::Copy { from: self.disk_file(&src).await?, format: format.as_str().to_owned() },
             data,
         };
-        // The source stays locked while it is copied, so no one attaches it read-write meanwhile.
-        let (app, ctx2) = (self.clone(), ctx.clone());
-        self.to_the_end(async move {
-            let guard = app.saga_begin(&ctx2, CreateSaga::KIND, &[src.id, id]).await?;
-            if let Err(e) = app.clone_check(&src).await {
-                return Err(guard.refuse(e).await);
-            }
-            let saga = guard.run(&ctx2, saga).await?;
-            let rec = app
-                .store()
-                .object_get(saga.record.id)
-                .await?
-                .ok_or_else(|| Error::not_found("disk", &saga.record.name))?;
-            app.disk_view(&rec, false).await
-        })
-        .await
+        self.disk_make(ctx, saga, Some(src)).await
     }
 
     /// A disk a running VM writes to is not copied: the copy would not be consistent.
@@ -741,7 +735,7 @@ impl App {
             source: Source::Import { from: src },
             data,
         };
-        self.disk_make(ctx, saga, vec![id]).await
+        self.disk_make(ctx, saga, None).await
     }
 
     /// Deletes a disk and its image; refused while a VM's config holds it, naming the VMs.

@@ -296,10 +296,6 @@ impl App {
 }
 
 impl SagaGuard {
-    pub fn id(&self) -> Uuid {
-        self.rec.id
-    }
-
     /// The rules said no: nothing was done; the saga ends and its locks go.
     pub async fn refuse(mut self, e: Error) -> Error {
         self.rec.state = "undone".into();
