@@ -51,7 +51,13 @@ async fn world(s: &TestServer) -> World {
     for vm in VMS {
         configs.insert(vm.to_owned(), json!(c.vm(vm).await.unwrap().config.disks));
         if vm != "off" {
-            blocks.insert(vm.to_owned(), c.get(&format!("/vms/{vm}/block")).await.unwrap());
+            match c.get(&format!("/vms/{vm}/block")).await {
+                Ok(b) => {
+                    blocks.insert(vm.to_owned(), b);
+                }
+                // Say what state the VM is in, should its QEMU be gone.
+                Err(e) => panic!("{vm}'s block state: {e:?}; its runtime: {:?}", c.vm(vm).await.unwrap().runtime),
+            }
         }
     }
     World {
