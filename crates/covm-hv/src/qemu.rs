@@ -70,11 +70,21 @@ fn which(binary: &Path) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(binary)).find(|p| p.is_file())
 }
 
+/// A value inside a QEMU option string (`key=value,key=value`): a comma is doubled, so that a file
+/// named `x.iso,snapshot=on` stays one file name instead of adding an option.
+pub fn opt_escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
 /// The command line for a spec (without the binary).
+///
+/// Every path that QEMU parses as part of an option string is escaped ([`opt_escape`]), and every
+/// image gets its format given (`raw` for the cdrom; disks are added over QMP with their recorded
+/// format), so QEMU never guesses a format from what a guest wrote into its image.
 pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
     let c = &spec.config;
     let f = run_files(&spec.run_dir);
-    let p = |p: &Path| p.display().to_string();
+    let p = |p: &Path| opt_escape(&p.display().to_string());
     let machine = match c.machine {
         Machine::Q35 => "q35",
         Machine::Pc => "pc",
@@ -108,7 +118,7 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         "-serial".into(),
         "chardev:serial0".into(),
         "-pidfile".into(),
-        p(&f.pid),
+        f.pid.display().to_string(),
     ];
     if c.console.vnc {
         args.extend(["-vnc".into(), format!("unix:{}", p(&f.vnc))]);
@@ -122,9 +132,10 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         args.extend(["-drive".into(), format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")]);
     }
     if let Some(k) = &spec.kernel {
-        args.extend(["-kernel".into(), p(k)]);
+        // -kernel and -initrd take a file name as it is (no option string).
+        args.extend(["-kernel".into(), k.display().to_string()]);
         if let Some(i) = &spec.initrd {
-            args.extend(["-initrd".into(), p(i)]);
+            args.extend(["-initrd".into(), i.display().to_string()]);
         }
         args.extend(["-append".into(), c.cmdline.clone().unwrap_or_else(|| "console=ttyS0".into())]);
     }
@@ -154,7 +165,7 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         ]);
     }
     if let Some(cd) = &spec.cdrom {
-        args.extend(["-drive".into(), format!("file={},media=cdrom,readonly=on", p(cd))]);
+        args.extend(["-drive".into(), format!("file={},format=raw,media=cdrom,readonly=on", p(cd))]);
     }
     let order: String = c
         .boot
@@ -370,7 +381,11 @@ impl VmHandle for QemuVm {
             self.qmp.execute("blockdev-add", f).await?;
         }
         if !have.contains(&d.node) {
-            let fmt = json!({ "driver": d.format, "node-name": d.node, "file": file, "read-only": d.read_only });
+            let mut fmt = json!({ "driver": d.format, "node-name": d.node, "file": file, "read-only": d.read_only });
+            // covm makes no backing files (yet): a qcow2 header that names one is never followed.
+            if d.format == "qcow2" {
+                fmt["backing"] = serde_json::Value::Null;
+            }
             if let Err(e) = self.qmp.execute("blockdev-add", fmt).await {
                 let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;
                 return Err(e);
@@ -481,6 +496,29 @@ mod tests {
         ] {
             assert!(a.contains(part), "{part} missing from {a}");
         }
+    }
+
+    #[test]
+    fn images_have_their_format_and_commas_stay_in_file_names() {
+        let config: VmConfig = serde_json::from_value(json!({ "name": "a", "cdrom": "local:x" })).unwrap();
+        let spec = VmSpec {
+            id: Uuid::nil(),
+            name: "a".into(),
+            version: 1,
+            config,
+            kernel: None,
+            initrd: None,
+            cdrom: Some("/ds/x.iso,snapshot=on".into()),
+            run_dir: "/data,1/vms/x".into(),
+            accel: AccelChoice::Tcg,
+            nic_bridges: vec![],
+            disks: vec![],
+        };
+        let args = command_line(&spec).unwrap();
+        let drive = args.iter().skip_while(|a| *a != "-drive").nth(1).unwrap();
+        assert_eq!(drive, "file=/ds/x.iso,,snapshot=on,format=raw,media=cdrom,readonly=on");
+        assert!(args.contains(&"unix:/data,,1/vms/x/qmp.sock,server=on,wait=off".to_owned()), "{args:?}");
+        assert!(args.contains(&"/data,1/vms/x/qemu.pid".to_owned()), "{args:?}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ fn replica_key(id: Uuid) -> i64 {
     i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
 }
 
+/// How long a request waits for a database connection before it is told the store is unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub struct PgStore {
     pub(crate) writer: PgPool,
     pub(crate) reader: PgPool,
@@ -64,7 +67,9 @@ impl PgStore {
         let options = options.log_statements(tracing::log::LevelFilter::Trace);
         let writer = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(30))
+            // A database that does not answer is reported (503 store_unavailable) within seconds.
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(|conn, _| Box::pin(async move { crate::sql::release_check(conn).await }))
             .connect_with(options.clone())
             .await
             .map_err(|e| {
@@ -111,7 +116,10 @@ impl PgStore {
         if !alive {
             s.conn = None;
             s.leader = false;
-            let mut conn = self.options.connect().await.map_err(db_err("connect the session connection"))?;
+            let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, self.options.connect())
+                .await
+                .map_err(|_| Error::store_unavailable("the database cannot be reached right now"))?
+                .map_err(db_err("connect the session connection"))?;
             if let Some(id) = s.replica {
                 sqlx::query("SELECT pg_advisory_lock($1)")
                     .bind(replica_key(id))

@@ -68,6 +68,22 @@ macro_rules! object_privileges_cte {
 
 /// Maps a database error: a unique constraint is a conflict on `what`; anything else is logged once
 /// here and becomes an internal error.
+/// Decides whether a connection goes back to the pool: never one still inside a transaction. A
+/// COMMIT that failed (a full disk) may leave the database rolled back and the driver still counting a
+/// transaction, whose ROLLBACK then fails too; such a connection is closed and the pool makes a new
+/// one, so writes resume by themselves once the cause is gone. The ping lets a rollback queued by a
+/// dropped transaction finish first.
+pub(crate) async fn release_check<C: sqlx::Connection>(conn: &mut C) -> std::result::Result<bool, sqlx::Error> {
+    if conn.ping().await.is_err() {
+        return Ok(false);
+    }
+    let clean = !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!("a database connection was left inside a transaction; it is closed, not reused");
+    }
+    Ok(clean)
+}
+
 pub(crate) fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
     move |e| {
         if let sqlx::Error::Database(d) = &e {
@@ -77,6 +93,33 @@ pub(crate) fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
             if d.is_foreign_key_violation() {
                 return Error::conflict("in_use", format!("{what}: the object is still referenced"));
             }
+            // SQLITE_FULL (SQLite turns ENOSPC into it), PostgreSQL's disk_full class.
+            let code = d.code().unwrap_or_default();
+            if code == "13" || code.starts_with("531") {
+                tracing::error!(error = %e, "database error: {what}: the file system that holds the database is full");
+                return Error::storage_full(
+                    "database",
+                    format!(
+                        "could not {what}: the file system that holds covm's database is full; free space there and try again"
+                    ),
+                );
+            }
+            // PostgreSQL shutting down, refusing connections, or a connection that broke.
+            if code.starts_with("57P") || code.starts_with("08") {
+                tracing::error!(error = %e, "database error: {what}: the database cannot be reached");
+                return Error::store_unavailable(format!("could not {what}: the database cannot be reached right now"));
+            }
+        }
+        if matches!(
+            e,
+            sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+        ) {
+            tracing::error!(error = %e, "database error: {what}: the database cannot be reached");
+            return Error::store_unavailable(format!("could not {what}: the database cannot be reached right now"));
         }
         tracing::error!(error = %e, "database error: {what}");
         Error::internal(format!("database error: could not {what}"))

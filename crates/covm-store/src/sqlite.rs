@@ -42,6 +42,7 @@ impl SqliteStore {
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .after_release(|conn, _| Box::pin(async move { crate::sql::release_check(conn).await }))
             .connect_with(options.clone())
             .await
             .map_err(db_err("open the database"))?;

@@ -22,6 +22,7 @@ pub struct ListQuery {
     /// The cursor from the previous page's `next`.
     pub after: Option<String>,
     /// At most this many items (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -31,7 +32,9 @@ pub struct ListQuery {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionCreate {
+    #[schema(max_length = 256)]
     pub user: String,
+    #[schema(max_length = 1024)]
     pub password: String,
 }
 
@@ -66,6 +69,7 @@ pub struct TokenCreate {
     pub name: Name,
     /// Lifetime in seconds (default 30 days, at most one year).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 31536000)]
     pub expires_in_s: Option<u64>,
 }
 
@@ -84,12 +88,14 @@ pub struct TokenView {
 #[serde(deny_unknown_fields)]
 pub struct UserCreate {
     pub name: Name,
+    #[schema(min_length = 8)]
     pub password: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordSet {
+    #[schema(min_length = 8)]
     pub password: String,
 }
 
@@ -385,6 +391,7 @@ pub struct EventQuery {
     /// Only events after this sequence number.
     pub after: Option<i64>,
     /// At most this many (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only events on this object (id).
     pub object: Option<Uuid>,
@@ -401,6 +408,7 @@ pub struct AuditQuery {
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
     pub after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

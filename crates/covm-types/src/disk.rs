@@ -60,6 +60,7 @@ pub struct DiskCreate {
     /// The datastore's name.
     pub datastore: String,
     /// Bytes, a multiple of 512, from 1 MiB to 64 TiB.
+    #[schema(minimum = 1048576, maximum = 70368744177664.0, multiple_of = 512)]
     pub capacity_bytes: u64,
     #[serde(default)]
     pub format: DiskFormat,
@@ -77,6 +78,7 @@ pub struct DiskCreate {
 #[serde(deny_unknown_fields)]
 pub struct DiskResize {
     /// The new size; larger than the current one (disks only grow).
+    #[schema(minimum = 1048576, maximum = 70368744177664.0, multiple_of = 512)]
     pub capacity_bytes: u64,
 }
 
@@ -148,5 +150,6 @@ pub struct DiskListQuery {
     /// Only disks attached to this VM (its name).
     pub vm: Option<String>,
     pub after: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }

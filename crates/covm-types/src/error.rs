@@ -24,12 +24,16 @@ pub enum ErrorKind {
     PreconditionFailed,
     /// 413: the body is larger than the server accepts.
     PayloadTooLarge,
+    /// 415: the body is not JSON (or says it is not).
+    UnsupportedMediaType,
     /// 423: the object is leased by someone else.
     Locked,
     /// 429: too many requests (or failed sign-ins); retry later.
     RateLimited,
     /// 503: a dependency is not available right now.
     Unavailable,
+    /// 507: a file system covm writes to is full.
+    StorageFull,
     /// 500: a fault in covm; the message carries a request id to find in the log.
     Internal,
 }
@@ -114,6 +118,18 @@ impl Error {
         let mut e = Error::new(ErrorKind::RateLimited, "rate_limited", message);
         e.retry_after_s = Some(retry_after_s);
         e
+    }
+
+    /// 503 with `Retry-After`: the store cannot be reached.
+    pub fn store_unavailable(message: impl Into<String>) -> Error {
+        let mut e = Error::new(ErrorKind::Unavailable, "store_unavailable", message);
+        e.retry_after_s = Some(5);
+        e
+    }
+
+    /// 507: no room left where covm writes.
+    pub fn storage_full(what: &str, message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::StorageFull, "storage_full", message).with_details(serde_json::json!({ "full": what }))
     }
 
     pub fn internal(message: impl Into<String>) -> Error {

@@ -66,9 +66,11 @@ privileges! {
     DiskCreate => "Disk.Create",
     DiskDelete => "Disk.Delete",
     DiskExtend => "Disk.Extend",
+    DiskAttach => "Disk.Attach",
     ResourceAssignVmToPool => "Resource.AssignVMToPool",
     ResourceCreatePool => "Resource.CreatePool",
     NetworkConfig => "Network.Config",
+    NetworkAssign => "Network.Assign",
     PermissionsModify => "Permissions.Modify",
     AuditRead => "Audit.Read",
     UsersManage => "Users.Manage",
@@ -141,7 +143,9 @@ impl BuiltinRole {
             DiskCreate,
             DiskDelete,
             DiskExtend,
+            DiskAttach,
             ResourceAssignVmToPool,
+            NetworkAssign,
         ];
         match self {
             BuiltinRole::Admin => Privilege::ALL.to_vec(),

@@ -201,8 +201,11 @@ pub struct VmConfig {
     #[serde(default = "default_pool")]
     pub pool: String,
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 256)]
     pub cpus: u32,
+    /// At least 16, at most the host's memory.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16)]
     pub memory_mib: u64,
     #[serde(default)]
     pub machine: Machine,
@@ -465,6 +468,7 @@ pub struct VmListQuery {
     pub name: Option<String>,
     pub power_state: Option<PowerState>,
     pub after: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -504,6 +508,7 @@ pub struct PowerRequest {
     pub action: PowerAction,
     /// For `shutdown`: how long to wait for the guest (default 60, at most 3600).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
     pub timeout_s: Option<u32>,
 }
 
@@ -541,6 +546,7 @@ pub struct TaskView {
 pub struct TaskQuery {
     /// Only tasks older than this one (paging).
     pub before: Option<Uuid>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -548,6 +554,7 @@ pub struct TaskQuery {
 #[into_params(parameter_in = Query)]
 pub struct SerialQuery {
     /// The last N lines (default 100, at most 10000).
+    #[param(maximum = 10000)]
     pub tail: Option<u32>,
 }
 
@@ -572,6 +579,7 @@ pub struct VersionView {
 pub struct VersionQuery {
     /// Only versions older than this (paging: pass the last version seen).
     pub before: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -607,6 +615,7 @@ pub struct RevertRequest {
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     /// Seconds, 1 to 3600.
+    #[schema(minimum = 1, maximum = 3600)]
     pub ttl_s: u32,
 }
 

@@ -273,6 +273,7 @@ impl Plug {
         let opts = WriteOpts {
             message: Some(message),
             next_boot: self.next_boot,
+            disks_checked: true,
             disks_live: self.hot.is_some(),
             ..Default::default()
         };
@@ -458,7 +459,7 @@ impl App {
     pub async fn vm_disk_attach(&self, ctx: &Ctx, vm: &str, p: DiskAttach) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmConfigAddExistingDisk).await?;
-        let disk = self.object_resolve(ctx, &p.disk, Some(ObjectKind::Disk), "disk").await?;
+        let disk = self.disk_use_authorize(ctx, &p.disk, "disk").await?;
         let (app, ctx2) = (self.clone(), ctx.clone());
         self.to_the_end(async move {
             let guard = app.saga_begin(&ctx2, AttachSaga::KIND, &[disk.id, rec.object.id]).await?;
@@ -484,16 +485,7 @@ impl App {
                 format!("{} is already attached to {}", disk.name, rec.object.name),
             ));
         }
-        let mut holders = Vec::new();
-        for h in self.disk_attachments(disk).await? {
-            let power = match self.store().object_by_name(ObjectKind::Vm, &h.vm).await? {
-                Some(o) => self.store().vm_get(o.id).await?.map(|v| v.power_state).unwrap_or_default(),
-                None => String::new(),
-            };
-            holders.push((h, power));
-        }
-        let sharing: Sharing = serde_json::from_value(disk.spec["sharing"].clone()).unwrap_or_default();
-        writers_check(&disk.name, sharing, p.read_only, &holders)?;
+        self.disk_writers_check(disk, Some(vm), p.read_only).await?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
         let is_running = running(&rec);
         self.vm_local(&rec)?;
@@ -696,7 +688,7 @@ impl App {
     /// Moves a disk from the VM that holds it to another, as one saga: detach (hot if that VM runs),
     /// attach (hot if the target runs); on any failure the disk is back where it was.
     pub async fn disk_move(&self, ctx: &Ctx, disk: &str, p: DiskMove) -> Result<VmView, Error> {
-        let d = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
+        let d = self.disk_use_authorize(ctx, disk, "disk").await?;
         let target = self.vm_resolve(ctx, &p.to_vm).await?;
         self.require(ctx, &target.object, Privilege::VmConfigAddExistingDisk).await?;
         let (app, ctx2) = (self.clone(), ctx.clone());

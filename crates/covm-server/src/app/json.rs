@@ -36,5 +36,10 @@ pub fn json_error(path: &str, e: &serde_json::Error) -> Error {
 /// Parses a JSON document into `T`, naming the field at fault.
 pub fn json_parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| json_error(&e.path().to_string(), e.inner()))
+    let v = serde_path_to_error::deserialize(&mut *de).map_err(|e| json_error(&e.path().to_string(), e.inner()))?;
+    // One document: anything after it but white space (a second object, stray text) is refused.
+    de.end().map_err(|_| {
+        Error::new(ErrorKind::InvalidRequest, "invalid_json", "the body holds more than one JSON document")
+    })?;
+    Ok(v)
 }

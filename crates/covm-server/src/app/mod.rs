@@ -24,6 +24,7 @@ pub mod leases;
 pub mod node;
 pub mod power;
 pub mod principals;
+pub mod refs;
 pub mod saga;
 pub mod vms;
 
@@ -64,6 +65,8 @@ struct AppInner {
     hub: EventHub,
     limiter: RateLimiter,
     config: AppConfig,
+    /// A write failed for want of space and none has succeeded since (readiness says so).
+    storage_full: AtomicBool,
 }
 
 impl App {
@@ -82,6 +85,7 @@ impl App {
                 hub,
                 limiter: RateLimiter::default(),
                 config,
+                storage_full: AtomicBool::new(false),
             }),
         };
         let weak = Arc::downgrade(&app.inner);
@@ -91,6 +95,41 @@ impl App {
             }
         }));
         app
+    }
+
+    /// Notes how the last write ended: out of space (`true`) or written.
+    pub fn storage_note(&self, full: bool) {
+        if self.inner.storage_full.swap(full, Ordering::Relaxed) != full {
+            match full {
+                true => tracing::error!("writes fail: the file system that holds covm's data is full"),
+                false => tracing::info!("writes succeed again"),
+            }
+        }
+    }
+
+    /// Whether covm can serve: the store answers, its storage has room, the driver works. The second
+    /// value lists what a person should know.
+    pub async fn readiness(&self) -> (bool, Vec<String>) {
+        let mut ready = true;
+        let mut details =
+            vec![format!("store: {}", self.store().backend()), format!("driver: {}", self.node().driver.name())];
+        if let Err(e) = self.node().driver.check() {
+            details.push(format!("driver: {e}"));
+        }
+        details.extend(self.node().leftovers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        if let Err(e) = self.store().ping().await {
+            ready = false;
+            details.push(format!("store: {}", e.message));
+        }
+        let free = host::fs_capacity(&self.config().data_dir).map(|(_, free)| free).unwrap_or(u64::MAX);
+        if self.inner.storage_full.load(Ordering::Relaxed) || free < 64 * 1024 {
+            ready = false;
+            details.push(format!(
+                "storage full: the file system of the data directory {} has {free} bytes free; writes fail until space is freed",
+                self.config().data_dir.display()
+            ));
+        }
+        (ready, details)
     }
 
     /// This process's replica id.

@@ -100,7 +100,12 @@ impl App {
             && t.actor != ctx.user
             && let Some(obj) = self.store().object_get(o).await?
         {
-            self.object_resolve(ctx, &obj.id.to_string(), None, "task").await?;
+            // Someone else's task on an object the caller may not view is not there: the answer names
+            // the task, never the object.
+            self.object_resolve(ctx, &obj.id.to_string(), None, "task").await.map_err(|e| match e.kind {
+                covm_types::ErrorKind::NotFound => Error::not_found("task", &id.to_string()),
+                _ => e,
+            })?;
         }
         Ok(task_view(&t))
     }
@@ -133,8 +138,18 @@ impl App {
         let path = root.join(&rel).canonicalize().map_err(|_| {
             Error::conflict("file_missing", format!("{reference} does not exist in datastore {ds}")).with_field(field)
         })?;
-        if !path.starts_with(root.canonicalize().unwrap_or(root)) || !path.is_file() {
+        let root = root.canonicalize().unwrap_or(root);
+        if !path.starts_with(&root) || !path.is_file() {
             return Err(Error::invalid(field, format!("{reference} is not a file inside datastore {ds}")));
+        }
+        // Checked again as resolved (a link inside the datastore may lead to a disk's image).
+        if path.starts_with(root.join(super::refs::DISKS_DIR)) {
+            return Err(Error::new(
+                covm_types::ErrorKind::InvalidRequest,
+                "managed_disk_file",
+                format!("{reference} leads to a file where covm keeps disk images; attach a disk instead"),
+            )
+            .with_field(field));
         }
         Ok(path)
     }

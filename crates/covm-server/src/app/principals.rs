@@ -273,7 +273,11 @@ impl App {
         let not_found = || Error::not_found("permission", &id.to_string());
         let rec = self.store().permission_get(id).await?.ok_or_else(not_found)?;
         let obj = self.store().object_get(rec.object_id).await?.ok_or_else(not_found)?;
-        self.require(ctx, &obj, Privilege::PermissionsModify).await?;
+        // A grant on an object the caller may not view is not there: the answer names the grant only.
+        self.require(ctx, &obj, Privilege::PermissionsModify).await.map_err(|e| match e.kind {
+            covm_types::ErrorKind::NotFound => not_found(),
+            _ => e,
+        })?;
         let ev = ctx.event("permission.revoked", obj.kind.as_str(), Some(obj.id), &obj.name).data(json!({
             "permission": id, "principal_kind": rec.principal_kind.as_str(), "principal_name": rec.principal_name,
             "role": rec.role_name, "object": obj.path, "propagate": rec.propagate,

@@ -234,6 +234,8 @@ impl App {
         }
         for rec in &unfinished {
             let r = match rec.kind.as_str() {
+                // Stopped while checking its rules (or a lock-only saga): nothing was done.
+                _ if rec.data.is_null() => self.saga_recover::<super::attach::AttachSaga>(rec.clone()).await,
                 super::attach::AttachSaga::KIND => self.saga_recover::<super::attach::AttachSaga>(rec.clone()).await,
                 super::attach::DetachSaga::KIND => self.saga_recover::<super::attach::DetachSaga>(rec.clone()).await,
                 super::attach::MoveSaga::KIND => self.saga_recover::<super::attach::MoveSaga>(rec.clone()).await,
@@ -296,6 +298,15 @@ impl App {
 }
 
 impl SagaGuard {
+    /// A lock-only saga (it has no steps) is over: its locks go.
+    pub async fn release(mut self) {
+        self.rec.state = "done".into();
+        self.rec.updated_at = covm_store::now();
+        if let Err(e) = self.app.saga_end(&self.rec).await {
+            tracing::error!(saga = %self.rec.id, error = %e, "a saga's locks could not be released");
+        }
+    }
+
     /// The rules said no: nothing was done; the saga ends and its locks go.
     pub async fn refuse(mut self, e: Error) -> Error {
         self.rec.state = "undone".into();

@@ -17,7 +17,7 @@ use covm_store::{ConfigWrite, NewObject, VersionRecord, VmFilter, VmRecord, VmWr
 use covm_types::api::{ObjectKind, Page};
 use covm_types::vm::{
     DiffView, LeaseView, PowerState, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmConfig, VmListQuery,
-    VmRuntime, VmView, datastore_path,
+    VmRuntime, VmView,
 };
 use covm_types::{Error, ErrorKind, Privilege, ROOT_ID};
 use serde_json::{Value, json};
@@ -199,72 +199,6 @@ impl App {
         self.store().vm_get(obj.id).await?.ok_or_else(|| Error::not_found("vm", vm))
     }
 
-    /// Checks the references of a document against the inventory, and the caller's privileges to use
-    /// them; with `old` (a change), only those that differ from it. Returns the folder's id.
-    async fn vm_references_check(
-        &self,
-        ctx: &Ctx,
-        c: &VmConfig,
-        old: Option<(&VmConfig, Uuid)>,
-    ) -> Result<Uuid, Error> {
-        let folder = match old {
-            Some((o, parent)) if o.folder == c.folder => parent,
-            _ => {
-                let folder = self.object_resolve(ctx, &c.folder, Some(ObjectKind::Folder), "folder").await?;
-                self.require(ctx, &folder, Privilege::VmInventoryCreate).await?;
-                folder.id
-            }
-        };
-        let old = old.map(|(o, _)| o);
-        if old.is_none_or(|o| o.pool != c.pool) {
-            let pool = self
-                .object_lookup(&c.pool, Some(ObjectKind::Pool))
-                .await?
-                .ok_or_else(|| Error::invalid("pool", format!("there is no pool {}", c.pool)))?;
-            self.require(ctx, &pool, Privilege::ResourceAssignVmToPool).await?;
-        }
-        for (i, n) in c.nics.iter().enumerate() {
-            if old.is_some_and(|o| o.nics.iter().any(|x| x.network == n.network)) {
-                continue;
-            }
-            if self.object_lookup(&n.network, Some(ObjectKind::Network)).await?.is_none() {
-                return Err(Error::invalid(
-                    &format!("nics[{i}].network"),
-                    format!("there is no network {}", n.network),
-                ));
-            }
-        }
-        for (i, d) in c.disks.iter().enumerate() {
-            if old.is_some_and(|o| o.disks.iter().any(|x| x.disk == d.disk)) {
-                continue;
-            }
-            if self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?.is_none() {
-                return Err(Error::new(
-                    ErrorKind::InvalidRequest,
-                    "unknown_disk",
-                    format!("there is no disk {}", d.disk),
-                )
-                .with_field(format!("disks[{i}].disk")));
-            }
-        }
-        for (field, v) in [("cdrom", &c.cdrom), ("kernel", &c.kernel), ("initrd", &c.initrd)] {
-            let before = old.and_then(|o| match field {
-                "cdrom" => o.cdrom.as_ref(),
-                "kernel" => o.kernel.as_ref(),
-                _ => o.initrd.as_ref(),
-            });
-            if let Some(p) = v
-                && before != Some(p)
-            {
-                let (ds, _) = datastore_path(field, p)?;
-                if self.object_lookup(&ds, Some(ObjectKind::Datastore)).await?.is_none() {
-                    return Err(Error::invalid(field, format!("there is no datastore {ds}")));
-                }
-            }
-        }
-        Ok(folder)
-    }
-
     /// The privileges a change from `old` to `new` needs on the VM (DESIGN §7, per field).
     fn vm_change_privileges(old: &VmConfig, new: &VmConfig, fields: &[String]) -> BTreeSet<Privilege> {
         let mut need = BTreeSet::new();
@@ -303,7 +237,21 @@ impl App {
             }
         }
         c.check(self.host_memory_mib())?;
-        let folder = self.vm_references_check(ctx, &c, None).await?;
+        let guard = self.disk_refs_lock(ctx, None, &c).await?;
+        let r = self.vm_create_locked(ctx, c).await;
+        if let Some(g) = guard {
+            g.release().await;
+        }
+        r
+    }
+
+    async fn vm_create_locked(&self, ctx: &Ctx, mut c: VmConfig) -> Result<VmView, Error> {
+        let folder = self.object_resolve(ctx, &c.folder, Some(ObjectKind::Folder), "folder").await?;
+        if !c.disks.is_empty() {
+            // The new VM inherits the folder's grants: attaching disks is asked of the folder.
+            self.require(ctx, &folder, Privilege::VmConfigAddExistingDisk).await?;
+        }
+        let folder = self.config_refs_authorize(ctx, None, None, folder.id, &mut c, false).await?;
         let doc = serde_json::to_value(&c).map_err(|_| Error::internal("could not render a config"))?;
         let id = Uuid::now_v7();
         let patch = patch_of(&json!({}), &doc);
@@ -369,7 +317,8 @@ impl App {
         }
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
-        let opts = WriteOpts { message: q.message, dry_run: q.dry_run, next_boot, disks_live: false };
+        let opts =
+            WriteOpts { message: q.message, dry_run: q.dry_run, next_boot, disks_checked: false, disks_live: false };
         self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, opts).await
     }
 
@@ -387,7 +336,13 @@ impl App {
                 rec,
                 DocChange::Replace(old.config, r.version),
                 pre,
-                WriteOpts { message: Some(message), dry_run: false, next_boot: r.next_boot, disks_live: false },
+                WriteOpts {
+                    message: Some(message),
+                    dry_run: false,
+                    next_boot: r.next_boot,
+                    disks_checked: false,
+                    disks_live: false,
+                },
             )
             .await?;
         Ok(view)
@@ -396,18 +351,17 @@ impl App {
     pub(crate) async fn vm_write_doc(
         &self,
         ctx: &Ctx,
-        mut rec: VmRecord,
+        rec: VmRecord,
         change: DocChange,
         pre: Preconditions,
         opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
-        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_live } = opts;
+        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live } = opts;
         if let Some(m) = &message
             && m.len() > 1024
         {
             return Err(Error::invalid("message", "a message has at most 1024 bytes"));
         }
-        let host_mem = self.host_memory_mib();
         // A stale base is answered from what was read, without waiting for the writer (the write
         // transaction checks again, for the races in between).
         if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
@@ -415,12 +369,35 @@ impl App {
                 .with_details(json!({ "current_version": rec.version, "your_version": v }));
             return Err(self.stale_error(&rec, e).await);
         }
+        // A change that names disks holds their locks until it is written, as an attach does.
+        let guard = match disks_checked || !change.touches_disks() {
+            true => None,
+            false => self.disk_refs_lock(ctx, Some(rec.object.id), &parse_config(&change.apply(&rec.config))?).await?,
+        };
+        let opts = WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live };
+        let r = self.vm_write_doc_locked(ctx, rec, change, pre, opts).await;
+        if let Some(g) = guard {
+            g.release().await;
+        }
+        r
+    }
+
+    async fn vm_write_doc_locked(
+        &self,
+        ctx: &Ctx,
+        mut rec: VmRecord,
+        change: DocChange,
+        pre: Preconditions,
+        opts: WriteOpts,
+    ) -> Result<(VmView, ChangePlan), Error> {
+        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live } = opts;
+        let host_mem = self.host_memory_mib();
         for _ in 0..RETRIES {
             // Outside the transaction: the whole document, checked against the inventory and privileges.
             // (With a stale If-Match the transaction refuses the write; these checks are then moot.)
             let base = rec.config.clone();
             let new_doc = change.apply(&base);
-            let new_cfg = parse_config(&new_doc)?;
+            let mut new_cfg = parse_config(&new_doc)?;
             new_cfg.check(host_mem)?;
             let old_cfg: VmConfig = parse_config(&rec.config)?;
             let fields = changed_fields(&rec.config, &serde_json::to_value(&new_cfg).unwrap_or_default());
@@ -428,8 +405,19 @@ impl App {
                 self.require(ctx, &rec.object, p).await?;
             }
             let parent = rec.object.parent_id.unwrap_or(ROOT_ID);
-            let folder = self.vm_references_check(ctx, &new_cfg, Some((&old_cfg, parent))).await?;
             let refs = references(&new_cfg);
+            let raw_disks = new_cfg.disks.clone();
+            let folder = self
+                .config_refs_authorize(
+                    ctx,
+                    Some(&rec.object),
+                    Some(&old_cfg),
+                    parent,
+                    &mut new_cfg,
+                    disks_checked || !change.touches_disks(),
+                )
+                .await?;
+            let settled_disks = new_cfg.disks.clone();
 
             let (live, next_boot) = classify(&old_cfg, &new_cfg);
             if dry_run {
@@ -470,11 +458,13 @@ impl App {
                     _ => {}
                 }
                 let new_doc = c2.apply(&vm.config);
-                let cfg = parse_config(&new_doc)?;
+                let mut cfg = parse_config(&new_doc)?;
                 cfg.check(host_mem)?;
-                if references(&cfg) != refs {
+                if references(&cfg) != refs || cfg.disks != raw_disks {
                     return Err(Error::new(ErrorKind::Conflict, "retry", "references changed; retrying"));
                 }
+                // The disk attachments as checked (names and generations settled).
+                cfg.disks = settled_disks.clone();
                 let new_doc = serde_json::to_value(&cfg).map_err(|_| Error::internal("could not render a config"))?;
                 if new_doc == vm.config {
                     // Already so: nothing to write.
@@ -720,6 +710,8 @@ pub(crate) struct WriteOpts {
     pub dry_run: bool,
     /// `apply=next_boot`.
     pub next_boot: bool,
+    /// The disks change comes from an attach or detach saga, whose rules were checked under its locks.
+    pub disks_checked: bool,
     /// The disks change was already applied to the running QEMU (hot-plug): it is live.
     pub disks_live: bool,
 }
@@ -734,6 +726,14 @@ pub(crate) enum DocChange {
 }
 
 impl DocChange {
+    /// Whether the change may set the disk attachments (a merge that names them, or a revert).
+    fn touches_disks(&self) -> bool {
+        match self {
+            DocChange::Merge(m) => m.get("disks").is_some(),
+            DocChange::Replace(..) => true,
+        }
+    }
+
     fn apply(&self, base: &Value) -> Value {
         match self {
             DocChange::Merge(m) => {

@@ -27,9 +27,11 @@ pub fn status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorKind::Locked => StatusCode::LOCKED,
         ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -68,9 +70,11 @@ mod tests {
             (ErrorKind::Conflict, 409),
             (ErrorKind::PreconditionFailed, 412),
             (ErrorKind::PayloadTooLarge, 413),
+            (ErrorKind::UnsupportedMediaType, 415),
             (ErrorKind::Locked, 423),
             (ErrorKind::RateLimited, 429),
             (ErrorKind::Unavailable, 503),
+            (ErrorKind::StorageFull, 507),
             (ErrorKind::Internal, 500),
         ];
         for (kind, code) in cases {

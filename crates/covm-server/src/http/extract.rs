@@ -25,11 +25,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
+        let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
             return Err(Error::new(
-                ErrorKind::InvalidRequest,
+                ErrorKind::UnsupportedMediaType,
                 "unsupported_media_type",
-                "the body must be JSON (Content-Type: application/json)",
+                "the body must be JSON, sent with Content-Type: application/json",
             )
             .into());
         }
@@ -42,6 +43,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         })?;
         if bytes.is_empty() {
             return Err(Error::new(ErrorKind::InvalidRequest, "missing_body", "this request needs a JSON body").into());
+        }
+        // Every body is one JSON object (serde would take an array for a struct's fields in order).
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(
+                Error::new(ErrorKind::InvalidRequest, "invalid_json", "the body is one JSON object, {…}").into()
+            );
         }
         Ok(JsonBody(json_parse(&bytes)?))
     }

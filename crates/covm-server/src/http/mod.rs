@@ -15,6 +15,7 @@ pub mod principals;
 pub mod session;
 pub mod vms;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -42,7 +43,7 @@ use error::{ApiError, ErrorCode};
 #[openapi(
     info(title = "covm", description = "A shared virtual-machine host for a team.", license(name = "Apache-2.0")),
     modifiers(&BearerAuth),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, covm_types::vm::ApplyMode)),
     tags(
         (name = "session", description = "Sign-in, sessions and API tokens"),
         (name = "principals", description = "Users, groups, roles and permissions"),
@@ -165,19 +166,11 @@ fn with_service_layers(routes: axum::Router<App>, app: App) -> axum::Router {
 }
 
 async fn readyz(State(app): State<App>) -> Response {
-    let mut details =
-        vec![format!("store: {}", app.store().backend()), format!("driver: {}", app.node().driver.name())];
-    if let Err(e) = app.node().driver.check() {
-        details.push(format!("driver: {e}"));
-    }
-    details.extend(app.node().leftovers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
-    match app.store().ping().await {
-        Ok(()) => Json(Health { status: "ready".into(), details }).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health { status: "unavailable".into(), details: vec![format!("store: {}", e.message)] }),
-        )
-            .into_response(),
+    match app.readiness().await {
+        (true, details) => Json(Health { status: "ready".into(), details }).into_response(),
+        (false, details) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "unavailable".into(), details })).into_response()
+        }
     }
 }
 
@@ -190,6 +183,73 @@ fn request_id(req: &Request) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
 }
 
+/// The query parameters each documented route takes, from the OpenAPI document.
+fn query_params() -> &'static HashMap<(String, String), Vec<String>> {
+    static PARAMS: OnceLock<HashMap<(String, String), Vec<String>>> = OnceLock::new();
+    PARAMS.get_or_init(|| {
+        let doc = serde_json::to_value(openapi()).unwrap_or_default();
+        let mut out = HashMap::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                let names = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "query")
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect();
+                out.insert((method.to_ascii_uppercase(), path.clone()), names);
+            }
+        }
+        out
+    })
+}
+
+/// A query parameter the route does not take is refused (a typo must not pass as "no filter").
+fn query_check(method: &Method, route: &str, query: Option<&str>) -> Result<(), Error> {
+    let Some(allowed) = query_params().get(&(method.as_str().to_owned(), route.to_owned())) else { return Ok(()) };
+    for (name, _) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if !allowed.iter().any(|a| *a == name) {
+            let takes = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
+            return Err(Error::new(
+                covm_types::ErrorKind::InvalidRequest,
+                "unknown_query_parameter",
+                format!("unknown query parameter {name}; this path takes {takes}"),
+            )
+            .with_field(name.into_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Every error is the JSON envelope: one that a library answered in plain text (a path that is not
+/// UTF-8, a console request without `Upgrade`) is wrapped.
+async fn json_envelope(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let code = match parts.status {
+        StatusCode::NOT_FOUND => "no_route",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+    let text = if text.is_empty() { parts.status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    let kind = match parts.status {
+        s if s.is_server_error() => covm_types::ErrorKind::Internal,
+        StatusCode::NOT_FOUND => covm_types::ErrorKind::NotFound,
+        _ => covm_types::ErrorKind::InvalidRequest,
+    };
+    let body = serde_json::to_vec(&Error::new(kind, code, text).body()).unwrap_or_default();
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.extensions.insert(ErrorCode(code.to_owned()));
+    Response::from_parts(parts, Body::from(body))
+}
+
 async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
@@ -200,17 +260,33 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     let path = req.uri().path().to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
 
-    let mut resp = next.run(req).await;
+    let mut resp = match query_check(&method, &route, req.uri().query()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => ApiError(e).into_response(),
+    };
+    let is_json =
+        resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if (resp.status().is_client_error() || resp.status().is_server_error()) && !is_json {
+        resp = json_envelope(resp).await;
+    }
+    // Answers are for the caller alone (some carry tokens): never cached, never sniffed.
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     let status = resp.status();
 
     let mutating = matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let code = resp.extensions().get::<ErrorCode>().map(|c| c.0.clone());
+    if code.as_deref() == Some("storage_full") {
+        app.storage_note(true);
+    } else if mutating && status.is_success() {
+        app.storage_note(false);
+    }
     if mutating
         && (status.is_client_error() || status.is_server_error())
         && status != StatusCode::UNAUTHORIZED
         && !info.audited()
         && resp.extensions().get::<forward::Forwarded>().is_none()
     {
-        let code = resp.extensions().get::<ErrorCode>().map(|c| c.0.clone());
         let actor = info.actor.get().cloned().unwrap_or_else(|| "-".into());
         let ev = covm_store::NewEvent {
             actor,

@@ -21,14 +21,14 @@ use crate::app::vms::{ChangePlan, Preconditions};
 /// `If-Match` (`"7"`, `7`, `W/"7"`; `*` is no condition) and `Covm-Lease` (a fencing token).
 pub struct Pre(pub Preconditions);
 
-fn header_int(headers: &HeaderMap, name: &str) -> Result<Option<i64>, Error> {
+fn header_int(headers: &HeaderMap, name: &str, what: &str) -> Result<Option<i64>, Error> {
     let Some(v) = headers.get(name) else { return Ok(None) };
     let s = v.to_str().unwrap_or_default().trim();
     if s == "*" {
         return Ok(None);
     }
     let s = s.trim_start_matches("W/").trim_matches('"');
-    s.parse::<i64>().map(Some).map_err(|_| Error::invalid(name, format!("{name} is a version number, like \"7\"")))
+    s.parse::<i64>().map(Some).map_err(|_| Error::invalid(name, format!("{name} is {what}, like \"7\"")))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Pre {
@@ -36,8 +36,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Pre {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         Ok(Pre(Preconditions {
-            if_match: header_int(&parts.headers, "If-Match")?,
-            lease_token: header_int(&parts.headers, "Covm-Lease")?,
+            if_match: header_int(&parts.headers, "If-Match", "a version number")?,
+            lease_token: header_int(&parts.headers, "Covm-Lease", "the fencing token of your lease (a number)")?,
         }))
     }
 }

@@ -29,3 +29,33 @@ async fn the_server_serves_the_same_document() {
     assert_eq!(served, serde_json::to_value(covm_server::http::openapi()).unwrap());
     assert!(served["paths"]["/api/v1/folders"]["post"].is_object());
 }
+
+/// Every `$ref` names a schema the document defines (a generator fails on one that it does not).
+#[test]
+fn every_reference_in_the_document_is_defined() {
+    let doc = serde_json::to_value(covm_server::http::openapi()).unwrap();
+    let defined = doc["components"]["schemas"].as_object().unwrap();
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                    out.push(r.to_owned());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{r} is not a schema reference"));
+        assert!(defined.contains_key(name), "{r} is referenced but not defined");
+    }
+    // The limits the server enforces are in the document.
+    let limit = &doc["paths"]["/api/v1/vms"]["get"]["parameters"];
+    let limit = limit.as_array().unwrap().iter().find(|p| p["name"] == "limit").unwrap();
+    assert_eq!((limit["schema"]["minimum"].as_i64(), limit["schema"]["maximum"].as_i64()), (Some(1), Some(1000)));
+}

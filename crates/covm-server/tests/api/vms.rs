@@ -270,28 +270,30 @@ async fn each_field_needs_its_privilege() {
 #[tokio::test]
 async fn bad_configs_are_refused_with_the_field() {
     let s = TestServer::start().await;
+    // A reference to nothing is "not found" (404), as at the reference's own endpoint.
     let cases = [
-        (json!({ "name": "a", "cpus": 0 }), "cpus"),
-        (json!({ "name": "a", "cpus": 257 }), "cpus"),
-        (json!({ "name": "a", "memory_mib": 8 }), "memory_mib"),
-        (json!({ "name": "a", "memory_mib": 1u64 << 40 }), "memory_mib"),
-        (json!({ "name": "a", "nics": [{ "network": "nope" }] }), "nics[0].network"),
-        (json!({ "name": "a", "pool": "nope" }), "pool"),
-        (json!({ "name": "a", "colour": "red" }), "colour"),
-        (json!({ "name": "A" }), "name"),
-        (json!({ "name": "a", "kernel": "local:../../etc/shadow" }), "kernel"),
-        (json!({ "name": "a", "disks": [{ "disk": "nope", "controller": "scsi0", "unit": 0 }] }), "disks[0].disk"),
+        (json!({ "name": "a", "cpus": 0 }), 400, "cpus"),
+        (json!({ "name": "a", "cpus": 257 }), 400, "cpus"),
+        (json!({ "name": "a", "memory_mib": 8 }), 400, "memory_mib"),
+        (json!({ "name": "a", "memory_mib": 1u64 << 40 }), 400, "memory_mib"),
+        (json!({ "name": "a", "nics": [{ "network": "nope" }] }), 404, "nics[0].network"),
+        (json!({ "name": "a", "pool": "nope" }), 404, "pool"),
+        (json!({ "name": "a", "colour": "red" }), 400, "colour"),
+        (json!({ "name": "A" }), 400, "name"),
+        (json!({ "name": "a", "kernel": "local:../../etc/shadow" }), 400, "kernel"),
+        (json!({ "name": "a", "kernel": "local:disks/x.qcow2" }), 400, "kernel"),
+        (json!({ "name": "a", "disks": [{ "disk": "nope", "controller": "scsi0", "unit": 0 }] }), 404, "disks[0].disk"),
     ];
-    for (body, field) in cases {
+    for (body, status, field) in cases {
         let resp = s.admin.request(reqwest::Method::POST, "/vms").json(&body).send().await.unwrap();
-        assert_eq!(resp.status(), 400, "{body}");
+        assert_eq!(resp.status(), status, "{body}");
         assert_eq!(resp.json::<covm_types::ErrorBody>().await.unwrap().error.field.as_deref(), Some(field), "{body}");
     }
     assert!(s.admin.vms(&Default::default()).await.unwrap().items.is_empty());
     s.admin.vm_create(&json!({ "name": "a" })).await.unwrap();
     assert_eq!(api_err(s.admin.vm_create(&json!({ "name": "a" })).await).0, 409);
     assert_eq!(api_err(s.admin.vm_change("a", &json!({ "cpus": "two" }), &Default::default()).await).0, 400);
-    assert_eq!(api_err(s.admin.vm_change("a", &json!([1]), &Default::default()).await).1, "invalid_patch");
+    assert_eq!(api_err(s.admin.vm_change("a", &json!([1]), &Default::default()).await).1, "invalid_json");
     assert_eq!(s.admin.vm("a").await.unwrap().version, 1);
 }
 
