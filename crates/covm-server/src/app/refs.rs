@@ -217,7 +217,7 @@ impl App {
                 None => None,
             };
             // Already attached as it was (or narrowed to read-only): nothing new is asked of the disk.
-            let kept = prev.as_ref().filter(|p| !(p.read_only && !d.read_only));
+            let kept = prev.as_ref().filter(|p| !p.read_only || d.read_only);
             let disk = match kept {
                 Some(_) => self
                     .object_lookup(&d.disk, Some(ObjectKind::Disk))

@@ -8,6 +8,7 @@ pub mod foundation;
 pub mod openapi;
 pub mod power;
 pub mod qemu;
+pub mod references;
 pub mod replicas;
 pub mod sagas;
 pub mod vms;
