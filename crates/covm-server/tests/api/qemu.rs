@@ -271,3 +271,57 @@ async fn a_killed_qemu_is_crashed_and_a_restarted_covm_adopts_a_running_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The files a process has open.
+fn open_files(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.flatten().filter_map(|e| std::fs::read_link(e.path()).ok()).collect())
+        .unwrap_or_default()
+}
+
+/// QEMU gets every image's format: a cdrom that a guest filled with a qcow2 header naming a backing
+/// file, or a disk image whose header was changed to name one, never makes QEMU open a file outside
+/// its datastore; a comma in a file name stays in the name.
+#[tokio::test]
+async fn qemu_opens_only_the_images_covm_names() {
+    if skip() {
+        return;
+    }
+    let s = qemu_server().await;
+    let c = &s.admin;
+    let canary = s.dir.path().join("canary.raw");
+    std::fs::write(&canary, vec![0u8; 1 << 20]).unwrap();
+    let iso = s.dir.path().join("datastores/local/iso");
+    std::fs::create_dir_all(&iso).unwrap();
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let evil = iso.join("evil.iso");
+    qemu_img(&["create", "-f", "qcow2", "-b", canary.to_str().unwrap(), "-F", "raw", evil.to_str().unwrap()]);
+    let comma = iso.join("a,snapshot=on.iso");
+    std::fs::write(&comma, vec![0u8; 1 << 20]).unwrap();
+    let d: covm_types::disk::DiskView = c
+        .post("/disks", &json!({ "name": "d1", "datastore": "local", "capacity_bytes": 1u64 << 20 }))
+        .await
+        .unwrap();
+    let image = s.dir.path().join("datastores/local").join(&d.file);
+    qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", canary.to_str().unwrap(), "-F", "raw", image.to_str().unwrap()]);
+    for (vm, cdrom) in [("cd1", "local:iso/evil.iso"), ("cd2", "local:iso/a,snapshot=on.iso")] {
+        c.vm_create(&json!({ "name": vm, "memory_mib": 64, "cdrom": cdrom, "boot": ["cdrom"] })).await.unwrap();
+    }
+    c.post::<_, serde_json::Value>("/vms/cd1/disks", &json!({ "disk": "d1" })).await.unwrap();
+    for vm in ["cd1", "cd2"] {
+        let t = task_done(c, &c.vm_power(vm, PowerAction::On, None).await.unwrap()).await;
+        assert_eq!(t.state, TaskState::Success, "{vm}: {t:?}");
+        let pid = c.vm(vm).await.unwrap().runtime.pid.unwrap();
+        let files = open_files(pid);
+        assert!(!files.contains(&canary), "{vm}: QEMU opened {} through an image header: {files:?}", canary.display());
+        let want = if vm == "cd1" { evil.clone() } else { comma.clone() };
+        assert!(files.contains(&want), "{vm}: QEMU did not open {}: {files:?}", want.display());
+        if vm == "cd1" {
+            assert!(files.contains(&image), "cd1: the disk is open: {files:?}");
+        }
+        task_done(c, &c.vm_power(vm, PowerAction::Off, None).await.unwrap()).await;
+    }
+}
