@@ -530,4 +530,22 @@ pub trait Store: Send + Sync + 'static {
 
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;
     async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
+
+    /// An account's failed sign-ins in the window that began with the first of them.
+    async fn signin_failures_get(&self, account: &str) -> Result<Option<SigninFailures>>;
+    /// Counts one more failed sign-in of `account` at `at`; a window older than `window` starts anew.
+    async fn signin_failure_add(
+        &self,
+        account: &str,
+        at: DateTime<Utc>,
+        window: chrono::Duration,
+    ) -> Result<SigninFailures>;
+}
+
+/// Failed sign-ins of one account (every replica counts into the same row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigninFailures {
+    pub failures: i64,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
 }

@@ -1260,6 +1260,60 @@ impl Store for $Store {
         .map_err(db_err("write settings"))?;
         tx.commit().await.map_err(db_err("commit"))
     }
+
+    async fn signin_failures_get(&self, account: &str) -> Result<Option<SigninFailures>> {
+        let row = sqlx::query("SELECT failures, first_at, last_at FROM signin_failures WHERE account = $1")
+            .bind(account)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err("read failed sign-ins"))?;
+        row.map(|r| {
+            Ok(SigninFailures {
+                failures: r.get("failures"),
+                first_at: time(r.get("first_at"))?,
+                last_at: time(r.get("last_at"))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn signin_failure_add(
+        &self,
+        account: &str,
+        at: DateTime<Utc>,
+        window: chrono::Duration,
+    ) -> Result<SigninFailures> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT failures, first_at FROM signin_failures WHERE account = $1")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err("read failed sign-ins"))?;
+        let (failures, first_at) = match row {
+            Some(r) => {
+                let first = time(r.get("first_at"))?;
+                match at - first > window {
+                    true => (1, at),
+                    false => (r.get::<i64, _>("failures") + 1, first),
+                }
+            }
+            None => (1, at),
+        };
+        sqlx::query(
+            "INSERT INTO signin_failures (account, failures, first_at, last_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (account) DO UPDATE SET failures = excluded.failures, first_at = excluded.first_at,
+             last_at = excluded.last_at",
+        )
+        .bind(account)
+        .bind(failures)
+        .bind(time_to_db(first_at))
+        .bind(time_to_db(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("count a failed sign-in"))?;
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(SigninFailures { failures, first_at, last_at: at })
+    }
 }
 
 impl $Store {

@@ -101,10 +101,31 @@ fn password_random() -> String {
     (0..24).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
 }
 
+/// The longest user name a sign-in may send (names are shorter; this bounds what a stranger sends).
+pub const USER_NAME_MAX: usize = 256;
+/// The longest password accepted (hashing costs grow with it).
+pub const PASSWORD_MAX: usize = 1024;
+
+/// The per-account limit: after [`ACCOUNT_FREE`] failures within [`ACCOUNT_WINDOW`], each further try
+/// waits 2, 4, 8 … seconds after the last failure, never more than [`ACCOUNT_DELAY_MAX`]. A guesser
+/// gets at most one try a minute at an account from anywhere; the owner is slowed, never locked out.
+const ACCOUNT_FREE: i64 = 10;
+const ACCOUNT_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
+const ACCOUNT_DELAY_MAX: i64 = 60;
+
+fn account_delay(failures: i64) -> i64 {
+    match failures - ACCOUNT_FREE {
+        n if n < 0 => 0,
+        n => 2i64.saturating_pow(n.clamp(0, 30) as u32 + 1).min(ACCOUNT_DELAY_MAX),
+    }
+}
+
 /// Counts failed sign-ins in a sliding window.
 #[derive(Default)]
 pub struct RateLimiter {
     failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Failed sign-ins to names that are no account (bounded).
+    accounts: Mutex<HashMap<String, covm_store::SigninFailures>>,
 }
 
 const WINDOW: Duration = Duration::from_secs(60);
@@ -151,9 +172,55 @@ impl RateLimiter {
         }
     }
 
+    fn account_get(&self, account: &str) -> Option<covm_store::SigninFailures> {
+        let key = super::anon::bounded(account, super::anon::NAME_MAX).0;
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()
+    }
+
+    fn account_failed(&self, account: &str, at: chrono::DateTime<Utc>, window: chrono::Duration) {
+        let mut map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, f| at - f.first_at <= window);
+        }
+        let key = super::anon::bounded(account, super::anon::NAME_MAX).0;
+        let f = map.entry(key).or_insert(covm_store::SigninFailures { failures: 0, first_at: at, last_at: at });
+        if at - f.first_at > window {
+            *f = covm_store::SigninFailures { failures: 0, first_at: at, last_at: at };
+        }
+        f.failures += 1;
+        f.last_at = at;
+    }
+
     pub fn succeeded(&self, user: &str, addr: Option<IpAddr>) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(&Self::keys(user, addr)[0].0);
+    }
+}
+
+impl App {
+    /// Seconds a sign-in to `account` must wait (the per-account limit). An existing account's
+    /// failures are kept in the store, so every replica sees them; a name that is no account is
+    /// limited the same way in this process (so that the answers do not tell accounts apart).
+    async fn account_wait(&self, account: &str, exists: bool) -> Result<Option<u64>, Error> {
+        let now = chrono::Utc::now();
+        let f = match exists {
+            true => self.store().signin_failures_get(account).await?,
+            false => self.limiter().account_get(account),
+        };
+        let Some(f) = f.filter(|f| now - f.first_at <= ACCOUNT_WINDOW) else { return Ok(None) };
+        let until = f.last_at + chrono::Duration::seconds(account_delay(f.failures));
+        Ok((until > now).then(|| ((until - now).num_milliseconds() as u64).div_ceil(1000).max(1)))
+    }
+
+    async fn account_failed(&self, account: &str, exists: bool) -> Result<(), Error> {
+        let now = covm_store::now();
+        match exists {
+            true => {
+                self.store().signin_failure_add(account, now, ACCOUNT_WINDOW).await?;
+            }
+            false => self.limiter().account_failed(account, now, ACCOUNT_WINDOW),
+        }
+        Ok(())
     }
 }
 
@@ -200,24 +267,37 @@ impl App {
         }
     }
 
-    /// Signs in with a password. Failures are audited and rate limited.
+    /// Signs in with a password. Failures are audited (within the anonymous budget, `app::anon`) and
+    /// rate limited per (user, address), per address, and per account across addresses and replicas.
     pub async fn session_create(&self, req: &Arc<RequestInfo>, p: SessionCreate) -> Result<SessionToken, Error> {
+        if p.user.len() > USER_NAME_MAX {
+            return Err(Error::invalid("user", format!("a user name has at most {USER_NAME_MAX} bytes")));
+        }
+        if p.password.len() > PASSWORD_MAX {
+            return Err(Error::invalid("password", format!("a password has at most {PASSWORD_MAX} bytes")));
+        }
+        let (name, digest) = super::anon::bounded(&p.user, super::anon::NAME_MAX);
         let denied = |code: &str, message: String| {
-            let ev = system_event(code, "user", None, &p.user).audit_only();
-            covm_store::NewEvent { actor: p.user.clone(), request_id: Some(req.id.clone()), ..ev }
-                .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "reason": message }))
+            let ev = system_event(code, "user", None, &name).audit_only();
+            covm_store::NewEvent { actor: name.clone(), request_id: Some(req.id.clone()), ..ev }.data(
+                serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "reason": message, "user_sha256": digest }),
+            )
         };
-        if let Some(wait) = self.limiter().blocked(&p.user, req.addr) {
-            self.store().event_append(denied("session.rate_limited", format!("retry after {wait} s"))).await?;
+        let user = self.store().user_by_name(&p.user).await?;
+        let exists = user.is_some();
+        let wait = self.limiter().blocked(&p.user, req.addr).or(self.account_wait(&p.user, exists).await?);
+        if let Some(wait) = wait {
+            // Refusals by a limit are counted, not written one by one.
+            self.audit_anonymous_suppress("session.rate_limited", req.addr);
             req.mark_audited();
             return Err(Error::rate_limited(wait, format!("too many failed sign-ins; try again in {wait} seconds")));
         }
-        let user = self.store().user_by_name(&p.user).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
         let ok = password_verify(p.password.clone(), hash).await;
         let Some(user) = user.filter(|_| ok) else {
             self.limiter().failed(&p.user, req.addr);
-            self.store().event_append(denied("session.failed", "bad user or password".into())).await?;
+            self.account_failed(&p.user, exists).await?;
+            self.audit_anonymous(denied("session.failed", "bad user or password".into()), req.addr).await?;
             req.mark_audited();
             return Err(Error::unauthenticated("the user name or the password is wrong"));
         };

@@ -11,6 +11,7 @@
 //! - Every denial is written to the log (audit only) before the error is returned; the request is then
 //!   marked as audited so that the HTTP layer does not log it twice.
 
+pub mod anon;
 pub mod attach;
 pub mod auth;
 pub mod authz;
@@ -67,6 +68,8 @@ struct AppInner {
     config: AppConfig,
     /// A write failed for want of space and none has succeeded since (readiness says so).
     storage_full: AtomicBool,
+    /// What requests without a session may write to the log.
+    anon: anon::AnonBudget,
 }
 
 impl App {
@@ -86,6 +89,7 @@ impl App {
                 limiter: RateLimiter::default(),
                 config,
                 storage_full: AtomicBool::new(false),
+                anon: anon::AnonBudget::default(),
             }),
         };
         let weak = Arc::downgrade(&app.inner);

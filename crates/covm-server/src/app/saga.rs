@@ -413,6 +413,10 @@ impl App {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            // Every replica writes the summary of its own suppressed anonymous entries.
+            if let Err(e) = self.audit_anonymous_flush(false).await {
+                tracing::warn!(error = %e, "could not write the summary of suppressed audit entries");
+            }
             match self.store().leader_try().await {
                 Ok(now) => {
                     if now != leader {

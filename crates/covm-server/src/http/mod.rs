@@ -36,7 +36,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{App, RequestInfo, system_event};
+use crate::app::{App, RequestInfo};
 use error::{ApiError, ErrorCode};
 
 #[derive(OpenApi)]
@@ -287,17 +287,7 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         && !info.audited()
         && resp.extensions().get::<forward::Forwarded>().is_none()
     {
-        let actor = info.actor.get().cloned().unwrap_or_else(|| "-".into());
-        let ev = covm_store::NewEvent {
-            actor,
-            request_id: Some(id.clone()),
-            ..system_event("request.failed", "request", None, &format!("{method} {path}"))
-        };
-        let ev = crate::app::EventExt::audit_only(crate::app::EventExt::data(
-            ev,
-            serde_json::json!({ "method": method.as_str(), "path": path, "status": status.as_u16(), "code": code }),
-        ));
-        if let Err(e) = app.store().event_append(ev).await {
+        if let Err(e) = app.audit_failed_request(&info, method.as_str(), &path, status.as_u16(), code).await {
             tracing::error!(request_id = %id, error = %e, "could not audit a failed request");
         }
     }

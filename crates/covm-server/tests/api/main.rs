@@ -1,5 +1,6 @@
 //! Integration tests of the covm server over real HTTP on loopback, on a real SQLite file.
 
+pub mod abuse;
 pub mod authz_matrix;
 pub mod common;
 pub mod disks;

@@ -301,10 +301,8 @@ async fn qemu_opens_only_the_images_covm_names() {
     qemu_img(&["create", "-f", "qcow2", "-b", canary.to_str().unwrap(), "-F", "raw", evil.to_str().unwrap()]);
     let comma = iso.join("a,snapshot=on.iso");
     std::fs::write(&comma, vec![0u8; 1 << 20]).unwrap();
-    let d: covm_types::disk::DiskView = c
-        .post("/disks", &json!({ "name": "d1", "datastore": "local", "capacity_bytes": 1u64 << 20 }))
-        .await
-        .unwrap();
+    let d: covm_types::disk::DiskView =
+        c.post("/disks", &json!({ "name": "d1", "datastore": "local", "capacity_bytes": 1u64 << 20 })).await.unwrap();
     let image = s.dir.path().join("datastores/local").join(&d.file);
     qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", canary.to_str().unwrap(), "-F", "raw", image.to_str().unwrap()]);
     for (vm, cdrom) in [("cd1", "local:iso/evil.iso"), ("cd2", "local:iso/a,snapshot=on.iso")] {

@@ -1,0 +1,8 @@
+-- Failed sign-ins per account, shared by every replica: the per-account limit (app::auth) reads and
+-- counts them here, so that guesses spread over addresses or replicas are counted together.
+CREATE TABLE signin_failures (
+    account    TEXT PRIMARY KEY,
+    failures   BIGINT NOT NULL,
+    first_at   TEXT NOT NULL,
+    last_at    TEXT NOT NULL
+);
