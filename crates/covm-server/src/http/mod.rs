@@ -286,10 +286,9 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         && status != StatusCode::UNAUTHORIZED
         && !info.audited()
         && resp.extensions().get::<forward::Forwarded>().is_none()
+        && let Err(e) = app.audit_failed_request(&info, method.as_str(), &path, status.as_u16(), code).await
     {
-        if let Err(e) = app.audit_failed_request(&info, method.as_str(), &path, status.as_u16(), code).await {
-            tracing::error!(request_id = %id, error = %e, "could not audit a failed request");
-        }
+        tracing::error!(request_id = %id, error = %e, "could not audit a failed request");
     }
     if status.is_server_error() {
         resp = with_request_id(resp, &id).await;
