@@ -125,3 +125,70 @@ impl TestPostgres {
 pub async fn postgres_database() -> Result<String, String> {
     TestPostgres::get()?.database().await
 }
+
+/// A PostgreSQL server of a test's own, which the test may stop and start again (a database that goes
+/// away and comes back). It is stopped, and its directory removed, when dropped.
+pub struct OwnPostgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl OwnPostgres {
+    pub fn start() -> Result<OwnPostgres, String> {
+        let bin = bindir()?;
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+        let dir = std::env::temp_dir().join(format!("covm-own-pg-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if let Some((uid, gid)) = server_user() {
+            nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).map_err(|e| e.to_string())?;
+        }
+        let out = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(dir.join("data")))
+            .args(["-U", "covm", "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8"])
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let pg = OwnPostgres { port, dir, bin };
+        pg.resume()?;
+        Ok(pg)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+        let opts = format!("-p {} -k {} -h 127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        let out = as_server_user(Command::new(self.bin.join("pg_ctl")).arg("-D").arg(self.dir.join("data")))
+            .args(args)
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.join("log"))
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!("pg_ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr))),
+        }
+    }
+
+    /// Stops the server at once (as a crash or a power cut would).
+    pub fn stop(&self) -> Result<(), String> {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"])
+    }
+
+    /// Starts it (again), waiting until it answers.
+    pub fn resume(&self) -> Result<(), String> {
+        self.pg_ctl(&["start", "-w", "-t", "30"])
+    }
+
+    /// A new, empty database on it; its URL.
+    pub async fn database(&self) -> Result<String, String> {
+        TestPostgres { port: self.port }.database().await
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -286,6 +286,8 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         && status != StatusCode::UNAUTHORIZED
         && !info.audited()
         && resp.extensions().get::<forward::Forwarded>().is_none()
+        // The store is down or full: the entry could not be written either (the log says why).
+        && !matches!(code.as_deref(), Some("store_unavailable" | "storage_full"))
         && let Err(e) = app.audit_failed_request(&info, method.as_str(), &path, status.as_u16(), code).await
     {
         tracing::error!(request_id = %id, error = %e, "could not audit a failed request");
@@ -309,8 +311,10 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
 async fn with_request_id(resp: Response, id: &str) -> Response {
     let (mut parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
-    let mut err: ErrorBody =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Error::internal("internal error").body());
+    let Ok(mut err) = serde_json::from_slice::<ErrorBody>(&bytes) else {
+        // Not an error body (readiness answers 503 with its own): as it was.
+        return Response::from_parts(parts, Body::from(bytes));
+    };
     err.error.message = format!("{} (request id {id}; the server log has the details)", err.error.message);
     let mut details = err.error.details.take().unwrap_or_else(|| serde_json::json!({}));
     if let Some(obj) = details.as_object_mut() {

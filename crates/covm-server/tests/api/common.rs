@@ -34,7 +34,11 @@ impl TestServer {
             true => Some(covm_store::testing::postgres_database().await.expect("PostgreSQL for tests")),
             false => None,
         };
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_at(tempfile::tempdir().expect("tempdir"), driver, db).await
+    }
+
+    /// A server with the data directory `dir` and the database `db` (None: SQLite in `dir`).
+    pub async fn start_at(dir: TempDir, driver: covm_server::Driver, db: Option<String>) -> TestServer {
         let running = Self::boot(&dir, 0, driver.clone(), db.clone()).await;
         let url = format!("http://{}", running.addr);
         let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))

@@ -4,6 +4,7 @@ pub mod abuse;
 pub mod authz_matrix;
 pub mod common;
 pub mod disks;
+pub mod faults;
 pub mod feed;
 pub mod foundation;
 pub mod openapi;
