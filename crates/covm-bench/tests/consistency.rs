@@ -13,6 +13,7 @@ async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
         driver: covm_server::Driver::Sim,
         db: None,
         advertise: None,
+        max_connections: None,
     })
     .await
     .unwrap();

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod http;
+pub mod listen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ pub struct ServeConfig {
     /// The URL other replicas reach this one at (default `http://` and the address it listens on): a
     /// request about a VM this node runs is forwarded there.
     pub advertise: Option<String>,
+    /// At most this many connections at once (default [`listen::CONNECTIONS_DEFAULT`], and never more
+    /// than the open-file limit allows with room for work).
+    pub max_connections: Option<usize>,
 }
 
 /// A server that is listening.
@@ -179,14 +183,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     app.store().node_register(&app.config().node_id, &advertise).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     tracing::info!(%addr, data_dir = %data_dir.display(), store = store.backend(), replica = %app.replica(), "covm is listening");
     let (shutdown, rx) = oneshot::channel::<()>();
-    let service = http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let join = tokio::spawn(async move {
-        axum::serve(listener, service)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-    });
+    let cap = listen::connection_cap(config.max_connections);
+    let join = tokio::spawn(listen::serve(listener, http::router(app.clone()), cap, rx));
     Ok(Running { addr, app, initial_password_file, shutdown, join, background: vec![tailer, background] })
 }
 

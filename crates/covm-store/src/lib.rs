@@ -458,6 +458,9 @@ pub trait Store: Send + Sync + 'static {
     async fn event_append(&self, event: NewEvent) -> Result<EventRecord>;
     /// Feed entries (`feed` true) after `after`, in order, at most `limit`.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>>;
+    /// Feed events after `after` whose scope object `user` may view (filtered in the database, so a
+    /// reader who may see little costs little).
+    async fn events_after_visible(&self, after: i64, user: Uuid, limit: u32) -> Result<Vec<EventRecord>>;
     /// The newest sequence number (0 when empty).
     async fn events_head(&self) -> Result<i64>;
     async fn audit_query(&self, filter: AuditFilter) -> Result<Vec<EventRecord>>;

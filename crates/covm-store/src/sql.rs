@@ -1040,6 +1040,21 @@ impl Store for $Store {
         rows.iter().map(event_row).collect()
     }
 
+    async fn events_after_visible(&self, after: i64, user: Uuid, limit: u32) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(concat!(
+            visibility_cte!(),
+            "SELECT * FROM events WHERE seq > $2 AND feed = 1 AND scope_id IN (SELECT id FROM visible)
+             ORDER BY seq LIMIT $3"
+        ))
+        .bind(user.to_string())
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err("read the log"))?;
+        rows.iter().map(event_row).collect()
+    }
+
     async fn events_head(&self) -> Result<i64> {
         let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS s FROM events")
             .fetch_one(&self.reader)

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     NotFound,
     /// 409: the request conflicts with the state of an object.
     Conflict,
+    /// 408: the request did not arrive in time.
+    RequestTimeout,
     /// 412: `If-Match` named a version that is no longer current.
     PreconditionFailed,
     /// 413: the body is larger than the server accepts.

@@ -117,6 +117,10 @@ struct ServeArgs {
     /// this node runs are forwarded there.
     #[arg(long, env = "COVM_ADVERTISE")]
     advertise: Option<String>,
+    /// At most this many client connections at once (default 4096, lowered to fit the open-file
+    /// limit with room for work).
+    #[arg(long, env = "COVM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -319,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 driver,
                 db: a.db,
                 advertise: a.advertise,
+                max_connections: a.max_connections,
             })
             .await
         }

@@ -100,8 +100,10 @@ impl Caches {
         map.insert(hash, CachedToken { token_id, user_id, user, expires_at, fetched: Instant::now() });
     }
 
+    /// Forgets every cached token (one was revoked); streams re-check their callers (the epoch moves).
     pub fn tokens_clear(&self) {
         self.tokens.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.authz_changed();
     }
 }
 

@@ -28,6 +28,8 @@ use super::{App, Ctx};
 const RING_CAP: usize = 4_096;
 /// How many events one read of the store brings.
 const BATCH: u32 = 1000;
+/// How many events a subscriber replaying from before the ring reads at a time.
+const REPLAY_PAGE: u32 = 100;
 /// The tailer looks at the store this often even without a wake-up (writes by other processes).
 const POLL: Duration = Duration::from_millis(500);
 
@@ -54,6 +56,9 @@ fn changes_privileges(e: &EventRecord) -> bool {
     e.kind.starts_with("permission.")
         || e.kind.starts_with("group.member_")
         || e.kind == "user.deleted"
+        // A revoked token: every replica forgets its cached tokens and re-checks its streams.
+        || e.kind == "token.deleted"
+        || e.kind == "session.deleted"
         || e.data["moved"] == serde_json::Value::Bool(true)
 }
 
@@ -230,9 +235,32 @@ pub struct Subscription {
 
 impl Subscription {
     /// The next events this subscriber may see, waiting until there are some.
+    ///
+    /// Behind the ring (a replay from long ago), the store picks the events the subscriber may view,
+    /// a page at a time: what a replay costs follows what the reader may see, and its memory is one
+    /// page. Within the ring, events are shared by every subscriber and filtered here.
     pub async fn next_batch(&mut self) -> Result<Vec<Arc<FeedItem>>, Error> {
         loop {
             let head = *self.head.borrow_and_update();
+            let ring_start = self.hub.inner.ring.read().unwrap_or_else(|p| p.into_inner()).start;
+            if head > self.cursor && self.cursor < ring_start {
+                let page = self.hub.inner.store.events_after_visible(self.cursor, self.user, REPLAY_PAGE).await?;
+                let last = page.last().map_or(self.cursor, |e| e.seq);
+                self.cursor = match page.len() == REPLAY_PAGE as usize {
+                    true => last,
+                    // Nothing more it may see up to where the ring starts (or the head).
+                    false => last.max(ring_start.min(head)),
+                };
+                let out: Vec<Arc<FeedItem>> = page
+                    .into_iter()
+                    .filter(|e| self.object.is_none_or(|o| e.object_id == Some(o)))
+                    .map(FeedItem::new)
+                    .collect();
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                continue;
+            }
             if head > self.cursor {
                 let batch = self.hub.read_after(self.cursor, 500).await?;
                 if let Some(last) = batch.last() {
@@ -292,12 +320,13 @@ impl App {
         ctx: &Ctx,
         after: Option<i64>,
         object: Option<Uuid>,
-    ) -> Result<Subscription, Error> {
+    ) -> Result<(Subscription, super::streams::StreamGuard), Error> {
+        let guard = self.stream_open(ctx, None)?;
         let after = match after {
             Some(a) => a,
             None => self.store().events_head().await?,
         };
-        Ok(self.hub().subscribe(ctx.user_id, after, object))
+        Ok((self.hub().subscribe(ctx.user_id, after, object), guard))
     }
 
     pub async fn audit_query(&self, ctx: &Ctx, q: AuditQuery) -> Result<Page<EventView>, Error> {

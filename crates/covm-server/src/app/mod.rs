@@ -27,6 +27,7 @@ pub mod power;
 pub mod principals;
 pub mod refs;
 pub mod saga;
+pub mod streams;
 pub mod vms;
 
 use std::path::PathBuf;
@@ -70,6 +71,8 @@ struct AppInner {
     storage_full: AtomicBool,
     /// What requests without a session may write to the log.
     anon: anon::AnonBudget,
+    /// Open streams per user.
+    streams: streams::Streams,
 }
 
 impl App {
@@ -90,12 +93,14 @@ impl App {
                 config,
                 storage_full: AtomicBool::new(false),
                 anon: anon::AnonBudget::default(),
+                streams: streams::Streams::default(),
             }),
         };
         let weak = Arc::downgrade(&app.inner);
         app.inner.hub.on_authz_change(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.caches.authz_changed();
+                inner.caches.tokens_clear();
             }
         }));
         app

@@ -481,29 +481,40 @@ impl App {
 }
 
 impl App {
-    /// The serial log of a VM and its last `tail` lines.
+    /// The serial log of a VM and its last `tail` lines; with `follow`, a stream guard for following
+    /// it (counted against the caller's streams, ended when the caller loses the console privilege).
     pub async fn vm_serial(
         &self,
         ctx: &Ctx,
         vm: &str,
         tail: usize,
-    ) -> Result<(std::path::PathBuf, Vec<String>), Error> {
+        follow: bool,
+    ) -> Result<(std::path::PathBuf, Vec<String>, Option<super::streams::StreamGuard>), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInteractConsole).await?;
         self.vm_local(&rec)?;
+        let guard = match follow {
+            true => Some(self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?),
+            false => None,
+        };
         let path = covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).serial_log;
         let lines = covm_hv::log_tail(&path, tail).into_iter().map(|l| l.trim_end_matches('\r').to_owned()).collect();
-        Ok((path, lines))
+        Ok((path, lines, guard))
     }
 
-    /// The VNC socket of a running VM.
-    pub async fn vm_vnc_socket(&self, ctx: &Ctx, vm: &str) -> Result<std::path::PathBuf, Error> {
+    /// The VNC socket of a running VM, and the guard of the console stream.
+    pub async fn vm_vnc_socket(
+        &self,
+        ctx: &Ctx,
+        vm: &str,
+    ) -> Result<(std::path::PathBuf, super::streams::StreamGuard), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInteractConsole).await?;
         if !matches!(runtime_of(&rec).power_state, PowerState::Running | PowerState::Paused) {
             return Err(Error::conflict("vm_not_running", format!("{} is not running", rec.object.name)));
         }
         self.vm_local(&rec)?;
-        Ok(covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).vnc)
+        let guard = self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?;
+        Ok((covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).vnc, guard))
     }
 }

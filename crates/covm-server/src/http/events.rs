@@ -44,7 +44,7 @@ pub async fn event_list(
         Some(Some(n)) => Some(n),
         None => None,
     };
-    let sub = app.events_subscribe(&ctx, last_id.or(q.after), q.object).await?;
+    let (sub, guard) = app.events_subscribe(&ctx, last_id.or(q.after), q.object).await?;
     let stream = futures::stream::unfold(sub, |mut sub| async move {
         match sub.next_batch().await {
             Ok(batch) => Some((batch, sub)),
@@ -58,7 +58,9 @@ pub async fn event_list(
         futures::stream::iter(
             batch.into_iter().map(|e| Ok::<_, Infallible>(Event::default().id(e.rec.seq.to_string()).data(&e.json))),
         )
-    });
+    })
+    // Ends when the caller loses the right to it (signed out, token revoked, user deleted).
+    .take_until(std::sync::Arc::new(guard).revoked());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }
 

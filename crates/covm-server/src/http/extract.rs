@@ -16,6 +16,8 @@ use crate::app::{App, Ctx, RequestInfo};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
+/// How long a request body may take to arrive, whole.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A JSON request body.
 pub struct JsonBody<T>(pub T);
@@ -34,13 +36,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             )
             .into());
         }
-        let bytes: Bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT).await.map_err(|_| {
-            Error::new(
-                ErrorKind::PayloadTooLarge,
-                "payload_too_large",
-                format!("the body is larger than {BODY_LIMIT} bytes"),
-            )
-        })?;
+        let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(req.into_body(), BODY_LIMIT));
+        let bytes: Bytes = read
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::RequestTimeout,
+                    "request_timeout",
+                    format!("the body did not arrive within {} seconds", BODY_TIMEOUT.as_secs()),
+                )
+            })?
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    "payload_too_large",
+                    format!("the body is larger than {BODY_LIMIT} bytes"),
+                )
+            })?;
         if bytes.is_empty() {
             return Err(Error::new(ErrorKind::InvalidRequest, "missing_body", "this request needs a JSON body").into());
         }

@@ -71,9 +71,9 @@ pub async fn vm_console_serial(
     if tail > 10_000 {
         return Err(Error::invalid("tail", "tail is at most 10000").into());
     }
-    let (path, lines) = app.vm_serial(&ctx, &vm, tail as usize).await?;
     let sse =
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    let (path, lines, guard) = app.vm_serial(&ctx, &vm, tail as usize, sse).await?;
     if !sse {
         let mut text = lines.join("\n");
         if !text.is_empty() {
@@ -107,7 +107,10 @@ pub async fn vm_console_serial(
         }
     });
     use futures::StreamExt;
-    Ok(Sse::new(first.chain(follow.flatten())).keep_alive(KeepAlive::default()).into_response())
+    // Ends when the caller loses the console privilege (or signs out).
+    let revoked =
+        std::sync::Arc::new(guard.ok_or_else(|| Error::internal("a console stream without its guard"))?).revoked();
+    Ok(Sse::new(first.chain(follow.flatten()).take_until(revoked)).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// The VNC console as a WebSocket (subprotocol `binary`), relayed to QEMU's VNC socket, for noVNC
@@ -122,14 +125,16 @@ pub async fn vm_console_vnc(
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let socket = app.vm_vnc_socket(&ctx, &vm).await?;
+    let (socket, guard) = app.vm_vnc_socket(&ctx, &vm).await?;
     let unix = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|_| Error::conflict("console_unavailable", "the VM's VNC console is not available"))?;
-    Ok(ws.protocols(["binary"]).on_upgrade(move |ws| relay(ws, unix)))
+    let revoked = std::sync::Arc::new(guard).revoked();
+    Ok(ws.protocols(["binary"]).on_upgrade(move |ws| relay(ws, unix, revoked)))
 }
 
-async fn relay(ws: WebSocket, unix: tokio::net::UnixStream) {
+/// Relays RFB both ways until either side closes or the caller loses the console privilege.
+async fn relay(ws: WebSocket, unix: tokio::net::UnixStream, revoked: impl std::future::Future<Output = ()>) {
     use futures::{SinkExt, StreamExt};
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (mut un_rx, mut un_tx) = unix.into_split();
@@ -163,5 +168,6 @@ async fn relay(ws: WebSocket, unix: tokio::net::UnixStream) {
     tokio::select! {
         _ = up => {}
         _ = down => {}
+        _ = revoked => {}
     }
 }

@@ -76,6 +76,7 @@ impl TestServer {
             driver,
             db,
             advertise: None,
+            max_connections: None,
         })
         .await
         .expect("covm starts")

@@ -13,4 +13,5 @@ pub mod qemu;
 pub mod references;
 pub mod replicas;
 pub mod sagas;
+pub mod streams;
 pub mod vms;

@@ -323,3 +323,38 @@ async fn qemu_opens_only_the_images_covm_names() {
         task_done(c, &c.vm_power(vm, PowerAction::Off, None).await.unwrap()).await;
     }
 }
+
+/// The VNC relay ends within a second of its user losing the console privilege.
+#[tokio::test]
+async fn the_vnc_relay_ends_when_the_grant_is_revoked() {
+    if skip() {
+        return;
+    }
+    use futures::StreamExt;
+    let s = qemu_server().await;
+    let c = &s.admin;
+    c.vm_create(&json!({ "name": "screen", "memory_mib": 64 })).await.unwrap();
+    let t = task_done(c, &c.vm_power("screen", PowerAction::On, None).await.unwrap()).await;
+    assert_eq!(t.state, TaskState::Success, "{t:?}");
+    let bob = s.user("bob").await;
+    let grant = c.permission_grant("bob", "VMUser", "vm:screen", false).await.unwrap();
+    let url = format!("{}/api/v1/vms/screen/console/vnc", s.url.replace("http://", "ws://"));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {}", bob.token().unwrap()).parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", "binary".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(first.into_data().starts_with(b"RFB "), "the RFB greeting");
+    c.permission_revoke(&grant.id.to_string()).await.unwrap();
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(m))) if m.is_close() => break,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => panic!("the relay was still open 3 s after the revocation"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_millis(1500), "ended {:?} after the revocation", started.elapsed());
+    task_done(c, &c.vm_power("screen", PowerAction::Off, None).await.unwrap()).await;
+}

@@ -6,3 +6,6 @@ CREATE TABLE signin_failures (
     first_at   TEXT NOT NULL,
     last_at    TEXT NOT NULL
 );
+
+-- A feed reader behind the in-memory ring reads only the events of objects it may view.
+CREATE INDEX events_scope ON events(scope_id, seq);
