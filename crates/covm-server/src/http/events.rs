@@ -21,8 +21,8 @@ use crate::app::App;
 /// otherwise a JSON page.
 #[utoipa::path(get, path = "/events", tag = "events", operation_id = "event_list", params(EventQuery),
     responses(
-        (status = 200, body = Page<EventView>, content_type = "application/json"),
-        (status = 200, description = "live stream of EventView as SSE `data:`", content_type = "text/event-stream"),
+        (status = 200, description = "a page of events (JSON), or with `Accept: text/event-stream` a live stream of EventView as SSE `data:`",
+            content((Page<EventView> = "application/json"), (String = "text/event-stream"))),
         (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn event_list(

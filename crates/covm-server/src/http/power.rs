@@ -58,7 +58,8 @@ pub async fn task_get(
 /// lines and then every new one as it comes (needs `VirtualMachine.Interact.ConsoleInteract`).
 #[utoipa::path(get, path = "/vms/{vm}/console/serial", tag = "vms", operation_id = "vm_console_serial",
     params(("vm" = String, Path, description = "VM name or id"), SerialQuery),
-    responses((status = 200, body = String, content_type = "text/plain"), (status = "4XX", body = ErrorBody)),
+    responses((status = 200, description = "the lines as text, or with `Accept: text/event-stream` a live stream of lines",
+        content((String = "text/plain"), (String = "text/event-stream"))), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_console_serial(
     State(app): State<App>,
