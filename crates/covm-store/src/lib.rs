@@ -244,6 +244,18 @@ pub struct VmRecord {
     pub lease_fence: i64,
 }
 
+/// A disk in a VM's newest config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachmentRecord {
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub power_state: String,
+    pub controller: String,
+    pub unit: u32,
+    pub read_only: bool,
+    pub generation: u64,
+}
+
 /// One version of a VM's config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionRecord {
@@ -476,6 +488,9 @@ pub trait Store: Send + Sync + 'static {
         event: NewEvent,
     ) -> Result<(VmRecord, EventRecord)>;
     async fn vm_get(&self, id: Uuid) -> Result<Option<VmRecord>>;
+    /// The VMs whose newest config holds a disk (named `name` or by its id), with their power state:
+    /// one indexed read (`vm_disks`, kept with every config version), whatever the number of VMs.
+    async fn disk_attachments(&self, name: &str, id: Uuid) -> Result<Vec<AttachmentRecord>>;
     /// A VM by its name (one read: the object and its VM row).
     async fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>>;
     /// VMs by name after the cursor; with a viewer, only those it may view.

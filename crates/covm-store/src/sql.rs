@@ -1040,6 +1040,32 @@ impl Store for $Store {
         rows.iter().map(event_row).collect()
     }
 
+    async fn disk_attachments(&self, name: &str, id: Uuid) -> Result<Vec<AttachmentRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.vm_id, o.name, v.power_state, a.controller, a.unit, a.read_only, a.generation
+             FROM vm_disks a JOIN objects o ON o.id = a.vm_id JOIN vms v ON v.id = a.vm_id
+             WHERE a.disk = $1 OR a.disk = $2 ORDER BY o.name",
+        )
+        .bind(name)
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err("read a disk's attachments"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(AttachmentRecord {
+                    vm_id: uuid(r.get(0))?,
+                    vm_name: r.get(1),
+                    power_state: r.get(2),
+                    controller: r.get(3),
+                    unit: u32::try_from(r.get::<i64, _>(4)).unwrap_or(0),
+                    read_only: r.get::<i64, _>(5) != 0,
+                    generation: u64::try_from(r.get::<i64, _>(6)).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     async fn events_after_visible(&self, after: i64, user: Uuid, limit: u32) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query(concat!(
             visibility_cte!(),
@@ -1391,6 +1417,31 @@ fn version_row(r: &$Row) -> Result<VersionRecord> {
     })
 }
 
+/// Keeps `vm_disks` equal to the disks of a VM's newest config (in the transaction that writes it).
+async fn vm_disks_sync(tx: &mut Transaction<'static, $DB>, id: &str, config: &serde_json::Value) -> Result<()> {
+    sqlx::query("DELETE FROM vm_disks WHERE vm_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err("write a VM's disks"))?;
+    for d in config["disks"].as_array().into_iter().flatten() {
+        sqlx::query(
+            "INSERT INTO vm_disks (vm_id, disk, controller, unit, read_only, generation)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(d["disk"].as_str().unwrap_or_default())
+        .bind(d["controller"].as_str().unwrap_or_default())
+        .bind(d["unit"].as_i64().unwrap_or(0))
+        .bind(i64::from(d["read_only"].as_bool().unwrap_or(false)))
+        .bind(d["generation"].as_i64().unwrap_or(0))
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err("write a VM's disks"))?;
+    }
+    Ok(())
+}
+
 async fn version_insert(
     tx: &mut Transaction<'static, $DB>,
     id: &str,
@@ -1533,6 +1584,7 @@ impl $Store {
             .map_err(db_err("create a VM"))?;
         let ev = append(&mut tx, event).await?;
         version_insert(&mut tx, &id_s, 1, &config, at, Some(ev.seq)).await?;
+        vm_disks_sync(&mut tx, &id_s, &config.config).await?;
         let vm =
             Self::vm_get_tx(&mut tx, id).await?.ok_or_else(|| Error::internal("a new VM could not be read back"))?;
         tx.commit().await.map_err(db_err("commit"))?;
@@ -1595,6 +1647,7 @@ impl $Store {
                     .await
                     .map_err(db_err("write a config version"))?;
                 version_insert(&mut tx, &id_s, version, c, at, events.first().map(|e| e.seq)).await?;
+                vm_disks_sync(&mut tx, &id_s, &c.config).await?;
             }
             if let Some(r) = &w.runtime {
                 sqlx::query(

@@ -35,7 +35,7 @@ use uuid::Uuid;
 use super::node::{Cmd, hv_error};
 use super::saga::Saga;
 use super::vms::{DocChange, Preconditions, WriteOpts, parse_config, running};
-use super::{App, Ctx};
+use super::{App, Ctx, EventExt};
 
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -153,6 +153,9 @@ pub struct Plug {
     pub hot: Option<HotDisk>,
     /// Pending until the next power-on (a running VM, a bus that cannot hot-plug).
     pub next_boot: bool,
+    /// A move's target side: the VM the disk comes from (its attach is reported as `disk.moved`).
+    #[serde(default)]
+    pub moved_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,7 +252,8 @@ impl Plug {
         }
         let mut disks = cfg.disks.clone();
         disks.push(self.attachment.clone());
-        self.config_write(app, ctx, rec, disks, message).await
+        let kind = if self.moved_from.is_some() { "disk.moved" } else { "disk.attached" };
+        self.config_write(app, ctx, rec, disks, message, kind).await
     }
 
     /// Writes a config version without the attachment (already so: nothing to write).
@@ -259,7 +263,7 @@ impl Plug {
             return Ok(());
         }
         let disks: Vec<DiskAttachment> = cfg.disks.iter().filter(|d| !self.matches(d)).cloned().collect();
-        self.config_write(app, ctx, rec, disks, message).await
+        self.config_write(app, ctx, rec, disks, message, "disk.detached").await
     }
 
     async fn config_write(
@@ -269,12 +273,20 @@ impl Plug {
         rec: covm_store::VmRecord,
         disks: Vec<DiskAttachment>,
         message: String,
+        kind: &str,
     ) -> Result<(), Error> {
+        // The disk's own event, in the same transaction as the VM's config version.
+        let a = &self.attachment;
+        let event = ctx.event(kind, "disk", (!self.disk.is_nil()).then_some(self.disk), &self.disk_name).data(json!({
+            "vm": self.vm_name, "from_vm": self.moved_from, "controller": a.controller, "unit": a.unit,
+            "read_only": a.read_only, "generation": a.generation, "hot": self.hot.is_some(),
+        }));
         let opts = WriteOpts {
             message: Some(message),
             next_boot: self.next_boot,
             disks_checked: true,
             disks_live: self.hot.is_some(),
+            events: vec![event],
             ..Default::default()
         };
         let change = DocChange::Merge(json!({ "disks": disks }));
@@ -523,6 +535,7 @@ impl App {
             },
             hot,
             next_boot: p.next_boot && is_running && !bus.hotplug(),
+            moved_from: None,
         })
     }
 
@@ -630,6 +643,7 @@ impl App {
             attachment: entry,
             hot,
             next_boot: next_boot && is_running && !bus.hotplug(),
+            moved_from: None,
         }))
     }
 
@@ -782,6 +796,7 @@ impl App {
             attachment: DiskAttachment { disk: d.name.clone(), controller, unit, read_only: false, generation },
             hot,
             next_boot: false,
+            moved_from: from.as_ref().map(|f| f.vm_name.clone()),
         };
         Ok(Some(MoveSaga { from, to }))
     }

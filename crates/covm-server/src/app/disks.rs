@@ -17,7 +17,7 @@ use covm_types::disk::{
     CAPACITY_MAX, CAPACITY_MIN, DiskAttachmentView, DiskClone, DiskCreate, DiskFormat, DiskImport, DiskListQuery,
     DiskResize, DiskState, DiskView, ImageView, Sharing,
 };
-use covm_types::vm::{VmConfig, datastore_path};
+use covm_types::vm::datastore_path;
 use covm_types::{Error, ErrorKind, Privilege, ROOT_ID};
 use serde_json::json;
 use uuid::Uuid;
@@ -322,6 +322,16 @@ impl Saga for ResizeSaga {
     }
 }
 
+pub(crate) fn attachment_view(a: covm_store::AttachmentRecord) -> DiskAttachmentView {
+    DiskAttachmentView {
+        vm: a.vm_name,
+        controller: a.controller,
+        unit: a.unit,
+        read_only: a.read_only,
+        generation: a.generation,
+    }
+}
+
 fn spec_str<'a>(o: &'a ObjectRecord, k: &str) -> &'a str {
     o.spec[k].as_str().unwrap_or_default()
 }
@@ -402,36 +412,15 @@ impl App {
         }
     }
 
-    /// VMs whose config holds the disk (by name or id).
+    /// VMs whose config holds the disk (by name or id): one indexed read of the store.
     pub(crate) async fn disk_attachments(&self, disk: &ObjectRecord) -> Result<Vec<DiskAttachmentView>, Error> {
-        let mut out = Vec::new();
-        for vm in self.vms_all().await? {
-            let Ok(c) = serde_json::from_value::<VmConfig>(vm.config.clone()) else { continue };
-            for d in c.disks.iter().filter(|d| d.disk == disk.name || d.disk == disk.id.to_string()) {
-                out.push(DiskAttachmentView {
-                    vm: vm.object.name.clone(),
-                    controller: d.controller.clone(),
-                    unit: d.unit,
-                    read_only: d.read_only,
-                    generation: d.generation,
-                });
-            }
-        }
-        Ok(out)
+        Ok(self.store().disk_attachments(&disk.name, disk.id).await?.into_iter().map(attachment_view).collect())
     }
 
     /// The running VMs that hold a disk.
     async fn disk_holders_running(&self, disk: &ObjectRecord) -> Result<Vec<Uuid>, Error> {
-        let mut out = Vec::new();
-        for a in self.disk_attachments(disk).await? {
-            if let Some(o) = self.store().object_by_name(ObjectKind::Vm, &a.vm).await?
-                && let Some(vm) = self.store().vm_get(o.id).await?
-                && super::vms::running(&vm)
-            {
-                out.push(o.id);
-            }
-        }
-        Ok(out)
+        let holders = self.store().disk_attachments(&disk.name, disk.id).await?;
+        Ok(holders.into_iter().filter(|a| super::vms::power_running(&a.power_state)).map(|a| a.vm_id).collect())
     }
 
     async fn disk_view(&self, o: &ObjectRecord, with_image: bool) -> Result<DiskView, Error> {

@@ -67,18 +67,13 @@ impl App {
         disk: &ObjectRecord,
         except: Option<Uuid>,
     ) -> Result<Vec<(DiskAttachmentView, String)>, Error> {
-        let mut holders = Vec::new();
-        for h in self.disk_attachments(disk).await? {
-            let vm = match self.store().object_by_name(ObjectKind::Vm, &h.vm).await? {
-                Some(o) => self.store().vm_get(o.id).await?,
-                None => None,
-            };
-            if vm.as_ref().is_some_and(|v| Some(v.object.id) == except) {
-                continue;
-            }
-            holders.push((h, vm.map(|v| v.power_state).unwrap_or_default()));
-        }
-        Ok(holders)
+        let holders = self.store().disk_attachments(&disk.name, disk.id).await?;
+        Ok(holders
+            .into_iter()
+            .filter(|a| Some(a.vm_id) != except)
+            .map(|a| (a.power_state.clone(), a))
+            .map(|(power, a)| (super::disks::attachment_view(a), power))
+            .collect())
     }
 
     /// The one-writer rule for a new (or newly read-write) attachment of `disk` to `vm`.

@@ -79,7 +79,12 @@ pub fn classify(old: &VmConfig, new: &VmConfig) -> (Vec<String>, Vec<String>) {
 }
 
 pub(crate) fn running(vm: &VmRecord) -> bool {
-    matches!(vm.power_state.as_str(), "running" | "paused" | "starting" | "stopping")
+    power_running(&vm.power_state)
+}
+
+/// Whether a stored power state means QEMU runs (or is about to, or still does).
+pub(crate) fn power_running(state: &str) -> bool {
+    matches!(state, "running" | "paused" | "starting" | "stopping")
 }
 
 fn requires_power_cycle(name: &str, fields: &[String]) -> Error {
@@ -317,8 +322,14 @@ impl App {
         }
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
-        let opts =
-            WriteOpts { message: q.message, dry_run: q.dry_run, next_boot, disks_checked: false, disks_live: false };
+        let opts = WriteOpts {
+            message: q.message,
+            dry_run: q.dry_run,
+            next_boot,
+            disks_checked: false,
+            disks_live: false,
+            events: vec![],
+        };
         self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, opts).await
     }
 
@@ -342,6 +353,7 @@ impl App {
                     next_boot: r.next_boot,
                     disks_checked: false,
                     disks_live: false,
+                    events: vec![],
                 },
             )
             .await?;
@@ -356,7 +368,7 @@ impl App {
         pre: Preconditions,
         opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
-        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live } = opts;
+        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events } = opts;
         if let Some(m) = &message
             && m.len() > 1024
         {
@@ -374,7 +386,7 @@ impl App {
             true => None,
             false => self.disk_refs_lock(ctx, Some(rec.object.id), &parse_config(&change.apply(&rec.config))?).await?,
         };
-        let opts = WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live };
+        let opts = WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events };
         let r = self.vm_write_doc_locked(ctx, rec, change, pre, opts).await;
         if let Some(g) = guard {
             g.release().await;
@@ -390,7 +402,7 @@ impl App {
         pre: Preconditions,
         opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
-        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live } = opts;
+        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events: extra } = opts;
         let host_mem = self.host_memory_mib();
         for _ in 0..RETRIES {
             // Outside the transaction: the whole document, checked against the inventory and privileges.
@@ -442,6 +454,7 @@ impl App {
             let name = rec.object.name.clone();
             let ctx2 = ctx.clone();
             let system = ctx.system;
+            let extra = extra.clone();
             let write = Box::new(move |vm: &VmRecord, at: chrono::DateTime<chrono::Utc>| {
                 if let Some(v) = pre2.if_match
                     && v != vm.version
@@ -516,7 +529,7 @@ impl App {
                         request_id: Some(req_id),
                         patch,
                     }),
-                    events: vec![ev],
+                    events: std::iter::once(ev).chain(extra.iter().cloned()).collect(),
                     ..Default::default()
                 })
             });
@@ -714,6 +727,8 @@ pub(crate) struct WriteOpts {
     pub disks_checked: bool,
     /// The disks change was already applied to the running QEMU (hot-plug): it is live.
     pub disks_live: bool,
+    /// More log entries to write with the version (a disk's `disk.attached`, …).
+    pub events: Vec<covm_store::NewEvent>,
 }
 
 /// How a write makes the new document from the newest one.

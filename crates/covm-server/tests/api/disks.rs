@@ -356,3 +356,35 @@ async fn a_guest_that_holds_on_keeps_the_disk_attached() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Attach, detach and move are events of the disk's own, in the feed beside the VM's config change.
+#[tokio::test]
+async fn attach_detach_and_move_are_disk_events_in_the_feed() {
+    let s = crate::common::TestServer::start().await;
+    let c = &s.admin;
+    c.post::<_, Value>("/disks", &json!({ "name": "dd", "datastore": "local", "capacity_bytes": 1u64 << 20 }))
+        .await
+        .unwrap();
+    for vm in ["va", "vb"] {
+        c.vm_create(&json!({ "name": vm })).await.unwrap();
+    }
+    let head = c.events(&Default::default()).await.unwrap().items.last().map_or(0, |e| e.seq);
+    c.post::<_, Value>("/vms/va/disks", &json!({ "disk": "dd" })).await.unwrap();
+    c.post::<_, Value>("/disks/dd/move", &json!({ "to_vm": "vb" })).await.unwrap();
+    c.delete("/vms/vb/disks/dd").await.unwrap();
+    let q = covm_types::api::EventQuery { after: Some(head), ..Default::default() };
+    let events = c.events(&q).await.unwrap().items;
+    let disk: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e.object_kind == "disk")
+        .map(|e| (e.kind.as_str(), e.data["vm"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        disk,
+        [("disk.attached", "va"), ("disk.detached", "va"), ("disk.moved", "vb"), ("disk.detached", "vb")],
+        "{events:?}"
+    );
+    let moved = events.iter().find(|e| e.kind == "disk.moved").unwrap();
+    assert_eq!(moved.data["from_vm"], "va");
+    assert_eq!(moved.object_name.as_deref(), Some("dd"));
+}
