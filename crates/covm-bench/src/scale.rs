@@ -1,5 +1,5 @@
-//! `inventory-scale`: N VMs, then how long a list, a filtered list and a get take, and the server's
-//! resident memory.
+//! `inventory-scale`: N VMs, then how long a list, a filtered list, a get, and a disk's attach and
+//! detach take, and the server's resident memory.
 
 use std::time::Instant;
 
@@ -56,6 +56,22 @@ pub async fn inventory_scale(server: &Server, p: &ScaleParams) -> anyhow::Result
         c.vm(&format!("s-{:06}", (i * 7919) % p.vms)).await.map(|_| ()).map_err(Into::into)
     })
     .await?;
+    // A disk attached to and detached from one VM: costs the same whatever the number of VMs (the
+    // store answers a disk's holders from an index).
+    c.post::<_, serde_json::Value>(
+        "/disks",
+        &json!({ "name": "scale-disk", "datastore": "local", "capacity_bytes": 1u64 << 20 }),
+    )
+    .await?;
+    let (mut attach, mut detach) = (Vec::new(), Vec::new());
+    for _ in 0..p.samples {
+        let t0 = Instant::now();
+        c.post::<_, serde_json::Value>("/vms/s-000000/disks", &json!({ "disk": "scale-disk" })).await?;
+        attach.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let t0 = Instant::now();
+        c.delete("/vms/s-000000/disks/scale-disk").await?;
+        detach.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
     Ok(Report {
         scenario: "inventory-scale".into(),
         params: serde_json::to_value(p)?,
@@ -64,6 +80,8 @@ pub async fn inventory_scale(server: &Server, p: &ScaleParams) -> anyhow::Result
             "list_first_page_ms": list,
             "filtered_list_ms": filtered,
             "get_ms": get,
+            "attach_ms": Percentiles::of(attach),
+            "detach_ms": Percentiles::of(detach),
             "server_rss_mib": server.rss_mib(),
         }),
         violations: 0,
