@@ -74,7 +74,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
     }
     let serial = data.join("vms").join(vm.id.to_string()).join("serial.log");
     ready(&serial).await?;
-    c.post::<_, Value>("/disks", &json!({ "name": "hot", "datastore": "local", "capacity_bytes": bytes })).await?;
+    c.disk_create(&crate::disk_spec("hot", bytes)).await?;
 
     // The floor's VM: the same command line, started directly, and an image of the same size.
     let driver = covm_hv::qemu::QemuDriver::default();
@@ -115,20 +115,26 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
             if covm_first {
                 let from = len(&serial);
                 let t0 = Instant::now();
-                c.post::<_, Value>("/vms/bench-disk/disks", &json!({ "disk": "hot" })).await?;
+                c.vm_disk_attach(
+                    "bench-disk",
+                    &covm_types::disk::DiskAttach {
+                        disk: "hot".into(),
+                        controller: None,
+                        unit: None,
+                        read_only: false,
+                        next_boot: false,
+                    },
+                )
+                .await?;
                 attach.push(ms(blocks_line(&serial, from, |l| l.contains(&size_tag), t0).await?));
                 let t0 = Instant::now();
-                c.delete("/vms/bench-disk/disks/hot").await?;
+                c.vm_disk_detach("bench-disk", "hot", &Default::default()).await?;
                 detach.push(ms(t0.elapsed()));
                 // Let the guest settle before the next round.
                 blocks_line(&serial, from, |l| !l.contains(&size_tag), Instant::now()).await?;
 
                 let t0 = Instant::now();
-                c.post::<_, Value>(
-                    "/disks",
-                    &json!({ "name": format!("new-{i}"), "datastore": "local", "capacity_bytes": bytes }),
-                )
-                .await?;
+                c.disk_create(&crate::disk_spec(&format!("new-{i}"), bytes)).await?;
                 create.push(ms(t0.elapsed()));
             } else {
                 let from = len(&floor_serial);

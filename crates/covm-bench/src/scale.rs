@@ -58,18 +58,24 @@ pub async fn inventory_scale(server: &Server, p: &ScaleParams) -> anyhow::Result
     .await?;
     // A disk attached to and detached from one VM: costs the same whatever the number of VMs (the
     // store answers a disk's holders from an index).
-    c.post::<_, serde_json::Value>(
-        "/disks",
-        &json!({ "name": "scale-disk", "datastore": "local", "capacity_bytes": 1u64 << 20 }),
-    )
-    .await?;
+    c.disk_create(&crate::disk_spec("scale-disk", 1 << 20)).await?;
     let (mut attach, mut detach) = (Vec::new(), Vec::new());
     for _ in 0..p.samples {
         let t0 = Instant::now();
-        c.post::<_, serde_json::Value>("/vms/s-000000/disks", &json!({ "disk": "scale-disk" })).await?;
+        c.vm_disk_attach(
+            "s-000000",
+            &covm_types::disk::DiskAttach {
+                disk: "scale-disk".into(),
+                controller: None,
+                unit: None,
+                read_only: false,
+                next_boot: false,
+            },
+        )
+        .await?;
         attach.push(t0.elapsed().as_secs_f64() * 1000.0);
         let t0 = Instant::now();
-        c.delete("/vms/s-000000/disks/scale-disk").await?;
+        c.vm_disk_detach("s-000000", "scale-disk", &Default::default()).await?;
         detach.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(Report {

@@ -603,9 +603,8 @@ pub struct AttachParams {
 pub async fn attach_race(admin: &Client, p: &AttachParams) -> anyhow::Result<Report> {
     let s = setup(admin, p.clients, p.clients).await?;
     let disk = format!("{}-disk", s.tag);
-    admin
-        .post::<_, serde_json::Value>("/disks", &json!({ "name": disk, "datastore": "local", "capacity_bytes": 1u64 << 20, "folder": format!("/{}", s.tag) }))
-        .await?;
+    let spec = covm_types::disk::DiskCreate { folder: Some(format!("/{}", s.tag)), ..crate::disk_spec(&disk, 1 << 20) };
+    admin.disk_create(&spec).await?;
     let mut v = Violations::default();
     let mut latencies = Vec::new();
     let urls = replicas_of(admin, &p.replicas);
@@ -617,7 +616,14 @@ pub async fn attach_race(admin: &Client, p: &AttachParams) -> anyhow::Result<Rep
             let disk = disk.clone();
             tasks.push(tokio::spawn(async move {
                 let t0 = Instant::now();
-                let r = c.post::<_, serde_json::Value>(&format!("/vms/{vm}/disks"), &json!({ "disk": disk })).await;
+                let p = covm_types::disk::DiskAttach {
+                    disk,
+                    controller: None,
+                    unit: None,
+                    read_only: false,
+                    next_boot: false,
+                };
+                let r = c.vm_disk_attach(&vm, &p).await;
                 (vm, r, t0.elapsed().as_secs_f64() * 1000.0)
             }));
         }
@@ -643,9 +649,7 @@ pub async fn attach_race(admin: &Client, p: &AttachParams) -> anyhow::Result<Rep
                     v.add(format!("round {round}: {vm} was refused without naming the holder {w}: {msg}"));
                 }
             }
-            admin
-                .send::<serde_json::Value>(admin.request(reqwest::Method::DELETE, &format!("/vms/{w}/disks/{disk}")))
-                .await?;
+            admin.vm_disk_detach(w, &disk, &Default::default()).await?;
         }
     }
     Ok(Report {

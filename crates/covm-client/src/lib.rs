@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use covm_types::api::*;
+use covm_types::disk::*;
 use covm_types::vm::*;
 use covm_types::{ErrorBody, Privilege};
 use futures::StreamExt;
@@ -464,6 +465,97 @@ impl Client {
     pub async fn lease_release(&self, vm: &str, force: bool) -> Result<()> {
         let rb = self.request(Method::DELETE, &format!("/vms/{vm}/lease")).query(&LeaseReleaseQuery { force });
         self.send::<serde_json::Value>(rb).await.map(|_| ())
+    }
+
+    // --- inventory ------------------------------------------------------------------------------
+
+    pub async fn hosts(&self, q: &ListQuery) -> Result<Page<HostView>> {
+        self.send(self.request(Method::GET, "/hosts").query(q)).await
+    }
+
+    pub async fn datastores(&self, q: &ListQuery) -> Result<Page<DatastoreView>> {
+        self.send(self.request(Method::GET, "/datastores").query(q)).await
+    }
+
+    pub async fn networks(&self, q: &ListQuery) -> Result<Page<NetworkView>> {
+        self.send(self.request(Method::GET, "/networks").query(q)).await
+    }
+
+    pub async fn pools(&self, q: &ListQuery) -> Result<Page<PoolView>> {
+        self.send(self.request(Method::GET, "/pools").query(q)).await
+    }
+
+    pub async fn datastore_create(&self, p: &DatastoreCreate) -> Result<DatastoreView> {
+        self.post("/datastores", p).await
+    }
+
+    pub async fn network_create(&self, p: &NetworkCreate) -> Result<NetworkView> {
+        self.post("/networks", p).await
+    }
+
+    pub async fn pool_create(&self, p: &PoolCreate) -> Result<PoolView> {
+        self.post("/pools", p).await
+    }
+
+    // --- disks ----------------------------------------------------------------------------------
+
+    pub async fn disk_create(&self, p: &DiskCreate) -> Result<DiskView> {
+        self.post("/disks", p).await
+    }
+
+    pub async fn disks(&self, q: &DiskListQuery) -> Result<Page<DiskView>> {
+        self.send(self.request(Method::GET, "/disks").query(q)).await
+    }
+
+    /// Every disk, page by page.
+    pub async fn disks_all(&self) -> Result<Vec<DiskView>> {
+        let mut all = Vec::new();
+        let mut q = DiskListQuery { limit: Some(1000), ..Default::default() };
+        loop {
+            let page = self.disks(&q).await?;
+            all.extend(page.items);
+            match page.next {
+                Some(n) => q.after = Some(n),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    pub async fn disk(&self, disk: &str) -> Result<DiskView> {
+        self.get(&format!("/disks/{disk}")).await
+    }
+
+    pub async fn disk_resize(&self, disk: &str, capacity_bytes: u64) -> Result<DiskView> {
+        self.post(&format!("/disks/{disk}/resize"), &DiskResize { capacity_bytes }).await
+    }
+
+    pub async fn disk_clone(&self, disk: &str, p: &DiskClone) -> Result<DiskView> {
+        self.post(&format!("/disks/{disk}/clone"), p).await
+    }
+
+    pub async fn disk_import(&self, disk: &str, p: &DiskImport) -> Result<DiskView> {
+        self.post(&format!("/disks/{disk}/import"), p).await
+    }
+
+    pub async fn disk_move(&self, disk: &str, p: &DiskMove) -> Result<VmView> {
+        self.post(&format!("/disks/{disk}/move"), p).await
+    }
+
+    pub async fn disk_delete(&self, disk: &str) -> Result<()> {
+        self.delete(&format!("/disks/{disk}")).await
+    }
+
+    pub async fn vm_disk_attach(&self, vm: &str, p: &DiskAttach) -> Result<VmView> {
+        self.post(&format!("/vms/{vm}/disks"), p).await
+    }
+
+    pub async fn vm_disk_detach(&self, vm: &str, disk: &str, q: &DetachQuery) -> Result<VmView> {
+        self.send(self.request(Method::DELETE, &format!("/vms/{vm}/disks/{disk}")).query(q)).await
+    }
+
+    /// What QEMU holds for a running VM (block nodes and devices).
+    pub async fn vm_block_state(&self, vm: &str) -> Result<BlockState> {
+        self.get(&format!("/vms/{vm}/block")).await
     }
 
     // --- events and audit ---------------------------------------------------------------------

@@ -153,3 +153,44 @@ pub struct DiskListQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskAttach {
+    /// The disk's name or id.
+    pub disk: String,
+    /// Default: the first virtio-scsi controller (else the first controller).
+    #[serde(default)]
+    pub controller: Option<String>,
+    /// Default: the lowest free unit.
+    #[serde(default)]
+    pub unit: Option<u32>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// On a running VM, with a bus that cannot hot-plug: keep it pending until the next power-on.
+    #[serde(default)]
+    pub next_boot: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMove {
+    /// The VM the disk goes to.
+    pub to_vm: String,
+    #[serde(default)]
+    pub controller: Option<String>,
+    #[serde(default)]
+    pub unit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DetachQuery {
+    /// On a running VM with a bus that cannot hot-unplug: keep the detach pending.
+    #[serde(default)]
+    pub next_boot: bool,
+    /// Remove only this attachment (its generation, as `disk_in_use` and the config name it); a newer
+    /// attachment is refused with `stale_generation`.
+    #[serde(default)]
+    pub generation: Option<u64>,
+}

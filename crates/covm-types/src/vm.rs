@@ -691,3 +691,29 @@ pub struct BlockState {
     /// Block device ids (a covm disk's device is named like its node).
     pub devices: Vec<String>,
 }
+
+/// What a change did, or (dry run) would do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChangePlan {
+    pub from_version: i64,
+    /// RFC 6902 from the newest version.
+    pub patch: serde_json::Value,
+    pub summary: Vec<String>,
+    /// The top-level fields that change.
+    pub fields: Vec<String>,
+    /// Of those, the ones a running VM takes at once.
+    pub live: Vec<String>,
+    /// And the ones that wait for the next power-on.
+    pub next_boot: Vec<String>,
+    /// Why the change would be refused, if it would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// The answer to a change: the VM, or with `dry_run` the plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum VmChangeResponse {
+    Vm(Box<VmView>),
+    Plan(ChangePlan),
+}

@@ -3,9 +3,7 @@
 use anyhow::bail;
 use clap::Subcommand;
 use covm_client::Client;
-use covm_types::api::Page;
-use covm_types::disk::DiskView;
-use serde_json::json;
+use covm_types::disk::{DiskClone, DiskCreate, DiskImport, DiskMove, DiskView};
 
 use crate::output::Out;
 
@@ -121,53 +119,42 @@ fn print(out: &Out, disks: &[DiskView]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_name(s: &str) -> anyhow::Result<covm_types::Name> {
+    covm_types::Name::parse(s).map_err(|e| anyhow::anyhow!("{s}: {e}"))
+}
+
 pub async fn run(c: &Client, out: &Out, cmd: DiskCmd) -> anyhow::Result<()> {
     match cmd {
         DiskCmd::Create { name, size, datastore, format, sharing, folder, pool } => {
-            let body = json!({
-                "name": name, "datastore": datastore, "capacity_bytes": parse_size(&size)?, "format": format,
-                "sharing": sharing, "folder": folder, "pool": pool,
-            });
-            print(out, &[c.post::<_, DiskView>("/disks", &body).await?])
+            let p = DiskCreate {
+                name: parse_name(&name)?,
+                datastore,
+                capacity_bytes: parse_size(&size)?,
+                format: serde_json::from_value(serde_json::Value::String(format.clone()))
+                    .map_err(|_| anyhow::anyhow!("--format is qcow2 or raw, not {format}"))?,
+                sharing: serde_json::from_value(serde_json::Value::String(sharing.clone()))
+                    .map_err(|_| anyhow::anyhow!("--sharing is none or multi_writer, not {sharing}"))?,
+                folder,
+                pool,
+            };
+            print(out, &[c.disk_create(&p).await?])
         }
-        DiskCmd::Ls => {
-            let mut all = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let path = match &after {
-                    Some(a) => format!("/disks?limit=1000&after={a}"),
-                    None => "/disks?limit=1000".to_owned(),
-                };
-                let page: Page<DiskView> = c.get(&path).await?;
-                all.extend(page.items);
-                match page.next {
-                    Some(n) => after = Some(n),
-                    None => break,
-                }
-            }
-            print(out, &all)
-        }
-        DiskCmd::Info { name } => print(out, &[c.get::<DiskView>(&format!("/disks/{name}")).await?]),
-        DiskCmd::Resize { name, size } => {
-            let d: DiskView =
-                c.post(&format!("/disks/{name}/resize"), &json!({ "capacity_bytes": parse_size(&size)? })).await?;
-            print(out, &[d])
-        }
+        DiskCmd::Ls => print(out, &c.disks_all().await?),
+        DiskCmd::Info { name } => print(out, &[c.disk(&name).await?]),
+        DiskCmd::Resize { name, size } => print(out, &[c.disk_resize(&name, parse_size(&size)?).await?]),
         DiskCmd::Clone { name, new_name } => {
-            print(out, &[c.post::<_, DiskView>(&format!("/disks/{name}/clone"), &json!({ "name": new_name })).await?])
+            print(out, &[c.disk_clone(&name, &DiskClone { name: parse_name(&new_name)? }).await?])
         }
         DiskCmd::Import { name, datastore, path } => {
-            let body = json!({ "datastore": datastore, "path": path });
-            print(out, &[c.post::<_, DiskView>(&format!("/disks/{name}/import"), &body).await?])
+            print(out, &[c.disk_import(&name, &DiskImport { datastore, path, folder: None, pool: None }).await?])
         }
         DiskCmd::Move { name, to, controller, unit } => {
-            let body = json!({ "to_vm": to, "controller": controller, "unit": unit });
-            let v: covm_types::vm::VmView = c.post(&format!("/disks/{name}/move"), &body).await?;
+            let v = c.disk_move(&name, &DiskMove { to_vm: to, controller, unit }).await?;
             out.message(&format!("{name} is attached to {} (version {})", v.name, v.version));
             Ok(())
         }
         DiskCmd::Rm { name } => {
-            c.delete(&format!("/disks/{name}")).await?;
+            c.disk_delete(&name).await?;
             out.message(&format!("deleted disk {name}"));
             Ok(())
         }

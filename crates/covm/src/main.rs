@@ -425,14 +425,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Disk(cmd) => disk::run(&client(&cli.url)?, &out, cmd).await,
         Command::Inventory(cmd) => {
             let c = client(&cli.url)?;
-            let path = match cmd {
-                InventoryCmd::Hosts => "/hosts",
-                InventoryCmd::Datastores => "/datastores",
-                InventoryCmd::Networks => "/networks",
-                InventoryCmd::Pools => "/pools",
+            let q = covm_types::api::ListQuery { limit: Some(1000), ..Default::default() };
+            let items = match cmd {
+                InventoryCmd::Hosts => values(c.hosts(&q).await?.items),
+                InventoryCmd::Datastores => values(c.datastores(&q).await?.items),
+                InventoryCmd::Networks => values(c.networks(&q).await?.items),
+                InventoryCmd::Pools => values(c.pools(&q).await?.items),
             };
-            let page: covm_types::api::Page<serde_json::Value> = c.get(path).await?;
-            out.values(&page.items)
+            out.values(&items)
         }
         Command::Events { follow, after, limit } => {
             let c = client(&cli.url)?;
@@ -488,4 +488,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_events(&out, &c.audit(&q).await?.items)
         }
     }
+}
+
+/// Typed views as JSON values, for the generic table printer.
+fn values<T: serde::Serialize>(items: Vec<T>) -> Vec<serde_json::Value> {
+    items.into_iter().map(|v| serde_json::to_value(v).unwrap_or_default()).collect()
 }

@@ -563,19 +563,13 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
         }
         VmCmd::Disk(cmd) => match cmd {
             VmDiskCmd::Attach { vm, disk, controller, unit, read_only, next_boot } => {
-                let body = json!({ "disk": disk, "controller": controller, "unit": unit, "read_only": read_only, "next_boot": next_boot });
-                let v: VmView = c.post(&format!("/vms/{vm}/disks"), &body).await?;
+                let p = covm_types::disk::DiskAttach { disk: disk.clone(), controller, unit, read_only, next_boot };
+                let v = c.vm_disk_attach(&vm, &p).await?;
                 out.message(&format!("{disk} is attached to {} (version {})", v.name, v.version));
                 Ok(())
             }
             VmDiskCmd::Detach { vm, disk, next_boot, generation } => {
-                let mut rb = c
-                    .request(reqwest::Method::DELETE, &format!("/vms/{vm}/disks/{disk}"))
-                    .query(&[("next_boot", next_boot)]);
-                if let Some(g) = generation {
-                    rb = rb.query(&[("generation", g)]);
-                }
-                let v: VmView = c.send(rb).await?;
+                let v = c.vm_disk_detach(&vm, &disk, &covm_types::disk::DetachQuery { next_boot, generation }).await?;
                 out.message(&format!("{disk} is detached from {} (version {})", v.name, v.version));
                 Ok(())
             }

@@ -21,12 +21,11 @@
 use std::time::Duration;
 
 use covm_types::api::ObjectKind;
-use covm_types::disk::{DiskAttachmentView, Sharing};
+use covm_types::disk::{DiskAttach, DiskAttachmentView, DiskMove, Sharing};
 use covm_types::vm::{ControllerType, DiskAttachment, VmConfig, VmView};
 use covm_types::{Error, ErrorKind, Privilege};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::ToSchema;
 
 use async_trait::async_trait;
 use covm_hv::HvError;
@@ -38,24 +37,6 @@ use super::vms::{DocChange, Preconditions, WriteOpts, parse_config, running};
 use super::{App, Ctx, EventExt};
 
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DiskAttach {
-    /// The disk's name or id.
-    pub disk: String,
-    /// Default: the first virtio-scsi controller (else the first controller).
-    #[serde(default)]
-    pub controller: Option<String>,
-    /// Default: the lowest free unit.
-    #[serde(default)]
-    pub unit: Option<u32>,
-    #[serde(default)]
-    pub read_only: bool,
-    /// On a running VM, with a bus that cannot hot-plug: keep it pending until the next power-on.
-    #[serde(default)]
-    pub next_boot: bool,
-}
 
 /// The block node (and device id) name of a disk in a VM.
 pub fn disk_node(disk: Uuid) -> String {
@@ -685,17 +666,6 @@ impl App {
         self.vm_local(&rec)?;
         self.node().ask(rec.object.id, Cmd::BlockQuery).await.map_err(hv_error)
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DiskMove {
-    /// The VM the disk goes to.
-    pub to_vm: String,
-    #[serde(default)]
-    pub controller: Option<String>,
-    #[serde(default)]
-    pub unit: Option<u32>,
 }
 
 impl App {

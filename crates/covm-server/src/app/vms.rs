@@ -16,8 +16,8 @@ use std::sync::Arc;
 use covm_store::{ConfigWrite, NewObject, VersionRecord, VmFilter, VmRecord, VmWrite};
 use covm_types::api::{ObjectKind, Page};
 use covm_types::vm::{
-    DiffView, LeaseView, PowerState, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmConfig, VmListQuery,
-    VmRuntime, VmView,
+    ChangePlan, DiffView, LeaseView, PowerState, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmConfig,
+    VmListQuery, VmRuntime, VmView,
 };
 use covm_types::{Error, ErrorKind, Privilege, ROOT_ID};
 use serde_json::{Value, json};
@@ -35,24 +35,6 @@ pub struct Preconditions {
     pub if_match: Option<i64>,
     /// `Covm-Lease`: the fencing token of the caller's lease.
     pub lease_token: Option<i64>,
-}
-
-/// What a change did, or (dry run) would do.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct ChangePlan {
-    pub from_version: i64,
-    /// RFC 6902 from the newest version.
-    pub patch: Value,
-    pub summary: Vec<String>,
-    /// The top-level fields that change.
-    pub fields: Vec<String>,
-    /// Of those, the ones a running VM takes at once.
-    pub live: Vec<String>,
-    /// And the ones that wait for the next power-on.
-    pub next_boot: Vec<String>,
-    /// Why the change would be refused, if it would.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refused: Option<String>,
 }
 
 /// Splits the changed fields into live ones (a running VM takes them at once) and next-boot ones.

@@ -102,52 +102,40 @@ pub async fn disk_import(
 /// virtio-scsi bus; one writer unless the disk is `multi_writer`; controller and unit chosen unless
 /// given, and checked.
 #[utoipa::path(post, path = "/vms/{vm}/disks", tag = "disks", operation_id = "vm_disk_attach",
-    params(("vm" = String, Path, description = "VM name or id")), request_body = crate::app::attach::DiskAttach,
+    params(("vm" = String, Path, description = "VM name or id")), request_body = covm_types::disk::DiskAttach,
     responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn vm_disk_attach(
     State(app): State<App>,
     Auth(ctx): Auth,
     Path(vm): Path<String>,
-    JsonBody(p): JsonBody<crate::app::attach::DiskAttach>,
+    JsonBody(p): JsonBody<covm_types::disk::DiskAttach>,
 ) -> Result<Json<covm_types::vm::VmView>, ApiError> {
     Ok(Json(app.vm_disk_attach(&ctx, &vm, p).await?))
-}
-
-#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct DetachQuery {
-    /// On a running VM with a bus that cannot hot-unplug: keep the detach pending.
-    #[serde(default)]
-    pub next_boot: bool,
-    /// Remove only this attachment (its generation, as `disk_in_use` and the config name it); a newer
-    /// attachment is refused with `stale_generation`.
-    #[serde(default)]
-    pub generation: Option<u64>,
 }
 
 /// Detach a disk from a VM (needs `VirtualMachine.Config.RemoveDisk`); on a running VM the guest must
 /// release it, or the detach fails and the disk stays attached.
 #[utoipa::path(delete, path = "/vms/{vm}/disks/{disk}", tag = "disks", operation_id = "vm_disk_detach",
-    params(("vm" = String, Path, description = "VM name or id"), ("disk" = String, Path, description = "disk name or id"), DetachQuery),
+    params(("vm" = String, Path, description = "VM name or id"), ("disk" = String, Path, description = "disk name or id"), covm_types::disk::DetachQuery),
     responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn vm_disk_detach(
     State(app): State<App>,
     Auth(ctx): Auth,
     Path((vm, disk)): Path<(String, String)>,
-    QueryParams(q): QueryParams<DetachQuery>,
+    QueryParams(q): QueryParams<covm_types::disk::DetachQuery>,
 ) -> Result<Json<covm_types::vm::VmView>, ApiError> {
     Ok(Json(app.vm_disk_detach(&ctx, &vm, &disk, q.next_boot, q.generation).await?))
 }
 
 /// Move a disk from the VM that holds it to `to_vm`, as one operation (on failure it goes back).
 #[utoipa::path(post, path = "/disks/{disk}/move", tag = "disks", operation_id = "disk_move",
-    params(("disk" = String, Path, description = "disk name or id")), request_body = crate::app::attach::DiskMove,
+    params(("disk" = String, Path, description = "disk name or id")), request_body = covm_types::disk::DiskMove,
     responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_move(
     State(app): State<App>,
     Auth(ctx): Auth,
     Path(disk): Path<String>,
-    JsonBody(p): JsonBody<crate::app::attach::DiskMove>,
+    JsonBody(p): JsonBody<covm_types::disk::DiskMove>,
 ) -> Result<Json<covm_types::vm::VmView>, ApiError> {
     Ok(Json(app.disk_move(&ctx, &disk, p).await?))
 }

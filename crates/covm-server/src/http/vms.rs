@@ -16,7 +16,8 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::extract::{Auth, JsonBody, QueryParams};
 use crate::app::App;
-use crate::app::vms::{ChangePlan, Preconditions};
+use crate::app::vms::Preconditions;
+use covm_types::vm::VmChangeResponse;
 
 /// `If-Match` (`"7"`, `7`, `W/"7"`; `*` is no condition) and `Covm-Lease` (a fencing token).
 pub struct Pre(pub Preconditions);
@@ -48,14 +49,6 @@ fn with_etag<T: Serialize>(status: StatusCode, version: i64, body: &T) -> Respon
         r.headers_mut().insert(header::ETAG, v);
     }
     r
-}
-
-/// The answer to a change: the VM, or with `dry_run` the plan.
-#[derive(Serialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum VmChangeResponse {
-    Vm(Box<VmView>),
-    Plan(ChangePlan),
 }
 
 /// VMs I may view, by name.
