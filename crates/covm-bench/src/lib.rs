@@ -86,18 +86,6 @@ impl Violations {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles() {
-        let p = Percentiles::of((1..=100).map(f64::from).collect());
-        assert_eq!((p.count, p.p50, p.p95, p.p99, p.max), (100, 51.0, 95.0, 99.0, 100.0));
-        assert_eq!(Percentiles::of(vec![]).count, 0);
-    }
-}
-
 /// A qcow2 disk of `bytes` in the datastore `local`.
 pub fn disk_spec(name: &str, bytes: u64) -> covm_types::disk::DiskCreate {
     covm_types::disk::DiskCreate {
@@ -108,5 +96,17 @@ pub fn disk_spec(name: &str, bytes: u64) -> covm_types::disk::DiskCreate {
         sharing: Default::default(),
         folder: None,
         pool: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect());
+        assert_eq!((p.count, p.p50, p.p95, p.p99, p.max), (100, 51.0, 95.0, 99.0, 100.0));
+        assert_eq!(Percentiles::of(vec![]).count, 0);
     }
 }
