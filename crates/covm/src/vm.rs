@@ -527,23 +527,23 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
                 return Ok(());
             }
             let wait = std::time::Duration::from_secs(u64::from(timeout.unwrap_or(60)) + 600);
+            // A bar on stderr for people (indicatif draws nothing when stderr is not a terminal).
+            let bar = match out.json {
+                true => indicatif::ProgressBar::hidden(),
+                false => indicatif::ProgressBar::new(100),
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("[{bar:20}] {pos:>3}% {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("#> "),
+            );
             let t = c
                 .task_wait(task.id, wait, |t| {
-                    if !out.json {
-                        let filled = (t.progress.clamp(0, 100) / 5) as usize;
-                        eprint!(
-                            "\r[{}{}] {:>3}% {:?}",
-                            "#".repeat(filled),
-                            " ".repeat(20 - filled),
-                            t.progress,
-                            t.state
-                        );
-                    }
+                    bar.set_position(u64::from(t.progress.clamp(0, 100).unsigned_abs()));
+                    bar.set_message(format!("{:?}", t.state));
                 })
                 .await?;
-            if !out.json {
-                eprintln!();
-            }
+            bar.finish_and_clear();
             match t.state {
                 TaskState::Success => {
                     out.message(t.message.as_deref().unwrap_or("done"));
