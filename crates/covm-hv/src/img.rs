@@ -20,6 +20,18 @@ pub struct ImageInfo {
     pub actual_size: u64,
     #[serde(rename = "backing-filename", default, skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
+    /// Format details (for qcow2, `data.data-file` names an external data file).
+    #[serde(rename = "format-specific", default, skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<serde_json::Value>,
+}
+
+impl ImageInfo {
+    /// Another file the image would make QEMU open: a backing file or a qcow2 external data file.
+    pub fn external_file(&self) -> Option<String> {
+        self.backing_filename
+            .clone()
+            .or_else(|| self.format_specific.as_ref()?["data"]["data-file"].as_str().map(str::to_owned))
+    }
 }
 
 async fn run(args: &[&str]) -> Result<String, HvError> {

@@ -141,7 +141,7 @@ pub async fn serve(
             Ok(p) => p,
             Err(_) => {
                 conns.evict_idle();
-                match tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned()).await {
+                match tokio::time::timeout(Duration::from_millis(200), permits.clone().acquire_owned()).await {
                     Ok(Ok(p)) => p,
                     _ => {
                         tracing::warn!(%addr, max_connections = cap, "at the connection cap with every connection busy; closing a new one");

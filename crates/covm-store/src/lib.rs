@@ -549,15 +549,34 @@ pub trait Store: Send + Sync + 'static {
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;
     async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
 
-    /// An account's failed sign-ins in the window that began with the first of them.
-    async fn signin_failures_get(&self, account: &str) -> Result<Option<SigninFailures>>;
-    /// Counts one more failed sign-in of `account` at `at`; a window older than `window` starts anew.
-    async fn signin_failure_add(
-        &self,
-        account: &str,
-        at: DateTime<Utc>,
-        window: chrono::Duration,
-    ) -> Result<SigninFailures>;
+    /// Reserves a sign-in attempt for `account`, atomically with every replica: if the account must
+    /// wait (`policy`), returns the seconds to wait and counts nothing; otherwise counts the attempt
+    /// as a failure (a success takes it back with [`Store::signin_forgive`]).
+    async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>>;
+    /// Takes back one reserved attempt (it succeeded).
+    async fn signin_forgive(&self, account: &str) -> Result<()>;
+}
+
+/// The per-account sign-in limit: `free` failures within `window`, then each try waits 2, 4, 8 …
+/// seconds after the last failure, at most `delay_max_s`.
+#[derive(Debug, Clone, Copy)]
+pub struct SigninPolicy {
+    pub window: chrono::Duration,
+    pub free: i64,
+    pub delay_max_s: i64,
+}
+
+impl SigninPolicy {
+    /// Seconds an account with `f` must wait at `at` (0: none).
+    pub fn wait(&self, f: &SigninFailures, at: DateTime<Utc>) -> u64 {
+        if at - f.first_at > self.window || f.failures < self.free {
+            return 0;
+        }
+        let n = (f.failures - self.free).clamp(0, 30) as u32;
+        let delay = 2i64.saturating_pow(n + 1).min(self.delay_max_s);
+        let until = f.last_at + chrono::Duration::seconds(delay);
+        if until <= at { 0 } else { ((until - at).num_milliseconds() as u64).div_ceil(1000).max(1) }
+    }
 }
 
 /// Failed sign-ins of one account (every replica counts into the same row).

@@ -95,7 +95,7 @@ pub(crate) fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
             }
             // SQLITE_FULL (SQLite turns ENOSPC into it), PostgreSQL's disk_full class.
             let code = d.code().unwrap_or_default();
-            if code == "13" || code.starts_with("531") {
+            if code == "13" || code == "53100" {
                 tracing::error!(error = %e, "database error: {what}: the file system that holds the database is full");
                 return Error::storage_full(
                     "database",
@@ -1302,43 +1302,31 @@ impl Store for $Store {
         tx.commit().await.map_err(db_err("commit"))
     }
 
-    async fn signin_failures_get(&self, account: &str) -> Result<Option<SigninFailures>> {
-        let row = sqlx::query("SELECT failures, first_at, last_at FROM signin_failures WHERE account = $1")
-            .bind(account)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(db_err("read failed sign-ins"))?;
-        row.map(|r| {
-            Ok(SigninFailures {
-                failures: r.get("failures"),
-                first_at: time(r.get("first_at"))?,
-                last_at: time(r.get("last_at"))?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn signin_failure_add(
-        &self,
-        account: &str,
-        at: DateTime<Utc>,
-        window: chrono::Duration,
-    ) -> Result<SigninFailures> {
+    async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>> {
+        // In the write transaction: every replica's writers queue, so check and count are one step.
         let mut tx = self.begin().await?;
-        let row = sqlx::query("SELECT failures, first_at FROM signin_failures WHERE account = $1")
+        let row = sqlx::query("SELECT failures, first_at, last_at FROM signin_failures WHERE account = $1")
             .bind(account)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err("read failed sign-ins"))?;
-        let (failures, first_at) = match row {
-            Some(r) => {
-                let first = time(r.get("first_at"))?;
-                match at - first > window {
-                    true => (1, at),
-                    false => (r.get::<i64, _>("failures") + 1, first),
-                }
+        let now = match row {
+            Some(r) => Some(SigninFailures {
+                failures: r.get("failures"),
+                first_at: time(r.get("first_at"))?,
+                last_at: time(r.get("last_at"))?,
+            }),
+            None => None,
+        };
+        if let Some(f) = &now {
+            let wait = policy.wait(f, at);
+            if wait > 0 {
+                return Ok(Some(wait));
             }
-            None => (1, at),
+        }
+        let (failures, first_at) = match now {
+            Some(f) if at - f.first_at <= policy.window => (f.failures + 1, f.first_at),
+            _ => (1, at),
         };
         sqlx::query(
             "INSERT INTO signin_failures (account, failures, first_at, last_at) VALUES ($1, $2, $3, $4)
@@ -1351,10 +1339,21 @@ impl Store for $Store {
         .bind(time_to_db(at))
         .execute(&mut *tx)
         .await
-        .map_err(db_err("count a failed sign-in"))?;
+        .map_err(db_err("count a sign-in attempt"))?;
         tx.commit().await.map_err(db_err("commit"))?;
-        Ok(SigninFailures { failures, first_at, last_at: at })
+        Ok(None)
     }
+
+    async fn signin_forgive(&self, account: &str) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE signin_failures SET failures = failures - 1 WHERE account = $1 AND failures > 0")
+            .bind(account)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("count a sign-in"))?;
+        tx.commit().await.map_err(db_err("commit"))
+    }
+
 }
 
 impl $Store {

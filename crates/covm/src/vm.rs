@@ -539,7 +539,7 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             );
             let t = c
                 .task_wait(task.id, wait, |t| {
-                    bar.set_position(u64::from(t.progress.clamp(0, 100).unsigned_abs()));
+                    bar.set_position(t.progress.clamp(0, 100).unsigned_abs());
                     bar.set_message(format!("{:?}", t.state));
                 })
                 .await?;

@@ -47,6 +47,7 @@ pub fn builtin_role_id(role: BuiltinRole) -> Uuid {
 }
 
 pub(crate) async fn password_hash(password: String) -> Result<String, Error> {
+    let _turn = HASHING.acquire().await.map_err(|_| Error::internal("the password hasher is closed"))?;
     tokio::task::spawn_blocking(move || {
         let salt = rand::rng().random::<[u8; 16]>();
         Argon2::default()
@@ -65,6 +66,7 @@ async fn password_verify(password: String, hash: Option<String>) -> bool {
         let _ = password_hash(password).await;
         return false;
     };
+    let Ok(_turn) = HASHING.acquire().await else { return false };
     tokio::task::spawn_blocking(move || {
         PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash).is_ok()
     })
@@ -106,19 +108,14 @@ pub const USER_NAME_MAX: usize = 256;
 /// The longest password accepted (hashing costs grow with it).
 pub const PASSWORD_MAX: usize = 1024;
 
-/// The per-account limit: after [`ACCOUNT_FREE`] failures within [`ACCOUNT_WINDOW`], each further try
-/// waits 2, 4, 8 … seconds after the last failure, never more than [`ACCOUNT_DELAY_MAX`]. A guesser
-/// gets at most one try a minute at an account from anywhere; the owner is slowed, never locked out.
-const ACCOUNT_FREE: i64 = 10;
-const ACCOUNT_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
-const ACCOUNT_DELAY_MAX: i64 = 60;
+/// The per-account limit: after 10 attempts within 15 minutes, each further try waits 2, 4, 8 …
+/// seconds after the last one, never more than a minute. A guesser gets at most one try a minute at
+/// an account from anywhere; the owner, from an address she signed in from before, is not held by it.
+const ACCOUNT_POLICY: covm_store::SigninPolicy =
+    covm_store::SigninPolicy { window: chrono::Duration::minutes(15), free: 10, delay_max_s: 60 };
 
-fn account_delay(failures: i64) -> i64 {
-    match failures - ACCOUNT_FREE {
-        n if n < 0 => 0,
-        n => 2i64.saturating_pow(n.clamp(0, 30) as u32 + 1).min(ACCOUNT_DELAY_MAX),
-    }
-}
+/// Password hashes computed at once (each takes ~19 MiB and a core for ~50 ms): more wait their turn.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// Counts failed sign-ins in a sliding window.
 #[derive(Default)]
@@ -197,30 +194,50 @@ impl RateLimiter {
     }
 }
 
-impl App {
-    /// Seconds a sign-in to `account` must wait (the per-account limit). An existing account's
-    /// failures are kept in the store, so every replica sees them; a name that is no account is
-    /// limited the same way in this process (so that the answers do not tell accounts apart).
-    async fn account_wait(&self, account: &str, exists: bool) -> Result<Option<u64>, Error> {
-        let now = chrono::Utc::now();
-        let f = match exists {
-            true => self.store().signin_failures_get(account).await?,
-            false => self.limiter().account_get(account),
-        };
-        let Some(f) = f.filter(|f| now - f.first_at <= ACCOUNT_WINDOW) else { return Ok(None) };
-        let until = f.last_at + chrono::Duration::seconds(account_delay(f.failures));
-        Ok((until > now).then(|| ((until - now).num_milliseconds() as u64).div_ceil(1000).max(1)))
-    }
+/// The meta key that records a successful sign-in to `account` from `addr`.
+fn known_key(account: &str, addr: Option<IpAddr>) -> String {
+    format!("signin-ok/{account}/{}", addr.map_or_else(|| "-".to_owned(), |a| a.to_string()))
+}
 
-    async fn account_failed(&self, account: &str, exists: bool) -> Result<(), Error> {
+/// What the per-account limit said of one sign-in attempt.
+#[derive(Default)]
+struct Attempt {
+    /// Seconds to wait: refused now.
+    wait: Option<u64>,
+    /// Counted in the store (a success takes it back).
+    reserved: bool,
+    /// The address signed in to the account within a day (no need to record it again).
+    known_recently: bool,
+}
+
+/// How long an address that signed in to an account stays known to it.
+const KNOWN_FOR: chrono::Duration = chrono::Duration::days(30);
+
+impl App {
+    /// Reserves a sign-in attempt under the per-account limit; the seconds to wait if the account
+    /// must. An existing account's attempts are counted in the store, atomically for every replica;
+    /// a name that is no account is limited the same way in this process (the answers do not tell
+    /// accounts apart on one replica). An address that signed in to the account within
+    /// [`KNOWN_FOR`] is not held by it (only by the per-address limits): a guesser elsewhere
+    /// cannot keep the owner out.
+    async fn account_reserve(&self, account: &str, exists: bool, addr: Option<IpAddr>) -> Result<Attempt, Error> {
         let now = covm_store::now();
-        match exists {
-            true => {
-                self.store().signin_failure_add(account, now, ACCOUNT_WINDOW).await?;
+        if !exists {
+            let wait = self.limiter().account_get(account).map(|f| ACCOUNT_POLICY.wait(&f, now)).unwrap_or(0);
+            if wait > 0 {
+                return Ok(Attempt { wait: Some(wait), ..Default::default() });
             }
-            false => self.limiter().account_failed(account, now, ACCOUNT_WINDOW),
+            self.limiter().account_failed(account, now, ACCOUNT_POLICY.window);
+            return Ok(Attempt::default());
         }
-        Ok(())
+        let known = self.store().meta_get(&known_key(account, addr)).await?;
+        let since = known.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()).map(|t| now - t.to_utc());
+        if since.is_some_and(|d| d < KNOWN_FOR) {
+            let known_recently = since.is_some_and(|d| d < chrono::Duration::days(1));
+            return Ok(Attempt { known_recently, ..Default::default() });
+        }
+        let wait = self.store().signin_reserve(account, now, ACCOUNT_POLICY).await?;
+        Ok(Attempt { wait, reserved: wait.is_none(), known_recently: false })
     }
 }
 
@@ -285,7 +302,14 @@ impl App {
         };
         let user = self.store().user_by_name(&p.user).await?;
         let exists = user.is_some();
-        let wait = self.limiter().blocked(&p.user, req.addr).or(self.account_wait(&p.user, exists).await?);
+        let mut wait = self.limiter().blocked(&p.user, req.addr);
+        // The per-account limit reserves the attempt before the password is checked, so parallel
+        // guesses are counted too; a success takes it back.
+        let mut attempt = Attempt::default();
+        if wait.is_none() {
+            attempt = self.account_reserve(&p.user, exists, req.addr).await?;
+            wait = attempt.wait;
+        }
         if let Some(wait) = wait {
             // Refusals by a limit are counted, not written one by one.
             self.audit_anonymous_suppress("session.rate_limited", req.addr);
@@ -296,12 +320,16 @@ impl App {
         let ok = password_verify(p.password.clone(), hash).await;
         let Some(user) = user.filter(|_| ok) else {
             self.limiter().failed(&p.user, req.addr);
-            self.account_failed(&p.user, exists).await?;
             self.audit_anonymous(denied("session.failed", "bad user or password".into()), req.addr).await?;
             req.mark_audited();
             return Err(Error::unauthenticated("the user name or the password is wrong"));
         };
-        self.limiter().succeeded(&p.user, req.addr);
+        if attempt.reserved {
+            self.store().signin_forgive(&user.name).await?;
+        }
+        if !attempt.known_recently {
+            self.store().meta_set(&known_key(&user.name, req.addr), &covm_store::time_to_db(covm_store::now())).await?;
+        }
         let (token, hash) = token_new();
         let now = covm_store::now();
         let rec = TokenRecord {
@@ -345,7 +373,9 @@ impl App {
     }
 
     pub async fn session_delete(&self, ctx: &Ctx) -> Result<(), Error> {
-        let ev = ctx.event("session.deleted", "user", Some(ctx.user_id), &ctx.user).audit_only();
+        // In the feed (scoped to the user, which no feed reader views) so that every replica's tailer
+        // sees it: each forgets its cached tokens and re-checks its streams.
+        let ev = ctx.event("session.deleted", "user", Some(ctx.user_id), &ctx.user);
         self.store().token_delete(ctx.user_id, ctx.token_id, Some(ev)).await?;
         self.caches().tokens_clear();
         Ok(())
@@ -408,7 +438,6 @@ impl App {
     pub async fn token_delete(&self, ctx: &Ctx, id: Uuid) -> Result<(), Error> {
         let ev = ctx
             .event("token.deleted", "user", Some(ctx.user_id), &ctx.user)
-            .audit_only()
             .data(serde_json::json!({ "token_id": id }));
         if !self.store().token_delete(ctx.user_id, id, Some(ev)).await? {
             return Err(Error::not_found("token", &id.to_string()));

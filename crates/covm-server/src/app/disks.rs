@@ -707,8 +707,11 @@ impl App {
         let format: DiskFormat = serde_json::from_value(json!(info.format)).map_err(|_| {
             Error::invalid("path", format!("{} is a {} image; covm takes qcow2 and raw", p.path, info.format))
         })?;
-        if info.backing_filename.is_some() {
-            return Err(Error::invalid("path", "an image with a backing file cannot be imported"));
+        if info.external_file().is_some() {
+            return Err(Error::invalid(
+                "path",
+                "an image that names another file (a backing file or an external data file) cannot be imported",
+            ));
         }
         let pool = self.disk_pool_admit(p.pool.as_deref().unwrap_or("default"), info.virtual_size, None).await?;
         let id = Uuid::now_v7();

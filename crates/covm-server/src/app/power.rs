@@ -142,8 +142,14 @@ impl App {
         if !path.starts_with(&root) || !path.is_file() {
             return Err(Error::invalid(field, format!("{reference} is not a file inside datastore {ds}")));
         }
-        // Checked again as resolved (a link inside the datastore may lead to a disk's image).
-        if path.starts_with(root.join(super::refs::DISKS_DIR)) {
+        // Checked again as resolved (a link inside the datastore, or a datastore that holds another
+        // one, may lead to a disk's image): no datastore's disk folder.
+        let mut disk_dirs = vec![root.join(super::refs::DISKS_DIR)];
+        for d in self.store().objects_list(ObjectKind::Datastore, None, None, 1000).await? {
+            let r = std::path::PathBuf::from(d.spec["path"].as_str().unwrap_or_default());
+            disk_dirs.push(r.canonicalize().unwrap_or(r).join(super::refs::DISKS_DIR));
+        }
+        if disk_dirs.iter().any(|d| path.starts_with(d)) {
             return Err(Error::new(
                 covm_types::ErrorKind::InvalidRequest,
                 "managed_disk_file",

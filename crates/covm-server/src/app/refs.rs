@@ -105,27 +105,37 @@ impl App {
         Ok(())
     }
 
-    /// Takes the operation locks of the VM (if any) and of every disk a config change names, so that
-    /// the disk rules hold until the change is written (as an attach saga holds them). `None`: the
-    /// config names no disk.
+    /// Takes the operation locks of the VM (if any), of every disk its config holds now and of every
+    /// disk the change names, so that the disk rules hold until the change is written (as an attach
+    /// saga holds them). A disk the VM does not hold yet is authorized first ([`App::disk_use_authorize`]),
+    /// so nobody locks a disk they may not use. `None`: nothing to lock.
     pub(crate) async fn disk_refs_lock(
         &self,
         ctx: &Ctx,
-        vm: Option<Uuid>,
+        vm: Option<&covm_store::VmRecord>,
         new: &VmConfig,
     ) -> Result<Option<SagaGuard>, Error> {
-        let mut locks = Vec::new();
-        for d in &new.disks {
+        let old = vm.map(|v| super::vms::parse_config(&v.config)).transpose()?;
+        let mut locks: Vec<Uuid> = vm.map(|v| v.object.id).into_iter().collect();
+        for d in old.iter().flat_map(|o| o.disks.iter()) {
             if let Some(o) = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?
                 && !locks.contains(&o.id)
             {
                 locks.push(o.id);
             }
         }
+        for (i, d) in new.disks.iter().enumerate() {
+            let held = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?.filter(|o| locks.contains(&o.id));
+            if held.is_none() {
+                let o = self.disk_use_authorize(ctx, &d.disk, &format!("disks[{i}].disk")).await?;
+                if !locks.contains(&o.id) {
+                    locks.push(o.id);
+                }
+            }
+        }
         if locks.is_empty() {
             return Ok(None);
         }
-        locks.extend(vm);
         self.saga_begin(ctx, CONFIG_DISKS_LOCK, &locks).await.map(Some)
     }
 

@@ -224,12 +224,19 @@ impl App {
             }
         }
         c.check(self.host_memory_mib())?;
-        let guard = self.disk_refs_lock(ctx, None, &c).await?;
-        let r = self.vm_create_locked(ctx, c).await;
-        if let Some(g) = guard {
-            g.release().await;
+        if c.disks.is_empty() {
+            return self.vm_create_locked(ctx, c).await;
         }
-        r
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.disk_refs_lock(&ctx, None, &c).await?;
+            let r = app.vm_create_locked(&ctx, c).await;
+            if let Some(g) = guard {
+                g.release().await;
+            }
+            r
+        })
+        .await
     }
 
     async fn vm_create_locked(&self, ctx: &Ctx, mut c: VmConfig) -> Result<VmView, Error> {
@@ -363,17 +370,28 @@ impl App {
                 .with_details(json!({ "current_version": rec.version, "your_version": v }));
             return Err(self.stale_error(&rec, e).await);
         }
-        // A change that names disks holds their locks until it is written, as an attach does.
-        let guard = match disks_checked || !change.touches_disks() {
-            true => None,
-            false => self.disk_refs_lock(ctx, Some(rec.object.id), &parse_config(&change.apply(&rec.config))?).await?,
-        };
         let opts = WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events };
-        let r = self.vm_write_doc_locked(ctx, rec, change, pre, opts).await;
-        if let Some(g) = guard {
-            g.release().await;
+        if disks_checked || !change.touches_disks() {
+            return self.vm_write_doc_locked(ctx, rec, change, pre, opts).await;
         }
-        r
+        // A change that sets the disks holds the VM's and the disks' locks (those it had and those it
+        // names) until it is written, as an attach does; it runs to its end even if the client goes,
+        // so the locks are always released. It starts from the VM as it is once the locks are held.
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let new = parse_config(&change.apply(&rec.config))?;
+            let guard = app.disk_refs_lock(&ctx, Some(&rec), &new).await?;
+            let r = match app.store().vm_get(rec.object.id).await {
+                Ok(Some(rec)) => app.vm_write_doc_locked(&ctx, rec, change, pre, opts).await,
+                Ok(None) => Err(Error::not_found("vm", &rec.object.name)),
+                Err(e) => Err(e),
+            };
+            if let Some(g) = guard {
+                g.release().await;
+            }
+            r
+        })
+        .await
     }
 
     async fn vm_write_doc_locked(
@@ -401,6 +419,7 @@ impl App {
             let parent = rec.object.parent_id.unwrap_or(ROOT_ID);
             let refs = references(&new_cfg);
             let raw_disks = new_cfg.disks.clone();
+            let (base_refs, base_disks) = (references(&old_cfg), old_cfg.disks.clone());
             let folder = self
                 .config_refs_authorize(
                     ctx,
@@ -455,8 +474,14 @@ impl App {
                 let new_doc = c2.apply(&vm.config);
                 let mut cfg = parse_config(&new_doc)?;
                 cfg.check(host_mem)?;
-                if references(&cfg) != refs || cfg.disks != raw_disks {
+                // Checks were skipped for references the base already held: they hold only if the base
+                // still holds the same ones (else check again from the start).
+                let base_now = parse_config(&vm.config)?;
+                if references(&cfg) != refs || cfg.disks != raw_disks || references(&base_now) != base_refs {
                     return Err(Error::new(ErrorKind::Conflict, "retry", "references changed; retrying"));
+                }
+                if base_now.disks != base_disks {
+                    return Err(Error::new(ErrorKind::Conflict, "retry", "the disks changed; retrying"));
                 }
                 // The disk attachments as checked (names and generations settled).
                 cfg.disks = settled_disks.clone();

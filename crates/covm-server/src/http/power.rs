@@ -54,6 +54,9 @@ pub async fn task_get(
     Ok(Json(app.task_get(&ctx, parse_id(&id)?).await?))
 }
 
+/// The longest line a serial stream holds back waiting for its end.
+const SERIAL_LINE_MAX: usize = 64 * 1024;
+
 /// The serial console's log: the last `tail` lines as text, or with `Accept: text/event-stream` those
 /// lines and then every new one as it comes (needs `VirtualMachine.Interact.ConsoleInteract`).
 #[utoipa::path(get, path = "/vms/{vm}/console/serial", tag = "vms", operation_id = "vm_console_serial",
@@ -98,6 +101,10 @@ pub async fn vm_console_serial(
                 }
             }
             partial.push_str(&String::from_utf8_lossy(&buf));
+            // A guest that writes without newlines is cut into lines of at most 64 KiB.
+            if partial.len() > SERIAL_LINE_MAX && !partial.contains('\n') {
+                partial.push('\n');
+            }
             if let Some(i) = partial.rfind('\n') {
                 let done: String = partial.drain(..=i).collect();
                 let events: Vec<Result<Event, Infallible>> =

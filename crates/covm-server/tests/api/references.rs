@@ -272,3 +272,30 @@ async fn file_references_never_name_a_disk_image() {
         assert_eq!(body["error"]["field"], field);
     }
 }
+
+/// A change that names a disk racing a move of that disk: the disk never ends up written by two VMs,
+/// whatever the order (the change starts from the VM as it is once it holds the disks' locks, and
+/// retries when the references it did not check moved).
+#[tokio::test]
+async fn a_disk_named_in_a_change_and_moved_at_once_has_one_writer() {
+    let Env { s, eve, _dirs } = env().await;
+    let admin = s.admin.clone();
+    admin.vm_create(&json!({ "name": "w", "folder": "/team-b", "pool": "pool-b" })).await.unwrap();
+    let with = json!({ "disks": [{ "disk": "disk-a", "controller": "scsi0", "unit": 0 }] });
+    for round in 0..15 {
+        eve.vm_change("ve", &with, &Default::default()).await.unwrap();
+        let change = json!({ "disks": [{ "disk": "disk-a", "controller": "scsi0", "unit": 0 }], "description": format!("{round}") });
+        let (to, opts) = (json!({ "to_vm": "w" }), Default::default());
+        let (a, b) =
+            tokio::join!(eve.vm_change("ve", &change, &opts), admin.post::<_, Value>("/disks/disk-a/move", &to),);
+        let d: DiskView = admin.get("/disks/disk-a").await.unwrap();
+        let writers = d.attachments.iter().filter(|a| !a.read_only).count();
+        assert!(writers <= 1, "round {round}: {:?} (change: {:?}, move: {:?})", d.attachments, a.err(), b.err());
+        // Put it back for the next round.
+        if d.attachments.iter().any(|a| a.vm == "w") {
+            admin.delete("/vms/w/disks/disk-a").await.unwrap();
+        }
+        eve.vm_change("ve", &json!({ "disks": [] }), &Default::default()).await.unwrap();
+    }
+    assert_eq!(s.scalar("SELECT COUNT(*) FROM op_locks").await, 0);
+}
