@@ -15,4 +15,5 @@ pub mod references;
 pub mod replicas;
 pub mod sagas;
 pub mod streams;
+pub mod upgrade;
 pub mod vms;
