@@ -717,3 +717,54 @@ pub enum VmChangeResponse {
     Vm(Box<VmView>),
     Plan(ChangePlan),
 }
+
+/// The body of `PATCH /vms/{vm}`: a JSON Merge Patch (RFC 7386) of [`VmConfig`]. A field left out stays
+/// as it is; `null` sets it back to its default (an optional field: removes it); a list replaces the
+/// whole list; `console`, `autostart` and `annotations` are merged key by key (an annotation set to
+/// `null` is removed). It documents the body for clients and generators; the server merges the
+/// document as sent and then checks the whole config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmChange {
+    pub name: Option<Name>,
+    pub description: Option<String>,
+    /// The folder's path: moves the VM.
+    pub folder: Option<String>,
+    pub pool: Option<String>,
+    #[schema(minimum = 1, maximum = 256)]
+    pub cpus: Option<u32>,
+    #[schema(minimum = 16)]
+    pub memory_mib: Option<u64>,
+    pub machine: Option<Machine>,
+    pub firmware: Option<Firmware>,
+    pub accel: Option<Accel>,
+    pub controllers: Option<Vec<Controller>>,
+    pub disks: Option<Vec<DiskAttachment>>,
+    pub nics: Option<Vec<Nic>>,
+    pub cdrom: Option<String>,
+    pub boot: Option<Vec<BootDevice>>,
+    pub console: Option<ConsoleChange>,
+    pub autostart: Option<AutostartChange>,
+    /// Keys to set; a key set to `null` is removed.
+    pub annotations: Option<BTreeMap<String, Option<String>>>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// A merge patch of [`Console`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleChange {
+    pub vnc: Option<bool>,
+    pub serial: Option<bool>,
+}
+
+/// A merge patch of [`Autostart`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AutostartChange {
+    pub enabled: Option<bool>,
+    pub order: Option<i32>,
+    pub delay_s: Option<u32>,
+}

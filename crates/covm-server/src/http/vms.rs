@@ -94,7 +94,7 @@ pub async fn vm_get(State(app): State<App>, Auth(ctx): Auth, Path(vm): Path<Stri
     params(("vm" = String, Path, description = "VM name or id"), VmChangeQuery,
         ("If-Match" = Option<String>, Header, description = "the version the change is based on"),
         ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
-    request_body(content = serde_json::Value, content_type = "application/merge-patch+json"),
+    request_body(content = covm_types::vm::VmChange, content_type = "application/merge-patch+json"),
     responses((status = 200, body = VmChangeResponse, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_change(

@@ -59,3 +59,35 @@ fn every_reference_in_the_document_is_defined() {
     let limit = limit.as_array().unwrap().iter().find(|p| p["name"] == "limit").unwrap();
     assert_eq!((limit["schema"]["minimum"].as_i64(), limit["schema"]["maximum"].as_i64()), (Some(1), Some(1000)));
 }
+
+/// Every request body is described property by property (generators need it): no bare object unless
+/// it is free-form by design; and the VM change body names every field of the config.
+#[test]
+fn request_bodies_are_described_property_by_property() {
+    let doc = serde_json::to_value(covm_server::http::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let resolve = |s: &serde_json::Value| match s["$ref"].as_str() {
+        Some(r) => schemas[r.trim_start_matches("#/components/schemas/")].clone(),
+        None => s.clone(),
+    };
+    let mut bodies = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (ct, media) in op["requestBody"]["content"].as_object().into_iter().flatten() {
+                let schema = resolve(&media["schema"]);
+                bodies += 1;
+                assert!(
+                    schema["properties"].as_object().is_some_and(|p| !p.is_empty()),
+                    "{method} {path} ({ct}): the body has no properties: {schema}"
+                );
+            }
+        }
+    }
+    assert!(bodies > 20, "{bodies}");
+    let keys = |s: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        s["properties"].as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(keys(&schemas["VmChange"]), keys(&schemas["VmConfig"]), "VmChange and VmConfig differ");
+    let body = &doc["paths"]["/api/v1/vms/{vm}"]["patch"]["requestBody"]["content"]["application/merge-patch+json"];
+    assert_eq!(body["schema"]["$ref"], "#/components/schemas/VmChange");
+}
