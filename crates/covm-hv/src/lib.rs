@@ -189,6 +189,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn adopt(&self, id: Uuid, run_dir: &Path) -> Result<Option<Box<dyn VmHandle>>, HvError>;
     /// The pid of a process found in a run directory that still lives (for leftovers of deleted VMs).
     fn leftover_pid(&self, run_dir: &Path) -> Option<u32>;
+    /// Where a VM's serial console is logged, in its run directory.
+    fn serial_log(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join("serial.log")
+    }
+    /// The unix socket of a VM's VNC console, in its run directory.
+    fn vnc_socket(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join("vnc.sock")
+    }
 }
 
 /// The last lines of a log file (for crash reports).

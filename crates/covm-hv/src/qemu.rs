@@ -200,6 +200,14 @@ impl Hypervisor for QemuDriver {
         "qemu"
     }
 
+    fn serial_log(&self, run_dir: &Path) -> PathBuf {
+        run_files(run_dir).serial_log
+    }
+
+    fn vnc_socket(&self, run_dir: &Path) -> PathBuf {
+        run_files(run_dir).vnc
+    }
+
     fn check(&self) -> Result<(), HvError> {
         which(&self.binary).map(|_| ()).ok_or_else(|| {
             HvError::Unavailable(format!(

@@ -72,8 +72,7 @@ impl Running {
     /// Stops accepting, lets requests in flight finish, and returns.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
-        self.app.hub().close();
-        self.app.node().detach_all();
+        self.app.quiesce();
         for t in &self.background {
             t.abort();
         }
@@ -84,7 +83,7 @@ impl Running {
                 Ok(())
             }
         };
-        self.app.store().close().await;
+        self.app.close().await;
         r
     }
 
@@ -180,7 +179,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         true => format!("http://127.0.0.1:{}", addr.port()),
         false => format!("http://{addr}"),
     });
-    app.store().node_register(&app.config().node_id, &advertise).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    app.node_advertise(&advertise).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     tracing::info!(%addr, data_dir = %data_dir.display(), store = store.backend(), replica = %app.replica(), "covm is listening");
     let (shutdown, rx) = oneshot::channel::<()>();
     let cap = listen::connection_cap(config.max_connections);

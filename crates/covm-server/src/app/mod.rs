@@ -183,12 +183,37 @@ impl App {
         }
     }
 
-    pub fn node(&self) -> &node::Node {
+    /// The node agent: reachable from the app layer only (the HTTP layer asks the app).
+    pub(in crate::app) fn node(&self) -> &node::Node {
         &self.inner.node
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    /// The store: reachable from the app layer only (the HTTP layer asks the app).
+    pub(in crate::app) fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// The store, for tests that look at what was written.
+    #[doc(hidden)]
+    pub fn store_for_tests(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The first step of a stop: every stream ends and the VMs' supervisors let go of QEMU (the VMs
+    /// keep running, and the next start adopts them).
+    pub fn quiesce(&self) {
+        self.hub().close();
+        self.node().detach_all();
+    }
+
+    /// The last step of a stop: the store releases this replica's locks.
+    pub async fn close(&self) {
+        self.store().close().await;
+    }
+
+    /// Records the URL at which other replicas reach this node.
+    pub async fn node_advertise(&self, url: &str) -> Result<(), covm_types::Error> {
+        self.store().node_register(&self.config().node_id, url).await
     }
 
     pub fn hub(&self) -> &EventHub {

@@ -503,7 +503,7 @@ impl App {
             true => Some(self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?),
             false => None,
         };
-        let path = covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).serial_log;
+        let path = self.node().driver.serial_log(&self.run_dir(rec.object.id));
         let lines = covm_hv::log_tail(&path, tail).into_iter().map(|l| l.trim_end_matches('\r').to_owned()).collect();
         Ok((path, lines, guard))
     }
@@ -521,6 +521,6 @@ impl App {
         }
         self.vm_local(&rec)?;
         let guard = self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?;
-        Ok((covm_hv::qemu::run_files(&self.run_dir(rec.object.id)).vnc, guard))
+        Ok((self.node().driver.vnc_socket(&self.run_dir(rec.object.id)), guard))
     }
 }

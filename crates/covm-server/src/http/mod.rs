@@ -363,7 +363,11 @@ mod tests {
         assert!(err.error.message.contains("req-42"), "{}", err.error.message);
         assert_eq!(err.error.details.unwrap()["request_id"], "req-42");
         // The failed request is in the audit log, with its request id.
-        let audit = app.store().audit_query(covm_store::AuditFilter { limit: 10, ..Default::default() }).await.unwrap();
+        let audit = app
+            .store_for_tests()
+            .audit_query(covm_store::AuditFilter { limit: 10, ..Default::default() })
+            .await
+            .unwrap();
         assert!(audit.iter().any(|e| e.kind == "request.failed" && e.request_id.as_deref() == Some("req-42")));
         // An unknown path is a JSON 404 too.
         let resp = svc.oneshot(Request::get("/nope").body(Body::empty()).unwrap()).await.unwrap();
