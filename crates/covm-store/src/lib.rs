@@ -549,12 +549,23 @@ pub trait Store: Send + Sync + 'static {
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;
     async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
 
+    /// What a pool's members use, summed in the database: the vCPUs and memory of its VMs that run
+    /// (other than `except`), and the capacity of its disks (other than `except`).
+    async fn pool_usage(&self, pool: &str, except: Option<Uuid>) -> Result<PoolUsage>;
     /// Reserves a sign-in attempt for `account`, atomically with every replica: if the account must
     /// wait (`policy`), returns the seconds to wait and counts nothing; otherwise counts the attempt
     /// as a failure (a success takes it back with [`Store::signin_forgive`]).
     async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>>;
     /// Takes back one reserved attempt (it succeeded).
     async fn signin_forgive(&self, account: &str) -> Result<()>;
+}
+
+/// A pool's usage (see [`Store::pool_usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub vcpus_running: u64,
+    pub memory_mib_running: u64,
+    pub disk_bytes: u64,
 }
 
 /// The per-account sign-in limit: `free` failures within `window`, then each try waits 2, 4, 8 …

@@ -1302,6 +1302,46 @@ impl Store for $Store {
         tx.commit().await.map_err(db_err("commit"))
     }
 
+    async fn pool_usage(&self, pool: &str, except: Option<Uuid>) -> Result<PoolUsage> {
+        // The JSON functions differ between the backends; the shape of the answer does not.
+        let (vms, disks): (&'static str, &'static str) = match $backend {
+            "sqlite" => (
+                "SELECT COALESCE(SUM(json_extract(config, '$.cpus')), 0), COALESCE(SUM(json_extract(config, '$.memory_mib')), 0)
+                 FROM vms WHERE json_extract(config, '$.pool') = $1 AND power_state NOT IN ('off', 'crashed')
+                   AND id <> $2",
+                "SELECT COALESCE(SUM(json_extract(spec, '$.capacity_bytes')), 0) FROM objects
+                 WHERE kind = 'disk' AND json_extract(spec, '$.pool') = $1 AND id <> $2",
+            ),
+            _ => (
+                "SELECT COALESCE(SUM((config::jsonb->>'cpus')::bigint), 0)::bigint,
+                        COALESCE(SUM((config::jsonb->>'memory_mib')::bigint), 0)::bigint
+                 FROM vms WHERE config::jsonb->>'pool' = $1 AND power_state NOT IN ('off', 'crashed')
+                   AND id <> $2",
+                "SELECT COALESCE(SUM((spec::jsonb->>'capacity_bytes')::bigint), 0)::bigint FROM objects
+                 WHERE kind = 'disk' AND spec::jsonb->>'pool' = $1 AND id <> $2",
+            ),
+        };
+        let except = except.map(|u| u.to_string()).unwrap_or_default();
+        let r = sqlx::query(vms)
+            .bind(pool)
+            .bind(&except)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err("sum a pool's VMs"))?;
+        let d = sqlx::query(disks)
+            .bind(pool)
+            .bind(&except)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err("sum a pool's disks"))?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(PoolUsage {
+            vcpus_running: n(r.get(0)),
+            memory_mib_running: n(r.get(1)),
+            disk_bytes: n(d.get(0)),
+        })
+    }
+
     async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>> {
         // In the write transaction: every replica's writers queue, so check and count are one step.
         let mut tx = self.begin().await?;

@@ -381,12 +381,7 @@ impl App {
             .ok_or_else(|| Error::invalid("pool", format!("there is no pool {pool}")))?;
         let quota: Quota = serde_json::from_value(p.spec["quota"].clone()).unwrap_or_default();
         if let Some(limit) = quota.disk_bytes {
-            let mut used = bytes;
-            for d in self.disks_all().await? {
-                if spec_str(&d, "pool") == p.name && Some(d.id) != except {
-                    used += d.spec["capacity_bytes"].as_u64().unwrap_or(0);
-                }
-            }
+            let used = bytes + self.store().pool_usage(&p.name, except).await?.disk_bytes;
             if used > limit {
                 return Err(Error::conflict(
                     "quota_exceeded",
@@ -395,21 +390,6 @@ impl App {
             }
         }
         Ok(p.name)
-    }
-
-    /// TODO-perf: every disk, for quota sums and attachment lookups; fine for hundreds.
-    async fn disks_all(&self) -> Result<Vec<ObjectRecord>, Error> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store().objects_list(ObjectKind::Disk, None, after.as_deref(), 1000).await?;
-            let full = page.len() == 1000;
-            after = page.last().map(|o| o.path.clone());
-            out.extend(page);
-            if !full {
-                return Ok(out);
-            }
-        }
     }
 
     /// VMs whose config holds the disk (by name or id): one indexed read of the store.

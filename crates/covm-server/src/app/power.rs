@@ -237,17 +237,10 @@ impl App {
         if quota.vcpus.is_none() && quota.memory_mib.is_none() {
             return Ok(());
         }
-        let (mut cpus, mut mem) = (u64::from(c.cpus), c.memory_mib);
-        for other in self.vms_all().await? {
-            let st = runtime_of(&other).power_state;
-            if other.object.id == vm.object.id || matches!(st, PowerState::Off | PowerState::Crashed) {
-                continue;
-            }
-            if other.config["pool"] == json!(c.pool) {
-                cpus += other.config["cpus"].as_u64().unwrap_or(0);
-                mem += other.config["memory_mib"].as_u64().unwrap_or(0);
-            }
-        }
+        // What the pool's other running VMs use, summed by the store (no scan of every VM).
+        let used = self.store().pool_usage(&c.pool, Some(vm.object.id)).await?;
+        let cpus = u64::from(c.cpus) + used.vcpus_running;
+        let mem = c.memory_mib + used.memory_mib_running;
         if let Some(q) = quota.vcpus
             && cpus > u64::from(q)
         {
