@@ -55,6 +55,9 @@ pub struct ErrorInner {
     pub details: Option<serde_json::Value>,
     /// Seconds a client should wait before retrying (429).
     pub retry_after_s: Option<u64>,
+    /// The node that runs the VM the request is about, when it is not this one: the request is for
+    /// that node's replica (the HTTP layer forwards it there).
+    pub other_node: Option<String>,
 }
 
 impl std::ops::Deref for Error {
@@ -79,6 +82,7 @@ impl Error {
             field: None,
             details: None,
             retry_after_s: None,
+            other_node: None,
         }))
     }
 
@@ -119,6 +123,14 @@ impl Error {
     pub fn rate_limited(retry_after_s: u64, message: impl Into<String>) -> Error {
         let mut e = Error::new(ErrorKind::RateLimited, "rate_limited", message);
         e.retry_after_s = Some(retry_after_s);
+        e
+    }
+
+    /// 409 `vm_on_other_node`: another node runs the VM; it carries the node, typed, for forwarding.
+    pub fn on_other_node(node: &str, message: impl Into<String>) -> Error {
+        let mut e = Error::new(ErrorKind::Conflict, "vm_on_other_node", message)
+            .with_details(serde_json::json!({ "node": node }));
+        e.other_node = Some(node.to_owned());
         e
     }
 

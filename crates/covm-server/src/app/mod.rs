@@ -27,6 +27,7 @@ pub mod power;
 pub mod principals;
 pub mod refs;
 pub mod saga;
+pub mod sagas;
 pub mod streams;
 pub mod vms;
 

@@ -236,14 +236,13 @@ impl App {
             Some(n)
                 if n != self.config().node_id && !matches!(rt.power_state, PowerState::Off | PowerState::Crashed) =>
             {
-                Err(Error::conflict(
-                    "vm_on_other_node",
+                Err(Error::on_other_node(
+                    &n,
                     format!(
                         "{} runs on node {n} (another covm replica); send this request to that replica",
                         rec.object.name
                     ),
-                )
-                .with_details(json!({ "node": n })))
+                ))
             }
             _ => Ok(()),
         }

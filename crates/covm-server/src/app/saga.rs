@@ -233,17 +233,7 @@ impl App {
             }
         }
         for rec in &unfinished {
-            let r = match rec.kind.as_str() {
-                // Stopped while checking its rules (or a lock-only saga): nothing was done.
-                _ if rec.data.is_null() => self.saga_recover::<super::attach::AttachSaga>(rec.clone()).await,
-                super::attach::AttachSaga::KIND => self.saga_recover::<super::attach::AttachSaga>(rec.clone()).await,
-                super::attach::DetachSaga::KIND => self.saga_recover::<super::attach::DetachSaga>(rec.clone()).await,
-                super::attach::MoveSaga::KIND => self.saga_recover::<super::attach::MoveSaga>(rec.clone()).await,
-                super::disks::CreateSaga::KIND => self.saga_recover::<super::disks::CreateSaga>(rec.clone()).await,
-                super::disks::DeleteSaga::KIND => self.saga_recover::<super::disks::DeleteSaga>(rec.clone()).await,
-                super::disks::ResizeSaga::KIND => self.saga_recover::<super::disks::ResizeSaga>(rec.clone()).await,
-                _ => Err(Error::internal(format!("unknown saga kind {}", rec.kind))),
-            };
+            let r = self.saga_recover_any(rec.clone()).await;
             if let Err(e) = r {
                 tracing::error!(saga = %rec.id, kind = %rec.kind, error = %e, "a saga could not be recovered");
                 let mut rec = rec.clone();
@@ -259,7 +249,7 @@ impl App {
         Ok(unfinished.len())
     }
 
-    async fn saga_recover<S: Saga>(&self, mut rec: SagaRecord) -> Result<(), Error> {
+    pub(crate) async fn saga_recover<S: Saga>(&self, mut rec: SagaRecord) -> Result<(), Error> {
         let ctx = Ctx::system(&rec.actor, rec.request_id.as_deref());
         if rec.data.is_null() {
             // It stopped while checking its rules: nothing was done.

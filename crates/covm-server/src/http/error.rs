@@ -14,6 +14,11 @@ impl From<Error> for ApiError {
     }
 }
 
+/// A response's marker: the app said another node runs the VM (the forwarding middleware sends the
+/// request there).
+#[derive(Debug, Clone)]
+pub struct OtherNode(pub String);
+
 /// The error code of a response, for the middleware that logs failed requests.
 #[derive(Debug, Clone)]
 pub struct ErrorCode(pub String);
@@ -47,10 +52,8 @@ impl IntoResponse for ApiError {
         if e.kind == ErrorKind::Unauthenticated {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if e.code == "vm_on_other_node"
-            && let Some(node) = e.details.as_ref().and_then(|d| d["node"].as_str())
-        {
-            resp.extensions_mut().insert(super::forward::OtherNode(node.to_owned()));
+        if let Some(node) = &e.other_node {
+            resp.extensions_mut().insert(OtherNode(node.clone()));
         }
         resp.extensions_mut().insert(ErrorCode(e.code.clone()));
         resp

@@ -14,15 +14,11 @@ use axum::response::{IntoResponse, Response};
 use covm_types::Error;
 use futures::TryStreamExt;
 
-use super::error::ApiError;
+use super::error::{ApiError, OtherNode};
 use crate::app::App;
 
 pub const FORWARDED: &str = "covm-forwarded";
 const MAX_BODY: usize = 1 << 20;
-
-/// A response's marker: the app said another node runs the VM.
-#[derive(Debug, Clone)]
-pub struct OtherNode(pub String);
 
 /// A response that came from another replica (its failure was audited there).
 #[derive(Debug, Clone)]
