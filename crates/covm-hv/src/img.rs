@@ -39,7 +39,7 @@ async fn run(args: &[&str]) -> Result<String, HvError> {
         if e.kind() == std::io::ErrorKind::NotFound {
             HvError::Unavailable("qemu-img is not installed; install the Debian package qemu-utils".into())
         } else {
-            HvError::Io(format!("qemu-img: {e}"))
+            HvError::os("run qemu-img")(e)
         }
     })?;
     if !out.status.success() {

@@ -35,6 +35,55 @@ pub enum HvError {
     Gone,
     #[error("{0}")]
     Io(String),
+    /// A system call on a file, socket or process failed; the cause is kept.
+    #[error("could not {what}")]
+    Os {
+        what: String,
+        #[source]
+        source: OsError,
+    },
+}
+
+/// An OS error, shared (so that a driver error stays cheap to clone) and compared by kind and text.
+#[derive(Debug, Clone)]
+pub struct OsError(pub std::sync::Arc<std::io::Error>);
+
+impl PartialEq for OsError {
+    fn eq(&self, other: &OsError) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl std::fmt::Display for OsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for OsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl HvError {
+    /// An OS error while doing `what` (a phrase after "could not").
+    pub fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HvError {
+        let what = what.into();
+        move |source| HvError::Os { what, source: OsError(std::sync::Arc::new(source)) }
+    }
+
+    /// The message and its causes, as one line (for people: the API and the log).
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
 }
 
 pub use covm_types::vm::BlockState;
@@ -210,6 +259,15 @@ pub fn log_tail(path: &Path, lines: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_os_error_keeps_its_cause() {
+        let e = HvError::os("open the log")(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"));
+        assert_eq!(e.to_string(), "could not open the log");
+        assert_eq!(std::error::Error::source(&e).map(|c| c.to_string()).as_deref(), Some("no such file"));
+        assert_eq!(e.chain(), "could not open the log: no such file");
+        assert_eq!(e.clone(), e);
+    }
 
     #[test]
     fn auto_avoids_a_slow_kvm() {

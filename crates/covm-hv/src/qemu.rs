@@ -221,7 +221,8 @@ impl Hypervisor for QemuDriver {
         self.check()?;
         let args = command_line(spec)?;
         let f = run_files(&spec.run_dir);
-        std::fs::create_dir_all(&spec.run_dir).map_err(|e| HvError::Io(format!("{}: {e}", spec.run_dir.display())))?;
+        std::fs::create_dir_all(&spec.run_dir)
+            .map_err(HvError::os(format!("create the run directory {}", spec.run_dir.display())))?;
         for stale in [&f.qmp, &f.serial, &f.vnc, &f.pid] {
             let _ = std::fs::remove_file(stale);
         }
@@ -229,8 +230,8 @@ impl Hypervisor for QemuDriver {
             .create(true)
             .append(true)
             .open(&f.log)
-            .map_err(|e| HvError::Io(format!("{}: {e}", f.log.display())))?;
-        let log2 = log.try_clone().map_err(|e| HvError::Io(e.to_string()))?;
+            .map_err(HvError::os(format!("open QEMU's log {}", f.log.display())))?;
+        let log2 = log.try_clone().map_err(HvError::os("share QEMU's log"))?;
         tracing::info!(vm = %spec.name, accel = spec.accel.as_str(), "starting QEMU: {} {}", self.binary.display(), args.join(" "));
         let mut child = tokio::process::Command::new(&self.binary)
             .args(&args)
@@ -240,7 +241,7 @@ impl Hypervisor for QemuDriver {
             .process_group(0)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|e| HvError::Start(format!("{}: {e}", self.binary.display())))?;
+            .map_err(HvError::os(format!("start {}", self.binary.display())))?;
         let pid = child.id();
         // Wait for the QMP socket; a QEMU that exits first has said why in its log.
         let started = Instant::now();

@@ -40,13 +40,13 @@ impl Qmp {
         let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
             .await
             .map_err(|_| HvError::Qmp(format!("connecting to {} timed out", path.display())))?
-            .map_err(|e| HvError::Qmp(format!("cannot connect to {}: {e}", path.display())))?;
+            .map_err(HvError::os(format!("connect to the QMP socket {}", path.display())))?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = tokio::time::timeout(timeout, lines.next_line())
             .await
             .map_err(|_| HvError::Qmp("no QMP greeting".into()))?
-            .map_err(|e| HvError::Qmp(format!("reading the QMP greeting: {e}")))?
+            .map_err(HvError::os("read the QMP greeting"))?
             .ok_or_else(|| HvError::Qmp("the QMP socket closed before the greeting".into()))?;
         if !greeting.contains("\"QMP\"") {
             return Err(HvError::Qmp(format!("not a QMP greeting: {greeting}")));

@@ -323,6 +323,6 @@ pub fn hv_error(e: HvError) -> Error {
     match e {
         HvError::Unavailable(m) => Error::conflict("hypervisor_unavailable", m),
         HvError::Gone => Error::conflict("vm_not_running", "the VM is not running"),
-        other => Error::new(ErrorKind::Internal, "hypervisor_error", other.to_string()),
+        other => Error::new(ErrorKind::Internal, "hypervisor_error", other.chain()),
     }
 }
