@@ -29,23 +29,42 @@ fn serve(data: &Path) -> Server {
 }
 
 fn serve_with(data: &Path, extra: &[&str]) -> Server {
-    let port = free_port();
-    let log = std::fs::File::create(data.with_extension("log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--demo", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("covm serve starts");
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "covm serve did not listen within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
+    // A port from free_port() can be handed to two tests at once: the server that loses the race exits
+    // (the address is in use) and is started again on another port. Ready means: still running, and
+    // its own log says it listens.
+    let log_path = data.with_extension("log");
+    for _ in 0..5 {
+        let port = free_port();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--demo", "--data-dir"])
+            .arg(data)
+            .args(extra)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("covm serve starts");
+        let started = Instant::now();
+        let listening = format!("127.0.0.1:{port}");
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                break; // it exited: try another port
+            }
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.lines().any(|l| l.contains("covm is listening") && l.contains(&listening))
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                return Server { child, url: format!("http://127.0.0.1:{port}") };
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "covm serve did not listen within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    Server { child, url: format!("http://127.0.0.1:{port}") }
+    panic!(
+        "covm serve did not start on any of five ports:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
 }
 
 /// Runs `covm ARGS` as the user whose config dir is `cfg`.
