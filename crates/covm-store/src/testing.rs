@@ -50,6 +50,18 @@ fn as_server_user(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// A new cluster in `data` (user `covm`, trust on loopback), as the server's user.
+fn initdb(bin: &std::path::Path, data: &std::path::Path) -> Result<(), String> {
+    let out = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(data))
+        .args(["-U", "covm", "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8"])
+        .output()
+        .map_err(|e| format!("initdb: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))),
+    }
+}
+
 fn start() -> Result<TestPostgres, String> {
     let bin = bindir()?;
     let port =
@@ -60,13 +72,7 @@ fn start() -> Result<TestPostgres, String> {
         nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).map_err(|e| e.to_string())?;
     }
     let data = dir.join("data");
-    let out = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(&data))
-        .args(["-U", "covm", "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8"])
-        .output()
-        .map_err(|e| format!("initdb: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
+    initdb(&bin, &data)?;
     // The server lives as long as this process: a thread that never ends starts it with a parent-death
     // signal, and the shell around it removes the directory when it stops.
     let script = format!(
@@ -144,13 +150,7 @@ impl OwnPostgres {
         if let Some((uid, gid)) = server_user() {
             nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).map_err(|e| e.to_string())?;
         }
-        let out = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(dir.join("data")))
-            .args(["-U", "covm", "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8"])
-            .output()
-            .map_err(|e| format!("initdb: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        initdb(&bin, &dir.join("data"))?;
         let pg = OwnPostgres { port, dir, bin };
         pg.resume()?;
         Ok(pg)
