@@ -8,7 +8,7 @@ use std::time::Duration;
 use covm_types::api::*;
 use covm_types::disk::*;
 use covm_types::vm::*;
-use covm_types::{ErrorBody, Privilege};
+use covm_types::{ErrorBody, ErrorCode, Privilege};
 use futures::StreamExt;
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
@@ -42,9 +42,9 @@ impl ClientError {
     }
 
     /// The stable error code of an API error.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Api { error, .. } => Some(&error.code),
+            ClientError::Api { error, .. } => Some(error.code),
             ClientError::Transport(_) => None,
         }
     }
@@ -613,9 +613,9 @@ async fn error_from(resp: reqwest::Response) -> ClientError {
         resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let bytes = resp.bytes().await.unwrap_or_default();
     let error = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.error).unwrap_or_else(|_| ErrorDetail {
-        code: format!("http_{}", status.as_u16()),
+        code: ErrorCode::Unknown,
         message: format!(
-            "the server answered {status}: {}",
+            "the server answered {status} without covm's error body: {}",
             String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()
         ),
         field: None,

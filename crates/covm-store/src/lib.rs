@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use covm_types::Error;
 use covm_types::api::{AuditVerify, ObjectKind};
+use covm_types::vm::{PowerState, TaskState};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -235,7 +236,7 @@ pub struct VmRecord {
     pub object: ObjectRecord,
     pub version: i64,
     pub config: serde_json::Value,
-    pub power_state: String,
+    pub power_state: PowerState,
     pub runtime: serde_json::Value,
     pub generation: i64,
     /// The lease as stored; it may have expired (the caller decides with the time it is given).
@@ -249,7 +250,7 @@ pub struct VmRecord {
 pub struct AttachmentRecord {
     pub vm_id: Uuid,
     pub vm_name: String,
-    pub power_state: String,
+    pub power_state: PowerState,
     pub controller: String,
     pub unit: u32,
     pub read_only: bool,
@@ -275,7 +276,7 @@ pub struct VmFilter {
     /// Only VMs below this folder.
     pub folder: Option<Uuid>,
     pub name_prefix: Option<String>,
-    pub power_state: Option<String>,
+    pub power_state: Option<PowerState>,
     /// The cursor: a name.
     pub after: Option<String>,
     pub limit: u32,
@@ -305,7 +306,7 @@ pub enum LeaseWrite {
 /// agent's writes for an older run are ignored by the write's closure.
 #[derive(Debug, Clone)]
 pub struct RuntimeWrite {
-    pub power_state: String,
+    pub power_state: PowerState,
     pub runtime: serde_json::Value,
     pub bump_generation: bool,
 }
@@ -319,8 +320,7 @@ pub struct TaskRecord {
     pub object_name: Option<String>,
     pub actor: String,
     pub request_id: Option<String>,
-    /// `queued`, `running`, `success`, `error`, `cancelled`.
-    pub state: String,
+    pub state: TaskState,
     pub progress: i64,
     pub message: Option<String>,
     pub error: Option<serde_json::Value>,
@@ -328,13 +328,41 @@ pub struct TaskRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a saga is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SagaState {
+    /// Its steps run (or, after a crash, wait for recovery to undo them).
+    Running,
+    /// Every step completed.
+    Done,
+    /// It failed and its completed steps were undone.
+    Undone,
+    /// An undo failed: an operator must look; its locks stay held.
+    Stuck,
+}
+
+impl SagaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaState::Running => "running",
+            SagaState::Done => "done",
+            SagaState::Undone => "undone",
+            SagaState::Stuck => "stuck",
+        }
+    }
+
+    /// The state a stored string names (the inverse of [`SagaState::as_str`]).
+    pub fn parse(s: &str) -> Option<SagaState> {
+        [SagaState::Running, SagaState::Done, SagaState::Undone, SagaState::Stuck].into_iter().find(|x| x.as_str() == s)
+    }
+}
+
 /// One saga's log entry: what it is, how far it got.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaRecord {
     pub id: Uuid,
     pub kind: String,
-    /// `running`, `done`, `undone`, or `stuck` (an undo failed; an operator must look).
-    pub state: String,
+    pub state: SagaState,
     pub actor: String,
     pub request_id: Option<String>,
     /// The saga's own typed state.
@@ -371,9 +399,60 @@ pub struct VmWrite {
     pub events: Vec<NewEvent>,
 }
 
+/// What a [`VmWriteFn`] decided, seeing the VM as it is inside the transaction.
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    /// Write this (config, runtime, lease, delete, log entries).
+    Write(Box<VmWrite>),
+    /// Nothing to write: the VM already is as asked.
+    Unchanged,
+    /// What the caller checked before the transaction no longer holds (the VM's references moved):
+    /// nothing is written; check again from the start.
+    Retry(String),
+    /// The caller's base version (`If-Match`) is not the current one: nothing is written.
+    Stale { current_version: i64, your_version: i64 },
+}
+
+impl From<VmWrite> for WriteOutcome {
+    fn from(w: VmWrite) -> WriteOutcome {
+        WriteOutcome::Write(Box::new(w))
+    }
+}
+
+/// What [`Store::vm_write`] did.
+#[derive(Debug, Clone)]
+pub enum Written {
+    /// Committed: the VM after the write (None when deleted) and the log entries appended.
+    Done { vm: Option<VmRecord>, events: Vec<EventRecord> },
+    /// Nothing written; the VM as it is.
+    Unchanged(VmRecord),
+    /// Nothing written: the closure asked to check again (see [`WriteOutcome::Retry`]).
+    Retry(String),
+    /// Nothing written: the base version was stale; the VM as it is.
+    Stale { vm: VmRecord, your_version: i64 },
+}
+
+impl Written {
+    /// The VM after the write and the entries appended, for closures that never ask to retry and never
+    /// see a stale base (an unchanged VM is itself with no entries).
+    pub fn done(self) -> Result<(Option<VmRecord>, Vec<EventRecord>)> {
+        match self {
+            Written::Done { vm, events } => Ok((vm, events)),
+            Written::Unchanged(vm) => Ok((Some(vm), vec![])),
+            Written::Retry(why) => Err(Error::internal(format!("a write asked to be retried: {why}"))),
+            Written::Stale { vm, your_version } => Err(Error::new(
+                covm_types::ErrorKind::PreconditionFailed,
+                covm_types::ErrorCode::VersionMismatch,
+                format!("{} is at version {}, not {your_version}", vm.object.name, vm.version),
+            )
+            .with_details(serde_json::json!({ "current_version": vm.version, "your_version": your_version }))),
+        }
+    }
+}
+
 /// Decides a VM write from the VM as it is inside the transaction and the store's clock. It must not
 /// do I/O: everything that needs the database is checked before. An error aborts the write.
-pub type VmWriteFn = Box<dyn FnOnce(&VmRecord, DateTime<Utc>) -> Result<VmWrite> + Send>;
+pub type VmWriteFn = Box<dyn FnOnce(&VmRecord, DateTime<Utc>) -> Result<WriteOutcome> + Send>;
 
 /// Everything the app layer asks of storage.
 #[async_trait]
@@ -496,8 +575,7 @@ pub trait Store: Send + Sync + 'static {
     /// VMs by name after the cursor; with a viewer, only those it may view.
     async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>>;
     /// One atomic write: reads the VM, lets `f` decide, applies what it says with its log entries.
-    /// Returns the VM after the write (None when deleted) and the entries appended.
-    async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<(Option<VmRecord>, Vec<EventRecord>)>;
+    async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<Written>;
     /// Versions newest first, older than `before`.
     async fn vm_versions(&self, id: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<VersionRecord>>;
     async fn vm_version(&self, id: Uuid, version: i64) -> Result<Option<VersionRecord>>;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use covm_types::api::{AuditVerify, ObjectKind};
-use covm_types::{Error, ROOT_ID};
+use covm_types::{Error, ErrorCode, ROOT_ID};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -76,7 +76,7 @@ impl PgStore {
                 tracing::error!(error = %e, "cannot connect to PostgreSQL");
                 Error::new(
                     covm_types::ErrorKind::Unavailable,
-                    "database_unavailable",
+                    ErrorCode::DatabaseUnavailable,
                     format!("cannot connect to PostgreSQL: {e}"),
                 )
             })?;

@@ -5,7 +5,8 @@
 //! module.
 
 use chrono::{DateTime, Utc};
-use covm_types::Error;
+use covm_types::vm::PowerState;
+use covm_types::{Error, ErrorCode};
 
 use crate::Result;
 use uuid::Uuid;
@@ -88,10 +89,10 @@ pub(crate) fn db_err(what: &'static str) -> impl Fn(sqlx::Error) -> Error {
     move |e| {
         if let sqlx::Error::Database(d) = &e {
             if d.is_unique_violation() {
-                return Error::conflict("already_exists", format!("{what}: the name is already taken"));
+                return Error::conflict(ErrorCode::AlreadyExists, format!("{what}: the name is already taken"));
             }
             if d.is_foreign_key_violation() {
-                return Error::conflict("in_use", format!("{what}: the object is still referenced"));
+                return Error::conflict(ErrorCode::InUse, format!("{what}: the object is still referenced"));
             }
             // SQLITE_FULL (SQLite turns ENOSPC into it), PostgreSQL's disk_full class.
             let code = d.code().unwrap_or_default();
@@ -138,6 +139,15 @@ pub(crate) fn time(s: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| Error::internal(format!("bad time {s} in the database")))
+}
+
+/// A stored enum's string read back; an unknown one is data this build cannot read (an internal error).
+pub(crate) fn stored<T>(what: &str, s: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T> {
+    parse(s).ok_or_else(|| Error::internal(format!("the database holds an unknown {what} {s:?}")))
+}
+
+pub(crate) fn power_state(s: &str) -> Result<PowerState> {
+    stored("power state", s, PowerState::parse)
 }
 
 pub(crate) fn json(s: &str) -> Result<serde_json::Value> {
@@ -308,7 +318,7 @@ pub(crate) async fn object_insert(tx: &mut Transaction<'static, $DB>, object: Ne
             .map_err(db_err("check the name"))?;
     if let Some(r) = taken {
         let kind: String = r.get("kind");
-        return Err(Error::conflict("already_exists", format!("a {kind} named {} already exists", object.name))
+        return Err(Error::conflict(ErrorCode::AlreadyExists, format!("a {kind} named {} already exists", object.name))
             .with_field("name"));
     }
     let rec = ObjectRecord {
@@ -560,7 +570,7 @@ impl Store for $Store {
             return Err(Error::not_found("object", &id.to_string()));
         };
         if &json(&current)? != expected {
-            return Err(Error::conflict("conflict", "the object changed meanwhile; try again"));
+            return Err(Error::conflict(ErrorCode::Conflict, "the object changed meanwhile; try again"));
         }
         sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
             .bind(id.to_string())
@@ -573,7 +583,7 @@ impl Store for $Store {
 
     async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord> {
         if id == ROOT_ID {
-            return Err(Error::conflict("root_folder", "the root folder cannot be deleted"));
+            return Err(Error::conflict(ErrorCode::RootFolder, "the root folder cannot be deleted"));
         }
         let mut tx = self.begin().await?;
         let id_s = id.to_string();
@@ -585,7 +595,7 @@ impl Store for $Store {
             .get("n");
         if children > 0 {
             return Err(Error::conflict(
-                "folder_not_empty",
+                ErrorCode::FolderNotEmpty,
                 format!("the folder holds {children} objects; delete or move them first"),
             )
             .with_details(serde_json::json!({ "children": children })));
@@ -1056,7 +1066,7 @@ impl Store for $Store {
                 Ok(AttachmentRecord {
                     vm_id: uuid(r.get(0))?,
                     vm_name: r.get(1),
-                    power_state: r.get(2),
+                    power_state: power_state(r.get(2))?,
                     controller: r.get(3),
                     unit: u32::try_from(r.get::<i64, _>(4)).unwrap_or(0),
                     read_only: r.get::<i64, _>(5) != 0,
@@ -1174,7 +1184,7 @@ impl Store for $Store {
         self.vms_list_impl(viewer, filter).await
     }
 
-    async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<(Option<VmRecord>, Vec<EventRecord>)> {
+    async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<Written> {
         self.vm_write_impl(id, f).await
     }
 
@@ -1435,7 +1445,7 @@ fn vm_row(r: &$Row) -> Result<VmRecord> {
         object: object_row(r)?,
         version: r.get("version"),
         config: json(r.get("config"))?,
-        power_state: r.get("power_state"),
+        power_state: power_state(r.get("power_state"))?,
         runtime: json(r.get("runtime"))?,
         generation: r.get("generation"),
         lease,
@@ -1535,7 +1545,7 @@ async fn object_place(
         .map_err(db_err("check the name"))?;
     if taken.is_some() {
         return Err(
-            Error::conflict("already_exists", format!("the name {name} is taken (at {path})")).with_field("name")
+            Error::conflict(ErrorCode::AlreadyExists, format!("the name {name} is taken (at {path})")).with_field("name")
         );
     }
     let id = obj.id.to_string();
@@ -1647,7 +1657,7 @@ impl $Store {
             .bind(viewer.map(|u| u.to_string()))
             .bind(f.folder.map(|u| u.to_string()))
             .bind(prefix)
-            .bind(f.power_state)
+            .bind(f.power_state.map(PowerState::as_str))
             .bind(f.after.unwrap_or_default())
             .bind(f.limit as i64)
             .fetch_all(&self.reader)
@@ -1656,11 +1666,17 @@ impl $Store {
         rows.iter().map(vm_row).collect()
     }
 
-    pub(crate) async fn vm_write_impl(&self, id: Uuid, f: VmWriteFn) -> Result<(Option<VmRecord>, Vec<EventRecord>)> {
+    pub(crate) async fn vm_write_impl(&self, id: Uuid, f: VmWriteFn) -> Result<Written> {
         let mut tx = self.begin().await?;
         let vm = Self::vm_get_tx(&mut tx, id).await?.ok_or_else(|| Error::not_found("vm", &id.to_string()))?;
         let at = now();
-        let w = f(&vm, at)?;
+        // Outcomes that write nothing end the transaction unwritten (dropping it rolls it back).
+        let w = match f(&vm, at)? {
+            WriteOutcome::Write(w) => *w,
+            WriteOutcome::Unchanged => return Ok(Written::Unchanged(vm)),
+            WriteOutcome::Retry(why) => return Ok(Written::Retry(why)),
+            WriteOutcome::Stale { your_version, .. } => return Ok(Written::Stale { vm, your_version }),
+        };
         let id_s = id.to_string();
         if w.delete {
             // Versions and the VM row go with the object (ON DELETE CASCADE).
@@ -1693,7 +1709,7 @@ impl $Store {
                     "UPDATE vms SET power_state = $2, runtime = $3, generation = generation + $4 WHERE id = $1",
                 )
                 .bind(&id_s)
-                .bind(&r.power_state)
+                .bind(r.power_state.as_str())
                 .bind(r.runtime.to_string())
                 .bind(i64::from(r.bump_generation))
                 .execute(&mut *tx)
@@ -1733,7 +1749,7 @@ impl $Store {
         }
         let after = if w.delete { None } else { Self::vm_get_tx(&mut tx, id).await? };
         tx.commit().await.map_err(db_err("commit"))?;
-        Ok((after, events))
+        Ok(Written::Done { vm: after, events })
     }
 
     pub(crate) async fn vm_versions_impl(
@@ -1784,7 +1800,7 @@ fn task_row(r: &$Row) -> Result<TaskRecord> {
         object_name: r.get("object_name"),
         actor: r.get("actor"),
         request_id: r.get("request_id"),
-        state: r.get("state"),
+        state: stored("task state", r.get("state"), TaskState::parse)?,
         progress: r.get("progress"),
         message: r.get("message"),
         error: error.as_deref().map(json).transpose()?,
@@ -1809,7 +1825,7 @@ impl $Store {
         .bind(&t.object_name)
         .bind(&t.actor)
         .bind(&t.request_id)
-        .bind(&t.state)
+        .bind(t.state.as_str())
         .bind(t.progress)
         .bind(&t.message)
         .bind(t.error.as_ref().map(|e| e.to_string()))
@@ -1851,7 +1867,7 @@ fn saga_row(r: &$Row) -> Result<SagaRecord> {
     Ok(SagaRecord {
         id: uuid(r.get("id"))?,
         kind: r.get("kind"),
-        state: r.get("state"),
+        state: stored("saga state", r.get("state"), SagaState::parse)?,
         actor: r.get("actor"),
         request_id: r.get("request_id"),
         data: json(r.get("data"))?,
@@ -1894,7 +1910,7 @@ impl $Store {
         )
         .bind(s.id.to_string())
         .bind(&s.kind)
-        .bind(&s.state)
+        .bind(s.state.as_str())
         .bind(&s.actor)
         .bind(&s.request_id)
         .bind(s.data.to_string())
@@ -1928,7 +1944,7 @@ impl $Store {
             "UPDATE sagas SET state = $2, data = $3, done = $4, current = $5, error = $6, updated_at = $7 WHERE id = $1",
         )
         .bind(s.id.to_string())
-        .bind(&s.state)
+        .bind(s.state.as_str())
         .bind(s.data.to_string())
         .bind(serde_json::to_string(&s.done).unwrap_or_default())
         .bind(&s.current)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use covm_types::api::{AuditVerify, ObjectKind};
-use covm_types::{Error, ROOT_ID};
+use covm_types::{Error, ErrorCode, ROOT_ID};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };

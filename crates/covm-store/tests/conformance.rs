@@ -180,7 +180,7 @@ fn saga(kind: &str) -> SagaRecord {
     SagaRecord {
         id: Uuid::now_v7(),
         kind: kind.into(),
-        state: "running".into(),
+        state: covm_store::SagaState::Running,
         actor: "test".into(),
         request_id: None,
         data: serde_json::json!({ "k": 1 }),
@@ -214,7 +214,7 @@ async fn sagas_and_locks(s: Arc<dyn Store>) {
     assert_eq!(unfinished.iter().filter(|r| r.id == first.id).count(), 1);
     assert_eq!(s.saga_get(first.id).await.unwrap().unwrap().done, ["blockdev_add"]);
     // Its end releases its locks; it is no longer listed.
-    first.state = "done".into();
+    first.state = covm_store::SagaState::Done;
     s.saga_end(&first).await.unwrap();
     assert!(s.op_lock_get(a).await.unwrap().is_none());
     assert!(s.sagas_unfinished().await.unwrap().iter().all(|r| r.id != first.id));

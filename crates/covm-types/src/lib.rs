@@ -11,7 +11,7 @@ pub mod name;
 pub mod privilege;
 pub mod vm;
 
-pub use error::{Error, ErrorBody, ErrorKind};
+pub use error::{Error, ErrorBody, ErrorCode, ErrorKind};
 pub use name::Name;
 pub use privilege::{BuiltinRole, Privilege};
 

@@ -297,7 +297,7 @@ impl VmConfig {
             if c.kind == ControllerType::Ide && self.machine != Machine::Pc {
                 return Err(Error::new(
                     crate::ErrorKind::InvalidRequest,
-                    "controller_unsupported",
+                    crate::ErrorCode::ControllerUnsupported,
                     format!("an IDE controller needs machine pc, not {:?}", self.machine).to_lowercase(),
                 )
                 .with_field(format!("controllers[{i}].type")));
@@ -308,7 +308,7 @@ impl VmConfig {
             let Some(c) = self.controllers.iter().find(|c| c.id == d.controller) else {
                 return Err(Error::new(
                     crate::ErrorKind::InvalidRequest,
-                    "unknown_controller",
+                    crate::ErrorCode::UnknownController,
                     format!("there is no controller {}", d.controller),
                 )
                 .with_field(format!("disks[{i}].controller")));
@@ -316,7 +316,7 @@ impl VmConfig {
             if d.unit > c.kind.max_unit() {
                 return Err(Error::new(
                     crate::ErrorKind::InvalidRequest,
-                    "unit_out_of_range",
+                    crate::ErrorCode::UnitOutOfRange,
                     format!("unit {} is beyond {} (0 to {})", d.unit, c.id, c.kind.max_unit()),
                 )
                 .with_field(format!("disks[{i}].unit")));
@@ -324,7 +324,7 @@ impl VmConfig {
             if !slots.insert((d.controller.as_str(), d.unit)) {
                 return Err(Error::new(
                     crate::ErrorKind::InvalidRequest,
-                    "unit_taken",
+                    crate::ErrorCode::UnitTaken,
                     format!("two disks are on {} unit {}", d.controller, d.unit),
                 )
                 .with_field(format!("disks[{i}].unit")));
@@ -410,6 +410,25 @@ impl PowerState {
             PowerState::Stopping => "stopping",
             PowerState::Crashed => "crashed",
         }
+    }
+
+    /// The state a stored string names (the inverse of [`PowerState::as_str`]).
+    pub fn parse(s: &str) -> Option<PowerState> {
+        [
+            PowerState::Off,
+            PowerState::Starting,
+            PowerState::Running,
+            PowerState::Paused,
+            PowerState::Stopping,
+            PowerState::Crashed,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+
+    /// A QEMU process exists (or is being made or ended) for the VM.
+    pub fn is_active(self) -> bool {
+        matches!(self, PowerState::Running | PowerState::Paused | PowerState::Starting | PowerState::Stopping)
     }
 }
 
@@ -520,6 +539,30 @@ pub enum TaskState {
     Success,
     Error,
     Cancelled,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Success => "success",
+            TaskState::Error => "error",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state a stored string names (the inverse of [`TaskState::as_str`]).
+    pub fn parse(s: &str) -> Option<TaskState> {
+        [TaskState::Queued, TaskState::Running, TaskState::Success, TaskState::Error, TaskState::Cancelled]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+
+    /// The task has ended (it will not change again).
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Success | TaskState::Error | TaskState::Cancelled)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -767,4 +810,16 @@ pub struct AutostartChange {
     pub enabled: Option<bool>,
     pub order: Option<i32>,
     pub delay_s: Option<u32>,
+}
+
+impl std::fmt::Display for PowerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

@@ -552,7 +552,7 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
                 _ => {
                     let e: covm_client::ErrorDetail = serde_json::from_value(t.error.clone().unwrap_or_default())
                         .unwrap_or(covm_client::ErrorDetail {
-                            code: "task_failed".into(),
+                            code: covm_types::ErrorCode::TaskFailed,
                             message: t.message.clone().unwrap_or_default(),
                             field: None,
                             details: None,

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use covm_store::NewEvent;
-use covm_types::Error;
+use covm_types::{Error, ErrorCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -151,7 +151,7 @@ impl App {
         method: &str,
         path: &str,
         status: u16,
-        code: Option<String>,
+        code: Option<ErrorCode>,
     ) -> Result<(), Error> {
         let (path, _) = bounded(path, PATH_MAX);
         let what = format!("{method} {path}");

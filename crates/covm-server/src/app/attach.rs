@@ -18,6 +18,7 @@
 //! disk's lock keeps its attachments in order, so a disk's generations only grow). A detach that names
 //! a generation removes only that attachment, so a late detach never removes a newer one.
 
+use covm_types::ErrorCode;
 use std::time::Duration;
 
 use covm_types::api::ObjectKind;
@@ -43,7 +44,7 @@ pub fn disk_node(disk: Uuid) -> String {
     format!("d{}", &disk.simple().to_string()[20..])
 }
 
-fn conflict(code: &str, msg: String) -> Error {
+fn conflict(code: ErrorCode, msg: String) -> Error {
     Error::new(ErrorKind::Conflict, code, msg)
 }
 
@@ -55,35 +56,37 @@ pub fn slot_choose(
 ) -> Result<(String, ControllerType, u32), Error> {
     let ctl = match controller {
         Some(id) => c.controllers.iter().find(|x| x.id == id).ok_or_else(|| {
-            conflict("unknown_controller", format!("{} has no controller {id}", c.name)).with_field("controller")
+            conflict(ErrorCode::UnknownController, format!("{} has no controller {id}", c.name))
+                .with_field("controller")
         })?,
         None => {
             c.controllers.iter().find(|x| x.kind == ControllerType::VirtioScsi).or(c.controllers.first()).ok_or_else(
                 || {
-                    conflict("unknown_controller", format!("{} has no disk controller", c.name))
+                    conflict(ErrorCode::UnknownController, format!("{} has no disk controller", c.name))
                         .with_field("controller")
                 },
             )?
         }
     };
     if ctl.kind == ControllerType::Ide && c.machine != covm_types::vm::Machine::Pc {
-        return Err(conflict("controller_unsupported", format!("IDE controller {} needs machine pc", ctl.id))
+        return Err(conflict(ErrorCode::ControllerUnsupported, format!("IDE controller {} needs machine pc", ctl.id))
             .with_field("controller"));
     }
     let taken: Vec<u32> = c.disks.iter().filter(|d| d.controller == ctl.id).map(|d| d.unit).collect();
     let max = ctl.kind.max_unit();
     let unit = match unit {
         Some(u) if u > max => {
-            return Err(
-                conflict("unit_out_of_range", format!("unit {u} is beyond {} (0 to {max})", ctl.id)).with_field("unit")
-            );
+            return Err(conflict(ErrorCode::UnitOutOfRange, format!("unit {u} is beyond {} (0 to {max})", ctl.id))
+                .with_field("unit"));
         }
         Some(u) if taken.contains(&u) => {
-            return Err(conflict("unit_taken", format!("unit {u} of {} holds another disk", ctl.id)).with_field("unit"));
+            return Err(
+                conflict(ErrorCode::UnitTaken, format!("unit {u} of {} holds another disk", ctl.id)).with_field("unit")
+            );
         }
         Some(u) => u,
         None => (0..=max).find(|u| !taken.contains(u)).ok_or_else(|| {
-            conflict("controller_full", format!("controller {} has no free unit (0 to {max})", ctl.id))
+            conflict(ErrorCode::ControllerFull, format!("controller {} has no free unit (0 to {max})", ctl.id))
         })?,
     };
     Ok((ctl.id.clone(), ctl.kind, unit))
@@ -94,7 +97,7 @@ pub fn writers_check(
     disk: &str,
     sharing: Sharing,
     read_only: bool,
-    holders: &[(DiskAttachmentView, String)],
+    holders: &[(DiskAttachmentView, covm_types::vm::PowerState)],
 ) -> Result<(), Error> {
     if sharing == Sharing::MultiWriter {
         return Ok(());
@@ -102,7 +105,7 @@ pub fn writers_check(
     let clash = holders.iter().find(|(h, _)| !read_only || !h.read_only);
     if let Some((h, power)) = clash {
         return Err(conflict(
-            "disk_in_use",
+            ErrorCode::DiskInUse,
             format!(
                 "{disk} is attached {} to {} ({power}, attachment generation {}); {}",
                 if h.read_only { "read-only" } else { "read-write" },
@@ -203,7 +206,7 @@ impl Plug {
         match tokio::time::timeout(UNPLUG_TIMEOUT, app.node().ask(self.vm, |r| Cmd::DeviceDel(node, r))).await {
             Ok(r) => gone_ok(r),
             Err(_) => Err(conflict(
-                "detach_timeout",
+                ErrorCode::DetachTimeout,
                 format!(
                     "the guest of {} did not release {} within {} s; it stays attached",
                     self.vm_name,
@@ -474,7 +477,7 @@ impl App {
         let cfg: VmConfig = parse_config(&rec.config)?;
         if cfg.disks.iter().any(|d| d.disk == disk.name || d.disk == disk.id.to_string()) {
             return Err(conflict(
-                "already_attached",
+                ErrorCode::AlreadyAttached,
                 format!("{} is already attached to {}", disk.name, rec.object.name),
             ));
         }
@@ -484,7 +487,7 @@ impl App {
         self.vm_local(&rec)?;
         if is_running && !bus.hotplug() && !p.next_boot {
             return Err(conflict(
-                "hotplug_unsupported",
+                ErrorCode::HotplugUnsupported,
                 format!(
                     "{} is running and {controller} cannot hot-plug; power it off, or send next_boot",
                     rec.object.name
@@ -572,7 +575,7 @@ impl App {
         let Some(entry) = cfg.disks.iter().find(|d| matches(d)).cloned() else {
             if let Some(g) = generation {
                 return Err(conflict(
-                    "stale_generation",
+                    ErrorCode::StaleGeneration,
                     format!("{disk} is not attached to {}; attachment generation {g} is gone", rec.object.name),
                 )
                 .with_field("generation"));
@@ -581,7 +584,7 @@ impl App {
         };
         if let Some(g) = generation.filter(|g| *g != entry.generation) {
             return Err(conflict(
-                "stale_generation",
+                ErrorCode::StaleGeneration,
                 format!(
                     "{disk} is attached to {} as generation {}, not {g}: it was detached and attached again since",
                     rec.object.name, entry.generation
@@ -600,7 +603,7 @@ impl App {
         self.vm_local(&rec)?;
         if is_running && !bus.hotplug() && !next_boot {
             return Err(conflict(
-                "hotplug_unsupported",
+                ErrorCode::HotplugUnsupported,
                 format!(
                     "{} is running and {} cannot hot-unplug; power it off, or send next_boot",
                     rec.object.name, entry.controller
@@ -705,7 +708,7 @@ impl App {
                 let rec = app.store().vm_get(target.object.id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
                 return app.vm_view(Some(&ctx2), &rec);
             }
-            Err(conflict("operation_in_progress", format!("{} keeps moving; try again", d.name)))
+            Err(conflict(ErrorCode::OperationInProgress, format!("{} keeps moving; try again", d.name)))
         })
         .await
     }
@@ -721,7 +724,7 @@ impl App {
     ) -> Result<Option<MoveSaga>, Error> {
         if holders.len() > 1 {
             return Err(conflict(
-                "disk_shared",
+                ErrorCode::DiskShared,
                 format!("{} is attached to {} VMs; detach it from all but one", d.name, holders.len()),
             ));
         }
@@ -743,7 +746,7 @@ impl App {
         self.vm_local(&rec)?;
         if is_running && !bus.hotplug() {
             return Err(conflict(
-                "hotplug_unsupported",
+                ErrorCode::HotplugUnsupported,
                 format!("{} is running and {controller} cannot hot-plug; power it off first", rec.object.name),
             ));
         }
@@ -784,7 +787,7 @@ mod tests {
     fn slots_are_chosen_and_checked() {
         let c = cfg(json!({ "name": "a", "disks": [{ "disk": "x", "controller": "scsi0", "unit": 0 }] }));
         assert_eq!(slot_choose(&c, None, None).unwrap(), ("scsi0".into(), ControllerType::VirtioScsi, 1));
-        let code = |r: Result<(String, ControllerType, u32), Error>| r.unwrap_err().code.clone();
+        let code = |r: Result<(String, ControllerType, u32), Error>| r.unwrap_err().code;
         assert_eq!(code(slot_choose(&c, Some("nope"), None)), "unknown_controller");
         assert_eq!(code(slot_choose(&c, None, Some(0))), "unit_taken");
         assert_eq!(code(slot_choose(&c, None, Some(256))), "unit_out_of_range");
@@ -797,9 +800,9 @@ mod tests {
     fn one_writer_unless_shared() {
         let rw = (
             DiskAttachmentView { vm: "b".into(), controller: "scsi0".into(), unit: 0, read_only: false, generation: 7 },
-            "running".to_owned(),
+            covm_types::vm::PowerState::Running,
         );
-        let ro = (DiskAttachmentView { read_only: true, ..rw.0.clone() }, "off".to_owned());
+        let ro = (DiskAttachmentView { read_only: true, ..rw.0.clone() }, covm_types::vm::PowerState::Off);
         let e = writers_check("d", Sharing::None, false, std::slice::from_ref(&rw)).unwrap_err();
         assert_eq!(e.code, "disk_in_use");
         assert!(e.message.contains("b (running, attachment generation 7)"), "{}", e.message);

@@ -5,6 +5,7 @@
 //! Failed sign-ins are audited and counted per (user, address) and per address; past the limit the
 //! next attempt gets 429 with `Retry-After`, before any password is checked.
 
+use covm_types::ErrorCode;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::path::Path;
@@ -78,7 +79,7 @@ pub(crate) fn password_check(field: &str, password: &str) -> Result<(), Error> {
     if password.chars().count() < PASSWORD_MIN_LEN {
         return Err(Error::new(
             covm_types::ErrorKind::InvalidRequest,
-            "weak_password",
+            ErrorCode::WeakPassword,
             format!("a password has at least {PASSWORD_MIN_LEN} characters"),
         )
         .with_field(field));
@@ -407,8 +408,11 @@ impl App {
             ));
         }
         if self.store().tokens_list(ctx.user_id, TokenKind::Api).await?.iter().any(|t| t.name == p.name.as_str()) {
-            return Err(Error::conflict("already_exists", format!("you already have a token named {}", p.name))
-                .with_field("name"));
+            return Err(Error::conflict(
+                ErrorCode::AlreadyExists,
+                format!("you already have a token named {}", p.name),
+            )
+            .with_field("name"));
         }
         let (token, hash) = token_new();
         let now = covm_store::now();

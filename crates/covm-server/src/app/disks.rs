@@ -8,6 +8,7 @@
 //! the image (or, on a running VM, the block node) and then the record. A failure or a crash leaves
 //! no file without a record and no record without its file.
 
+use covm_types::ErrorCode;
 use std::path::{Path, PathBuf};
 
 use covm_hv::img;
@@ -344,7 +345,7 @@ fn capacity_check(field: &str, bytes: u64) -> Result<(), Error> {
     if !(CAPACITY_MIN..=CAPACITY_MAX).contains(&bytes) || !bytes.is_multiple_of(512) {
         return Err(Error::new(
             ErrorKind::InvalidRequest,
-            "invalid_capacity",
+            ErrorCode::InvalidCapacity,
             format!("a disk holds from 1 MiB to 64 TiB, in multiples of 512 bytes; {bytes} is not that"),
         )
         .with_field(field));
@@ -365,7 +366,7 @@ impl App {
             fs_capacity(root).map_err(|e| Error::internal(format!("cannot read the datastore's capacity: {e}")))?;
         if bytes > free {
             return Err(Error::conflict(
-                "insufficient_space",
+                ErrorCode::InsufficientSpace,
                 format!("the datastore has {free} bytes free; the disk needs {bytes}"),
             )
             .with_details(json!({ "free_bytes": free, "needed_bytes": bytes })));
@@ -384,7 +385,7 @@ impl App {
             let used = bytes + self.store().pool_usage(&p.name, except).await?.disk_bytes;
             if used > limit {
                 return Err(Error::conflict(
-                    "quota_exceeded",
+                    ErrorCode::QuotaExceeded,
                     format!("pool {} allows {limit} bytes of disks; this would make {used}", p.name),
                 ));
             }
@@ -400,7 +401,7 @@ impl App {
     /// The running VMs that hold a disk.
     async fn disk_holders_running(&self, disk: &ObjectRecord) -> Result<Vec<Uuid>, Error> {
         let holders = self.store().disk_attachments(&disk.name, disk.id).await?;
-        Ok(holders.into_iter().filter(|a| super::vms::power_running(&a.power_state)).map(|a| a.vm_id).collect())
+        Ok(holders.into_iter().filter(|a| a.power_state.is_active()).map(|a| a.vm_id).collect())
     }
 
     async fn disk_view(&self, o: &ObjectRecord, with_image: bool) -> Result<DiskView, Error> {
@@ -448,7 +449,7 @@ impl App {
         let ds = self
             .object_lookup(spec_str(o, "datastore"), Some(ObjectKind::Datastore))
             .await?
-            .ok_or_else(|| Error::conflict("datastore_missing", "the disk's datastore is gone"))?;
+            .ok_or_else(|| Error::conflict(ErrorCode::DatastoreMissing, "the disk's datastore is gone"))?;
         Ok(PathBuf::from(spec_str(&ds, "path")).join(spec_str(o, "file")))
     }
 
@@ -491,9 +492,8 @@ impl App {
         let folder = self.disk_placement(ctx, p.folder.as_deref()).await?;
         let (ds, root) = self.datastore_for_disk(ctx, &p.datastore).await?;
         if self.object_lookup(p.name.as_str(), Some(ObjectKind::Disk)).await?.is_some() {
-            return Err(
-                Error::conflict("already_exists", format!("a disk named {} already exists", p.name)).with_field("name")
-            );
+            return Err(Error::conflict(ErrorCode::AlreadyExists, format!("a disk named {} already exists", p.name))
+                .with_field("name"));
         }
         Self::space_check(&root, p.capacity_bytes)?;
         let pool = self.disk_pool_admit(p.pool.as_deref().unwrap_or("default"), p.capacity_bytes, None).await?;
@@ -570,7 +570,7 @@ impl App {
         }
         if to < current {
             return Err(Error::conflict(
-                "shrink_refused",
+                ErrorCode::ShrinkRefused,
                 format!("disks only grow: {} is {current} bytes, {to} is smaller", o.name),
             )
             .with_field("capacity_bytes"));
@@ -609,9 +609,8 @@ impl App {
         self.require(ctx, &parent, Privilege::DiskCreate).await?;
         let (ds, root) = self.datastore_for_disk(ctx, spec_str(&src, "datastore")).await?;
         if self.object_lookup(p.name.as_str(), Some(ObjectKind::Disk)).await?.is_some() {
-            return Err(
-                Error::conflict("already_exists", format!("a disk named {} already exists", p.name)).with_field("name")
-            );
+            return Err(Error::conflict(ErrorCode::AlreadyExists, format!("a disk named {} already exists", p.name))
+                .with_field("name"));
         }
         let capacity = src.spec["capacity_bytes"].as_u64().unwrap_or(0);
         Self::space_check(&root, capacity)?;
@@ -640,7 +639,7 @@ impl App {
         {
             let name = self.store().object_get(*vm).await?.map(|o| o.name).unwrap_or_default();
             return Err(Error::conflict(
-                "disk_in_use",
+                ErrorCode::DiskInUse,
                 format!(
                     "{} is attached read-write to {name}, which is running; a copy would not be consistent",
                     src.name
@@ -653,23 +652,23 @@ impl App {
     /// Makes a disk of an image file that already lies inside a datastore; covm moves it to a name of
     /// its own in the same datastore.
     pub async fn disk_import(&self, ctx: &Ctx, name: &str, p: DiskImport) -> Result<DiskView, Error> {
-        let name = covm_types::Name::parse(name)
-            .map_err(|e| Error::new(ErrorKind::InvalidRequest, "invalid_name", e.to_string()).with_field("disk"))?;
+        let name = covm_types::Name::parse(name).map_err(|e| {
+            Error::new(ErrorKind::InvalidRequest, ErrorCode::InvalidName, e.to_string()).with_field("disk")
+        })?;
         let (_, rel) = datastore_path("path", &format!("{}:{}", p.datastore, p.path))?;
         let folder = self.disk_placement(ctx, p.folder.as_deref()).await?;
         let (ds, root) = self.datastore_for_disk(ctx, &p.datastore).await?;
         if self.object_lookup(name.as_str(), Some(ObjectKind::Disk)).await?.is_some() {
-            return Err(
-                Error::conflict("already_exists", format!("a disk named {name} already exists")).with_field("disk")
-            );
+            return Err(Error::conflict(ErrorCode::AlreadyExists, format!("a disk named {name} already exists"))
+                .with_field("disk"));
         }
         let root = root
             .canonicalize()
-            .map_err(|_| Error::conflict("datastore_missing", "the datastore's directory is gone"))?;
+            .map_err(|_| Error::conflict(ErrorCode::DatastoreMissing, "the datastore's directory is gone"))?;
         let outside = || {
             Error::new(
                 ErrorKind::InvalidRequest,
-                "path_outside_datastore",
+                ErrorCode::PathOutsideDatastore,
                 format!("{} is not a file inside datastore {}", p.path, ds.name),
             )
             .with_field("path")
@@ -680,7 +679,7 @@ impl App {
             return Err(outside());
         }
         if src.starts_with(root.join("disks")) {
-            return Err(Error::conflict("already_a_disk", format!("{} is already a covm disk's file", p.path))
+            return Err(Error::conflict(ErrorCode::AlreadyADisk, format!("{} is already a covm disk's file", p.path))
                 .with_field("path"));
         }
         let info = img::info(&src).await.map_err(hv_error)?;
@@ -731,7 +730,7 @@ impl App {
         let holders = self.disk_attachments(&o).await?;
         if !holders.is_empty() {
             let vms: Vec<&str> = holders.iter().map(|a| a.vm.as_str()).collect();
-            return Err(Error::conflict("disk_in_use", format!("{} is attached to {}", o.name, vms.join(", ")))
+            return Err(Error::conflict(ErrorCode::DiskInUse, format!("{} is attached to {}", o.name, vms.join(", ")))
                 .with_details(json!({ "vms": vms })));
         }
         Ok(DeleteSaga {

@@ -12,6 +12,7 @@
 //! scope object. Its set of visible objects is recomputed whenever a batch holds an event that can
 //! change visibility (objects created or deleted, grants, groups, roles).
 
+use covm_types::ErrorCode;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -281,7 +282,8 @@ impl Subscription {
                     continue;
                 }
             }
-            let stopping = || Error::new(covm_types::ErrorKind::Unavailable, "shutting_down", "covm is stopping");
+            let stopping =
+                || Error::new(covm_types::ErrorKind::Unavailable, ErrorCode::ShuttingDown, "covm is stopping");
             tokio::select! {
                 r = self.head.changed() => r.map_err(|_| stopping())?,
                 _ = self.closing.wait_for(|c| *c) => return Err(stopping()),

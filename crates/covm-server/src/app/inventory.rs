@@ -4,6 +4,7 @@
 //! are unique within their parent; other objects' names are unique per kind, so `datastore:local` or a
 //! bare name names one object. Lists are filtered by the store in SQL to what the caller may view.
 
+use covm_types::ErrorCode;
 use std::path::Path;
 
 use covm_store::{NewObject, ObjectRecord};
@@ -169,7 +170,7 @@ impl App {
     pub async fn folder_delete(&self, ctx: &Ctx, folder: &str) -> Result<(), Error> {
         let f = self.object_resolve(ctx, folder, Some(ObjectKind::Folder), "folder").await?;
         if f.id == ROOT_ID {
-            return Err(Error::conflict("root_folder", "the root folder cannot be deleted"));
+            return Err(Error::conflict(ErrorCode::RootFolder, "the root folder cannot be deleted"));
         }
         self.require(ctx, &f, Privilege::FolderDelete).await?;
         let ev = ctx

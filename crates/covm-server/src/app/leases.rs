@@ -13,7 +13,8 @@
 //! ```
 
 use chrono::{DateTime, Utc};
-use covm_store::{LeaseRecord, LeaseWrite, VmRecord, VmWrite};
+use covm_store::{LeaseRecord, LeaseWrite, VmRecord, VmWrite, WriteOutcome};
+use covm_types::ErrorCode;
 use covm_types::vm::{LeaseRequest, LeaseView};
 use covm_types::{Error, ErrorKind, Privilege};
 use serde_json::json;
@@ -36,15 +37,18 @@ fn live(vm: &VmRecord, at: DateTime<Utc>) -> Option<&LeaseRecord> {
 fn locked(vm: &VmRecord, l: &LeaseRecord) -> Error {
     Error::new(
         ErrorKind::Locked,
-        "leased",
+        ErrorCode::Leased,
         format!("{} is leased by {} until {}", vm.object.name, l.holder, l.expires_at.format("%F %T UTC")),
     )
-    .with_details(json!({ "holder": l.holder, "expires_at": l.expires_at }))
+    .with_details(
+        serde_json::to_value(covm_types::error::LeasedDetails { holder: l.holder.clone(), expires_at: l.expires_at })
+            .unwrap_or_default(),
+    )
 }
 
 fn expired(vm: &VmRecord, token: i64) -> Error {
     Error::conflict(
-        "lease_expired",
+        ErrorCode::LeaseExpired,
         format!(
             "your lease on {} (token {token}) has expired, was released or broken, or was taken over; acquire it again",
             vm.object.name
@@ -115,9 +119,9 @@ impl App {
                     l
                 }
             };
-            Ok(VmWrite { lease: Some(LeaseWrite::Set(lease)), events, ..Default::default() })
+            Ok(WriteOutcome::from(VmWrite { lease: Some(LeaseWrite::Set(lease)), events, ..Default::default() }))
         });
-        let (after, _) = self.store().vm_write(rec.object.id, write).await?;
+        let (after, _) = self.store().vm_write(rec.object.id, write).await?.done()?;
         self.committed();
         let l = after.and_then(|a| a.lease).ok_or_else(|| Error::internal("the lease could not be read back"))?;
         Ok(lease_view(&l))
@@ -140,11 +144,15 @@ impl App {
             Some(l) => {
                 let l = LeaseRecord { expires_at: at + ttl, ..l.clone() };
                 let ev = ctx2.event("vm.lease.renewed", "vm", Some(vm.object.id), &vm.object.name).data(lease_data(&l));
-                Ok(VmWrite { lease: Some(LeaseWrite::Set(l)), events: vec![ev], ..Default::default() })
+                Ok(WriteOutcome::from(VmWrite {
+                    lease: Some(LeaseWrite::Set(l)),
+                    events: vec![ev],
+                    ..Default::default()
+                }))
             }
             None => Err(expired(vm, token.or(vm.lease.as_ref().map(|l| l.token)).unwrap_or_default())),
         });
-        let (after, _) = self.store().vm_write(rec.object.id, write).await?;
+        let (after, _) = self.store().vm_write(rec.object.id, write).await?.done()?;
         self.committed();
         let l = after.and_then(|a| a.lease).ok_or_else(|| Error::internal("the lease could not be read back"))?;
         Ok(lease_view(&l))
@@ -165,7 +173,7 @@ impl App {
                 (Some(_), _) if force => "vm.lease.broken",
                 (Some(l), _) => return Err(locked(vm, l)),
                 (None, Some(_)) => "vm.lease.expired",
-                (None, None) => return Ok(VmWrite::default()),
+                (None, None) => return Ok(WriteOutcome::Unchanged),
             };
             let old = vm.lease.as_ref().expect("a lease is there in every arm that gets here");
             let mut data = lease_data(old);
@@ -173,9 +181,9 @@ impl App {
                 data["broken_by"] = json!(ctx2.user);
             }
             let ev = ctx2.event(kind, "vm", Some(vm.object.id), name).data(data);
-            Ok(VmWrite { lease: Some(LeaseWrite::Clear), events: vec![ev], ..Default::default() })
+            Ok(WriteOutcome::from(VmWrite { lease: Some(LeaseWrite::Clear), events: vec![ev], ..Default::default() }))
         });
-        self.store().vm_write(rec.object.id, write).await?;
+        self.store().vm_write(rec.object.id, write).await?.done()?;
         self.committed();
         Ok(())
     }
@@ -189,12 +197,16 @@ impl App {
                 Some(l) if l.expires_at <= at => {
                     let ev =
                         system_event("vm.lease.expired", "vm", Some(vm.object.id), &vm.object.name).data(lease_data(l));
-                    Ok(VmWrite { lease: Some(LeaseWrite::Clear), events: vec![ev], ..Default::default() })
+                    Ok(WriteOutcome::from(VmWrite {
+                        lease: Some(LeaseWrite::Clear),
+                        events: vec![ev],
+                        ..Default::default()
+                    }))
                 }
-                _ => Ok(VmWrite::default()),
+                _ => Ok(WriteOutcome::Unchanged),
             });
             match self.store().vm_write(id, write).await {
-                Ok((_, evs)) => n += evs.len(),
+                Ok(w) => n += w.done()?.1.len(),
                 Err(e) if e.kind == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
@@ -225,7 +237,7 @@ mod tests {
             },
             version: 1,
             config: json!({}),
-            power_state: "off".into(),
+            power_state: covm_types::vm::PowerState::Off,
             runtime: json!({}),
             generation: 0,
             lease_fence: lease.as_ref().map_or(0, |l| l.token),
@@ -249,7 +261,7 @@ mod tests {
         let after = t0 + chrono::Duration::seconds(11);
         let code = |c: LeaseCheck| match c {
             LeaseCheck::Ok => "ok".to_owned(),
-            LeaseCheck::Refused(e) => e.code.clone(),
+            LeaseCheck::Refused(e) => e.code.to_string(),
         };
         assert_eq!(code(lease_check(&v, bob, None, before)), "leased");
         assert_eq!(code(lease_check(&v, alice, Some(7), before)), "ok");

@@ -16,12 +16,13 @@
 //! one (a late report from an old supervisor) changes nothing. When covm starts, VMs whose QEMU still
 //! runs are adopted (pid file + QMP socket) by a new supervisor; VMs whose QEMU is gone become crashed.
 
+use covm_types::ErrorCode;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use covm_hv::{HvError, HvEvent, Hypervisor, VmHandle};
-use covm_store::{RuntimeWrite, VmRecord, VmWrite};
+use covm_store::{RuntimeWrite, VmRecord, VmWrite, WriteOutcome};
 use covm_types::vm::{PowerState, VmRuntime};
 use covm_types::{Error, ErrorKind};
 use serde_json::json;
@@ -113,10 +114,10 @@ impl App {
         let (actor, request_id) = actor.map_or(("-".to_owned(), None), |(a, r)| (a.to_owned(), Some(r.to_owned())));
         let write = Box::new(move |vm: &VmRecord, _at: chrono::DateTime<chrono::Utc>| {
             if generation.is_some_and(|g| g != vm.generation) {
-                return Ok(VmWrite::default());
+                return Ok(WriteOutcome::Unchanged);
             }
             let old = runtime_of(vm);
-            let Some((new, data)) = f(vm, &old)? else { return Ok(VmWrite::default()) };
+            let Some((new, data)) = f(vm, &old)? else { return Ok(WriteOutcome::Unchanged) };
             let mut events = Vec::new();
             if new.power_state != old.power_state || bump {
                 let mut d = data;
@@ -125,16 +126,16 @@ impl App {
                 let ev = system_event("vm.power.changed", "vm", Some(vm.object.id), &vm.object.name).data(d);
                 events.push(covm_store::NewEvent { actor: actor.clone(), request_id: request_id.clone(), ..ev });
             }
-            let power_state = new.power_state.as_str().to_owned();
+            let power_state = new.power_state;
             let mut runtime = serde_json::to_value(&new).unwrap_or_default();
             runtime.as_object_mut().map(|o| o.remove("generation"));
-            Ok(VmWrite {
+            Ok(WriteOutcome::from(VmWrite {
                 runtime: Some(RuntimeWrite { power_state, runtime, bump_generation: bump }),
                 events,
                 ..Default::default()
-            })
+            }))
         });
-        let (after, events) = self.store().vm_write(id, write).await?;
+        let (after, events) = self.store().vm_write(id, write).await?.done()?;
         if !events.is_empty() {
             self.committed();
         }
@@ -321,8 +322,8 @@ impl App {
 /// A driver error as the API shows it.
 pub fn hv_error(e: HvError) -> Error {
     match e {
-        HvError::Unavailable(m) => Error::conflict("hypervisor_unavailable", m),
-        HvError::Gone => Error::conflict("vm_not_running", "the VM is not running"),
-        other => Error::new(ErrorKind::Internal, "hypervisor_error", other.chain()),
+        HvError::Unavailable(m) => Error::conflict(ErrorCode::HypervisorUnavailable, m),
+        HvError::Gone => Error::conflict(ErrorCode::VmNotRunning, "the VM is not running"),
+        other => Error::new(ErrorKind::Internal, ErrorCode::HypervisorError, other.chain()),
     }
 }

@@ -5,6 +5,7 @@
 //! `vm.power.changed`). Power-on runs the newest config version; the runtime state's
 //! `running_version` says which, so a newer version means changes are pending until the next boot.
 
+use covm_types::ErrorCode;
 use std::time::Duration;
 
 use covm_hv::{AccelChoice, KvmFacts, VmSpec, accel_choose};
@@ -22,10 +23,6 @@ use super::{App, Ctx, EventExt, system_event};
 
 const SHUTDOWN_TIMEOUT_S: u32 = 60;
 
-fn task_state(s: &str) -> TaskState {
-    serde_json::from_value(json!(s)).unwrap_or(TaskState::Error)
-}
-
 pub fn task_view(t: &TaskRecord) -> TaskView {
     TaskView {
         id: t.id,
@@ -33,7 +30,7 @@ pub fn task_view(t: &TaskRecord) -> TaskView {
         object_id: t.object_id,
         object_name: t.object_name.clone(),
         actor: t.actor.clone(),
-        state: task_state(&t.state),
+        state: t.state,
         progress: t.progress,
         message: t.message.clone(),
         error: t.error.clone(),
@@ -53,7 +50,7 @@ impl App {
             object_name: Some(vm.object.name.clone()),
             actor: ctx.user.clone(),
             request_id: Some(ctx.req.id.clone()),
-            state: "running".into(),
+            state: TaskState::Running,
             progress: 0,
             message: None,
             error: None,
@@ -78,11 +75,11 @@ impl App {
         t.progress = 100;
         match r {
             Ok(m) => {
-                t.state = "success".into();
+                t.state = TaskState::Success;
                 t.message = Some(m);
             }
             Err(e) => {
-                t.state = "error".into();
+                t.state = TaskState::Error;
                 t.message = Some(e.message.clone());
                 t.error = Some(serde_json::to_value(e.body().error).unwrap_or_default());
             }
@@ -136,7 +133,8 @@ impl App {
             .ok_or_else(|| Error::invalid(field, format!("there is no datastore {ds}")))?;
         let root = std::path::PathBuf::from(obj.spec["path"].as_str().unwrap_or_default());
         let path = root.join(&rel).canonicalize().map_err(|_| {
-            Error::conflict("file_missing", format!("{reference} does not exist in datastore {ds}")).with_field(field)
+            Error::conflict(ErrorCode::FileMissing, format!("{reference} does not exist in datastore {ds}"))
+                .with_field(field)
         })?;
         let root = root.canonicalize().unwrap_or(root);
         if !path.starts_with(&root) || !path.is_file() {
@@ -152,7 +150,7 @@ impl App {
         if disk_dirs.iter().any(|d| path.starts_with(d)) {
             return Err(Error::new(
                 covm_types::ErrorKind::InvalidRequest,
-                "managed_disk_file",
+                ErrorCode::ManagedDiskFile,
                 format!("{reference} leads to a file where covm keeps disk images; attach a disk instead"),
             )
             .with_field(field));
@@ -194,14 +192,14 @@ impl App {
             let field = format!("disks[{i}].disk");
             let obj = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await?.ok_or_else(|| {
                 Error::conflict(
-                    "disk_missing",
+                    ErrorCode::DiskMissing,
                     format!("{} names disk {}, which no longer exists", vm.object.name, d.disk),
                 )
                 .with_field(field.clone())
             })?;
             let path = self.disk_file(&obj).await?;
             let bus = config.controllers.iter().find(|c| c.id == d.controller).map(|c| c.kind).ok_or_else(|| {
-                Error::conflict("unknown_controller", format!("there is no controller {}", d.controller))
+                Error::conflict(ErrorCode::UnknownController, format!("there is no controller {}", d.controller))
             })?;
             disks.push(covm_hv::DiskSpec {
                 // QEMU node names have at most 31 characters: the id's random tail is enough in one VM.
@@ -245,7 +243,7 @@ impl App {
             && cpus > u64::from(q)
         {
             return Err(Error::conflict(
-                "quota_exceeded",
+                ErrorCode::QuotaExceeded,
                 format!("pool {} allows {q} vCPUs; this would run {cpus}", c.pool),
             ));
         }
@@ -253,7 +251,7 @@ impl App {
             && mem > q
         {
             return Err(Error::conflict(
-                "quota_exceeded",
+                ErrorCode::QuotaExceeded,
                 format!("pool {} allows {q} MiB of memory; this would run {mem} MiB", c.pool),
             ));
         }
@@ -283,7 +281,10 @@ impl App {
                     state,
                     PowerState::Running | PowerState::Paused | PowerState::Starting | PowerState::Stopping
                 ) {
-                    return Err(Error::conflict("vm_running", format!("{} is {}", rec.object.name, state.as_str())));
+                    return Err(Error::conflict(
+                        ErrorCode::VmRunning,
+                        format!("{} is {}", rec.object.name, state.as_str()),
+                    ));
                 }
                 let config: VmConfig =
                     serde_json::from_value(rec.config.clone()).map_err(|e| Error::internal(e.to_string()))?;
@@ -294,12 +295,12 @@ impl App {
                 let f: RuntimeFn = Box::new(move |vm, old| {
                     if !matches!(old.power_state, PowerState::Off | PowerState::Crashed) {
                         return Err(Error::conflict(
-                            "vm_running",
+                            ErrorCode::VmRunning,
                             format!("{} is {}", vm.object.name, old.power_state.as_str()),
                         ));
                     }
                     if vm.version != version {
-                        return Err(Error::conflict("retry", "the config changed; power on again"));
+                        return Err(Error::conflict(ErrorCode::ConfigChanged, "the config changed; power on again"));
                     }
                     Ok(Some((
                         VmRuntime {
@@ -411,7 +412,7 @@ impl App {
                     Ok(r) => r.map_err(hv_error).map(|_| format!("{name} shut down")),
                     Err(_) => Err(Error::new(
                         ErrorKind::Conflict,
-                        "shutdown_timeout",
+                        ErrorCode::ShutdownTimeout,
                         format!(
                             "the guest of {name} did not shut down within {timeout} s; it is still running (power it off to stop it)"
                         ),
@@ -422,7 +423,9 @@ impl App {
                 node.ask(id, Cmd::Reset).await.map_err(hv_error)?;
                 Ok(format!("{name} was reset"))
             }
-            (PowerAction::Reset, s) => Err(Error::conflict("vm_not_running", format!("{name} is {}", s.as_str()))),
+            (PowerAction::Reset, s) => {
+                Err(Error::conflict(ErrorCode::VmNotRunning, format!("{name} is {}", s.as_str())))
+            }
             (PowerAction::On, _) => Err(Error::internal("power on is not a change run")),
         }
     }
@@ -510,7 +513,7 @@ impl App {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInteractConsole).await?;
         if !matches!(runtime_of(&rec).power_state, PowerState::Running | PowerState::Paused) {
-            return Err(Error::conflict("vm_not_running", format!("{} is not running", rec.object.name)));
+            return Err(Error::conflict(ErrorCode::VmNotRunning, format!("{} is not running", rec.object.name)));
         }
         self.vm_local(&rec)?;
         let guard = self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?;

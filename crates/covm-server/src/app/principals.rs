@@ -6,6 +6,7 @@
 //! and change their own password.
 
 use covm_store::{PermissionFilter, PermissionRecord, PrincipalKind, RoleRecord, UserRecord};
+use covm_types::ErrorCode;
 use covm_types::api::{
     GroupCreate, GroupMemberAdd, GroupView, PasswordSet, PermissionCreate, PermissionQuery, PermissionView, RoleCreate,
     RoleView, UserCreate, UserView,
@@ -38,7 +39,7 @@ fn role_name_check(name: &str) -> Result<(), Error> {
     } else {
         Err(Error::new(
             covm_types::ErrorKind::InvalidRequest,
-            "invalid_name",
+            ErrorCode::InvalidName,
             "a role name has 1 to 63 letters, digits, '.', '_' or '-', and starts with a letter or digit",
         )
         .with_field("name"))
@@ -69,8 +70,10 @@ impl App {
         };
         let ev = ctx.event("user.created", "user", Some(user.id), &user.name).scope(ROOT_ID);
         self.store().user_create(user.clone(), ev).await.map_err(|e| match e.code.as_str() {
-            "already_exists" => Error::conflict("already_exists", format!("a user named {} already exists", user.name))
-                .with_field("name"),
+            "already_exists" => {
+                Error::conflict(ErrorCode::AlreadyExists, format!("a user named {} already exists", user.name))
+                    .with_field("name")
+            }
             _ => e,
         })?;
         self.committed();
@@ -107,7 +110,7 @@ impl App {
         self.require_global(ctx, Privilege::UsersManage).await?;
         let user = self.user_find(name, "user").await?;
         if user.id == ctx.user_id {
-            return Err(Error::conflict("self_delete", "you cannot delete yourself"));
+            return Err(Error::conflict(ErrorCode::SelfDelete, "you cannot delete yourself"));
         }
         let ev = ctx.event("user.deleted", "user", Some(user.id), &user.name).scope(ROOT_ID);
         self.store().user_delete(user.id, ev).await?;
@@ -123,7 +126,8 @@ impl App {
         let ev = ctx.event("group.created", "group", Some(id), p.name.as_str()).scope(ROOT_ID);
         self.store().group_create(id, p.name.as_str(), ev).await.map_err(|e| match e.code.as_str() {
             "already_exists" => {
-                Error::conflict("already_exists", format!("a group named {} already exists", p.name)).with_field("name")
+                Error::conflict(ErrorCode::AlreadyExists, format!("a group named {} already exists", p.name))
+                    .with_field("name")
             }
             _ => e,
         })?;
@@ -191,7 +195,8 @@ impl App {
             .data(json!({ "privileges": role.privileges }));
         self.store().role_create(role.clone(), ev).await.map_err(|e| match e.code.as_str() {
             "already_exists" => {
-                Error::conflict("already_exists", format!("a role named {} already exists", p.name)).with_field("name")
+                Error::conflict(ErrorCode::AlreadyExists, format!("a role named {} already exists", p.name))
+                    .with_field("name")
             }
             _ => e,
         })?;

@@ -25,6 +25,7 @@
 //! Disk rules need the disks locked: a caller that adds or widens a disk attachment holds the disks'
 //! operation locks while it checks and writes ([`App::disk_refs_lock`]).
 
+use covm_types::ErrorCode;
 use std::collections::HashMap;
 
 use covm_store::ObjectRecord;
@@ -66,12 +67,12 @@ impl App {
         &self,
         disk: &ObjectRecord,
         except: Option<Uuid>,
-    ) -> Result<Vec<(DiskAttachmentView, String)>, Error> {
+    ) -> Result<Vec<(DiskAttachmentView, covm_types::vm::PowerState)>, Error> {
         let holders = self.store().disk_attachments(&disk.name, disk.id).await?;
         Ok(holders
             .into_iter()
             .filter(|a| Some(a.vm_id) != except)
-            .map(|a| (a.power_state.clone(), a))
+            .map(|a| (a.power_state, a))
             .map(|(power, a)| (super::disks::attachment_view(a), power))
             .collect())
     }
@@ -97,7 +98,7 @@ impl App {
         if rel.split('/').next() == Some(DISKS_DIR) {
             return Err(Error::new(
                 ErrorKind::InvalidRequest,
-                "managed_disk_file",
+                ErrorCode::ManagedDiskFile,
                 format!("{reference} is inside {ds}:{DISKS_DIR}/, where covm keeps disk images; attach a disk instead"),
             )
             .with_field(field));

@@ -16,12 +16,13 @@
 //! - Tests inject a failure or a crash before or after any step ([`Faults`]; `COVM_FAULT` in the
 //!   environment, e.g. `disk.attach:device_add:after:crash`).
 
+use covm_types::ErrorCode;
 use std::fmt::Debug;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use covm_store::{OpLock, SagaRecord};
+use covm_store::{OpLock, SagaRecord, SagaState};
 use covm_types::{Error, ErrorKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -164,7 +165,7 @@ impl App {
         let rec = SagaRecord {
             id: Uuid::now_v7(),
             kind: kind.to_owned(),
-            state: "running".into(),
+            state: SagaState::Running,
             actor: ctx.user.clone(),
             request_id: Some(ctx.req.id.clone()),
             data: json!(null),
@@ -207,7 +208,7 @@ impl App {
         let name = self.store().object_get(l.object_id).await.ok().flatten().map(|o| o.name).unwrap_or_default();
         Error::new(
             ErrorKind::Conflict,
-            "operation_in_progress",
+            ErrorCode::OperationInProgress,
             format!("{name} is being changed by {} ({}, since {})", l.actor, l.kind, l.taken_at.to_rfc3339()),
         )
         .with_details(json!({ "object": name, "holder": l.actor, "operation": l.kind, "saga": l.saga_id }))
@@ -237,7 +238,7 @@ impl App {
             if let Err(e) = r {
                 tracing::error!(saga = %rec.id, kind = %rec.kind, error = %e, "a saga could not be recovered");
                 let mut rec = rec.clone();
-                rec.state = "stuck".into();
+                rec.state = SagaState::Stuck;
                 rec.error = Some(format!("recovery: {}", e.message));
                 rec.updated_at = covm_store::now();
                 self.saga_end(&rec).await?;
@@ -253,7 +254,7 @@ impl App {
         let ctx = Ctx::system(&rec.actor, rec.request_id.as_deref());
         if rec.data.is_null() {
             // It stopped while checking its rules: nothing was done.
-            rec.state = "undone".into();
+            rec.state = SagaState::Undone;
             rec.error = Some("interrupted before its first step".into());
             rec.updated_at = covm_store::now();
             return self.saga_end(&rec).await;
@@ -271,13 +272,13 @@ impl App {
             for step in steps[after..].iter().filter(|s| !done.contains(s)) {
                 saga.forward(self, &ctx, *step).await?;
             }
-            rec.state = "done".into();
+            rec.state = SagaState::Done;
             rec.error = Some("finished after a crash".into());
         } else {
             for step in current.iter().chain(done.iter().rev()) {
                 saga.undo(self, &ctx, *step).await?;
             }
-            rec.state = "undone".into();
+            rec.state = SagaState::Undone;
             rec.error = Some("undone after a crash".into());
         }
         rec.data = serde_json::to_value(&saga).unwrap_or_default();
@@ -290,7 +291,7 @@ impl App {
 impl SagaGuard {
     /// A lock-only saga (it has no steps) is over: its locks go.
     pub async fn release(mut self) {
-        self.rec.state = "done".into();
+        self.rec.state = SagaState::Done;
         self.rec.updated_at = covm_store::now();
         if let Err(e) = self.app.saga_end(&self.rec).await {
             tracing::error!(saga = %self.rec.id, error = %e, "a saga's locks could not be released");
@@ -299,7 +300,7 @@ impl SagaGuard {
 
     /// The rules said no: nothing was done; the saga ends and its locks go.
     pub async fn refuse(mut self, e: Error) -> Error {
-        self.rec.state = "undone".into();
+        self.rec.state = SagaState::Undone;
         self.rec.error = Some(e.message.clone());
         self.rec.updated_at = covm_store::now();
         if let Err(le) = self.app.saga_end(&self.rec).await {
@@ -349,7 +350,7 @@ impl SagaGuard {
                 Err(e) => return Err(self.unwind(ctx, &mut saga, Some(step), &done, e).await),
             }
         }
-        self.rec.state = "done".into();
+        self.rec.state = SagaState::Done;
         self.rec.current = None;
         self.rec.data = serde_json::to_value(&saga).unwrap_or_default();
         self.rec.updated_at = covm_store::now();
@@ -379,7 +380,7 @@ impl SagaGuard {
                 break;
             }
         }
-        self.rec.state = if stuck.is_some() { "stuck" } else { "undone" }.into();
+        self.rec.state = if stuck.is_some() { SagaState::Stuck } else { SagaState::Undone };
         self.rec.error = Some(match &stuck {
             Some(u) => format!("{}; undo failed: {}", cause.message, u.message),
             None => cause.message.clone(),

@@ -13,13 +13,14 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use covm_store::{ConfigWrite, NewObject, VersionRecord, VmFilter, VmRecord, VmWrite};
+use covm_store::{ConfigWrite, NewObject, VersionRecord, VmFilter, VmRecord, VmWrite, WriteOutcome, Written};
 use covm_types::api::{ObjectKind, Page};
+use covm_types::error::StaleDetails;
 use covm_types::vm::{
-    ChangePlan, DiffView, LeaseView, PowerState, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmConfig,
-    VmListQuery, VmRuntime, VmView,
+    ChangePlan, DiffView, LeaseView, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmConfig, VmListQuery,
+    VmRuntime, VmView,
 };
-use covm_types::{Error, ErrorKind, Privilege, ROOT_ID};
+use covm_types::{Error, ErrorCode, ErrorKind, Privilege, ROOT_ID};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -61,17 +62,12 @@ pub fn classify(old: &VmConfig, new: &VmConfig) -> (Vec<String>, Vec<String>) {
 }
 
 pub(crate) fn running(vm: &VmRecord) -> bool {
-    power_running(&vm.power_state)
-}
-
-/// Whether a stored power state means QEMU runs (or is about to, or still does).
-pub(crate) fn power_running(state: &str) -> bool {
-    matches!(state, "running" | "paused" | "starting" | "stopping")
+    vm.power_state.is_active()
 }
 
 fn requires_power_cycle(name: &str, fields: &[String]) -> Error {
     Error::conflict(
-        "requires_power_cycle",
+        ErrorCode::RequiresPowerCycle,
         format!(
             "{name} is running and {} only take effect at the next power-on; send apply=next_boot to keep the change pending",
             fields.join(", ")
@@ -283,13 +279,7 @@ impl App {
             Some(f) => Some(self.object_resolve(ctx, f, Some(ObjectKind::Folder), "folder").await?.id),
             None => None,
         };
-        let filter = VmFilter {
-            folder,
-            name_prefix: q.name,
-            power_state: q.power_state.map(|p| p.as_str().to_owned()),
-            after: q.after,
-            limit,
-        };
+        let filter = VmFilter { folder, name_prefix: q.name, power_state: q.power_state, after: q.after, limit };
         let items = self.store().vms_list(Some(ctx.user_id), filter).await?;
         let next = (items.len() == limit as usize).then(|| items.last().map(|v| v.object.name.clone())).flatten();
         let items = items.iter().map(|r| self.vm_view(Some(ctx), r)).collect::<Result<_, _>>()?;
@@ -307,7 +297,11 @@ impl App {
         q: VmChangeQuery,
     ) -> Result<(VmView, ChangePlan), Error> {
         if !merge.is_object() {
-            return Err(Error::new(ErrorKind::InvalidRequest, "invalid_patch", "a change is a JSON object (RFC 7386)"));
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                ErrorCode::InvalidPatch,
+                "a change is a JSON object (RFC 7386)",
+            ));
         }
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
@@ -366,9 +360,7 @@ impl App {
         // A stale base is answered from what was read, without waiting for the writer (the write
         // transaction checks again, for the races in between).
         if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
-            let e = Error::new(ErrorKind::PreconditionFailed, "version_mismatch", "stale")
-                .with_details(json!({ "current_version": rec.version, "your_version": v }));
-            return Err(self.stale_error(&rec, e).await);
+            return Err(self.stale_error(&rec, v).await);
         }
         let opts = WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events };
         if disks_checked || !change.touches_disks() {
@@ -452,7 +444,6 @@ impl App {
             // Inside the transaction: merge into the newest version, check preconditions, write.
             let (c2, pre2, msg, user, user_id, req_id) =
                 (change.clone(), pre.clone(), message.clone(), ctx.user.clone(), ctx.user_id, ctx.req.id.clone());
-            let name = rec.object.name.clone();
             let ctx2 = ctx.clone();
             let system = ctx.system;
             let extra = extra.clone();
@@ -460,12 +451,7 @@ impl App {
                 if let Some(v) = pre2.if_match
                     && v != vm.version
                 {
-                    return Err(Error::new(
-                        ErrorKind::PreconditionFailed,
-                        "version_mismatch",
-                        format!("{name} is at version {}, not {v}", vm.version),
-                    )
-                    .with_details(json!({ "current_version": vm.version, "your_version": v })));
+                    return Ok(WriteOutcome::Stale { current_version: vm.version, your_version: v });
                 }
                 match lease_check(vm, user_id, pre2.lease_token, at) {
                     LeaseCheck::Refused(e) if !system => return Err(e),
@@ -478,17 +464,17 @@ impl App {
                 // still holds the same ones (else check again from the start).
                 let base_now = parse_config(&vm.config)?;
                 if references(&cfg) != refs || cfg.disks != raw_disks || references(&base_now) != base_refs {
-                    return Err(Error::new(ErrorKind::Conflict, "retry", "references changed; retrying"));
+                    return Ok(WriteOutcome::Retry("references changed".into()));
                 }
                 if base_now.disks != base_disks {
-                    return Err(Error::new(ErrorKind::Conflict, "retry", "the disks changed; retrying"));
+                    return Ok(WriteOutcome::Retry("the disks changed".into()));
                 }
                 // The disk attachments as checked (names and generations settled).
                 cfg.disks = settled_disks.clone();
                 let new_doc = serde_json::to_value(&cfg).map_err(|_| Error::internal("could not render a config"))?;
                 if new_doc == vm.config {
                     // Already so: nothing to write.
-                    return Ok(VmWrite::default());
+                    return Ok(WriteOutcome::Unchanged);
                 }
                 // A running VM takes live fields at once; next-boot ones wait (if asked) or are refused.
                 let mut runtime = None;
@@ -505,7 +491,7 @@ impl App {
                         let mut v = serde_json::to_value(&rt).unwrap_or_default();
                         v.as_object_mut().map(|o| o.remove("generation"));
                         runtime = Some(covm_store::RuntimeWrite {
-                            power_state: vm.power_state.clone(),
+                            power_state: vm.power_state,
                             runtime: v,
                             bump_generation: false,
                         });
@@ -525,7 +511,7 @@ impl App {
                     patch: Some(patch.clone()),
                     ..ev
                 };
-                Ok(VmWrite {
+                Ok(WriteOutcome::from(VmWrite {
                     runtime,
                     config: Some(ConfigWrite {
                         config: new_doc,
@@ -538,9 +524,15 @@ impl App {
                     }),
                     events: std::iter::once(ev).chain(extra.iter().cloned()).collect(),
                     ..Default::default()
-                })
+                }))
             });
-            match self.store().vm_write(rec.object.id, write).await {
+            let written = match self.store().vm_write(rec.object.id, write).await? {
+                Written::Done { vm, events } => Ok((vm, events)),
+                Written::Unchanged(vm) => Ok((Some(vm), vec![])),
+                Written::Retry(why) => Err(why),
+                Written::Stale { vm, your_version } => return Err(self.stale_error(&vm, your_version).await),
+            };
+            match written {
                 Ok((after, events)) => {
                     if !events.is_empty() {
                         self.committed();
@@ -566,55 +558,47 @@ impl App {
                     };
                     return Ok((self.vm_view(Some(ctx), &after)?, plan));
                 }
-                Err(e) if e.code == "retry" => {
+                Err(why) => {
+                    tracing::debug!(vm = %rec.object.name, why, "a change is checked again");
                     rec = self
                         .store()
                         .vm_get(rec.object.id)
                         .await?
                         .ok_or_else(|| Error::not_found("vm", &rec.object.name))?;
                 }
-                Err(e) if e.code == "version_mismatch" => return Err(self.stale_error(&rec, e).await),
-                Err(e) => return Err(e),
             }
         }
         Err(Error::new(
             ErrorKind::Unavailable,
-            "busy",
+            ErrorCode::Busy,
             "the VM changed too often while this change was checked; try again",
         ))
     }
 
     /// A 412 that tells the client what changed since its version, so it can rebase.
-    async fn stale_error(&self, rec: &VmRecord, mut e: Error) -> Error {
-        let mine = e.details.as_ref().and_then(|d| d["your_version"].as_i64()).unwrap_or(0);
-        let at = e.details.as_ref().and_then(|d| d["current_version"].as_i64());
-        let id = rec.object.id;
-        // What the caller read is current unless the write transaction found a newer version.
-        let current = match at {
-            Some(v) if v == rec.version => rec.clone(),
-            _ => match self.store().vm_get(id).await {
-                Ok(Some(c)) => c,
-                _ => return e,
-            },
-        };
+    async fn stale_error(&self, current: &VmRecord, mine: i64) -> Error {
+        let id = current.object.id;
         let latest = self.vm_version_cached(id, current.version).await;
         let theirs = self.vm_version_cached(id, mine).await;
-        let mut details = json!({ "current_version": current.version, "your_version": mine });
-        if let Some(l) = &latest {
-            details["author"] = json!(l.author);
-            details["time"] = json!(l.time);
-            details["message"] = json!(l.message);
-        }
-        if let Some(t) = &theirs {
-            details["patch"] = patch_of(&t.config, &current.config);
-            details["summary"] = json!(diff_summary(&t.config, &current.config));
-        }
+        let details = StaleDetails {
+            current_version: current.version,
+            your_version: mine,
+            author: latest.as_ref().map(|l| l.author.clone()),
+            time: latest.as_ref().map(|l| l.time),
+            message: latest.as_ref().and_then(|l| l.message.clone()),
+            patch: theirs.as_ref().map(|t| patch_of(&t.config, &current.config)),
+            summary: theirs.as_ref().map(|t| diff_summary(&t.config, &current.config)),
+        };
         let who = latest.map(|l| format!(" by {}", l.author)).unwrap_or_default();
-        e.message = format!(
-            "{} changed since your version {mine}: it is at version {}{who}; rebase your change on it",
-            rec.object.name, current.version
-        );
-        e.with_details(details)
+        Error::new(
+            ErrorKind::PreconditionFailed,
+            ErrorCode::VersionMismatch,
+            format!(
+                "{} changed since your version {mine}: it is at version {}{who}; rebase your change on it",
+                current.object.name, current.version
+            ),
+        )
+        .with_details(serde_json::to_value(details).unwrap_or_default())
     }
 
     /// A config version (immutable, so cached once read).
@@ -637,24 +621,24 @@ impl App {
             {
                 return Err(Error::new(
                     ErrorKind::PreconditionFailed,
-                    "version_mismatch",
+                    ErrorCode::VersionMismatch,
                     format!("{} is at version {}, not {v}", vm.object.name, vm.version),
                 ));
             }
             if let LeaseCheck::Refused(e) = lease_check(vm, ctx2.user_id, pre.lease_token, at) {
                 return Err(e);
             }
-            if vm.power_state != PowerState::Off.as_str() && vm.power_state != PowerState::Crashed.as_str() {
+            if vm.power_state.is_active() {
                 return Err(Error::conflict(
-                    "vm_running",
-                    format!("{} is {}; power it off first", vm.object.name, vm.power_state),
+                    ErrorCode::VmRunning,
+                    format!("{} is {}; power it off first", vm.object.name, vm.power_state.as_str()),
                 ));
             }
             let ev = ctx2
                 .event("vm.deleted", "vm", Some(vm.object.id), &vm.object.name)
                 .scope(vm.object.parent_id.unwrap_or(ROOT_ID))
                 .data(json!({ "path": vm.object.path, "version": vm.version }));
-            Ok(VmWrite { delete: true, events: vec![ev], ..Default::default() })
+            Ok(WriteOutcome::from(VmWrite { delete: true, events: vec![ev], ..Default::default() }))
         });
         self.store().vm_write(rec.object.id, write).await?;
         self.committed();

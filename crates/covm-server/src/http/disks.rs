@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::api::Page;
 use covm_types::disk::{DiskClone, DiskCreate, DiskImport, DiskListQuery, DiskResize, DiskView};
+use covm_types::error::{ConflictError, LeasedError};
 
 use super::error::ApiError;
 use super::extract::{Auth, JsonBody, QueryParams};
@@ -25,7 +26,7 @@ pub async fn disk_list(
 /// Create a disk with `qemu-img` (needs `Disk.Create` on the folder and `Datastore.AllocateSpace` on
 /// the datastore; checks free space and the pool's disk quota first).
 #[utoipa::path(post, path = "/disks", tag = "disks", operation_id = "disk_create", request_body = DiskCreate,
-    responses((status = 201, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = DiskView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -49,7 +50,7 @@ pub async fn disk_get(
 /// Delete a disk and its image (refused while a VM holds it, naming the VMs).
 #[utoipa::path(delete, path = "/disks/{disk}", tag = "disks", operation_id = "disk_delete",
     params(("disk" = String, Path, description = "disk name or id")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_delete(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -62,7 +63,7 @@ pub async fn disk_delete(
 /// Grow a disk (needs `Disk.Extend`; shrinking is refused).
 #[utoipa::path(post, path = "/disks/{disk}/resize", tag = "disks", operation_id = "disk_resize",
     params(("disk" = String, Path, description = "disk name or id")), request_body = DiskResize,
-    responses((status = 200, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = DiskView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_resize(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -75,7 +76,7 @@ pub async fn disk_resize(
 /// Copy a disk into a new one in the same datastore.
 #[utoipa::path(post, path = "/disks/{disk}/clone", tag = "disks", operation_id = "disk_clone",
     params(("disk" = String, Path, description = "disk name or id")), request_body = DiskClone,
-    responses((status = 201, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = DiskView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_clone(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -88,7 +89,7 @@ pub async fn disk_clone(
 /// Make the disk `{disk}` from an image file already inside a datastore (moved to a covm name).
 #[utoipa::path(post, path = "/disks/{disk}/import", tag = "disks", operation_id = "disk_import",
     params(("disk" = String, Path, description = "the new disk's name")), request_body = DiskImport,
-    responses((status = 201, body = DiskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = DiskView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_import(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -103,7 +104,7 @@ pub async fn disk_import(
 /// given, and checked.
 #[utoipa::path(post, path = "/vms/{vm}/disks", tag = "disks", operation_id = "vm_disk_attach",
     params(("vm" = String, Path, description = "VM name or id")), request_body = covm_types::disk::DiskAttach,
-    responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = covm_types::vm::VmView), (status = 409, body = ConflictError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn vm_disk_attach(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -117,7 +118,7 @@ pub async fn vm_disk_attach(
 /// release it, or the detach fails and the disk stays attached.
 #[utoipa::path(delete, path = "/vms/{vm}/disks/{disk}", tag = "disks", operation_id = "vm_disk_detach",
     params(("vm" = String, Path, description = "VM name or id"), ("disk" = String, Path, description = "disk name or id"), covm_types::disk::DetachQuery),
-    responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = covm_types::vm::VmView), (status = 409, body = ConflictError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn vm_disk_detach(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -130,7 +131,7 @@ pub async fn vm_disk_detach(
 /// Move a disk from the VM that holds it to `to_vm`, as one operation (on failure it goes back).
 #[utoipa::path(post, path = "/disks/{disk}/move", tag = "disks", operation_id = "disk_move",
     params(("disk" = String, Path, description = "disk name or id")), request_body = covm_types::disk::DiskMove,
-    responses((status = 200, body = covm_types::vm::VmView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = covm_types::vm::VmView), (status = 409, body = ConflictError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn disk_move(
     State(app): State<App>,
     Auth(ctx): Auth,

@@ -21,7 +21,7 @@ pub struct OtherNode(pub String);
 
 /// The error code of a response, for the middleware that logs failed requests.
 #[derive(Debug, Clone)]
-pub struct ErrorCode(pub String);
+pub struct ResponseCode(pub covm_types::ErrorCode);
 
 pub fn status(kind: ErrorKind) -> StatusCode {
     match kind {
@@ -55,7 +55,7 @@ impl IntoResponse for ApiError {
         if let Some(node) = &e.other_node {
             resp.extensions_mut().insert(OtherNode(node.clone()));
         }
-        resp.extensions_mut().insert(ErrorCode(e.code.clone()));
+        resp.extensions_mut().insert(ResponseCode(e.code));
         resp
     }
 }

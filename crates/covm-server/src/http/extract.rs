@@ -1,6 +1,7 @@
 //! Extractors that turn every malformed request into a covm error with a code and the field at fault:
 //! JSON bodies (at most [`BODY_LIMIT`], unknown fields refused), query strings, and the bearer token.
 
+use covm_types::ErrorCode;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -31,7 +32,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
             return Err(Error::new(
                 ErrorKind::UnsupportedMediaType,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "the body must be JSON, sent with Content-Type: application/json",
             )
             .into());
@@ -42,25 +43,33 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             .map_err(|_| {
                 Error::new(
                     ErrorKind::RequestTimeout,
-                    "request_timeout",
+                    ErrorCode::RequestTimeout,
                     format!("the body did not arrive within {} seconds", BODY_TIMEOUT.as_secs()),
                 )
             })?
             .map_err(|_| {
                 Error::new(
                     ErrorKind::PayloadTooLarge,
-                    "payload_too_large",
+                    ErrorCode::PayloadTooLarge,
                     format!("the body is larger than {BODY_LIMIT} bytes"),
                 )
             })?;
         if bytes.is_empty() {
-            return Err(Error::new(ErrorKind::InvalidRequest, "missing_body", "this request needs a JSON body").into());
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                ErrorCode::MissingBody,
+                "this request needs a JSON body",
+            )
+            .into());
         }
         // Every body is one JSON object (serde would take an array for a struct's fields in order).
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(
-                Error::new(ErrorKind::InvalidRequest, "invalid_json", "the body is one JSON object, {…}").into()
-            );
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                ErrorCode::InvalidJson,
+                "the body is one JSON object, {…}",
+            )
+            .into());
         }
         Ok(JsonBody(json_parse(&bytes)?))
     }
@@ -81,7 +90,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
         Query::try_from_uri(&parts.uri).map(|Query(q)| QueryParams(q)).map_err(|e| {
             let detail = e.body_text();
             let detail = detail.strip_prefix("Failed to deserialize query string: ").unwrap_or(&detail).to_owned();
-            ApiError(Error::new(ErrorKind::InvalidRequest, "invalid_query", format!("bad query string: {detail}")))
+            ApiError(Error::new(
+                ErrorKind::InvalidRequest,
+                ErrorCode::InvalidQuery,
+                format!("bad query string: {detail}"),
+            ))
         })
     }
 }

@@ -12,6 +12,7 @@ use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use covm_types::Error;
+use covm_types::ErrorCode;
 use futures::TryStreamExt;
 
 use super::error::{ApiError, OtherNode};
@@ -45,7 +46,7 @@ pub async fn forward_mw(State(app): State<App>, req: Request, next: Next) -> Res
     let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
         return ApiError(Error::new(
             covm_types::ErrorKind::PayloadTooLarge,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("a request body has at most {MAX_BODY} bytes"),
         ))
         .into_response();

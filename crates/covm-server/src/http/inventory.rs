@@ -8,6 +8,7 @@ use covm_types::api::{
     DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, InventoryQuery, ListQuery, NetworkCreate,
     NetworkView, ObjectRef, Page, PoolCreate, PoolView,
 };
+use covm_types::error::ConflictError;
 
 use super::error::ApiError;
 use super::extract::{Auth, JsonBody, QueryParams};
@@ -37,7 +38,7 @@ pub async fn folder_list(
 
 /// Create a folder in `parent` (needs `Folder.Create` on the parent).
 #[utoipa::path(post, path = "/folders", tag = "inventory", operation_id = "folder_create", request_body = FolderCreate,
-    responses((status = 201, body = FolderView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = FolderView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn folder_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -61,7 +62,7 @@ pub async fn folder_get(
 /// Delete an empty folder (needs `Folder.Delete` on it).
 #[utoipa::path(delete, path = "/folders/{folder}", tag = "inventory", operation_id = "folder_delete",
     params(("folder" = String, Path, description = "folder id or top-level name")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn folder_delete(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -85,7 +86,7 @@ pub async fn datastore_list(
 /// Add a datastore: an existing directory on the host (needs `Datastore.Config` on its folder).
 #[utoipa::path(post, path = "/datastores", tag = "inventory", operation_id = "datastore_create",
     request_body = DatastoreCreate,
-    responses((status = 201, body = DatastoreView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = DatastoreView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn datastore_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -119,7 +120,7 @@ pub async fn network_list(
 
 /// Add a network (needs `Network.Config` on its folder).
 #[utoipa::path(post, path = "/networks", tag = "inventory", operation_id = "network_create", request_body = NetworkCreate,
-    responses((status = 201, body = NetworkView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = NetworkView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn network_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -141,7 +142,7 @@ pub async fn pool_list(
 
 /// Add a resource pool with a quota (needs `Resource.CreatePool` on its folder).
 #[utoipa::path(post, path = "/pools", tag = "inventory", operation_id = "pool_create", request_body = PoolCreate,
-    responses((status = 201, body = PoolView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = PoolView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn pool_create(
     State(app): State<App>,
     Auth(ctx): Auth,

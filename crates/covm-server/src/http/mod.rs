@@ -15,6 +15,7 @@ pub mod principals;
 pub mod session;
 pub mod vms;
 
+use covm_types::ErrorCode;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -37,7 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::{App, RequestInfo};
-use error::{ApiError, ErrorCode};
+use error::{ApiError, ResponseCode};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -155,7 +156,7 @@ pub fn router(app: App) -> axum::Router {
 fn with_service_layers(routes: axum::Router<App>, app: App) -> axum::Router {
     routes
         .fallback(|| async {
-            ApiError(Error::new(covm_types::ErrorKind::NotFound, "no_route", "there is no such API path"))
+            ApiError(Error::new(covm_types::ErrorKind::NotFound, ErrorCode::NoRoute, "there is no such API path"))
         })
         .layer(CatchPanicLayer::custom(|_| {
             ApiError(Error::internal("covm hit a bug while handling this request")).into_response()
@@ -213,7 +214,7 @@ fn query_check(method: &Method, route: &str, query: Option<&str>) -> Result<(), 
             let takes = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
             return Err(Error::new(
                 covm_types::ErrorKind::InvalidRequest,
-                "unknown_query_parameter",
+                ErrorCode::UnknownQueryParameter,
                 format!("unknown query parameter {name}; this path takes {takes}"),
             )
             .with_field(name.into_owned()));
@@ -228,13 +229,13 @@ async fn json_envelope(resp: Response) -> Response {
     let (mut parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
     let code = match parts.status {
-        StatusCode::NOT_FOUND => "no_route",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        s if s.is_server_error() => "internal",
-        _ => "invalid_request",
+        StatusCode::NOT_FOUND => ErrorCode::NoRoute,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::UPGRADE_REQUIRED => ErrorCode::UpgradeRequired,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::InvalidRequest,
     };
     let text = String::from_utf8_lossy(&bytes).trim().to_owned();
     let text = if text.is_empty() { parts.status.canonical_reason().unwrap_or("error").to_owned() } else { text };
@@ -246,7 +247,7 @@ async fn json_envelope(resp: Response) -> Response {
     let body = serde_json::to_vec(&Error::new(kind, code, text).body()).unwrap_or_default();
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts.extensions.insert(ErrorCode(code.to_owned()));
+    parts.extensions.insert(ResponseCode(code));
     Response::from_parts(parts, Body::from(body))
 }
 
@@ -275,8 +276,8 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     let status = resp.status();
 
     let mutating = matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
-    let code = resp.extensions().get::<ErrorCode>().map(|c| c.0.clone());
-    if code.as_deref() == Some("storage_full") {
+    let code = resp.extensions().get::<ResponseCode>().map(|c| c.0);
+    if code == Some(ErrorCode::StorageFull) {
         app.storage_note(true);
     } else if mutating && status.is_success() {
         app.storage_note(false);
@@ -287,7 +288,7 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         && !info.audited()
         && resp.extensions().get::<forward::Forwarded>().is_none()
         // The store is down or full: the entry could not be written either (the log says why).
-        && !matches!(code.as_deref(), Some("store_unavailable" | "storage_full"))
+        && !matches!(code, Some(ErrorCode::StoreUnavailable | ErrorCode::StorageFull))
         && let Err(e) = app.audit_failed_request(&info, method.as_str(), &path, status.as_u16(), code).await
     {
         tracing::error!(request_id = %id, error = %e, "could not audit a failed request");

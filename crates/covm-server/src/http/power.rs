@@ -1,5 +1,6 @@
 //! Power actions, tasks, and consoles (serial log and VNC over WebSocket).
 
+use covm_types::ErrorCode;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use covm_types::error::ConflictError;
 use covm_types::vm::{PowerRequest, SerialQuery, TaskQuery, TaskView};
 use covm_types::{Error, ErrorBody};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -21,7 +23,7 @@ use crate::app::App;
 /// Answers 202 with the task that does it; its end reaches the feed.
 #[utoipa::path(post, path = "/vms/{vm}/power", tag = "vms", operation_id = "vm_power",
     params(("vm" = String, Path, description = "VM name or id")), request_body = PowerRequest,
-    responses((status = 202, body = TaskView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 202, body = TaskView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn vm_power(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -136,7 +138,7 @@ pub async fn vm_console_vnc(
     let (socket, guard) = app.vm_vnc_socket(&ctx, &vm).await?;
     let unix = tokio::net::UnixStream::connect(&socket)
         .await
-        .map_err(|_| Error::conflict("console_unavailable", "the VM's VNC console is not available"))?;
+        .map_err(|_| Error::conflict(ErrorCode::ConsoleUnavailable, "the VM's VNC console is not available"))?;
     let revoked = std::sync::Arc::new(guard).revoked();
     Ok(ws.protocols(["binary"]).on_upgrade(move |ws| relay(ws, unix, revoked)))
 }

@@ -7,6 +7,7 @@ use covm_types::api::{
     GroupCreate, GroupMemberAdd, GroupView, PasswordSet, PermissionCreate, PermissionQuery, PermissionView, RoleCreate,
     RoleView, UserCreate, UserView,
 };
+use covm_types::error::ConflictError;
 use covm_types::{ErrorBody, Privilege};
 
 use super::error::ApiError;
@@ -22,7 +23,7 @@ pub async fn user_list(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<V
 
 /// Create a user (needs `Users.Manage` on `/`).
 #[utoipa::path(post, path = "/users", tag = "principals", operation_id = "user_create", request_body = UserCreate,
-    responses((status = 201, body = UserView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = UserView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn user_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -46,7 +47,7 @@ pub async fn user_get(
 /// Delete a user with its tokens, memberships and grants (needs `Users.Manage` on `/`).
 #[utoipa::path(delete, path = "/users/{user}", tag = "principals", operation_id = "user_delete",
     params(("user" = String, Path, description = "user name or id")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn user_delete(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -59,7 +60,7 @@ pub async fn user_delete(
 /// Set a password: one's own, or anyone's with `Users.Manage`. The user's sessions end.
 #[utoipa::path(put, path = "/users/{user}/password", tag = "principals", operation_id = "user_password_set",
     params(("user" = String, Path, description = "user name or id")), request_body = PasswordSet,
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn user_password_set(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -79,7 +80,7 @@ pub async fn group_list(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<
 
 /// Create a group (needs `Users.Manage` on `/`).
 #[utoipa::path(post, path = "/groups", tag = "principals", operation_id = "group_create", request_body = GroupCreate,
-    responses((status = 201, body = GroupView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = GroupView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn group_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -91,7 +92,7 @@ pub async fn group_create(
 /// Add a user to a group (needs `Users.Manage` on `/`).
 #[utoipa::path(post, path = "/groups/{group}/members", tag = "principals", operation_id = "group_member_add",
     params(("group" = String, Path, description = "group name")), request_body = GroupMemberAdd,
-    responses((status = 200, body = GroupView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = GroupView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn group_member_add(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -104,7 +105,7 @@ pub async fn group_member_add(
 /// Remove a user from a group (needs `Users.Manage` on `/`).
 #[utoipa::path(delete, path = "/groups/{group}/members/{user}", tag = "principals", operation_id = "group_member_remove",
     params(("group" = String, Path, description = "group name"), ("user" = String, Path, description = "user name")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn group_member_remove(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -130,7 +131,7 @@ pub async fn role_list(State(app): State<App>, Auth(_ctx): Auth) -> Result<Json<
 
 /// Define a custom role (needs `Permissions.Modify` on `/`).
 #[utoipa::path(post, path = "/roles", tag = "principals", operation_id = "role_create", request_body = RoleCreate,
-    responses((status = 201, body = RoleView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = RoleView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn role_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -166,7 +167,7 @@ pub async fn permission_list(
 /// the same principal on the same object replaces the old one.
 #[utoipa::path(post, path = "/permissions", tag = "principals", operation_id = "permission_create",
     request_body = PermissionCreate,
-    responses((status = 201, body = PermissionView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = PermissionView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn permission_create(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -178,7 +179,7 @@ pub async fn permission_create(
 /// Revoke a grant (needs `Permissions.Modify` on its object).
 #[utoipa::path(delete, path = "/permissions/{id}", tag = "principals", operation_id = "permission_delete",
     params(("id" = Uuid, Path, description = "permission id")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn permission_delete(
     State(app): State<App>,
     Auth(ctx): Auth,

@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::api::{SessionCreate, SessionQuery, SessionToken, TokenCreate, TokenView, Whoami};
+use covm_types::error::ConflictError;
 
 use super::error::ApiError;
 use super::extract::{Auth, JsonBody, QueryParams, ReqInfo};
@@ -37,7 +38,7 @@ pub async fn session_get(
 
 /// Sign out: the token of this request stops working.
 #[utoipa::path(delete, path = "/session", tag = "session", operation_id = "session_delete",
-    responses((status = 204), (status = "4XX", body = ErrorBody)),
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn session_delete(State(app): State<App>, Auth(ctx): Auth) -> Result<StatusCode, ApiError> {
     app.session_delete(&ctx).await?;
@@ -55,7 +56,7 @@ pub async fn token_list(State(app): State<App>, Auth(ctx): Auth) -> Result<Json<
 /// Make a named API token; its secret is in this response only.
 #[utoipa::path(post, path = "/tokens", tag = "session", operation_id = "token_create",
     request_body = TokenCreate,
-    responses((status = 201, body = TokenView), (status = "4XX", body = ErrorBody)),
+    responses((status = 201, body = TokenView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn token_create(
     State(app): State<App>,
@@ -68,7 +69,7 @@ pub async fn token_create(
 /// Revoke one of my API tokens.
 #[utoipa::path(delete, path = "/tokens/{id}", tag = "session", operation_id = "token_delete",
     params(("id" = Uuid, Path, description = "token id")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)),
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn token_delete(
     State(app): State<App>,

@@ -6,6 +6,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use covm_types::api::Page;
+use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::vm::{
     DiffQuery, DiffView, LeaseReleaseQuery, LeaseRequest, LeaseView, RevertRequest, VersionQuery, VersionView,
     VmChangeQuery, VmConfig, VmListQuery, VmView,
@@ -65,7 +66,7 @@ pub async fn vm_list(
 /// Create a VM from a config (every field but `name` has a default). Needs
 /// `VirtualMachine.Inventory.Create` on the folder and `Resource.AssignVMToPool` on the pool.
 #[utoipa::path(post, path = "/vms", tag = "vms", operation_id = "vm_create", request_body = VmConfig,
-    responses((status = 201, body = VmView, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    responses((status = 201, body = VmView, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_create(
     State(app): State<App>,
@@ -95,7 +96,7 @@ pub async fn vm_get(State(app): State<App>, Auth(ctx): Auth, Path(vm): Path<Stri
         ("If-Match" = Option<String>, Header, description = "the version the change is based on"),
         ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
     request_body(content = covm_types::vm::VmChange, content_type = "application/merge-patch+json"),
-    responses((status = 200, body = VmChangeResponse, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    responses((status = 200, body = VmChangeResponse, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_change(
     State(app): State<App>,
@@ -119,7 +120,7 @@ pub async fn vm_change(
     params(("vm" = String, Path, description = "VM name or id"),
         ("If-Match" = Option<String>, Header, description = "the version the deletion is based on"),
         ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn vm_delete(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -175,7 +176,7 @@ pub async fn vm_diff(
         ("If-Match" = Option<String>, Header, description = "the version the revert is based on"),
         ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
     request_body = RevertRequest,
-    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = "4XX", body = ErrorBody)),
+    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_revert(
     State(app): State<App>,
@@ -204,7 +205,7 @@ pub async fn lease_get(
 /// The answer's `token` goes in `Covm-Lease` with my writes.
 #[utoipa::path(post, path = "/vms/{vm}/lease", tag = "vms", operation_id = "lease_acquire",
     params(("vm" = String, Path, description = "VM name or id")), request_body = LeaseRequest,
-    responses((status = 201, body = LeaseView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = LeaseView), (status = 409, body = ConflictError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn lease_acquire(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -219,7 +220,7 @@ pub async fn lease_acquire(
     params(("vm" = String, Path, description = "VM name or id"),
         ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
     request_body = LeaseRequest,
-    responses((status = 200, body = LeaseView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = LeaseView), (status = 409, body = ConflictError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn lease_renew(
     State(app): State<App>,
     Auth(ctx): Auth,
@@ -233,7 +234,7 @@ pub async fn lease_renew(
 /// Release my lease; `?force=true` breaks anyone's (needs `VirtualMachine.Lease.Break`).
 #[utoipa::path(delete, path = "/vms/{vm}/lease", tag = "vms", operation_id = "lease_release",
     params(("vm" = String, Path, description = "VM name or id"), LeaseReleaseQuery),
-    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 409, body = ConflictError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn lease_release(
     State(app): State<App>,
     Auth(ctx): Auth,

@@ -8,7 +8,7 @@ use crate::common::TestServer;
 
 fn err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<String>) {
     match r {
-        Err(ClientError::Api { status, error, .. }) => (status, error.code, error.field),
+        Err(ClientError::Api { status, error, .. }) => (status, error.code.to_string(), error.field),
         other => panic!("expected an API error, got {other:?}"),
     }
 }

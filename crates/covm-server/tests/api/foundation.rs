@@ -10,7 +10,7 @@ use crate::common::{PASSWORD, TestServer};
 
 fn api_err(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, String, Option<String>) {
     match r {
-        Err(ClientError::Api { status, error, .. }) => (status, error.code, error.field),
+        Err(ClientError::Api { status, error, .. }) => (status, error.code.to_string(), error.field),
         other => panic!("expected an API error, got {other:?}"),
     }
 }

@@ -91,3 +91,40 @@ fn request_bodies_are_described_property_by_property() {
     let body = &doc["paths"]["/api/v1/vms/{vm}"]["patch"]["requestBody"]["content"]["application/merge-patch+json"];
     assert_eq!(body["schema"]["$ref"], "#/components/schemas/VmChange");
 }
+
+/// Error codes are one enum in the schema, the same list as the code's; and the answers a client must
+/// act on (412 with what changed, 423 naming the holder, 409) have bodies of their own.
+#[test]
+fn error_codes_and_conflict_bodies_have_schemas() {
+    let doc = serde_json::to_value(covm_server::http::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let codes: Vec<&str> =
+        schemas["ErrorCode"]["enum"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let known: Vec<&str> = covm_types::ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(codes, known);
+    for body in ["ErrorDetail", "StaleErrorDetail", "LeasedErrorDetail", "ConflictErrorDetail"] {
+        assert_eq!(schemas[body]["properties"]["code"]["$ref"], "#/components/schemas/ErrorCode", "{body}");
+    }
+    for (k, v) in [("current_version", "integer"), ("your_version", "integer")] {
+        assert_eq!(schemas["StaleDetails"]["properties"][k]["type"], v);
+    }
+    assert!(schemas["LeasedDetails"]["properties"]["holder"].is_object());
+    let answer = |path: &str, method: &str, status: &str| {
+        doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]["$ref"].clone()
+    };
+    for (path, method) in
+        [("/api/v1/vms/{vm}", "patch"), ("/api/v1/vms/{vm}", "delete"), ("/api/v1/vms/{vm}/revert", "post")]
+    {
+        assert_eq!(answer(path, method, "412"), "#/components/schemas/StaleError", "{method} {path}");
+        assert_eq!(answer(path, method, "423"), "#/components/schemas/LeasedError", "{method} {path}");
+        assert_eq!(answer(path, method, "409"), "#/components/schemas/ConflictError", "{method} {path}");
+    }
+    // Every change has its 409 body.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if method != "get" && path != "/api/v1/session" {
+                assert!(op["responses"]["409"].is_object(), "{method} {path} has no 409 body");
+            }
+        }
+    }
+}

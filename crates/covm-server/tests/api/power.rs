@@ -12,7 +12,7 @@ use crate::common::{TestServer, task_done};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
     match r {
-        Err(ClientError::Api { status, error, .. }) => (status, error.code),
+        Err(ClientError::Api { status, error, .. }) => (status, error.code.to_string()),
         other => panic!("expected an API error, got {other:?}"),
     }
 }

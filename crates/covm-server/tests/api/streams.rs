@@ -63,7 +63,7 @@ async fn a_user_holds_a_bounded_number_of_streams() {
     }
     let e = eve.events_follow(Some(0), None).await.err().unwrap();
     assert_eq!(e.status(), Some(429));
-    assert_eq!(e.code(), Some("rate_limited"));
+    assert_eq!(e.code(), Some(covm_types::ErrorCode::RateLimited));
     // Another user is not affected, and closing one makes room.
     let _admin = s.admin.events_follow(None, None).await.unwrap();
     drop(open.pop());

@@ -57,7 +57,7 @@ async fn data_dirs_of_earlier_releases_open_with_everything_in_them() {
             next_boot: false,
         };
         let e = c.vm_disk_attach("db-1", &attach("data-1")).await.expect_err("one writer");
-        assert_eq!(e.code(), Some("disk_in_use"), "{name}");
+        assert_eq!(e.code(), Some(covm_types::ErrorCode::DiskInUse), "{name}");
         c.vm_disk_attach("db-1", &attach("data-2")).await.unwrap();
         // The audit log: what was there, and a chain that verifies across the upgrade.
         let kinds: Vec<String> = c

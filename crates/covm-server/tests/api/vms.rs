@@ -12,7 +12,7 @@ use crate::common::TestServer;
 
 fn api_err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<Value>) {
     match r {
-        Err(ClientError::Api { status, error, .. }) => (status, error.code, error.details),
+        Err(ClientError::Api { status, error, .. }) => (status, error.code.to_string(), error.details),
         other => panic!("expected an API error, got {other:?}"),
     }
 }
