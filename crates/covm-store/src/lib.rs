@@ -1,13 +1,13 @@
 //! The covm store: one trait, [`Store`], that the app layer talks to, and its two implementations,
 //! [`SqliteStore`] (the embedded default) and [`PgStore`] (several replicas on one database), which run
-//! the same SQL (`sql.rs`) and pass the same conformance suite.
+//! the same SQL (`sql/`, a file a resource) and pass the same conformance suite.
 //!
 //! Rules every implementation keeps:
 //! - Every method that changes something takes the [`NewEvent`] that records the change and appends it to
 //!   the log in the same transaction, so that a change without its log entry (or the reverse) cannot exist.
 //! - The log is append-only and hash-chained: `hash = sha256(prev_hash ‖ canonical entry)`, computed by
 //!   [`event_hash`] so that every backend and the verifier agree byte for byte.
-//! - "Who may see what" is answered in SQL ([`Store::objects_list`], [`Store::object_children`]), so that a
+//! - "Who may see what" is answered in SQL ([`InventoryStore::objects_list`], [`InventoryStore::object_children`]), so that a
 //!   list is filtered before it is paged, never after.
 //! - Errors are [`covm_types::Error`]: a unique name taken is a conflict, a missing row is `not found`, a
 //!   database fault is logged here once and surfaces as `internal`.
@@ -419,7 +419,7 @@ impl From<VmWrite> for WriteOutcome {
     }
 }
 
-/// What [`Store::vm_write`] did.
+/// What [`VmStore::vm_write`] did.
 #[derive(Debug, Clone)]
 pub enum Written {
     /// Committed: the VM after the write (None when deleted) and the log entries appended.
@@ -454,15 +454,35 @@ impl Written {
 /// do I/O: everything that needs the database is checked before. An error aborts the write.
 pub type VmWriteFn = Box<dyn FnOnce(&VmRecord, DateTime<Utc>) -> Result<WriteOutcome> + Send>;
 
-/// Everything the app layer asks of storage.
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// `sqlite` or `postgres`.
-    fn backend(&self) -> &'static str;
-    /// Whether the database answers.
-    async fn ping(&self) -> Result<()>;
+/// Everything the app layer asks of storage: one trait a resource, each implemented in its own file
+/// of `sql/` for both backends. Bring them into scope with `use covm_store::prelude::*`.
+pub trait Store:
+    InventoryStore + PrincipalStore + LogStore + VmStore + TaskStore + SagaStore + ClusterStore + Send + Sync + 'static
+{
+}
 
-    // --- inventory ------------------------------------------------------------------------------
+impl<T> Store for T where
+    T: InventoryStore
+        + PrincipalStore
+        + LogStore
+        + VmStore
+        + TaskStore
+        + SagaStore
+        + ClusterStore
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The store traits, to call a [`Store`]'s methods.
+pub mod prelude {
+    pub use crate::{ClusterStore, InventoryStore, LogStore, PrincipalStore, SagaStore, Store, TaskStore, VmStore};
+}
+
+/// The inventory tree: objects, their paths and closure rows, and who may see them.
+#[async_trait]
+pub trait InventoryStore: Send + Sync {
     async fn object_get(&self, id: Uuid) -> Result<Option<ObjectRecord>>;
     async fn object_by_path(&self, path: &str) -> Result<Option<ObjectRecord>>;
     async fn object_by_name(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectRecord>>;
@@ -494,8 +514,11 @@ pub trait Store: Send + Sync + 'static {
     async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     /// Ids of every object the user may view (for filtering the live feed).
     async fn objects_visible(&self, user: Uuid) -> Result<Vec<Uuid>>;
+}
 
-    // --- principals -----------------------------------------------------------------------------
+/// Users, groups, roles, grants, API tokens and sign-in failures.
+#[async_trait]
+pub trait PrincipalStore: Send + Sync {
     async fn user_create(&self, user: UserRecord, event: NewEvent) -> Result<EventRecord>;
     /// Creates the first user and grants it `role` on the root, only if there is no user yet. Returns
     /// false (and changes nothing) when a user exists.
@@ -507,20 +530,17 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a user with its tokens, memberships and grants.
     async fn user_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     async fn user_groups(&self, user: Uuid) -> Result<Vec<String>>;
-
     async fn group_create(&self, id: Uuid, name: &str, event: NewEvent) -> Result<EventRecord>;
     async fn group_by_name(&self, name: &str) -> Result<Option<GroupRecord>>;
     async fn groups_list(&self) -> Result<Vec<GroupRecord>>;
     /// Adds a member; already a member is success.
     async fn group_member_add(&self, group: Uuid, user: Uuid, event: NewEvent) -> Result<EventRecord>;
     async fn group_member_remove(&self, group: Uuid, user: Uuid, event: NewEvent) -> Result<EventRecord>;
-
     /// Creates or refreshes a built-in role (used at start; logged only when it changes nothing else).
     async fn role_upsert_builtin(&self, id: Uuid, name: &str, privileges: &[&str]) -> Result<()>;
     async fn role_create(&self, role: RoleRecord, event: NewEvent) -> Result<EventRecord>;
     async fn role_by_name(&self, name: &str) -> Result<Option<RoleRecord>>;
     async fn roles_list(&self) -> Result<Vec<RoleRecord>>;
-
     async fn permission_create(
         &self,
         id: Uuid,
@@ -537,15 +557,22 @@ pub trait Store: Send + Sync + 'static {
     /// object up to the root that holds a grant applying to it (on the object itself, or propagating
     /// from an ancestor) decides; there, the user's own grants beat its groups'; groups' grants unite.
     async fn privileges_effective(&self, user: Uuid, object: Uuid) -> Result<Vec<String>>;
-
-    // --- tokens ---------------------------------------------------------------------------------
     async fn token_create(&self, token: TokenRecord, event: Option<NewEvent>) -> Result<()>;
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
     async fn tokens_list(&self, user: Uuid, kind: TokenKind) -> Result<Vec<TokenRecord>>;
     /// Deletes a token of this user; false when there was none.
     async fn token_delete(&self, user: Uuid, id: Uuid, event: Option<NewEvent>) -> Result<bool>;
+    /// Reserves a sign-in attempt for `account`, atomically with every replica: if the account must
+    /// wait (`policy`), returns the seconds to wait and counts nothing; otherwise counts the attempt
+    /// as a failure (a success takes it back with [`PrincipalStore::signin_forgive`]).
+    async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>>;
+    /// Takes back one reserved attempt (it succeeded).
+    async fn signin_forgive(&self, account: &str) -> Result<()>;
+}
 
-    // --- the log --------------------------------------------------------------------------------
+/// The append-only, hash-chained log: appending, the feed and the audit queries.
+#[async_trait]
+pub trait LogStore: Send + Sync {
     async fn event_append(&self, event: NewEvent) -> Result<EventRecord>;
     /// Feed entries (`feed` true) after `after`, in order, at most `limit`.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>>;
@@ -557,8 +584,11 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_query(&self, filter: AuditFilter) -> Result<Vec<EventRecord>>;
     /// Recomputes the whole chain.
     async fn audit_verify(&self) -> Result<AuditVerify>;
+}
 
-    // --- VMs ------------------------------------------------------------------------------------
+/// VMs: their config versions, runtime state, leases, disk attachments and pools' usage.
+#[async_trait]
+pub trait VmStore: Send + Sync {
     /// Creates the VM's object and version 1 of its config.
     async fn vm_create(
         &self,
@@ -581,16 +611,47 @@ pub trait Store: Send + Sync + 'static {
     async fn vm_version(&self, id: Uuid, version: i64) -> Result<Option<VersionRecord>>;
     /// VMs whose lease has expired by `now` (for the sweeper that reports expiries).
     async fn vm_leases_expired(&self, now: DateTime<Utc>) -> Result<Vec<Uuid>>;
+    /// What a pool's members use, summed in the database: the vCPUs and memory of its VMs that run
+    /// (other than `except`), and the capacity of its disks (other than `except`).
+    async fn pool_usage(&self, pool: &str, except: Option<Uuid>) -> Result<PoolUsage>;
+}
 
-    // --- tasks ----------------------------------------------------------------------------------
+/// Tasks (long operations).
+#[async_trait]
+pub trait TaskStore: Send + Sync {
     /// Creates or updates a task, with an optional log entry in the same transaction.
     async fn task_put(&self, task: TaskRecord, event: Option<NewEvent>) -> Result<()>;
     async fn task_get(&self, id: Uuid) -> Result<Option<TaskRecord>>;
     /// Newest first, created before the cursor (a task id), at most `limit`.
     async fn tasks_list(&self, before: Option<Uuid>, limit: u32) -> Result<Vec<TaskRecord>>;
+}
 
-    // --- meta -----------------------------------------------------------------------------------
-    // --- replicas: several covm processes on one database
+/// Sagas and their operation locks.
+#[async_trait]
+pub trait SagaStore: Send + Sync {
+    /// Records a new saga and takes its operation locks, all or nothing: when an object is already
+    /// locked, nothing is written and the holder is returned.
+    async fn saga_begin(&self, saga: SagaRecord, locks: &[Uuid]) -> Result<Option<OpLock>>;
+    /// Records a saga's progress (`done`, `current`, `data`).
+    async fn saga_update(&self, saga: &SagaRecord) -> Result<()>;
+    /// Records a saga's end (`done`, `undone` or `stuck`) and releases its locks.
+    async fn saga_end(&self, saga: &SagaRecord) -> Result<()>;
+    /// Releases a running saga's locks (it committed; what is left of it needs no exclusion).
+    async fn saga_unlock(&self, id: Uuid) -> Result<()>;
+    /// Sagas still `running` (a crash interrupted them), oldest first.
+    async fn sagas_unfinished(&self) -> Result<Vec<SagaRecord>>;
+    async fn saga_get(&self, id: Uuid) -> Result<Option<SagaRecord>>;
+    /// The lock on an object, if a saga holds one.
+    async fn op_lock_get(&self, object: Uuid) -> Result<Option<OpLock>>;
+}
+
+/// The database itself and the replicas on it: liveness, the leader, nodes, meta keys.
+#[async_trait]
+pub trait ClusterStore: Send + Sync {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<()>;
     /// Registers this process as a live replica, until it ends.
     async fn replica_register(&self, id: Uuid) -> Result<()>;
     /// Whether a replica still runs (its sagas are its own while it does).
@@ -607,38 +668,11 @@ pub trait Store: Send + Sync + 'static {
     async fn node_url(&self, node: &str) -> Result<Option<String>>;
     /// This process stops using the store: its replica and leader locks go, its connections close.
     async fn close(&self);
-
-    // --- sagas and operation locks
-    /// Records a new saga and takes its operation locks, all or nothing: when an object is already
-    /// locked, nothing is written and the holder is returned.
-    async fn saga_begin(&self, saga: SagaRecord, locks: &[Uuid]) -> Result<Option<OpLock>>;
-    /// Records a saga's progress (`done`, `current`, `data`).
-    async fn saga_update(&self, saga: &SagaRecord) -> Result<()>;
-    /// Records a saga's end (`done`, `undone` or `stuck`) and releases its locks.
-    async fn saga_end(&self, saga: &SagaRecord) -> Result<()>;
-    /// Releases a running saga's locks (it committed; what is left of it needs no exclusion).
-    async fn saga_unlock(&self, id: Uuid) -> Result<()>;
-    /// Sagas still `running` (a crash interrupted them), oldest first.
-    async fn sagas_unfinished(&self) -> Result<Vec<SagaRecord>>;
-    async fn saga_get(&self, id: Uuid) -> Result<Option<SagaRecord>>;
-    /// The lock on an object, if a saga holds one.
-    async fn op_lock_get(&self, object: Uuid) -> Result<Option<OpLock>>;
-
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;
     async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
-
-    /// What a pool's members use, summed in the database: the vCPUs and memory of its VMs that run
-    /// (other than `except`), and the capacity of its disks (other than `except`).
-    async fn pool_usage(&self, pool: &str, except: Option<Uuid>) -> Result<PoolUsage>;
-    /// Reserves a sign-in attempt for `account`, atomically with every replica: if the account must
-    /// wait (`policy`), returns the seconds to wait and counts nothing; otherwise counts the attempt
-    /// as a failure (a success takes it back with [`Store::signin_forgive`]).
-    async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>>;
-    /// Takes back one reserved attempt (it succeeded).
-    async fn signin_forgive(&self, account: &str) -> Result<()>;
 }
 
-/// A pool's usage (see [`Store::pool_usage`]).
+/// A pool's usage (see [`VmStore::pool_usage`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolUsage {
     pub vcpus_running: u64,

@@ -1,6 +1,6 @@
 //! The PostgreSQL store: several covm replicas on one database behave as one server.
 //!
-//! - The same SQL as SQLite (`sql.rs`) on the same schema shape, with migrations of its own
+//! - The same SQL as SQLite (`sql/`) on the same schema shape, with migrations of its own
 //!   (`migrations/postgres`; sqlx runs them under an advisory lock, so replicas may start together).
 //! - Every write transaction first takes one transaction-level advisory lock (`LOG_LOCK`): writers queue
 //!   in the database as they queue on SQLite's one writer connection, so the log's sequence numbers are
