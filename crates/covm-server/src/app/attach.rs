@@ -150,6 +150,42 @@ pub struct HotDisk {
     pub bus: ControllerType,
 }
 
+/// How a disk goes into or out of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlugMode {
+    /// The VM is off: the config alone changes.
+    Cold,
+    /// The VM runs and the bus hot-plugs: QEMU takes (or lets go of) the disk live.
+    Hot,
+    /// The VM runs, the bus cannot hot-plug, and the caller asked for the next boot.
+    NextBoot,
+}
+
+/// The one plug decision, for attach, detach and move: a running VM on a bus that cannot hot-plug
+/// is refused unless the caller accepts the next boot (`next_boot_ok`).
+pub fn plug_mode(
+    vm: &str,
+    running: bool,
+    controller: &str,
+    bus: ControllerType,
+    attach: bool,
+    next_boot_ok: bool,
+) -> Result<PlugMode, Error> {
+    match (running, bus.hotplug()) {
+        (false, _) => Ok(PlugMode::Cold),
+        (true, true) => Ok(PlugMode::Hot),
+        (true, false) if next_boot_ok => Ok(PlugMode::NextBoot),
+        (true, false) => Err(conflict(
+            ErrorCode::HotplugUnsupported,
+            format!(
+                "{vm} is running and {controller} cannot {}; power it off{}",
+                if attach { "hot-plug" } else { "hot-unplug" },
+                if next_boot_ok { ", or send next_boot" } else { " first" }
+            ),
+        )),
+    }
+}
+
 /// Undo steps tolerate a VM that stopped meanwhile: what it held went with its process.
 fn gone_ok(r: Result<(), HvError>) -> Result<(), Error> {
     match r {
@@ -483,26 +519,11 @@ impl App {
         }
         self.disk_writers_check(disk, Some(vm), p.read_only).await?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
-        let is_running = running(&rec);
         self.vm_local(&rec)?;
-        if is_running && !bus.hotplug() && !p.next_boot {
-            return Err(conflict(
-                ErrorCode::HotplugUnsupported,
-                format!(
-                    "{} is running and {controller} cannot hot-plug; power it off, or send next_boot",
-                    rec.object.name
-                ),
-            ));
-        }
-        let hot = if is_running && bus.hotplug() {
-            Some(HotDisk {
-                node: disk_node(disk.id),
-                path: self.disk_file(disk).await?,
-                format: disk.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
-                bus,
-            })
-        } else {
-            None
+        let mode = plug_mode(&rec.object.name, running(&rec), &controller, bus, true, p.next_boot)?;
+        let hot = match mode {
+            PlugMode::Hot => Some(self.hot_disk(disk, bus).await?),
+            PlugMode::Cold | PlugMode::NextBoot => None,
         };
         let generation = u64::try_from(self.store().events_head().await?).unwrap_or(0) + 1;
         Ok(Plug {
@@ -518,8 +539,18 @@ impl App {
                 generation,
             },
             hot,
-            next_boot: p.next_boot && is_running && !bus.hotplug(),
+            next_boot: mode == PlugMode::NextBoot,
             moved_from: None,
+        })
+    }
+
+    /// A disk as QEMU is to open it live.
+    async fn hot_disk(&self, disk: &covm_store::ObjectRecord, bus: ControllerType) -> Result<HotDisk, Error> {
+        Ok(HotDisk {
+            node: disk_node(disk.id),
+            path: self.disk_file(disk).await?,
+            format: disk.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
+            bus,
         })
     }
 
@@ -599,24 +630,10 @@ impl App {
             .find(|c| c.id == entry.controller)
             .map(|c| c.kind)
             .unwrap_or(ControllerType::VirtioScsi);
-        let is_running = running(&rec);
         self.vm_local(&rec)?;
-        if is_running && !bus.hotplug() && !next_boot {
-            return Err(conflict(
-                ErrorCode::HotplugUnsupported,
-                format!(
-                    "{} is running and {} cannot hot-unplug; power it off, or send next_boot",
-                    rec.object.name, entry.controller
-                ),
-            ));
-        }
+        let mode = plug_mode(&rec.object.name, running(&rec), &entry.controller, bus, false, next_boot)?;
         let hot = match obj {
-            Some(o) if is_running && bus.hotplug() => Some(HotDisk {
-                node: disk_node(o.id),
-                path: self.disk_file(o).await?,
-                format: o.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
-                bus,
-            }),
+            Some(o) if mode == PlugMode::Hot => Some(self.hot_disk(o, bus).await?),
             _ => None,
         };
         Ok(Some(Plug {
@@ -626,7 +643,7 @@ impl App {
             disk_name: entry.disk.clone(),
             attachment: entry,
             hot,
-            next_boot: next_boot && is_running && !bus.hotplug(),
+            next_boot: mode == PlugMode::NextBoot,
             moved_from: None,
         }))
     }
@@ -742,23 +759,11 @@ impl App {
         let rec = self.store().vm_get(target.object.id).await?.ok_or_else(|| Error::not_found("vm", &p.to_vm))?;
         let cfg: VmConfig = parse_config(&rec.config)?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
-        let is_running = running(&rec);
         self.vm_local(&rec)?;
-        if is_running && !bus.hotplug() {
-            return Err(conflict(
-                ErrorCode::HotplugUnsupported,
-                format!("{} is running and {controller} cannot hot-plug; power it off first", rec.object.name),
-            ));
-        }
-        let hot = if is_running {
-            Some(HotDisk {
-                node: disk_node(d.id),
-                path: self.disk_file(d).await?,
-                format: d.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
-                bus,
-            })
-        } else {
-            None
+        // A move is never left pending: both sides take it now.
+        let hot = match plug_mode(&rec.object.name, running(&rec), &controller, bus, true, false)? {
+            PlugMode::Hot => Some(self.hot_disk(d, bus).await?),
+            PlugMode::Cold | PlugMode::NextBoot => None,
         };
         let generation = u64::try_from(self.store().events_head().await?).unwrap_or(0) + 1;
         let to = Plug {
@@ -794,6 +799,16 @@ mod tests {
         let ahci = cfg(json!({ "name": "a", "controllers": [{ "id": "sata0", "type": "ahci" }],
             "disks": (0..6).map(|u| json!({ "disk": format!("d{u}"), "controller": "sata0", "unit": u })).collect::<Vec<_>>() }));
         assert_eq!(code(slot_choose(&ahci, None, None)), "controller_full");
+    }
+
+    #[test]
+    fn one_plug_decision_for_attach_detach_and_move() {
+        use ControllerType::{Ahci, VirtioScsi};
+        assert_eq!(plug_mode("v", false, "sata0", Ahci, true, false).unwrap(), PlugMode::Cold);
+        assert_eq!(plug_mode("v", true, "scsi0", VirtioScsi, false, false).unwrap(), PlugMode::Hot);
+        assert_eq!(plug_mode("v", true, "sata0", Ahci, true, true).unwrap(), PlugMode::NextBoot);
+        let e = plug_mode("v", true, "sata0", Ahci, false, false).unwrap_err();
+        assert_eq!((e.code, e.message.contains("hot-unplug")), (ErrorCode::HotplugUnsupported, true));
     }
 
     #[test]

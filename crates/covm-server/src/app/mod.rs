@@ -16,6 +16,7 @@ pub mod attach;
 pub mod auth;
 pub mod authz;
 pub mod cache;
+pub mod change;
 pub mod disks;
 pub mod events;
 pub mod host;
@@ -29,6 +30,7 @@ pub mod refs;
 pub mod saga;
 pub mod sagas;
 pub mod streams;
+pub mod transition;
 pub mod vms;
 
 use std::path::PathBuf;

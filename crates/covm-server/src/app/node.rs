@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use covm_hv::{HvError, HvEvent, Hypervisor, VmHandle};
 use covm_store::{RuntimeWrite, VmRecord, VmWrite, WriteOutcome};
-use covm_types::vm::{PowerState, VmRuntime};
+use covm_types::vm::VmRuntime;
 use covm_types::{Error, ErrorKind};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::transition::{PowerEvent, power_transition};
 use super::{App, EventExt, system_event};
 
 pub enum Cmd {
@@ -150,7 +151,7 @@ impl App {
         tokio::spawn(async move {
             let mut waiters: Vec<oneshot::Sender<Result<(), HvError>>> = Vec::new();
             let mut unplugs: Vec<(String, oneshot::Sender<Result<(), HvError>>)> = Vec::new();
-            let (state, data) = loop {
+            let (event, data) = loop {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
                         None => return,
@@ -160,7 +161,7 @@ impl App {
                             if let Err(e) = r {
                                 tracing::warn!(%id, error = %e, "quit failed");
                             }
-                            break (PowerState::Off, json!({ "reason": "powered off" }));
+                            break (PowerEvent::Stopped, json!({ "reason": "powered off" }));
                         }
                         Some(Cmd::Powerdown(reply)) => match handle.powerdown().await {
                             Ok(()) => waiters.push(reply),
@@ -182,15 +183,15 @@ impl App {
                     ev = handle.next_event() => match ev {
                         HvEvent::GuestShutdown => {
                             let _ = handle.quit().await;
-                            break (PowerState::Off, json!({ "reason": "the guest powered off" }));
+                            break (PowerEvent::Stopped, json!({ "reason": "the guest powered off" }));
                         }
                         HvEvent::Exited { status, log_tail } => {
                             tracing::warn!(%id, ?status, "QEMU exited unexpectedly");
-                            break (PowerState::Crashed, json!({ "reason": "QEMU exited unexpectedly", "exit_status": status, "log_tail": log_tail }));
+                            break (PowerEvent::Exited, json!({ "reason": "QEMU exited unexpectedly", "exit_status": status, "log_tail": log_tail }));
                         }
                         HvEvent::Paused | HvEvent::Resumed => {
-                            let ps = if matches!(ev, HvEvent::Paused) { PowerState::Paused } else { PowerState::Running };
-                            let f: RuntimeFn = Box::new(move |_, old| Ok((old.power_state != ps).then(|| (VmRuntime { power_state: ps, ..old.clone() }, json!({})))));
+                            let pe = if matches!(ev, HvEvent::Paused) { PowerEvent::Paused } else { PowerEvent::Resumed };
+                            let f: RuntimeFn = Box::new(move |_, old| Ok(power_transition(old.power_state, pe).filter(|ps| *ps != old.power_state).map(|ps| (VmRuntime { power_state: ps, ..old.clone() }, json!({})))));
                             if let Err(e) = app.runtime_write(id, Some(generation), false, None, f).await {
                                 tracing::warn!(%id, error = %e, "could not record a pause or resume");
                             }
@@ -209,11 +210,9 @@ impl App {
                 }
             };
             app.node().vms.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            let f: RuntimeFn = Box::new(move |_, _| {
-                Ok(Some((
-                    VmRuntime { power_state: state, since: Some(chrono::Utc::now()), ..Default::default() },
-                    data,
-                )))
+            let f: RuntimeFn = Box::new(move |_, old| {
+                let Some(power_state) = power_transition(old.power_state, event) else { return Ok(None) };
+                Ok(Some((VmRuntime { power_state, since: Some(chrono::Utc::now()), ..Default::default() }, data)))
             });
             if let Err(e) = app.runtime_write(id, Some(generation), false, None, f).await {
                 tracing::error!(%id, error = %e, "could not record that a VM stopped");
@@ -234,17 +233,13 @@ impl App {
     pub(crate) fn vm_local(&self, rec: &VmRecord) -> Result<(), Error> {
         let rt = runtime_of(rec);
         match rt.node {
-            Some(n)
-                if n != self.config().node_id && !matches!(rt.power_state, PowerState::Off | PowerState::Crashed) =>
-            {
-                Err(Error::on_other_node(
-                    &n,
-                    format!(
-                        "{} runs on node {n} (another covm replica); send this request to that replica",
-                        rec.object.name
-                    ),
-                ))
-            }
+            Some(n) if n != self.config().node_id && rt.power_state.is_active() => Err(Error::on_other_node(
+                &n,
+                format!(
+                    "{} runs on node {n} (another covm replica); send this request to that replica",
+                    rec.object.name
+                ),
+            )),
             _ => Ok(()),
         }
     }
@@ -259,7 +254,7 @@ impl App {
         for vm in &self.vms_all().await? {
             known.insert(vm.object.id);
             let rt = runtime_of(vm);
-            if matches!(rt.power_state, PowerState::Off | PowerState::Crashed) {
+            if !rt.power_state.is_active() {
                 continue;
             }
             if rt.node.as_ref().is_some_and(|n| *n != self.config().node_id) {
@@ -272,8 +267,11 @@ impl App {
                     let pid = handle.pid();
                     let accel = handle.accel().as_str().to_owned();
                     let f: RuntimeFn = Box::new(move |_, old| {
+                        let Some(power_state) = power_transition(old.power_state, PowerEvent::Adopted) else {
+                            return Ok(None);
+                        };
                         Ok(Some((
-                            VmRuntime { power_state: PowerState::Running, pid, accel: Some(accel), ..old.clone() },
+                            VmRuntime { power_state, pid, accel: Some(accel), ..old.clone() },
                             json!({ "reason": "adopted after a covm restart", "adopted": true }),
                         )))
                     });
@@ -284,13 +282,12 @@ impl App {
                 }
                 Ok(None) | Err(_) => {
                     tracing::warn!(vm = %vm.object.name, "its QEMU is gone: marking it crashed");
-                    let f: RuntimeFn = Box::new(|_, _| {
+                    let f: RuntimeFn = Box::new(|_, old| {
+                        let Some(power_state) = power_transition(old.power_state, PowerEvent::Lost) else {
+                            return Ok(None);
+                        };
                         Ok(Some((
-                            VmRuntime {
-                                power_state: PowerState::Crashed,
-                                since: Some(chrono::Utc::now()),
-                                ..Default::default()
-                            },
+                            VmRuntime { power_state, since: Some(chrono::Utc::now()), ..Default::default() },
                             json!({ "reason": "QEMU exited while covm was down" }),
                         )))
                     });

@@ -19,9 +19,25 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::node::{Cmd, RuntimeFn, hv_error, runtime_of};
+use super::transition::{PowerEvent, power_transition};
 use super::{App, Ctx, EventExt, system_event};
 
 const SHUTDOWN_TIMEOUT_S: u32 = 60;
+
+/// The write that claims a VM for a power-on, a user's or autostart's: the transition
+/// [`PowerEvent::Start`], at config `version` (a config changed since is refused: power on again).
+fn start_claim(version: i64, reason: &'static str) -> RuntimeFn {
+    Box::new(move |vm, old| {
+        let Some(power_state) = power_transition(old.power_state, PowerEvent::Start) else {
+            return Err(Error::conflict(ErrorCode::VmRunning, format!("{} is {}", vm.object.name, old.power_state)));
+        };
+        if vm.version != version {
+            return Err(Error::conflict(ErrorCode::ConfigChanged, "the config changed; power on again"));
+        }
+        let rt = VmRuntime { power_state, running_version: Some(version), ..Default::default() };
+        Ok(Some((rt, json!({ "reason": reason }))))
+    })
+}
 
 pub fn task_view(t: &TaskRecord) -> TaskView {
     TaskView {
@@ -277,40 +293,15 @@ impl App {
         match p.action {
             PowerAction::On => {
                 self.node().driver.check().map_err(hv_error)?;
-                if matches!(
-                    state,
-                    PowerState::Running | PowerState::Paused | PowerState::Starting | PowerState::Stopping
-                ) {
-                    return Err(Error::conflict(
-                        ErrorCode::VmRunning,
-                        format!("{} is {}", rec.object.name, state.as_str()),
-                    ));
+                if power_transition(state, PowerEvent::Start).is_none() {
+                    return Err(Error::conflict(ErrorCode::VmRunning, format!("{} is {state}", rec.object.name)));
                 }
                 let config: VmConfig =
                     serde_json::from_value(rec.config.clone()).map_err(|e| Error::internal(e.to_string()))?;
                 self.pool_admit(&rec, &config).await?;
                 let spec = self.spec_for(&rec).await?;
                 // Off → starting, as one write: a second power-on finds the VM starting.
-                let version = rec.version;
-                let f: RuntimeFn = Box::new(move |vm, old| {
-                    if !matches!(old.power_state, PowerState::Off | PowerState::Crashed) {
-                        return Err(Error::conflict(
-                            ErrorCode::VmRunning,
-                            format!("{} is {}", vm.object.name, old.power_state.as_str()),
-                        ));
-                    }
-                    if vm.version != version {
-                        return Err(Error::conflict(ErrorCode::ConfigChanged, "the config changed; power on again"));
-                    }
-                    Ok(Some((
-                        VmRuntime {
-                            power_state: PowerState::Starting,
-                            running_version: Some(version),
-                            ..Default::default()
-                        },
-                        json!({ "reason": "power on" }),
-                    )))
-                });
+                let f = start_claim(rec.version, "power on");
                 let after = self.runtime_write(id, None, true, Some((&ctx.user, &ctx.req.id)), f).await?;
                 let generation = after.map_or(0, |a| a.generation);
                 let task = self.task_new(ctx, "vm.power.on", &rec).await?;
@@ -356,10 +347,13 @@ impl App {
                 let node = self.config().node_id.clone();
                 let simulated = self.node().driver.name() == "sim";
                 let f: RuntimeFn = Box::new(move |_, old| {
+                    let Some(power_state) = power_transition(old.power_state, PowerEvent::Started) else {
+                        return Ok(None);
+                    };
                     Ok(Some((
                         VmRuntime {
                             simulated,
-                            power_state: PowerState::Running,
+                            power_state,
                             pid,
                             host: Some(host),
                             node: Some(node),
@@ -376,8 +370,12 @@ impl App {
             }
             Err(e) => {
                 let msg = e.to_string();
-                let f: RuntimeFn = Box::new(move |_, _| {
-                    Ok(Some((VmRuntime::default(), json!({ "reason": "power on failed", "error": msg }))))
+                let f: RuntimeFn = Box::new(move |_, old| {
+                    let Some(power_state) = power_transition(old.power_state, PowerEvent::StartFailed) else {
+                        return Ok(None);
+                    };
+                    let rt = VmRuntime { power_state, ..Default::default() };
+                    Ok(Some((rt, json!({ "reason": "power on failed", "error": msg }))))
                 });
                 self.runtime_write(id, Some(generation), false, None, f).await?;
                 Err(hv_error(e))
@@ -394,20 +392,31 @@ impl App {
         timeout: u32,
     ) -> Result<String, Error> {
         let node = self.node();
-        match (action, state) {
-            (PowerAction::Off, PowerState::Off) => Ok(format!("{name} is already off")),
-            (PowerAction::Off, PowerState::Crashed) => {
-                let f: RuntimeFn =
-                    Box::new(|_, _| Ok(Some((VmRuntime::default(), json!({ "reason": "cleared after a crash" })))));
+        let (clear, stop, reset) = (
+            power_transition(state, PowerEvent::Clear),
+            power_transition(state, PowerEvent::Stop),
+            power_transition(state, PowerEvent::Reset),
+        );
+        match action {
+            PowerAction::Off if clear.is_some() => {
+                let f: RuntimeFn = Box::new(|_, old| {
+                    let Some(power_state) = power_transition(old.power_state, PowerEvent::Clear) else {
+                        return Ok(None);
+                    };
+                    Ok(Some((
+                        VmRuntime { power_state, ..Default::default() },
+                        json!({ "reason": "cleared after a crash" }),
+                    )))
+                });
                 self.runtime_write(id, None, false, None, f).await?;
                 Ok(format!("{name} is off"))
             }
-            (PowerAction::Off, _) => {
+            PowerAction::Off if stop.is_some() => {
                 node.ask(id, Cmd::Quit).await.map_err(hv_error)?;
                 Ok(format!("{name} is off"))
             }
-            (PowerAction::Shutdown, PowerState::Off | PowerState::Crashed) => Ok(format!("{name} is already off")),
-            (PowerAction::Shutdown, _) => {
+            PowerAction::Off | PowerAction::Shutdown if stop.is_none() => Ok(format!("{name} is already off")),
+            PowerAction::Shutdown => {
                 match tokio::time::timeout(Duration::from_secs(timeout.into()), node.ask(id, Cmd::Powerdown)).await {
                     Ok(r) => r.map_err(hv_error).map(|_| format!("{name} shut down")),
                     Err(_) => Err(Error::new(
@@ -419,14 +428,12 @@ impl App {
                     )),
                 }
             }
-            (PowerAction::Reset, PowerState::Running | PowerState::Paused) => {
+            PowerAction::Reset if reset.is_some() => {
                 node.ask(id, Cmd::Reset).await.map_err(hv_error)?;
                 Ok(format!("{name} was reset"))
             }
-            (PowerAction::Reset, s) => {
-                Err(Error::conflict(ErrorCode::VmNotRunning, format!("{name} is {}", s.as_str())))
-            }
-            (PowerAction::On, _) => Err(Error::internal("power on is not a change run")),
+            PowerAction::Reset => Err(Error::conflict(ErrorCode::VmNotRunning, format!("{name} is {state}"))),
+            PowerAction::On | PowerAction::Off => Err(Error::internal("power on is not a change run")),
         }
     }
 
@@ -435,7 +442,7 @@ impl App {
         let mut list = Vec::new();
         for vm in self.vms_all().await? {
             let Ok(c) = serde_json::from_value::<VmConfig>(vm.config.clone()) else { continue };
-            if c.autostart.enabled && matches!(runtime_of(&vm).power_state, PowerState::Off | PowerState::Crashed) {
+            if c.autostart.enabled && power_transition(runtime_of(&vm).power_state, PowerEvent::Start).is_some() {
                 list.push((c.autostart.order, c.autostart.delay_s, vm));
             }
         }
@@ -450,21 +457,13 @@ impl App {
                     continue;
                 }
             };
-            let version = vm.version;
-            let f: RuntimeFn = Box::new(move |vm, old| {
-                if !matches!(old.power_state, PowerState::Off | PowerState::Crashed) || vm.version != version {
-                    return Ok(None);
-                }
-                Ok(Some((
-                    VmRuntime {
-                        power_state: PowerState::Starting,
-                        running_version: Some(version),
-                        ..Default::default()
-                    },
-                    json!({ "reason": "autostart" }),
-                )))
-            });
-            let Some(after) = self.runtime_write(id, None, true, None, f).await? else { continue };
+            // The same claim as a user's power-on; a VM started or changed meanwhile is left alone.
+            let after = match self.runtime_write(id, None, true, None, start_claim(vm.version, "autostart")).await {
+                Ok(Some(after)) => after,
+                Ok(None) => continue,
+                Err(e) if e.kind == ErrorKind::Conflict => continue,
+                Err(e) => return Err(e),
+            };
             if runtime_of(&after).power_state != PowerState::Starting {
                 continue;
             }

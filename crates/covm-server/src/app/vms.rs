@@ -24,6 +24,7 @@ use covm_types::{Error, ErrorCode, ErrorKind, Privilege, ROOT_ID};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::change::{Asked, decide, references};
 use super::leases::{LeaseCheck, lease_check};
 use super::{App, Ctx, EventExt};
 
@@ -38,42 +39,8 @@ pub struct Preconditions {
     pub lease_token: Option<i64>,
 }
 
-/// Splits the changed fields into live ones (a running VM takes them at once) and next-boot ones.
-pub fn classify(old: &VmConfig, new: &VmConfig) -> (Vec<String>, Vec<String>) {
-    let a = serde_json::to_value(old).unwrap_or_default();
-    let b = serde_json::to_value(new).unwrap_or_default();
-    let (mut live, mut next) = (Vec::new(), Vec::new());
-    for f in changed_fields(&a, &b) {
-        let is_live = match f.as_str() {
-            "description" | "annotations" | "autostart" | "name" | "folder" | "pool" => true,
-            // Only the link state of existing NICs changes live.
-            "nics" => {
-                old.nics.len() == new.nics.len()
-                    && old.nics.iter().zip(&new.nics).all(|(x, y)| {
-                        covm_types::vm::Nic { connected: true, ..x.clone() }
-                            == covm_types::vm::Nic { connected: true, ..y.clone() }
-                    })
-            }
-            _ => false,
-        };
-        if is_live { live.push(f) } else { next.push(f) }
-    }
-    (live, next)
-}
-
 pub(crate) fn running(vm: &VmRecord) -> bool {
     vm.power_state.is_active()
-}
-
-fn requires_power_cycle(name: &str, fields: &[String]) -> Error {
-    Error::conflict(
-        ErrorCode::RequiresPowerCycle,
-        format!(
-            "{name} is running and {} only take effect at the next power-on; send apply=next_boot to keep the change pending",
-            fields.join(", ")
-        ),
-    )
-    .with_details(json!({ "fields": fields }))
 }
 
 /// One line per changed leaf: `memory_mib: 2048 → 4096`.
@@ -104,22 +71,6 @@ pub fn diff_summary(from: &Value, to: &Value) -> Vec<String> {
 
 fn patch_of(from: &Value, to: &Value) -> Value {
     serde_json::to_value(json_patch::diff(from, to)).unwrap_or(Value::Array(vec![]))
-}
-
-fn changed_fields(from: &Value, to: &Value) -> Vec<String> {
-    let (Some(a), Some(b)) = (from.as_object(), to.as_object()) else { return vec![] };
-    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).cloned().collect()
-}
-
-/// Everything a document refers to in the inventory; compared inside the transaction.
-fn references(c: &VmConfig) -> Vec<String> {
-    let mut r = vec![format!("folder:{}", c.folder), format!("pool:{}", c.pool)];
-    r.extend(c.nics.iter().map(|n| format!("network:{}", n.network)));
-    r.extend(c.disks.iter().map(|d| format!("disk:{}", d.disk)));
-    r.extend(c.cdrom.iter().chain(&c.kernel).chain(&c.initrd).map(|p| format!("file:{p}")));
-    r.sort();
-    r
 }
 
 pub(crate) fn parse_config(doc: &Value) -> Result<VmConfig, Error> {
@@ -183,36 +134,6 @@ impl App {
     }
 
     /// The privileges a change from `old` to `new` needs on the VM (DESIGN §7, per field).
-    fn vm_change_privileges(old: &VmConfig, new: &VmConfig, fields: &[String]) -> BTreeSet<Privilege> {
-        let mut need = BTreeSet::new();
-        for f in fields {
-            match f.as_str() {
-                "cpus" => {
-                    need.insert(Privilege::VmConfigCpuCount);
-                }
-                "memory_mib" => {
-                    need.insert(Privilege::VmConfigMemory);
-                }
-                "nics" | "controllers" | "cdrom" => {
-                    need.insert(Privilege::VmConfigAddRemoveDevice);
-                }
-                "disks" => {
-                    if new.disks.iter().any(|d| !old.disks.contains(d)) {
-                        need.insert(Privilege::VmConfigAddExistingDisk);
-                    }
-                    if old.disks.iter().any(|d| !new.disks.contains(d)) {
-                        need.insert(Privilege::VmConfigRemoveDisk);
-                    }
-                }
-                // Folder and pool need their own privileges on the target (checked with references).
-                _ => {
-                    need.insert(Privilege::VmConfigEdit);
-                }
-            }
-        }
-        need
-    }
-
     pub async fn vm_create(&self, ctx: &Ctx, mut c: VmConfig) -> Result<VmView, Error> {
         for n in &mut c.nics {
             if n.mac.is_none() {
@@ -397,21 +318,22 @@ impl App {
         let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events: extra } = opts;
         let host_mem = self.host_memory_mib();
         for _ in 0..RETRIES {
-            // Outside the transaction: the whole document, checked against the inventory and privileges.
-            // (With a stale If-Match the transaction refuses the write; these checks are then moot.)
-            let base = rec.config.clone();
-            let new_doc = change.apply(&base);
-            let mut new_cfg = parse_config(&new_doc)?;
-            new_cfg.check(host_mem)?;
+            // Outside the transaction: the whole document, decided and checked against the inventory
+            // and privileges. (With a stale If-Match the transaction refuses the write; these checks
+            // are then moot.)
+            let asked = Asked { next_boot: apply_next_boot, disks_live };
+            let name = rec.object.name.clone();
             let old_cfg: VmConfig = parse_config(&rec.config)?;
-            let fields = changed_fields(&rec.config, &serde_json::to_value(&new_cfg).unwrap_or_default());
-            for p in Self::vm_change_privileges(&old_cfg, &new_cfg, &fields) {
-                self.require(ctx, &rec.object, p).await?;
+            let raw =
+                decide(&name, &old_cfg, running(&rec), parse_config(&change.apply(&rec.config))?, host_mem, asked)?;
+            for p in &raw.privileges {
+                self.require(ctx, &rec.object, *p).await?;
             }
+            let checked = raw.privileges.clone();
             let parent = rec.object.parent_id.unwrap_or(ROOT_ID);
-            let refs = references(&new_cfg);
-            let raw_disks = new_cfg.disks.clone();
+            let (refs, raw_disks) = (raw.references.clone(), raw.config.disks.clone());
             let (base_refs, base_disks) = (references(&old_cfg), old_cfg.disks.clone());
+            let mut new_cfg = raw.config;
             let folder = self
                 .config_refs_authorize(
                     ctx,
@@ -423,12 +345,11 @@ impl App {
                 )
                 .await?;
             let settled_disks = new_cfg.disks.clone();
-
-            let (live, next_boot) = classify(&old_cfg, &new_cfg);
+            // The decision on the config as it would be written (disk names and generations settled).
+            let decision = decide(&name, &old_cfg, running(&rec), new_cfg, host_mem, asked)?;
+            let (live, next_boot, fields) = (decision.live.clone(), decision.next_boot.clone(), decision.fields());
             if dry_run {
-                let new_doc = serde_json::to_value(&new_cfg).unwrap_or_default();
-                let refused = (running(&rec) && !next_boot.is_empty() && !apply_next_boot)
-                    .then(|| requires_power_cycle(&rec.object.name, &next_boot).message.clone());
+                let new_doc = serde_json::to_value(&decision.config).unwrap_or_default();
                 let plan = ChangePlan {
                     from_version: rec.version,
                     patch: patch_of(&rec.config, &new_doc),
@@ -436,12 +357,13 @@ impl App {
                     fields,
                     live,
                     next_boot,
-                    refused,
+                    refused: decision.refusal.map(|e| e.message.clone()),
                 };
                 return Ok((self.vm_view(Some(ctx), &rec)?, plan));
             }
 
-            // Inside the transaction: merge into the newest version, check preconditions, write.
+            // Inside the transaction: the same decision on the newest version; what was checked must
+            // still hold, else everything is checked again.
             let (c2, pre2, msg, user, user_id, req_id) =
                 (change.clone(), pre.clone(), message.clone(), ctx.user.clone(), ctx.user_id, ctx.req.id.clone());
             let ctx2 = ctx.clone();
@@ -457,36 +379,38 @@ impl App {
                     LeaseCheck::Refused(e) if !system => return Err(e),
                     _ => {}
                 }
-                let new_doc = c2.apply(&vm.config);
-                let mut cfg = parse_config(&new_doc)?;
-                cfg.check(host_mem)?;
-                // Checks were skipped for references the base already held: they hold only if the base
-                // still holds the same ones (else check again from the start).
                 let base_now = parse_config(&vm.config)?;
-                if references(&cfg) != refs || cfg.disks != raw_disks || references(&base_now) != base_refs {
+                let raw = decide(&name, &base_now, running(vm), parse_config(&c2.apply(&vm.config))?, host_mem, asked)?;
+                if !raw.privileges.is_subset(&checked) {
+                    return Ok(WriteOutcome::Retry("the change needs other privileges now".into()));
+                }
+                // Checks were skipped for references the base already held: they hold only if the base
+                // still holds the same ones.
+                if raw.references != refs || raw.config.disks != raw_disks || references(&base_now) != base_refs {
                     return Ok(WriteOutcome::Retry("references changed".into()));
                 }
                 if base_now.disks != base_disks {
                     return Ok(WriteOutcome::Retry("the disks changed".into()));
                 }
                 // The disk attachments as checked (names and generations settled).
+                let mut cfg = raw.config;
                 cfg.disks = settled_disks.clone();
+                let decision = decide(&name, &base_now, running(vm), cfg, host_mem, asked)?;
+                let cfg = decision.config;
                 let new_doc = serde_json::to_value(&cfg).map_err(|_| Error::internal("could not render a config"))?;
                 if new_doc == vm.config {
                     // Already so: nothing to write.
                     return Ok(WriteOutcome::Unchanged);
                 }
                 // A running VM takes live fields at once; next-boot ones wait (if asked) or are refused.
+                if let Some(e) = decision.refusal {
+                    return Err(e);
+                }
                 let mut runtime = None;
+                let waiting = decision.next_boot.iter().any(|f| !(disks_live && f == "disks"));
                 if running(vm) {
-                    let old: VmConfig = parse_config(&vm.config)?;
-                    let (_, next) = classify(&old, &cfg);
-                    let next: Vec<String> = next.into_iter().filter(|f| !(disks_live && f == "disks")).collect();
-                    if !next.is_empty() && !apply_next_boot {
-                        return Err(requires_power_cycle(&vm.object.name, &next));
-                    }
                     let mut rt = super::node::runtime_of(vm);
-                    if next.is_empty() && rt.running_version == Some(vm.version) {
+                    if !waiting && rt.running_version == Some(vm.version) {
                         rt.running_version = Some(vm.version + 1);
                         let mut v = serde_json::to_value(&rt).unwrap_or_default();
                         v.as_object_mut().map(|o| o.remove("generation"));
@@ -776,6 +700,6 @@ mod tests {
         let mut replay = base.clone();
         json_patch::patch(&mut replay, &p).unwrap();
         assert_eq!(replay, new);
-        assert_eq!(changed_fields(&base, &new), ["annotations", "cpus"]);
+        assert_eq!(crate::app::change::changed_fields(&base, &new), ["annotations", "cpus"]);
     }
 }
