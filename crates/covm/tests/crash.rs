@@ -1,4 +1,4 @@
-//! covm killed in the middle of a hot attach and started again. `COVM_FAULT=disk.attach:STEP:AT:crash`
+//! covm killed in the middle of a hot attach (at each step of the saga's own plan) and started again. `COVM_FAULT=disk.attach:STEP:AT:crash`
 //! makes the `covm serve` process abort at that point (as `kill -9` would: no cleanup runs); the next
 //! start finds the saga in its log and finishes or undoes it. Every point is tried in turn, against real
 //! QEMU (a VM with firmware only: the block layer is what the steps touch), and each time the store and
@@ -11,7 +11,9 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use covm_client::Client;
-use covm_types::vm::{BlockState, PowerAction, TaskState, VmView};
+use covm_server::app::saga::plan_of;
+use covm_server::app::saga::plug::{AttachSaga, HotDisk, Plug};
+use covm_types::vm::{BlockState, ControllerType, DiskAttachment, PowerAction, TaskState, VmView};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_covm");
@@ -118,7 +120,32 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
         .await
         .unwrap();
 
-    for step in ["blockdev_add", "device_add", "commit"] {
+    // The steps of a hot attach, from the saga itself.
+    let plan = plan_of(&AttachSaga {
+        plug: Plug {
+            vm: uuid::Uuid::nil(),
+            vm_name: "b".into(),
+            disk: uuid::Uuid::nil(),
+            disk_name: "d1".into(),
+            attachment: DiskAttachment {
+                disk: "d1".into(),
+                controller: "scsi0".into(),
+                unit: 0,
+                read_only: false,
+                generation: 1,
+            },
+            hot: Some(HotDisk {
+                node: "d1".into(),
+                path: "d1.qcow2".into(),
+                format: "qcow2".into(),
+                bus: ControllerType::VirtioScsi,
+            }),
+            next_boot: false,
+            moved_from: None,
+        },
+    });
+    assert!(plan.steps.len() > 1, "a hot attach has steps before its pivot: {plan:?}");
+    for step in &plan.steps {
         for at in ["before", "after"] {
             let fault = format!("disk.attach:{step}:{at}:crash");
             drop(covm);
@@ -132,7 +159,9 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
             covm = Covm::start(&data, port, None);
             let (in_config, node, device) = agreement(&c).await;
             assert_eq!((node, device), (in_config, in_config), "{fault}: QEMU and the store disagree");
-            let committed = step == "commit" && at == "after";
+            let pivot = plan.steps.iter().position(|s| *s == plan.pivot).unwrap_or(usize::MAX);
+            let here = plan.steps.iter().position(|s| s == step).unwrap_or(0);
+            let committed = here > pivot || (here == pivot && at == "after");
             assert_eq!(in_config, committed, "{fault}: finished only if the config version was written");
             // No lock is left: the disk can be detached (if attached) and attached again at once.
             let started = Instant::now();

@@ -28,7 +28,6 @@ pub mod power;
 pub mod principals;
 pub mod refs;
 pub mod saga;
-pub mod sagas;
 pub mod streams;
 pub mod transition;
 pub mod vms;

@@ -6,11 +6,11 @@
 use covm_store::SagaRecord;
 use covm_types::Error;
 
-use super::App;
-use super::attach::{AttachSaga, DetachSaga, MoveSaga};
-use super::disks::{CreateSaga, DeleteSaga, ResizeSaga};
-use super::refs::CONFIG_DISKS_LOCK;
-use super::saga::Saga;
+use super::Saga;
+use super::disk::{CreateSaga, DeleteSaga, ResizeSaga};
+use super::plug::{AttachSaga, DetachSaga, MoveSaga};
+use crate::app::App;
+use crate::app::refs::CONFIG_DISKS_LOCK;
 
 /// The kinds of saga, as logged.
 pub const KINDS: &[&str] = &[

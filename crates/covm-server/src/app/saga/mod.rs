@@ -31,6 +31,10 @@ use uuid::Uuid;
 
 use super::{App, Ctx};
 
+pub mod disk;
+pub mod plug;
+pub mod registry;
+
 /// How long a saga waits for another one's locks before it gives up.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -107,9 +111,34 @@ impl std::str::FromStr for Fault {
     }
 }
 
-/// The fault switch: empty in production; `COVM_FAULT` or a test sets it.
+/// The fault switch: empty in production; `COVM_FAULT` or a test sets it. It also keeps the plans of
+/// the last sagas run, so that tests take each saga's steps from the saga itself.
 #[derive(Debug, Default)]
-pub struct Faults(Mutex<Option<Fault>>);
+pub struct Faults(Mutex<Option<Fault>>, Mutex<std::collections::VecDeque<SagaPlan>>);
+
+/// A saga's steps as it ran them, and its pivot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaPlan {
+    pub kind: &'static str,
+    pub steps: Vec<String>,
+    pub pivot: String,
+}
+
+impl SagaPlan {
+    /// The steps a failure at which undoes the saga: those up to and including the pivot.
+    pub fn undone_on_failure(&self) -> &[String] {
+        let end = self.steps.iter().position(|s| *s == self.pivot).map_or(self.steps.len(), |i| i + 1);
+        &self.steps[..end]
+    }
+}
+
+/// A saga's plan, from the saga itself.
+pub fn plan_of<S: Saga>(saga: &S) -> SagaPlan {
+    SagaPlan { kind: S::KIND, steps: saga.steps().into_iter().map(step_name).collect(), pivot: step_name(saga.pivot()) }
+}
+
+/// How many plans [`Faults`] keeps.
+const PLANS_KEPT: usize = 32;
 
 impl Faults {
     pub fn from_env() -> Faults {
@@ -123,7 +152,20 @@ impl Faults {
                 None
             }
         });
-        Faults(Mutex::new(f))
+        Faults(Mutex::new(f), Mutex::default())
+    }
+
+    /// The plans of the sagas run since the last call (at most the last 32), oldest first.
+    pub fn plans_take(&self) -> Vec<SagaPlan> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+    }
+
+    fn saw(&self, plan: SagaPlan) {
+        let mut plans = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        if plans.len() == PLANS_KEPT {
+            plans.pop_front();
+        }
+        plans.push_back(plan);
     }
 
     pub fn set(&self, fault: Option<Fault>) {
@@ -314,6 +356,7 @@ impl SagaGuard {
         let app = self.app.clone();
         let steps = saga.steps();
         let pivot = saga.pivot();
+        app.inner.faults.saw(plan_of(&saga));
         let mut done: Vec<S::Step> = Vec::new();
         for step in steps {
             let name = step_name(step);
