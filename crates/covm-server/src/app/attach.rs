@@ -29,7 +29,8 @@ use serde_json::json;
 
 use uuid::Uuid;
 
-use super::node::{Cmd, hv_error};
+use super::agent::VmOp;
+use super::node::hv_error;
 use super::saga::Saga;
 use super::saga::plug::{AttachSaga, DetachSaga, HotDisk, MoveSaga, Plug, PlugMode, plug_mode};
 use super::vms::{parse_config, running};
@@ -155,7 +156,7 @@ impl App {
         }
         self.disk_writers_check(disk, Some(vm), p.read_only).await?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
-        self.vm_local(&rec)?;
+        self.agent_for(&rec)?;
         let mode = plug_mode(&rec.object.name, running(&rec), &controller, bus, true, p.next_boot)?;
         let hot = match mode {
             PlugMode::Hot => Some(self.hot_disk(disk, bus).await?),
@@ -266,7 +267,7 @@ impl App {
             .find(|c| c.id == entry.controller)
             .map(|c| c.kind)
             .unwrap_or(ControllerType::VirtioScsi);
-        self.vm_local(&rec)?;
+        self.agent_for(&rec)?;
         let mode = plug_mode(&rec.object.name, running(&rec), &entry.controller, bus, false, next_boot)?;
         let hot = match obj {
             Some(o) if mode == PlugMode::Hot => Some(self.hot_disk(o, bus).await?),
@@ -307,20 +308,19 @@ impl App {
                 read_only: d.read_only,
             };
             tracing::warn!(vm = %rec.object.name, disk = %o.name, "the guest let go of a disk after its detach gave up; the config holds it, so it is plugged back");
-            if let Err(e) = self.node().ask(vm, |r| Cmd::DeviceAdd(Box::new(spec), r)).await {
+            if let Err(e) = self.agent().ask(vm, VmOp::DeviceAdd(Box::new(spec))).await {
                 tracing::error!(vm = %rec.object.name, disk = %o.name, error = %e, "a disk could not be plugged back");
             }
             return;
         }
         let node = dev.to_owned();
-        let _ = self.node().ask(vm, |r| Cmd::BlockdevDel(node, r)).await;
+        let _ = self.agent().ask(vm, VmOp::BlockdevDel(node)).await;
     }
 
     /// What QEMU holds of block nodes and devices for a running VM (to compare with its config).
     pub async fn vm_block_state(&self, ctx: &Ctx, vm: &str) -> Result<covm_hv::BlockState, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
-        self.vm_local(&rec)?;
-        self.node().ask(rec.object.id, Cmd::BlockQuery).await.map_err(hv_error)
+        self.agent_for(&rec)?.block_state(rec.object.id).await.map_err(hv_error)
     }
 }
 
@@ -395,7 +395,7 @@ impl App {
         let rec = self.store().vm_get(target.object.id).await?.ok_or_else(|| Error::not_found("vm", &p.to_vm))?;
         let cfg: VmConfig = parse_config(&rec.config)?;
         let (controller, bus, unit) = slot_choose(&cfg, p.controller.as_deref(), p.unit)?;
-        self.vm_local(&rec)?;
+        self.agent_for(&rec)?;
         // A move is never left pending: both sides take it now.
         let hot = match plug_mode(&rec.object.name, running(&rec), &controller, bus, true, false)? {
             PlugMode::Hot => Some(self.hot_disk(d, bus).await?),

@@ -291,7 +291,7 @@ impl App {
         let live = self.disk_holders_running(&o).await?;
         for id in &live {
             if let Some(vm) = self.store().vm_get(*id).await? {
-                self.vm_local(&vm)?;
+                self.agent_for(&vm)?;
             }
         }
         Ok(Some(ResizeSaga {

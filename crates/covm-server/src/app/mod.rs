@@ -11,6 +11,7 @@
 //! - Every denial is written to the log (audit only) before the error is returned; the request is then
 //!   marked as audited so that the HTTP layer does not log it twice.
 
+pub mod agent;
 pub mod anon;
 pub mod attach;
 pub mod auth;
@@ -65,7 +66,7 @@ struct AppInner {
     /// This process, as one replica among those on the database (new at every start).
     replica: Uuid,
     caches: cache::Caches,
-    node: node::Node,
+    node: node::LocalAgent,
     hub: EventHub,
     limiter: RateLimiter,
     config: AppConfig,
@@ -80,7 +81,7 @@ struct AppInner {
 impl App {
     pub fn new(store: Arc<dyn Store>, config: AppConfig, driver: Arc<dyn covm_hv::Hypervisor>) -> App {
         let hub = EventHub::new(store.clone());
-        let node = node::Node::new(driver);
+        let node = node::LocalAgent::new(driver, &config.data_dir);
         let caches = cache::Caches::default();
         let app = App {
             inner: Arc::new(AppInner {
@@ -123,11 +124,11 @@ impl App {
     pub async fn readiness(&self) -> (bool, Vec<String>) {
         let mut ready = true;
         let mut details =
-            vec![format!("store: {}", self.store().backend()), format!("driver: {}", self.node().driver.name())];
-        if let Err(e) = self.node().driver.check() {
+            vec![format!("store: {}", self.store().backend()), format!("driver: {}", self.agent().driver_name())];
+        if let Err(e) = self.agent().check() {
             details.push(format!("driver: {e}"));
         }
-        details.extend(self.node().leftovers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        details.extend(self.agent().leftovers());
         if let Err(e) = self.store().ping().await {
             ready = false;
             details.push(format!("store: {}", e.message));
@@ -186,7 +187,8 @@ impl App {
     }
 
     /// The node agent: reachable from the app layer only (the HTTP layer asks the app).
-    pub(in crate::app) fn node(&self) -> &node::Node {
+    /// This host's agent as itself (the app reaches it through [`App::agent`] and [`App::agent_for`]).
+    pub(in crate::app) fn node(&self) -> &node::LocalAgent {
         &self.inner.node
     }
 
@@ -205,7 +207,7 @@ impl App {
     /// keep running, and the next start adopts them).
     pub fn quiesce(&self) {
         self.hub().close();
-        self.node().detach_all();
+        self.agent().release_all();
     }
 
     /// The last step of a stop: the store releases this replica's locks.

@@ -16,23 +16,25 @@
 //! one (a late report from an old supervisor) changes nothing. When covm starts, VMs whose QEMU still
 //! runs are adopted (pid file + QMP socket) by a new supervisor; VMs whose QEMU is gone become crashed.
 
-use covm_types::ErrorCode;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use covm_hv::{HvError, HvEvent, Hypervisor, VmHandle};
+use async_trait::async_trait;
+use covm_hv::{BlockState, HvError, HvEvent, Hypervisor, VmSpec};
 use covm_store::{RuntimeWrite, VmRecord, VmWrite, WriteOutcome};
 use covm_types::vm::VmRuntime;
-use covm_types::{Error, ErrorKind};
+use covm_types::{Error, ErrorCode, ErrorKind};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::agent::{NodeAgent, Run, RunReports, VmOp};
 use super::transition::{PowerEvent, power_transition};
 use super::{App, EventExt, system_event};
 
-pub enum Cmd {
+/// A command to a VM's supervisor, with its reply channel.
+enum Cmd {
     /// Power off at once; the reply comes when the process is gone.
     Quit(oneshot::Sender<Result<(), HvError>>),
     /// ACPI power-down; the reply comes when the guest has powered off.
@@ -54,17 +56,19 @@ pub enum Cmd {
     DiskResize(String, u64, oneshot::Sender<Result<(), HvError>>),
 }
 
-/// The supervisors of the VMs running on this host.
-pub struct Node {
-    pub driver: Arc<dyn Hypervisor>,
-    vms: Mutex<HashMap<Uuid, mpsc::UnboundedSender<Cmd>>>,
+/// This host's agent: the supervisors of the VMs running here, one task each.
+pub struct LocalAgent {
+    driver: Arc<dyn Hypervisor>,
+    /// Where run directories live (`DATA/vms/<id>`).
+    vms_dir: PathBuf,
+    vms: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedSender<Cmd>>>>,
     /// QEMU processes left over from deleted VMs (reported, never killed).
-    pub leftovers: Mutex<Vec<String>>,
+    leftovers: Mutex<Vec<String>>,
 }
 
-impl Node {
-    pub fn new(driver: Arc<dyn Hypervisor>) -> Node {
-        Node { driver, vms: Mutex::default(), leftovers: Mutex::default() }
+impl LocalAgent {
+    pub fn new(driver: Arc<dyn Hypervisor>, data_dir: &std::path::Path) -> LocalAgent {
+        LocalAgent { driver, vms_dir: data_dir.join("vms"), vms: Arc::default(), leftovers: Mutex::default() }
     }
 
     fn sender(&self, id: Uuid) -> Option<mpsc::UnboundedSender<Cmd>> {
@@ -72,7 +76,7 @@ impl Node {
     }
 
     /// Sends a command to a VM's supervisor and waits for its reply.
-    pub async fn ask<T>(
+    async fn command<T>(
         &self,
         id: Uuid,
         make: impl FnOnce(oneshot::Sender<Result<T, HvError>>) -> Cmd,
@@ -82,11 +86,204 @@ impl Node {
         tx.send(make(reply)).map_err(|_| HvError::Gone)?;
         rx.await.map_err(|_| HvError::Gone)?
     }
+}
 
-    /// Lets go of every VM without touching it (covm is stopping; the VMs keep running and the next
-    /// covm adopts them): each supervisor ends when its command channel closes.
-    pub fn detach_all(&self) {
+#[async_trait]
+impl NodeAgent for LocalAgent {
+    fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    fn check(&self) -> Result<(), HvError> {
+        self.driver.check()
+    }
+
+    fn run_dir(&self, id: Uuid) -> PathBuf {
+        self.vms_dir.join(id.to_string())
+    }
+
+    fn serial_log(&self, id: Uuid) -> PathBuf {
+        self.driver.serial_log(&self.run_dir(id))
+    }
+
+    fn vnc_socket(&self, id: Uuid) -> PathBuf {
+        self.driver.vnc_socket(&self.run_dir(id))
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Run, HvError> {
+        self.driver.start(spec).await.map(Run::new)
+    }
+
+    async fn adopt(&self, id: Uuid) -> Result<Option<Run>, HvError> {
+        Ok(self.driver.adopt(id, &self.run_dir(id)).await?.map(Run::new))
+    }
+
+    fn supervise(&self, id: Uuid, run: Run, reports: Arc<dyn RunReports>) {
+        let (tx, rx) = mpsc::unbounded_channel::<Cmd>();
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        tokio::spawn(supervise(id, run, rx, reports, self.vms.clone()));
+    }
+
+    async fn ask(&self, id: Uuid, op: VmOp) -> Result<(), HvError> {
+        match op {
+            VmOp::Quit => self.command(id, Cmd::Quit).await,
+            VmOp::Powerdown => self.command(id, Cmd::Powerdown).await,
+            VmOp::Reset => self.command(id, Cmd::Reset).await,
+            VmOp::SetLink(nic, up) => self.command(id, |r| Cmd::SetLink(nic, up, r)).await,
+            VmOp::BlockdevAdd(d) => self.command(id, |r| Cmd::BlockdevAdd(d, r)).await,
+            VmOp::DeviceAdd(d) => self.command(id, |r| Cmd::DeviceAdd(d, r)).await,
+            VmOp::DeviceDel(node) => self.command(id, |r| Cmd::DeviceDel(node, r)).await,
+            VmOp::BlockdevDel(node) => self.command(id, |r| Cmd::BlockdevDel(node, r)).await,
+            VmOp::DiskResize(node, size) => self.command(id, |r| Cmd::DiskResize(node, size, r)).await,
+        }
+    }
+
+    async fn block_state(&self, id: Uuid) -> Result<BlockState, HvError> {
+        self.command(id, Cmd::BlockQuery).await
+    }
+
+    fn leftovers_scan(&self, known: &HashSet<Uuid>) -> Vec<String> {
+        let mut found = Vec::new();
+        if let Ok(dirs) = std::fs::read_dir(&self.vms_dir) {
+            for d in dirs.flatten() {
+                let Some(id) = d.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else { continue };
+                if known.contains(&id) {
+                    continue;
+                }
+                if let Some(pid) = self.driver.leftover_pid(&d.path()) {
+                    let msg = format!(
+                        "QEMU pid {pid} in {} belongs to no VM (deleted?); covm leaves it running",
+                        d.path().display()
+                    );
+                    tracing::warn!("{msg}");
+                    found.push(msg);
+                }
+            }
+        }
+        self.leftovers.lock().unwrap_or_else(|p| p.into_inner()).extend(found.iter().cloned());
+        found
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        self.leftovers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Each supervisor ends when its command channel closes; the VMs keep running.
+    fn release_all(&self) {
         self.vms.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// One VM's supervisor: the only task that talks to its QEMU, until QEMU ends (reported) or covm lets
+/// go of it (its command channel closes).
+async fn supervise(
+    id: Uuid,
+    run: Run,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    reports: Arc<dyn RunReports>,
+    vms: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedSender<Cmd>>>>,
+) {
+    let mut handle = run.handle;
+    let mut waiters: Vec<oneshot::Sender<Result<(), HvError>>> = Vec::new();
+    let mut unplugs: Vec<(String, oneshot::Sender<Result<(), HvError>>)> = Vec::new();
+    let (event, data) = loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(Cmd::Quit(reply)) => {
+                    let r = handle.quit().await;
+                    waiters.push(reply);
+                    if let Err(e) = r {
+                        tracing::warn!(%id, error = %e, "quit failed");
+                    }
+                    break (PowerEvent::Stopped, json!({ "reason": "powered off" }));
+                }
+                Some(Cmd::Powerdown(reply)) => match handle.powerdown().await {
+                    Ok(()) => waiters.push(reply),
+                    Err(e) => { let _ = reply.send(Err(e)); }
+                },
+                Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
+                Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
+                Some(Cmd::BlockdevAdd(d, reply)) => { let _ = reply.send(handle.blockdev_add(&d).await); }
+                Some(Cmd::DeviceAdd(d, reply)) => { let _ = reply.send(handle.device_add(&d).await); }
+                Some(Cmd::BlockdevDel(node, reply)) => { let _ = reply.send(handle.blockdev_del(&node).await); }
+                Some(Cmd::BlockQuery(reply)) => { let _ = reply.send(handle.block_query().await); }
+                Some(Cmd::DiskResize(node, size, reply)) => { let _ = reply.send(handle.block_resize(&node, size).await); }
+                Some(Cmd::DeviceDel(node, reply)) => match handle.device_del(&node).await {
+                    Ok(true) => unplugs.push((node, reply)),
+                    Ok(false) => { let _ = reply.send(Ok(())); }
+                    Err(e) => { let _ = reply.send(Err(e)); }
+                },
+            },
+            ev = handle.next_event() => match ev {
+                HvEvent::GuestShutdown => {
+                    let _ = handle.quit().await;
+                    break (PowerEvent::Stopped, json!({ "reason": "the guest powered off" }));
+                }
+                HvEvent::Exited { status, log_tail } => {
+                    tracing::warn!(%id, ?status, "QEMU exited unexpectedly");
+                    break (PowerEvent::Exited, json!({ "reason": "QEMU exited unexpectedly", "exit_status": status, "log_tail": log_tail }));
+                }
+                HvEvent::Paused => reports.power(PowerEvent::Paused, json!({})).await,
+                HvEvent::Resumed => reports.power(PowerEvent::Resumed, json!({})).await,
+                HvEvent::Reset => tracing::info!(%id, "the VM was reset"),
+                HvEvent::DeviceDeleted(dev) => {
+                    tracing::debug!(%id, %dev, "device deleted");
+                    let waiter = unplugs.iter().position(|(n, _)| *n == dev).map(|i| unplugs.swap_remove(i).1);
+                    if waiter.is_none_or(|w| w.send(Ok(())).is_err()) {
+                        // No one waits (the detach gave up, or no one asked): the config decides.
+                        let reports = reports.clone();
+                        tokio::spawn(async move { reports.device_released(dev).await });
+                    }
+                }
+            },
+        }
+    };
+    // The run goes first: a command sent from now on finds the VM gone (a new run that already
+    // replaced it keeps its place).
+    rx.close();
+    {
+        let mut vms = vms.lock().unwrap_or_else(|p| p.into_inner());
+        if vms.get(&id).is_some_and(|tx| tx.is_closed()) {
+            vms.remove(&id);
+        }
+    }
+    reports.power(event, data).await;
+    for w in waiters {
+        let _ = w.send(Ok(()));
+    }
+}
+
+/// How the app records what an agent reports about one run.
+struct AppRunReports {
+    app: App,
+    id: Uuid,
+    generation: i64,
+}
+
+#[async_trait]
+impl RunReports for AppRunReports {
+    async fn power(&self, event: PowerEvent, data: serde_json::Value) {
+        let ended = matches!(event, PowerEvent::Stopped | PowerEvent::Exited);
+        let f: RuntimeFn = Box::new(move |_, old| {
+            let Some(power_state) = power_transition(old.power_state, event) else { return Ok(None) };
+            if power_state == old.power_state && !ended {
+                return Ok(None);
+            }
+            let rt = if ended {
+                VmRuntime { power_state, since: Some(chrono::Utc::now()), ..Default::default() }
+            } else {
+                VmRuntime { power_state, ..old.clone() }
+            };
+            Ok(Some((rt, data)))
+        });
+        if let Err(e) = self.app.runtime_write(self.id, Some(self.generation), false, None, f).await {
+            tracing::error!(id = %self.id, error = %e, ?event, "could not record a VM's power");
+        }
+    }
+
+    async fn device_released(&self, device: String) {
+        self.app.disk_device_reconcile(self.id, &device).await;
     }
 }
 
@@ -143,109 +340,15 @@ impl App {
         Ok(after)
     }
 
-    /// Starts supervising a running VM (just started, or adopted) for run `generation`.
-    pub(crate) fn supervise(&self, id: Uuid, generation: i64, mut handle: Box<dyn VmHandle>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
-        self.node().vms.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let app = self.clone();
-        tokio::spawn(async move {
-            let mut waiters: Vec<oneshot::Sender<Result<(), HvError>>> = Vec::new();
-            let mut unplugs: Vec<(String, oneshot::Sender<Result<(), HvError>>)> = Vec::new();
-            let (event, data) = loop {
-                tokio::select! {
-                    cmd = rx.recv() => match cmd {
-                        None => return,
-                        Some(Cmd::Quit(reply)) => {
-                            let r = handle.quit().await;
-                            waiters.push(reply);
-                            if let Err(e) = r {
-                                tracing::warn!(%id, error = %e, "quit failed");
-                            }
-                            break (PowerEvent::Stopped, json!({ "reason": "powered off" }));
-                        }
-                        Some(Cmd::Powerdown(reply)) => match handle.powerdown().await {
-                            Ok(()) => waiters.push(reply),
-                            Err(e) => { let _ = reply.send(Err(e)); }
-                        },
-                        Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
-                        Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
-                        Some(Cmd::BlockdevAdd(d, reply)) => { let _ = reply.send(handle.blockdev_add(&d).await); }
-                        Some(Cmd::DeviceAdd(d, reply)) => { let _ = reply.send(handle.device_add(&d).await); }
-                        Some(Cmd::BlockdevDel(node, reply)) => { let _ = reply.send(handle.blockdev_del(&node).await); }
-                        Some(Cmd::BlockQuery(reply)) => { let _ = reply.send(handle.block_query().await); }
-                        Some(Cmd::DiskResize(node, size, reply)) => { let _ = reply.send(handle.block_resize(&node, size).await); }
-                        Some(Cmd::DeviceDel(node, reply)) => match handle.device_del(&node).await {
-                            Ok(true) => unplugs.push((node, reply)),
-                            Ok(false) => { let _ = reply.send(Ok(())); }
-                            Err(e) => { let _ = reply.send(Err(e)); }
-                        },
-                    },
-                    ev = handle.next_event() => match ev {
-                        HvEvent::GuestShutdown => {
-                            let _ = handle.quit().await;
-                            break (PowerEvent::Stopped, json!({ "reason": "the guest powered off" }));
-                        }
-                        HvEvent::Exited { status, log_tail } => {
-                            tracing::warn!(%id, ?status, "QEMU exited unexpectedly");
-                            break (PowerEvent::Exited, json!({ "reason": "QEMU exited unexpectedly", "exit_status": status, "log_tail": log_tail }));
-                        }
-                        HvEvent::Paused | HvEvent::Resumed => {
-                            let pe = if matches!(ev, HvEvent::Paused) { PowerEvent::Paused } else { PowerEvent::Resumed };
-                            let f: RuntimeFn = Box::new(move |_, old| Ok(power_transition(old.power_state, pe).filter(|ps| *ps != old.power_state).map(|ps| (VmRuntime { power_state: ps, ..old.clone() }, json!({})))));
-                            if let Err(e) = app.runtime_write(id, Some(generation), false, None, f).await {
-                                tracing::warn!(%id, error = %e, "could not record a pause or resume");
-                            }
-                        }
-                        HvEvent::Reset => tracing::info!(%id, "the VM was reset"),
-                        HvEvent::DeviceDeleted(dev) => {
-                            tracing::debug!(%id, %dev, "device deleted");
-                            let waiter = unplugs.iter().position(|(n, _)| *n == dev).map(|i| unplugs.swap_remove(i).1);
-                            if waiter.is_none_or(|w| w.send(Ok(())).is_err()) {
-                                // No one waits (the detach gave up, or no one asked): the config decides.
-                                let app = app.clone();
-                                tokio::spawn(async move { app.disk_device_reconcile(id, &dev).await });
-                            }
-                        }
-                    },
-                }
-            };
-            app.node().vms.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            let f: RuntimeFn = Box::new(move |_, old| {
-                let Some(power_state) = power_transition(old.power_state, event) else { return Ok(None) };
-                Ok(Some((VmRuntime { power_state, since: Some(chrono::Utc::now()), ..Default::default() }, data)))
-            });
-            if let Err(e) = app.runtime_write(id, Some(generation), false, None, f).await {
-                tracing::error!(%id, error = %e, "could not record that a VM stopped");
-            }
-            for w in waiters {
-                let _ = w.send(Ok(()));
-            }
-        });
+    /// Has this host's agent supervise a run (just started, or adopted) as run `generation`.
+    pub(crate) fn supervise(&self, id: Uuid, generation: i64, run: Run) {
+        let reports = Arc::new(AppRunReports { app: self.clone(), id, generation });
+        self.agent().supervise(id, run, reports);
     }
 
     /// Where a node's replica answers (for forwarding a request about one of its VMs).
     pub async fn node_url(&self, node: &str) -> Option<String> {
         self.store().node_url(node).await.ok().flatten()
-    }
-
-    /// Refuses work on a VM that another node (another covm replica's data directory) runs: its QEMU,
-    /// run files and agent are there. 409 `vm_on_other_node` names the node.
-    pub(crate) fn vm_local(&self, rec: &VmRecord) -> Result<(), Error> {
-        let rt = runtime_of(rec);
-        match rt.node {
-            Some(n) if n != self.config().node_id && rt.power_state.is_active() => Err(Error::on_other_node(
-                &n,
-                format!(
-                    "{} runs on node {n} (another covm replica); send this request to that replica",
-                    rec.object.name
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    pub(crate) fn run_dir(&self, id: Uuid) -> PathBuf {
-        self.config().data_dir.join("vms").join(id.to_string())
     }
 
     /// At start: adopts VMs whose QEMU still runs, marks the others crashed, reports leftovers.
@@ -262,10 +365,10 @@ impl App {
                 continue;
             }
             let id = vm.object.id;
-            match self.node().driver.adopt(id, &self.run_dir(id)).await {
-                Ok(Some(handle)) => {
-                    let pid = handle.pid();
-                    let accel = handle.accel().as_str().to_owned();
+            match self.agent().adopt(id).await {
+                Ok(Some(run)) => {
+                    let pid = run.pid;
+                    let accel = run.accel.as_str().to_owned();
                     let f: RuntimeFn = Box::new(move |_, old| {
                         let Some(power_state) = power_transition(old.power_state, PowerEvent::Adopted) else {
                             return Ok(None);
@@ -278,7 +381,7 @@ impl App {
                     let after = self.runtime_write(id, None, true, None, f).await?;
                     let generation = after.map_or(0, |a| a.generation);
                     tracing::info!(vm = %vm.object.name, ?pid, "adopted a running VM");
-                    self.supervise(id, generation, handle);
+                    self.supervise(id, generation, run);
                 }
                 Ok(None) | Err(_) => {
                     tracing::warn!(vm = %vm.object.name, "its QEMU is gone: marking it crashed");
@@ -296,22 +399,7 @@ impl App {
             }
         }
         // QEMUs of VMs that no longer exist: reported, never killed.
-        if let Ok(dirs) = std::fs::read_dir(self.config().data_dir.join("vms")) {
-            for d in dirs.flatten() {
-                let Some(id) = d.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else { continue };
-                if known.contains(&id) {
-                    continue;
-                }
-                if let Some(pid) = self.node().driver.leftover_pid(&d.path()) {
-                    let msg = format!(
-                        "QEMU pid {pid} in {} belongs to no VM (deleted?); covm leaves it running",
-                        d.path().display()
-                    );
-                    tracing::warn!("{msg}");
-                    self.node().leftovers.lock().unwrap_or_else(|p| p.into_inner()).push(msg);
-                }
-            }
-        }
+        self.agent().leftovers_scan(&known);
         Ok(())
     }
 }

@@ -18,7 +18,8 @@ use covm_types::{Error, ErrorKind, Privilege};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::node::{Cmd, RuntimeFn, hv_error, runtime_of};
+use super::agent::VmOp;
+use super::node::{RuntimeFn, hv_error, runtime_of};
 use super::transition::{PowerEvent, power_transition};
 use super::{App, Ctx, EventExt, system_event};
 
@@ -239,7 +240,7 @@ impl App {
             cdrom,
             disks,
             nic_bridges,
-            run_dir: self.run_dir(vm.object.id),
+            run_dir: self.agent().run_dir(vm.object.id),
             accel,
         })
     }
@@ -289,10 +290,10 @@ impl App {
         }
         let id = rec.object.id;
         let state = runtime_of(&rec).power_state;
-        self.vm_local(&rec)?;
+        let agent = self.agent_for(&rec)?;
         match p.action {
             PowerAction::On => {
-                self.node().driver.check().map_err(hv_error)?;
+                agent.check().map_err(hv_error)?;
                 if power_transition(state, PowerEvent::Start).is_none() {
                     return Err(Error::conflict(ErrorCode::VmRunning, format!("{} is {state}", rec.object.name)));
                 }
@@ -340,12 +341,12 @@ impl App {
     async fn power_on_run(&self, id: Uuid, generation: i64, spec: VmSpec) -> Result<String, Error> {
         let accel = spec.accel.as_str();
         tracing::info!(vm = %spec.name, accel, "powering on (accel {accel}: {})", if accel == "tcg" { "no fast KVM here" } else { "KVM" });
-        match self.node().driver.start(&spec).await {
-            Ok(handle) => {
-                let pid = handle.pid();
+        match self.agent().start(&spec).await {
+            Ok(run) => {
+                let pid = run.pid;
                 let host = super::host::host_facts().hostname;
                 let node = self.config().node_id.clone();
-                let simulated = self.node().driver.name() == "sim";
+                let simulated = self.agent().driver_name() == "sim";
                 let f: RuntimeFn = Box::new(move |_, old| {
                     let Some(power_state) = power_transition(old.power_state, PowerEvent::Started) else {
                         return Ok(None);
@@ -365,7 +366,7 @@ impl App {
                     )))
                 });
                 self.runtime_write(id, Some(generation), false, None, f).await?;
-                self.supervise(id, generation, handle);
+                self.supervise(id, generation, run);
                 Ok(format!("{} is running (accel {accel})", spec.name))
             }
             Err(e) => {
@@ -391,7 +392,7 @@ impl App {
         action: PowerAction,
         timeout: u32,
     ) -> Result<String, Error> {
-        let node = self.node();
+        let agent = self.agent();
         let (clear, stop, reset) = (
             power_transition(state, PowerEvent::Clear),
             power_transition(state, PowerEvent::Stop),
@@ -412,12 +413,12 @@ impl App {
                 Ok(format!("{name} is off"))
             }
             PowerAction::Off if stop.is_some() => {
-                node.ask(id, Cmd::Quit).await.map_err(hv_error)?;
+                agent.ask(id, VmOp::Quit).await.map_err(hv_error)?;
                 Ok(format!("{name} is off"))
             }
             PowerAction::Off | PowerAction::Shutdown if stop.is_none() => Ok(format!("{name} is already off")),
             PowerAction::Shutdown => {
-                match tokio::time::timeout(Duration::from_secs(timeout.into()), node.ask(id, Cmd::Powerdown)).await {
+                match tokio::time::timeout(Duration::from_secs(timeout.into()), agent.ask(id, VmOp::Powerdown)).await {
                     Ok(r) => r.map_err(hv_error).map(|_| format!("{name} shut down")),
                     Err(_) => Err(Error::new(
                         ErrorKind::Conflict,
@@ -429,7 +430,7 @@ impl App {
                 }
             }
             PowerAction::Reset if reset.is_some() => {
-                node.ask(id, Cmd::Reset).await.map_err(hv_error)?;
+                agent.ask(id, VmOp::Reset).await.map_err(hv_error)?;
                 Ok(format!("{name} was reset"))
             }
             PowerAction::Reset => Err(Error::conflict(ErrorCode::VmNotRunning, format!("{name} is {state}"))),
@@ -493,12 +494,12 @@ impl App {
     ) -> Result<(std::path::PathBuf, Vec<String>, Option<super::streams::StreamGuard>), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInteractConsole).await?;
-        self.vm_local(&rec)?;
+        let agent = self.agent_for(&rec)?;
         let guard = match follow {
             true => Some(self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?),
             false => None,
         };
-        let path = self.node().driver.serial_log(&self.run_dir(rec.object.id));
+        let path = agent.serial_log(rec.object.id);
         let lines = covm_hv::log_tail(&path, tail).into_iter().map(|l| l.trim_end_matches('\r').to_owned()).collect();
         Ok((path, lines, guard))
     }
@@ -514,8 +515,8 @@ impl App {
         if !matches!(runtime_of(&rec).power_state, PowerState::Running | PowerState::Paused) {
             return Err(Error::conflict(ErrorCode::VmNotRunning, format!("{} is not running", rec.object.name)));
         }
-        self.vm_local(&rec)?;
+        let agent = self.agent_for(&rec)?;
         let guard = self.stream_open(ctx, Some((rec.object.id, Privilege::VmInteractConsole)))?;
-        Ok((self.node().driver.vnc_socket(&self.run_dir(rec.object.id)), guard))
+        Ok((agent.vnc_socket(rec.object.id), guard))
     }
 }

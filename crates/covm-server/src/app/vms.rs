@@ -566,7 +566,7 @@ impl App {
         });
         self.store().vm_write(rec.object.id, write).await?;
         self.committed();
-        let dir = self.run_dir(rec.object.id);
+        let dir = self.agent().run_dir(rec.object.id);
         if dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&dir)
         {
@@ -618,7 +618,7 @@ impl App {
         for (i, (x, y)) in a.nics.iter().zip(&b.nics).enumerate() {
             if x.connected != y.connected {
                 let up = y.connected;
-                if let Err(e) = self.node().ask(after.object.id, |r| super::node::Cmd::SetLink(i, up, r)).await {
+                if let Err(e) = self.agent().ask(after.object.id, super::agent::VmOp::SetLink(i, up)).await {
                     tracing::warn!(vm = %after.object.name, nic = i, error = %e, "could not set the link");
                 }
             }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Saga;
+use crate::app::agent::VmOp;
 use crate::app::attach::disk_node;
 use crate::app::node::hv_error;
 use crate::app::{App, Ctx, EventExt};
@@ -263,10 +264,7 @@ impl Saga for ResizeSaga {
             ResizeStep::Grow => {
                 for vm in &self.live {
                     let (node, size) = (disk_node(self.id), self.to);
-                    app.node()
-                        .ask(*vm, |r| crate::app::node::Cmd::DiskResize(node, size, r))
-                        .await
-                        .map_err(hv_error)?;
+                    app.agent().ask(*vm, VmOp::DiskResize(node, size)).await.map_err(hv_error)?;
                 }
                 Ok(())
             }

@@ -13,8 +13,9 @@ use uuid::Uuid;
 use async_trait::async_trait;
 
 use super::Saga;
+use crate::app::agent::VmOp;
 use crate::app::attach::{UNPLUG_TIMEOUT, conflict};
-use crate::app::node::{Cmd, hv_error};
+use crate::app::node::hv_error;
 use crate::app::vms::{DocChange, Preconditions, WriteOpts, parse_config};
 use crate::app::{App, Ctx, EventExt};
 
@@ -110,12 +111,12 @@ impl Plug {
 
     async fn blockdev_add(&self, app: &App) -> Result<(), Error> {
         let Some(spec) = self.spec() else { return Ok(()) };
-        app.node().ask(self.vm, |r| Cmd::BlockdevAdd(Box::new(spec), r)).await.map_err(hv_error)
+        app.agent().ask(self.vm, VmOp::BlockdevAdd(Box::new(spec))).await.map_err(hv_error)
     }
 
     async fn device_add(&self, app: &App) -> Result<(), Error> {
         let Some(spec) = self.spec() else { return Ok(()) };
-        app.node().ask(self.vm, |r| Cmd::DeviceAdd(Box::new(spec), r)).await.map_err(hv_error)
+        app.agent().ask(self.vm, VmOp::DeviceAdd(Box::new(spec))).await.map_err(hv_error)
     }
 
     async fn blockdev_del(&self, app: &App) -> Result<(), Error> {
@@ -123,7 +124,7 @@ impl Plug {
             return Ok(());
         }
         let node = self.node();
-        gone_ok(app.node().ask(self.vm, |r| Cmd::BlockdevDel(node, r)).await)
+        gone_ok(app.agent().ask(self.vm, VmOp::BlockdevDel(node)).await)
     }
 
     /// Asks the guest to let go and waits for it (a bounded time).
@@ -132,7 +133,7 @@ impl Plug {
             return Ok(());
         }
         let node = self.node();
-        match tokio::time::timeout(UNPLUG_TIMEOUT, app.node().ask(self.vm, |r| Cmd::DeviceDel(node, r))).await {
+        match tokio::time::timeout(UNPLUG_TIMEOUT, app.agent().ask(self.vm, VmOp::DeviceDel(node))).await {
             Ok(r) => gone_ok(r),
             Err(_) => Err(conflict(
                 ErrorCode::DetachTimeout,
