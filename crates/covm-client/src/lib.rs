@@ -219,6 +219,29 @@ impl Client {
         self.get("/users").await
     }
 
+    pub async fn user(&self, name: &str) -> Result<UserView> {
+        self.get(&format!("/users/{name}")).await
+    }
+
+    /// Every privilege there is.
+    pub async fn privileges(&self) -> Result<Vec<Privilege>> {
+        self.get("/privileges").await
+    }
+
+    /// My API tokens (without their secrets).
+    pub async fn tokens(&self) -> Result<Vec<TokenView>> {
+        self.get("/tokens").await
+    }
+
+    /// A new API token for me; the answer carries its secret, once.
+    pub async fn token_create(&self, p: &TokenCreate) -> Result<TokenView> {
+        self.post("/tokens", p).await
+    }
+
+    pub async fn token_delete(&self, id: uuid::Uuid) -> Result<()> {
+        self.delete(&format!("/tokens/{id}")).await
+    }
+
     pub async fn user_password_set(&self, user: &str, password: &str) -> Result<()> {
         self.put::<_, serde_json::Value>(&format!("/users/{user}/password"), &PasswordSet { password: password.into() })
             .await
@@ -294,9 +317,15 @@ impl Client {
         self.get("/folders").await
     }
 
+    /// A folder by path (`/a/b`).
+    pub async fn folder(&self, path: &str) -> Result<FolderView> {
+        self.get(&format!("/folders/{}", path.trim_start_matches('/'))).await
+    }
+
     // --- VMs ----------------------------------------------------------------------------------
 
-    pub async fn vm_create(&self, config: &serde_json::Value) -> Result<VmView> {
+    /// A new VM from its config: a [`VmConfig`] (see [`VmConfig::named`]) or a JSON document.
+    pub async fn vm_create<B: Serialize + ?Sized>(&self, config: &B) -> Result<VmView> {
         self.post("/vms", config).await
     }
 
@@ -309,26 +338,26 @@ impl Client {
     }
 
     /// A JSON Merge Patch; `if_match` and `lease` become `If-Match` and `Covm-Lease`.
-    pub async fn vm_change(&self, vm: &str, patch: &serde_json::Value, opts: &ChangeOptions) -> Result<VmView> {
+    pub async fn vm_change<P: Serialize + ?Sized>(&self, vm: &str, patch: &P, opts: &ChangeOptions) -> Result<VmView> {
         self.send(self.change_request(vm, patch, opts)).await
     }
 
     /// The plan of a change, changing nothing.
-    pub async fn vm_change_plan(
+    pub async fn vm_change_plan<P: Serialize + ?Sized>(
         &self,
         vm: &str,
-        patch: &serde_json::Value,
+        patch: &P,
         opts: &ChangeOptions,
     ) -> Result<serde_json::Value> {
         let opts = ChangeOptions { dry_run: true, ..opts.clone() };
         self.send(self.change_request(vm, patch, &opts)).await
     }
 
-    fn change_request(&self, vm: &str, patch: &serde_json::Value, opts: &ChangeOptions) -> RequestBuilder {
+    fn change_request<P: Serialize + ?Sized>(&self, vm: &str, patch: &P, opts: &ChangeOptions) -> RequestBuilder {
         let mut rb = self
             .request(Method::PATCH, &format!("/vms/{vm}"))
             .header(reqwest::header::CONTENT_TYPE, "application/merge-patch+json")
-            .body(patch.to_string());
+            .body(serde_json::to_vec(patch).unwrap_or_default());
         if let Some(v) = opts.if_match {
             rb = rb.header(reqwest::header::IF_MATCH, format!("\"{v}\""));
         }
@@ -471,6 +500,10 @@ impl Client {
 
     pub async fn hosts(&self, q: &ListQuery) -> Result<Page<HostView>> {
         self.send(self.request(Method::GET, "/hosts").query(q)).await
+    }
+
+    pub async fn datastore(&self, name: &str) -> Result<DatastoreView> {
+        self.get(&format!("/datastores/{name}")).await
     }
 
     pub async fn datastores(&self, q: &ListQuery) -> Result<Page<DatastoreView>> {

@@ -387,6 +387,14 @@ impl VmConfig {
 // ---------------------------------------------------------------------------------------------------
 // API shapes
 
+impl VmConfig {
+    /// A config with every default (`/`, 1 vCPU …) and this name.
+    pub fn named(name: &str) -> Result<VmConfig, crate::Error> {
+        serde_json::from_value(serde_json::json!({ "name": name }))
+            .map_err(|e| crate::Error::invalid("name", e.to_string()))
+    }
+}
+
 /// Power states of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "snake_case")]
@@ -765,33 +773,54 @@ pub enum VmChangeResponse {
 /// as it is; `null` sets it back to its default (an optional field: removes it); a list replaces the
 /// whole list; `console`, `autostart` and `annotations` are merged key by key (an annotation set to
 /// `null` is removed). It documents the body for clients and generators; the server merges the
-/// document as sent and then checks the whole config.
+/// document as sent and then checks the whole config. Built in Rust, a field left `None` is left out
+/// of the patch (to set a field back to its default with `null`, send a JSON document).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// The folder's path: moves the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folder: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     #[schema(minimum = 1, maximum = 256)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
     #[schema(minimum = 16)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<Machine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controllers: Option<Vec<Controller>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<DiskAttachment>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<Nic>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdrom: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<Vec<BootDevice>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<ConsoleChange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autostart: Option<AutostartChange>,
     /// Keys to set; a key set to `null` is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, Option<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
 }
 
