@@ -89,7 +89,7 @@ pub struct DiskClone {
     pub name: Name,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskImport {
     pub datastore: String,

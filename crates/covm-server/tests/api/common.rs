@@ -167,3 +167,47 @@ impl TestServer {
 pub async fn task_done(c: &Client, task: &covm_types::vm::TaskView) -> covm_types::vm::TaskView {
     c.task_wait(task.id, std::time::Duration::from_secs(120), |_| {}).await.expect("the task ends")
 }
+
+/// A valid name (panics on an invalid one: for tests that mean to send a good name).
+pub fn name(s: &str) -> covm_types::Name {
+    covm_types::Name::parse(s).unwrap_or_else(|e| panic!("{s:?} is not a valid name: {e}"))
+}
+
+/// A new disk on the `local` datastore (qcow2, not shared, in `/` and the default pool).
+pub fn new_disk(disk: &str, capacity_bytes: u64) -> covm_types::disk::DiskCreate {
+    covm_types::disk::DiskCreate {
+        name: name(disk),
+        datastore: "local".into(),
+        capacity_bytes,
+        format: Default::default(),
+        sharing: Default::default(),
+        folder: None,
+        pool: None,
+    }
+}
+
+/// A VM config with every default and this name.
+pub fn vm_named(vm: &str) -> covm_types::vm::VmConfig {
+    covm_types::vm::VmConfig::named(vm).expect("a valid VM name")
+}
+
+/// A `pc` VM with one IDE controller (a bus that cannot hot-plug).
+pub fn ide_vm(vm: &str) -> covm_types::vm::VmConfig {
+    use covm_types::vm::{Controller, ControllerType, Machine};
+    covm_types::vm::VmConfig {
+        machine: Machine::Pc,
+        controllers: vec![Controller { id: "ide0".into(), kind: ControllerType::Ide }],
+        ..vm_named(vm)
+    }
+}
+
+/// A disk attachment to send (its generation is covm's to set).
+pub fn attachment(disk: &str, controller: &str, unit: u32) -> covm_types::vm::DiskAttachment {
+    covm_types::vm::DiskAttachment {
+        disk: disk.into(),
+        controller: controller.into(),
+        unit,
+        read_only: false,
+        generation: 0,
+    }
+}

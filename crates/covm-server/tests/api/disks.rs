@@ -1,10 +1,14 @@
 //! First-class disks with real qemu-img images: lifecycle, checks before changes, bad input.
 
 use covm_client::ClientError;
-use covm_types::disk::DiskView;
-use serde_json::{Value, json};
+use covm_types::api::{PoolCreate, Quota};
+use covm_types::disk::{
+    DetachQuery, DiskAttach, DiskClone, DiskCreate, DiskFormat, DiskImport, DiskListQuery, DiskMove, DiskState, Sharing,
+};
+use covm_types::vm::{PowerAction, VmConfig};
+use serde_json::json;
 
-use crate::common::TestServer;
+use crate::common::{TestServer, attachment, ide_vm, name, new_disk, task_done, vm_named};
 
 fn err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<String>) {
     match r {
@@ -17,47 +21,39 @@ fn err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<St
 async fn a_disk_is_created_grown_cloned_and_deleted_with_its_image() {
     let s = TestServer::start().await;
     let c = &s.admin;
-    let d: DiskView = c
-        .post("/disks", &json!({ "name": "data-1", "datastore": "local", "capacity_bytes": 64u64 << 20 }))
-        .await
-        .unwrap();
+    let d = c.disk_create(&new_disk("data-1", 64 << 20)).await.unwrap();
     let file = s.dir.path().join("datastores/local").join(&d.file);
     assert!(file.is_file(), "{}", file.display());
     assert!(d.file.starts_with("disks/") && d.file.ends_with(".qcow2"), "covm names the file: {}", d.file);
-    let info: DiskView = c.get("/disks/data-1").await.unwrap();
+    let info = c.disk("data-1").await.unwrap();
     let image = info.image.unwrap();
     assert_eq!((image.format.as_str(), image.virtual_size), ("qcow2", 64 << 20));
 
-    let grown: DiskView = c.post("/disks/data-1/resize", &json!({ "capacity_bytes": 128u64 << 20 })).await.unwrap();
+    let grown = c.disk_resize("data-1", 128 << 20).await.unwrap();
     assert_eq!(grown.capacity_bytes, 128 << 20);
-    let info: DiskView = c.get("/disks/data-1").await.unwrap();
+    let info = c.disk("data-1").await.unwrap();
     assert_eq!(info.image.unwrap().virtual_size, 128 << 20);
-    assert_eq!(
-        err(c.post::<_, Value>("/disks/data-1/resize", &json!({ "capacity_bytes": 64u64 << 20 })).await).1,
-        "shrink_refused"
-    );
+    assert_eq!(err(c.disk_resize("data-1", 64 << 20).await).1, "shrink_refused");
     // The same size is already done.
-    c.post::<_, Value>("/disks/data-1/resize", &json!({ "capacity_bytes": 128u64 << 20 })).await.unwrap();
+    c.disk_resize("data-1", 128 << 20).await.unwrap();
 
-    let copy: DiskView = c.post("/disks/data-1/clone", &json!({ "name": "data-2" })).await.unwrap();
+    let copy = c.disk_clone("data-1", &DiskClone { name: name("data-2") }).await.unwrap();
     assert_ne!(copy.file, d.file);
     assert_eq!(copy.capacity_bytes, 128 << 20);
     assert!(s.dir.path().join("datastores/local").join(&copy.file).is_file());
 
     // A VM whose config holds the disk keeps it from being deleted, and the error names the VM.
-    c.vm_create(&json!({ "name": "web-1", "disks": [{ "disk": "data-2", "controller": "scsi0", "unit": 0 }] }))
-        .await
-        .unwrap();
-    let Err(ClientError::Api { status: 409, error, .. }) = c.delete("/disks/data-2").await else { panic!() };
+    c.vm_create(&VmConfig { disks: vec![attachment("data-2", "scsi0", 0)], ..vm_named("web-1") }).await.unwrap();
+    let Err(ClientError::Api { status: 409, error, .. }) = c.disk_delete("data-2").await else { panic!() };
     assert_eq!(error.code, "disk_in_use");
     assert!(error.message.contains("web-1"), "{}", error.message);
-    let listed: covm_types::api::Page<DiskView> = c.get("/disks").await.unwrap();
+    let listed = c.disks(&DiskListQuery::default()).await.unwrap();
     let held = listed.items.iter().find(|x| x.name == "data-2").unwrap();
     assert_eq!(held.attachments[0].vm, "web-1");
 
-    c.delete("/disks/data-1").await.unwrap();
+    c.disk_delete("data-1").await.unwrap();
     assert!(!file.exists(), "the image goes with the disk");
-    assert_eq!(err(c.get::<Value>("/disks/data-1").await).0, 404);
+    assert_eq!(err(c.disk("data-1").await).0, 404);
     // (The feed hides events of objects that are gone; the audit log keeps them.)
     let q = covm_types::api::AuditQuery { kind: Some("disk.".into()), limit: Some(1000), ..Default::default() };
     let kinds: Vec<String> = c.audit(&q).await.unwrap().items.into_iter().map(|e| e.kind).collect();
@@ -71,6 +67,8 @@ async fn bad_disk_requests_change_nothing() {
     let s = TestServer::start().await;
     let c = &s.admin;
     let before = s.count("objects").await;
+    // Raw bodies on purpose: these are refusals of what the typed request cannot even hold (a negative
+    // size, a bad name, an unknown field) beside out-of-range values, each checked at the wire.
     let cases = [
         (
             json!({ "name": "d", "datastore": "local", "capacity_bytes": -1 }),
@@ -137,38 +135,36 @@ async fn bad_disk_requests_change_nothing() {
     std::fs::write(s.dir.path().join("outside.img"), b"x").unwrap();
     std::os::unix::fs::symlink(s.dir.path().join("outside.img"), ds.join("link.img")).unwrap();
     for path in ["../outside.img", "link.img", "missing.img", "/etc/passwd"] {
-        let r = c.post::<_, Value>("/disks/imp/import", &json!({ "datastore": "local", "path": path })).await;
+        let r = c
+            .disk_import("imp", &DiskImport { datastore: "local".into(), path: path.into(), ..Default::default() })
+            .await;
         let (status, _, field) = err(r);
         assert_eq!((status, field.as_deref()), (400, Some("path")), "{path}");
     }
     // A real image inside the datastore is imported (moved under a covm name).
     covm_hv::img::create(&ds.join("mine.qcow2"), "qcow2", 2 << 20).await.unwrap();
-    let d: DiskView =
-        c.post("/disks/imp/import", &json!({ "datastore": "local", "path": "mine.qcow2" })).await.unwrap();
-    assert_eq!((d.capacity_bytes, d.format), (2 << 20, covm_types::disk::DiskFormat::Qcow2));
+    let d = c
+        .disk_import("imp", &DiskImport { datastore: "local".into(), path: "mine.qcow2".into(), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!((d.capacity_bytes, d.format), (2 << 20, DiskFormat::Qcow2));
     assert!(!ds.join("mine.qcow2").exists() && ds.join(&d.file).is_file());
 
     // The pool's disk quota is checked before anything is made.
-    c.post::<_, Value>("/pools", &json!({ "name": "tiny", "quota": { "disk_bytes": 4u64 << 20 } })).await.unwrap();
-    c.post::<_, Value>(
-        "/disks",
-        &json!({ "name": "q1", "datastore": "local", "capacity_bytes": 3u64 << 20, "pool": "tiny" }),
-    )
-    .await
-    .unwrap();
-    let r = c
-        .post::<_, Value>(
-            "/disks",
-            &json!({ "name": "q2", "datastore": "local", "capacity_bytes": 2u64 << 20, "pool": "tiny" }),
-        )
-        .await;
+    let quota = Quota { disk_bytes: Some(4 << 20), ..Default::default() };
+    c.pool_create(&PoolCreate { name: name("tiny"), quota, folder: None }).await.unwrap();
+    c.disk_create(&DiskCreate { pool: Some("tiny".into()), ..new_disk("q1", 3 << 20) }).await.unwrap();
+    let r = c.disk_create(&DiskCreate { pool: Some("tiny".into()), ..new_disk("q2", 2 << 20) }).await;
     assert_eq!(err(r).1, "quota_exceeded");
 }
 
 async fn disk(c: &covm_client::Client, name: &str) {
-    c.post::<_, Value>("/disks", &json!({ "name": name, "datastore": "local", "capacity_bytes": 1u64 << 20 }))
-        .await
-        .unwrap();
+    c.disk_create(&new_disk(name, 1 << 20)).await.unwrap();
+}
+
+/// Attach `disk` where covm chooses.
+fn attach(disk: &str) -> DiskAttach {
+    DiskAttach { disk: disk.into(), ..Default::default() }
 }
 
 #[tokio::test]
@@ -176,62 +172,54 @@ async fn attach_rules_are_checked_before_anything_changes() {
     let s = TestServer::start().await;
     let c = &s.admin;
     for n in ["a", "b"] {
-        c.vm_create(&json!({ "name": n })).await.unwrap();
+        c.vm_create(&vm_named(n)).await.unwrap();
     }
-    c.vm_create(&json!({ "name": "old", "machine": "pc", "controllers": [{ "id": "ide0", "type": "ide" }] }))
-        .await
-        .unwrap();
+    c.vm_create(&ide_vm("old")).await.unwrap();
     disk(c, "d1").await;
     disk(c, "d2").await;
-    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "d1" })).await.unwrap();
+    let v = c.vm_disk_attach("a", &attach("d1")).await.unwrap();
     assert_eq!((v.version, v.config.disks[0].controller.as_str(), v.config.disks[0].unit), (2, "scsi0", 0));
     // One writer: b gets disk_in_use naming a.
-    let Err(ClientError::Api { status: 409, error, .. }) =
-        c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1" })).await
-    else {
-        panic!()
-    };
+    let Err(ClientError::Api { status: 409, error, .. }) = c.vm_disk_attach("b", &attach("d1")).await else { panic!() };
     assert_eq!(error.code, "disk_in_use");
     let generation = v.config.disks[0].generation;
     assert!(generation > 0);
     assert!(error.message.contains(&format!(" a (off, attachment generation {generation})")), "{}", error.message);
     assert_eq!(error.details.as_ref().unwrap()["generation"], generation);
     assert!(
-        c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1", "read_only": true })).await.is_err(),
+        c.vm_disk_attach("b", &DiskAttach { read_only: true, ..attach("d1") }).await.is_err(),
         "not read-only beside a writer"
     );
     for (body, code) in [
-        (json!({ "disk": "d2", "controller": "nope" }), "unknown_controller"),
-        (json!({ "disk": "d2", "unit": 0 }), "unit_taken"),
-        (json!({ "disk": "d2", "unit": 256 }), "unit_out_of_range"),
-        (json!({ "disk": "d1" }), "already_attached"),
+        (DiskAttach { controller: Some("nope".into()), ..attach("d2") }, "unknown_controller"),
+        (DiskAttach { unit: Some(0), ..attach("d2") }, "unit_taken"),
+        (DiskAttach { unit: Some(256), ..attach("d2") }, "unit_out_of_range"),
+        (attach("d1"), "already_attached"),
     ] {
-        assert_eq!(err(c.post::<_, Value>("/vms/a/disks", &body).await).1, code, "{body}");
+        assert_eq!(err(c.vm_disk_attach("a", &body).await).1, code, "{body:?}");
     }
     assert_eq!(c.vm("a").await.unwrap().version, 2, "nothing changed");
     // On a running VM: virtio-scsi hot-plugs; IDE does not (unless next_boot).
-    let t = c.vm_power("a", covm_types::vm::PowerAction::On, None).await.unwrap();
-    crate::common::task_done(c, &t).await;
-    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "d2" })).await.unwrap();
+    let t = c.vm_power("a", PowerAction::On, None).await.unwrap();
+    task_done(c, &t).await;
+    let v = c.vm_disk_attach("a", &attach("d2")).await.unwrap();
     assert_eq!(v.runtime.running_version, Some(v.version), "a hot-plug is live, not pending");
-    let t = c.vm_power("old", covm_types::vm::PowerAction::On, None).await.unwrap();
-    crate::common::task_done(c, &t).await;
+    let t = c.vm_power("old", PowerAction::On, None).await.unwrap();
+    task_done(c, &t).await;
     disk(c, "d3").await;
-    assert_eq!(err(c.post::<_, Value>("/vms/old/disks", &json!({ "disk": "d3" })).await).1, "hotplug_unsupported");
-    let v: covm_types::vm::VmView =
-        c.post("/vms/old/disks", &json!({ "disk": "d3", "next_boot": true })).await.unwrap();
+    assert_eq!(err(c.vm_disk_attach("old", &attach("d3")).await).1, "hotplug_unsupported");
+    let v = c.vm_disk_attach("old", &DiskAttach { next_boot: true, ..attach("d3") }).await.unwrap();
     assert!(v.runtime.running_version < Some(v.version), "pending");
     // Detach: hot on virtio-scsi; detaching what is not attached is done already.
-    let v: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/a/disks/d2")).await.unwrap();
+    let v = c.vm_disk_detach("a", "d2", &DetachQuery::default()).await.unwrap();
     assert_eq!(v.config.disks.len(), 1);
-    let again: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/a/disks/d2")).await.unwrap();
+    let again = c.vm_disk_detach("a", "d2", &DetachQuery::default()).await.unwrap();
     assert_eq!(again.version, v.version);
     // Multi-writer disks take several writers.
-    c.post::<_, Value>("/disks", &json!({ "name": "shared", "datastore": "local", "capacity_bytes": 1u64 << 20, "format": "raw", "sharing": "multi_writer" }))
-        .await
-        .unwrap();
-    c.post::<_, Value>("/vms/a/disks", &json!({ "disk": "shared" })).await.unwrap();
-    c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "shared" })).await.unwrap();
+    let shared = DiskCreate { format: DiskFormat::Raw, sharing: Sharing::MultiWriter, ..new_disk("shared", 1 << 20) };
+    c.disk_create(&shared).await.unwrap();
+    c.vm_disk_attach("a", &attach("shared")).await.unwrap();
+    c.vm_disk_attach("b", &attach("shared")).await.unwrap();
 }
 
 #[tokio::test]
@@ -240,14 +228,12 @@ async fn twenty_clients_attach_one_disk_read_write_and_exactly_one_wins() {
     let c = &s.admin;
     disk(c, "hot").await;
     for i in 0..20 {
-        c.vm_create(&json!({ "name": format!("vm{i}") })).await.unwrap();
+        c.vm_create(&vm_named(&format!("vm{i}"))).await.unwrap();
     }
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let c = c.clone();
-            tokio::spawn(async move {
-                (i, c.post::<_, Value>(&format!("/vms/vm{i}/disks"), &json!({ "disk": "hot" })).await)
-            })
+            tokio::spawn(async move { (i, c.vm_disk_attach(&format!("vm{i}"), &attach("hot")).await) })
         })
         .collect();
     let mut winners = Vec::new();
@@ -271,29 +257,28 @@ async fn twenty_clients_attach_one_disk_read_write_and_exactly_one_wins() {
 async fn a_move_lands_on_the_target_or_goes_back() {
     let s = TestServer::start().await;
     let c = &s.admin;
-    c.vm_create(&json!({ "name": "src" })).await.unwrap();
-    c.vm_create(&json!({ "name": "dst" })).await.unwrap();
-    c.vm_create(&json!({ "name": "old", "machine": "pc", "controllers": [{ "id": "ide0", "type": "ide" }] }))
-        .await
-        .unwrap();
+    c.vm_create(&vm_named("src")).await.unwrap();
+    c.vm_create(&vm_named("dst")).await.unwrap();
+    c.vm_create(&ide_vm("old")).await.unwrap();
     disk(c, "mv").await;
-    c.post::<_, Value>("/vms/src/disks", &json!({ "disk": "mv", "unit": 3 })).await.unwrap();
+    c.vm_disk_attach("src", &DiskAttach { unit: Some(3), ..attach("mv") }).await.unwrap();
     for vm in ["dst", "old"] {
-        crate::common::task_done(c, &c.vm_power(vm, covm_types::vm::PowerAction::On, None).await.unwrap()).await;
+        task_done(c, &c.vm_power(vm, PowerAction::On, None).await.unwrap()).await;
     }
+    let to = |vm: &str| DiskMove { to_vm: vm.into(), ..Default::default() };
     // From a stopped VM to a running one: hot-plugged there, gone from the source.
-    let v: covm_types::vm::VmView = c.post("/disks/mv/move", &json!({ "to_vm": "dst" })).await.unwrap();
+    let v = c.disk_move("mv", &to("dst")).await.unwrap();
     assert_eq!(v.config.disks[0].disk, "mv");
     assert_eq!(v.runtime.running_version, Some(v.version));
     assert!(c.vm("src").await.unwrap().config.disks.is_empty());
     // To a running VM that cannot hot-plug: refused, and the disk is back where it was.
-    let r = c.post::<_, Value>("/disks/mv/move", &json!({ "to_vm": "old" })).await;
+    let r = c.disk_move("mv", &to("old")).await;
     assert_eq!(err(r).1, "hotplug_unsupported");
     let back = c.vm("dst").await.unwrap();
     assert_eq!(back.config.disks.len(), 1, "the disk went back to dst");
     assert!(c.vm("old").await.unwrap().config.disks.is_empty());
     // Moving to where it is already is done.
-    let again: covm_types::vm::VmView = c.post("/disks/mv/move", &json!({ "to_vm": "dst" })).await.unwrap();
+    let again = c.disk_move("mv", &to("dst")).await.unwrap();
     assert_eq!(again.version, back.version);
 }
 
@@ -301,27 +286,28 @@ async fn a_move_lands_on_the_target_or_goes_back() {
 async fn a_detach_names_its_generation_and_a_stale_one_changes_nothing() {
     let s = TestServer::start().await;
     let c = &s.admin;
-    c.vm_create(&json!({ "name": "a" })).await.unwrap();
+    c.vm_create(&vm_named("a")).await.unwrap();
     disk(c, "g").await;
-    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "g" })).await.unwrap();
+    let v = c.vm_disk_attach("a", &attach("g")).await.unwrap();
     let g1 = v.config.disks[0].generation;
-    let r = c.delete(&format!("/vms/a/disks/g?generation={}", g1 + 1000)).await;
+    let of = |generation: u64| DetachQuery { generation: Some(generation), ..Default::default() };
+    let r = c.vm_disk_detach("a", "g", &of(g1 + 1000)).await;
     assert_eq!(err(r), (409, "stale_generation".into(), Some("generation".into())));
     assert_eq!(c.vm("a").await.unwrap().version, v.version, "nothing changed");
-    c.delete(&format!("/vms/a/disks/g?generation={g1}")).await.unwrap();
+    c.vm_disk_detach("a", "g", &of(g1)).await.unwrap();
     // Attached again: a newer generation; a late detach of the old one is refused.
-    let v2: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "g" })).await.unwrap();
+    let v2 = c.vm_disk_attach("a", &attach("g")).await.unwrap();
     let g2 = v2.config.disks[0].generation;
     assert!(g2 > g1, "{g2} > {g1}");
-    let r = c.delete(&format!("/vms/a/disks/g?generation={g1}")).await;
+    let r = c.vm_disk_detach("a", "g", &of(g1)).await;
     assert_eq!(err(r).1, "stale_generation");
     assert_eq!(c.vm("a").await.unwrap().config.disks.len(), 1);
-    let d: DiskView = c.get("/disks/g").await.unwrap();
+    let d = c.disk("g").await.unwrap();
     assert_eq!(d.attachments[0].generation, g2);
     disk(c, "other").await;
-    let on_a: covm_types::api::Page<DiskView> = c.get("/disks?vm=a").await.unwrap();
+    let on_a = c.disks(&DiskListQuery { vm: Some("a".into()), ..Default::default() }).await.unwrap();
     assert_eq!(on_a.items.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["g"]);
-    let detached: covm_types::api::Page<DiskView> = c.get("/disks?state=detached").await.unwrap();
+    let detached = c.disks(&DiskListQuery { state: Some(DiskState::Detached), ..Default::default() }).await.unwrap();
     assert_eq!(detached.items.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["other"]);
 }
 
@@ -332,14 +318,14 @@ async fn a_guest_that_holds_on_keeps_the_disk_attached() {
     let sim = std::sync::Arc::new(covm_hv::sim::SimDriver::default());
     let s = TestServer::start_with(covm_server::Driver::Custom(sim.clone())).await;
     let c = &s.admin;
-    let vm = c.vm_create(&json!({ "name": "a" })).await.unwrap();
-    crate::common::task_done(c, &c.vm_power("a", covm_types::vm::PowerAction::On, None).await.unwrap()).await;
+    let vm = c.vm_create(&vm_named("a")).await.unwrap();
+    task_done(c, &c.vm_power("a", PowerAction::On, None).await.unwrap()).await;
     disk(c, "held").await;
-    let v: covm_types::vm::VmView = c.post("/vms/a/disks", &json!({ "disk": "held" })).await.unwrap();
-    let block: covm_types::vm::BlockState = c.get("/vms/a/block").await.unwrap();
+    let v = c.vm_disk_attach("a", &attach("held")).await.unwrap();
+    let block = c.vm_block_state("a").await.unwrap();
     assert_eq!(block.devices.len(), 1);
     sim.sticky_devices.store(true, std::sync::atomic::Ordering::Relaxed);
-    let r = c.delete("/vms/a/disks/held").await;
+    let r = c.vm_disk_detach("a", "held", &DetachQuery::default()).await;
     assert_eq!(err(r).1, "detach_timeout");
     let after = c.vm("a").await.unwrap();
     assert_eq!((after.config.disks.len(), after.version), (1, v.version), "the disk stays attached");
@@ -348,7 +334,7 @@ async fn a_guest_that_holds_on_keeps_the_disk_attached() {
     sim.release_devices(vm.id, &[dev.as_str()]);
     let started = std::time::Instant::now();
     loop {
-        let b: covm_types::vm::BlockState = c.get("/vms/a/block").await.unwrap();
+        let b = c.vm_block_state("a").await.unwrap();
         if b == block {
             break;
         }
@@ -362,16 +348,14 @@ async fn a_guest_that_holds_on_keeps_the_disk_attached() {
 async fn attach_detach_and_move_are_disk_events_in_the_feed() {
     let s = crate::common::TestServer::start().await;
     let c = &s.admin;
-    c.post::<_, Value>("/disks", &json!({ "name": "dd", "datastore": "local", "capacity_bytes": 1u64 << 20 }))
-        .await
-        .unwrap();
+    c.disk_create(&new_disk("dd", 1 << 20)).await.unwrap();
     for vm in ["va", "vb"] {
-        c.vm_create(&json!({ "name": vm })).await.unwrap();
+        c.vm_create(&vm_named(vm)).await.unwrap();
     }
     let head = c.events(&Default::default()).await.unwrap().items.last().map_or(0, |e| e.seq);
-    c.post::<_, Value>("/vms/va/disks", &json!({ "disk": "dd" })).await.unwrap();
-    c.post::<_, Value>("/disks/dd/move", &json!({ "to_vm": "vb" })).await.unwrap();
-    c.delete("/vms/vb/disks/dd").await.unwrap();
+    c.vm_disk_attach("va", &attach("dd")).await.unwrap();
+    c.disk_move("dd", &DiskMove { to_vm: "vb".into(), ..Default::default() }).await.unwrap();
+    c.vm_disk_detach("vb", "dd", &DetachQuery::default()).await.unwrap();
     let q = covm_types::api::EventQuery { after: Some(head), ..Default::default() };
     let events = c.events(&q).await.unwrap().items;
     let disk: Vec<(&str, &str)> = events
