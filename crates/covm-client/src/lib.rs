@@ -578,6 +578,11 @@ impl Client {
         self.delete(&format!("/disks/{disk}")).await
     }
 
+    /// What a running VM's process uses of its host now.
+    pub async fn vm_stats(&self, vm: &str) -> Result<VmStats> {
+        self.get(&format!("/vms/{vm}/stats")).await
+    }
+
     pub async fn vm_disk_attach(&self, vm: &str, p: &DiskAttach) -> Result<VmView> {
         self.post(&format!("/vms/{vm}/disks"), p).await
     }

@@ -8,6 +8,7 @@
 //! them again from their run directory (pid file and QMP socket).
 
 pub mod img;
+pub mod procfs;
 pub mod qemu;
 pub mod qmp;
 pub mod sim;

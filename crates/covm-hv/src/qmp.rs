@@ -106,7 +106,7 @@ impl Qmp {
             return Err(if e.kind() == std::io::ErrorKind::BrokenPipe {
                 HvError::Gone
             } else {
-                HvError::Qmp(e.to_string())
+                HvError::os(format!("send {command} over QMP"))(e)
             });
         }
         match tokio::time::timeout(self.timeout, rx).await {

@@ -395,6 +395,22 @@ impl VmConfig {
     }
 }
 
+/// What a running VM uses of its host now: its QEMU process as the host's kernel counts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    /// The node (covm replica's data directory) that runs it.
+    pub node: String,
+    /// Its QEMU process (none for a simulated VM).
+    pub pid: Option<u32>,
+    /// User and system CPU time of the process since it started, in seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory of the process.
+    pub memory_rss_bytes: u64,
+    /// The memory the VM is configured with.
+    pub memory_configured_bytes: u64,
+    pub sampled_at: DateTime<Utc>,
+}
+
 /// Power states of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "snake_case")]

@@ -44,6 +44,14 @@ pub enum VmOp {
     DiskResize(String, u64),
 }
 
+/// What a running VM's process uses (zero for a simulated VM, which has none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VmUse {
+    pub pid: Option<u32>,
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
 /// A VM process an agent started or found, before it supervises it.
 pub struct Run {
     pub pid: Option<u32>,
@@ -91,6 +99,8 @@ pub trait NodeAgent: Send + Sync {
     async fn ask(&self, id: Uuid, op: VmOp) -> Result<(), HvError>;
     /// The block nodes and devices a running VM holds.
     async fn block_state(&self, id: Uuid) -> Result<BlockState, HvError>;
+    /// What a running VM's process uses of the host now.
+    async fn stats(&self, id: Uuid) -> Result<VmUse, HvError>;
     /// QEMU processes in run directories of no known VM (reported, never killed).
     fn leftovers_scan(&self, known: &std::collections::HashSet<Uuid>) -> Vec<String>;
     /// The leftovers found at start.

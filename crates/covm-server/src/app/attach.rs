@@ -322,6 +322,22 @@ impl App {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.agent_for(&rec)?.block_state(rec.object.id).await.map_err(hv_error)
     }
+
+    /// What a running VM's process uses of its host now (anyone who may view the VM may see it).
+    pub async fn vm_stats(&self, ctx: &Ctx, vm: &str) -> Result<covm_types::vm::VmStats, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let agent = self.agent_for(&rec)?;
+        let u = agent.stats(rec.object.id).await.map_err(hv_error)?;
+        let memory_mib = parse_config(&rec.config).map(|c| c.memory_mib).unwrap_or(0);
+        Ok(covm_types::vm::VmStats {
+            node: self.config().node_id.clone(),
+            pid: u.pid,
+            cpu_seconds: u.cpu_seconds,
+            memory_rss_bytes: u.rss_bytes,
+            memory_configured_bytes: memory_mib << 20,
+            sampled_at: chrono::Utc::now(),
+        })
+    }
 }
 
 impl App {

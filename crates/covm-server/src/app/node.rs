@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::agent::{NodeAgent, Run, RunReports, VmOp};
+use super::agent::{NodeAgent, Run, RunReports, VmOp, VmUse};
 use super::transition::{PowerEvent, power_transition};
 use super::{App, EventExt, system_event};
 
@@ -56,12 +56,18 @@ enum Cmd {
     DiskResize(String, u64, oneshot::Sender<Result<(), HvError>>),
 }
 
+/// A supervised run: its command channel and its process.
+struct Supervised {
+    tx: mpsc::UnboundedSender<Cmd>,
+    pid: Option<u32>,
+}
+
 /// This host's agent: the supervisors of the VMs running here, one task each.
 pub struct LocalAgent {
     driver: Arc<dyn Hypervisor>,
     /// Where run directories live (`DATA/vms/<id>`).
     vms_dir: PathBuf,
-    vms: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedSender<Cmd>>>>,
+    vms: Arc<Mutex<HashMap<Uuid, Supervised>>>,
     /// QEMU processes left over from deleted VMs (reported, never killed).
     leftovers: Mutex<Vec<String>>,
 }
@@ -72,7 +78,7 @@ impl LocalAgent {
     }
 
     fn sender(&self, id: Uuid) -> Option<mpsc::UnboundedSender<Cmd>> {
-        self.vms.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|s| s.tx.clone())
     }
 
     /// Sends a command to a VM's supervisor and waits for its reply.
@@ -120,7 +126,7 @@ impl NodeAgent for LocalAgent {
 
     fn supervise(&self, id: Uuid, run: Run, reports: Arc<dyn RunReports>) {
         let (tx, rx) = mpsc::unbounded_channel::<Cmd>();
-        self.vms.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Supervised { tx, pid: run.pid });
         tokio::spawn(supervise(id, run, rx, reports, self.vms.clone()));
     }
 
@@ -140,6 +146,18 @@ impl NodeAgent for LocalAgent {
 
     async fn block_state(&self, id: Uuid) -> Result<BlockState, HvError> {
         self.command(id, Cmd::BlockQuery).await
+    }
+
+    async fn stats(&self, id: Uuid) -> Result<VmUse, HvError> {
+        let pid = {
+            let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            vms.get(&id).filter(|s| !s.tx.is_closed()).ok_or(HvError::Gone)?.pid
+        };
+        let Some(pid) = pid else { return Ok(VmUse { pid: None, cpu_seconds: 0.0, rss_bytes: 0 }) };
+        let u = tokio::task::spawn_blocking(move || covm_hv::procfs::proc_use(pid))
+            .await
+            .map_err(|e| HvError::Io(format!("reading /proc failed: {e}")))??;
+        Ok(VmUse { pid: Some(pid), cpu_seconds: u.cpu_seconds, rss_bytes: u.rss_bytes })
     }
 
     fn leftovers_scan(&self, known: &HashSet<Uuid>) -> Vec<String> {
@@ -181,7 +199,7 @@ async fn supervise(
     run: Run,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     reports: Arc<dyn RunReports>,
-    vms: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedSender<Cmd>>>>,
+    vms: Arc<Mutex<HashMap<Uuid, Supervised>>>,
 ) {
     let mut handle = run.handle;
     let mut waiters: Vec<oneshot::Sender<Result<(), HvError>>> = Vec::new();
@@ -244,7 +262,7 @@ async fn supervise(
     rx.close();
     {
         let mut vms = vms.lock().unwrap_or_else(|p| p.into_inner());
-        if vms.get(&id).is_some_and(|tx| tx.is_closed()) {
+        if vms.get(&id).is_some_and(|s| s.tx.is_closed()) {
             vms.remove(&id);
         }
     }

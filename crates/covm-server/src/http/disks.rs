@@ -153,3 +153,16 @@ pub async fn vm_block_state(
 ) -> Result<Json<covm_types::vm::BlockState>, ApiError> {
     Ok(Json(app.vm_block_state(&ctx, &vm).await?))
 }
+
+/// What a running VM's QEMU process uses of its host now: CPU time and resident memory, as the
+/// host's kernel counts them (409 `vm_not_running` when it does not run).
+#[utoipa::path(get, path = "/vms/{vm}/stats", tag = "vms", operation_id = "vm_stats",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = covm_types::vm::VmStats), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn vm_stats(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<Json<covm_types::vm::VmStats>, ApiError> {
+    Ok(Json(app.vm_stats(&ctx, &vm).await?))
+}

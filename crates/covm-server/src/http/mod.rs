@@ -110,6 +110,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(disks::vm_disk_attach))
         .routes(routes!(disks::vm_disk_detach))
         .routes(routes!(disks::vm_block_state))
+        .routes(routes!(disks::vm_stats))
         .routes(routes!(power::vm_power))
         .routes(routes!(power::vm_console_serial))
         .routes(routes!(power::vm_console_vnc))

@@ -89,6 +89,7 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/vms/{vm}/disks",
     "DELETE /api/v1/vms/{vm}/disks/{disk}",
     "GET /api/v1/vms/{vm}/block",
+    "GET /api/v1/vms/{vm}/stats",
     "POST /api/v1/vms/{vm}/power",
     "GET /api/v1/vms/{vm}/console/serial",
     "GET /api/v1/vms/{vm}/console/vnc",
@@ -273,6 +274,7 @@ impl Env {
             }
             "DELETE /api/v1/vms/{vm}" => status(&c, Method::DELETE, &format!("/vms/vm-del-{t}"), None).await,
             "GET /api/v1/vms/{vm}/block" => status(&c, Method::GET, "/vms/vm-shared/block", None).await,
+            "GET /api/v1/vms/{vm}/stats" => status(&c, Method::GET, "/vms/vm-shared/stats", None).await,
             "GET /api/v1/vms/{vm}/versions" => status(&c, Method::GET, "/vms/vm-shared/versions", None).await,
             "GET /api/v1/vms/{vm}/versions/{n}" => status(&c, Method::GET, "/vms/vm-shared/versions/1", None).await,
             "GET /api/v1/vms/{vm}/diff" => status(&c, Method::GET, "/vms/vm-shared/diff?from=1&to=2", None).await,
