@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use covm_client::{ChangeOptions, ClientError};
 use covm_hv::sim::SimDriver;
-use covm_types::vm::{PowerAction, PowerState, TaskState};
-use serde_json::json;
+use covm_types::api::{PoolCreate, Quota};
+use covm_types::error::ConflictDetails;
+use covm_types::vm::{Autostart, ChangePlan, PowerAction, PowerState, TaskState, VmChange, VmConfig};
 
-use crate::common::{TestServer, task_done};
+use crate::common::{TestServer, name, task_done, vm_named};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
     match r {
@@ -21,7 +22,7 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
 async fn power_cycle_and_pending_changes() {
     let s = TestServer::start().await;
     let c = &s.admin;
-    c.vm_create(&json!({ "name": "web-1", "memory_mib": 256 })).await.unwrap();
+    c.vm_create(&VmConfig { memory_mib: 256, ..vm_named("web-1") }).await.unwrap();
     let t = c.vm_power("web-1", PowerAction::On, None).await.unwrap();
     assert_eq!(task_done(c, &t).await.state, TaskState::Success);
     let vm = c.vm("web-1").await.unwrap();
@@ -31,26 +32,29 @@ async fn power_cycle_and_pending_changes() {
     assert_eq!(code(c.vm_power("web-1", PowerAction::On, None).await), (409, "vm_running".into()));
 
     // A next-boot field on a running VM: refused, naming it; the dry run says so and changes nothing.
-    let Err(ClientError::Api { status: 409, error, .. }) =
-        c.vm_change("web-1", &json!({ "memory_mib": 512, "description": "x" }), &Default::default()).await
+    let both = VmChange { memory_mib: Some(512), description: Some("x".into()), ..Default::default() };
+    let Err(ClientError::Api { status: 409, error, .. }) = c.vm_change("web-1", &both, &Default::default()).await
     else {
         panic!()
     };
     assert_eq!(error.code, "requires_power_cycle");
-    assert_eq!(error.details.unwrap()["fields"], json!(["memory_mib"]));
-    let plan = c
-        .vm_change_plan("web-1", &json!({ "memory_mib": 512, "description": "x" }), &Default::default())
-        .await
-        .unwrap();
-    assert_eq!((plan["live"].clone(), plan["next_boot"].clone()), (json!(["description"]), json!(["memory_mib"])));
-    assert!(plan["refused"].as_str().unwrap().contains("memory_mib"));
+    let details: ConflictDetails = error.details_as().unwrap();
+    assert_eq!(details.fields, Some(vec!["memory_mib".to_string()]));
+    let plan: ChangePlan =
+        serde_json::from_value(c.vm_change_plan("web-1", &both, &Default::default()).await.unwrap()).unwrap();
+    assert_eq!((plan.live, plan.next_boot), (vec!["description".to_string()], vec!["memory_mib".to_string()]));
+    assert!(plan.refused.unwrap().contains("memory_mib"));
     assert_eq!(c.vm("web-1").await.unwrap().version, 1);
     // With apply=next_boot it is stored and pending.
     let nb = ChangeOptions { next_boot: true, ..Default::default() };
-    let vm = c.vm_change("web-1", &json!({ "memory_mib": 512 }), &nb).await.unwrap();
+    let vm = c.vm_change("web-1", &VmChange { memory_mib: Some(512), ..Default::default() }, &nb).await.unwrap();
     assert_eq!((vm.version, vm.runtime.running_version), (2, Some(1)));
     // A live change alone applies at once (but what is pending stays pending).
-    let vm = c.vm_change("web-1", &json!({ "annotations": { "k": "v" } }), &Default::default()).await.unwrap();
+    let annotate = VmChange {
+        annotations: Some(std::collections::BTreeMap::from([("k".into(), Some("v".into()))])),
+        ..Default::default()
+    };
+    let vm = c.vm_change("web-1", &annotate, &Default::default()).await.unwrap();
     assert_eq!((vm.version, vm.runtime.running_version), (3, Some(1)));
     // Power cycle: the newest version runs.
     task_done(c, &c.vm_power("web-1", PowerAction::Off, None).await.unwrap()).await;
@@ -59,7 +63,8 @@ async fn power_cycle_and_pending_changes() {
     let vm = c.vm("web-1").await.unwrap();
     assert_eq!(vm.runtime.running_version, Some(3));
     // A live change with nothing pending moves running_version along.
-    let vm = c.vm_change("web-1", &json!({ "description": "now" }), &Default::default()).await.unwrap();
+    let now = VmChange { description: Some("now".into()), ..Default::default() };
+    let vm = c.vm_change("web-1", &now, &Default::default()).await.unwrap();
     assert_eq!(vm.runtime.running_version, Some(4));
     // Reset keeps it running; shutdown (the simulated guest answers) turns it off.
     assert_eq!(
@@ -101,7 +106,7 @@ async fn crashes_and_guests_that_do_not_shut_down() {
     let sim = Arc::new(SimDriver::default());
     let s = TestServer::start_with(covm_server::Driver::Custom(sim.clone())).await;
     let c = &s.admin;
-    let vm = c.vm_create(&json!({ "name": "web-1" })).await.unwrap();
+    let vm = c.vm_create(&vm_named("web-1")).await.unwrap();
     task_done(c, &c.vm_power("web-1", PowerAction::On, None).await.unwrap()).await;
     let mut feed = c.events_follow(None, None).await.unwrap();
     assert!(sim.crash(vm.id));
@@ -136,10 +141,11 @@ async fn adoption_and_autostart_across_a_restart() {
     let sim = Arc::new(SimDriver::default());
     let mut s = TestServer::start_with(covm_server::Driver::Custom(sim.clone())).await;
     let c = s.admin.clone();
-    c.vm_create(&json!({ "name": "keeps-running" })).await.unwrap();
-    c.vm_create(&json!({ "name": "second", "autostart": { "enabled": true, "order": 2 } })).await.unwrap();
-    c.vm_create(&json!({ "name": "first", "autostart": { "enabled": true, "order": 1 } })).await.unwrap();
-    c.vm_create(&json!({ "name": "stays-off" })).await.unwrap();
+    let autostart = |order: i32| Autostart { enabled: true, order, ..Default::default() };
+    c.vm_create(&vm_named("keeps-running")).await.unwrap();
+    c.vm_create(&VmConfig { autostart: autostart(2), ..vm_named("second") }).await.unwrap();
+    c.vm_create(&VmConfig { autostart: autostart(1), ..vm_named("first") }).await.unwrap();
+    c.vm_create(&vm_named("stays-off")).await.unwrap();
     task_done(&c, &c.vm_power("keeps-running", PowerAction::On, None).await.unwrap()).await;
     let generation = c.vm("keeps-running").await.unwrap().runtime.generation;
 
@@ -190,11 +196,10 @@ async fn adoption_and_autostart_across_a_restart() {
 async fn quotas_and_a_missing_qemu() {
     let s = TestServer::start().await;
     let c = &s.admin;
-    c.post::<_, serde_json::Value>("/pools", &json!({ "name": "tiny", "quota": { "vcpus": 2, "memory_mib": 1024 } }))
-        .await
-        .unwrap();
-    c.vm_create(&json!({ "name": "a", "pool": "tiny", "cpus": 2 })).await.unwrap();
-    c.vm_create(&json!({ "name": "b", "pool": "tiny", "cpus": 1 })).await.unwrap();
+    let quota = Quota { vcpus: Some(2), memory_mib: Some(1024), ..Default::default() };
+    c.pool_create(&PoolCreate { name: name("tiny"), quota, folder: None }).await.unwrap();
+    c.vm_create(&VmConfig { pool: "tiny".into(), cpus: 2, ..vm_named("a") }).await.unwrap();
+    c.vm_create(&VmConfig { pool: "tiny".into(), cpus: 1, ..vm_named("b") }).await.unwrap();
     task_done(c, &c.vm_power("a", PowerAction::On, None).await.unwrap()).await;
     let Err(ClientError::Api { status: 409, error, .. }) = c.vm_power("b", PowerAction::On, None).await else {
         panic!()
@@ -206,14 +211,14 @@ async fn quotas_and_a_missing_qemu() {
         "/nonexistent/qemu-system-x86_64",
     ))))
     .await;
-    q.admin.vm_create(&json!({ "name": "a" })).await.unwrap();
+    q.admin.vm_create(&vm_named("a")).await.unwrap();
     let Err(ClientError::Api { status: 409, error, .. }) = q.admin.vm_power("a", PowerAction::On, None).await else {
         panic!()
     };
     assert_eq!(error.code, "hypervisor_unavailable");
     assert!(error.message.contains("qemu-system-x86"), "{}", error.message);
     // Everything else keeps working.
-    q.admin.vm_change("a", &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
+    q.admin.vm_change("a", &VmChange { cpus: Some(2), ..Default::default() }, &Default::default()).await.unwrap();
     let ready: serde_json::Value = q.anonymous().get("/readyz").await.unwrap();
     assert!(ready["details"].to_string().contains("qemu-system-x86"), "{ready}");
 }
