@@ -2,11 +2,13 @@
 
 use covm_client::ClientError;
 use covm_types::Privilege;
-use covm_types::api::{AuditQuery, EventQuery};
+use covm_types::api::{
+    AuditQuery, DatastoreCreate, EventQuery, ListQuery, NetworkCreate, NetworkKind, PoolCreate, Quota, TokenCreate,
+};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::{PASSWORD, TestServer};
+use crate::common::{PASSWORD, TestServer, name};
 
 fn api_err(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, String, Option<String>) {
     match r {
@@ -77,15 +79,14 @@ async fn sign_in_failures_are_audited_and_rate_limited() {
 async fn sessions_and_api_tokens() {
     let s = TestServer::start().await;
     let dave = s.user("dave").await;
-    let t: covm_types::api::TokenView =
-        dave.post("/tokens", &json!({ "name": "ci", "expires_in_s": 3600 })).await.unwrap();
+    let t = dave.token_create(&TokenCreate { name: name("ci"), expires_in_s: Some(3600) }).await.unwrap();
     let secret = t.token.clone().expect("the secret is shown once");
     let by_token = s.anonymous().with_token(secret.clone());
     assert_eq!(by_token.whoami(None).await.unwrap().user.name, "dave");
-    let listed: Vec<covm_types::api::TokenView> = dave.get("/tokens").await.unwrap();
+    let listed = dave.tokens().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].token.is_none(), "a listed token has no secret");
-    dave.delete(&format!("/tokens/{}", t.id)).await.unwrap();
+    dave.token_delete(t.id).await.unwrap();
     assert_eq!(api_err(by_token.whoami(None).await).0, 401);
 
     dave.logout().await.unwrap();
@@ -174,6 +175,7 @@ async fn bad_input_is_refused_and_changes_nothing_but_the_audit_log() {
     let before = counts().await;
     let audit_len =
         async || s.admin.audit(&AuditQuery { limit: Some(1000), ..Default::default() }).await.unwrap().items.len();
+    // Raw bodies on purpose: an unknown field, bad names, a missing field and an oversized body.
     let cases: Vec<(serde_json::Value, u16, &str, Option<&str>)> = vec![
         (json!({ "name": "ok", "colour": "red" }), 400, "unknown_field", Some("colour")),
         (json!({ "name": "../x" }), 400, "invalid_name", Some("name")),
@@ -286,7 +288,7 @@ async fn everything_survives_a_restart() {
     let after = admin.events(&EventQuery { limit: Some(1000), ..Default::default() }).await.unwrap().items;
     assert_eq!(after[..before.len()], before[..], "the log is unchanged");
     // A restart adds no admin, no defaults twice.
-    assert_eq!(admin.get::<covm_types::api::Page<serde_json::Value>>("/datastores").await.unwrap().items.len(), 1);
+    assert_eq!(admin.datastores(&ListQuery::default()).await.unwrap().items.len(), 1);
     assert!(admin.audit_verify().await.unwrap().ok);
     let v = admin.audit_verify().await.unwrap();
     assert_eq!(v.entries as usize, s.count("events").await as usize);
@@ -295,46 +297,40 @@ async fn everything_survives_a_restart() {
 #[tokio::test]
 async fn datastores_networks_pools_and_hosts() {
     let s = TestServer::start().await;
-    let hosts: covm_types::api::Page<covm_types::api::HostView> = s.admin.get("/hosts").await.unwrap();
+    let hosts = s.admin.hosts(&ListQuery::default()).await.unwrap();
     assert_eq!(hosts.items.len(), 1);
     assert!(hosts.items[0].cpus >= 1 && hosts.items[0].memory_mib > 0);
-    let ds: covm_types::api::DatastoreView = s.admin.get("/datastores/local").await.unwrap();
+    let ds = s.admin.datastore("local").await.unwrap();
     assert!(ds.capacity_bytes > 0 && ds.free_bytes <= ds.capacity_bytes);
     assert!(ds.path.starts_with(s.dir.path().canonicalize().unwrap().to_str().unwrap()));
 
     let dir = tempfile::tempdir().unwrap();
-    let created: covm_types::api::DatastoreView =
-        s.admin.post("/datastores", &json!({ "name": "fast", "path": dir.path() })).await.unwrap();
+    let datastore = |ds: &str, path: &str| DatastoreCreate { name: name(ds), path: path.into(), folder: None };
+    let fast = dir.path().to_str().unwrap();
+    let created = s.admin.datastore_create(&datastore("fast", fast)).await.unwrap();
     assert_eq!(created.folder, "/");
-    let e = api_err(
-        s.admin.post::<_, serde_json::Value>("/datastores", &json!({ "name": "bad", "path": "/no/such/dir" })).await,
-    );
+    let e = api_err(s.admin.datastore_create(&datastore("bad", "/no/such/dir")).await);
     assert_eq!((e.0, e.2.as_deref()), (400, Some("path")));
-    let e = api_err(
-        s.admin.post::<_, serde_json::Value>("/datastores", &json!({ "name": "fast", "path": dir.path() })).await,
-    );
+    let e = api_err(s.admin.datastore_create(&datastore("fast", fast)).await);
     assert_eq!((e.0, e.1.as_str()), (409, "already_exists"));
 
-    let net: covm_types::api::NetworkView =
-        s.admin.post("/networks", &json!({ "name": "lan", "kind": "bridge", "bridge": "br0" })).await.unwrap();
+    let bridge = |net: &str, bridge: Option<&str>| NetworkCreate {
+        name: name(net),
+        kind: NetworkKind::Bridge,
+        bridge: bridge.map(str::to_owned),
+        folder: None,
+    };
+    let net = s.admin.network_create(&bridge("lan", Some("br0"))).await.unwrap();
     assert_eq!(net.bridge.as_deref(), Some("br0"));
-    assert_eq!(
-        api_err(s.admin.post::<_, serde_json::Value>("/networks", &json!({ "name": "x", "kind": "bridge" })).await)
-            .2
-            .as_deref(),
-        Some("bridge")
-    );
-    let pool: covm_types::api::PoolView =
-        s.admin.post("/pools", &json!({ "name": "gold", "quota": { "vcpus": 8 } })).await.unwrap();
-    assert_eq!(pool.quota.vcpus, Some(8));
-    assert_eq!(
-        api_err(
-            s.admin.post::<_, serde_json::Value>("/pools", &json!({ "name": "zero", "quota": { "vcpus": 0 } })).await
-        )
-        .2
-        .as_deref(),
-        Some("quota.vcpus")
-    );
+    assert_eq!(api_err(s.admin.network_create(&bridge("x", None)).await).2.as_deref(), Some("bridge"));
+    let pool = |p: &str, vcpus: u32| PoolCreate {
+        name: name(p),
+        quota: Quota { vcpus: Some(vcpus), ..Default::default() },
+        folder: None,
+    };
+    let gold = s.admin.pool_create(&pool("gold", 8)).await.unwrap();
+    assert_eq!(gold.quota.vcpus, Some(8));
+    assert_eq!(api_err(s.admin.pool_create(&pool("zero", 0)).await).2.as_deref(), Some("quota.vcpus"));
     // A folder with something in it is not deleted.
     s.admin.folder_create("full", "/").await.unwrap();
     s.admin.folder_create("inner", "/full").await.unwrap();
