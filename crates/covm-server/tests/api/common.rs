@@ -211,3 +211,8 @@ pub fn attachment(disk: &str, controller: &str, unit: u32) -> covm_types::vm::Di
         generation: 0,
     }
 }
+
+/// Attach `disk` where covm chooses (the first virtio-scsi controller, the lowest free unit).
+pub fn attach(disk: &str) -> covm_types::disk::DiskAttach {
+    covm_types::disk::DiskAttach { disk: disk.into(), ..Default::default() }
+}

@@ -8,7 +8,7 @@ use covm_types::disk::{
 use covm_types::vm::{PowerAction, VmConfig};
 use serde_json::json;
 
-use crate::common::{TestServer, attachment, ide_vm, name, new_disk, task_done, vm_named};
+use crate::common::{TestServer, attach, attachment, ide_vm, name, new_disk, task_done, vm_named};
 
 fn err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, Option<String>) {
     match r {
@@ -160,11 +160,6 @@ async fn bad_disk_requests_change_nothing() {
 
 async fn disk(c: &covm_client::Client, name: &str) {
     c.disk_create(&new_disk(name, 1 << 20)).await.unwrap();
-}
-
-/// Attach `disk` where covm chooses.
-fn attach(disk: &str) -> DiskAttach {
-    DiskAttach { disk: disk.into(), ..Default::default() }
 }
 
 #[tokio::test]

@@ -8,18 +8,17 @@ use std::path::Path;
 
 use covm_client::{Client, ClientError};
 use covm_server::app::saga::{Fault, FaultAction, FaultAt};
-use covm_types::disk::DiskView;
-use covm_types::vm::{BlockState, PowerAction};
-use serde_json::{Value, json};
+use covm_types::disk::{DetachQuery, DiskClone, DiskImport, DiskListQuery, DiskMove};
+use covm_types::vm::{BlockState, DiskAttachment, PowerAction, VmConfig};
 
-use crate::common::{TestServer, task_done};
+use crate::common::{TestServer, attach, name, new_disk, task_done, vm_named};
 
 /// Everything a failed operation must leave as it found it.
 #[derive(Debug, PartialEq)]
 struct World {
     disks: BTreeMap<String, (u64, Vec<String>)>,
     files: Vec<String>,
-    configs: BTreeMap<String, Value>,
+    configs: BTreeMap<String, Vec<DiskAttachment>>,
     blocks: BTreeMap<String, BlockState>,
     locks: i64,
     running_sagas: i64,
@@ -29,7 +28,7 @@ const VMS: [&str; 3] = ["off", "run", "run2"];
 
 async fn world(s: &TestServer) -> World {
     let c = &s.admin;
-    let page: covm_types::api::Page<DiskView> = c.get("/disks?limit=1000").await.unwrap();
+    let page = c.disks(&DiskListQuery { limit: Some(1000), ..Default::default() }).await.unwrap();
     let disks = page
         .items
         .into_iter()
@@ -49,9 +48,9 @@ async fn world(s: &TestServer) -> World {
     let mut configs = BTreeMap::new();
     let mut blocks = BTreeMap::new();
     for vm in VMS {
-        configs.insert(vm.to_owned(), json!(c.vm(vm).await.unwrap().config.disks));
+        configs.insert(vm.to_owned(), c.vm(vm).await.unwrap().config.disks);
         if vm != "off" {
-            match c.get(&format!("/vms/{vm}/block")).await {
+            match c.vm_block_state(vm).await {
                 Ok(b) => {
                     blocks.insert(vm.to_owned(), b);
                 }
@@ -89,25 +88,20 @@ impl Op {
     async fn setup(self, s: &TestServer) {
         let c = &s.admin;
         let ensure = |name: &'static str| async move {
-            if c.get::<Value>(&format!("/disks/{name}")).await.is_err() {
-                c.post::<_, Value>(
-                    "/disks",
-                    &json!({ "name": name, "datastore": "local", "capacity_bytes": 64u64 << 20 }),
-                )
-                .await
-                .unwrap();
+            if c.disk(name).await.is_err() {
+                c.disk_create(&new_disk(name, 64 << 20)).await.unwrap();
             }
         };
         match self {
             Op::Create => {
-                let _ = c.delete("/disks/fresh").await;
+                let _ = c.disk_delete("fresh").await;
             }
             Op::Clone => {
                 ensure("src").await;
-                let _ = c.delete("/disks/copy").await;
+                let _ = c.disk_delete("copy").await;
             }
             Op::Import => {
-                let _ = c.delete("/disks/imported").await;
+                let _ = c.disk_delete("imported").await;
                 let f = s.dir.path().join("datastores/local/import-me.qcow2");
                 if !f.exists() {
                     covm_hv::img::create(&f, "qcow2", 2 << 20).await.unwrap();
@@ -118,42 +112,42 @@ impl Op {
             Op::AttachCold | Op::AttachHot => {
                 ensure("att").await;
                 for vm in ["off", "run"] {
-                    let _ = c.delete(&format!("/vms/{vm}/disks/att")).await;
+                    let _ = c.vm_disk_detach(vm, "att", &DetachQuery::default()).await;
                 }
             }
             Op::DetachCold | Op::DetachHot => {
                 ensure("det").await;
                 let (vm, other) = if matches!(self, Op::DetachCold) { ("off", "run") } else { ("run", "off") };
-                let _ = c.delete(&format!("/vms/{other}/disks/det")).await;
-                let _ = c.post::<_, Value>(&format!("/vms/{vm}/disks"), &json!({ "disk": "det" })).await;
+                let _ = c.vm_disk_detach(other, "det", &DetachQuery::default()).await;
+                let _ = c.vm_disk_attach(vm, &attach("det")).await;
             }
             Op::Move => {
                 ensure("mv").await;
-                let _ = c.delete("/vms/run2/disks/mv").await;
-                let _ = c.post::<_, Value>("/vms/run/disks", &json!({ "disk": "mv" })).await;
+                let _ = c.vm_disk_detach("run2", "mv", &DetachQuery::default()).await;
+                let _ = c.vm_disk_attach("run", &attach("mv")).await;
             }
         }
     }
 
-    async fn run(self, c: &Client) -> Result<Value, ClientError> {
+    async fn run(self, c: &Client) -> Result<(), ClientError> {
         match self {
-            Op::Create => {
-                c.post("/disks", &json!({ "name": "fresh", "datastore": "local", "capacity_bytes": 8u64 << 20 })).await
-            }
-            Op::Clone => c.post("/disks/src/clone", &json!({ "name": "copy" })).await,
+            Op::Create => c.disk_create(&new_disk("fresh", 8 << 20)).await.map(drop),
+            Op::Clone => c.disk_clone("src", &DiskClone { name: name("copy") }).await.map(drop),
             Op::Import => {
-                c.post("/disks/imported/import", &json!({ "datastore": "local", "path": "import-me.qcow2" })).await
+                let import =
+                    DiskImport { datastore: "local".into(), path: "import-me.qcow2".into(), ..Default::default() };
+                c.disk_import("imported", &import).await.map(drop)
             }
             Op::Resize => {
-                let d: DiskView = c.get("/disks/grow").await?;
-                c.post("/disks/grow/resize", &json!({ "capacity_bytes": d.capacity_bytes + (1 << 20) })).await
+                let d = c.disk("grow").await?;
+                c.disk_resize("grow", d.capacity_bytes + (1 << 20)).await.map(drop)
             }
-            Op::Delete => c.delete("/disks/victim").await.map(|_| json!({})),
-            Op::AttachCold => c.post("/vms/off/disks", &json!({ "disk": "att" })).await,
-            Op::AttachHot => c.post("/vms/run/disks", &json!({ "disk": "att" })).await,
-            Op::DetachCold => c.delete("/vms/off/disks/det").await.map(|_| json!({})),
-            Op::DetachHot => c.delete("/vms/run/disks/det").await.map(|_| json!({})),
-            Op::Move => c.post("/disks/mv/move", &json!({ "to_vm": "run2" })).await,
+            Op::Delete => c.disk_delete("victim").await,
+            Op::AttachCold => c.vm_disk_attach("off", &attach("att")).await.map(drop),
+            Op::AttachHot => c.vm_disk_attach("run", &attach("att")).await.map(drop),
+            Op::DetachCold => c.vm_disk_detach("off", "det", &DetachQuery::default()).await.map(drop),
+            Op::DetachHot => c.vm_disk_detach("run", "det", &DetachQuery::default()).await.map(drop),
+            Op::Move => c.disk_move("mv", &DiskMove { to_vm: "run2".into(), ..Default::default() }).await.map(drop),
         }
     }
 }
@@ -174,7 +168,7 @@ const OPS: [Op; 10] = [
 async fn every_step_fails_cleanly(s: &TestServer) {
     let c = &s.admin;
     for vm in VMS {
-        c.vm_create(&json!({ "name": vm, "memory_mib": 64 })).await.unwrap();
+        c.vm_create(&VmConfig { memory_mib: 64, ..vm_named(vm) }).await.unwrap();
     }
     for vm in ["run", "run2"] {
         // A power-on that fails (seen once, under load) is said, with the task's error, and tried again.
@@ -245,16 +239,14 @@ async fn every_saga_step_fails_cleanly_with_qemu() {
 async fn a_committed_saga_is_finished_at_the_next_start() {
     let mut s = TestServer::start().await;
     let c = s.admin.clone();
-    c.post::<_, Value>("/disks", &json!({ "name": "gone", "datastore": "local", "capacity_bytes": 1u64 << 20 }))
-        .await
-        .unwrap();
-    let file = s.dir.path().join("datastores/local").join(c.get::<DiskView>("/disks/gone").await.unwrap().file);
+    c.disk_create(&new_disk("gone", 1 << 20)).await.unwrap();
+    let file = s.dir.path().join("datastores/local").join(c.disk("gone").await.unwrap().file);
     assert!(file.exists());
     let fault =
         Fault { saga: "disk.delete".into(), step: "file".into(), at: FaultAt::Before, action: FaultAction::Fail };
     s.app().faults().set(Some(fault));
-    c.delete("/disks/gone").await.expect("committed: the delete succeeds");
-    assert!(c.get::<Value>("/disks/gone").await.is_err());
+    c.disk_delete("gone").await.expect("committed: the delete succeeds");
+    assert!(c.disk("gone").await.is_err());
     assert!(file.exists(), "the file step failed");
     assert_eq!(s.scalar("SELECT COUNT(*) FROM sagas WHERE state = 'running'").await, 1);
     assert_eq!(s.count("op_locks").await, 0, "a committed saga holds no lock while its cleanup waits");
