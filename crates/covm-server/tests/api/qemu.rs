@@ -7,10 +7,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use covm_client::{ChangeOptions, Client, ClientError};
-use covm_types::vm::{PowerAction, PowerState, TaskState};
-use serde_json::json;
+use covm_types::disk::{DetachQuery, DiskClone, DiskMove};
+use covm_types::vm::{BootDevice, PowerAction, PowerState, TaskState, VmChange, VmConfig};
 
-use crate::common::{TestServer, task_done};
+use crate::common::{TestServer, attach, attachment, name, new_disk, task_done, vm_named};
 use crate::openapi::repo_file;
 
 pub fn skip() -> bool {
@@ -53,10 +53,13 @@ async fn qemu_server() -> TestServer {
 }
 
 async fn guest_vm(c: &Client, name: &str) {
-    c.vm_create(&json!({
-        "name": name, "memory_mib": 128, "kernel": "local:guest/vmlinuz", "initrd": "local:guest/initrd.img",
-        "cmdline": "console=ttyS0 quiet panic=-1"
-    }))
+    c.vm_create(&VmConfig {
+        memory_mib: 128,
+        kernel: Some("local:guest/vmlinuz".into()),
+        initrd: Some("local:guest/initrd.img".into()),
+        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
+        ..vm_named(name)
+    })
     .await
     .unwrap();
 }
@@ -134,24 +137,18 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     drop(ws);
 
     // Hot-plug a 64 MiB disk: the guest sees it; hot-unplug: the guest sees it go.
-    c.post::<_, serde_json::Value>(
-        "/disks",
-        &json!({ "name": "hot-1", "datastore": "local", "capacity_bytes": 64u64 << 20 }),
-    )
-    .await
-    .unwrap();
-    let v: covm_types::vm::VmView = c.post("/vms/g1/disks", &json!({ "disk": "hot-1" })).await.unwrap();
+    c.disk_create(&new_disk("hot-1", 64 << 20)).await.unwrap();
+    let v = c.vm_disk_attach("g1", &attach("hot-1")).await.unwrap();
     assert_eq!(v.runtime.running_version, Some(v.version));
     serial_wait(c, "g1", "sda=67108864", 1).await;
     // Grown while attached to the running VM: block_resize, and the guest sees the new size.
-    let d: covm_types::disk::DiskView =
-        c.post("/disks/hot-1/resize", &json!({ "capacity_bytes": 128u64 << 20 })).await.unwrap();
+    let d = c.disk_resize("hot-1", 128 << 20).await.unwrap();
     assert_eq!(d.capacity_bytes, 128 << 20);
     serial_wait(c, "g1", "sda=134217728", 1).await;
     // A copy of a disk a running VM writes to is refused.
-    let r = c.post::<_, serde_json::Value>("/disks/hot-1/clone", &json!({ "name": "copy" })).await;
+    let r = c.disk_clone("hot-1", &DiskClone { name: name("copy") }).await;
     assert!(matches!(r, Err(ClientError::Api { status: 409, ref error, .. }) if error.code == "disk_in_use"), "{r:?}");
-    let _: covm_types::vm::VmView = c.send(c.request(reqwest::Method::DELETE, "/vms/g1/disks/hot-1")).await.unwrap();
+    c.vm_disk_detach("g1", "hot-1", &DetachQuery::default()).await.unwrap();
     // Each uevent runs its own report, and under load an older one can print last; so ask the guest
     // for a fresh report through its console until it no longer lists the disk.
     let sock = s.dir.path().join("vms").join(c.vm("g1").await.unwrap().id.to_string()).join("serial.sock");
@@ -171,15 +168,13 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     }
 
     // More memory while it runs: refused, then pending with apply=next_boot.
-    let r = c.vm_change("g1", &json!({ "memory_mib": 256 }), &Default::default()).await;
+    let more = VmChange { memory_mib: Some(256), ..Default::default() };
+    let r = c.vm_change("g1", &more, &Default::default()).await;
     assert!(
         matches!(r, Err(ClientError::Api { status: 409, ref error, .. }) if error.code == "requires_power_cycle"),
         "{r:?}"
     );
-    let vm = c
-        .vm_change("g1", &json!({ "memory_mib": 256 }), &ChangeOptions { next_boot: true, ..Default::default() })
-        .await
-        .unwrap();
+    let vm = c.vm_change("g1", &more, &ChangeOptions { next_boot: true, ..Default::default() }).await.unwrap();
     // (Versions 2 and 3 were the hot attach and detach, both live.)
     assert_eq!((vm.version, vm.runtime.running_version), (4, Some(3)));
 
@@ -216,19 +211,9 @@ async fn a_killed_qemu_is_crashed_and_a_restarted_covm_adopts_a_running_one() {
     let c = s.admin.clone();
     guest_vm(&c, "g2").await;
     // A disk in the config is attached at power-on (blockdev-add + device_add), and the guest sees it.
-    c.post::<_, serde_json::Value>(
-        "/disks",
-        &json!({ "name": "data-1", "datastore": "local", "capacity_bytes": 64u64 << 20 }),
-    )
-    .await
-    .unwrap();
-    c.vm_change(
-        "g2",
-        &json!({ "disks": [{ "disk": "data-1", "controller": "scsi0", "unit": 0 }] }),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    c.disk_create(&new_disk("data-1", 64 << 20)).await.unwrap();
+    let disks = VmChange { disks: Some(vec![attachment("data-1", "scsi0", 0)]), ..Default::default() };
+    c.vm_change("g2", &disks, &Default::default()).await.unwrap();
     task_done(&c, &c.vm_power("g2", PowerAction::On, None).await.unwrap()).await;
     serial_wait(&c, "g2", "COVM-GUEST-READY", 1).await;
     let blocks = serial_wait(&c, "g2", "COVM-BLOCKS", 1).await;
@@ -251,15 +236,10 @@ async fn a_killed_qemu_is_crashed_and_a_restarted_covm_adopts_a_running_one() {
     let vm = c.vm("g2").await.unwrap();
     assert_eq!((vm.runtime.power_state, vm.runtime.pid), (PowerState::Running, Some(pid)));
     // Another VM's disk moves to the adopted, running g2 and arrives in its guest.
-    c.vm_create(&json!({ "name": "src" })).await.unwrap();
-    c.post::<_, serde_json::Value>(
-        "/disks",
-        &json!({ "name": "mv-1", "datastore": "local", "capacity_bytes": 32u64 << 20 }),
-    )
-    .await
-    .unwrap();
-    c.post::<_, serde_json::Value>("/vms/src/disks", &json!({ "disk": "mv-1" })).await.unwrap();
-    let moved: covm_types::vm::VmView = c.post("/disks/mv-1/move", &json!({ "to_vm": "g2" })).await.unwrap();
+    c.vm_create(&vm_named("src")).await.unwrap();
+    c.disk_create(&new_disk("mv-1", 32 << 20)).await.unwrap();
+    c.vm_disk_attach("src", &attach("mv-1")).await.unwrap();
+    let moved = c.disk_move("mv-1", &DiskMove { to_vm: "g2".into(), ..Default::default() }).await.unwrap();
     assert_eq!(moved.config.disks.len(), 2);
     serial_wait(&c, "g2", "=33554432", 1).await;
     let t = task_done(&c, &c.vm_power("g2", PowerAction::Off, None).await.unwrap()).await;
@@ -301,14 +281,15 @@ async fn qemu_opens_only_the_images_covm_names() {
     qemu_img(&["create", "-f", "qcow2", "-b", canary.to_str().unwrap(), "-F", "raw", evil.to_str().unwrap()]);
     let comma = iso.join("a,snapshot=on.iso");
     std::fs::write(&comma, vec![0u8; 1 << 20]).unwrap();
-    let d: covm_types::disk::DiskView =
-        c.post("/disks", &json!({ "name": "d1", "datastore": "local", "capacity_bytes": 1u64 << 20 })).await.unwrap();
+    let d = c.disk_create(&new_disk("d1", 1 << 20)).await.unwrap();
     let image = s.dir.path().join("datastores/local").join(&d.file);
     qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", canary.to_str().unwrap(), "-F", "raw", image.to_str().unwrap()]);
     for (vm, cdrom) in [("cd1", "local:iso/evil.iso"), ("cd2", "local:iso/a,snapshot=on.iso")] {
-        c.vm_create(&json!({ "name": vm, "memory_mib": 64, "cdrom": cdrom, "boot": ["cdrom"] })).await.unwrap();
+        let config =
+            VmConfig { memory_mib: 64, cdrom: Some(cdrom.into()), boot: vec![BootDevice::Cdrom], ..vm_named(vm) };
+        c.vm_create(&config).await.unwrap();
     }
-    c.post::<_, serde_json::Value>("/vms/cd1/disks", &json!({ "disk": "d1" })).await.unwrap();
+    c.vm_disk_attach("cd1", &attach("d1")).await.unwrap();
     for vm in ["cd1", "cd2"] {
         let t = task_done(c, &c.vm_power(vm, PowerAction::On, None).await.unwrap()).await;
         assert_eq!(t.state, TaskState::Success, "{vm}: {t:?}");
@@ -333,7 +314,7 @@ async fn the_vnc_relay_ends_when_the_grant_is_revoked() {
     use futures::StreamExt;
     let s = qemu_server().await;
     let c = &s.admin;
-    c.vm_create(&json!({ "name": "screen", "memory_mib": 64 })).await.unwrap();
+    c.vm_create(&VmConfig { memory_mib: 64, ..vm_named("screen") }).await.unwrap();
     let t = task_done(c, &c.vm_power("screen", PowerAction::On, None).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");
     let bob = s.user("bob").await;
