@@ -3,10 +3,16 @@
 
 use std::time::{Duration, Instant};
 
+use covm_types::api::PoolCreate;
+use covm_types::vm::{VmChange, VmConfig};
 use futures::StreamExt;
-use serde_json::json;
 
-use crate::common::TestServer;
+use crate::common::{TestServer, name, vm_named};
+
+/// A pool (without limits) in the folder `/team-a`.
+fn team_pool(pool: &str) -> PoolCreate {
+    PoolCreate { name: name(pool), quota: Default::default(), folder: Some("/team-a".into()) }
+}
 
 /// Waits until `stream` ends (or breaks); how long that took. Panics after `max`.
 async fn ends_within<S: futures::Stream + Unpin>(stream: &mut S, max: Duration) -> Duration {
@@ -24,8 +30,8 @@ async fn ends_within<S: futures::Stream + Unpin>(stream: &mut S, max: Duration) 
 async fn streams_end_when_their_caller_loses_the_right_to_them() {
     let s = TestServer::start().await;
     s.admin.folder_create("team-a", "/").await.unwrap();
-    s.admin.post::<_, serde_json::Value>("/pools", &json!({ "name": "pa", "folder": "/team-a" })).await.unwrap();
-    s.admin.vm_create(&json!({ "name": "v1", "folder": "/team-a", "pool": "pa" })).await.unwrap();
+    s.admin.pool_create(&team_pool("pa")).await.unwrap();
+    s.admin.vm_create(&VmConfig { folder: "/team-a".into(), pool: "pa".into(), ..vm_named("v1") }).await.unwrap();
     let bob = s.user("bob").await;
     let grant = s.admin.permission_grant("bob", "VMUser", "/team-a", true).await.unwrap();
 
@@ -77,12 +83,13 @@ async fn a_user_holds_a_bounded_number_of_streams() {
 async fn a_replay_from_the_start_delivers_only_what_the_reader_may_see() {
     let s = TestServer::start().await;
     s.admin.folder_create("team-a", "/").await.unwrap();
-    s.admin.post::<_, serde_json::Value>("/pools", &json!({ "name": "pa", "folder": "/team-a" })).await.unwrap();
-    s.admin.vm_create(&json!({ "name": "seen", "folder": "/team-a", "pool": "pa" })).await.unwrap();
-    s.admin.vm_create(&json!({ "name": "unseen", "pool": "default" })).await.unwrap();
+    s.admin.pool_create(&team_pool("pa")).await.unwrap();
+    s.admin.vm_create(&VmConfig { folder: "/team-a".into(), pool: "pa".into(), ..vm_named("seen") }).await.unwrap();
+    s.admin.vm_create(&VmConfig { pool: "default".into(), ..vm_named("unseen") }).await.unwrap();
     for i in 0..1000 {
         let vm = if i % 100 == 0 { "seen" } else { "unseen" };
-        s.admin.vm_change(vm, &json!({ "description": format!("{i}") }), &Default::default()).await.unwrap();
+        let patch = VmChange { description: Some(format!("{i}")), ..Default::default() };
+        s.admin.vm_change(vm, &patch, &Default::default()).await.unwrap();
     }
     let nobody = s.user("nobody").await;
     let ann = s.user("ann").await;
