@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use covm_types::api::EventQuery;
 use futures::StreamExt;
-use serde_json::json;
 
-use crate::common::{TestServer, on_postgres};
+use crate::common::{TestServer, attach, new_disk, on_postgres, vm_named};
 
 #[tokio::test]
 async fn a_write_on_one_replica_reaches_the_feed_of_the_other() {
@@ -22,7 +21,7 @@ async fn a_write_on_one_replica_reaches_the_feed_of_the_other() {
     let after = head.items.last().map_or(0, |e| e.seq);
     let mut feed = b.admin.events_follow(Some(after), None).await.unwrap();
     let t0 = Instant::now();
-    a.admin.vm_create(&json!({ "name": "made-on-a" })).await.unwrap();
+    a.admin.vm_create(&vm_named("made-on-a")).await.unwrap();
     let ev = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let ev = feed.next().await.unwrap().unwrap();
@@ -47,7 +46,7 @@ async fn background_work_moves_to_a_live_replica() {
     }
     let a = TestServer::start().await;
     let b = a.replica().await;
-    b.admin.vm_create(&json!({ "name": "leased" })).await.unwrap();
+    b.admin.vm_create(&vm_named("leased")).await.unwrap();
     // a started first: it reports lease expiries. It goes away; b takes over.
     a.stop().await;
     b.admin.lease_acquire("leased", 1).await.unwrap();
@@ -69,20 +68,14 @@ async fn requests_about_a_running_vm_are_forwarded_to_its_node() {
     }
     let a = TestServer::start().await;
     let b = a.replica().await;
-    a.admin.vm_create(&json!({ "name": "on-a" })).await.unwrap();
+    a.admin.vm_create(&vm_named("on-a")).await.unwrap();
     let t = a.admin.vm_power("on-a", covm_types::vm::PowerAction::On, None).await.unwrap();
     crate::common::task_done(&a.admin, &t).await;
     // Through b: a hot attach and the block state go to a's agent, and come back.
-    b.admin
-        .post::<_, serde_json::Value>(
-            "/disks",
-            &json!({ "name": "d", "datastore": "local", "capacity_bytes": 1u64 << 20 }),
-        )
-        .await
-        .unwrap();
-    let v: covm_types::vm::VmView = b.admin.post("/vms/on-a/disks", &json!({ "disk": "d" })).await.unwrap();
+    b.admin.disk_create(&new_disk("d", 1 << 20)).await.unwrap();
+    let v = b.admin.vm_disk_attach("on-a", &attach("d")).await.unwrap();
     assert_eq!(v.runtime.running_version, Some(v.version), "hot-plugged by a's agent");
-    let block: covm_types::vm::BlockState = b.admin.get("/vms/on-a/block").await.unwrap();
+    let block = b.admin.vm_block_state("on-a").await.unwrap();
     assert_eq!(block.devices.len(), 1, "{block:?}");
     // A power-off sent to b: a's agent does it; the task is in the shared store.
     let t = b.admin.vm_power("on-a", covm_types::vm::PowerAction::Off, None).await.unwrap();
