@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use covm_client::Client;
 use covm_server::app::saga::plan_of;
 use covm_server::app::saga::plug::{AttachSaga, HotDisk, Plug};
-use covm_types::vm::{BlockState, ControllerType, DiskAttachment, PowerAction, TaskState, VmView};
-use serde_json::{Value, json};
+use covm_types::Name;
+use covm_types::disk::{DetachQuery, DiskAttach, DiskCreate};
+use covm_types::vm::{ControllerType, DiskAttachment, PowerAction, TaskState, VmConfig, VmView};
 
 const BIN: &str = env!("CARGO_BIN_EXE_covm");
 
@@ -94,7 +95,7 @@ fn free_port() -> u16 {
 /// The config holds the disk, and QEMU's block node and device for it: (in config, node, device).
 async fn agreement(c: &Client) -> (bool, bool, bool) {
     let vm: VmView = c.vm("b").await.unwrap();
-    let block: BlockState = c.get("/vms/b/block").await.unwrap();
+    let block = c.vm_block_state("b").await.unwrap();
     let has_node = block.nodes.iter().any(|n| n.starts_with('d') && !n.ends_with("-file"));
     let has_device = !block.devices.is_empty();
     (!vm.config.disks.is_empty(), has_node, has_device)
@@ -113,12 +114,21 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
     let mut covm = Covm::start(&data, port, None);
     let password = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
     let (c, _) = Client::new(&covm.url()).login("admin", password.trim()).await.unwrap();
-    c.vm_create(&json!({ "name": "b", "memory_mib": 64 })).await.unwrap();
+    c.vm_create(&VmConfig { memory_mib: 64, ..VmConfig::named("b").unwrap() }).await.unwrap();
     let t = c.vm_power("b", PowerAction::On, None).await.unwrap();
     assert_eq!(c.task_wait(t.id, Duration::from_secs(60), |_| {}).await.unwrap().state, TaskState::Success);
-    c.post::<_, Value>("/disks", &json!({ "name": "d1", "datastore": "local", "capacity_bytes": 64u64 << 20 }))
-        .await
-        .unwrap();
+    c.disk_create(&DiskCreate {
+        name: Name::parse("d1").unwrap(),
+        datastore: "local".into(),
+        capacity_bytes: 64 << 20,
+        format: Default::default(),
+        sharing: Default::default(),
+        folder: None,
+        pool: None,
+    })
+    .await
+    .unwrap();
+    let d1 = DiskAttach { disk: "d1".into(), ..Default::default() };
 
     // The steps of a hot attach, from the saga itself.
     let plan = plan_of(&AttachSaga {
@@ -150,7 +160,7 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
             let fault = format!("disk.attach:{step}:{at}:crash");
             drop(covm);
             covm = Covm::start(&data, port, Some(&fault));
-            let r = c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1" })).await;
+            let r = c.vm_disk_attach("b", &d1).await;
             assert!(r.is_err(), "{fault}: the attach must not answer (covm died)");
             let status = covm.wait_dead();
             assert!(!status.success(), "{fault}: covm aborted ({status})");
@@ -166,11 +176,11 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
             // No lock is left: the disk can be detached (if attached) and attached again at once.
             let started = Instant::now();
             if in_config {
-                c.delete("/vms/b/disks/d1").await.unwrap();
+                c.vm_disk_detach("b", "d1", &DetachQuery::default()).await.unwrap();
             }
-            c.post::<_, Value>("/vms/b/disks", &json!({ "disk": "d1" })).await.unwrap();
+            c.vm_disk_attach("b", &d1).await.unwrap();
             assert_eq!(agreement(&c).await, (true, true, true), "{fault}: attach after recovery");
-            c.delete("/vms/b/disks/d1").await.unwrap();
+            c.vm_disk_detach("b", "d1", &DetachQuery::default()).await.unwrap();
             assert_eq!(agreement(&c).await, (false, false, false), "{fault}: detach after recovery");
             assert!(started.elapsed() < Duration::from_secs(20), "{fault}: something waited on a stale lock");
         }
