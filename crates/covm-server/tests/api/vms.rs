@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use covm_client::{ChangeOptions, Client, ClientError};
 use covm_types::Privilege;
+use covm_types::error::{LeasedDetails, StaleDetails};
 use covm_types::vm::{Nic, VersionQuery, VmChange, VmConfig};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -160,12 +161,13 @@ async fn a_stale_if_match_gets_412_with_what_changed() {
             .await,
     );
     assert_eq!((status, code.as_str()), (412, "version_mismatch"));
-    let d = d.unwrap();
-    assert_eq!(d["current_version"], 2);
-    assert_eq!(d["author"], "alice");
-    assert_eq!(d["message"], "more");
-    assert_eq!(d["summary"], json!(["cpus: 1 → 2"]));
-    assert_eq!(d["patch"], json!([{ "op": "replace", "path": "/cpus", "value": 2 }]));
+    let d: StaleDetails = serde_json::from_value(d.unwrap()).unwrap();
+    assert_eq!(d.current_version, 2);
+    assert_eq!(d.author.as_deref(), Some("alice"));
+    assert_eq!(d.message.as_deref(), Some("more"));
+    assert_eq!(d.summary, Some(vec!["cpus: 1 → 2".to_string()]));
+    // The patch is RFC 6902, a JSON document in the typed details too.
+    assert_eq!(d.patch, Some(json!([{ "op": "replace", "path": "/cpus", "value": 2 }])));
     // Nothing was written.
     assert_eq!(s.admin.vm("web-1").await.unwrap().config.memory_mib, 2048);
     // The ETag header is the version; a bad If-Match is a 400 naming it (raw: the headers are the point).
@@ -199,8 +201,9 @@ async fn leases_lock_out_others_and_fence_stale_holders() {
         b.vm_change("web-1", &VmChange { memory_mib: Some(4096), ..Default::default() }, &Default::default()).await,
     );
     assert_eq!((status, code.as_str()), (423, "leased"));
-    assert_eq!(d.as_ref().unwrap()["holder"], "alice");
-    assert!(d.unwrap()["expires_at"].is_string());
+    // Read as LeasedDetails: the expiry must be a time.
+    let d: LeasedDetails = serde_json::from_value(d.unwrap()).unwrap();
+    assert_eq!(d.holder, "alice");
     assert_eq!(api_err(b.lease_acquire("web-1", 60).await).0, 423);
     // Bob sees the lease, but not its token.
     let seen = b.lease("web-1").await.unwrap().unwrap();
