@@ -7,11 +7,13 @@
 //! plain value, and a new string field that is neither fails the test until someone decides.
 
 use covm_client::Client;
-use covm_types::disk::DiskView;
+use covm_types::api::{DatastoreCreate, NetworkCreate, NetworkKind, PoolCreate};
+use covm_types::disk::{DetachQuery, DiskAttach, DiskCreate, DiskMove};
+use covm_types::vm::{VmChange, VmConfig};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::common::TestServer;
+use crate::common::{TestServer, attach, attachment, name, new_disk, vm_named};
 
 /// The string fields of a config that are plain values, not references.
 const PLAIN: &[&str] =
@@ -120,32 +122,36 @@ async fn env() -> Env {
         a.folder_create(f, "/").await.unwrap();
     }
     let mut dirs = Vec::new();
-    for (name, folder) in [("ds-a", "/team-a"), ("ds-b", "/team-b"), ("ds-ro", "/shared")] {
+    for (ds, folder) in [("ds-a", "/team-a"), ("ds-b", "/team-b"), ("ds-ro", "/shared")] {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("iso")).unwrap();
         std::fs::write(d.path().join("iso/x.iso"), b"iso").unwrap();
-        let body = json!({ "name": name, "path": d.path(), "folder": folder });
-        a.post::<_, Value>("/datastores", &body).await.unwrap();
+        let path = d.path().to_str().unwrap().into();
+        a.datastore_create(&DatastoreCreate { name: name(ds), path, folder: Some(folder.into()) }).await.unwrap();
         dirs.push(d);
     }
-    for (name, folder) in [("net-a", "/team-a"), ("net-b", "/team-b"), ("net-ro", "/shared")] {
-        a.post::<_, Value>("/networks", &json!({ "name": name, "kind": "user", "folder": folder })).await.unwrap();
+    for (net, folder) in [("net-a", "/team-a"), ("net-b", "/team-b"), ("net-ro", "/shared")] {
+        let folder = Some(folder.into());
+        a.network_create(&NetworkCreate { name: name(net), kind: NetworkKind::User, bridge: None, folder })
+            .await
+            .unwrap();
     }
-    for (name, folder) in [("pool-a", "/team-a"), ("pool-b", "/team-b"), ("pool-ro", "/shared")] {
-        a.post::<_, Value>("/pools", &json!({ "name": name, "folder": folder })).await.unwrap();
+    for (pool, folder) in [("pool-a", "/team-a"), ("pool-b", "/team-b"), ("pool-ro", "/shared")] {
+        let folder = Some(folder.into());
+        a.pool_create(&PoolCreate { name: name(pool), quota: Default::default(), folder }).await.unwrap();
     }
-    for (name, folder) in
+    for (disk, folder) in
         [("disk-a", "/team-a"), ("disk-held", "/team-a"), ("disk-b", "/team-b"), ("disk-ro", "/shared")]
     {
-        let body = json!({ "name": name, "datastore": "ds-a", "capacity_bytes": 1u64 << 20, "folder": folder });
-        a.post::<_, DiskView>("/disks", &body).await.unwrap();
+        let create = DiskCreate { datastore: "ds-a".into(), folder: Some(folder.into()), ..new_disk(disk, 1 << 20) };
+        a.disk_create(&create).await.unwrap();
     }
-    a.vm_create(&json!({ "name": "holder", "folder": "/team-a", "pool": "pool-a" })).await.unwrap();
-    a.post::<_, Value>("/vms/holder/disks", &json!({ "disk": "disk-held" })).await.unwrap();
+    a.vm_create(&VmConfig { folder: "/team-a".into(), pool: "pool-a".into(), ..vm_named("holder") }).await.unwrap();
+    a.vm_disk_attach("holder", &attach("disk-held")).await.unwrap();
     let eve = s.user("eve").await;
     a.permission_grant("eve", "VMCreator", "/team-a", true).await.unwrap();
     a.permission_grant("eve", "ReadOnly", "/shared", true).await.unwrap();
-    eve.vm_create(&json!({ "name": "ve", "folder": "/team-a", "pool": "pool-a" })).await.unwrap();
+    eve.vm_create(&VmConfig { folder: "/team-a".into(), pool: "pool-a".into(), ..vm_named("ve") }).await.unwrap();
     Env { s, eve, _dirs: dirs }
 }
 
@@ -220,8 +226,8 @@ async fn disk_rules_hold_for_disks_named_in_a_config() {
         assert_eq!((status, body["error"]["code"].as_str()), (409, Some("disk_in_use")), "{body}");
     }
     // Read-only beside read-only is fine; turning one read-write is checked again.
-    admin.delete("/vms/holder/disks/disk-held").await.unwrap();
-    admin.post::<_, Value>("/vms/holder/disks", &json!({ "disk": "disk-held", "read_only": true })).await.unwrap();
+    admin.vm_disk_detach("holder", "disk-held", &DetachQuery::default()).await.unwrap();
+    admin.vm_disk_attach("holder", &DiskAttach { read_only: true, ..attach("disk-held") }).await.unwrap();
     let ro = json!({ "disks": [{ "disk": "disk-held", "controller": "scsi0", "unit": 0, "read_only": true }] });
     let v = eve.vm_change("ve", &ro, &Default::default()).await.unwrap();
     let generation = v.config.disks[0].generation;
@@ -241,21 +247,22 @@ async fn disk_rules_hold_for_disks_named_in_a_config() {
 
     // A revert re-checks as of now: a disk removed since, and attached read-write elsewhere meanwhile,
     // is not attached again.
-    eve.vm_change("ve", &json!({ "disks": [] }), &Default::default()).await.unwrap();
-    let with = eve.post::<_, covm_types::vm::VmView>("/vms/ve/disks", &json!({ "disk": "disk-a" })).await.unwrap();
-    eve.delete("/vms/ve/disks/disk-a").await.unwrap();
-    admin.post::<_, Value>("/vms/holder/disks", &json!({ "disk": "disk-a" })).await.unwrap();
+    let no_disks = VmChange { disks: Some(vec![]), ..Default::default() };
+    eve.vm_change("ve", &no_disks, &Default::default()).await.unwrap();
+    let with = eve.vm_disk_attach("ve", &attach("disk-a")).await.unwrap();
+    eve.vm_disk_detach("ve", "disk-a", &DetachQuery::default()).await.unwrap();
+    admin.vm_disk_attach("holder", &attach("disk-a")).await.unwrap();
     for c in [&eve, admin] {
         let (status, body) = status_of(c, Method::POST, "/vms/ve/revert", &json!({ "version": with.version })).await;
         assert_eq!((status, body["error"]["code"].as_str()), (409, Some("disk_in_use")), "{body}");
     }
     assert!(eve.vm("ve").await.unwrap().config.disks.is_empty());
     // Once free, the revert attaches it (a new generation) and the disk shows the attachment.
-    admin.delete("/vms/holder/disks/disk-a").await.unwrap();
+    admin.vm_disk_detach("holder", "disk-a", &DetachQuery::default()).await.unwrap();
     let v = eve.vm_revert("ve", with.version, None).await.unwrap();
     assert_eq!(v.config.disks.len(), 1);
     assert!(v.config.disks[0].generation > with.config.disks[0].generation);
-    let d: DiskView = eve.get("/disks/disk-a").await.unwrap();
+    let d = eve.disk("disk-a").await.unwrap();
     assert_eq!(d.attachments.len(), 1);
     // No lock is left behind.
     assert_eq!(s.scalar("SELECT COUNT(*) FROM op_locks").await, 0);
@@ -264,7 +271,7 @@ async fn disk_rules_hold_for_disks_named_in_a_config() {
 #[tokio::test]
 async fn file_references_never_name_a_disk_image() {
     let Env { s, _dirs, .. } = env().await;
-    let d: DiskView = s.admin.get("/disks/disk-a").await.unwrap();
+    let d = s.admin.disk("disk-a").await.unwrap();
     for field in ["kernel", "initrd", "cdrom"] {
         let body = fragment(field, &format!("ds-a:{}", d.file));
         let (status, body) = status_of(&s.admin, Method::PATCH, "/vms/holder", &body).await;
@@ -280,22 +287,23 @@ async fn file_references_never_name_a_disk_image() {
 async fn a_disk_named_in_a_change_and_moved_at_once_has_one_writer() {
     let Env { s, eve, _dirs } = env().await;
     let admin = s.admin.clone();
-    admin.vm_create(&json!({ "name": "w", "folder": "/team-b", "pool": "pool-b" })).await.unwrap();
-    let with = json!({ "disks": [{ "disk": "disk-a", "controller": "scsi0", "unit": 0 }] });
+    admin.vm_create(&VmConfig { folder: "/team-b".into(), pool: "pool-b".into(), ..vm_named("w") }).await.unwrap();
+    let with = VmChange { disks: Some(vec![attachment("disk-a", "scsi0", 0)]), ..Default::default() };
     for round in 0..15 {
         eve.vm_change("ve", &with, &Default::default()).await.unwrap();
-        let change = json!({ "disks": [{ "disk": "disk-a", "controller": "scsi0", "unit": 0 }], "description": format!("{round}") });
-        let (to, opts) = (json!({ "to_vm": "w" }), Default::default());
-        let (a, b) =
-            tokio::join!(eve.vm_change("ve", &change, &opts), admin.post::<_, Value>("/disks/disk-a/move", &to),);
-        let d: DiskView = admin.get("/disks/disk-a").await.unwrap();
+        let change = VmChange { description: Some(format!("{round}")), ..with.clone() };
+        let (to, opts) = (DiskMove { to_vm: "w".into(), ..Default::default() }, Default::default());
+        let (a, b) = tokio::join!(eve.vm_change("ve", &change, &opts), admin.disk_move("disk-a", &to));
+        let d = admin.disk("disk-a").await.unwrap();
         let writers = d.attachments.iter().filter(|a| !a.read_only).count();
         assert!(writers <= 1, "round {round}: {:?} (change: {:?}, move: {:?})", d.attachments, a.err(), b.err());
         // Put it back for the next round.
         if d.attachments.iter().any(|a| a.vm == "w") {
-            admin.delete("/vms/w/disks/disk-a").await.unwrap();
+            admin.vm_disk_detach("w", "disk-a", &DetachQuery::default()).await.unwrap();
         }
-        eve.vm_change("ve", &json!({ "disks": [] }), &Default::default()).await.unwrap();
+        eve.vm_change("ve", &VmChange { disks: Some(vec![]), ..Default::default() }, &Default::default())
+            .await
+            .unwrap();
     }
     assert_eq!(s.scalar("SELECT COUNT(*) FROM op_locks").await, 0);
 }
