@@ -117,7 +117,20 @@ impl TestPostgres {
         let n = DATABASES.fetch_add(1, Ordering::Relaxed);
         let name = format!("covm_t{}_{n}", std::process::id());
         let admin = format!("postgres://covm@127.0.0.1:{}/postgres", self.port);
-        let mut conn = sqlx::PgConnection::connect(&admin).await.map_err(|e| e.to_string())?;
+        // The server listens before it accepts sessions: "the database system is starting up"
+        // (57P03) is waited out.
+        let started = Instant::now();
+        let mut conn = loop {
+            match sqlx::PgConnection::connect(&admin).await {
+                Ok(c) => break c,
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("57P03") && started.elapsed() < Duration::from_secs(30) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await
