@@ -578,6 +578,35 @@ impl Client {
         self.delete(&format!("/disks/{disk}")).await
     }
 
+    pub async fn snapshot_create(
+        &self,
+        vm: &str,
+        p: &covm_types::snapshot::SnapshotCreate,
+    ) -> Result<covm_types::snapshot::SnapshotView> {
+        self.post(&format!("/vms/{vm}/snapshots"), p).await
+    }
+
+    pub async fn snapshots(&self, vm: &str) -> Result<Vec<covm_types::snapshot::SnapshotView>> {
+        self.get(&format!("/vms/{vm}/snapshots")).await
+    }
+
+    pub async fn snapshot(&self, vm: &str, snap: &str) -> Result<covm_types::snapshot::SnapshotView> {
+        self.get(&format!("/vms/{vm}/snapshots/{snap}")).await
+    }
+
+    pub async fn snapshot_delete(&self, vm: &str, snap: &str) -> Result<()> {
+        self.delete(&format!("/vms/{vm}/snapshots/{snap}")).await
+    }
+
+    pub async fn snapshot_revert(
+        &self,
+        vm: &str,
+        snap: &str,
+        p: &covm_types::snapshot::SnapshotRevert,
+    ) -> Result<VmView> {
+        self.post(&format!("/vms/{vm}/snapshots/{snap}/revert"), p).await
+    }
+
     /// What a running VM's process uses of its host now.
     pub async fn vm_stats(&self, vm: &str) -> Result<VmStats> {
         self.get(&format!("/vms/{vm}/stats")).await

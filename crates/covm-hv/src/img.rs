@@ -23,6 +23,15 @@ pub struct ImageInfo {
     /// Format details (for qcow2, `data.data-file` names an external data file).
     #[serde(rename = "format-specific", default, skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<serde_json::Value>,
+    /// The internal snapshots the image holds (qcow2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<ImageSnapshot>,
+}
+
+/// One internal snapshot of an image.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct ImageSnapshot {
+    pub name: String,
 }
 
 impl ImageInfo {
@@ -72,6 +81,33 @@ pub async fn shrink_back(path: &Path, format: &str, size: u64) -> Result<(), HvE
     run(&["resize", "-q", "--shrink", "-f", format, &s(path), &size.to_string()]).await.map(|_| ())
 }
 
+/// The tags of an image's internal snapshots.
+pub async fn snapshot_tags(path: &Path) -> Result<Vec<String>, HvError> {
+    Ok(info(path).await?.snapshots.into_iter().map(|s| s.name).collect())
+}
+
+/// Takes an internal snapshot `tag` of an image no process holds (qcow2 only). A tag already there is
+/// kept: a retry or a recovery may call it again.
+pub async fn snapshot_create(path: &Path, tag: &str) -> Result<(), HvError> {
+    if snapshot_tags(path).await?.iter().any(|t| t == tag) {
+        return Ok(());
+    }
+    run(&["snapshot", "-q", "-f", "qcow2", "-c", tag, &s(path)]).await.map(|_| ())
+}
+
+/// Puts an image back to its internal snapshot `tag` (the data after it is lost).
+pub async fn snapshot_apply(path: &Path, tag: &str) -> Result<(), HvError> {
+    run(&["snapshot", "-q", "-f", "qcow2", "-a", tag, &s(path)]).await.map(|_| ())
+}
+
+/// Deletes an internal snapshot; one that is not there is already deleted.
+pub async fn snapshot_delete(path: &Path, tag: &str) -> Result<(), HvError> {
+    if !path.exists() || !snapshot_tags(path).await?.iter().any(|t| t == tag) {
+        return Ok(());
+    }
+    run(&["snapshot", "-q", "-f", "qcow2", "-d", tag, &s(path)]).await.map(|_| ())
+}
+
 /// Copies an image into a new file of `format`.
 pub async fn convert(src: &Path, src_format: &str, dst: &Path, format: &str) -> Result<(), HvError> {
     if dst.exists() {
@@ -88,6 +124,20 @@ pub async fn info(path: &Path) -> Result<ImageInfo, HvError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn internal_snapshots_are_taken_applied_and_deleted_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("d.qcow2");
+        create(&f, "qcow2", 1 << 20).await.unwrap();
+        snapshot_create(&f, "covm-a").await.unwrap();
+        snapshot_create(&f, "covm-a").await.unwrap();
+        assert_eq!(snapshot_tags(&f).await.unwrap(), ["covm-a"]);
+        snapshot_apply(&f, "covm-a").await.unwrap();
+        snapshot_delete(&f, "covm-a").await.unwrap();
+        snapshot_delete(&f, "covm-a").await.unwrap();
+        assert!(snapshot_tags(&f).await.unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn create_resize_convert_info() {

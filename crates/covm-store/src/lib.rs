@@ -457,7 +457,17 @@ pub type VmWriteFn = Box<dyn FnOnce(&VmRecord, DateTime<Utc>) -> Result<WriteOut
 /// Everything the app layer asks of storage: one trait a resource, each implemented in its own file
 /// of `sql/` for both backends. Bring them into scope with `use covm_store::prelude::*`.
 pub trait Store:
-    InventoryStore + PrincipalStore + LogStore + VmStore + TaskStore + SagaStore + ClusterStore + Send + Sync + 'static
+    InventoryStore
+    + PrincipalStore
+    + LogStore
+    + VmStore
+    + SnapshotStore
+    + TaskStore
+    + SagaStore
+    + ClusterStore
+    + Send
+    + Sync
+    + 'static
 {
 }
 
@@ -466,6 +476,7 @@ impl<T> Store for T where
         + PrincipalStore
         + LogStore
         + VmStore
+        + SnapshotStore
         + TaskStore
         + SagaStore
         + ClusterStore
@@ -477,7 +488,9 @@ impl<T> Store for T where
 
 /// The store traits, to call a [`Store`]'s methods.
 pub mod prelude {
-    pub use crate::{ClusterStore, InventoryStore, LogStore, PrincipalStore, SagaStore, Store, TaskStore, VmStore};
+    pub use crate::{
+        ClusterStore, InventoryStore, LogStore, PrincipalStore, SagaStore, SnapshotStore, Store, TaskStore, VmStore,
+    };
 }
 
 /// The inventory tree: objects, their paths and closure rows, and who may see them.
@@ -614,6 +627,28 @@ pub trait VmStore: Send + Sync {
     /// What a pool's members use, summed in the database: the vCPUs and memory of its VMs that run
     /// (other than `except`), and the capacity of its disks (other than `except`).
     async fn pool_usage(&self, pool: &str, except: Option<Uuid>) -> Result<PoolUsage>;
+}
+
+/// A VM snapshot as stored: `doc` is its view less the columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRecord {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub doc: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// VM snapshots.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// Records a snapshot with its log entry (409 `already_exists` for a name the VM has).
+    async fn snapshot_insert(&self, snapshot: SnapshotRecord, event: NewEvent) -> Result<EventRecord>;
+    /// A VM's snapshots, oldest first.
+    async fn snapshots_of(&self, vm: Uuid) -> Result<Vec<SnapshotRecord>>;
+    async fn snapshot_get(&self, id: Uuid) -> Result<Option<SnapshotRecord>>;
+    /// Removes a snapshot's record with its log entry; false when it was not there.
+    async fn snapshot_remove(&self, id: Uuid, event: NewEvent) -> Result<bool>;
 }
 
 /// Tasks (long operations).

@@ -287,6 +287,8 @@ pub enum ErrorCode {
     ShrinkRefused,
     /// The guest did not shut down in time.
     ShutdownTimeout,
+    /// A disk cannot hold snapshots (raw) and was not excluded, or memory snapshots were asked for.
+    SnapshotUnsupported,
     /// The server is shutting down.
     ShuttingDown,
     /// The attachment's generation is no longer current.
@@ -381,6 +383,7 @@ impl ErrorCode {
         ErrorCode::SelfDelete,
         ErrorCode::ShrinkRefused,
         ErrorCode::ShutdownTimeout,
+        ErrorCode::SnapshotUnsupported,
         ErrorCode::ShuttingDown,
         ErrorCode::StaleGeneration,
         ErrorCode::StorageFull,
@@ -453,6 +456,7 @@ impl ErrorCode {
             ErrorCode::RootFolder => "root_folder",
             ErrorCode::SelfDelete => "self_delete",
             ErrorCode::ShrinkRefused => "shrink_refused",
+            ErrorCode::SnapshotUnsupported => "snapshot_unsupported",
             ErrorCode::ShutdownTimeout => "shutdown_timeout",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::StaleGeneration => "stale_generation",

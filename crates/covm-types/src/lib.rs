@@ -9,6 +9,7 @@ pub mod disk;
 pub mod error;
 pub mod name;
 pub mod privilege;
+pub mod snapshot;
 pub mod vm;
 
 pub use error::{Error, ErrorBody, ErrorCode, ErrorKind};

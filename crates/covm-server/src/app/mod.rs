@@ -29,6 +29,7 @@ pub mod power;
 pub mod principals;
 pub mod refs;
 pub mod saga;
+pub mod snapshots;
 pub mod streams;
 pub mod transition;
 pub mod vms;

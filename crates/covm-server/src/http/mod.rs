@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod power;
 pub mod principals;
 pub mod session;
+pub mod snapshots;
 pub mod vms;
 
 use covm_types::ErrorCode;
@@ -51,6 +52,7 @@ use error::{ApiError, ResponseCode};
         (name = "inventory", description = "Folders, datastores, networks, pools and hosts"),
         (name = "vms", description = "VMs as versioned documents, their history and edit leases"),
         (name = "disks", description = "First-class disks and their images"),
+        (name = "snapshots", description = "VM snapshots: config and data, reverted together or apart"),
         (name = "tasks", description = "Long operations and their progress"),
         (name = "events", description = "The change feed and the audit log"),
     )
@@ -111,6 +113,9 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(disks::vm_disk_detach))
         .routes(routes!(disks::vm_block_state))
         .routes(routes!(disks::vm_stats))
+        .routes(routes!(snapshots::snapshot_create, snapshots::snapshot_list))
+        .routes(routes!(snapshots::snapshot_get, snapshots::snapshot_delete))
+        .routes(routes!(snapshots::snapshot_revert))
         .routes(routes!(power::vm_power))
         .routes(routes!(power::vm_console_serial))
         .routes(routes!(power::vm_console_vnc))

@@ -90,6 +90,11 @@ const ENDPOINTS: &[&str] = &[
     "DELETE /api/v1/vms/{vm}/disks/{disk}",
     "GET /api/v1/vms/{vm}/block",
     "GET /api/v1/vms/{vm}/stats",
+    "GET /api/v1/vms/{vm}/snapshots",
+    "POST /api/v1/vms/{vm}/snapshots",
+    "GET /api/v1/vms/{vm}/snapshots/{snap}",
+    "DELETE /api/v1/vms/{vm}/snapshots/{snap}",
+    "POST /api/v1/vms/{vm}/snapshots/{snap}/revert",
     "POST /api/v1/vms/{vm}/power",
     "GET /api/v1/vms/{vm}/console/serial",
     "GET /api/v1/vms/{vm}/console/vnc",
@@ -150,7 +155,13 @@ impl Env {
                 .unwrap();
             }
             a.lease_acquire(&format!("vm-lease-{t}"), 3600).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-snap-{t}") })).await.unwrap();
+            for snap in ["s-del", "s-rev"] {
+                let p = json!({ "name": snap });
+                a.post::<_, Value>(&format!("/vms/vm-snap-{t}/snapshots"), &p).await.unwrap();
+            }
         }
+        a.post::<_, Value>("/vms/vm-shared/snapshots", &json!({ "name": "s0" })).await.unwrap();
         let mut sessions = Vec::new();
         for role in BuiltinRole::ALL {
             sessions.push((role, s.login(&tag(role)).await));
@@ -275,6 +286,20 @@ impl Env {
             "DELETE /api/v1/vms/{vm}" => status(&c, Method::DELETE, &format!("/vms/vm-del-{t}"), None).await,
             "GET /api/v1/vms/{vm}/block" => status(&c, Method::GET, "/vms/vm-shared/block", None).await,
             "GET /api/v1/vms/{vm}/stats" => status(&c, Method::GET, "/vms/vm-shared/stats", None).await,
+            "GET /api/v1/vms/{vm}/snapshots" => status(&c, Method::GET, "/vms/vm-shared/snapshots", None).await,
+            "POST /api/v1/vms/{vm}/snapshots" => {
+                status(&c, Method::POST, &format!("/vms/vm-snap-{t}/snapshots"), Some(json!({ "name": "s-new" }))).await
+            }
+            "GET /api/v1/vms/{vm}/snapshots/{snap}" => {
+                status(&c, Method::GET, "/vms/vm-shared/snapshots/s0", None).await
+            }
+            "DELETE /api/v1/vms/{vm}/snapshots/{snap}" => {
+                status(&c, Method::DELETE, &format!("/vms/vm-snap-{t}/snapshots/s-del"), None).await
+            }
+            "POST /api/v1/vms/{vm}/snapshots/{snap}/revert" => {
+                let p = json!({ "scope": "config" });
+                status(&c, Method::POST, &format!("/vms/vm-snap-{t}/snapshots/s-rev/revert"), Some(p)).await
+            }
             "GET /api/v1/vms/{vm}/versions" => status(&c, Method::GET, "/vms/vm-shared/versions", None).await,
             "GET /api/v1/vms/{vm}/versions/{n}" => status(&c, Method::GET, "/vms/vm-shared/versions/1", None).await,
             "GET /api/v1/vms/{vm}/diff" => status(&c, Method::GET, "/vms/vm-shared/diff?from=1&to=2", None).await,

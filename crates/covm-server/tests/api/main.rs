@@ -14,6 +14,7 @@ pub mod qemu;
 pub mod references;
 pub mod replicas;
 pub mod sagas;
+pub mod snapshots;
 pub mod stats;
 pub mod streams;
 pub mod upgrade;

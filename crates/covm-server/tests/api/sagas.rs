@@ -9,6 +9,7 @@ use std::path::Path;
 use covm_client::{Client, ClientError};
 use covm_server::app::saga::{Fault, FaultAction, FaultAt};
 use covm_types::disk::{DetachQuery, DiskClone, DiskImport, DiskListQuery, DiskMove};
+use covm_types::snapshot::{RevertScope, SnapshotCreate, SnapshotKind, SnapshotRevert};
 use covm_types::vm::{BlockState, DiskAttachment, PowerAction, VmConfig};
 
 use crate::common::{TestServer, attach, name, new_disk, task_done, vm_named};
@@ -22,6 +23,7 @@ struct World {
     blocks: BTreeMap<String, BlockState>,
     locks: i64,
     running_sagas: i64,
+    snapshots: i64,
 }
 
 const VMS: [&str; 3] = ["off", "run", "run2"];
@@ -39,8 +41,11 @@ async fn world(s: &TestServer) -> World {
     for dir in [root.clone(), root.join("disks")] {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten().filter(|e| e.path().is_file()) {
-                let size = covm_hv::img::info(&e.path()).await.map(|i| i.virtual_size).unwrap_or(0);
-                files.push(format!("{}:{size}", e.path().strip_prefix(&root).unwrap().display()));
+                let info = covm_hv::img::info(&e.path()).await.ok();
+                let size = info.as_ref().map_or(0, |i| i.virtual_size);
+                // The snapshot tags inside (a snapshot saga's effect).
+                let tags: Vec<String> = info.iter().flat_map(|i| i.snapshots.iter().map(|s| s.name.clone())).collect();
+                files.push(format!("{}:{size}:{tags:?}", e.path().strip_prefix(&root).unwrap().display()));
             }
         }
     }
@@ -66,6 +71,7 @@ async fn world(s: &TestServer) -> World {
         blocks,
         locks: s.count("op_locks").await,
         running_sagas: s.scalar("SELECT COUNT(*) FROM sagas WHERE state = 'running'").await,
+        snapshots: s.count("snapshots").await,
     }
 }
 
@@ -81,6 +87,9 @@ enum Op {
     DetachCold,
     DetachHot,
     Move,
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotRevert,
 }
 
 impl Op {
@@ -126,6 +135,24 @@ impl Op {
                 let _ = c.vm_disk_detach("run2", "mv", &DetachQuery::default()).await;
                 let _ = c.vm_disk_attach("run", &attach("mv")).await;
             }
+            Op::SnapshotCreate | Op::SnapshotDelete | Op::SnapshotRevert => {
+                ensure("sn").await;
+                if c.vm("off").await.unwrap().config.disks.iter().all(|d| d.disk != "sn") {
+                    c.vm_disk_attach("off", &attach("sn")).await.unwrap();
+                }
+                let _ = c.snapshot_delete("off", "fresh").await;
+                for snap in ["old", "back"] {
+                    if c.snapshot("off", snap).await.is_err() {
+                        c.snapshot_create("off", &snapshot(snap)).await.unwrap();
+                    }
+                }
+                // The safety snapshots of earlier reverts.
+                for x in c.snapshots("off").await.unwrap() {
+                    if x.kind == SnapshotKind::Safety {
+                        c.snapshot_delete("off", &x.name).await.unwrap();
+                    }
+                }
+            }
         }
     }
 
@@ -148,11 +175,21 @@ impl Op {
             Op::DetachCold => c.vm_disk_detach("off", "det", &DetachQuery::default()).await.map(drop),
             Op::DetachHot => c.vm_disk_detach("run", "det", &DetachQuery::default()).await.map(drop),
             Op::Move => c.disk_move("mv", &DiskMove { to_vm: "run2".into(), ..Default::default() }).await.map(drop),
+            Op::SnapshotCreate => c.snapshot_create("off", &snapshot("fresh")).await.map(drop),
+            Op::SnapshotDelete => c.snapshot_delete("off", "old").await,
+            Op::SnapshotRevert => {
+                let p = SnapshotRevert { scope: RevertScope::Both, memory: false };
+                c.snapshot_revert("off", "back", &p).await.map(drop)
+            }
         }
     }
 }
 
-const OPS: [Op; 10] = [
+fn snapshot(n: &str) -> SnapshotCreate {
+    SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![] }
+}
+
+const OPS: [Op; 13] = [
     Op::Create,
     Op::Clone,
     Op::Import,
@@ -163,6 +200,9 @@ const OPS: [Op; 10] = [
     Op::DetachCold,
     Op::DetachHot,
     Op::Move,
+    Op::SnapshotCreate,
+    Op::SnapshotDelete,
+    Op::SnapshotRevert,
 ];
 
 async fn every_step_fails_cleanly(s: &TestServer) {
@@ -186,7 +226,9 @@ async fn every_step_fails_cleanly(s: &TestServer) {
         s.app().faults().plans_take();
         op.run(c).await.unwrap_or_else(|e| panic!("{op:?} without a fault: {e:?}"));
         let plans = s.app().faults().plans_take();
-        let [plan] = plans.as_slice() else { panic!("{op:?} ran {} sagas: {plans:?}", plans.len()) };
+        // The operation's own saga is its last (a revert first takes a safety snapshot, itself a saga).
+        let plan = plans.last().unwrap_or_else(|| panic!("{op:?} ran no saga"));
+        assert!(plans.len() <= 2, "{op:?} ran {} sagas: {plans:?}", plans.len());
         kinds.insert(plan.kind);
         assert!(!plan.undone_on_failure().is_empty(), "{op:?}: {plan:?}");
         for step in plan.undone_on_failure() {

@@ -176,6 +176,8 @@ mod log;
 #[macro_use]
 mod vms;
 #[macro_use]
+mod snapshots;
+#[macro_use]
 mod tasks;
 #[macro_use]
 mod sagas;
@@ -191,6 +193,7 @@ macro_rules! sql_store {
         sql_principals!($Store, $DB, $Row, $Pool, $backend);
         sql_log!($Store, $DB, $Row, $Pool, $backend);
         sql_vms!($Store, $DB, $Row, $Pool, $backend);
+        sql_snapshots!($Store, $DB, $Row, $Pool, $backend);
         sql_tasks!($Store, $DB, $Row, $Pool, $backend);
         sql_sagas!($Store, $DB, $Row, $Pool, $backend);
         sql_cluster!($Store, $DB, $Row, $Pool, $backend);

@@ -34,6 +34,7 @@ use super::{App, Ctx};
 pub mod disk;
 pub mod plug;
 pub mod registry;
+pub mod snapshot;
 
 /// How long a saga waits for another one's locks before it gives up.
 const LOCK_WAIT: Duration = Duration::from_secs(30);

@@ -9,6 +9,7 @@ use covm_types::Error;
 use super::Saga;
 use super::disk::{CreateSaga, DeleteSaga, ResizeSaga};
 use super::plug::{AttachSaga, DetachSaga, MoveSaga};
+use super::snapshot::{SnapshotCreateSaga, SnapshotDeleteSaga, SnapshotRevertSaga};
 use crate::app::App;
 use crate::app::refs::CONFIG_DISKS_LOCK;
 
@@ -20,6 +21,9 @@ pub const KINDS: &[&str] = &[
     CreateSaga::KIND,
     DeleteSaga::KIND,
     ResizeSaga::KIND,
+    SnapshotCreateSaga::KIND,
+    SnapshotDeleteSaga::KIND,
+    SnapshotRevertSaga::KIND,
     CONFIG_DISKS_LOCK,
 ];
 
@@ -35,6 +39,9 @@ impl App {
             CreateSaga::KIND => self.saga_recover::<CreateSaga>(rec).await,
             DeleteSaga::KIND => self.saga_recover::<DeleteSaga>(rec).await,
             ResizeSaga::KIND => self.saga_recover::<ResizeSaga>(rec).await,
+            SnapshotCreateSaga::KIND => self.saga_recover::<SnapshotCreateSaga>(rec).await,
+            SnapshotDeleteSaga::KIND => self.saga_recover::<SnapshotDeleteSaga>(rec).await,
+            SnapshotRevertSaga::KIND => self.saga_recover::<SnapshotRevertSaga>(rec).await,
             other => Err(Error::internal(format!("unknown saga kind {other}"))),
         }
     }

@@ -1,0 +1,272 @@
+//! The snapshot sagas. Create: the tags in every covered disk (all or none), then the record (the
+//! pivot). Delete: the record (the pivot), then the tags. Data revert: every covered disk goes back to
+//! its tag (the pivot; its undo puts each disk back to the safety snapshot taken just before).
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use covm_hv::img;
+use covm_store::SnapshotRecord;
+use covm_types::Error;
+use covm_types::snapshot::SnapshotView;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::Saga;
+use crate::app::node::hv_error;
+use crate::app::{App, Ctx, EventExt};
+
+/// A snapshot and the image files of the disks it covers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tagged {
+    pub vm_id: Uuid,
+    pub view: SnapshotView,
+    /// The image files of `view.disks`, in order (a disk deleted since has none).
+    pub files: Vec<Option<PathBuf>>,
+}
+
+impl Tagged {
+    fn tag(&self, i: usize) -> &str {
+        &self.view.disks[i].tag
+    }
+
+    async fn tags_add(&self) -> Result<(), Error> {
+        for (i, f) in self.files.iter().enumerate() {
+            if let Some(f) = f {
+                img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn tags_remove(&self) -> Result<(), Error> {
+        for (i, f) in self.files.iter().enumerate() {
+            if let Some(f) = f {
+                img::snapshot_delete(f, self.tag(i)).await.map_err(hv_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self) -> SnapshotRecord {
+        SnapshotRecord {
+            id: self.view.id,
+            vm_id: self.vm_id,
+            name: self.view.name.clone(),
+            doc: serde_json::to_value(&self.view).unwrap_or_default(),
+            created_at: self.view.created_at,
+        }
+    }
+
+    async fn recorded(&self, app: &App) -> Result<bool, Error> {
+        Ok(app.store().snapshot_get(self.view.id).await?.is_some())
+    }
+
+    async fn record_add(&self, app: &App, ctx: &Ctx) -> Result<(), Error> {
+        if self.recorded(app).await? {
+            return Ok(());
+        }
+        let data = json!({ "snapshot": self.view.id, "name": self.view.name, "kind": self.view.kind,
+            "config_version": self.view.config_version });
+        let ev = ctx.event("vm.snapshot.created", "vm", Some(self.vm_id), &self.view.vm).data(data);
+        app.store().snapshot_insert(self.record(), ev).await?;
+        app.committed();
+        Ok(())
+    }
+
+    async fn record_remove(&self, app: &App, ctx: &Ctx) -> Result<(), Error> {
+        let data = json!({ "snapshot": self.view.id, "name": self.view.name });
+        let ev = ctx.event("vm.snapshot.deleted", "vm", Some(self.vm_id), &self.view.vm).data(data);
+        if app.store().snapshot_remove(self.view.id, ev).await? {
+            app.committed();
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStep {
+    /// The tag in every covered disk.
+    Tags,
+    /// The snapshot's record.
+    Record,
+    /// Every covered disk back to its tag.
+    Apply,
+    /// The VM's config back to the snapshot's version.
+    Config,
+}
+
+/// A new snapshot: the tags, then the record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotCreateSaga(pub Tagged);
+
+#[async_trait]
+impl Saga for SnapshotCreateSaga {
+    const KIND: &'static str = "vm.snapshot.create";
+    type Step = SnapshotStep;
+
+    fn steps(&self) -> Vec<SnapshotStep> {
+        vec![SnapshotStep::Tags, SnapshotStep::Record]
+    }
+
+    fn pivot(&self) -> SnapshotStep {
+        SnapshotStep::Record
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
+        match step {
+            SnapshotStep::Tags => self.0.tags_add().await,
+            SnapshotStep::Record => self.0.record_add(app, ctx).await,
+            SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
+        match step {
+            SnapshotStep::Tags => self.0.tags_remove().await,
+            SnapshotStep::Record => self.0.record_remove(app, ctx).await,
+            SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
+        }
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        self.0.recorded(app).await
+    }
+}
+
+/// A snapshot removed: the record (the pivot), then the tags.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotDeleteSaga(pub Tagged);
+
+#[async_trait]
+impl Saga for SnapshotDeleteSaga {
+    const KIND: &'static str = "vm.snapshot.delete";
+    type Step = SnapshotStep;
+
+    fn steps(&self) -> Vec<SnapshotStep> {
+        vec![SnapshotStep::Record, SnapshotStep::Tags]
+    }
+
+    fn pivot(&self) -> SnapshotStep {
+        SnapshotStep::Record
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
+        match step {
+            SnapshotStep::Record => self.0.record_remove(app, ctx).await,
+            SnapshotStep::Tags => self.0.tags_remove().await,
+            SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
+        match step {
+            SnapshotStep::Record => self.0.record_add(app, ctx).await,
+            // After the pivot: never undone.
+            SnapshotStep::Tags | SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
+        }
+    }
+
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        Ok(!self.0.recorded(app).await?)
+    }
+}
+
+/// The config half of a revert: a new version equal to version `version` (its document).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigRevert {
+    pub version: i64,
+    pub doc: serde_json::Value,
+    pub message: String,
+    /// The config before (what an undo writes back).
+    pub before_version: i64,
+    pub before_doc: serde_json::Value,
+}
+
+/// A revert: the data (every covered disk the VM still holds back to the snapshot's tag; undone by
+/// putting each back to the safety snapshot of the present taken just before), then the config (the
+/// pivot, one write). With only one of them, that one is the pivot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRevertSaga {
+    pub to: Tagged,
+    /// The safety snapshot's tag in the same files (in the same order).
+    pub safety_tags: Vec<Option<String>>,
+    pub data: bool,
+    pub config: Option<ConfigRevert>,
+}
+
+#[async_trait]
+impl Saga for SnapshotRevertSaga {
+    const KIND: &'static str = "vm.snapshot.revert";
+    type Step = SnapshotStep;
+
+    fn steps(&self) -> Vec<SnapshotStep> {
+        let mut s = Vec::new();
+        if self.data {
+            s.push(SnapshotStep::Apply);
+        }
+        if self.config.is_some() {
+            s.push(SnapshotStep::Config);
+        }
+        s
+    }
+
+    fn pivot(&self) -> SnapshotStep {
+        if self.config.is_some() { SnapshotStep::Config } else { SnapshotStep::Apply }
+    }
+
+    async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
+        match (step, &self.config) {
+            (SnapshotStep::Apply, _) => {
+                for (i, f) in self.to.files.iter().enumerate() {
+                    if let Some(f) = f {
+                        img::snapshot_apply(f, self.to.tag(i)).await.map_err(hv_error)?;
+                    }
+                }
+                Ok(())
+            }
+            (SnapshotStep::Config, Some(c)) => app.vm_config_restore(ctx, self.to.vm_id, c).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn undo(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
+        match (step, &self.config) {
+            (SnapshotStep::Apply, _) => {
+                for (f, tag) in self.to.files.iter().zip(&self.safety_tags) {
+                    if let (Some(f), Some(tag)) = (f, tag) {
+                        img::snapshot_apply(f, tag).await.map_err(hv_error)?;
+                    }
+                }
+                Ok(())
+            }
+            // The config write is one transaction; if it happened, the config before is written back.
+            (SnapshotStep::Config, Some(c)) => {
+                let now = app.store().vm_get(self.to.vm_id).await?;
+                if now.is_some_and(|v| v.version != c.before_version && v.config == c.doc) {
+                    let back = ConfigRevert {
+                        version: c.before_version,
+                        doc: c.before_doc.clone(),
+                        message: format!("undo: {}", c.message),
+                        before_version: c.version,
+                        before_doc: c.doc.clone(),
+                    };
+                    app.vm_config_restore(ctx, self.to.vm_id, &back).await?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// With a config step: whether the VM's config is the snapshot's. A data-only revert interrupted at
+    /// its pivot cannot tell from the files; it is put back to the safety snapshot.
+    async fn pivoted(&self, app: &App) -> Result<bool, Error> {
+        match &self.config {
+            Some(c) => Ok(app.store().vm_get(self.to.vm_id).await?.is_some_and(|v| v.config == c.doc)),
+            None => Ok(false),
+        }
+    }
+}

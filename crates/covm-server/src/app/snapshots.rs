@@ -1,0 +1,377 @@
+//! VM snapshots: the config version at that moment plus an internal qcow2 snapshot (a tag,
+//! `covm-<snapshot id>`) in every disk they cover. The rules are checked here with the VM and its disks
+//! locked; the sagas that change files and records are in `saga/snapshot.rs`.
+//!
+//! This first slice works on VMs that are off (`qemu-img snapshot`); a running VM is refused with
+//! 409 `vm_running`, as is a memory snapshot (`snapshot_unsupported`). Raw disks cannot hold snapshots:
+//! one that is not excluded makes the snapshot refuse; multi-writer disks are never covered.
+
+use covm_store::SnapshotRecord;
+use covm_types::api::ObjectKind;
+use covm_types::disk::{DiskFormat, Sharing};
+use covm_types::snapshot::{
+    RevertScope, SnapshotCreate, SnapshotDisk, SnapshotExcluded, SnapshotKind, SnapshotRevert, SnapshotView,
+};
+use covm_types::vm::VmView;
+use covm_types::{Error, ErrorCode, Privilege};
+use uuid::Uuid;
+
+use super::saga::Saga;
+use super::saga::snapshot::{ConfigRevert, SnapshotCreateSaga, SnapshotDeleteSaga, SnapshotRevertSaga, Tagged};
+use super::vms::{DocChange, Preconditions, WriteOpts, parse_config, running};
+use super::{App, Ctx};
+
+/// How long a safety snapshot is kept.
+const SAFETY_TTL_DAYS: i64 = 7;
+
+fn current_key(vm: Uuid) -> String {
+    format!("snapshot-current/{vm}")
+}
+
+fn view_of(rec: &SnapshotRecord, vm_name: &str) -> Result<SnapshotView, Error> {
+    let mut v: SnapshotView = serde_json::from_value(rec.doc.clone())
+        .map_err(|e| Error::internal(format!("a snapshot's record cannot be read: {e}")))?;
+    v.vm = vm_name.to_owned();
+    Ok(v)
+}
+
+fn vm_running(vm: &str) -> Error {
+    Error::conflict(
+        ErrorCode::VmRunning,
+        format!("{vm} is running; power it off first (snapshots of running VMs are not supported yet)"),
+    )
+}
+
+impl App {
+    /// Takes a snapshot of a VM that is off.
+    pub async fn snapshot_create(&self, ctx: &Ctx, vm: &str, p: SnapshotCreate) -> Result<SnapshotView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.require(ctx, &rec.object, Privilege::VmStateCreateSnapshot).await?;
+        if p.memory {
+            return Err(Error::conflict(ErrorCode::SnapshotUnsupported, "memory snapshots are not supported yet")
+                .with_field("memory"));
+        }
+        if p.description.as_ref().is_some_and(|d| d.len() > 1024) {
+            return Err(Error::invalid("description", "a description has at most 1024 bytes"));
+        }
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let name = p.name.to_string();
+            let take = Take { name, description: p.description, exclude: p.exclude, kind: SnapshotKind::Manual };
+            app.snapshot_take(&ctx, rec.object.id, take).await
+        })
+        .await
+    }
+
+    /// Locks the VM and its disks, checks the rules and runs the create saga.
+    async fn snapshot_take(&self, ctx: &Ctx, vm: Uuid, t: Take) -> Result<SnapshotView, Error> {
+        let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+        let cfg = parse_config(&rec.config)?;
+        let mut locks = vec![vm];
+        let mut disks = Vec::new();
+        for d in &cfg.disks {
+            if let Some(o) = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await? {
+                locks.push(o.id);
+                disks.push(o);
+            }
+        }
+        for (i, x) in t.exclude.iter().enumerate() {
+            if !disks.iter().any(|o| o.name == *x) {
+                return Err(Error::invalid(
+                    &format!("exclude[{i}]"),
+                    format!("{x} is not a disk of {}", rec.object.name),
+                ));
+            }
+        }
+        let guard = self.saga_begin(ctx, SnapshotCreateSaga::KIND, &locks).await?;
+        let plan = async {
+            // With the locks held: the VM as it is now.
+            let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+            if running(&rec) {
+                return Err(vm_running(&rec.object.name));
+            }
+            let existing = self.store().snapshots_of(vm).await?;
+            if existing.iter().any(|s| s.name == t.name) {
+                return Err(Error::conflict(
+                    ErrorCode::AlreadyExists,
+                    format!("{} has a snapshot named {}", rec.object.name, t.name),
+                )
+                .with_field("name"));
+            }
+            let id = Uuid::now_v7();
+            let (mut covered, mut files, mut excluded) = (Vec::new(), Vec::new(), Vec::new());
+            for o in &disks {
+                let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
+                let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
+                if sharing == Sharing::MultiWriter {
+                    excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "multi_writer".into() });
+                } else if t.exclude.contains(&o.name) {
+                    excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "excluded".into() });
+                } else if format != DiskFormat::Qcow2 {
+                    if t.kind == SnapshotKind::Safety {
+                        excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "raw".into() });
+                        continue;
+                    }
+                    return Err(Error::conflict(
+                        ErrorCode::SnapshotUnsupported,
+                        format!("{} is a raw disk, which cannot hold snapshots; exclude it", o.name),
+                    )
+                    .with_field("exclude"));
+                } else {
+                    covered.push(SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") });
+                    files.push(Some(self.disk_file(o).await?));
+                }
+            }
+            let parent = self.store().meta_get(&current_key(vm)).await?.and_then(|s| Uuid::parse_str(&s).ok());
+            let parent = parent.filter(|p| existing.iter().any(|s| s.id == *p));
+            let now = covm_store::now();
+            let view = SnapshotView {
+                id,
+                vm: rec.object.name.clone(),
+                name: t.name.clone(),
+                description: t.description.clone(),
+                kind: t.kind,
+                config_version: rec.version,
+                protects_version: None,
+                memory: false,
+                disks: covered,
+                excluded,
+                parent,
+                created_by: ctx.user.clone(),
+                created_at: now,
+                expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
+            };
+            Ok(Tagged { vm_id: vm, view, files })
+        }
+        .await;
+        let tagged = match plan {
+            Ok(t) => t,
+            Err(e) => return Err(guard.refuse(e).await),
+        };
+        let saga = guard.run(ctx, SnapshotCreateSaga(tagged)).await?;
+        let view = saga.0.view;
+        self.store().meta_set(&current_key(vm), &view.id.to_string()).await?;
+        Ok(view)
+    }
+
+    /// A VM's snapshots, oldest first (`parent` makes the tree).
+    pub async fn snapshots_list(&self, ctx: &Ctx, vm: &str) -> Result<Vec<SnapshotView>, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let all = self.store().snapshots_of(rec.object.id).await?;
+        all.iter().map(|s| view_of(s, &rec.object.name)).collect()
+    }
+
+    /// One snapshot, by name or id.
+    pub async fn snapshot_get(&self, ctx: &Ctx, vm: &str, snap: &str) -> Result<SnapshotView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
+        view_of(&s, &rec.object.name)
+    }
+
+    async fn snapshot_find(&self, vm: Uuid, vm_name: &str, snap: &str) -> Result<SnapshotRecord, Error> {
+        let all = self.store().snapshots_of(vm).await?;
+        all.into_iter()
+            .find(|s| s.name == snap || s.id.to_string() == snap)
+            .ok_or_else(|| Error::not_found("snapshot", &format!("{vm_name}/{snap}")))
+    }
+
+    /// The files of a snapshot's disks as they are now, and its disks' locks.
+    async fn snapshot_files(&self, view: &SnapshotView) -> Result<(Vec<Option<std::path::PathBuf>>, Vec<Uuid>), Error> {
+        let (mut files, mut locks) = (Vec::new(), Vec::new());
+        for d in &view.disks {
+            match self.store().object_get(d.disk_id).await? {
+                Some(o) => {
+                    files.push(Some(self.disk_file(&o).await?));
+                    locks.push(o.id);
+                }
+                None => files.push(None),
+            }
+        }
+        Ok((files, locks))
+    }
+
+    /// Deletes a snapshot: its record, then its tags (none of its disks may run in a VM).
+    pub async fn snapshot_delete(&self, ctx: &Ctx, vm: &str, snap: &str) -> Result<(), Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.require(ctx, &rec.object, Privilege::VmStateRemoveSnapshot).await?;
+        let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
+        let view = view_of(&s, &rec.object.name)?;
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move { app.snapshot_remove(&ctx, rec.object.id, view).await }).await
+    }
+
+    async fn snapshot_remove(&self, ctx: &Ctx, vm: Uuid, view: SnapshotView) -> Result<(), Error> {
+        let (files, mut locks) = self.snapshot_files(&view).await?;
+        locks.push(vm);
+        let guard = self.saga_begin(ctx, SnapshotDeleteSaga::KIND, &locks).await?;
+        if let Err(e) = self.disks_not_running(&view).await {
+            return Err(guard.refuse(e).await);
+        }
+        guard.run(ctx, SnapshotDeleteSaga(Tagged { vm_id: vm, view, files })).await?;
+        Ok(())
+    }
+
+    /// A tag is changed with `qemu-img`, which needs the file free: no running VM may hold the disk.
+    async fn disks_not_running(&self, view: &SnapshotView) -> Result<(), Error> {
+        for d in &view.disks {
+            let Some(o) = self.store().object_get(d.disk_id).await? else { continue };
+            if let Some((h, _)) = self.disk_holders(&o, None).await?.into_iter().find(|(_, p)| p.is_active()) {
+                return Err(vm_running(&h.vm));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reverts a VM to a snapshot: its config (a new version equal to the snapshot's), its data (the
+    /// covered disks it still holds; the VM must be off), or both, as one saga. A revert of the data
+    /// first takes a safety snapshot of the present, so it can itself be undone (a revert that fails
+    /// removes it again); the config's own history keeps the present config.
+    pub async fn snapshot_revert(&self, ctx: &Ctx, vm: &str, snap: &str, p: SnapshotRevert) -> Result<VmView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.require(ctx, &rec.object, Privilege::VmStateRevertToSnapshot).await?;
+        if p.memory {
+            return Err(Error::conflict(ErrorCode::SnapshotUnsupported, "memory snapshots are not supported yet")
+                .with_field("memory"));
+        }
+        let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
+        let to = view_of(&s, &rec.object.name)?;
+        let data = matches!(p.scope, RevertScope::Data | RevertScope::Both);
+        if data && running(&rec) {
+            return Err(vm_running(&rec.object.name));
+        }
+        let (app, ctx2) = (self.clone(), ctx.clone());
+        let vm_id = rec.object.id;
+        self.to_the_end(async move {
+            let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
+            let safety = Take {
+                name: format!("before-revert-{stamp}"),
+                description: Some(format!("taken before reverting to {}", to.name)),
+                exclude: vec![],
+                kind: SnapshotKind::Safety,
+            };
+            // A config-only revert needs none: the config's history keeps the present version.
+            let safety = match data {
+                true => Some(app.snapshot_take(&ctx2, vm_id, safety).await?),
+                false => None,
+            };
+            if let Err(e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), p.scope).await {
+                // Nothing was reverted: the safety snapshot has nothing to protect.
+                if let Some(safety) = safety
+                    && let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety).await
+                {
+                    tracing::warn!(error = %e2, "the safety snapshot of a failed revert could not be removed");
+                }
+                return Err(e);
+            }
+            app.store().meta_set(&current_key(vm_id), &to.id.to_string()).await?;
+            let rec = app.store().vm_get(vm_id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
+            app.vm_view(Some(&ctx2), &rec)
+        })
+        .await
+    }
+
+    /// The revert saga: locks the VM, the disks it holds, those the snapshot's config names and those the
+    /// snapshot covers; checks the rules with them held; runs.
+    async fn snapshot_revert_run(
+        &self,
+        ctx: &Ctx,
+        vm: Uuid,
+        to: &SnapshotView,
+        safety: Option<&SnapshotView>,
+        scope: RevertScope,
+    ) -> Result<(), Error> {
+        let data = matches!(scope, RevertScope::Data | RevertScope::Both);
+        let config = matches!(scope, RevertScope::Config | RevertScope::Both);
+        let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+        let cfg = parse_config(&rec.config)?;
+        let version = self.store().vm_version(vm, to.config_version).await?.ok_or_else(|| {
+            Error::conflict(
+                ErrorCode::Conflict,
+                format!("{} no longer has version {}", rec.object.name, to.config_version),
+            )
+        })?;
+        let target = parse_config(&version.config)?;
+        let mut locks = vec![vm];
+        let mut held = Vec::new();
+        for d in &cfg.disks {
+            if let Some(o) = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await? {
+                held.push(o.id);
+                locks.push(o.id);
+            }
+        }
+        // Disks the snapshot's config holds that the VM does not now: attached again by the revert.
+        let mut comes_back = Vec::new();
+        if config {
+            for (i, d) in target.disks.iter().enumerate() {
+                let o = self.disk_use_authorize(ctx, &d.disk, &format!("disks[{i}].disk")).await?;
+                if !locks.contains(&o.id) {
+                    locks.push(o.id);
+                    comes_back.push((o, d.read_only));
+                }
+            }
+        }
+        let mut view = to.clone();
+        view.disks.retain(|d| held.contains(&d.disk_id));
+        if !data {
+            view.disks.clear();
+        }
+        let (files, _) = self.snapshot_files(&view).await?;
+        let safety_tags = view
+            .disks
+            .iter()
+            .map(|d| safety?.disks.iter().find(|s| s.disk_id == d.disk_id).map(|s| s.tag.clone()))
+            .collect();
+        let guard = self.saga_begin(ctx, SnapshotRevertSaga::KIND, &locks).await?;
+        let checks = async {
+            let now = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+            if now.version != rec.version {
+                return Err(Error::conflict(ErrorCode::ConfigChanged, "the VM changed meanwhile; revert again"));
+            }
+            if data && running(&now) {
+                return Err(vm_running(&now.object.name));
+            }
+            for (o, read_only) in &comes_back {
+                self.disk_writers_check(o, Some(vm), *read_only).await?;
+            }
+            Ok(())
+        };
+        if let Err(e) = checks.await {
+            return Err(guard.refuse(e).await);
+        }
+        let config = config.then(|| ConfigRevert {
+            version: to.config_version,
+            doc: version.config.clone(),
+            message: format!("revert to snapshot {}", to.name),
+            before_version: rec.version,
+            before_doc: rec.config.clone(),
+        });
+        let saga = SnapshotRevertSaga { to: Tagged { vm_id: vm, view, files }, safety_tags, data, config };
+        guard.run(ctx, saga).await?;
+        Ok(())
+    }
+
+    /// Writes a config version equal to an earlier one, inside a revert saga whose locks cover the disks
+    /// (their rules were checked under them).
+    pub(crate) async fn vm_config_restore(&self, ctx: &Ctx, vm: Uuid, c: &ConfigRevert) -> Result<(), Error> {
+        let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+        let opts = WriteOpts {
+            message: Some(c.message.clone()),
+            dry_run: false,
+            next_boot: false,
+            disks_checked: true,
+            disks_live: false,
+            events: vec![],
+        };
+        self.vm_write_doc(ctx, rec, DocChange::Replace(c.doc.clone(), c.version), Preconditions::default(), opts)
+            .await
+            .map(drop)
+    }
+}
+
+/// A snapshot to take.
+struct Take {
+    name: String,
+    description: Option<String>,
+    exclude: Vec<String>,
+    kind: SnapshotKind,
+}

@@ -1,0 +1,80 @@
+//! VM snapshots (`app/snapshots.rs`).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use covm_types::ErrorBody;
+use covm_types::error::ConflictError;
+use covm_types::snapshot::{SnapshotCreate, SnapshotRevert, SnapshotView};
+use covm_types::vm::VmView;
+
+use super::error::ApiError;
+use super::extract::{Auth, JsonBody};
+use crate::app::App;
+
+/// Takes a snapshot of a VM that is off: its config version and a tag in every disk it covers.
+#[utoipa::path(post, path = "/vms/{vm}/snapshots", tag = "snapshots", operation_id = "snapshot_create",
+    params(("vm" = String, Path, description = "VM name or id")),
+    request_body = SnapshotCreate,
+    responses((status = 201, body = SnapshotView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn snapshot_create(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<SnapshotCreate>,
+) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.snapshot_create(&ctx, &vm, p).await?)))
+}
+
+/// A VM's snapshots, oldest first; `parent` makes the tree.
+#[utoipa::path(get, path = "/vms/{vm}/snapshots", tag = "snapshots", operation_id = "snapshot_list",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vec<SnapshotView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn snapshot_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<Json<Vec<SnapshotView>>, ApiError> {
+    Ok(Json(app.snapshots_list(&ctx, &vm).await?))
+}
+
+/// One snapshot, by name or id.
+#[utoipa::path(get, path = "/vms/{vm}/snapshots/{snap}", tag = "snapshots", operation_id = "snapshot_get",
+    params(("vm" = String, Path, description = "VM name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    responses((status = 200, body = SnapshotView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn snapshot_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, snap)): Path<(String, String)>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    Ok(Json(app.snapshot_get(&ctx, &vm, &snap).await?))
+}
+
+/// Deletes a snapshot: its record and its tags.
+#[utoipa::path(delete, path = "/vms/{vm}/snapshots/{snap}", tag = "snapshots", operation_id = "snapshot_delete",
+    params(("vm" = String, Path, description = "VM name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn snapshot_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, snap)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.snapshot_delete(&ctx, &vm, &snap).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Puts a VM back to a snapshot: its config, its data, or both (a safety snapshot of the present first).
+#[utoipa::path(post, path = "/vms/{vm}/snapshots/{snap}/revert", tag = "snapshots", operation_id = "snapshot_revert",
+    params(("vm" = String, Path, description = "VM name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    request_body = SnapshotRevert,
+    responses((status = 200, body = VmView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn snapshot_revert(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, snap)): Path<(String, String)>,
+    JsonBody(p): JsonBody<SnapshotRevert>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(app.snapshot_revert(&ctx, &vm, &snap, p).await?))
+}

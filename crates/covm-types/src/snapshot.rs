@@ -1,0 +1,94 @@
+//! VM snapshots: the config version at that moment and an internal qcow2 snapshot (a tag) in each disk
+//! it covers. Tags live inside the disk files, so a disk that moves keeps its history.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::Name;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// Asked for by a user.
+    Manual,
+    /// Taken by covm before a change that can lose data (and before every revert).
+    Safety,
+}
+
+/// What a revert puts back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RevertScope {
+    /// A new config version equal to the snapshot's; the disks stay as they are.
+    Config,
+    /// The covered disks still attached to the VM go back; the config stays.
+    Data,
+    /// Both.
+    Both,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub name: Name,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The guest's memory too (not supported yet: refused).
+    #[serde(default)]
+    pub memory: bool,
+    /// Disks (by name) left out; a raw disk must be left out to snapshot its VM.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRevert {
+    pub scope: RevertScope,
+    /// The guest's memory too (not supported yet: refused).
+    #[serde(default)]
+    pub memory: bool,
+}
+
+/// A disk a snapshot covers, and its tag inside the disk's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotDisk {
+    pub disk: String,
+    pub disk_id: Uuid,
+    pub tag: String,
+}
+
+/// A disk a snapshot does not cover, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotExcluded {
+    pub disk: String,
+    /// `excluded` (asked), `multi_writer` (never snapshotted).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotView {
+    pub id: Uuid,
+    pub vm: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub kind: SnapshotKind,
+    /// The config version the snapshot holds.
+    pub config_version: i64,
+    /// For a safety snapshot: the version the change it protects against created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protects_version: Option<i64>,
+    pub memory: bool,
+    pub disks: Vec<SnapshotDisk>,
+    pub excluded: Vec<SnapshotExcluded>,
+    /// The snapshot the VM was at when this one was taken (the tree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Uuid>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
