@@ -4,6 +4,7 @@ use comfy_table::{Table, presets::NOTHING};
 use covm_types::api::{
     AuditVerify, EventView, FolderView, GroupView, ObjectRef, PermissionView, RoleView, UserView, Whoami,
 };
+use covm_types::snapshot::{SnapshotKind, SnapshotView};
 use covm_types::vm::{LeaseView, VersionView, VmView};
 use serde::Serialize;
 
@@ -223,6 +224,42 @@ impl Out {
             ]);
         }
         println!("{t}");
+        Ok(())
+    }
+
+    pub fn snapshot(&self, s: &SnapshotView) -> anyhow::Result<()> {
+        if self.json {
+            return self.print_json(s);
+        }
+        println!("name:        {} ({})", s.name, s.id);
+        println!("kind:        {:?}", s.kind);
+        println!("version:     {}", s.config_version);
+        println!("disks:       {}", s.disks.iter().map(|d| d.disk.as_str()).collect::<Vec<_>>().join(", "));
+        if !s.excluded.is_empty() {
+            let ex: Vec<String> = s.excluded.iter().map(|e| format!("{} ({})", e.disk, e.reason)).collect();
+            println!("excluded:    {}", ex.join(", "));
+        }
+        println!("created:     {} by {}", s.created_at.format("%F %T"), s.created_by);
+        if let Some(e) = s.expires_at {
+            println!("expires:     {}", e.format("%F %T"));
+        }
+        Ok(())
+    }
+
+    /// The snapshots as a tree (through `parent`), oldest first at each level.
+    pub fn snapshots(&self, items: &[SnapshotView]) -> anyhow::Result<()> {
+        if self.json {
+            return self.print_json(items);
+        }
+        fn walk(items: &[SnapshotView], parent: Option<uuid::Uuid>, depth: usize) {
+            let known = |p: Option<uuid::Uuid>| p.is_some_and(|p| items.iter().any(|s| s.id == p));
+            for s in items.iter().filter(|s| if parent.is_none() { !known(s.parent) } else { s.parent == parent }) {
+                let kind = if s.kind == SnapshotKind::Safety { " [safety]" } else { "" };
+                println!("{}{} (version {}){kind}", "  ".repeat(depth), s.name, s.config_version);
+                walk(items, Some(s.id), depth + 1);
+            }
+        }
+        walk(items, None, 0);
         Ok(())
     }
 

@@ -112,6 +112,9 @@ pub enum VmCmd {
     /// Edit leases.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// Snapshots of a VM that is off: create, list (as a tree), show, revert, remove.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Power on, off (at once), shutdown (ask the guest) or reset; waits for the task.
     Power {
         name: String,
@@ -167,6 +170,39 @@ pub enum VmDiskCmd {
     },
     Ls {
         vm: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Take a snapshot: the config version and a tag in every qcow2 disk.
+    Create {
+        vm: String,
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Leave a disk out (a raw disk must be); repeat for several.
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// The snapshots, as a tree.
+    Ls {
+        vm: String,
+    },
+    Info {
+        vm: String,
+        snapshot: String,
+    },
+    /// Put the VM back: its config, its data, or both.
+    Revert {
+        vm: String,
+        snapshot: String,
+        #[arg(long, value_parser = ["config", "data", "both"], default_value = "both")]
+        scope: String,
+    },
+    Rm {
+        vm: String,
+        snapshot: String,
     },
 }
 
@@ -515,6 +551,7 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             Ok(())
         }
         VmCmd::Lease(cmd) => lease(c, out, cmd).await,
+        VmCmd::Snapshot(cmd) => snapshot(c, out, cmd).await,
         VmCmd::Power { name, action, timeout, no_wait } => {
             let action: PowerAction = serde_json::from_value(json!(action))?;
             let task = c.vm_power(&name, action, timeout).await?;
@@ -602,6 +639,34 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             while let Some(l) = lines.next().await {
                 println!("{}", l?);
             }
+            Ok(())
+        }
+    }
+}
+
+async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    use covm_types::snapshot::{RevertScope, SnapshotCreate, SnapshotRevert};
+    match cmd {
+        SnapshotCmd::Create { vm, name, description, exclude } => {
+            let name = covm_types::Name::parse(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let s = c.snapshot_create(&vm, &SnapshotCreate { name, description, memory: false, exclude }).await?;
+            out.snapshot(&s)
+        }
+        SnapshotCmd::Ls { vm } => out.snapshots(&c.snapshots(&vm).await?),
+        SnapshotCmd::Info { vm, snapshot } => out.snapshot(&c.snapshot(&vm, &snapshot).await?),
+        SnapshotCmd::Revert { vm, snapshot, scope } => {
+            let scope = match scope.as_str() {
+                "config" => RevertScope::Config,
+                "data" => RevertScope::Data,
+                _ => RevertScope::Both,
+            };
+            let v = c.snapshot_revert(&vm, &snapshot, &SnapshotRevert { scope, memory: false }).await?;
+            out.message(&format!("{vm} is back to {snapshot} ({scope:?}); it is at version {}", v.version));
+            Ok(())
+        }
+        SnapshotCmd::Rm { vm, snapshot } => {
+            c.snapshot_delete(&vm, &snapshot).await?;
+            out.message(&format!("removed snapshot {snapshot} of {vm}"));
             Ok(())
         }
     }

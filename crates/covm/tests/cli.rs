@@ -279,3 +279,33 @@ fn a_disk_moves_between_vms() {
     ok(covm(&s, &admin, &["disk", "rm", "data-1"], None));
     assert_eq!(covm(&s, &admin, &["disk", "info", "data-1"], None).status.code(), Some(3));
 }
+
+/// Snapshots from the CLI: taken, listed as a tree (a revert's safety snapshot hangs under the
+/// snapshot the VM was at), reverted by scope, removed.
+#[test]
+fn snapshots_make_a_tree_and_revert_by_scope() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve_with(&data, &["--driver", "sim"]);
+    let admin = tmp.path().join("admin");
+    let pwfile = data.join("initial-admin-password");
+    ok(covm(&s, &admin, &["login", "--password-file", pwfile.to_str().unwrap()], None));
+    ok(covm(&s, &admin, &["vm", "create", "a", "-m", "64"], None));
+    ok(covm(&s, &admin, &["disk", "create", "d1", "--size", "8M"], None));
+    ok(covm(&s, &admin, &["vm", "disk", "attach", "a", "d1"], None));
+    let made = ok(covm(&s, &admin, &["vm", "snapshot", "create", "a", "base", "--description", "clean"], None));
+    assert!(made.contains("base") && made.contains("d1"), "{made}");
+    ok(covm(&s, &admin, &["vm", "change", "a", "-c", "2"], None));
+    let back = ok(covm(&s, &admin, &["vm", "snapshot", "revert", "a", "base", "--scope", "data"], None));
+    assert!(back.contains("back to base"), "{back}");
+    let tree = ok(covm(&s, &admin, &["vm", "snapshot", "ls", "a"], None));
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(lines[0].starts_with("base (version"), "{tree}");
+    assert!(lines[1].starts_with("  before-revert-") && lines[1].ends_with("[safety]"), "{tree}");
+    ok(covm(&s, &admin, &["vm", "snapshot", "revert", "a", "base", "--scope", "config"], None));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "info", "a"], None))).unwrap();
+    assert_eq!(info["config"]["cpus"], 1, "the config is the snapshot's");
+    ok(covm(&s, &admin, &["vm", "snapshot", "rm", "a", "base"], None));
+    assert_eq!(covm(&s, &admin, &["vm", "snapshot", "info", "a", "base"], None).status.code(), Some(3));
+}
