@@ -223,6 +223,11 @@ pub trait VmHandle: Send {
     async fn block_query(&mut self) -> Result<BlockState, HvError>;
     /// Grows an attached disk while the VM runs (`block_resize`).
     async fn block_resize(&mut self, node: &str, size: u64) -> Result<(), HvError>;
+    /// Takes an internal snapshot `tag` of every node (a disk's format node) at once: one QMP
+    /// `transaction` of `blockdev-snapshot-internal-sync`, all or none.
+    async fn snapshot_internal(&mut self, nodes: &[String], tag: &str) -> Result<(), HvError>;
+    /// Deletes an internal snapshot of a node; one that is not there is already deleted.
+    async fn snapshot_delete_internal(&mut self, node: &str, tag: &str) -> Result<(), HvError>;
     /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.
     async fn next_event(&mut self) -> HvEvent;
 }

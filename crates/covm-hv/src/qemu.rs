@@ -372,6 +372,21 @@ impl VmHandle for QemuVm {
         self.qmp.execute("block_resize", json!({ "node-name": node, "size": size })).await.map(|_| ())
     }
 
+    async fn snapshot_internal(&mut self, nodes: &[String], tag: &str) -> Result<(), HvError> {
+        let actions: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|n| json!({ "type": "blockdev-snapshot-internal-sync", "data": { "device": n, "name": tag } }))
+            .collect();
+        self.qmp.execute("transaction", json!({ "actions": actions })).await.map(|_| ())
+    }
+
+    async fn snapshot_delete_internal(&mut self, node: &str, tag: &str) -> Result<(), HvError> {
+        match self.qmp.execute("blockdev-snapshot-delete-internal-sync", json!({ "device": node, "name": tag })).await {
+            Err(HvError::Command { desc, .. }) if desc.contains("does not exist") => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
         let have = self.block_query().await?.nodes;
         for n in [node.to_owned(), format!("{node}-file")] {

@@ -70,6 +70,8 @@ struct SimVm {
     deaf: bool,
     blocks: Blocks,
     sticky: Arc<std::sync::atomic::AtomicBool>,
+    /// The image file of each format node (for internal snapshots, which change the files themselves).
+    files: HashMap<String, std::path::PathBuf>,
 }
 
 impl SimVm {
@@ -100,6 +102,7 @@ impl Hypervisor for SimDriver {
             deaf: self.deaf_guests.load(std::sync::atomic::Ordering::Relaxed),
             blocks: self.blocks.clone(),
             sticky: self.sticky_devices.clone(),
+            files: spec.disks.iter().map(|d| (d.node.clone(), d.path.clone())).collect(),
         }))
     }
 
@@ -118,6 +121,7 @@ impl Hypervisor for SimDriver {
             deaf: false,
             blocks: self.blocks.clone(),
             sticky: self.sticky_devices.clone(),
+            files: HashMap::new(),
         })))
     }
 
@@ -158,6 +162,7 @@ impl VmHandle for SimVm {
     }
 
     async fn blockdev_add(&mut self, d: &crate::DiskSpec) -> Result<(), HvError> {
+        self.files.insert(d.node.clone(), d.path.clone());
         let mut b = self.blocks();
         let st = b.entry(self.id).or_default();
         for n in [d.node.clone(), format!("{}-file", d.node)] {
@@ -211,6 +216,34 @@ impl VmHandle for SimVm {
 
     async fn block_resize(&mut self, _node: &str, _size: u64) -> Result<(), HvError> {
         Ok(())
+    }
+
+    /// A simulated VM holds no lock on its files: the tags are made with `qemu-img`, all or none.
+    async fn snapshot_internal(&mut self, nodes: &[String], tag: &str) -> Result<(), HvError> {
+        let mut files = Vec::new();
+        for n in nodes {
+            let f = self.files.get(n).ok_or_else(|| HvError::Command {
+                class: "DeviceNotFound".into(),
+                desc: format!("Cannot find device='{n}' nor node-name='{n}'"),
+            })?;
+            files.push(f.clone());
+        }
+        for (i, f) in files.iter().enumerate() {
+            if let Err(e) = crate::img::snapshot_create(f, tag).await {
+                for g in &files[..i] {
+                    let _ = crate::img::snapshot_delete(g, tag).await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot_delete_internal(&mut self, node: &str, tag: &str) -> Result<(), HvError> {
+        match self.files.get(node) {
+            Some(f) => crate::img::snapshot_delete(f, tag).await,
+            None => Ok(()),
+        }
     }
 
     async fn next_event(&mut self) -> HvEvent {

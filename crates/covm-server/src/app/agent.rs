@@ -42,6 +42,10 @@ pub enum VmOp {
     BlockdevDel(String),
     /// An attached disk grows (`block_resize`).
     DiskResize(String, u64),
+    /// An internal snapshot (the tag) of these format nodes, all at once.
+    SnapshotTake(Vec<String>, String),
+    /// An internal snapshot of a node goes (already gone is done).
+    SnapshotDelete(String, String),
 }
 
 /// What a running VM's process uses (zero for a simulated VM, which has none).

@@ -54,6 +54,8 @@ enum Cmd {
     BlockQuery(oneshot::Sender<Result<covm_hv::BlockState, HvError>>),
     /// Grows an attached disk (`block_resize`).
     DiskResize(String, u64, oneshot::Sender<Result<(), HvError>>),
+    SnapshotTake(Vec<String>, String, oneshot::Sender<Result<(), HvError>>),
+    SnapshotDelete(String, String, oneshot::Sender<Result<(), HvError>>),
 }
 
 /// A supervised run: its command channel and its process.
@@ -141,6 +143,8 @@ impl NodeAgent for LocalAgent {
             VmOp::DeviceDel(node) => self.command(id, |r| Cmd::DeviceDel(node, r)).await,
             VmOp::BlockdevDel(node) => self.command(id, |r| Cmd::BlockdevDel(node, r)).await,
             VmOp::DiskResize(node, size) => self.command(id, |r| Cmd::DiskResize(node, size, r)).await,
+            VmOp::SnapshotTake(nodes, tag) => self.command(id, |r| Cmd::SnapshotTake(nodes, tag, r)).await,
+            VmOp::SnapshotDelete(node, tag) => self.command(id, |r| Cmd::SnapshotDelete(node, tag, r)).await,
         }
     }
 
@@ -227,6 +231,8 @@ async fn supervise(
                 Some(Cmd::BlockdevDel(node, reply)) => { let _ = reply.send(handle.blockdev_del(&node).await); }
                 Some(Cmd::BlockQuery(reply)) => { let _ = reply.send(handle.block_query().await); }
                 Some(Cmd::DiskResize(node, size, reply)) => { let _ = reply.send(handle.block_resize(&node, size).await); }
+                Some(Cmd::SnapshotTake(nodes, tag, reply)) => { let _ = reply.send(handle.snapshot_internal(&nodes, &tag).await); }
+                Some(Cmd::SnapshotDelete(node, tag, reply)) => { let _ = reply.send(handle.snapshot_delete_internal(&node, &tag).await); }
                 Some(Cmd::DeviceDel(node, reply)) => match handle.device_del(&node).await {
                     Ok(true) => unplugs.push((node, reply)),
                     Ok(false) => { let _ = reply.send(Ok(())); }

@@ -2,8 +2,10 @@
 //! `covm-<snapshot id>`) in every disk they cover. The rules are checked here with the VM and its disks
 //! locked; the sagas that change files and records are in `saga/snapshot.rs`.
 //!
-//! This first slice works on VMs that are off (`qemu-img snapshot`); a running VM is refused with
-//! 409 `vm_running`, as is a memory snapshot (`snapshot_unsupported`). Raw disks cannot hold snapshots:
+//! A VM that is off is snapshotted with `qemu-img snapshot`; a running one through its QEMU, one QMP
+//! `transaction` of `blockdev-snapshot-internal-sync` across its disks (all or none). A tag is removed
+//! through whichever QEMU holds its disk then, or with `qemu-img`. A data revert needs the VM off;
+//! memory snapshots are refused (`snapshot_unsupported`) for now. Raw disks cannot hold snapshots:
 //! one that is not excluded makes the snapshot refuse; multi-writer disks are never covered.
 
 use covm_store::SnapshotRecord;
@@ -43,7 +45,7 @@ fn vm_running(vm: &str) -> Error {
 }
 
 impl App {
-    /// Takes a snapshot of a VM that is off.
+    /// Takes a snapshot of a VM (live through its QEMU when it runs).
     pub async fn snapshot_create(&self, ctx: &Ctx, vm: &str, p: SnapshotCreate) -> Result<SnapshotView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateCreateSnapshot).await?;
@@ -87,8 +89,10 @@ impl App {
         let plan = async {
             // With the locks held: the VM as it is now.
             let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
-            if running(&rec) {
-                return Err(vm_running(&rec.object.name));
+            let live = running(&rec);
+            if live {
+                // Its QEMU takes the tags: this host's agent must run it.
+                self.agent_for(&rec)?;
             }
             let existing = self.store().snapshots_of(vm).await?;
             if existing.iter().any(|s| s.name == t.name) {
@@ -141,7 +145,7 @@ impl App {
                 created_at: now,
                 expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
             };
-            Ok(Tagged { vm_id: vm, view, files })
+            Ok(Tagged { vm_id: vm, view, files, live })
         }
         .await;
         let tagged = match plan {
@@ -204,21 +208,7 @@ impl App {
         let (files, mut locks) = self.snapshot_files(&view).await?;
         locks.push(vm);
         let guard = self.saga_begin(ctx, SnapshotDeleteSaga::KIND, &locks).await?;
-        if let Err(e) = self.disks_not_running(&view).await {
-            return Err(guard.refuse(e).await);
-        }
-        guard.run(ctx, SnapshotDeleteSaga(Tagged { vm_id: vm, view, files })).await?;
-        Ok(())
-    }
-
-    /// A tag is changed with `qemu-img`, which needs the file free: no running VM may hold the disk.
-    async fn disks_not_running(&self, view: &SnapshotView) -> Result<(), Error> {
-        for d in &view.disks {
-            let Some(o) = self.store().object_get(d.disk_id).await? else { continue };
-            if let Some((h, _)) = self.disk_holders(&o, None).await?.into_iter().find(|(_, p)| p.is_active()) {
-                return Err(vm_running(&h.vm));
-            }
-        }
+        guard.run(ctx, SnapshotDeleteSaga(Tagged { vm_id: vm, view, files, live: false })).await?;
         Ok(())
     }
 
@@ -345,7 +335,7 @@ impl App {
             before_version: rec.version,
             before_doc: rec.config.clone(),
         });
-        let saga = SnapshotRevertSaga { to: Tagged { vm_id: vm, view, files }, safety_tags, data, config };
+        let saga = SnapshotRevertSaga { to: Tagged { vm_id: vm, view, files, live: false }, safety_tags, data, config };
         guard.run(ctx, saga).await?;
         Ok(())
     }

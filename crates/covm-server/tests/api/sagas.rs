@@ -88,6 +88,7 @@ enum Op {
     DetachHot,
     Move,
     SnapshotCreate,
+    SnapshotLive,
     SnapshotDelete,
     SnapshotRevert,
 }
@@ -135,7 +136,7 @@ impl Op {
                 let _ = c.vm_disk_detach("run2", "mv", &DetachQuery::default()).await;
                 let _ = c.vm_disk_attach("run", &attach("mv")).await;
             }
-            Op::SnapshotCreate | Op::SnapshotDelete | Op::SnapshotRevert => {
+            Op::SnapshotCreate | Op::SnapshotLive | Op::SnapshotDelete | Op::SnapshotRevert => {
                 ensure("sn").await;
                 if c.vm("off").await.unwrap().config.disks.iter().all(|d| d.disk != "sn") {
                     c.vm_disk_attach("off", &attach("sn")).await.unwrap();
@@ -146,6 +147,11 @@ impl Op {
                         c.snapshot_create("off", &snapshot(snap)).await.unwrap();
                     }
                 }
+                ensure("snl").await;
+                if c.vm("run").await.unwrap().config.disks.iter().all(|d| d.disk != "snl") {
+                    c.vm_disk_attach("run", &attach("snl")).await.unwrap();
+                }
+                let _ = c.snapshot_delete("run", "live").await;
                 // The safety snapshots of earlier reverts.
                 for x in c.snapshots("off").await.unwrap() {
                     if x.kind == SnapshotKind::Safety {
@@ -176,6 +182,7 @@ impl Op {
             Op::DetachHot => c.vm_disk_detach("run", "det", &DetachQuery::default()).await.map(drop),
             Op::Move => c.disk_move("mv", &DiskMove { to_vm: "run2".into(), ..Default::default() }).await.map(drop),
             Op::SnapshotCreate => c.snapshot_create("off", &snapshot("fresh")).await.map(drop),
+            Op::SnapshotLive => c.snapshot_create("run", &snapshot("live")).await.map(drop),
             Op::SnapshotDelete => c.snapshot_delete("off", "old").await,
             Op::SnapshotRevert => {
                 let p = SnapshotRevert { scope: RevertScope::Both, memory: false };
@@ -189,7 +196,7 @@ fn snapshot(n: &str) -> SnapshotCreate {
     SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![] }
 }
 
-const OPS: [Op; 13] = [
+const OPS: [Op; 14] = [
     Op::Create,
     Op::Clone,
     Op::Import,
@@ -201,6 +208,7 @@ const OPS: [Op; 13] = [
     Op::DetachHot,
     Op::Move,
     Op::SnapshotCreate,
+    Op::SnapshotLive,
     Op::SnapshotDelete,
     Op::SnapshotRevert,
 ];

@@ -130,18 +130,50 @@ async fn config_and_data_come_back_together_or_apart_and_every_revert_keeps_the_
     assert!(c.audit_verify().await.unwrap().ok);
 }
 
-#[tokio::test]
-async fn a_running_vm_is_refused_until_live_snapshots_come() {
-    let s = TestServer::start().await;
+async fn live_snapshots(s: &TestServer) {
     let c = &s.admin;
-    c.disk_create(&new_disk("d", 8 << 20)).await.unwrap();
-    c.vm_create(&VmConfig { memory_mib: 64, disks: vec![attachment("d", "scsi0", 0)], ..vm_named("b") }).await.unwrap();
-    let snap = c.snapshot_create("b", &create("off")).await.unwrap();
-    task_done(c, &c.vm_power("b", PowerAction::On, None).await.unwrap()).await;
-    assert_eq!(code(c.snapshot_create("b", &create("on")).await), (409, ErrorCode::VmRunning));
-    assert_eq!(code(c.snapshot_revert("b", "off", &revert(RevertScope::Data)).await), (409, ErrorCode::VmRunning));
-    assert_eq!(code(c.snapshot_delete("b", "off").await), (409, ErrorCode::VmRunning));
-    // A config revert needs no power-off (it is a change like any other).
+    let d1 = c.disk_create(&new_disk("l1", 8 << 20)).await.unwrap();
+    let d2 = c.disk_create(&new_disk("l2", 8 << 20)).await.unwrap();
+    let disks = vec![attachment("l1", "scsi0", 0), attachment("l2", "scsi0", 1)];
+    c.vm_create(&VmConfig { memory_mib: 64, disks, ..vm_named("b") }).await.unwrap();
+    let (f1, f2) = (file(s, &d1), file(s, &d2));
+    write(&f1, 0x41);
+    write(&f2, 0x41);
+    let t = task_done(c, &c.vm_power("b", PowerAction::On, None).await.unwrap()).await;
+    assert_eq!(t.state, covm_types::vm::TaskState::Success, "{t:?}");
+    // Taken through the running VM, in both disks at once.
+    let snap = c.snapshot_create("b", &create("live")).await.unwrap();
+    let tag = format!("covm-{}", snap.id);
+    for f in [&f1, &f2] {
+        assert_eq!(covm_hv::img::snapshot_tags(f).await.unwrap(), [tag.clone()], "{}", f.display());
+    }
+    // The data goes back only with the VM off; a config revert is a change like any other.
+    assert_eq!(code(c.snapshot_revert("b", "live", &revert(RevertScope::Data)).await), (409, ErrorCode::VmRunning));
     c.snapshot_revert("b", &snap.id.to_string(), &revert(RevertScope::Config)).await.unwrap();
     assert_eq!(c.snapshots("b").await.unwrap().len(), 1, "a config revert keeps the present in the config's history");
+    // Deleted through the QEMU that holds the disks.
+    let again = c.snapshot_create("b", &create("again")).await.unwrap();
+    c.snapshot_delete("b", "again").await.unwrap();
+    for f in [&f1, &f2] {
+        let tags = covm_hv::img::snapshot_tags(f).await.unwrap();
+        assert!(!tags.contains(&format!("covm-{}", again.id)), "{tags:?}");
+    }
+    // Off, the data the live snapshot held comes back.
+    task_done(c, &c.vm_power("b", PowerAction::Off, None).await.unwrap()).await;
+    write(&f1, 0x42);
+    c.snapshot_revert("b", "live", &revert(RevertScope::Data)).await.unwrap();
+    assert!(holds(&f1, 0x41) && holds(&f2, 0x41));
+}
+
+#[tokio::test]
+async fn a_running_simulated_vm_is_snapshotted_live() {
+    live_snapshots(&TestServer::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_qemu_takes_the_tags_in_one_transaction() {
+    if crate::qemu::skip() {
+        return;
+    }
+    live_snapshots(&TestServer::start_with(covm_server::Driver::Qemu).await).await;
 }

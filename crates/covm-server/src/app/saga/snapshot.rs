@@ -14,6 +14,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::Saga;
+use crate::app::agent::VmOp;
+use crate::app::attach::disk_node;
 use crate::app::node::hv_error;
 use crate::app::{App, Ctx, EventExt};
 
@@ -24,6 +26,9 @@ pub struct Tagged {
     pub view: SnapshotView,
     /// The image files of `view.disks`, in order (a disk deleted since has none).
     pub files: Vec<Option<PathBuf>>,
+    /// The VM runs: its QEMU takes the tags, in one transaction across the disks.
+    #[serde(default)]
+    pub live: bool,
 }
 
 impl Tagged {
@@ -31,7 +36,12 @@ impl Tagged {
         &self.view.disks[i].tag
     }
 
-    async fn tags_add(&self) -> Result<(), Error> {
+    async fn tags_add(&self, app: &App) -> Result<(), Error> {
+        if self.live && !self.view.disks.is_empty() {
+            let nodes = self.view.disks.iter().map(|d| disk_node(d.disk_id)).collect();
+            let tag = self.view.disks[0].tag.clone();
+            return app.agent().ask(self.vm_id, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error);
+        }
         for (i, f) in self.files.iter().enumerate() {
             if let Some(f) = f {
                 img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
@@ -40,9 +50,23 @@ impl Tagged {
         Ok(())
     }
 
-    async fn tags_remove(&self) -> Result<(), Error> {
+    /// Removes the tags, each through the QEMU that holds its disk now (a file a process holds cannot
+    /// be changed by `qemu-img`), or with `qemu-img` when none does.
+    async fn tags_remove(&self, app: &App) -> Result<(), Error> {
         for (i, f) in self.files.iter().enumerate() {
-            if let Some(f) = f {
+            let Some(f) = f else { continue };
+            let d = &self.view.disks[i];
+            let holders = app.store().disk_attachments(&d.disk, d.disk_id).await?;
+            let mut done = false;
+            for h in holders.iter().filter(|h| h.power_state.is_active()) {
+                match app.agent().ask(h.vm_id, VmOp::SnapshotDelete(disk_node(d.disk_id), d.tag.clone())).await {
+                    Ok(()) => done = true,
+                    // It stopped meanwhile: the file is free.
+                    Err(covm_hv::HvError::Gone) => {}
+                    Err(e) => return Err(hv_error(e)),
+                }
+            }
+            if !done {
                 img::snapshot_delete(f, self.tag(i)).await.map_err(hv_error)?;
             }
         }
@@ -117,7 +141,7 @@ impl Saga for SnapshotCreateSaga {
 
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match step {
-            SnapshotStep::Tags => self.0.tags_add().await,
+            SnapshotStep::Tags => self.0.tags_add(app).await,
             SnapshotStep::Record => self.0.record_add(app, ctx).await,
             SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
         }
@@ -125,7 +149,7 @@ impl Saga for SnapshotCreateSaga {
 
     async fn undo(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match step {
-            SnapshotStep::Tags => self.0.tags_remove().await,
+            SnapshotStep::Tags => self.0.tags_remove(app).await,
             SnapshotStep::Record => self.0.record_remove(app, ctx).await,
             SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
         }
@@ -156,7 +180,7 @@ impl Saga for SnapshotDeleteSaga {
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match step {
             SnapshotStep::Record => self.0.record_remove(app, ctx).await,
-            SnapshotStep::Tags => self.0.tags_remove().await,
+            SnapshotStep::Tags => self.0.tags_remove(app).await,
             SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
         }
     }
