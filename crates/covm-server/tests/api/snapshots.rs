@@ -145,7 +145,7 @@ async fn live_snapshots(s: &TestServer) {
     let snap = c.snapshot_create("b", &create("live")).await.unwrap();
     let tag = format!("covm-{}", snap.id);
     for f in [&f1, &f2] {
-        assert_eq!(covm_hv::img::snapshot_tags(f).await.unwrap(), [tag.clone()], "{}", f.display());
+        assert_eq!(covm_hv::img::snapshot_tags(f).await.unwrap(), std::slice::from_ref(&tag), "{}", f.display());
     }
     // The data goes back only with the VM off; a config revert is a change like any other.
     assert_eq!(code(c.snapshot_revert("b", "live", &revert(RevertScope::Data)).await), (409, ErrorCode::VmRunning));
