@@ -73,6 +73,8 @@ pub struct ChangeOptions {
     pub dry_run: bool,
     /// `apply=next_boot`.
     pub next_boot: bool,
+    /// `snapshot=true`: a safety snapshot first, whatever the VM's policy.
+    pub snapshot: bool,
 }
 
 /// The JSON Merge Patch (RFC 7386) that turns `from` into `to`: removed keys become null, changed
@@ -368,6 +370,9 @@ impl Client {
         if let Some(m) = &opts.message {
             q.push(("message", m.clone()));
         }
+        if opts.snapshot {
+            q.push(("snapshot", "true".into()));
+        }
         if opts.dry_run {
             q.push(("dry_run", "true".into()));
         }
@@ -394,11 +399,26 @@ impl Client {
     }
 
     pub async fn vm_revert(&self, vm: &str, version: i64, message: Option<&str>) -> Result<VmView> {
-        self.post(
-            &format!("/vms/{vm}/revert"),
-            &RevertRequest { version, message: message.map(str::to_owned), next_boot: false },
-        )
-        .await
+        let r = RevertRequest {
+            version: Some(version),
+            before_version: None,
+            scope: None,
+            message: message.map(str::to_owned),
+            next_boot: false,
+        };
+        self.post(&format!("/vms/{vm}/revert"), &r).await
+    }
+
+    /// Puts a VM back to how it was before version `n` (the safety snapshot that protects it).
+    pub async fn vm_revert_before(&self, vm: &str, n: i64, scope: covm_types::snapshot::RevertScope) -> Result<VmView> {
+        let r = RevertRequest {
+            version: None,
+            before_version: Some(n),
+            scope: Some(scope),
+            message: None,
+            next_boot: false,
+        };
+        self.post(&format!("/vms/{vm}/revert"), &r).await
     }
 
     /// Starts a power action; returns its task.

@@ -649,6 +649,10 @@ pub trait SnapshotStore: Send + Sync {
     async fn snapshot_get(&self, id: Uuid) -> Result<Option<SnapshotRecord>>;
     /// Removes a snapshot's record with its log entry; false when it was not there.
     async fn snapshot_remove(&self, id: Uuid, event: NewEvent) -> Result<bool>;
+    /// Replaces a snapshot's document (a safety snapshot learns the version it protects).
+    async fn snapshot_doc_set(&self, id: Uuid, doc: serde_json::Value) -> Result<()>;
+    /// Every snapshot of every VM (for the reaper of expired safety snapshots).
+    async fn snapshots_all(&self) -> Result<Vec<SnapshotRecord>>;
 }
 
 /// Tasks (long operations).

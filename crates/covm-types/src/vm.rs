@@ -240,6 +240,29 @@ pub struct VmConfig {
     /// The kernel command line, with `kernel`.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// When covm takes a safety snapshot before a change (default `risky`: changes that can lose data
+    /// or break boot).
+    #[serde(default, skip_serializing_if = "SafetyPolicy::is_default")]
+    pub safety_snapshots: SafetyPolicy,
+}
+
+/// When covm takes a safety snapshot (disks only, `kind: safety`) before a change of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SafetyPolicy {
+    /// Before detaching or removing a disk and before changing the machine type, firmware or boot order.
+    #[default]
+    Risky,
+    /// Before every change.
+    Always,
+    /// Never (a change may still ask with `?snapshot=true`).
+    Off,
+}
+
+impl SafetyPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == SafetyPolicy::Risky
+    }
 }
 
 /// A `DATASTORE:relative/path` reference: the datastore's name and a path that stays inside it.
@@ -532,6 +555,9 @@ pub struct VmChangeQuery {
     pub dry_run: bool,
     /// `next_boot`: on a running VM, keep changes that need a power cycle as pending.
     pub apply: Option<ApplyMode>,
+    /// Take a safety snapshot before the change, whatever the VM's policy.
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -670,7 +696,15 @@ pub struct DiffView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevertRequest {
-    pub version: i64,
+    /// The version whose content the new version gets.
+    #[serde(default)]
+    pub version: Option<i64>,
+    /// Instead of `version`: put the VM back to how it was before version N (the safety snapshot that
+    /// protects N), its config, data or both (`scope`, default both).
+    #[serde(default)]
+    pub before_version: Option<i64>,
+    #[serde(default)]
+    pub scope: Option<crate::snapshot::RevertScope>,
     #[serde(default)]
     pub message: Option<String>,
     /// On a running VM, keep next-boot changes pending instead of refusing them.
@@ -838,6 +872,8 @@ pub struct VmChange {
     pub initrd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_snapshots: Option<SafetyPolicy>,
 }
 
 /// A merge patch of [`Console`].

@@ -206,25 +206,47 @@ impl App {
         let obj = self.object_lookup(disk, Some(ObjectKind::Disk)).await?;
         let (app, ctx2, disk) = (self.clone(), ctx.clone(), disk.to_owned());
         self.to_the_end(async move {
-            let mut locks = vec![rec.object.id];
-            locks.extend(obj.as_ref().map(|o| o.id));
-            let guard = app.saga_begin(&ctx2, DetachSaga::KIND, &locks).await?;
-            let plan = match app.detach_plan(rec.object.id, &disk, obj.as_ref(), next_boot, generation).await {
-                Ok(p) => p,
-                Err(e) => return Err(guard.refuse(e).await),
+            // A disk leaving a VM is risky: the VM's disks are kept first (its policy permitting).
+            let held = parse_config(&rec.config)?.disks.iter().any(|d| {
+                d.disk == disk || obj.as_ref().is_some_and(|o| d.disk == o.name || d.disk == o.id.to_string())
+            });
+            let safety = match held {
+                true => app.safety_before(&ctx2, &rec, None, false).await?,
+                false => None,
             };
-            match plan {
-                None => {
-                    guard.refuse(Error::internal("not attached")).await;
-                }
-                Some(plug) => {
-                    guard.run(&ctx2, DetachSaga { plug }).await?;
-                }
-            }
-            let rec = app.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
-            app.vm_view(Some(&ctx2), &rec)
+            let r = app.vm_disk_detach_run(&ctx2, rec.clone(), &disk, obj, next_boot, generation).await;
+            app.safety_after(&ctx2, rec.object.id, safety, r.as_ref().ok().map(|v| v.version)).await;
+            r
         })
         .await
+    }
+
+    async fn vm_disk_detach_run(
+        &self,
+        ctx2: &Ctx,
+        rec: covm_store::VmRecord,
+        disk: &str,
+        obj: Option<covm_store::ObjectRecord>,
+        next_boot: bool,
+        generation: Option<u64>,
+    ) -> Result<VmView, Error> {
+        let mut locks = vec![rec.object.id];
+        locks.extend(obj.as_ref().map(|o| o.id));
+        let guard = self.saga_begin(ctx2, DetachSaga::KIND, &locks).await?;
+        let plan = match self.detach_plan(rec.object.id, disk, obj.as_ref(), next_boot, generation).await {
+            Ok(p) => p,
+            Err(e) => return Err(guard.refuse(e).await),
+        };
+        match plan {
+            None => {
+                guard.refuse(Error::internal("not attached")).await;
+            }
+            Some(plug) => {
+                guard.run(ctx2, DetachSaga { plug }).await?;
+            }
+        }
+        let rec = self.store().vm_get(rec.object.id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
+        self.vm_view(Some(ctx2), &rec)
     }
 
     /// The rules of a detach, checked with the VM and disk locked; `None`: not attached.

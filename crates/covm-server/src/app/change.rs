@@ -57,6 +57,7 @@ pub fn field_changes(old: &VmConfig, new: &VmConfig) -> Vec<FieldChange> {
         kernel,
         initrd,
         cmdline,
+        safety_snapshots,
     } = new;
     // Disks: adding one and removing one are separate privileges.
     let disk_privileges = {
@@ -76,7 +77,7 @@ pub fn field_changes(old: &VmConfig, new: &VmConfig) -> Vec<FieldChange> {
             old.nics.len() == nics.len() && old.nics.iter().zip(nics).all(|(x, y)| link_only(x) == link_only(y));
         if same_but_links { Live } else { NextBoot }
     };
-    let rules: [(&'static str, bool, Vec<Privilege>, Class); 20] = [
+    let rules: [(&'static str, bool, Vec<Privilege>, Class); 21] = [
         ("name", *name != old.name, vec![VmConfigEdit], Live),
         ("description", *description != old.description, vec![VmConfigEdit], Live),
         // Folder and pool also need their own privileges on the target (a reference).
@@ -99,12 +100,21 @@ pub fn field_changes(old: &VmConfig, new: &VmConfig) -> Vec<FieldChange> {
         ("kernel", *kernel != old.kernel, vec![VmConfigEdit], NextBoot),
         ("initrd", *initrd != old.initrd, vec![VmConfigEdit], NextBoot),
         ("cmdline", *cmdline != old.cmdline, vec![VmConfigEdit], NextBoot),
+        ("safety_snapshots", *safety_snapshots != old.safety_snapshots, vec![VmConfigEdit], Live),
     ];
     rules
         .into_iter()
         .filter(|(_, changed, _, _)| *changed)
         .map(|(field, _, privileges, class)| FieldChange { field, privileges, class })
         .collect()
+}
+
+/// Whether a change can lose data or break boot (a safety snapshot comes first under the `risky`
+/// policy): a disk removed, or the machine type, firmware or boot order changed.
+pub fn risky(changes: &[FieldChange]) -> bool {
+    changes.iter().any(|c| {
+        matches!(c.field, "machine" | "firmware" | "boot") || c.privileges.contains(&Privilege::VmConfigRemoveDisk)
+    })
 }
 
 /// Everything a config refers to in the inventory (folder, pool, networks, disks, files), sorted: the
@@ -213,7 +223,7 @@ mod tests {
             "disks": [{ "disk": "d1", "controller": "sata0", "unit": 0 }],
             "nics": [{ "network": "n", "mac": "52:54:00:00:00:01" }], "cdrom": "x.iso",
             "boot": ["cdrom"], "console": { "vnc": false }, "autostart": { "enabled": true },
-            "annotations": { "k": "v" }, "kernel": "k", "initrd": "i", "cmdline": "c"
+            "annotations": { "k": "v" }, "kernel": "k", "initrd": "i", "cmdline": "c", "safety_snapshots": "off"
         }));
         let typed: Vec<String> = field_changes(&old, &new).iter().map(|c| c.field.to_owned()).collect();
         let mut json_fields =
@@ -222,7 +232,7 @@ mod tests {
         sorted.sort();
         json_fields.sort();
         assert_eq!(sorted, json_fields);
-        assert_eq!(typed.len(), 20, "a field of VmConfig is not changed by this test: {typed:?}");
+        assert_eq!(typed.len(), 21, "a field of VmConfig is not changed by this test: {typed:?}");
     }
 
     #[test]

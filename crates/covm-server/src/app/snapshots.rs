@@ -14,7 +14,7 @@ use covm_types::disk::{DiskFormat, Sharing};
 use covm_types::snapshot::{
     RevertScope, SnapshotCreate, SnapshotDisk, SnapshotExcluded, SnapshotKind, SnapshotRevert, SnapshotView,
 };
-use covm_types::vm::VmView;
+use covm_types::vm::{SafetyPolicy, VmView};
 use covm_types::{Error, ErrorCode, Privilege};
 use uuid::Uuid;
 
@@ -364,4 +364,94 @@ struct Take {
     description: Option<String>,
     exclude: Vec<String>,
     kind: SnapshotKind,
+}
+
+impl App {
+    /// Before a change of `rec`: a safety snapshot of its disks if the VM's policy (or `forced`, from
+    /// `?snapshot=true`) asks for one for this change. Taken under its own locks; None when none is due.
+    pub(crate) async fn safety_before(
+        &self,
+        ctx: &Ctx,
+        rec: &covm_store::VmRecord,
+        new: Option<&covm_types::vm::VmConfig>,
+        forced: bool,
+    ) -> Result<Option<SnapshotView>, Error> {
+        let old = parse_config(&rec.config)?;
+        let due = match new {
+            // A change of the config: by what it changes.
+            Some(new) => {
+                let changes = super::change::field_changes(&old, new);
+                !changes.is_empty()
+                    && (forced
+                        || match old.safety_snapshots {
+                            SafetyPolicy::Always => true,
+                            SafetyPolicy::Risky => super::change::risky(&changes),
+                            SafetyPolicy::Off => false,
+                        })
+            }
+            // A disk leaving the VM: risky by nature.
+            None => forced || old.safety_snapshots != SafetyPolicy::Off,
+        };
+        if !due {
+            return Ok(None);
+        }
+        let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
+        let take = Take {
+            name: format!("safety-{stamp}"),
+            description: Some(format!("taken before a change of version {}", rec.version)),
+            exclude: vec![],
+            kind: SnapshotKind::Safety,
+        };
+        self.snapshot_take(ctx, rec.object.id, take).await.map(Some)
+    }
+
+    /// After the change: the safety snapshot learns the version it protects; a change that wrote no
+    /// new version leaves nothing to protect, and its safety snapshot goes.
+    pub(crate) async fn safety_after(&self, ctx: &Ctx, vm: Uuid, safety: Option<SnapshotView>, version: Option<i64>) {
+        let Some(mut s) = safety else { return };
+        let r = match version.filter(|v| *v > s.config_version) {
+            Some(v) => {
+                s.protects_version = Some(v);
+                let doc = serde_json::to_value(&s).unwrap_or_default();
+                self.store().snapshot_doc_set(s.id, doc).await
+            }
+            None => self.snapshot_remove(ctx, vm, s).await,
+        };
+        if let Err(e) = r {
+            tracing::warn!(%vm, error = %e, "a safety snapshot could not be settled");
+        }
+    }
+
+    /// The safety snapshot that protects version `n` of a VM: the present before the change that made it.
+    pub(crate) async fn safety_for(&self, ctx: &Ctx, vm: &str, n: i64) -> Result<SnapshotView, Error> {
+        let all = self.snapshots_list(ctx, vm).await?;
+        all.into_iter().rev().find(|s| s.kind == SnapshotKind::Safety && s.protects_version == Some(n)).ok_or_else(
+            || {
+                Error::not_found("snapshot", &format!("{vm}: a safety snapshot that protects version {n}"))
+                    .with_field("before_version")
+            },
+        )
+    }
+
+    /// Deletes the safety snapshots whose time is up (run now and then by the replica that runs
+    /// background work).
+    pub async fn snapshots_reap(&self) -> Result<usize, Error> {
+        let now = covm_store::now();
+        let mut n = 0;
+        for rec in self.store().snapshots_all().await? {
+            let name = self.store().object_get(rec.vm_id).await?.map(|o| o.name).unwrap_or_default();
+            let Ok(view) = view_of(&rec, &name) else { continue };
+            if view.kind != SnapshotKind::Safety || view.expires_at.is_none_or(|e| e > now) {
+                continue;
+            }
+            let ctx = Ctx::system("covm", None);
+            match self.snapshot_remove(&ctx, rec.vm_id, view).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::warn!(snapshot = %rec.id, error = %e, "an expired safety snapshot could not be deleted")
+                }
+            }
+        }
+        Ok(n)
+    }
 }

@@ -234,34 +234,62 @@ impl App {
             disks_live: false,
             events: vec![],
         };
-        self.vm_write_doc(ctx, rec, DocChange::Merge(merge), pre, opts).await
+        let change = DocChange::Merge(merge);
+        if q.dry_run {
+            return self.vm_write_doc(ctx, rec, change, pre, opts).await;
+        }
+        // A stale base is refused before anything is taken.
+        if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
+            return Err(self.stale_error(&rec, v).await);
+        }
+        let new = parse_config(&change.apply(&rec.config)).ok();
+        let id = rec.object.id;
+        let safety = self.safety_before(ctx, &rec, new.as_ref(), q.snapshot).await?;
+        let r = self.vm_write_doc(ctx, rec, change, pre, opts).await;
+        self.safety_after(ctx, id, safety, r.as_ref().ok().map(|(v, _)| v.version)).await;
+        r
     }
 
     /// Writes a new version whose content is version `K`'s.
     pub async fn vm_revert(&self, ctx: &Ctx, vm: &str, r: RevertRequest, pre: Preconditions) -> Result<VmView, Error> {
+        // To before a version: the safety snapshot that protects it, config and data by the scope.
+        if let Some(n) = r.before_version {
+            if r.version.is_some() {
+                return Err(Error::invalid("before_version", "send version or before_version, not both"));
+            }
+            let safety = self.safety_for(ctx, vm, n).await?;
+            let scope = r.scope.unwrap_or(covm_types::snapshot::RevertScope::Both);
+            let p = covm_types::snapshot::SnapshotRevert { scope, memory: false };
+            return self.snapshot_revert(ctx, vm, &safety.id.to_string(), p).await;
+        }
+        let version = r.version.ok_or_else(|| {
+            Error::new(ErrorKind::InvalidRequest, ErrorCode::MissingField, "the field version is required")
+                .with_field("version")
+        })?;
         let rec = self.vm_resolve(ctx, vm).await?;
-        let old =
-            self.store().vm_version(rec.object.id, r.version).await?.ok_or_else(|| {
-                Error::invalid("version", format!("{} has no version {}", rec.object.name, r.version))
-            })?;
-        let message = r.message.unwrap_or_else(|| format!("revert to version {}", r.version));
-        let (view, _) = self
-            .vm_write_doc(
-                ctx,
-                rec,
-                DocChange::Replace(old.config, r.version),
-                pre,
-                WriteOpts {
-                    message: Some(message),
-                    dry_run: false,
-                    next_boot: r.next_boot,
-                    disks_checked: false,
-                    disks_live: false,
-                    events: vec![],
-                },
-            )
-            .await?;
-        Ok(view)
+        let old = self
+            .store()
+            .vm_version(rec.object.id, version)
+            .await?
+            .ok_or_else(|| Error::invalid("version", format!("{} has no version {}", rec.object.name, version)))?;
+        let message = r.message.unwrap_or_else(|| format!("revert to version {version}"));
+        if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
+            return Err(self.stale_error(&rec, v).await);
+        }
+        let new = parse_config(&old.config).ok();
+        let id = rec.object.id;
+        let safety = self.safety_before(ctx, &rec, new.as_ref(), false).await?;
+        let opts = WriteOpts {
+            message: Some(message),
+            dry_run: false,
+            next_boot: r.next_boot,
+            disks_checked: false,
+            disks_live: false,
+            events: vec![],
+        };
+        let r = self.vm_write_doc(ctx, rec, DocChange::Replace(old.config, version), pre, opts).await;
+        self.safety_after(ctx, id, safety, r.as_ref().ok().map(|(v, _)| v.version)).await;
+        Ok(r?.0)
     }
 
     pub(crate) async fn vm_write_doc(

@@ -177,3 +177,64 @@ async fn a_running_qemu_takes_the_tags_in_one_transaction() {
     }
     live_snapshots(&TestServer::start_with(covm_server::Driver::Qemu).await).await;
 }
+
+/// "Put this VM back to how it was before version N": a risky change (a disk detached, the machine
+/// type, firmware or boot order changed) first takes a safety snapshot that names the version it
+/// protects; a harmless one does not; the policy and `?snapshot=true` say otherwise.
+#[tokio::test]
+async fn a_risky_change_is_protected_and_undone_by_the_version_it_made() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    let d = c.disk_create(&new_disk("sd", 8 << 20)).await.unwrap();
+    c.disk_create(&new_disk("extra", 8 << 20)).await.unwrap();
+    let disks = vec![attachment("sd", "scsi0", 0), attachment("extra", "scsi0", 1)];
+    c.vm_create(&VmConfig { memory_mib: 64, disks, ..vm_named("v") }).await.unwrap();
+    let f = file(&s, &d);
+    write(&f, 0x41);
+    let safety = |v: i64| async move {
+        c.snapshots("v")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|x| x.kind == SnapshotKind::Safety && x.protects_version == Some(v))
+            .count()
+    };
+    let count = || async { c.snapshots("v").await.unwrap().len() };
+
+    // Harmless: no snapshot.
+    let v = c
+        .vm_change("v", &VmChange { description: Some("web".into()), ..Default::default() }, &ChangeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(count().await, 0, "a description change is not risky");
+    // Risky: the machine type.
+    let machine = VmChange { machine: Some(covm_types::vm::Machine::Pc), ..Default::default() };
+    let risky = c.vm_change("v", &machine, &ChangeOptions::default()).await.unwrap();
+    assert_eq!(safety(risky.version).await, 1, "the machine type change is protected");
+    write(&f, 0x42);
+    // Undone, config and data, by the version the change made.
+    let back = c.vm_revert_before("v", risky.version, RevertScope::Both).await.unwrap();
+    assert_eq!(back.config.machine, covm_types::vm::Machine::default());
+    assert!(holds(&f, 0x41), "the data of before the change");
+    assert_eq!(back.config.description, v.config.description);
+
+    // A detach is risky.
+    let before = c.vm("v").await.unwrap().version;
+    let after = c.vm_disk_detach("v", "extra", &covm_types::disk::DetachQuery::default()).await.unwrap();
+    assert_eq!(after.version, before + 1);
+    assert_eq!(safety(after.version).await, 1, "the detach is protected");
+
+    // Policy off: a risky change takes none, unless asked.
+    let off = VmChange { safety_snapshots: Some(covm_types::vm::SafetyPolicy::Off), ..Default::default() };
+    c.vm_change("v", &off, &ChangeOptions::default()).await.unwrap();
+    let n = count().await;
+    let firmware = VmChange { firmware: Some(covm_types::vm::Firmware::Uefi), ..Default::default() };
+    let changed = c.vm_change("v", &firmware, &ChangeOptions::default()).await.unwrap();
+    assert_eq!(count().await, n, "off means off");
+    let boot = VmChange { boot: Some(vec![covm_types::vm::BootDevice::Cdrom]), ..Default::default() };
+    let asked = c.vm_change("v", &boot, &ChangeOptions { snapshot: true, ..Default::default() }).await.unwrap();
+    assert_eq!((asked.version, safety(asked.version).await), (changed.version + 1, 1), "asked for with ?snapshot=true");
+    // Nothing protects a version no risky change made.
+    assert_eq!(code(c.vm_revert_before("v", changed.version, RevertScope::Both).await), (404, ErrorCode::NotFound));
+    assert!(c.audit_verify().await.unwrap().ok);
+}

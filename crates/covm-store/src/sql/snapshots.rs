@@ -37,6 +37,25 @@ macro_rules! sql_snapshots {
                 rows.iter().map(snapshot_row).collect()
             }
 
+            async fn snapshot_doc_set(&self, id: Uuid, doc: serde_json::Value) -> Result<()> {
+                let mut tx = self.begin().await?;
+                sqlx::query("UPDATE snapshots SET doc = $2 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(doc.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("update a snapshot"))?;
+                tx.commit().await.map_err(db_err("commit"))
+            }
+
+            async fn snapshots_all(&self) -> Result<Vec<SnapshotRecord>> {
+                let rows = sqlx::query("SELECT * FROM snapshots ORDER BY created_at, id")
+                    .fetch_all(&self.reader)
+                    .await
+                    .map_err(db_err("list snapshots"))?;
+                rows.iter().map(snapshot_row).collect()
+            }
+
             async fn snapshot_get(&self, id: Uuid) -> Result<Option<SnapshotRecord>> {
                 sqlx::query("SELECT * FROM snapshots WHERE id = $1")
                     .bind(id.to_string())

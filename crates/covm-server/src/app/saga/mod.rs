@@ -440,12 +440,13 @@ impl SagaGuard {
 }
 
 impl App {
-    /// Background work that one replica runs at a time, every second: lease expiry reports and the
-    /// recovery of sagas whose replica died. Every replica keeps asking for the role, so that another
+    /// Background work that one replica runs at a time, every second: lease expiry reports, the
+    /// recovery of sagas whose replica died, and (every minute) the deletion of expired safety snapshots. Every replica keeps asking for the role, so that another
     /// takes over within a second or two when its holder dies (PostgreSQL releases the holder's lock
     /// with its connection). `leader`: whether this replica took the role at start.
     pub async fn background(&self, mut leader: bool) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut reap: u64 = 0;
         loop {
             tick.tick().await;
             // Every replica writes the summary of its own suppressed anonymous entries.
@@ -473,6 +474,15 @@ impl App {
             }
             if let Err(e) = self.leases_expire().await {
                 tracing::warn!(error = %e, "could not report expired leases");
+            }
+            // Expired safety snapshots, once a minute.
+            reap += 1;
+            if reap.is_multiple_of(60) {
+                match self.snapshots_reap().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(snapshots = n, "deleted expired safety snapshots"),
+                    Err(e) => tracing::warn!(error = %e, "could not delete expired safety snapshots"),
+                }
             }
             match self.sagas_recover().await {
                 Ok(0) => {}
