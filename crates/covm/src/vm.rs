@@ -87,6 +87,9 @@ pub enum VmCmd {
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Take a safety snapshot first, whatever the VM's policy.
+        #[arg(long)]
+        snapshot: bool,
     },
     /// Edit the config in $EDITOR; on a conflict, show the other change and edit again.
     Edit {
@@ -102,12 +105,18 @@ pub enum VmCmd {
     },
     /// What changed between two versions.
     Diff { name: String, from: i64, to: i64 },
-    /// Write a new version equal to an old one.
+    /// Write a new version equal to an old one; or, with --before-version N, put the VM back to how
+    /// it was before version N (the safety snapshot that protects it), config, data or both.
     Revert {
         name: String,
-        version: i64,
+        #[arg(required_unless_present = "before_version")]
+        version: Option<i64>,
         #[arg(long)]
         message: Option<String>,
+        #[arg(long, conflicts_with = "version")]
+        before_version: Option<i64>,
+        #[arg(long, value_parser = ["config", "data", "both"], default_value = "both")]
+        scope: String,
     },
     /// Edit leases.
     #[command(subcommand)]
@@ -480,6 +489,7 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             next_boot,
             if_match,
             dry_run,
+            snapshot,
         } => {
             let mut p: Value = match patch {
                 Some(p) => serde_json::from_str(&p).context("--patch is not JSON")?,
@@ -500,8 +510,14 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             if p.as_object().is_some_and(|m| m.is_empty()) {
                 bail!("nothing to change: give -c, -m, -e, --description or --patch");
             }
-            let opts =
-                ChangeOptions { if_match, lease: leases_load().get(&name).copied(), message, dry_run, next_boot };
+            let opts = ChangeOptions {
+                if_match,
+                lease: leases_load().get(&name).copied(),
+                message,
+                dry_run,
+                next_boot,
+                snapshot,
+            };
             if dry_run {
                 let plan = c.vm_change_plan(&name, &p, &opts).await?;
                 if out.json {
@@ -545,7 +561,22 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        VmCmd::Revert { name, version, message } => {
+        VmCmd::Revert { name, version, message, before_version, scope } => {
+            if let Some(n) = before_version {
+                use covm_types::snapshot::RevertScope;
+                let scope = match scope.as_str() {
+                    "config" => RevertScope::Config,
+                    "data" => RevertScope::Data,
+                    _ => RevertScope::Both,
+                };
+                let v = c.vm_revert_before(&name, n, scope).await?;
+                out.message(&format!(
+                    "{} is back to before version {n} ({scope:?}); it is at version {}",
+                    v.name, v.version
+                ));
+                return Ok(());
+            }
+            let version = version.unwrap_or_default();
             let v = c.vm_revert(&name, version, message.as_deref()).await?;
             out.message(&format!("{} is now at version {} (equal to version {version})", v.name, v.version));
             Ok(())

@@ -308,4 +308,14 @@ fn snapshots_make_a_tree_and_revert_by_scope() {
     assert_eq!(info["config"]["cpus"], 1, "the config is the snapshot's");
     ok(covm(&s, &admin, &["vm", "snapshot", "rm", "a", "base"], None));
     assert_eq!(covm(&s, &admin, &["vm", "snapshot", "info", "a", "base"], None).status.code(), Some(3));
+    // A risky change and its undo by the version it made.
+    ok(covm(&s, &admin, &["vm", "change", "a", "--patch", r#"{"machine":"pc"}"#], None));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "info", "a"], None))).unwrap();
+    let v = info["version"].as_i64().unwrap().to_string();
+    let back = ok(covm(&s, &admin, &["vm", "revert", "a", "--before-version", &v, "--scope", "config"], None));
+    assert!(back.contains(&format!("back to before version {v}")), "{back}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "info", "a"], None))).unwrap();
+    assert_eq!(info["config"]["machine"], "q35", "{info}");
 }
