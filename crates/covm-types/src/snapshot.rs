@@ -50,6 +50,10 @@ pub struct SnapshotRevert {
     /// The guest's memory too (not supported yet: refused).
     #[serde(default)]
     pub memory: bool,
+    /// Revert the data of the covered disks this VM still holds, leaving those another VM holds now
+    /// (without it, such a disk makes the revert refuse, naming the VM).
+    #[serde(default)]
+    pub skip_moved: bool,
 }
 
 /// A disk a snapshot covers, and its tag inside the disk's file.
@@ -91,4 +95,7 @@ pub struct SnapshotView {
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A disk it covers is now attached to another VM (its data cannot come back with this VM's).
+    #[serde(default)]
+    pub partial: bool,
 }

@@ -691,7 +691,8 @@ async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()>
                 "data" => RevertScope::Data,
                 _ => RevertScope::Both,
             };
-            let v = c.snapshot_revert(&vm, &snapshot, &SnapshotRevert { scope, memory: false }).await?;
+            let v =
+                c.snapshot_revert(&vm, &snapshot, &SnapshotRevert { scope, memory: false, skip_moved: false }).await?;
             out.message(&format!("{vm} is back to {snapshot} ({scope:?}); it is at version {}", v.version));
             Ok(())
         }

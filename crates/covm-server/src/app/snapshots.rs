@@ -144,6 +144,7 @@ impl App {
                 created_by: ctx.user.clone(),
                 created_at: now,
                 expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
+                partial: false,
             };
             Ok(Tagged { vm_id: vm, view, files, live })
         }
@@ -161,15 +162,28 @@ impl App {
     /// A VM's snapshots, oldest first (`parent` makes the tree).
     pub async fn snapshots_list(&self, ctx: &Ctx, vm: &str) -> Result<Vec<SnapshotView>, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
-        let all = self.store().snapshots_of(rec.object.id).await?;
-        all.iter().map(|s| view_of(s, &rec.object.name)).collect()
+        let mut out = Vec::new();
+        for s in self.store().snapshots_of(rec.object.id).await? {
+            out.push(self.snapshot_settle(view_of(&s, &rec.object.name)?, rec.object.id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Marks a snapshot `partial` when a disk it covers is now attached to another VM.
+    async fn snapshot_settle(&self, mut v: SnapshotView, vm: Uuid) -> Result<SnapshotView, Error> {
+        for d in &v.disks {
+            if self.store().disk_attachments(&d.disk, d.disk_id).await?.iter().any(|a| a.vm_id != vm) {
+                v.partial = true;
+            }
+        }
+        Ok(v)
     }
 
     /// One snapshot, by name or id.
     pub async fn snapshot_get(&self, ctx: &Ctx, vm: &str, snap: &str) -> Result<SnapshotView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
-        view_of(&s, &rec.object.name)
+        self.snapshot_settle(view_of(&s, &rec.object.name)?, rec.object.id).await
     }
 
     async fn snapshot_find(&self, vm: Uuid, vm_name: &str, snap: &str) -> Result<SnapshotRecord, Error> {
@@ -244,7 +258,7 @@ impl App {
                 true => Some(app.snapshot_take(&ctx2, vm_id, safety).await?),
                 false => None,
             };
-            if let Err(e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), p.scope).await {
+            if let Err(e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p).await {
                 // Nothing was reverted: the safety snapshot has nothing to protect.
                 if let Some(safety) = safety
                     && let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety).await
@@ -268,8 +282,9 @@ impl App {
         vm: Uuid,
         to: &SnapshotView,
         safety: Option<&SnapshotView>,
-        scope: RevertScope,
+        p: &SnapshotRevert,
     ) -> Result<(), Error> {
+        let scope = p.scope;
         let data = matches!(scope, RevertScope::Data | RevertScope::Both);
         let config = matches!(scope, RevertScope::Config | RevertScope::Both);
         let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
@@ -297,6 +312,23 @@ impl App {
                 if !locks.contains(&o.id) {
                     locks.push(o.id);
                     comes_back.push((o, d.read_only));
+                }
+            }
+        }
+        // A covered disk another VM holds now is not touched: the revert refuses, naming the VM, unless
+        // told to leave it.
+        if data && !p.skip_moved {
+            for d in to.disks.iter().filter(|d| !held.contains(&d.disk_id)) {
+                let holders = self.store().disk_attachments(&d.disk, d.disk_id).await?;
+                if let Some(h) = holders.iter().find(|h| h.vm_id != vm) {
+                    return Err(Error::conflict(
+                        ErrorCode::DiskInUse,
+                        format!(
+                            "{} is now attached to {}; its data cannot go back with {}'s (send skip_moved to revert the rest)",
+                            d.disk, h.vm_name, rec.object.name
+                        ),
+                    )
+                    .with_details(serde_json::json!({ "vm": h.vm_name })));
                 }
             }
         }

@@ -259,7 +259,7 @@ impl App {
             }
             let safety = self.safety_for(ctx, vm, n).await?;
             let scope = r.scope.unwrap_or(covm_types::snapshot::RevertScope::Both);
-            let p = covm_types::snapshot::SnapshotRevert { scope, memory: false };
+            let p = covm_types::snapshot::SnapshotRevert { scope, memory: false, skip_moved: false };
             return self.snapshot_revert(ctx, vm, &safety.id.to_string(), p).await;
         }
         let version = r.version.ok_or_else(|| {

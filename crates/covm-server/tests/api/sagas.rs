@@ -185,7 +185,7 @@ impl Op {
             Op::SnapshotLive => c.snapshot_create("run", &snapshot("live")).await.map(drop),
             Op::SnapshotDelete => c.snapshot_delete("off", "old").await,
             Op::SnapshotRevert => {
-                let p = SnapshotRevert { scope: RevertScope::Both, memory: false };
+                let p = SnapshotRevert { scope: RevertScope::Both, memory: false, skip_moved: false };
                 c.snapshot_revert("off", "back", &p).await.map(drop)
             }
         }

@@ -42,7 +42,7 @@ fn create(n: &str) -> SnapshotCreate {
 }
 
 fn revert(scope: RevertScope) -> SnapshotRevert {
-    SnapshotRevert { scope, memory: false }
+    SnapshotRevert { scope, memory: false, skip_moved: false }
 }
 
 fn code(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, ErrorCode) {
@@ -237,4 +237,42 @@ async fn a_risky_change_is_protected_and_undone_by_the_version_it_made() {
     // Nothing protects a version no risky change made.
     assert_eq!(code(c.vm_revert_before("v", changed.version, RevertScope::Both).await), (404, ErrorCode::NotFound));
     assert!(c.audit_verify().await.unwrap().ok);
+}
+
+/// A disk covered by A's snapshot and then moved to B keeps its tag; A's snapshot says it is partial,
+/// and A's data revert leaves B's disk alone: refused naming B, or done for the rest when told.
+#[tokio::test]
+async fn a_moved_disk_keeps_its_tag_and_is_not_reverted_under_another_vm() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    let keep = c.disk_create(&new_disk("keep", 8 << 20)).await.unwrap();
+    let mv = c.disk_create(&new_disk("mv", 8 << 20)).await.unwrap();
+    let disks = vec![attachment("keep", "scsi0", 0), attachment("mv", "scsi0", 1)];
+    c.vm_create(&VmConfig { memory_mib: 64, disks, ..vm_named("a") }).await.unwrap();
+    c.vm_create(&VmConfig { memory_mib: 64, ..vm_named("b") }).await.unwrap();
+    let (fk, fm) = (file(&s, &keep), file(&s, &mv));
+    write(&fk, 0x41);
+    write(&fm, 0x41);
+    let snap = c.snapshot_create("a", &create("s")).await.unwrap();
+    c.disk_move("mv", &covm_types::disk::DiskMove { to_vm: "b".into(), ..Default::default() }).await.unwrap();
+    assert!(c.snapshot("a", "s").await.unwrap().partial, "a covered disk is now b's");
+    assert!(
+        covm_hv::img::snapshot_tags(&fm).await.unwrap().contains(&format!("covm-{}", snap.id)),
+        "the tag moved with it"
+    );
+    write(&fk, 0x42);
+    write(&fm, 0x42);
+    let r = c.snapshot_revert("a", "s", &revert(RevertScope::Data)).await;
+    match r {
+        Err(ClientError::Api { status: 409, error, .. }) => {
+            assert_eq!(error.code, ErrorCode::DiskInUse);
+            assert!(error.message.contains("mv is now attached to b"), "{}", error.message);
+        }
+        other => panic!("expected 409 disk_in_use, got {other:?}"),
+    }
+    assert!(holds(&fk, 0x42), "a refused revert changes nothing");
+    let p = SnapshotRevert { scope: RevertScope::Data, memory: false, skip_moved: true };
+    c.snapshot_revert("a", "s", &p).await.unwrap();
+    assert!(holds(&fk, 0x41), "a's own disk went back");
+    assert!(holds(&fm, 0x42), "b's disk was left alone");
 }
