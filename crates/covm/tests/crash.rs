@@ -188,3 +188,133 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
     let t = c.vm_power("b", PowerAction::Off, None).await.unwrap();
     c.task_wait(t.id, Duration::from_secs(60), |_| {}).await.unwrap();
 }
+
+/// Writes 4 KiB of `byte` at the start of a qcow2 image, or checks them (no VM runs it).
+fn qemu_io(f: &Path, op: &str, byte: u8) -> bool {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &format!("{op} -P {byte} 0 4096")])
+        .arg(f)
+        .output()
+        .expect("qemu-io runs");
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
+}
+
+/// covm killed at each step of a snapshot, and of a data revert: the next start leaves no tag without
+/// its record (and the reverse), no lock, and a revert either done or undone to the safety snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
+    use covm_server::app::saga::snapshot::{SnapshotCreateSaga, SnapshotRevertSaga, Tagged};
+    use covm_types::snapshot::{RevertScope, SnapshotCreate, SnapshotKind, SnapshotRevert, SnapshotView};
+    if std::env::var_os("COVM_SKIP_QEMU").is_some() {
+        eprintln!("COVM_SKIP_QEMU is set: skipping a real-QEMU test");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let port = free_port();
+    let mut covm = Covm::start(&data, port, None);
+    let password = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
+    let (c, _) = Client::new(&covm.url()).login("admin", password.trim()).await.unwrap();
+    let create = |name: &str, capacity_bytes: u64| DiskCreate {
+        name: Name::parse(name).unwrap(),
+        datastore: "local".into(),
+        capacity_bytes,
+        format: Default::default(),
+        sharing: Default::default(),
+        folder: None,
+        pool: None,
+    };
+    let d = c.disk_create(&create("s1", 8 << 20)).await.unwrap();
+    let file = data.join("datastores/local").join(&d.file);
+    let disks = vec![DiskAttachment {
+        disk: "s1".into(),
+        controller: "scsi0".into(),
+        unit: 0,
+        read_only: false,
+        generation: 0,
+    }];
+    c.vm_create(&VmConfig { memory_mib: 64, disks, ..VmConfig::named("v").unwrap() }).await.unwrap();
+    let snap =
+        |n: &str| SnapshotCreate { name: Name::parse(n).unwrap(), description: None, memory: false, exclude: vec![] };
+
+    // The steps, from the sagas themselves.
+    let view = SnapshotView {
+        id: uuid::Uuid::nil(),
+        vm: "v".into(),
+        name: "x".into(),
+        description: None,
+        kind: SnapshotKind::Manual,
+        config_version: 1,
+        protects_version: None,
+        memory: false,
+        disks: vec![],
+        excluded: vec![],
+        parent: None,
+        created_by: "admin".into(),
+        created_at: chrono::Utc::now(),
+        expires_at: None,
+        partial: false,
+    };
+    let tagged = Tagged { vm_id: uuid::Uuid::nil(), view, files: vec![], live: false };
+    let create_plan = plan_of(&SnapshotCreateSaga(tagged.clone()));
+    let revert_plan = plan_of(&SnapshotRevertSaga { to: tagged, safety_tags: vec![], data: true, config: None });
+
+    // The tags in the file are exactly those of the snapshots on record.
+    let consistent = |c: Client, file: PathBuf| async move {
+        let mut recorded: Vec<String> =
+            c.snapshots("v").await.unwrap().iter().map(|s| format!("covm-{}", s.id)).collect();
+        let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&file).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        let mut tags: Vec<String> = info["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        recorded.sort();
+        tags.sort();
+        (recorded, tags)
+    };
+    for (i, step) in create_plan.steps.iter().enumerate() {
+        for at in ["before", "after"] {
+            let fault = format!("vm.snapshot.create:{step}:{at}:crash");
+            drop(covm);
+            covm = Covm::start(&data, port, Some(&fault));
+            assert!(c.snapshot_create("v", &snap(&format!("c{i}{at}"))).await.is_err(), "{fault}: covm died");
+            assert!(!covm.wait_dead().success(), "{fault}");
+            drop(covm);
+            covm = Covm::start(&data, port, None);
+            let (recorded, tags) = consistent(c.clone(), file.clone()).await;
+            assert_eq!(recorded, tags, "{fault}: tags and records agree");
+            let pivot = create_plan.steps.iter().position(|s| *s == create_plan.pivot).unwrap();
+            let committed = i > pivot || (i == pivot && at == "after");
+            assert_eq!(c.snapshot("v", &format!("c{i}{at}")).await.is_ok(), committed, "{fault}");
+            // No lock is left.
+            let started = Instant::now();
+            c.snapshot_create("v", &snap(&format!("ok{i}{at}"))).await.unwrap();
+            assert!(started.elapsed() < Duration::from_secs(20), "{fault}: a stale lock");
+        }
+    }
+    // A data revert killed at each step: done or undone, never half.
+    assert!(qemu_io(&file, "write", 0x41));
+    c.snapshot_create("v", &snap("base")).await.unwrap();
+    for step in &revert_plan.steps {
+        for at in ["before", "after"] {
+            assert!(qemu_io(&file, "write", 0x42));
+            let fault = format!("vm.snapshot.revert:{step}:{at}:crash");
+            drop(covm);
+            covm = Covm::start(&data, port, Some(&fault));
+            let p = SnapshotRevert { scope: RevertScope::Data, memory: false, skip_moved: false };
+            assert!(c.snapshot_revert("v", "base", &p).await.is_err(), "{fault}: covm died");
+            assert!(!covm.wait_dead().success(), "{fault}");
+            drop(covm);
+            covm = Covm::start(&data, port, None);
+            let (recorded, tags) = consistent(c.clone(), file.clone()).await;
+            assert_eq!(recorded, tags, "{fault}: tags and records agree");
+            // Interrupted at its one step, a data revert is put back to the present it kept.
+            assert!(qemu_io(&file, "read", 0x42), "{fault}: the data is the present's");
+            c.snapshot_revert("v", "base", &p).await.unwrap();
+            assert!(qemu_io(&file, "read", 0x41), "{fault}: a revert after recovery works");
+        }
+    }
+}
