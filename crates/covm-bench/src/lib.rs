@@ -9,6 +9,7 @@ pub mod disks;
 pub mod power;
 pub mod scale;
 pub mod server;
+pub mod snapshots;
 pub mod storm;
 
 use serde::Serialize;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use covm_bench::server::{Server, covm_binary};
-use covm_bench::{Report, disks, power, scale, storm};
+use covm_bench::{Report, disks, power, scale, snapshots, storm};
 
 #[derive(Parser)]
 #[command(name = "covm-bench", about = "Load, latency and consistency checks for covm")]
@@ -95,6 +95,16 @@ enum Scenario {
         #[arg(long, default_value = "target/test-guest")]
         guest: PathBuf,
     },
+    /// VM snapshot create, data revert and delete (a VM that is off) beside `qemu-img snapshot` alone.
+    Snapshots {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 64)]
+        disk_mib: u64,
+        /// How much of the disk holds data.
+        #[arg(long, default_value_t = 16)]
+        fill_mib: u64,
+    },
 }
 
 async fn server(cli: &Cli, driver: &str) -> anyhow::Result<Server> {
@@ -165,6 +175,11 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
                 &power::PowerParams { runs: *runs, idle_vms: *idle_vms, memory_mib: *memory_mib },
             )
             .await
+        }
+        Scenario::Snapshots { runs, disk_mib, fill_mib } => {
+            let s = server(&cli, "sim").await?;
+            let p = snapshots::SnapshotParams { runs: *runs, disk_mib: *disk_mib, fill_mib: *fill_mib };
+            snapshots::snapshots(&s, &p).await
         }
         Scenario::DiskOps { runs, disk_mib, guest } => {
             let covm = cli.covm.clone().unwrap_or_else(covm_binary);
