@@ -627,6 +627,26 @@ impl Client {
         self.post(&format!("/vms/{vm}/snapshots/{snap}/revert"), p).await
     }
 
+    pub async fn disk_snapshot_create(
+        &self,
+        disk: &str,
+        p: &covm_types::snapshot::DiskSnapshotCreate,
+    ) -> Result<covm_types::snapshot::DiskSnapshotView> {
+        self.post(&format!("/disks/{disk}/snapshots"), p).await
+    }
+
+    pub async fn disk_snapshots(&self, disk: &str) -> Result<Vec<covm_types::snapshot::DiskSnapshotView>> {
+        self.get(&format!("/disks/{disk}/snapshots")).await
+    }
+
+    pub async fn disk_snapshot_delete(&self, disk: &str, snap: &str) -> Result<()> {
+        self.delete(&format!("/disks/{disk}/snapshots/{snap}")).await
+    }
+
+    pub async fn disk_snapshot_revert(&self, disk: &str, snap: &str) -> Result<covm_types::snapshot::DiskSnapshotView> {
+        self.send(self.request(Method::POST, &format!("/disks/{disk}/snapshots/{snap}/revert"))).await
+    }
+
     /// What a running VM's process uses of its host now.
     pub async fn vm_stats(&self, vm: &str) -> Result<VmStats> {
         self.get(&format!("/vms/{vm}/stats")).await

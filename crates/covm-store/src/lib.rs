@@ -629,23 +629,23 @@ pub trait VmStore: Send + Sync {
     async fn pool_usage(&self, pool: &str, except: Option<Uuid>) -> Result<PoolUsage>;
 }
 
-/// A VM snapshot as stored: `doc` is its view less the columns.
+/// A snapshot as stored: of a VM or of one disk (`owner_id`); `doc` is its view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotRecord {
     pub id: Uuid,
-    pub vm_id: Uuid,
+    pub owner_id: Uuid,
     pub name: String,
     pub doc: serde_json::Value,
     pub created_at: DateTime<Utc>,
 }
 
-/// VM snapshots.
+/// Snapshots of VMs and of disks.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync {
     /// Records a snapshot with its log entry (409 `already_exists` for a name the VM has).
     async fn snapshot_insert(&self, snapshot: SnapshotRecord, event: NewEvent) -> Result<EventRecord>;
-    /// A VM's snapshots, oldest first.
-    async fn snapshots_of(&self, vm: Uuid) -> Result<Vec<SnapshotRecord>>;
+    /// A VM's or a disk's snapshots, oldest first.
+    async fn snapshots_of(&self, owner: Uuid) -> Result<Vec<SnapshotRecord>>;
     async fn snapshot_get(&self, id: Uuid) -> Result<Option<SnapshotRecord>>;
     /// Removes a snapshot's record with its log entry; false when it was not there.
     async fn snapshot_remove(&self, id: Uuid, event: NewEvent) -> Result<bool>;

@@ -56,6 +56,27 @@ pub struct SnapshotRevert {
     pub skip_moved: bool,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSnapshotCreate {
+    pub name: Name,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A snapshot of one disk on its own (a First Class Disk's snapshot): a tag inside its file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskSnapshotView {
+    pub id: Uuid,
+    pub disk: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub tag: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// A disk a snapshot covers, and its tag inside the disk's file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotDisk {

@@ -12,7 +12,8 @@ use covm_store::SnapshotRecord;
 use covm_types::api::ObjectKind;
 use covm_types::disk::{DiskFormat, Sharing};
 use covm_types::snapshot::{
-    RevertScope, SnapshotCreate, SnapshotDisk, SnapshotExcluded, SnapshotKind, SnapshotRevert, SnapshotView,
+    DiskSnapshotCreate, DiskSnapshotView, RevertScope, SnapshotCreate, SnapshotDisk, SnapshotExcluded, SnapshotKind,
+    SnapshotRevert, SnapshotView,
 };
 use covm_types::vm::{SafetyPolicy, VmView};
 use covm_types::{Error, ErrorCode, Privilege};
@@ -146,7 +147,7 @@ impl App {
                 expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
                 partial: false,
             };
-            Ok(Tagged { vm_id: vm, view, files, live })
+            Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false })
         }
         .await;
         let tagged = match plan {
@@ -215,14 +216,16 @@ impl App {
         let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
         let view = view_of(&s, &rec.object.name)?;
         let (app, ctx) = (self.clone(), ctx.clone());
-        self.to_the_end(async move { app.snapshot_remove(&ctx, rec.object.id, view).await }).await
+        self.to_the_end(async move { app.snapshot_remove(&ctx, rec.object.id, view, false).await }).await
     }
 
-    async fn snapshot_remove(&self, ctx: &Ctx, vm: Uuid, view: SnapshotView) -> Result<(), Error> {
+    async fn snapshot_remove(&self, ctx: &Ctx, vm: Uuid, view: SnapshotView, disk: bool) -> Result<(), Error> {
         let (files, mut locks) = self.snapshot_files(&view).await?;
-        locks.push(vm);
+        if !locks.contains(&vm) {
+            locks.push(vm);
+        }
         let guard = self.saga_begin(ctx, SnapshotDeleteSaga::KIND, &locks).await?;
-        guard.run(ctx, SnapshotDeleteSaga(Tagged { vm_id: vm, view, files, live: false })).await?;
+        guard.run(ctx, SnapshotDeleteSaga(Tagged { vm_id: vm, view, files, live: false, via: None, disk })).await?;
         Ok(())
     }
 
@@ -261,7 +264,7 @@ impl App {
             if let Err(e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p).await {
                 // Nothing was reverted: the safety snapshot has nothing to protect.
                 if let Some(safety) = safety
-                    && let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety).await
+                    && let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety, false).await
                 {
                     tracing::warn!(error = %e2, "the safety snapshot of a failed revert could not be removed");
                 }
@@ -367,7 +370,12 @@ impl App {
             before_version: rec.version,
             before_doc: rec.config.clone(),
         });
-        let saga = SnapshotRevertSaga { to: Tagged { vm_id: vm, view, files, live: false }, safety_tags, data, config };
+        let saga = SnapshotRevertSaga {
+            to: Tagged { vm_id: vm, view, files, live: false, via: None, disk: false },
+            safety_tags,
+            data,
+            config,
+        };
         guard.run(ctx, saga).await?;
         Ok(())
     }
@@ -447,7 +455,7 @@ impl App {
                 let doc = serde_json::to_value(&s).unwrap_or_default();
                 self.store().snapshot_doc_set(s.id, doc).await
             }
-            None => self.snapshot_remove(ctx, vm, s).await,
+            None => self.snapshot_remove(ctx, vm, s, false).await,
         };
         if let Err(e) = r {
             tracing::warn!(%vm, error = %e, "a safety snapshot could not be settled");
@@ -471,13 +479,13 @@ impl App {
         let now = covm_store::now();
         let mut n = 0;
         for rec in self.store().snapshots_all().await? {
-            let name = self.store().object_get(rec.vm_id).await?.map(|o| o.name).unwrap_or_default();
+            let name = self.store().object_get(rec.owner_id).await?.map(|o| o.name).unwrap_or_default();
             let Ok(view) = view_of(&rec, &name) else { continue };
             if view.kind != SnapshotKind::Safety || view.expires_at.is_none_or(|e| e > now) {
                 continue;
             }
             let ctx = Ctx::system("covm", None);
-            match self.snapshot_remove(&ctx, rec.vm_id, view).await {
+            match self.snapshot_remove(&ctx, rec.owner_id, view, false).await {
                 Ok(()) => n += 1,
                 Err(e) => {
                     tracing::warn!(snapshot = %rec.id, error = %e, "an expired safety snapshot could not be deleted")
@@ -485,5 +493,135 @@ impl App {
             }
         }
         Ok(n)
+    }
+}
+
+fn disk_view(v: SnapshotView) -> DiskSnapshotView {
+    let tag = v.disks.first().map(|d| d.tag.clone()).unwrap_or_default();
+    DiskSnapshotView {
+        id: v.id,
+        disk: v.vm,
+        name: v.name,
+        description: v.description,
+        tag,
+        created_by: v.created_by,
+        created_at: v.created_at,
+    }
+}
+
+impl App {
+    /// A disk on its own: a visible disk object the caller may snapshot.
+    async fn disk_for_snapshot(&self, ctx: &Ctx, disk: &str) -> Result<covm_store::ObjectRecord, Error> {
+        let o = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
+        self.require(ctx, &o, Privilege::DiskSnapshot).await?;
+        Ok(o)
+    }
+
+    /// The running VM that holds a disk now, if one does.
+    async fn disk_running_holder(
+        &self,
+        o: &covm_store::ObjectRecord,
+    ) -> Result<Option<covm_store::AttachmentRecord>, Error> {
+        Ok(self.store().disk_attachments(&o.name, o.id).await?.into_iter().find(|a| a.power_state.is_active()))
+    }
+
+    /// Takes a snapshot of one disk (qcow2, not shared): through the QEMU of the VM running it, or with
+    /// `qemu-img`.
+    pub async fn disk_snapshot_create(
+        &self,
+        ctx: &Ctx,
+        disk: &str,
+        p: DiskSnapshotCreate,
+    ) -> Result<DiskSnapshotView, Error> {
+        let o = self.disk_for_snapshot(ctx, disk).await?;
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx, SnapshotCreateSaga::KIND, &[o.id]).await?;
+            let plan = async {
+                let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
+                let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
+                if sharing == Sharing::MultiWriter || format != DiskFormat::Qcow2 {
+                    return Err(Error::conflict(
+                        ErrorCode::SnapshotUnsupported,
+                        format!("{} cannot hold snapshots (only qcow2 disks that are not shared can)", o.name),
+                    ));
+                }
+                let name = p.name.to_string();
+                if app.store().snapshots_of(o.id).await?.iter().any(|s| s.name == name) {
+                    return Err(Error::conflict(
+                        ErrorCode::AlreadyExists,
+                        format!("{} has a snapshot named {name}", o.name),
+                    )
+                    .with_field("name"));
+                }
+                let holder = app.disk_running_holder(&o).await?;
+                if let Some(h) = &holder
+                    && let Some(vm) = app.store().vm_get(h.vm_id).await?
+                {
+                    app.agent_for(&vm)?;
+                }
+                let id = Uuid::now_v7();
+                let view = SnapshotView {
+                    id,
+                    vm: o.name.clone(),
+                    name,
+                    description: p.description.clone(),
+                    kind: SnapshotKind::Manual,
+                    config_version: 0,
+                    protects_version: None,
+                    memory: false,
+                    disks: vec![SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") }],
+                    excluded: vec![],
+                    parent: None,
+                    created_by: ctx.user.clone(),
+                    created_at: covm_store::now(),
+                    expires_at: None,
+                    partial: false,
+                };
+                let files = vec![Some(app.disk_file(&o).await?)];
+                let (live, via) = (holder.is_some(), holder.map(|h| h.vm_id));
+                Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true })
+            }
+            .await;
+            let tagged = match plan {
+                Ok(t) => t,
+                Err(e) => return Err(guard.refuse(e).await),
+            };
+            Ok(disk_view(guard.run(&ctx, SnapshotCreateSaga(tagged)).await?.0.view))
+        })
+        .await
+    }
+
+    pub async fn disk_snapshots_list(&self, ctx: &Ctx, disk: &str) -> Result<Vec<DiskSnapshotView>, Error> {
+        let o = self.object_resolve(ctx, disk, Some(ObjectKind::Disk), "disk").await?;
+        let all = self.store().snapshots_of(o.id).await?;
+        all.iter().map(|s| view_of(s, &o.name).map(disk_view)).collect()
+    }
+
+    pub async fn disk_snapshot_delete(&self, ctx: &Ctx, disk: &str, snap: &str) -> Result<(), Error> {
+        let o = self.disk_for_snapshot(ctx, disk).await?;
+        let s = self.snapshot_find(o.id, &o.name, snap).await?;
+        let view = view_of(&s, &o.name)?;
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move { app.snapshot_remove(&ctx, o.id, view, true).await }).await
+    }
+
+    /// Puts a disk back to its snapshot; refused while a running VM holds it.
+    pub async fn disk_snapshot_revert(&self, ctx: &Ctx, disk: &str, snap: &str) -> Result<DiskSnapshotView, Error> {
+        let o = self.disk_for_snapshot(ctx, disk).await?;
+        let s = self.snapshot_find(o.id, &o.name, snap).await?;
+        let view = view_of(&s, &o.name)?;
+        let (app, ctx) = (self.clone(), ctx.clone());
+        self.to_the_end(async move {
+            let guard = app.saga_begin(&ctx, SnapshotRevertSaga::KIND, &[o.id]).await?;
+            if let Some(h) = app.disk_running_holder(&o).await? {
+                return Err(guard.refuse(vm_running(&h.vm_name)).await);
+            }
+            let files = vec![Some(app.disk_file(&o).await?)];
+            let to = Tagged { vm_id: o.id, view: view.clone(), files, live: false, via: None, disk: true };
+            guard.run(&ctx, SnapshotRevertSaga { to, safety_tags: vec![None], data: true, config: None }).await?;
+            Ok(disk_view(view))
+        })
+        .await
     }
 }

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::error::ConflictError;
-use covm_types::snapshot::{SnapshotCreate, SnapshotRevert, SnapshotView};
+use covm_types::snapshot::{DiskSnapshotCreate, DiskSnapshotView, SnapshotCreate, SnapshotRevert, SnapshotView};
 use covm_types::vm::VmView;
 
 use super::error::ApiError;
@@ -77,4 +77,57 @@ pub async fn snapshot_revert(
     JsonBody(p): JsonBody<SnapshotRevert>,
 ) -> Result<Json<VmView>, ApiError> {
     Ok(Json(app.snapshot_revert(&ctx, &vm, &snap, p).await?))
+}
+
+/// Takes a snapshot of one disk (qcow2, not shared), live through the QEMU of a VM running it.
+#[utoipa::path(post, path = "/disks/{disk}/snapshots", tag = "snapshots", operation_id = "disk_snapshot_create",
+    params(("disk" = String, Path, description = "disk name or id")),
+    request_body = DiskSnapshotCreate,
+    responses((status = 201, body = DiskSnapshotView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn disk_snapshot_create(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+    JsonBody(p): JsonBody<DiskSnapshotCreate>,
+) -> Result<(StatusCode, Json<DiskSnapshotView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.disk_snapshot_create(&ctx, &disk, p).await?)))
+}
+
+/// A disk's own snapshots, oldest first.
+#[utoipa::path(get, path = "/disks/{disk}/snapshots", tag = "snapshots", operation_id = "disk_snapshot_list",
+    params(("disk" = String, Path, description = "disk name or id")),
+    responses((status = 200, body = Vec<DiskSnapshotView>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_snapshot_list(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(disk): Path<String>,
+) -> Result<Json<Vec<DiskSnapshotView>>, ApiError> {
+    Ok(Json(app.disk_snapshots_list(&ctx, &disk).await?))
+}
+
+/// Deletes a disk's snapshot.
+#[utoipa::path(delete, path = "/disks/{disk}/snapshots/{snap}", tag = "snapshots", operation_id = "disk_snapshot_delete",
+    params(("disk" = String, Path, description = "disk name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn disk_snapshot_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((disk, snap)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.disk_snapshot_delete(&ctx, &disk, &snap).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Puts a disk back to its snapshot (refused while a running VM holds it).
+#[utoipa::path(post, path = "/disks/{disk}/snapshots/{snap}/revert", tag = "snapshots", operation_id = "disk_snapshot_revert",
+    params(("disk" = String, Path, description = "disk name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    responses((status = 200, body = DiskSnapshotView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn disk_snapshot_revert(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((disk, snap)): Path<(String, String)>,
+) -> Result<Json<DiskSnapshotView>, ApiError> {
+    Ok(Json(app.disk_snapshot_revert(&ctx, &disk, &snap).await?))
 }

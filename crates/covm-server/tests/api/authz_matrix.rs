@@ -95,6 +95,10 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/vms/{vm}/snapshots/{snap}",
     "DELETE /api/v1/vms/{vm}/snapshots/{snap}",
     "POST /api/v1/vms/{vm}/snapshots/{snap}/revert",
+    "GET /api/v1/disks/{disk}/snapshots",
+    "POST /api/v1/disks/{disk}/snapshots",
+    "DELETE /api/v1/disks/{disk}/snapshots/{snap}",
+    "POST /api/v1/disks/{disk}/snapshots/{snap}/revert",
     "POST /api/v1/vms/{vm}/power",
     "GET /api/v1/vms/{vm}/console/serial",
     "GET /api/v1/vms/{vm}/console/vnc",
@@ -162,6 +166,17 @@ impl Env {
             }
         }
         a.post::<_, Value>("/vms/vm-shared/snapshots", &json!({ "name": "s0" })).await.unwrap();
+        for role in BuiltinRole::ALL {
+            let t = tag(role);
+            for (d, snaps) in [("fcd", vec!["s-del", "s-rev"])] {
+                let disk = format!("{d}-{t}");
+                let body = json!({ "name": disk, "datastore": "local", "capacity_bytes": 1u64 << 20 });
+                a.post::<_, Value>("/disks", &body).await.unwrap();
+                for snap in snaps {
+                    a.post::<_, Value>(&format!("/disks/{disk}/snapshots"), &json!({ "name": snap })).await.unwrap();
+                }
+            }
+        }
         let mut sessions = Vec::new();
         for role in BuiltinRole::ALL {
             sessions.push((role, s.login(&tag(role)).await));
@@ -287,6 +302,18 @@ impl Env {
             "GET /api/v1/vms/{vm}/block" => status(&c, Method::GET, "/vms/vm-shared/block", None).await,
             "GET /api/v1/vms/{vm}/stats" => status(&c, Method::GET, "/vms/vm-shared/stats", None).await,
             "GET /api/v1/vms/{vm}/snapshots" => status(&c, Method::GET, "/vms/vm-shared/snapshots", None).await,
+            "GET /api/v1/disks/{disk}/snapshots" => {
+                status(&c, Method::GET, &format!("/disks/fcd-{t}/snapshots"), None).await
+            }
+            "POST /api/v1/disks/{disk}/snapshots" => {
+                status(&c, Method::POST, &format!("/disks/fcd-{t}/snapshots"), Some(json!({ "name": "s-new" }))).await
+            }
+            "DELETE /api/v1/disks/{disk}/snapshots/{snap}" => {
+                status(&c, Method::DELETE, &format!("/disks/fcd-{t}/snapshots/s-del"), None).await
+            }
+            "POST /api/v1/disks/{disk}/snapshots/{snap}/revert" => {
+                status(&c, Method::POST, &format!("/disks/fcd-{t}/snapshots/s-rev/revert"), None).await
+            }
             "POST /api/v1/vms/{vm}/snapshots" => {
                 status(&c, Method::POST, &format!("/vms/vm-snap-{t}/snapshots"), Some(json!({ "name": "s-new" }))).await
             }

@@ -276,3 +276,53 @@ async fn a_moved_disk_keeps_its_tag_and_is_not_reverted_under_another_vm() {
     assert!(holds(&fk, 0x41), "a's own disk went back");
     assert!(holds(&fm, 0x42), "b's disk was left alone");
 }
+
+/// A disk on its own (a First Class Disk) has snapshots too: taken and deleted through the QEMU of the
+/// VM running it, or with qemu-img; reverted only while no running VM holds it.
+async fn disk_snapshots(s: &TestServer) {
+    use covm_types::snapshot::DiskSnapshotCreate;
+    let c = &s.admin;
+    let d = c.disk_create(&new_disk("fcd", 8 << 20)).await.unwrap();
+    let f = file(s, &d);
+    write(&f, 0x41);
+    let p = |n: &str| DiskSnapshotCreate { name: name(n), description: None };
+    let snap = c.disk_snapshot_create("fcd", &p("one")).await.unwrap();
+    assert_eq!((snap.disk.as_str(), snap.tag.clone()), ("fcd", format!("covm-{}", snap.id)));
+    assert_eq!(code(c.disk_snapshot_create("fcd", &p("one")).await), (409, ErrorCode::AlreadyExists));
+    write(&f, 0x42);
+    c.disk_snapshot_revert("fcd", "one").await.unwrap();
+    assert!(holds(&f, 0x41));
+    // Held by a running VM: taken live; a revert is refused, naming the VM.
+    c.vm_create(&VmConfig { memory_mib: 64, disks: vec![attachment("fcd", "scsi0", 0)], ..vm_named("h") })
+        .await
+        .unwrap();
+    let t = task_done(c, &c.vm_power("h", PowerAction::On, None).await.unwrap()).await;
+    assert_eq!(t.state, covm_types::vm::TaskState::Success, "{t:?}");
+    let live = c.disk_snapshot_create("fcd", &p("live")).await.unwrap();
+    assert!(covm_hv::img::snapshot_tags(&f).await.unwrap().contains(&live.tag));
+    match c.disk_snapshot_revert("fcd", "one").await {
+        Err(ClientError::Api { status: 409, error, .. }) => assert!(error.message.contains('h'), "{}", error.message),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    c.disk_snapshot_delete("fcd", "live").await.unwrap();
+    assert!(!covm_hv::img::snapshot_tags(&f).await.unwrap().contains(&live.tag));
+    assert_eq!(c.disk_snapshots("fcd").await.unwrap().len(), 1);
+    // A raw disk cannot hold one.
+    c.disk_create(&covm_types::disk::DiskCreate { format: DiskFormat::Raw, ..new_disk("rawd", 1 << 20) })
+        .await
+        .unwrap();
+    assert_eq!(code(c.disk_snapshot_create("rawd", &p("x")).await), (409, ErrorCode::SnapshotUnsupported));
+}
+
+#[tokio::test]
+async fn a_disk_on_its_own_has_snapshots_simulated() {
+    disk_snapshots(&TestServer::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_on_its_own_has_snapshots_with_qemu() {
+    if crate::qemu::skip() {
+        return;
+    }
+    disk_snapshots(&TestServer::start_with(covm_server::Driver::Qemu).await).await;
+}

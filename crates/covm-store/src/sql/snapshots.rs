@@ -5,7 +5,7 @@ macro_rules! sql_snapshots {
         fn snapshot_row(r: &$Row) -> Result<SnapshotRecord> {
             Ok(SnapshotRecord {
                 id: uuid(r.get("id"))?,
-                vm_id: uuid(r.get("vm_id"))?,
+                owner_id: uuid(r.get("owner_id"))?,
                 name: r.get("name"),
                 doc: json(r.get("doc"))?,
                 created_at: time(r.get("created_at"))?,
@@ -16,9 +16,9 @@ macro_rules! sql_snapshots {
         impl SnapshotStore for $Store {
             async fn snapshot_insert(&self, s: SnapshotRecord, event: NewEvent) -> Result<EventRecord> {
                 let mut tx = self.begin().await?;
-                sqlx::query("INSERT INTO snapshots (id, vm_id, name, doc, created_at) VALUES ($1, $2, $3, $4, $5)")
+                sqlx::query("INSERT INTO snapshots (id, owner_id, name, doc, created_at) VALUES ($1, $2, $3, $4, $5)")
                     .bind(s.id.to_string())
-                    .bind(s.vm_id.to_string())
+                    .bind(s.owner_id.to_string())
                     .bind(&s.name)
                     .bind(s.doc.to_string())
                     .bind(time_to_db(s.created_at))
@@ -28,9 +28,9 @@ macro_rules! sql_snapshots {
                 finish(tx, event).await
             }
 
-            async fn snapshots_of(&self, vm: Uuid) -> Result<Vec<SnapshotRecord>> {
-                let rows = sqlx::query("SELECT * FROM snapshots WHERE vm_id = $1 ORDER BY created_at, id")
-                    .bind(vm.to_string())
+            async fn snapshots_of(&self, owner: Uuid) -> Result<Vec<SnapshotRecord>> {
+                let rows = sqlx::query("SELECT * FROM snapshots WHERE owner_id = $1 ORDER BY created_at, id")
+                    .bind(owner.to_string())
                     .fetch_all(&self.reader)
                     .await
                     .map_err(db_err("list snapshots"))?;

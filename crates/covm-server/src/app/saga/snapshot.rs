@@ -29,6 +29,12 @@ pub struct Tagged {
     /// The VM runs: its QEMU takes the tags, in one transaction across the disks.
     #[serde(default)]
     pub live: bool,
+    /// The VM whose QEMU takes them, when it is not the owner (a disk's own snapshot).
+    #[serde(default)]
+    pub via: Option<Uuid>,
+    /// The owner is a disk (a snapshot of the disk on its own), not a VM.
+    #[serde(default)]
+    pub disk: bool,
 }
 
 impl Tagged {
@@ -40,7 +46,8 @@ impl Tagged {
         if self.live && !self.view.disks.is_empty() {
             let nodes = self.view.disks.iter().map(|d| disk_node(d.disk_id)).collect();
             let tag = self.view.disks[0].tag.clone();
-            return app.agent().ask(self.vm_id, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error);
+            let vm = self.via.unwrap_or(self.vm_id);
+            return app.agent().ask(vm, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error);
         }
         for (i, f) in self.files.iter().enumerate() {
             if let Some(f) = f {
@@ -76,7 +83,7 @@ impl Tagged {
     fn record(&self) -> SnapshotRecord {
         SnapshotRecord {
             id: self.view.id,
-            vm_id: self.vm_id,
+            owner_id: self.vm_id,
             name: self.view.name.clone(),
             doc: serde_json::to_value(&self.view).unwrap_or_default(),
             created_at: self.view.created_at,
@@ -93,7 +100,8 @@ impl Tagged {
         }
         let data = json!({ "snapshot": self.view.id, "name": self.view.name, "kind": self.view.kind,
             "config_version": self.view.config_version });
-        let ev = ctx.event("vm.snapshot.created", "vm", Some(self.vm_id), &self.view.vm).data(data);
+        let (kind, object) = if self.disk { ("disk.snapshot.created", "disk") } else { ("vm.snapshot.created", "vm") };
+        let ev = ctx.event(kind, object, Some(self.vm_id), &self.view.vm).data(data);
         app.store().snapshot_insert(self.record(), ev).await?;
         app.committed();
         Ok(())
@@ -101,7 +109,8 @@ impl Tagged {
 
     async fn record_remove(&self, app: &App, ctx: &Ctx) -> Result<(), Error> {
         let data = json!({ "snapshot": self.view.id, "name": self.view.name });
-        let ev = ctx.event("vm.snapshot.deleted", "vm", Some(self.vm_id), &self.view.vm).data(data);
+        let (kind, object) = if self.disk { ("disk.snapshot.deleted", "disk") } else { ("vm.snapshot.deleted", "vm") };
+        let ev = ctx.event(kind, object, Some(self.vm_id), &self.view.vm).data(data);
         if app.store().snapshot_remove(self.view.id, ev).await? {
             app.committed();
         }
