@@ -8,6 +8,28 @@ use covm_types::disk::{DiskClone, DiskCreate, DiskImport, DiskMove, DiskView};
 use crate::output::Out;
 
 #[derive(Subcommand)]
+pub enum DiskSnapshotCmd {
+    Create {
+        disk: String,
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Ls {
+        disk: String,
+    },
+    /// Put the disk back to the snapshot (no running VM may hold it).
+    Revert {
+        disk: String,
+        snapshot: String,
+    },
+    Rm {
+        disk: String,
+        snapshot: String,
+    },
+}
+
+#[derive(clap::Subcommand)]
 pub enum DiskCmd {
     /// Create a disk: `covm disk create data-1 --size 64M`.
     Create {
@@ -66,6 +88,9 @@ pub enum DiskCmd {
     Rm {
         name: String,
     },
+    /// A disk's own snapshots: create, ls, revert, rm.
+    #[command(subcommand)]
+    Snapshot(DiskSnapshotCmd),
 }
 
 /// `64M` → 67108864.
@@ -156,6 +181,40 @@ pub async fn run(c: &Client, out: &Out, cmd: DiskCmd) -> anyhow::Result<()> {
         DiskCmd::Rm { name } => {
             c.disk_delete(&name).await?;
             out.message(&format!("deleted disk {name}"));
+            Ok(())
+        }
+        DiskCmd::Snapshot(cmd) => snapshot(c, out, cmd).await,
+    }
+}
+
+async fn snapshot(c: &Client, out: &Out, cmd: DiskSnapshotCmd) -> anyhow::Result<()> {
+    use covm_types::snapshot::DiskSnapshotCreate;
+    match cmd {
+        DiskSnapshotCmd::Create { disk, name, description } => {
+            let name = covm_types::Name::parse(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let s = c.disk_snapshot_create(&disk, &DiskSnapshotCreate { name, description }).await?;
+            out.message(&format!("took snapshot {} of {disk} (tag {})", s.name, s.tag));
+            Ok(())
+        }
+        DiskSnapshotCmd::Ls { disk } => {
+            let all = c.disk_snapshots(&disk).await?;
+            if out.json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for s in all {
+                    println!("{}  {}  {}", s.name, s.created_at.format("%F %T"), s.created_by);
+                }
+            }
+            Ok(())
+        }
+        DiskSnapshotCmd::Revert { disk, snapshot } => {
+            c.disk_snapshot_revert(&disk, &snapshot).await?;
+            out.message(&format!("{disk} is back to {snapshot}"));
+            Ok(())
+        }
+        DiskSnapshotCmd::Rm { disk, snapshot } => {
+            c.disk_snapshot_delete(&disk, &snapshot).await?;
+            out.message(&format!("removed snapshot {snapshot} of {disk}"));
             Ok(())
         }
     }

@@ -318,4 +318,11 @@ fn snapshots_make_a_tree_and_revert_by_scope() {
     let info: serde_json::Value =
         serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "info", "a"], None))).unwrap();
     assert_eq!(info["config"]["machine"], "q35", "{info}");
+    // A disk's own snapshots.
+    let took = ok(covm(&s, &admin, &["disk", "snapshot", "create", "d1", "own"], None));
+    assert!(took.contains("took snapshot own of d1"), "{took}");
+    assert!(ok(covm(&s, &admin, &["disk", "snapshot", "ls", "d1"], None)).starts_with("own "));
+    ok(covm(&s, &admin, &["disk", "snapshot", "revert", "d1", "own"], None));
+    ok(covm(&s, &admin, &["disk", "snapshot", "rm", "d1", "own"], None));
+    assert_eq!(ok(covm(&s, &admin, &["disk", "snapshot", "ls", "d1"], None)), "");
 }
