@@ -116,7 +116,7 @@ pub struct SnapshotView {
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
-    /// A disk it covers is now attached to another VM (its data cannot come back with this VM's).
+    /// A disk it covers is now attached to another VM, or deleted: its data cannot come back with this VM's.
     #[serde(default)]
     pub partial: bool,
 }

@@ -297,6 +297,10 @@ impl App {
                 if power_transition(state, PowerEvent::Start).is_none() {
                     return Err(Error::conflict(ErrorCode::VmRunning, format!("{} is {state}", rec.object.name)));
                 }
+                // Not while an operation changes it (a revert putting its disks back, …).
+                if let Some(l) = self.store().op_lock_get(id).await? {
+                    return Err(self.lock_error(l).await);
+                }
                 let config: VmConfig =
                     serde_json::from_value(rec.config.clone()).map_err(|e| Error::internal(e.to_string()))?;
                 self.pool_admit(&rec, &config).await?;

@@ -69,6 +69,7 @@ impl App {
     /// Locks the VM and its disks, checks the rules and runs the create saga.
     async fn snapshot_take(&self, ctx: &Ctx, vm: Uuid, t: Take) -> Result<SnapshotView, Error> {
         let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+        let seen = rec.version;
         let cfg = parse_config(&rec.config)?;
         let mut locks = vec![vm];
         let mut disks = Vec::new();
@@ -90,6 +91,13 @@ impl App {
         let plan = async {
             // With the locks held: the VM as it is now.
             let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+            if rec.version != seen {
+                // Its disks may have changed before the locks were taken: they were read from then.
+                return Err(Error::conflict(
+                    ErrorCode::ConfigChanged,
+                    "the VM changed meanwhile; take the snapshot again",
+                ));
+            }
             let live = running(&rec);
             if live {
                 // Its QEMU takes the tags: this host's agent must run it.
@@ -173,7 +181,8 @@ impl App {
     /// Marks a snapshot `partial` when a disk it covers is now attached to another VM.
     async fn snapshot_settle(&self, mut v: SnapshotView, vm: Uuid) -> Result<SnapshotView, Error> {
         for d in &v.disks {
-            if self.store().disk_attachments(&d.disk, d.disk_id).await?.iter().any(|a| a.vm_id != vm) {
+            let gone = self.store().object_get(d.disk_id).await?.is_none();
+            if gone || self.store().disk_attachments(&d.disk, d.disk_id).await?.iter().any(|a| a.vm_id != vm) {
                 v.partial = true;
             }
         }
@@ -261,12 +270,23 @@ impl App {
                 true => Some(app.snapshot_take(&ctx2, vm_id, safety).await?),
                 false => None,
             };
-            if let Err(e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p).await {
-                // Nothing was reverted: the safety snapshot has nothing to protect.
-                if let Some(safety) = safety
-                    && let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety, false).await
-                {
-                    tracing::warn!(error = %e2, "the safety snapshot of a failed revert could not be removed");
+            let mut stuck = false;
+            if let Err(mut e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, &mut stuck).await {
+                match safety {
+                    // The revert could not be undone: the safety snapshot holds the data of before.
+                    Some(safety) if stuck => {
+                        e.message = format!(
+                            "{}; the revert could not be undone: snapshot {} holds the data of before it",
+                            e.message, safety.name
+                        );
+                    }
+                    // Nothing was reverted: the safety snapshot has nothing to protect.
+                    Some(safety) => {
+                        if let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety, false).await {
+                            tracing::warn!(error = %e2, "the safety snapshot of a failed revert could not be removed");
+                        }
+                    }
+                    None => {}
                 }
                 return Err(e);
             }
@@ -286,6 +306,7 @@ impl App {
         to: &SnapshotView,
         safety: Option<&SnapshotView>,
         p: &SnapshotRevert,
+        stuck: &mut bool,
     ) -> Result<(), Error> {
         let scope = p.scope;
         let data = matches!(scope, RevertScope::Data | RevertScope::Both);
@@ -376,8 +397,13 @@ impl App {
             data,
             config,
         };
-        guard.run(ctx, saga).await?;
-        Ok(())
+        match guard.run_ending(ctx, saga).await {
+            Ok(_) => Ok(()),
+            Err((e, state)) => {
+                *stuck = state == covm_store::SagaState::Stuck;
+                Err(e)
+            }
+        }
     }
 
     /// Writes a config version equal to an earlier one, inside a revert saga whose locks cover the disks
@@ -416,6 +442,26 @@ impl App {
         new: Option<&covm_types::vm::VmConfig>,
         forced: bool,
     ) -> Result<Option<SnapshotView>, Error> {
+        if !self.safety_due(rec, new, forced)? {
+            return Ok(None);
+        }
+        let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
+        let take = Take {
+            name: format!("safety-{stamp}"),
+            description: Some(format!("taken before a change of version {}", rec.version)),
+            exclude: vec![],
+            kind: SnapshotKind::Safety,
+        };
+        self.snapshot_take(ctx, rec.object.id, take).await.map(Some)
+    }
+
+    /// Whether a change of `rec` to `new` (None: a disk leaving it) takes a safety snapshot first.
+    pub(crate) fn safety_due(
+        &self,
+        rec: &covm_store::VmRecord,
+        new: Option<&covm_types::vm::VmConfig>,
+        forced: bool,
+    ) -> Result<bool, Error> {
         let old = parse_config(&rec.config)?;
         let due = match new {
             // A change of the config: by what it changes.
@@ -432,17 +478,7 @@ impl App {
             // A disk leaving the VM: risky by nature.
             None => forced || old.safety_snapshots != SafetyPolicy::Off,
         };
-        if !due {
-            return Ok(None);
-        }
-        let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
-        let take = Take {
-            name: format!("safety-{stamp}"),
-            description: Some(format!("taken before a change of version {}", rec.version)),
-            exclude: vec![],
-            kind: SnapshotKind::Safety,
-        };
-        self.snapshot_take(ctx, rec.object.id, take).await.map(Some)
+        Ok(due)
     }
 
     /// After the change: the safety snapshot learns the version it protects; a change that wrote no
@@ -623,5 +659,35 @@ impl App {
             Ok(disk_view(view))
         })
         .await
+    }
+}
+
+impl App {
+    /// Before a VM is deleted: its own snapshots must go first (409 naming them; their tags live in
+    /// disks that outlive the VM); its safety snapshots go with it.
+    pub(crate) async fn vm_snapshots_release(&self, ctx: &Ctx, rec: &covm_store::VmRecord) -> Result<(), Error> {
+        let mut safety = Vec::new();
+        let mut manual = Vec::new();
+        for s in self.store().snapshots_of(rec.object.id).await? {
+            let v = view_of(&s, &rec.object.name)?;
+            match v.kind {
+                SnapshotKind::Manual => manual.push(v.name),
+                SnapshotKind::Safety => safety.push(v),
+            }
+        }
+        if !manual.is_empty() {
+            return Err(Error::conflict(
+                ErrorCode::InUse,
+                format!("{} has snapshots ({}); delete them first", rec.object.name, manual.join(", ")),
+            ));
+        }
+        if running(rec) {
+            // The delete refuses a running VM anyway; its safety snapshots stay.
+            return Ok(());
+        }
+        for v in safety {
+            self.snapshot_remove(ctx, rec.object.id, v, false).await?;
+        }
+        Ok(())
     }
 }

@@ -227,7 +227,7 @@ impl App {
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
         let opts = WriteOpts {
-            message: q.message,
+            message: q.message.clone(),
             dry_run: q.dry_run,
             next_boot,
             disks_checked: false,
@@ -238,12 +238,20 @@ impl App {
         if q.dry_run {
             return self.vm_write_doc(ctx, rec, change, pre, opts).await;
         }
+        let opts_message = q.message;
         // A stale base is refused before anything is taken.
         if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
             return Err(self.stale_error(&rec, v).await);
         }
         let new = parse_config(&change.apply(&rec.config)).ok();
         let id = rec.object.id;
+        if self.safety_due(&rec, new.as_ref(), q.snapshot)? {
+            // The change's own checks (privileges, references, refusals) first: nobody takes a
+            // snapshot with a change they may not make.
+            let check = WriteOpts { dry_run: true, events: vec![], message: None, ..opts };
+            self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
+        }
+        let opts = WriteOpts { message: opts_message, ..opts };
         let safety = self.safety_before(ctx, &rec, new.as_ref(), q.snapshot).await?;
         let r = self.vm_write_doc(ctx, rec, change, pre, opts).await;
         self.safety_after(ctx, id, safety, r.as_ref().ok().map(|(v, _)| v.version)).await;
@@ -278,7 +286,7 @@ impl App {
         }
         let new = parse_config(&old.config).ok();
         let id = rec.object.id;
-        let safety = self.safety_before(ctx, &rec, new.as_ref(), false).await?;
+        let change = DocChange::Replace(old.config.clone(), version);
         let opts = WriteOpts {
             message: Some(message),
             dry_run: false,
@@ -287,7 +295,13 @@ impl App {
             disks_live: false,
             events: vec![],
         };
-        let r = self.vm_write_doc(ctx, rec, DocChange::Replace(old.config, version), pre, opts).await;
+        if self.safety_due(&rec, new.as_ref(), false)? {
+            // The revert's own checks first (see vm_change).
+            let check = WriteOpts { dry_run: true, events: vec![], message: None, ..opts };
+            self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
+        }
+        let safety = self.safety_before(ctx, &rec, new.as_ref(), false).await?;
+        let r = self.vm_write_doc(ctx, rec, change, pre, opts).await;
         self.safety_after(ctx, id, safety, r.as_ref().ok().map(|(v, _)| v.version)).await;
         Ok(r?.0)
     }
@@ -566,6 +580,7 @@ impl App {
     pub async fn vm_delete(&self, ctx: &Ctx, vm: &str, pre: Preconditions) -> Result<(), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInventoryDelete).await?;
+        self.vm_snapshots_release(ctx, &rec).await?;
         let ctx2 = ctx.clone();
         let write = Box::new(move |vm: &VmRecord, at: chrono::DateTime<chrono::Utc>| {
             if let Some(v) = pre.if_match

@@ -326,3 +326,33 @@ async fn a_disk_on_its_own_has_snapshots_with_qemu() {
     }
     disk_snapshots(&TestServer::start_with(covm_server::Driver::Qemu).await).await;
 }
+
+/// Nobody takes a snapshot with a change they may not make; a VM with snapshots of its own is not
+/// deleted from under them (their tags live in disks that outlive it), its safety snapshots go with it.
+#[tokio::test]
+async fn snapshots_follow_the_rules_of_the_change_and_of_the_delete() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    c.disk_create(&new_disk("rd", 8 << 20)).await.unwrap();
+    c.vm_create(&VmConfig { memory_mib: 64, disks: vec![attachment("rd", "scsi0", 0)], ..vm_named("r") })
+        .await
+        .unwrap();
+    let reader = s.user("reader").await;
+    c.permission_grant("reader", "ReadOnly", "/", true).await.unwrap();
+    let asked = ChangeOptions { snapshot: true, ..Default::default() };
+    let r = reader.vm_change("r", &VmChange { description: Some("x".into()), ..Default::default() }, &asked).await;
+    assert_eq!(code(r).0, 403);
+    assert!(c.snapshots("r").await.unwrap().is_empty(), "no snapshot for a refused change");
+
+    let own = c.snapshot_create("r", &create("own")).await.unwrap();
+    c.vm_change("r", &VmChange { description: Some("y".into()), ..Default::default() }, &asked).await.unwrap();
+    assert_eq!(c.snapshots("r").await.unwrap().len(), 2);
+    match c.vm_delete("r").await {
+        Err(ClientError::Api { status: 409, error, .. }) => assert!(error.message.contains("own"), "{}", error.message),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    c.snapshot_delete("r", "own").await.unwrap();
+    c.vm_delete("r").await.unwrap();
+    let f = file(&s, &c.disk("rd").await.unwrap());
+    assert!(covm_hv::img::snapshot_tags(&f).await.unwrap().is_empty(), "no tag outlives its snapshot: {own:?}");
+}

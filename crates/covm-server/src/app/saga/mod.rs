@@ -247,7 +247,7 @@ impl App {
         r
     }
 
-    async fn lock_error(&self, l: OpLock) -> Error {
+    pub(crate) async fn lock_error(&self, l: OpLock) -> Error {
         let name = self.store().object_get(l.object_id).await.ok().flatten().map(|o| o.name).unwrap_or_default();
         Error::new(
             ErrorKind::Conflict,
@@ -353,7 +353,13 @@ impl SagaGuard {
     }
 
     /// Runs the steps. On a failure up to the pivot, undoes what was done and returns the failure.
-    pub async fn run<S: Saga>(mut self, ctx: &Ctx, mut saga: S) -> Result<S, Error> {
+    pub async fn run<S: Saga>(self, ctx: &Ctx, saga: S) -> Result<S, Error> {
+        self.run_ending(ctx, saga).await.map_err(|(e, _)| e)
+    }
+
+    /// [`SagaGuard::run`], saying on a failure how the saga ended: `Undone` (nothing of it is left) or
+    /// `Stuck` (an undo failed: what it did may still be there).
+    pub async fn run_ending<S: Saga>(mut self, ctx: &Ctx, mut saga: S) -> Result<S, (Error, SagaState)> {
         let app = self.app.clone();
         let steps = saga.steps();
         let pivot = saga.pivot();
@@ -413,7 +419,7 @@ impl SagaGuard {
         failed: Option<S::Step>,
         done: &[S::Step],
         cause: Error,
-    ) -> Error {
+    ) -> (Error, SagaState) {
         let app = self.app.clone();
         let sys = ctx.as_system();
         let mut stuck = None;
@@ -435,7 +441,7 @@ impl SagaGuard {
         if let Err(e) = app.saga_end(&self.rec).await {
             tracing::error!(saga = %self.rec.id, error = %e, "an undone saga could not be logged; recovery will undo it again");
         }
-        cause
+        (cause, self.rec.state)
     }
 }
 
