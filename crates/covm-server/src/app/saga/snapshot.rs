@@ -43,14 +43,32 @@ impl Tagged {
     }
 
     async fn tags_add(&self, app: &App) -> Result<(), Error> {
+        // The disks the running QEMU holds take their tags in one transaction; the others (a disk
+        // pending for the next boot, or all of them when the VM stopped meanwhile) with qemu-img.
+        let mut by_qemu = vec![false; self.files.len()];
         if self.live && !self.view.disks.is_empty() {
-            let nodes = self.view.disks.iter().map(|d| disk_node(d.disk_id)).collect();
-            let tag = self.view.disks[0].tag.clone();
             let vm = self.via.unwrap_or(self.vm_id);
-            return app.agent().ask(vm, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error);
+            match app.agent().block_state(vm).await {
+                Ok(held) => {
+                    let mut nodes = Vec::new();
+                    for (i, d) in self.view.disks.iter().enumerate() {
+                        let node = disk_node(d.disk_id);
+                        if held.nodes.contains(&node) {
+                            by_qemu[i] = true;
+                            nodes.push(node);
+                        }
+                    }
+                    if !nodes.is_empty() {
+                        let tag = self.view.disks[0].tag.clone();
+                        app.agent().ask(vm, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error)?;
+                    }
+                }
+                Err(covm_hv::HvError::Gone) => {}
+                Err(e) => return Err(hv_error(e)),
+            }
         }
         for (i, f) in self.files.iter().enumerate() {
-            if let Some(f) = f {
+            if let (Some(f), false) = (f, by_qemu[i]) {
                 img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
             }
         }
