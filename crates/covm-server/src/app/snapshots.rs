@@ -242,7 +242,14 @@ impl App {
     /// covered disks it still holds; the VM must be off), or both, as one saga. A revert of the data
     /// first takes a safety snapshot of the present, so it can itself be undone (a revert that fails
     /// removes it again); the config's own history keeps the present config.
-    pub async fn snapshot_revert(&self, ctx: &Ctx, vm: &str, snap: &str, p: SnapshotRevert) -> Result<VmView, Error> {
+    pub async fn snapshot_revert(
+        &self,
+        ctx: &Ctx,
+        vm: &str,
+        snap: &str,
+        p: SnapshotRevert,
+        pre: Preconditions,
+    ) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateRevertToSnapshot).await?;
         if p.memory {
@@ -254,6 +261,15 @@ impl App {
         let data = matches!(p.scope, RevertScope::Data | RevertScope::Both);
         if data && running(&rec) {
             return Err(vm_running(&rec.object.name));
+        }
+        if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
+            return Err(self.stale_error(&rec, v).await);
+        }
+        // Someone else's edit lease refuses a revert as any change (423); the holder sends its token.
+        if let super::leases::LeaseCheck::Refused(e) =
+            super::leases::lease_check(&rec, ctx.user_id, pre.lease_token, chrono::Utc::now())
+        {
+            return Err(e);
         }
         let (app, ctx2) = (self.clone(), ctx.clone());
         let vm_id = rec.object.id;
@@ -271,7 +287,9 @@ impl App {
                 false => None,
             };
             let mut stuck = false;
-            if let Err(mut e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, &mut stuck).await {
+            let token = pre.lease_token;
+            if let Err(mut e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token, &mut stuck).await
+            {
                 match safety {
                     // The revert could not be undone: the safety snapshot holds the data of before.
                     Some(safety) if stuck => {
@@ -306,6 +324,7 @@ impl App {
         to: &SnapshotView,
         safety: Option<&SnapshotView>,
         p: &SnapshotRevert,
+        lease_token: Option<i64>,
         stuck: &mut bool,
     ) -> Result<(), Error> {
         let scope = p.scope;
@@ -390,6 +409,7 @@ impl App {
             message: format!("revert to snapshot {}", to.name),
             before_version: rec.version,
             before_doc: rec.config.clone(),
+            lease_token,
         });
         let saga = SnapshotRevertSaga {
             to: Tagged { vm_id: vm, view, files, live: false, via: None, disk: false },
@@ -418,9 +438,8 @@ impl App {
             disks_live: false,
             events: vec![],
         };
-        self.vm_write_doc(ctx, rec, DocChange::Replace(c.doc.clone(), c.version), Preconditions::default(), opts)
-            .await
-            .map(drop)
+        let pre = Preconditions { if_match: None, lease_token: c.lease_token };
+        self.vm_write_doc(ctx, rec, DocChange::Replace(c.doc.clone(), c.version), pre, opts).await.map(drop)
     }
 }
 

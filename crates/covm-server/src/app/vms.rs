@@ -268,7 +268,7 @@ impl App {
             let safety = self.safety_for(ctx, vm, n).await?;
             let scope = r.scope.unwrap_or(covm_types::snapshot::RevertScope::Both);
             let p = covm_types::snapshot::SnapshotRevert { scope, memory: false, skip_moved: false };
-            return self.snapshot_revert(ctx, vm, &safety.id.to_string(), p).await;
+            return self.snapshot_revert(ctx, vm, &safety.id.to_string(), p, pre).await;
         }
         let version = r.version.ok_or_else(|| {
             Error::new(ErrorKind::InvalidRequest, ErrorCode::MissingField, "the field version is required")
@@ -542,7 +542,7 @@ impl App {
     }
 
     /// A 412 that tells the client what changed since its version, so it can rebase.
-    async fn stale_error(&self, current: &VmRecord, mine: i64) -> Error {
+    pub(crate) async fn stale_error(&self, current: &VmRecord, mine: i64) -> Error {
         let id = current.object.id;
         let latest = self.vm_version_cached(id, current.version).await;
         let theirs = self.vm_version_cached(id, mine).await;

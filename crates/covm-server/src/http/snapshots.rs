@@ -4,12 +4,13 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use covm_types::ErrorBody;
-use covm_types::error::ConflictError;
+use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::snapshot::{DiskSnapshotCreate, DiskSnapshotView, SnapshotCreate, SnapshotRevert, SnapshotView};
 use covm_types::vm::VmView;
 
 use super::error::ApiError;
 use super::extract::{Auth, JsonBody};
+use super::vms::Pre;
 use crate::app::App;
 
 /// Takes a snapshot of a VM that is off: its config version and a tag in every disk it covers.
@@ -66,17 +67,20 @@ pub async fn snapshot_delete(
 
 /// Puts a VM back to a snapshot: its config, its data, or both (a safety snapshot of the present first).
 #[utoipa::path(post, path = "/vms/{vm}/snapshots/{snap}/revert", tag = "snapshots", operation_id = "snapshot_revert",
-    params(("vm" = String, Path, description = "VM name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    params(("vm" = String, Path, description = "VM name or id"), ("snap" = String, Path, description = "snapshot name or id"),
+        ("If-Match" = Option<String>, Header, description = "the version the revert is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
     request_body = SnapshotRevert,
-    responses((status = 200, body = VmView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    responses((status = 200, body = VmView), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn snapshot_revert(
     State(app): State<App>,
     Auth(ctx): Auth,
     Path((vm, snap)): Path<(String, String)>,
+    Pre(pre): Pre,
     JsonBody(p): JsonBody<SnapshotRevert>,
 ) -> Result<Json<VmView>, ApiError> {
-    Ok(Json(app.snapshot_revert(&ctx, &vm, &snap, p).await?))
+    Ok(Json(app.snapshot_revert(&ctx, &vm, &snap, p, pre).await?))
 }
 
 /// Takes a snapshot of one disk (qcow2, not shared), live through the QEMU of a VM running it.

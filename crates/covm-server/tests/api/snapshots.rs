@@ -347,6 +347,12 @@ async fn snapshots_follow_the_rules_of_the_change_and_of_the_delete() {
     let own = c.snapshot_create("r", &create("own")).await.unwrap();
     c.vm_change("r", &VmChange { description: Some("y".into()), ..Default::default() }, &asked).await.unwrap();
     assert_eq!(c.snapshots("r").await.unwrap().len(), 2);
+    // Someone else's edit lease refuses a revert like any change.
+    let creator = s.user("creator").await;
+    c.permission_grant("creator", "VMCreator", "/", true).await.unwrap();
+    c.lease_acquire("r", 600).await.unwrap();
+    assert_eq!(code(creator.snapshot_revert("r", "own", &revert(RevertScope::Config)).await).0, 423);
+    c.lease_release("r", false).await.unwrap();
     match c.vm_delete("r").await {
         Err(ClientError::Api { status: 409, error, .. }) => assert!(error.message.contains("own"), "{}", error.message),
         other => panic!("expected 409, got {other:?}"),

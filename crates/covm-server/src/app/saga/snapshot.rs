@@ -234,6 +234,9 @@ pub struct ConfigRevert {
     /// The config before (what an undo writes back).
     pub before_version: i64,
     pub before_doc: serde_json::Value,
+    /// The caller's lease token, for the config write.
+    #[serde(default)]
+    pub lease_token: Option<i64>,
 }
 
 /// A revert: the data (every covered disk the VM still holds back to the snapshot's tag; undone by
@@ -303,6 +306,7 @@ impl Saga for SnapshotRevertSaga {
                         message: format!("undo: {}", c.message),
                         before_version: c.version,
                         before_doc: c.doc.clone(),
+                        lease_token: c.lease_token,
                     };
                     app.vm_config_restore(ctx, self.to.vm_id, &back).await?;
                 }
