@@ -286,9 +286,9 @@ impl App {
                 true => Some(app.snapshot_take(&ctx2, vm_id, safety).await?),
                 false => None,
             };
-            let mut stuck = false;
             let token = pre.lease_token;
-            if let Err(mut e) = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token, &mut stuck).await
+            if let Err(RevertFailed { error: mut e, stuck }) =
+                app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token).await
             {
                 match safety {
                     // The revert could not be undone: the safety snapshot holds the data of before.
@@ -325,8 +325,7 @@ impl App {
         safety: Option<&SnapshotView>,
         p: &SnapshotRevert,
         lease_token: Option<i64>,
-        stuck: &mut bool,
-    ) -> Result<(), Error> {
+    ) -> Result<(), RevertFailed> {
         let scope = p.scope;
         let data = matches!(scope, RevertScope::Data | RevertScope::Both);
         let config = matches!(scope, RevertScope::Config | RevertScope::Both);
@@ -371,7 +370,8 @@ impl App {
                             d.disk, h.vm_name, rec.object.name
                         ),
                     )
-                    .with_details(serde_json::json!({ "vm": h.vm_name })));
+                    .with_details(serde_json::json!({ "vm": h.vm_name }))
+                    .into());
                 }
             }
         }
@@ -401,7 +401,7 @@ impl App {
             Ok(())
         };
         if let Err(e) = checks.await {
-            return Err(guard.refuse(e).await);
+            return Err(guard.refuse(e).await.into());
         }
         let config = config.then(|| ConfigRevert {
             version: to.config_version,
@@ -419,10 +419,7 @@ impl App {
         };
         match guard.run_ending(ctx, saga).await {
             Ok(_) => Ok(()),
-            Err((e, state)) => {
-                *stuck = state == covm_store::SagaState::Stuck;
-                Err(e)
-            }
+            Err((error, state)) => Err(RevertFailed { error, stuck: state == covm_store::SagaState::Stuck }),
         }
     }
 
@@ -440,6 +437,18 @@ impl App {
         };
         let pre = Preconditions { if_match: None, lease_token: c.lease_token };
         self.vm_write_doc(ctx, rec, DocChange::Replace(c.doc.clone(), c.version), pre, opts).await.map(drop)
+    }
+}
+
+/// A revert that failed; `stuck`: its undo failed too (what it did may still be there).
+struct RevertFailed {
+    error: Error,
+    stuck: bool,
+}
+
+impl From<Error> for RevertFailed {
+    fn from(error: Error) -> RevertFailed {
+        RevertFailed { error, stuck: false }
     }
 }
 
