@@ -88,76 +88,7 @@ impl App {
             }
         }
         let guard = self.saga_begin(ctx, SnapshotCreateSaga::KIND, &locks).await?;
-        let plan = async {
-            // With the locks held: the VM as it is now.
-            let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
-            if rec.version != seen {
-                // Its disks may have changed before the locks were taken: they were read from then.
-                return Err(Error::conflict(
-                    ErrorCode::ConfigChanged,
-                    "the VM changed meanwhile; take the snapshot again",
-                ));
-            }
-            let live = running(&rec);
-            if live {
-                // Its QEMU takes the tags: this host's agent must run it.
-                self.agent_for(&rec)?;
-            }
-            let existing = self.store().snapshots_of(vm).await?;
-            if existing.iter().any(|s| s.name == t.name) {
-                return Err(Error::conflict(
-                    ErrorCode::AlreadyExists,
-                    format!("{} has a snapshot named {}", rec.object.name, t.name),
-                )
-                .with_field("name"));
-            }
-            let id = Uuid::now_v7();
-            let (mut covered, mut files, mut excluded) = (Vec::new(), Vec::new(), Vec::new());
-            for o in &disks {
-                let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
-                let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
-                if sharing == Sharing::MultiWriter {
-                    excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "multi_writer".into() });
-                } else if t.exclude.contains(&o.name) {
-                    excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "excluded".into() });
-                } else if format != DiskFormat::Qcow2 {
-                    if t.kind == SnapshotKind::Safety {
-                        excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "raw".into() });
-                        continue;
-                    }
-                    return Err(Error::conflict(
-                        ErrorCode::SnapshotUnsupported,
-                        format!("{} is a raw disk, which cannot hold snapshots; exclude it", o.name),
-                    )
-                    .with_field("exclude"));
-                } else {
-                    covered.push(SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") });
-                    files.push(Some(self.disk_file(o).await?));
-                }
-            }
-            let parent = self.store().meta_get(&current_key(vm)).await?.and_then(|s| Uuid::parse_str(&s).ok());
-            let parent = parent.filter(|p| existing.iter().any(|s| s.id == *p));
-            let now = covm_store::now();
-            let view = SnapshotView {
-                id,
-                vm: rec.object.name.clone(),
-                name: t.name.clone(),
-                description: t.description.clone(),
-                kind: t.kind,
-                config_version: rec.version,
-                protects_version: None,
-                memory: false,
-                disks: covered,
-                excluded,
-                parent,
-                created_by: ctx.user.clone(),
-                created_at: now,
-                expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
-                partial: false,
-            };
-            Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false })
-        }
-        .await;
+        let plan = self.snapshot_plan(ctx, vm, &t, &disks, seen).await;
         let tagged = match plan {
             Ok(t) => t,
             Err(e) => return Err(guard.refuse(e).await),
@@ -166,6 +97,84 @@ impl App {
         let view = saga.0.view;
         self.store().meta_set(&current_key(vm), &view.id.to_string()).await?;
         Ok(view)
+    }
+
+    /// A snapshot's plan, with the VM and its disks locked: what it covers and leaves out, and how.
+    async fn snapshot_plan(
+        &self,
+        ctx: &Ctx,
+        vm: Uuid,
+        t: &Take,
+        disks: &[covm_store::ObjectRecord],
+        seen: i64,
+    ) -> Result<Tagged, Error> {
+        // With the locks held: the VM as it is now.
+        let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
+        if rec.version != seen {
+            // Its disks may have changed before the locks were taken: they were read from then.
+            return Err(Error::conflict(
+                ErrorCode::ConfigChanged,
+                "the VM changed meanwhile; take the snapshot again",
+            ));
+        }
+        let live = running(&rec);
+        if live {
+            // Its QEMU takes the tags: this host's agent must run it.
+            self.agent_for(&rec)?;
+        }
+        let existing = self.store().snapshots_of(vm).await?;
+        if existing.iter().any(|s| s.name == t.name) {
+            return Err(Error::conflict(
+                ErrorCode::AlreadyExists,
+                format!("{} has a snapshot named {}", rec.object.name, t.name),
+            )
+            .with_field("name"));
+        }
+        let id = Uuid::now_v7();
+        let (mut covered, mut files, mut excluded) = (Vec::new(), Vec::new(), Vec::new());
+        for o in disks {
+            let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
+            let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
+            if sharing == Sharing::MultiWriter {
+                excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "multi_writer".into() });
+            } else if t.exclude.contains(&o.name) {
+                excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "excluded".into() });
+            } else if format != DiskFormat::Qcow2 {
+                if t.kind == SnapshotKind::Safety {
+                    excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "raw".into() });
+                    continue;
+                }
+                return Err(Error::conflict(
+                    ErrorCode::SnapshotUnsupported,
+                    format!("{} is a raw disk, which cannot hold snapshots; exclude it", o.name),
+                )
+                .with_field("exclude"));
+            } else {
+                covered.push(SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") });
+                files.push(Some(self.disk_file(o).await?));
+            }
+        }
+        let parent = self.store().meta_get(&current_key(vm)).await?.and_then(|s| Uuid::parse_str(&s).ok());
+        let parent = parent.filter(|p| existing.iter().any(|s| s.id == *p));
+        let now = covm_store::now();
+        let view = SnapshotView {
+            id,
+            vm: rec.object.name.clone(),
+            name: t.name.clone(),
+            description: t.description.clone(),
+            kind: t.kind,
+            config_version: rec.version,
+            protects_version: None,
+            memory: false,
+            disks: covered,
+            excluded,
+            parent,
+            created_by: ctx.user.clone(),
+            created_at: now,
+            expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
+            partial: false,
+        };
+        Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false })
     }
 
     /// A VM's snapshots, oldest first (`parent` makes the tree).
