@@ -257,7 +257,13 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
     };
     let tagged = Tagged { vm_id: uuid::Uuid::nil(), view, files: vec![], live: false, via: None, disk: false };
     let create_plan = plan_of(&SnapshotCreateSaga(tagged.clone()));
-    let revert_plan = plan_of(&SnapshotRevertSaga { to: tagged, safety_tags: vec![], data: true, config: None });
+    let revert_plan = plan_of(&SnapshotRevertSaga {
+        to: tagged.clone(),
+        safety_tags: vec![],
+        data: true,
+        config: None,
+        safety: Some(tagged),
+    });
 
     // The tags in the file are exactly those of the snapshots on record.
     let consistent = |c: Client, file: PathBuf| async move {

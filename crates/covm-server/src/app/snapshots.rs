@@ -112,10 +112,7 @@ impl App {
         let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
         if rec.version != seen {
             // Its disks may have changed before the locks were taken: they were read from then.
-            return Err(Error::conflict(
-                ErrorCode::ConfigChanged,
-                "the VM changed meanwhile; take the snapshot again",
-            ));
+            return Err(Error::conflict(ErrorCode::ConfigChanged, "the VM changed meanwhile; take the snapshot again"));
         }
         let live = running(&rec);
         if live {
@@ -290,30 +287,18 @@ impl App {
                 exclude: vec![],
                 kind: SnapshotKind::Safety,
             };
-            // A config-only revert needs none: the config's history keeps the present version.
-            let safety = match data {
-                true => Some(app.snapshot_take(&ctx2, vm_id, safety).await?),
-                false => None,
-            };
+            // A config-only revert needs none: the config's history keeps the present version. The
+            // safety snapshot is the saga's first step, under its locks (undone with it).
+            let safety = data.then_some(safety);
             let token = pre.lease_token;
             if let Err(RevertFailed { error: mut e, stuck }) =
                 app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token).await
             {
-                match safety {
-                    // The revert could not be undone: the safety snapshot holds the data of before.
-                    Some(safety) if stuck => {
-                        e.message = format!(
-                            "{}; the revert could not be undone: snapshot {} holds the data of before it",
-                            e.message, safety.name
-                        );
-                    }
-                    // Nothing was reverted: the safety snapshot has nothing to protect.
-                    Some(safety) => {
-                        if let Err(e2) = app.snapshot_remove(&ctx2, vm_id, safety, false).await {
-                            tracing::warn!(error = %e2, "the safety snapshot of a failed revert could not be removed");
-                        }
-                    }
-                    None => {}
+                if let (Some(safety), true) = (&safety, stuck) {
+                    e.message = format!(
+                        "{}; the revert could not be undone: snapshot {} holds the data of before it",
+                        e.message, safety.name
+                    );
                 }
                 return Err(e);
             }
@@ -331,7 +316,7 @@ impl App {
         ctx: &Ctx,
         vm: Uuid,
         to: &SnapshotView,
-        safety: Option<&SnapshotView>,
+        safety: Option<&Take>,
         p: &SnapshotRevert,
         lease_token: Option<i64>,
     ) -> Result<(), RevertFailed> {
@@ -349,10 +334,12 @@ impl App {
         let target = parse_config(&version.config)?;
         let mut locks = vec![vm];
         let mut held = Vec::new();
+        let mut held_objects = Vec::new();
         for d in &cfg.disks {
             if let Some(o) = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await? {
                 held.push(o.id);
                 locks.push(o.id);
+                held_objects.push(o);
             }
         }
         // Disks the snapshot's config holds that the VM does not now: attached again by the revert.
@@ -390,11 +377,6 @@ impl App {
             view.disks.clear();
         }
         let (files, _) = self.snapshot_files(&view).await?;
-        let safety_tags = view
-            .disks
-            .iter()
-            .map(|d| safety?.disks.iter().find(|s| s.disk_id == d.disk_id).map(|s| s.tag.clone()))
-            .collect();
         let guard = self.saga_begin(ctx, SnapshotRevertSaga::KIND, &locks).await?;
         let checks = async {
             let now = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
@@ -412,6 +394,20 @@ impl App {
         if let Err(e) = checks.await {
             return Err(guard.refuse(e).await.into());
         }
+        // The present, kept first, under the same locks: the safety snapshot's plan (its raw disks are
+        // left out of it, not refused).
+        let safety = match safety {
+            Some(t) => match self.snapshot_plan(ctx, vm, t, &held_objects, rec.version).await {
+                Ok(s) => Some(s),
+                Err(e) => return Err(guard.refuse(e).await.into()),
+            },
+            None => None,
+        };
+        let safety_tags = view
+            .disks
+            .iter()
+            .map(|d| safety.as_ref()?.view.disks.iter().find(|s| s.disk_id == d.disk_id).map(|s| s.tag.clone()))
+            .collect();
         let config = config.then(|| ConfigRevert {
             version: to.config_version,
             doc: version.config.clone(),
@@ -425,6 +421,7 @@ impl App {
             safety_tags,
             data,
             config,
+            safety,
         };
         match guard.run_ending(ctx, saga).await {
             Ok(_) => Ok(()),
@@ -692,7 +689,9 @@ impl App {
             }
             let files = vec![Some(app.disk_file(&o).await?)];
             let to = Tagged { vm_id: o.id, view: view.clone(), files, live: false, via: None, disk: true };
-            guard.run(&ctx, SnapshotRevertSaga { to, safety_tags: vec![None], data: true, config: None }).await?;
+            guard
+                .run(&ctx, SnapshotRevertSaga { to, safety_tags: vec![None], data: true, config: None, safety: None })
+                .await?;
             Ok(disk_view(view))
         })
         .await

@@ -249,6 +249,9 @@ pub struct SnapshotRevertSaga {
     pub safety_tags: Vec<Option<String>>,
     pub data: bool,
     pub config: Option<ConfigRevert>,
+    /// The safety snapshot of the present, taken as the first step (a data revert).
+    #[serde(default)]
+    pub safety: Option<Tagged>,
 }
 
 #[async_trait]
@@ -258,6 +261,9 @@ impl Saga for SnapshotRevertSaga {
 
     fn steps(&self) -> Vec<SnapshotStep> {
         let mut s = Vec::new();
+        if self.safety.is_some() {
+            s.push(SnapshotStep::Tags);
+        }
         if self.data {
             s.push(SnapshotStep::Apply);
         }
@@ -273,6 +279,13 @@ impl Saga for SnapshotRevertSaga {
 
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match (step, &self.config) {
+            (SnapshotStep::Tags, _) => match &self.safety {
+                Some(s) => {
+                    s.tags_add(app).await?;
+                    s.record_add(app, ctx).await
+                }
+                None => Ok(()),
+            },
             (SnapshotStep::Apply, _) => {
                 for (i, f) in self.to.files.iter().enumerate() {
                     if let Some(f) = f {
@@ -288,6 +301,13 @@ impl Saga for SnapshotRevertSaga {
 
     async fn undo(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match (step, &self.config) {
+            (SnapshotStep::Tags, _) => match &self.safety {
+                Some(s) => {
+                    s.record_remove(app, ctx).await?;
+                    s.tags_remove(app).await
+                }
+                None => Ok(()),
+            },
             (SnapshotStep::Apply, _) => {
                 for (f, tag) in self.to.files.iter().zip(&self.safety_tags) {
                     if let (Some(f), Some(tag)) = (f, tag) {
