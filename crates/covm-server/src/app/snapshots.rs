@@ -346,7 +346,22 @@ impl App {
         let mut comes_back = Vec::new();
         if config {
             for (i, d) in target.disks.iter().enumerate() {
-                let o = self.disk_use_authorize(ctx, &d.disk, &format!("disks[{i}].disk")).await?;
+                // A disk of the snapshot's config that is gone (or that the caller may not see) is a
+                // conflict with the present, not a missing snapshot.
+                let o = match self.disk_use_authorize(ctx, &d.disk, &format!("disks[{i}].disk")).await {
+                    Err(e) if e.kind == covm_types::ErrorKind::NotFound => {
+                        return Err(Error::conflict(
+                            ErrorCode::DiskMissing,
+                            format!(
+                                "{} held disk {} at version {}; it no longer exists",
+                                rec.object.name, d.disk, to.config_version
+                            ),
+                        )
+                        .with_field(format!("disks[{i}].disk"))
+                        .into());
+                    }
+                    r => r?,
+                };
                 if !locks.contains(&o.id) {
                     locks.push(o.id);
                     comes_back.push((o, d.read_only));

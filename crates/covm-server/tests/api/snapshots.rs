@@ -362,3 +362,22 @@ async fn snapshots_follow_the_rules_of_the_change_and_of_the_delete() {
     let f = file(&s, &c.disk("rd").await.unwrap());
     assert!(covm_hv::img::snapshot_tags(&f).await.unwrap().is_empty(), "no tag outlives its snapshot: {own:?}");
 }
+
+/// A snapshot whose config holds a disk that was deleted since: it is partial, and its config cannot
+/// come back (409 `disk_missing` naming the disk).
+#[tokio::test]
+async fn a_snapshot_of_a_deleted_disk_is_partial_and_its_config_cannot_come_back() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    c.disk_create(&new_disk("gone", 8 << 20)).await.unwrap();
+    c.vm_create(&VmConfig { memory_mib: 64, disks: vec![attachment("gone", "scsi0", 0)], ..vm_named("g") })
+        .await
+        .unwrap();
+    c.snapshot_create("g", &create("then")).await.unwrap();
+    let off = VmChange { safety_snapshots: Some(covm_types::vm::SafetyPolicy::Off), ..Default::default() };
+    c.vm_change("g", &off, &ChangeOptions::default()).await.unwrap();
+    c.vm_disk_detach("g", "gone", &covm_types::disk::DetachQuery::default()).await.unwrap();
+    c.disk_delete("gone").await.unwrap();
+    assert!(c.snapshot("g", "then").await.unwrap().partial);
+    assert_eq!(code(c.snapshot_revert("g", "then", &revert(RevertScope::Config)).await), (409, ErrorCode::DiskMissing));
+}
