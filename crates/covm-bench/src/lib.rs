@@ -89,15 +89,7 @@ impl Violations {
 
 /// A qcow2 disk of `bytes` in the datastore `local`.
 pub fn disk_spec(name: &str, bytes: u64) -> covm_types::disk::DiskCreate {
-    covm_types::disk::DiskCreate {
-        name: covm_types::Name::parse(name).expect("a valid disk name"),
-        datastore: "local".into(),
-        capacity_bytes: bytes,
-        format: Default::default(),
-        sharing: Default::default(),
-        folder: None,
-        pool: None,
-    }
+    covm_types::disk::DiskCreate::new(covm_types::Name::parse(name).expect("a valid disk name"), "local", bytes)
 }
 
 #[cfg(test)]

@@ -74,6 +74,21 @@ pub struct DiskCreate {
     pub pool: Option<String>,
 }
 
+impl DiskCreate {
+    /// A qcow2 disk, not shared, in `/` and the default pool.
+    pub fn new(name: Name, datastore: &str, capacity_bytes: u64) -> DiskCreate {
+        DiskCreate {
+            name,
+            datastore: datastore.to_owned(),
+            capacity_bytes,
+            format: DiskFormat::default(),
+            sharing: Sharing::default(),
+            folder: None,
+            pool: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskResize {

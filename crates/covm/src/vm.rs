@@ -563,12 +563,7 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
         }
         VmCmd::Revert { name, version, message, before_version, scope } => {
             if let Some(n) = before_version {
-                use covm_types::snapshot::RevertScope;
-                let scope = match scope.as_str() {
-                    "config" => RevertScope::Config,
-                    "data" => RevertScope::Data,
-                    _ => RevertScope::Both,
-                };
+                let scope = revert_scope(&scope);
                 let v = c.vm_revert_before(&name, n, scope).await?;
                 out.message(&format!(
                     "{} is back to before version {n} ({scope:?}); it is at version {}",
@@ -675,8 +670,18 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
     }
 }
 
+/// `--scope` as clap checked it (`config`, `data` or `both`).
+fn revert_scope(scope: &str) -> covm_types::snapshot::RevertScope {
+    use covm_types::snapshot::RevertScope;
+    match scope {
+        "config" => RevertScope::Config,
+        "data" => RevertScope::Data,
+        _ => RevertScope::Both,
+    }
+}
+
 async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()> {
-    use covm_types::snapshot::{RevertScope, SnapshotCreate, SnapshotRevert};
+    use covm_types::snapshot::{SnapshotCreate, SnapshotRevert};
     match cmd {
         SnapshotCmd::Create { vm, name, description, exclude } => {
             let name = covm_types::Name::parse(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -686,11 +691,7 @@ async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()>
         SnapshotCmd::Ls { vm } => out.snapshots(&c.snapshots(&vm).await?),
         SnapshotCmd::Info { vm, snapshot } => out.snapshot(&c.snapshot(&vm, &snapshot).await?),
         SnapshotCmd::Revert { vm, snapshot, scope } => {
-            let scope = match scope.as_str() {
-                "config" => RevertScope::Config,
-                "data" => RevertScope::Data,
-                _ => RevertScope::Both,
-            };
+            let scope = revert_scope(&scope);
             let v =
                 c.snapshot_revert(&vm, &snapshot, &SnapshotRevert { scope, memory: false, skip_moved: false }).await?;
             out.message(&format!("{vm} is back to {snapshot} ({scope:?}); it is at version {}", v.version));

@@ -117,17 +117,7 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
     c.vm_create(&VmConfig { memory_mib: 64, ..VmConfig::named("b").unwrap() }).await.unwrap();
     let t = c.vm_power("b", PowerAction::On, None).await.unwrap();
     assert_eq!(c.task_wait(t.id, Duration::from_secs(60), |_| {}).await.unwrap().state, TaskState::Success);
-    c.disk_create(&DiskCreate {
-        name: Name::parse("d1").unwrap(),
-        datastore: "local".into(),
-        capacity_bytes: 64 << 20,
-        format: Default::default(),
-        sharing: Default::default(),
-        folder: None,
-        pool: None,
-    })
-    .await
-    .unwrap();
+    c.disk_create(&DiskCreate::new(Name::parse("d1").unwrap(), "local", 64 << 20)).await.unwrap();
     let d1 = DiskAttach { disk: "d1".into(), ..Default::default() };
 
     // The steps of a hot attach, from the saga itself.
@@ -215,16 +205,7 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
     let mut covm = Covm::start(&data, port, None);
     let password = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
     let (c, _) = Client::new(&covm.url()).login("admin", password.trim()).await.unwrap();
-    let create = |name: &str, capacity_bytes: u64| DiskCreate {
-        name: Name::parse(name).unwrap(),
-        datastore: "local".into(),
-        capacity_bytes,
-        format: Default::default(),
-        sharing: Default::default(),
-        folder: None,
-        pool: None,
-    };
-    let d = c.disk_create(&create("s1", 8 << 20)).await.unwrap();
+    let d = c.disk_create(&DiskCreate::new(Name::parse("s1").unwrap(), "local", 8 << 20)).await.unwrap();
     let file = data.join("datastores/local").join(&d.file);
     let disks = vec![DiskAttachment {
         disk: "s1".into(),

@@ -38,6 +38,10 @@ fn view_of(rec: &SnapshotRecord, vm_name: &str) -> Result<SnapshotView, Error> {
     Ok(v)
 }
 
+fn memory_unsupported() -> Error {
+    Error::conflict(ErrorCode::SnapshotUnsupported, "memory snapshots are not supported yet").with_field("memory")
+}
+
 fn vm_running(vm: &str) -> Error {
     Error::conflict(
         ErrorCode::VmRunning,
@@ -51,8 +55,7 @@ impl App {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateCreateSnapshot).await?;
         if p.memory {
-            return Err(Error::conflict(ErrorCode::SnapshotUnsupported, "memory snapshots are not supported yet")
-                .with_field("memory"));
+            return Err(memory_unsupported());
         }
         if p.description.as_ref().is_some_and(|d| d.len() > 1024) {
             return Err(Error::invalid("description", "a description has at most 1024 bytes"));
@@ -259,8 +262,7 @@ impl App {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateRevertToSnapshot).await?;
         if p.memory {
-            return Err(Error::conflict(ErrorCode::SnapshotUnsupported, "memory snapshots are not supported yet")
-                .with_field("memory"));
+            return Err(memory_unsupported());
         }
         let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
         let to = view_of(&s, &rec.object.name)?;
@@ -280,13 +282,7 @@ impl App {
         let (app, ctx2) = (self.clone(), ctx.clone());
         let vm_id = rec.object.id;
         self.to_the_end(async move {
-            let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
-            let safety = Take {
-                name: format!("before-revert-{stamp}"),
-                description: Some(format!("taken before reverting to {}", to.name)),
-                exclude: vec![],
-                kind: SnapshotKind::Safety,
-            };
+            let safety = Take::safety("before-revert", format!("taken before reverting to {}", to.name));
             // A config-only revert needs none: the config's history keeps the present version. The
             // safety snapshot is the saga's first step, under its locks (undone with it).
             let safety = data.then_some(safety);
@@ -481,6 +477,19 @@ struct Take {
     kind: SnapshotKind,
 }
 
+impl Take {
+    /// A safety snapshot named `PREFIX-<time>` (its raw disks left out, not refused).
+    fn safety(prefix: &str, description: String) -> Take {
+        let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
+        Take {
+            name: format!("{prefix}-{stamp}"),
+            description: Some(description),
+            exclude: vec![],
+            kind: SnapshotKind::Safety,
+        }
+    }
+}
+
 impl App {
     /// Before a change of `rec`: a safety snapshot of its disks if the VM's policy (or `forced`, from
     /// `?snapshot=true`) asks for one for this change. Taken under its own locks; None when none is due.
@@ -494,13 +503,7 @@ impl App {
         if !self.safety_due(rec, new, forced)? {
             return Ok(None);
         }
-        let stamp = covm_store::now().format("%Y%m%dT%H%M%S%6fZ");
-        let take = Take {
-            name: format!("safety-{stamp}"),
-            description: Some(format!("taken before a change of version {}", rec.version)),
-            exclude: vec![],
-            kind: SnapshotKind::Safety,
-        };
+        let take = Take::safety("safety", format!("taken before a change of version {}", rec.version));
         self.snapshot_take(ctx, rec.object.id, take).await.map(Some)
     }
 

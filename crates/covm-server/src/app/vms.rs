@@ -227,7 +227,7 @@ impl App {
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
         let opts = WriteOpts {
-            message: q.message.clone(),
+            message: q.message,
             dry_run: q.dry_run,
             next_boot,
             disks_checked: false,
@@ -238,21 +238,31 @@ impl App {
         if q.dry_run {
             return self.vm_write_doc(ctx, rec, change, pre, opts).await;
         }
-        let opts_message = q.message;
-        // A stale base is refused before anything is taken.
+        self.vm_write_guarded(ctx, rec, change, pre, opts, q.snapshot).await
+    }
+
+    /// A change or a revert, with the safety snapshot the VM's policy (or `forced`) asks for before it:
+    /// a stale base is refused before anything is taken, and the change's own checks (privileges,
+    /// references, refusals) run first, so nobody takes a snapshot with a change they may not make.
+    async fn vm_write_guarded(
+        &self,
+        ctx: &Ctx,
+        rec: VmRecord,
+        change: DocChange,
+        pre: Preconditions,
+        opts: WriteOpts,
+        forced: bool,
+    ) -> Result<(VmView, ChangePlan), Error> {
         if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
             return Err(self.stale_error(&rec, v).await);
         }
         let new = parse_config(&change.apply(&rec.config)).ok();
         let id = rec.object.id;
-        if self.safety_due(&rec, new.as_ref(), q.snapshot)? {
-            // The change's own checks (privileges, references, refusals) first: nobody takes a
-            // snapshot with a change they may not make.
+        if self.safety_due(&rec, new.as_ref(), forced)? {
             let check = WriteOpts { dry_run: true, events: vec![], message: None, ..opts };
             self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
         }
-        let opts = WriteOpts { message: opts_message, ..opts };
-        let safety = self.safety_before(ctx, &rec, new.as_ref(), q.snapshot).await?;
+        let safety = self.safety_before(ctx, &rec, new.as_ref(), forced).await?;
         let r = self.vm_write_doc(ctx, rec, change, pre, opts).await;
         self.safety_after(ctx, id, safety, r.as_ref().ok().map(|(v, _)| v.version)).await;
         r
@@ -281,12 +291,6 @@ impl App {
             .await?
             .ok_or_else(|| Error::invalid("version", format!("{} has no version {}", rec.object.name, version)))?;
         let message = r.message.unwrap_or_else(|| format!("revert to version {version}"));
-        if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
-            return Err(self.stale_error(&rec, v).await);
-        }
-        let new = parse_config(&old.config).ok();
-        let id = rec.object.id;
-        let change = DocChange::Replace(old.config.clone(), version);
         let opts = WriteOpts {
             message: Some(message),
             dry_run: false,
@@ -295,15 +299,8 @@ impl App {
             disks_live: false,
             events: vec![],
         };
-        if self.safety_due(&rec, new.as_ref(), false)? {
-            // The revert's own checks first (see vm_change).
-            let check = WriteOpts { dry_run: true, events: vec![], message: None, ..opts };
-            self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
-        }
-        let safety = self.safety_before(ctx, &rec, new.as_ref(), false).await?;
-        let r = self.vm_write_doc(ctx, rec, change, pre, opts).await;
-        self.safety_after(ctx, id, safety, r.as_ref().ok().map(|(v, _)| v.version)).await;
-        Ok(r?.0)
+        let change = DocChange::Replace(old.config, version);
+        Ok(self.vm_write_guarded(ctx, rec, change, pre, opts, false).await?.0)
     }
 
     pub(crate) async fn vm_write_doc(

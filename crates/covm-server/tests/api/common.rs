@@ -175,15 +175,7 @@ pub fn name(s: &str) -> covm_types::Name {
 
 /// A new disk on the `local` datastore (qcow2, not shared, in `/` and the default pool).
 pub fn new_disk(disk: &str, capacity_bytes: u64) -> covm_types::disk::DiskCreate {
-    covm_types::disk::DiskCreate {
-        name: name(disk),
-        datastore: "local".into(),
-        capacity_bytes,
-        format: Default::default(),
-        sharing: Default::default(),
-        folder: None,
-        pool: None,
-    }
+    covm_types::disk::DiskCreate::new(name(disk), "local", capacity_bytes)
 }
 
 /// A VM config with every default and this name.
