@@ -91,6 +91,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
         nic_bridges: vec![],
         run_dir: floor_dir.path().join("run"),
         accel: accel_choose(covm_types::vm::Accel::Auto, KvmFacts::probe())?,
+        restore: None,
     };
     spec.config.nics.clear();
     let mut h = driver.start(&spec).await?;

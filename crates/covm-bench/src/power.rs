@@ -98,6 +98,7 @@ pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Res
                     nic_bridges: vec![],
                     run_dir: floor_dir.path().join(format!("run{i}")),
                     accel: accel_choose(covm_types::vm::Accel::Auto, KvmFacts::probe())?,
+                    restore: None,
                 };
                 spec.config.nics.clear();
                 let t0 = Instant::now();

@@ -30,6 +30,9 @@ pub enum ClientError {
     /// The server could not be reached or the answer could not be read.
     #[error("{0}")]
     Transport(String),
+    /// A task the server accepted ended in an error.
+    #[error("{}", .error.message)]
+    Task { task: Box<TaskView>, error: ErrorDetail },
 }
 
 impl ClientError {
@@ -37,14 +40,14 @@ impl ClientError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
-            ClientError::Transport(_) => None,
+            ClientError::Transport(_) | ClientError::Task { .. } => None,
         }
     }
 
     /// The stable error code of an API error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Api { error, .. } => Some(error.code),
+            ClientError::Api { error, .. } | ClientError::Task { error, .. } => Some(error.code),
             ClientError::Transport(_) => None,
         }
     }
@@ -603,7 +606,35 @@ impl Client {
         vm: &str,
         p: &covm_types::snapshot::SnapshotCreate,
     ) -> Result<covm_types::snapshot::SnapshotView> {
-        self.post(&format!("/vms/{vm}/snapshots"), p).await
+        let task: TaskView = self.post(&format!("/vms/{vm}/snapshots"), p).await?;
+        let t = self.task_done(task.id, Duration::from_secs(600)).await?;
+        // The task's message names the snapshot; names are unique per VM.
+        self.snapshot(vm, &p.name.to_string()).await.map_err(|e| match e {
+            ClientError::Api { .. } => {
+                ClientError::Transport(format!("task {} ended ({:?}) but: {e}", t.id, t.message))
+            }
+            e => e,
+        })
+    }
+
+    /// Waits until a task ends; an error it ended in is [`ClientError::Task`].
+    pub async fn task_done(&self, id: uuid::Uuid, timeout: Duration) -> Result<TaskView> {
+        let t = self.task_wait(id, timeout, |_| {}).await?;
+        match t.state {
+            TaskState::Success => Ok(t),
+            _ => {
+                let error =
+                    t.error.clone().and_then(|e| serde_json::from_value::<ErrorDetail>(e).ok()).unwrap_or_else(|| {
+                        ErrorDetail {
+                            code: ErrorCode::Unknown,
+                            message: t.message.clone().unwrap_or_else(|| format!("task {} ended {:?}", t.id, t.state)),
+                            field: None,
+                            details: None,
+                        }
+                    });
+                Err(ClientError::Task { task: Box::new(t), error })
+            }
+        }
     }
 
     pub async fn snapshots(&self, vm: &str) -> Result<Vec<covm_types::snapshot::SnapshotView>> {

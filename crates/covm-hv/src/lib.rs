@@ -123,6 +123,53 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// The accelerator to use (already decided from `auto`).
     pub accel: AccelChoice,
+    /// Start from a memory snapshot: loaded (`snapshot-load`) before the guest runs.
+    pub restore: Option<MemoryState>,
+}
+
+/// The block node of a VM's hidden state image (where memory snapshots keep the guest's RAM and devices).
+pub const STATE_NODE: &str = "covm-vmstate";
+
+/// A memory snapshot to save or load: its tag, the VM's hidden state image (made when missing), and
+/// the disks' format nodes that hold the same tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryState {
+    pub tag: String,
+    pub state: PathBuf,
+    pub nodes: Vec<String>,
+}
+
+impl MemoryState {
+    /// The state image's own block spec (a node with no device).
+    pub fn state_spec(&self) -> DiskSpec {
+        DiskSpec {
+            node: STATE_NODE.into(),
+            path: self.state.clone(),
+            format: "qcow2".into(),
+            controller: String::new(),
+            bus: covm_types::vm::ControllerType::VirtioScsi,
+            unit: 0,
+            read_only: false,
+        }
+    }
+
+    /// The nodes `snapshot-save`/`snapshot-load` work on: the disks and the state image.
+    pub fn devices(&self) -> Vec<String> {
+        let mut d = self.nodes.clone();
+        d.push(STATE_NODE.into());
+        d
+    }
+
+    /// Makes the state image when it is not there yet (1 MiB; the saved state lives beyond its end).
+    pub async fn state_image(&self) -> Result<(), HvError> {
+        if !self.state.exists() {
+            if let Some(dir) = self.state.parent() {
+                std::fs::create_dir_all(dir).map_err(HvError::os(format!("create {}", dir.display())))?;
+            }
+            img::create(&self.state, "qcow2", 1 << 20).await?;
+        }
+        Ok(())
+    }
 }
 
 /// What the VM is actually accelerated with.
@@ -228,6 +275,9 @@ pub trait VmHandle: Send {
     async fn snapshot_internal(&mut self, nodes: &[String], tag: &str) -> Result<(), HvError>;
     /// Deletes an internal snapshot of a node; one that is not there is already deleted.
     async fn snapshot_delete_internal(&mut self, node: &str, tag: &str) -> Result<(), HvError>;
+    /// A memory snapshot: the guest's RAM and devices into the state image and the tag into every
+    /// node (`snapshot-save`; the guest pauses while it runs).
+    async fn snapshot_save(&mut self, m: &MemoryState) -> Result<(), HvError>;
     /// The next thing that happens; [`HvEvent::Exited`] is the last. Cancel-safe.
     async fn next_event(&mut self) -> HvEvent;
 }

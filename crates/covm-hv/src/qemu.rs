@@ -269,6 +269,13 @@ impl Hypervisor for QemuDriver {
                 return Err(e);
             }
         }
+        if let Some(m) = &spec.restore {
+            // Still paused (-S): the guest's RAM and devices come back before it runs.
+            if let Err(e) = vm.snapshot_load(m).await {
+                let _ = vm.quit().await;
+                return Err(e);
+            }
+        }
         if let Err(e) = vm.qmp.execute("cont", json!({})).await {
             let _ = vm.quit().await;
             return Err(e);
@@ -301,6 +308,47 @@ struct QemuVm {
 }
 
 impl QemuVm {
+    /// Runs a QMP job command and waits for its end (`query-jobs` until `concluded`), then dismisses it;
+    /// the job's error is the command's.
+    async fn job(&mut self, command: &str, mut args: serde_json::Value) -> Result<(), HvError> {
+        let id = format!("covm-{}", Uuid::new_v4().simple());
+        args["job-id"] = json!(id);
+        self.qmp.execute(command, args).await?;
+        let started = Instant::now();
+        loop {
+            let jobs = self.qmp.execute("query-jobs", json!({})).await?;
+            let job = jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == json!(id))).cloned();
+            let Some(job) = job else {
+                return Err(HvError::Qmp(format!("{command}: job {id} vanished")));
+            };
+            if job["status"] == "concluded" {
+                let _ = self.qmp.execute("job-dismiss", json!({ "id": id })).await;
+                return match job["error"].as_str() {
+                    Some(desc) => Err(HvError::Command { class: "JobFailed".into(), desc: desc.to_owned() }),
+                    None => Ok(()),
+                };
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                let _ = self.qmp.execute("job-cancel", json!({ "id": id })).await;
+                return Err(HvError::Qmp(format!("{command} did not end within 10 minutes")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The state image's block node (made and added when missing).
+    async fn state_node(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
+        m.state_image().await?;
+        self.blockdev_add(&m.state_spec()).await
+    }
+
+    /// Loads a memory snapshot into a paused VM (`snapshot-load`): RAM, devices and the disks' data.
+    async fn snapshot_load(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
+        self.state_node(m).await?;
+        let args = json!({ "tag": m.tag, "vmstate": crate::STATE_NODE, "devices": m.devices() });
+        self.job("snapshot-load", args).await
+    }
+
     /// Waits until the process has gone; returns its exit status when it was our child.
     async fn wait_gone(&mut self) -> Option<String> {
         if let Some(child) = &mut self.child {
@@ -385,6 +433,12 @@ impl VmHandle for QemuVm {
             Err(HvError::Command { desc, .. }) if desc.contains("does not exist") => Ok(()),
             r => r.map(|_| ()),
         }
+    }
+
+    async fn snapshot_save(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
+        self.state_node(m).await?;
+        let args = json!({ "tag": m.tag, "vmstate": crate::STATE_NODE, "devices": m.devices() });
+        self.job("snapshot-save", args).await
     }
 
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
@@ -501,6 +555,7 @@ mod tests {
             accel: AccelChoice::Tcg,
             nic_bridges: vec![None],
             disks: vec![],
+            restore: None,
         };
         let a = command_line(&spec).unwrap().join(" ");
         for part in [
@@ -537,6 +592,7 @@ mod tests {
             accel: AccelChoice::Tcg,
             nic_bridges: vec![],
             disks: vec![],
+            restore: None,
         };
         let args = command_line(&spec).unwrap();
         let drive = args.iter().skip_while(|a| *a != "-drive").nth(1).unwrap();

@@ -37,10 +37,19 @@ pub struct Qmp {
 impl Qmp {
     /// Connects, reads the greeting and enters command mode. Events arrive on the returned receiver.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>), HvError> {
-        let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
-            .await
-            .map_err(|_| HvError::Qmp(format!("connecting to {} timed out", path.display())))?
-            .map_err(HvError::os(format!("connect to the QMP socket {}", path.display())))?;
+        // QEMU binds the socket before it listens: a connect in between is refused, and tried again.
+        let started = std::time::Instant::now();
+        let stream = loop {
+            let r = tokio::time::timeout(timeout, UnixStream::connect(path))
+                .await
+                .map_err(|_| HvError::Qmp(format!("connecting to {} timed out", path.display())))?;
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && started.elapsed() < timeout => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => break r.map_err(HvError::os(format!("connect to the QMP socket {}", path.display())))?,
+            }
+        };
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = tokio::time::timeout(timeout, lines.next_line())

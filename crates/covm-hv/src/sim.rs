@@ -91,6 +91,12 @@ impl Hypervisor for SimDriver {
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, HvError> {
+        if let Some(m) = &spec.restore {
+            // Nothing to load into a simulated guest; the snapshot must be there all the same.
+            if !crate::img::snapshot_tags(&m.state).await?.contains(&m.tag) {
+                return Err(HvError::Start(format!("the state image has no snapshot {}", m.tag)));
+            }
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.id, tx.clone());
         self.blocks.lock().unwrap_or_else(|p| p.into_inner()).remove(&spec.id);
@@ -237,6 +243,20 @@ impl VmHandle for SimVm {
             }
         }
         Ok(())
+    }
+
+    /// A simulated VM has no memory to save: the tags go into its disks and its state image.
+    async fn snapshot_save(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
+        m.state_image().await?;
+        self.files.insert(crate::STATE_NODE.into(), m.state.clone());
+        {
+            let mut b = self.blocks();
+            let st = b.entry(self.id).or_default();
+            if !st.nodes.iter().any(|n| n == crate::STATE_NODE) {
+                st.nodes.push(crate::STATE_NODE.into());
+            }
+        }
+        self.snapshot_internal(&m.devices(), &m.tag).await
     }
 
     async fn snapshot_delete_internal(&mut self, node: &str, tag: &str) -> Result<(), HvError> {

@@ -35,7 +35,9 @@ pub struct SnapshotCreate {
     pub name: Name,
     #[serde(default)]
     pub description: Option<String>,
-    /// The guest's memory too (not supported yet: refused).
+    /// The running guest's memory too (RAM and devices, `snapshot-save` into the VM's hidden state
+    /// image; the guest pauses meanwhile). Refused for a VM that is off, and while a disk the VM
+    /// writes to is left out.
     #[serde(default)]
     pub memory: bool,
     /// Disks (by name) left out; a raw disk must be left out to snapshot its VM.
@@ -47,7 +49,8 @@ pub struct SnapshotCreate {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRevert {
     pub scope: RevertScope,
-    /// The guest's memory too (not supported yet: refused).
+    /// Resume the guest from the snapshot's memory (with scope `both`): a running VM is powered off
+    /// and started again from the snapshot, its processes as they were.
     #[serde(default)]
     pub memory: bool,
     /// Revert the data of the covered disks this VM still holds, leaving those another VM holds now

@@ -193,6 +193,9 @@ pub enum SnapshotCmd {
         /// Leave a disk out (a raw disk must be); repeat for several.
         #[arg(long)]
         exclude: Vec<String>,
+        /// The running guest's memory too (its RAM and devices; the guest pauses while it is saved).
+        #[arg(long)]
+        memory: bool,
     },
     /// The snapshots, as a tree.
     Ls {
@@ -208,6 +211,12 @@ pub enum SnapshotCmd {
         snapshot: String,
         #[arg(long, value_parser = ["config", "data", "both"], default_value = "both")]
         scope: String,
+        /// Resume the guest from the snapshot's memory (scope both; a running VM is replaced).
+        #[arg(long)]
+        memory: bool,
+        /// Revert the disks the VM still holds, leaving those another VM holds now.
+        #[arg(long)]
+        skip_moved: bool,
     },
     Rm {
         vm: String,
@@ -683,17 +692,16 @@ fn revert_scope(scope: &str) -> covm_types::snapshot::RevertScope {
 async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()> {
     use covm_types::snapshot::{SnapshotCreate, SnapshotRevert};
     match cmd {
-        SnapshotCmd::Create { vm, name, description, exclude } => {
+        SnapshotCmd::Create { vm, name, description, exclude, memory } => {
             let name = covm_types::Name::parse(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let s = c.snapshot_create(&vm, &SnapshotCreate { name, description, memory: false, exclude }).await?;
+            let s = c.snapshot_create(&vm, &SnapshotCreate { name, description, memory, exclude }).await?;
             out.snapshot(&s)
         }
         SnapshotCmd::Ls { vm } => out.snapshots(&c.snapshots(&vm).await?),
         SnapshotCmd::Info { vm, snapshot } => out.snapshot(&c.snapshot(&vm, &snapshot).await?),
-        SnapshotCmd::Revert { vm, snapshot, scope } => {
+        SnapshotCmd::Revert { vm, snapshot, scope, memory, skip_moved } => {
             let scope = revert_scope(&scope);
-            let v =
-                c.snapshot_revert(&vm, &snapshot, &SnapshotRevert { scope, memory: false, skip_moved: false }).await?;
+            let v = c.snapshot_revert(&vm, &snapshot, &SnapshotRevert { scope, memory, skip_moved }).await?;
             out.message(&format!("{vm} is back to {snapshot} ({scope:?}); it is at version {}", v.version));
             Ok(())
         }

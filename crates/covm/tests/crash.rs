@@ -236,7 +236,8 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
         expires_at: None,
         partial: false,
     };
-    let tagged = Tagged { vm_id: uuid::Uuid::nil(), view, files: vec![], live: false, via: None, disk: false };
+    let tagged =
+        Tagged { vm_id: uuid::Uuid::nil(), view, files: vec![], live: false, via: None, disk: false, state: None };
     let create_plan = plan_of(&SnapshotCreateSaga(tagged.clone()));
     let revert_plan = plan_of(&SnapshotRevertSaga {
         to: tagged.clone(),

@@ -44,6 +44,8 @@ pub enum VmOp {
     DiskResize(String, u64),
     /// An internal snapshot (the tag) of these format nodes, all at once.
     SnapshotTake(Vec<String>, String),
+    /// A memory snapshot: RAM and devices into the state image, the tag into the nodes (`snapshot-save`).
+    SnapshotSave(Box<covm_hv::MemoryState>),
     /// An internal snapshot of a node goes (already gone is done).
     SnapshotDelete(String, String),
 }

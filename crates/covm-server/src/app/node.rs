@@ -55,6 +55,7 @@ enum Cmd {
     /// Grows an attached disk (`block_resize`).
     DiskResize(String, u64, oneshot::Sender<Result<(), HvError>>),
     SnapshotTake(Vec<String>, String, oneshot::Sender<Result<(), HvError>>),
+    SnapshotSave(Box<covm_hv::MemoryState>, oneshot::Sender<Result<(), HvError>>),
     SnapshotDelete(String, String, oneshot::Sender<Result<(), HvError>>),
 }
 
@@ -144,6 +145,7 @@ impl NodeAgent for LocalAgent {
             VmOp::BlockdevDel(node) => self.command(id, |r| Cmd::BlockdevDel(node, r)).await,
             VmOp::DiskResize(node, size) => self.command(id, |r| Cmd::DiskResize(node, size, r)).await,
             VmOp::SnapshotTake(nodes, tag) => self.command(id, |r| Cmd::SnapshotTake(nodes, tag, r)).await,
+            VmOp::SnapshotSave(m) => self.command(id, |r| Cmd::SnapshotSave(m, r)).await,
             VmOp::SnapshotDelete(node, tag) => self.command(id, |r| Cmd::SnapshotDelete(node, tag, r)).await,
         }
     }
@@ -232,6 +234,7 @@ async fn supervise(
                 Some(Cmd::BlockQuery(reply)) => { let _ = reply.send(handle.block_query().await); }
                 Some(Cmd::DiskResize(node, size, reply)) => { let _ = reply.send(handle.block_resize(&node, size).await); }
                 Some(Cmd::SnapshotTake(nodes, tag, reply)) => { let _ = reply.send(handle.snapshot_internal(&nodes, &tag).await); }
+                Some(Cmd::SnapshotSave(m, reply)) => { let _ = reply.send(handle.snapshot_save(&m).await); }
                 Some(Cmd::SnapshotDelete(node, tag, reply)) => { let _ = reply.send(handle.snapshot_delete_internal(&node, &tag).await); }
                 Some(Cmd::DeviceDel(node, reply)) => match handle.device_del(&node).await {
                     Ok(true) => unplugs.push((node, reply)),

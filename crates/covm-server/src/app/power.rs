@@ -58,7 +58,7 @@ pub fn task_view(t: &TaskRecord) -> TaskView {
 }
 
 impl App {
-    async fn task_new(&self, ctx: &Ctx, kind: &str, vm: &VmRecord) -> Result<TaskRecord, Error> {
+    pub(crate) async fn task_new(&self, ctx: &Ctx, kind: &str, vm: &VmRecord) -> Result<TaskRecord, Error> {
         let now = covm_store::now();
         let t = TaskRecord {
             id: Uuid::now_v7(),
@@ -87,7 +87,7 @@ impl App {
     }
 
     /// Ends a task with its outcome.
-    async fn task_end(&self, mut t: TaskRecord, r: Result<String, Error>) {
+    pub(crate) async fn task_end(&self, mut t: TaskRecord, r: Result<String, Error>) {
         t.updated_at = covm_store::now();
         t.progress = 100;
         match r {
@@ -242,6 +242,7 @@ impl App {
             nic_bridges,
             run_dir: self.agent().run_dir(vm.object.id),
             accel,
+            restore: None,
         })
     }
 
@@ -339,6 +340,48 @@ impl App {
                 });
                 Ok(view)
             }
+        }
+    }
+
+    /// Powers a VM on from a memory snapshot (its config and disks already put back by a revert): the
+    /// guest resumes where the snapshot left it. A `vm.power.on` task records it like any power-on.
+    pub(crate) async fn power_on_restoring(&self, ctx: &Ctx, id: Uuid, m: covm_hv::MemoryState) -> Result<(), Error> {
+        let rec = self.store().vm_get(id).await?.ok_or_else(|| Error::not_found("vm", &id.to_string()))?;
+        self.agent_for(&rec)?.check().map_err(hv_error)?;
+        let config: VmConfig =
+            serde_json::from_value(rec.config.clone()).map_err(|e| Error::internal(e.to_string()))?;
+        self.pool_admit(&rec, &config).await?;
+        let mut spec = self.spec_for(&rec).await?;
+        spec.restore = Some(m);
+        let f = start_claim(rec.version, "revert to a memory snapshot");
+        let after = self.runtime_write(id, None, true, Some((&ctx.user, &ctx.req.id)), f).await?;
+        let generation = after.map_or(0, |a| a.generation);
+        let task = self.task_new(ctx, "vm.power.on", &rec).await?;
+        let r = self.power_on_run(id, generation, spec).await;
+        let out = r.as_ref().map(drop).map_err(Clone::clone);
+        self.task_end(task, r).await;
+        out
+    }
+
+    /// Powers a running VM off at once and waits until its state says so.
+    pub(crate) async fn vm_stop_and_wait(&self, id: Uuid) -> Result<(), Error> {
+        match self.agent().ask(id, VmOp::Quit).await {
+            Ok(()) | Err(covm_hv::HvError::Gone) => {}
+            Err(e) => return Err(hv_error(e)),
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let rec = self.store().vm_get(id).await?.ok_or_else(|| Error::not_found("vm", &id.to_string()))?;
+            if !runtime_of(&rec).power_state.is_active() {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Error::conflict(
+                    ErrorCode::VmRunning,
+                    format!("{} did not power off within 30 s", rec.object.name),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -4,9 +4,15 @@
 //!
 //! A VM that is off is snapshotted with `qemu-img snapshot`; a running one through its QEMU, one QMP
 //! `transaction` of `blockdev-snapshot-internal-sync` across its disks (all or none). A tag is removed
-//! through whichever QEMU holds its disk then, or with `qemu-img`. A data revert needs the VM off;
-//! memory snapshots are refused (`snapshot_unsupported`) for now. Raw disks cannot hold snapshots:
-//! one that is not excluded makes the snapshot refuse; multi-writer disks are never covered.
+//! through whichever QEMU holds its disk then, or with `qemu-img`. A data revert needs the VM off.
+//! Raw disks cannot hold snapshots: one that is not excluded makes the snapshot refuse; multi-writer
+//! disks are never covered.
+//!
+//! A memory snapshot (a running VM) is one QMP `snapshot-save`: the guest's RAM and devices go into
+//! the VM's hidden state image (`DATA/vms/<id>/vmstate.qcow2`, never a user's disk) and the same tag
+//! into every covered disk. A memory revert (scope `both`) powers a running VM off, puts config and
+//! disks back as any revert does (a safety snapshot first), then starts QEMU paused, loads the
+//! snapshot (`snapshot-load`) and lets it run: the guest goes on where it was.
 
 use covm_store::SnapshotRecord;
 use covm_types::api::ObjectKind;
@@ -15,7 +21,9 @@ use covm_types::snapshot::{
     DiskSnapshotCreate, DiskSnapshotView, RevertScope, SnapshotCreate, SnapshotDisk, SnapshotExcluded, SnapshotKind,
     SnapshotRevert, SnapshotView,
 };
-use covm_types::vm::{SafetyPolicy, VmView};
+use covm_types::vm::{SafetyPolicy, TaskView, VmView};
+
+use super::power::task_view;
 use covm_types::{Error, ErrorCode, Privilege};
 use uuid::Uuid;
 
@@ -38,47 +46,53 @@ fn view_of(rec: &SnapshotRecord, vm_name: &str) -> Result<SnapshotView, Error> {
     Ok(v)
 }
 
-fn memory_unsupported() -> Error {
-    Error::conflict(ErrorCode::SnapshotUnsupported, "memory snapshots are not supported yet").with_field("memory")
-}
-
 fn vm_running(vm: &str) -> Error {
     Error::conflict(
         ErrorCode::VmRunning,
-        format!("{vm} is running; power it off first (snapshots of running VMs are not supported yet)"),
+        format!("{vm} is running; power it off first (or revert its memory too, with scope both)"),
     )
 }
 
 impl App {
-    /// Takes a snapshot of a VM (live through its QEMU when it runs).
-    pub async fn snapshot_create(&self, ctx: &Ctx, vm: &str, p: SnapshotCreate) -> Result<SnapshotView, Error> {
+    /// Takes a snapshot of a VM (live through its QEMU when it runs; with its memory, `snapshot-save`),
+    /// as a task: the rules are checked at once (a refusal is the answer), then again under the locks
+    /// by the task, which ends with the snapshot taken or undone.
+    pub async fn snapshot_create(&self, ctx: &Ctx, vm: &str, p: SnapshotCreate) -> Result<TaskView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateCreateSnapshot).await?;
-        if p.memory {
-            return Err(memory_unsupported());
-        }
         if p.description.as_ref().is_some_and(|d| d.len() > 1024) {
             return Err(Error::invalid("description", "a description has at most 1024 bytes"));
         }
+        let take = Take {
+            name: p.name.to_string(),
+            description: p.description,
+            exclude: p.exclude,
+            kind: SnapshotKind::Manual,
+            memory: p.memory,
+        };
+        let vm_id = rec.object.id;
+        let (seen, disks) = self.snapshot_disks(vm_id, &take).await?;
+        self.snapshot_plan(ctx, vm_id, &take, &disks, seen).await?;
+        let task = self.task_new(ctx, "vm.snapshot.create", &rec).await?;
+        let view = task_view(&task);
         let (app, ctx) = (self.clone(), ctx.clone());
-        self.to_the_end(async move {
-            let name = p.name.to_string();
-            let take = Take { name, description: p.description, exclude: p.exclude, kind: SnapshotKind::Manual };
-            app.snapshot_take(&ctx, rec.object.id, take).await
-        })
-        .await
+        tokio::spawn(async move {
+            let r = app.snapshot_take(&ctx, vm_id, take).await.map(|s| {
+                let memory = if s.memory { " with its memory" } else { "" };
+                format!("took snapshot {} ({}) of {}{memory}", s.name, s.id, s.vm)
+            });
+            app.task_end(task, r).await;
+        });
+        Ok(view)
     }
 
-    /// Locks the VM and its disks, checks the rules and runs the create saga.
-    async fn snapshot_take(&self, ctx: &Ctx, vm: Uuid, t: Take) -> Result<SnapshotView, Error> {
+    /// The VM's version and its disks (the objects), with `exclude` checked against them.
+    async fn snapshot_disks(&self, vm: Uuid, t: &Take) -> Result<(i64, Vec<covm_store::ObjectRecord>), Error> {
         let rec = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;
-        let seen = rec.version;
         let cfg = parse_config(&rec.config)?;
-        let mut locks = vec![vm];
         let mut disks = Vec::new();
         for d in &cfg.disks {
             if let Some(o) = self.object_lookup(&d.disk, Some(ObjectKind::Disk)).await? {
-                locks.push(o.id);
                 disks.push(o);
             }
         }
@@ -90,6 +104,14 @@ impl App {
                 ));
             }
         }
+        Ok((rec.version, disks))
+    }
+
+    /// Locks the VM and its disks, checks the rules and runs the create saga.
+    async fn snapshot_take(&self, ctx: &Ctx, vm: Uuid, t: Take) -> Result<SnapshotView, Error> {
+        let (seen, disks) = self.snapshot_disks(vm, &t).await?;
+        let mut locks = vec![vm];
+        locks.extend(disks.iter().map(|o| o.id));
         let guard = self.saga_begin(ctx, SnapshotCreateSaga::KIND, &locks).await?;
         let plan = self.snapshot_plan(ctx, vm, &t, &disks, seen).await;
         let tagged = match plan {
@@ -154,6 +176,10 @@ impl App {
                 files.push(Some(self.disk_file(o).await?));
             }
         }
+        let state = match t.memory {
+            true => Some(self.memory_plan(&rec, &excluded, live)?),
+            false => None,
+        };
         let parent = self.store().meta_get(&current_key(vm)).await?.and_then(|s| Uuid::parse_str(&s).ok());
         let parent = parent.filter(|p| existing.iter().any(|s| s.id == *p));
         let now = covm_store::now();
@@ -165,7 +191,7 @@ impl App {
             kind: t.kind,
             config_version: rec.version,
             protects_version: None,
-            memory: false,
+            memory: state.is_some(),
             disks: covered,
             excluded,
             parent,
@@ -174,7 +200,43 @@ impl App {
             expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
             partial: false,
         };
-        Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false })
+        Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false, state })
+    }
+
+    /// A memory snapshot's rules: the VM runs, and no disk it writes to is left out (the guest's cache
+    /// would disagree with that disk after a revert). Answers the state image.
+    fn memory_plan(
+        &self,
+        rec: &covm_store::VmRecord,
+        excluded: &[SnapshotExcluded],
+        live: bool,
+    ) -> Result<std::path::PathBuf, Error> {
+        if !live {
+            return Err(Error::conflict(
+                ErrorCode::VmNotRunning,
+                format!("{} is not running: it has no memory to keep (leave memory out)", rec.object.name),
+            )
+            .with_field("memory"));
+        }
+        let cfg = parse_config(&rec.config)?;
+        for x in excluded {
+            if cfg.disks.iter().any(|d| d.disk == x.disk && !d.read_only) {
+                return Err(Error::conflict(
+                    ErrorCode::SnapshotUnsupported,
+                    format!(
+                        "{} writes to {}, which the snapshot leaves out ({}); with memory, the guest's cache would disagree with that disk after a revert",
+                        rec.object.name, x.disk, x.reason
+                    ),
+                )
+                .with_field("memory"));
+            }
+        }
+        Ok(self.state_file(rec.object.id))
+    }
+
+    /// The hidden image where a VM's memory snapshots keep its RAM and devices (in its run directory).
+    pub(crate) fn state_file(&self, vm: Uuid) -> std::path::PathBuf {
+        self.agent().run_dir(vm).join("vmstate.qcow2")
     }
 
     /// A VM's snapshots, oldest first (`parent` makes the tree).
@@ -243,7 +305,9 @@ impl App {
             locks.push(vm);
         }
         let guard = self.saga_begin(ctx, SnapshotDeleteSaga::KIND, &locks).await?;
-        guard.run(ctx, SnapshotDeleteSaga(Tagged { vm_id: vm, view, files, live: false, via: None, disk })).await?;
+        let state = (view.memory && !disk).then(|| self.state_file(vm));
+        let tagged = Tagged { vm_id: vm, view, files, live: false, via: None, disk, state };
+        guard.run(ctx, SnapshotDeleteSaga(tagged)).await?;
         Ok(())
     }
 
@@ -261,13 +325,24 @@ impl App {
     ) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateRevertToSnapshot).await?;
-        if p.memory {
-            return Err(memory_unsupported());
+        if p.memory && p.scope != RevertScope::Both {
+            return Err(Error::invalid(
+                "memory",
+                "a revert with memory puts the config and the data back too: send scope both",
+            ));
         }
         let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
         let to = view_of(&s, &rec.object.name)?;
+        if p.memory && !to.memory {
+            return Err(Error::conflict(
+                ErrorCode::SnapshotUnsupported,
+                format!("snapshot {} holds no memory (it was taken without it)", to.name),
+            )
+            .with_field("memory"));
+        }
         let data = matches!(p.scope, RevertScope::Data | RevertScope::Both);
-        if data && running(&rec) {
+        // A memory revert powers a running VM off first: what it runs now is replaced.
+        if data && running(&rec) && !p.memory {
             return Err(vm_running(&rec.object.name));
         }
         if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
@@ -282,6 +357,9 @@ impl App {
         let (app, ctx2) = (self.clone(), ctx.clone());
         let vm_id = rec.object.id;
         self.to_the_end(async move {
+            if p.memory && running(&rec) {
+                app.vm_stop_and_wait(vm_id).await?;
+            }
             let safety = Take::safety("before-revert", format!("taken before reverting to {}", to.name));
             // A config-only revert needs none: the config's history keeps the present version. The
             // safety snapshot is the saga's first step, under its locks (undone with it).
@@ -299,6 +377,18 @@ impl App {
                 return Err(e);
             }
             app.store().meta_set(&current_key(vm_id), &to.id.to_string()).await?;
+            if p.memory {
+                // Config and disks are the snapshot's: the guest resumes where it was.
+                let nodes = to.disks.iter().map(|d| super::attach::disk_node(d.disk_id)).collect();
+                let m = covm_hv::MemoryState { tag: format!("covm-{}", to.id), state: app.state_file(vm_id), nodes };
+                if let Err(mut e) = app.power_on_restoring(&ctx2, vm_id, m).await {
+                    e.message = format!(
+                        "the config and the disks are back at snapshot {}, but the guest could not resume from its memory: {}",
+                        to.name, e.message
+                    );
+                    return Err(e);
+                }
+            }
             let rec = app.store().vm_get(vm_id).await?.ok_or_else(|| Error::not_found("vm", "?"))?;
             app.vm_view(Some(&ctx2), &rec)
         })
@@ -383,9 +473,24 @@ impl App {
             }
         }
         let mut view = to.clone();
-        view.disks.retain(|d| held.contains(&d.disk_id));
+        // The covered disks the VM holds now, and those the config revert attaches again.
+        view.disks.retain(|d| held.contains(&d.disk_id) || comes_back.iter().any(|(o, _)| o.id == d.disk_id));
         if !data {
             view.disks.clear();
+        }
+        if p.memory && view.disks.len() != to.disks.len() {
+            let missing: Vec<&str> =
+                to.disks.iter().filter(|d| !view.disks.contains(d)).map(|d| d.disk.as_str()).collect();
+            return Err(Error::conflict(
+                ErrorCode::DiskInUse,
+                format!(
+                    "a memory revert needs every disk the snapshot covers; {} {} not with {} any more",
+                    missing.join(", "),
+                    if missing.len() == 1 { "is" } else { "are" },
+                    rec.object.name
+                ),
+            )
+            .into());
         }
         let (files, _) = self.snapshot_files(&view).await?;
         let guard = self.saga_begin(ctx, SnapshotRevertSaga::KIND, &locks).await?;
@@ -428,7 +533,7 @@ impl App {
             lease_token,
         });
         let saga = SnapshotRevertSaga {
-            to: Tagged { vm_id: vm, view, files, live: false, via: None, disk: false },
+            to: Tagged { vm_id: vm, view, files, live: false, via: None, disk: false, state: None },
             safety_tags,
             data,
             config,
@@ -475,6 +580,8 @@ struct Take {
     description: Option<String>,
     exclude: Vec<String>,
     kind: SnapshotKind,
+    /// The guest's memory too (a running VM).
+    memory: bool,
 }
 
 impl Take {
@@ -486,6 +593,7 @@ impl Take {
             description: Some(description),
             exclude: vec![],
             kind: SnapshotKind::Safety,
+            memory: false,
         }
     }
 }
@@ -668,7 +776,7 @@ impl App {
                 };
                 let files = vec![Some(app.disk_file(&o).await?)];
                 let (live, via) = (holder.is_some(), holder.map(|h| h.vm_id));
-                Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true })
+                Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true, state: None })
             }
             .await;
             let tagged = match plan {
@@ -706,7 +814,7 @@ impl App {
                 return Err(guard.refuse(vm_running(&h.vm_name)).await);
             }
             let files = vec![Some(app.disk_file(&o).await?)];
-            let to = Tagged { vm_id: o.id, view: view.clone(), files, live: false, via: None, disk: true };
+            let to = Tagged { vm_id: o.id, view: view.clone(), files, live: false, via: None, disk: true, state: None };
             guard
                 .run(&ctx, SnapshotRevertSaga { to, safety_tags: vec![None], data: true, config: None, safety: None })
                 .await?;

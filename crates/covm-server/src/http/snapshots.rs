@@ -6,26 +6,28 @@ use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::snapshot::{DiskSnapshotCreate, DiskSnapshotView, SnapshotCreate, SnapshotRevert, SnapshotView};
-use covm_types::vm::VmView;
+use covm_types::vm::{TaskView, VmView};
 
 use super::error::ApiError;
 use super::extract::{Auth, JsonBody};
 use super::vms::Pre;
 use crate::app::App;
 
-/// Takes a snapshot of a VM that is off: its config version and a tag in every disk it covers.
+/// Takes a snapshot of a VM: its config version, a tag in every disk it covers and, with `memory`, the
+/// running guest's RAM and devices. The rules are checked at once; the snapshot itself is a task
+/// (`vm.snapshot.create`), whose message names the snapshot taken.
 #[utoipa::path(post, path = "/vms/{vm}/snapshots", tag = "snapshots", operation_id = "snapshot_create",
     params(("vm" = String, Path, description = "VM name or id")),
     request_body = SnapshotCreate,
-    responses((status = 201, body = SnapshotView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    responses((status = 202, body = TaskView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn snapshot_create(
     State(app): State<App>,
     Auth(ctx): Auth,
     Path(vm): Path<String>,
     JsonBody(p): JsonBody<SnapshotCreate>,
-) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
-    Ok((StatusCode::CREATED, Json(app.snapshot_create(&ctx, &vm, p).await?)))
+) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(app.snapshot_create(&ctx, &vm, p).await?)))
 }
 
 /// A VM's snapshots, oldest first; `parent` makes the tree.

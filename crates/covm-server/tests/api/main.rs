@@ -7,6 +7,7 @@ pub mod disks;
 pub mod faults;
 pub mod feed;
 pub mod foundation;
+pub mod guest_snapshots;
 pub mod hygiene;
 pub mod openapi;
 pub mod power;

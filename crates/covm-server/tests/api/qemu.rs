@@ -41,7 +41,7 @@ fn guest() -> PathBuf {
     dir
 }
 
-async fn qemu_server() -> TestServer {
+pub async fn qemu_server() -> TestServer {
     let g = guest();
     let s = TestServer::start_with(covm_server::Driver::Qemu).await;
     let ds = s.dir.path().join("datastores/local/guest");
@@ -52,7 +52,7 @@ async fn qemu_server() -> TestServer {
     s
 }
 
-async fn guest_vm(c: &Client, name: &str) {
+pub async fn guest_vm(c: &Client, name: &str) {
     c.vm_create(&VmConfig {
         memory_mib: 128,
         kernel: Some("local:guest/vmlinuz".into()),
@@ -65,7 +65,7 @@ async fn guest_vm(c: &Client, name: &str) {
 }
 
 /// Waits until the serial console has `count` lines containing `needle`; returns the last one.
-async fn serial_wait(c: &Client, vm: &str, needle: &str, count: usize) -> String {
+pub async fn serial_wait(c: &Client, vm: &str, needle: &str, count: usize) -> String {
     let started = Instant::now();
     loop {
         let text = c.serial(vm, 10_000).await.unwrap();
@@ -78,7 +78,7 @@ async fn serial_wait(c: &Client, vm: &str, needle: &str, count: usize) -> String
     }
 }
 
-async fn state_wait(c: &Client, vm: &str, want: PowerState) {
+pub async fn state_wait(c: &Client, vm: &str, want: PowerState) {
     let started = Instant::now();
     while c.vm(vm).await.unwrap().runtime.power_state != want {
         assert!(started.elapsed() < Duration::from_secs(60), "{vm} did not become {want:?}");

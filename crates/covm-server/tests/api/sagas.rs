@@ -49,6 +49,16 @@ async fn world(s: &TestServer) -> World {
             }
         }
     }
+    // The VMs' hidden state images (memory snapshots).
+    if let Ok(rd) = std::fs::read_dir(s.dir.path().join("vms")) {
+        for e in rd.flatten() {
+            let state = e.path().join("vmstate.qcow2");
+            if let Ok(info) = covm_hv::img::info(&state).await {
+                let tags: Vec<String> = info.snapshots.iter().map(|s| s.name.clone()).collect();
+                files.push(format!("state:{tags:?}"));
+            }
+        }
+    }
     files.sort();
     let mut configs = BTreeMap::new();
     let mut blocks = BTreeMap::new();
@@ -89,6 +99,7 @@ enum Op {
     Move,
     SnapshotCreate,
     SnapshotLive,
+    SnapshotMemory,
     SnapshotDelete,
     SnapshotRevert,
 }
@@ -136,7 +147,7 @@ impl Op {
                 let _ = c.vm_disk_detach("run2", "mv", &DetachQuery::default()).await;
                 let _ = c.vm_disk_attach("run", &attach("mv")).await;
             }
-            Op::SnapshotCreate | Op::SnapshotLive | Op::SnapshotDelete | Op::SnapshotRevert => {
+            Op::SnapshotCreate | Op::SnapshotLive | Op::SnapshotMemory | Op::SnapshotDelete | Op::SnapshotRevert => {
                 ensure("sn").await;
                 if c.vm("off").await.unwrap().config.disks.iter().all(|d| d.disk != "sn") {
                     c.vm_disk_attach("off", &attach("sn")).await.unwrap();
@@ -152,6 +163,7 @@ impl Op {
                     c.vm_disk_attach("run", &attach("snl")).await.unwrap();
                 }
                 let _ = c.snapshot_delete("run", "live").await;
+                let _ = c.snapshot_delete("run", "mem").await;
                 // The safety snapshots of earlier reverts.
                 for x in c.snapshots("off").await.unwrap() {
                     if x.kind == SnapshotKind::Safety {
@@ -183,6 +195,9 @@ impl Op {
             Op::Move => c.disk_move("mv", &DiskMove { to_vm: "run2".into(), ..Default::default() }).await.map(drop),
             Op::SnapshotCreate => c.snapshot_create("off", &snapshot("fresh")).await.map(drop),
             Op::SnapshotLive => c.snapshot_create("run", &snapshot("live")).await.map(drop),
+            Op::SnapshotMemory => {
+                c.snapshot_create("run", &SnapshotCreate { memory: true, ..snapshot("mem") }).await.map(drop)
+            }
             Op::SnapshotDelete => c.snapshot_delete("off", "old").await,
             Op::SnapshotRevert => {
                 let p = SnapshotRevert { scope: RevertScope::Both, memory: false, skip_moved: false };
@@ -196,7 +211,7 @@ fn snapshot(n: &str) -> SnapshotCreate {
     SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![] }
 }
 
-const OPS: [Op; 14] = [
+const OPS: [Op; 15] = [
     Op::Create,
     Op::Clone,
     Op::Import,
@@ -209,6 +224,7 @@ const OPS: [Op; 14] = [
     Op::Move,
     Op::SnapshotCreate,
     Op::SnapshotLive,
+    Op::SnapshotMemory,
     Op::SnapshotDelete,
     Op::SnapshotRevert,
 ];
@@ -248,7 +264,8 @@ async fn every_step_fails_cleanly(s: &TestServer) {
                 let r = op.run(c).await;
                 s.app().faults().set(None);
                 match r {
-                    Err(ClientError::Api { status: 500, error, .. }) => {
+                    // Directly, or as the error a task (a snapshot's) ended in.
+                    Err(ClientError::Api { status: 500, error, .. }) | Err(ClientError::Task { error, .. }) => {
                         assert!(error.message.contains("injected failure"), "{op:?} {step} {at:?}: {}", error.message)
                     }
                     other => panic!("{op:?} {step} {at:?}: expected the injected failure, got {other:?}"),

@@ -65,12 +65,10 @@ async fn config_and_data_come_back_together_or_apart_and_every_revert_keeps_the_
     write(&f1, 0x41);
     write(&f2, 0x41);
 
-    // A raw disk cannot hold a snapshot: it must be excluded; memory is not supported yet.
+    // A raw disk cannot hold a snapshot: it must be excluded; a VM that is off has no memory to keep.
     assert_eq!(code(c.snapshot_create("a", &create("s1")).await), (409, ErrorCode::SnapshotUnsupported));
-    assert_eq!(
-        code(c.snapshot_create("a", &SnapshotCreate { memory: true, ..create("s1") }).await),
-        (409, ErrorCode::SnapshotUnsupported)
-    );
+    let no_memory = SnapshotCreate { memory: true, exclude: vec!["r".into()], ..create("s1") };
+    assert_eq!(code(c.snapshot_create("a", &no_memory).await), (409, ErrorCode::VmNotRunning));
     assert_eq!(
         code(c.snapshot_create("a", &SnapshotCreate { exclude: vec!["nope".into()], ..create("s1") }).await).0,
         400
@@ -149,6 +147,27 @@ async fn live_snapshots(s: &TestServer) {
     }
     // The data goes back only with the VM off; a config revert is a change like any other.
     assert_eq!(code(c.snapshot_revert("b", "live", &revert(RevertScope::Data)).await), (409, ErrorCode::VmRunning));
+    // Memory: only with scope both, only from a snapshot that holds it, never with a disk the VM
+    // writes to left out.
+    let with_memory = |scope| SnapshotRevert { memory: true, ..revert(scope) };
+    assert_eq!(code(c.snapshot_revert("b", "live", &with_memory(RevertScope::Data)).await).0, 400);
+    assert_eq!(
+        code(c.snapshot_revert("b", "live", &with_memory(RevertScope::Both)).await),
+        (409, ErrorCode::SnapshotUnsupported)
+    );
+    let partial = SnapshotCreate { memory: true, exclude: vec!["l2".into()], ..create("m") };
+    assert_eq!(code(c.snapshot_create("b", &partial).await), (409, ErrorCode::SnapshotUnsupported));
+    // A memory snapshot: the tag in both disks and in the VM's hidden state image; deleted from all.
+    let m = c.snapshot_create("b", &SnapshotCreate { memory: true, ..create("m") }).await.unwrap();
+    let state = s.dir.path().join("vms").join(c.vm("b").await.unwrap().id.to_string()).join("vmstate.qcow2");
+    let mtag = format!("covm-{}", m.id);
+    for f in [&f1, &f2, &state] {
+        assert!(covm_hv::img::snapshot_tags(f).await.unwrap().contains(&mtag), "{}", f.display());
+    }
+    c.snapshot_delete("b", "m").await.unwrap();
+    for f in [&f1, &f2, &state] {
+        assert!(!covm_hv::img::snapshot_tags(f).await.unwrap().contains(&mtag), "{}", f.display());
+    }
     c.snapshot_revert("b", &snap.id.to_string(), &revert(RevertScope::Config)).await.unwrap();
     assert_eq!(c.snapshots("b").await.unwrap().len(), 1, "a config revert keeps the present in the config's history");
     // Deleted through the QEMU that holds the disks.

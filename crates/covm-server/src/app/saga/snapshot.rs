@@ -35,6 +35,9 @@ pub struct Tagged {
     /// The owner is a disk (a snapshot of the disk on its own), not a VM.
     #[serde(default)]
     pub disk: bool,
+    /// A memory snapshot: the VM's hidden state image, which holds the tag too.
+    #[serde(default)]
+    pub state: Option<PathBuf>,
 }
 
 impl Tagged {
@@ -43,6 +46,9 @@ impl Tagged {
     }
 
     async fn tags_add(&self, app: &App) -> Result<(), Error> {
+        if let Some(state) = &self.state {
+            return self.memory_save(app, state).await;
+        }
         // The disks the running QEMU holds take their tags in one transaction; the others (a disk
         // pending for the next boot, or all of them when the VM stopped meanwhile) with qemu-img.
         let mut by_qemu = vec![false; self.files.len()];
@@ -75,6 +81,31 @@ impl Tagged {
         Ok(())
     }
 
+    /// A memory snapshot: the running QEMU saves the guest into the state image and tags the disks it
+    /// holds, all in one `snapshot-save` (the guest pauses meanwhile); a covered disk it does not hold
+    /// (pending for the next boot) is tagged with qemu-img.
+    async fn memory_save(&self, app: &App, state: &std::path::Path) -> Result<(), Error> {
+        let held = match app.agent().block_state(self.vm_id).await {
+            Ok(h) => h,
+            Err(covm_hv::HvError::Gone) => return Err(memory_gone(&self.view.vm)),
+            Err(e) => return Err(hv_error(e)),
+        };
+        let mut nodes = Vec::new();
+        for (i, d) in self.view.disks.iter().enumerate() {
+            let node = disk_node(d.disk_id);
+            if held.nodes.contains(&node) {
+                nodes.push(node);
+            } else if let Some(f) = &self.files[i] {
+                img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
+            }
+        }
+        let m = covm_hv::MemoryState { tag: format!("covm-{}", self.view.id), state: state.to_owned(), nodes };
+        match app.agent().ask(self.vm_id, VmOp::SnapshotSave(Box::new(m))).await {
+            Err(covm_hv::HvError::Gone) => Err(memory_gone(&self.view.vm)),
+            r => r.map_err(hv_error),
+        }
+    }
+
     /// Removes the tags, each through the QEMU that holds its disk now (a file a process holds cannot
     /// be changed by `qemu-img`), or with `qemu-img` when none does.
     async fn tags_remove(&self, app: &App) -> Result<(), Error> {
@@ -93,6 +124,28 @@ impl Tagged {
             }
             if !done {
                 img::snapshot_delete(f, self.tag(i)).await.map_err(hv_error)?;
+            }
+        }
+        if let Some(state) = &self.state {
+            // The state image: through the VM's QEMU when it holds it, else with qemu-img.
+            let tag = format!("covm-{}", self.view.id);
+            let held = match app.agent().block_state(self.vm_id).await {
+                Ok(h) => h.nodes.iter().any(|n| n == covm_hv::STATE_NODE),
+                Err(covm_hv::HvError::Gone) => false,
+                Err(e) => return Err(hv_error(e)),
+            };
+            let by_qemu = held
+                && match app
+                    .agent()
+                    .ask(self.vm_id, VmOp::SnapshotDelete(covm_hv::STATE_NODE.into(), tag.clone()))
+                    .await
+                {
+                    Ok(()) => true,
+                    Err(covm_hv::HvError::Gone) => false,
+                    Err(e) => return Err(hv_error(e)),
+                };
+            if !by_qemu {
+                img::snapshot_delete(state, &tag).await.map_err(hv_error)?;
             }
         }
         Ok(())
@@ -134,6 +187,11 @@ impl Tagged {
         }
         Ok(())
     }
+}
+
+/// A memory snapshot of a VM that stopped meanwhile.
+fn memory_gone(vm: &str) -> Error {
+    Error::conflict(covm_types::ErrorCode::VmNotRunning, format!("{vm} stopped; a memory snapshot needs it running"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
