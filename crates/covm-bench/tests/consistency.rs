@@ -14,6 +14,7 @@ async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
         db: None,
         advertise: None,
         max_connections: None,
+        safety_snapshot_days: None,
     })
     .await
     .unwrap();

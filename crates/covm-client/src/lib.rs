@@ -637,6 +637,15 @@ impl Client {
         }
     }
 
+    pub async fn snapshot_update(
+        &self,
+        vm: &str,
+        snap: &str,
+        p: &covm_types::snapshot::SnapshotUpdate,
+    ) -> Result<covm_types::snapshot::SnapshotView> {
+        self.send(self.request(Method::PATCH, &format!("/vms/{vm}/snapshots/{snap}")).json(p)).await
+    }
+
     pub async fn snapshots(&self, vm: &str) -> Result<Vec<covm_types::snapshot::SnapshotView>> {
         self.get(&format!("/vms/{vm}/snapshots")).await
     }

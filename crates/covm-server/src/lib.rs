@@ -54,6 +54,8 @@ pub struct ServeConfig {
     /// At most this many connections at once (default [`listen::CONNECTIONS_DEFAULT`], and never more
     /// than the open-file limit allows with room for work).
     pub max_connections: Option<usize>,
+    /// How many days a safety snapshot is kept (default [`app::SAFETY_SNAPSHOT_DAYS`]).
+    pub safety_snapshot_days: Option<u32>,
 }
 
 /// A server that is listening.
@@ -135,7 +137,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         tracing::warn!("the simulated driver runs no real VMs; runtime state is labelled simulated");
     }
     let node_id = node_id(&data_dir)?;
-    let app = App::new(store.clone(), AppConfig { data_dir: data_dir.clone(), node_id }, driver);
+    let mut app_config = AppConfig::new(data_dir.clone(), node_id);
+    if let Some(days) = config.safety_snapshot_days {
+        app_config.safety_snapshot_ttl = chrono::Duration::days(days.into());
+    }
+    let app = App::new(store.clone(), app_config, driver);
     store.replica_register(app.replica()).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let initial_password_file = app.bootstrap(&data_dir).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     if let Some(f) = &initial_password_file {

@@ -649,8 +649,9 @@ pub trait SnapshotStore: Send + Sync {
     async fn snapshot_get(&self, id: Uuid) -> Result<Option<SnapshotRecord>>;
     /// Removes a snapshot's record with its log entry; false when it was not there.
     async fn snapshot_remove(&self, id: Uuid, event: NewEvent) -> Result<bool>;
-    /// Replaces a snapshot's document (a safety snapshot learns the version it protects).
-    async fn snapshot_doc_set(&self, id: Uuid, doc: serde_json::Value) -> Result<()>;
+    /// Replaces a snapshot's document (a safety snapshot learns the version it protects; a user pins
+    /// one), with its event; false when it is gone.
+    async fn snapshot_update(&self, id: Uuid, doc: serde_json::Value, event: NewEvent) -> Result<bool>;
     /// Every snapshot of every VM (for the reaper of expired safety snapshots).
     async fn snapshots_all(&self) -> Result<Vec<SnapshotRecord>>;
 }

@@ -59,6 +59,18 @@ pub struct SnapshotRevert {
     pub skip_moved: bool,
 }
 
+/// What a snapshot's owner may change of it (`PATCH`): its description, and whether it is pinned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotUpdate {
+    /// Keep it until it is deleted by hand: a pinned safety snapshot never expires; unpinned, it
+    /// expires the configured time after it was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSnapshotCreate {
@@ -117,8 +129,12 @@ pub struct SnapshotView {
     pub parent: Option<Uuid>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
+    /// When the reaper deletes it (a safety snapshot that is not pinned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Kept until deleted by hand (a safety snapshot then never expires).
+    #[serde(default)]
+    pub pinned: bool,
     /// A disk it covers is now attached to another VM, or deleted: its data cannot come back with this VM's.
     #[serde(default)]
     pub partial: bool,

@@ -121,6 +121,9 @@ struct ServeArgs {
     /// limit with room for work).
     #[arg(long, env = "COVM_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Days a safety snapshot is kept before it is deleted (unless pinned).
+    #[arg(long, env = "COVM_SAFETY_SNAPSHOT_DAYS", value_parser = clap::value_parser!(u32).range(1..=3650))]
+    safety_snapshot_days: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -324,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 db: a.db,
                 advertise: a.advertise,
                 max_connections: a.max_connections,
+                safety_snapshot_days: a.safety_snapshot_days,
             })
             .await
         }

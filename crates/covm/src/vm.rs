@@ -222,6 +222,16 @@ pub enum SnapshotCmd {
         vm: String,
         snapshot: String,
     },
+    /// Keep a snapshot until it is deleted by hand (a safety snapshot then never expires).
+    Pin {
+        vm: String,
+        snapshot: String,
+    },
+    /// Let a safety snapshot expire again (the configured time after it was taken).
+    Unpin {
+        vm: String,
+        snapshot: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -689,6 +699,11 @@ fn revert_scope(scope: &str) -> covm_types::snapshot::RevertScope {
     }
 }
 
+async fn snapshot_pin(c: &Client, out: &Out, vm: &str, snapshot: &str, pinned: bool) -> anyhow::Result<()> {
+    let p = covm_types::snapshot::SnapshotUpdate { pinned: Some(pinned), description: None };
+    out.snapshot(&c.snapshot_update(vm, snapshot, &p).await?)
+}
+
 async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()> {
     use covm_types::snapshot::{SnapshotCreate, SnapshotRevert};
     match cmd {
@@ -697,6 +712,8 @@ async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()>
             let s = c.snapshot_create(&vm, &SnapshotCreate { name, description, memory, exclude }).await?;
             out.snapshot(&s)
         }
+        SnapshotCmd::Pin { vm, snapshot } => snapshot_pin(c, out, &vm, &snapshot, true).await,
+        SnapshotCmd::Unpin { vm, snapshot } => snapshot_pin(c, out, &vm, &snapshot, false).await,
         SnapshotCmd::Ls { vm } => out.snapshots(&c.snapshots(&vm).await?),
         SnapshotCmd::Info { vm, snapshot } => out.snapshot(&c.snapshot(&vm, &snapshot).await?),
         SnapshotCmd::Revert { vm, snapshot, scope, memory, skip_moved } => {

@@ -234,6 +234,7 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
         created_by: "admin".into(),
         created_at: chrono::Utc::now(),
         expires_at: None,
+        pinned: false,
         partial: false,
     };
     let tagged =

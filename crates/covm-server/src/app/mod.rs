@@ -50,6 +50,18 @@ pub struct AppConfig {
     pub data_dir: PathBuf,
     /// This node's id (kept in the data directory): which VMs its agent runs and adopts.
     pub node_id: String,
+    /// How long a safety snapshot is kept before the reaper deletes it (unless pinned).
+    pub safety_snapshot_ttl: chrono::Duration,
+}
+
+/// The default of [`AppConfig::safety_snapshot_ttl`], in days.
+pub const SAFETY_SNAPSHOT_DAYS: u32 = 7;
+
+impl AppConfig {
+    /// A config with the defaults.
+    pub fn new(data_dir: PathBuf, node_id: String) -> AppConfig {
+        AppConfig { data_dir, node_id, safety_snapshot_ttl: chrono::Duration::days(SAFETY_SNAPSHOT_DAYS.into()) }
+    }
 }
 
 /// The app: cheap to clone, shared by every request.

@@ -19,7 +19,7 @@ use covm_types::api::ObjectKind;
 use covm_types::disk::{DiskFormat, Sharing};
 use covm_types::snapshot::{
     DiskSnapshotCreate, DiskSnapshotView, RevertScope, SnapshotCreate, SnapshotDisk, SnapshotExcluded, SnapshotKind,
-    SnapshotRevert, SnapshotView,
+    SnapshotRevert, SnapshotUpdate, SnapshotView,
 };
 use covm_types::vm::{SafetyPolicy, TaskView, VmView};
 
@@ -30,10 +30,8 @@ use uuid::Uuid;
 use super::saga::Saga;
 use super::saga::snapshot::{ConfigRevert, SnapshotCreateSaga, SnapshotDeleteSaga, SnapshotRevertSaga, Tagged};
 use super::vms::{DocChange, Preconditions, WriteOpts, parse_config, running};
-use super::{App, Ctx};
-
-/// How long a safety snapshot is kept.
-const SAFETY_TTL_DAYS: i64 = 7;
+use super::{App, Ctx, EventExt};
+use serde_json::json;
 
 fn current_key(vm: Uuid) -> String {
     format!("snapshot-current/{vm}")
@@ -197,7 +195,8 @@ impl App {
             parent,
             created_by: ctx.user.clone(),
             created_at: now,
-            expires_at: (t.kind == SnapshotKind::Safety).then(|| now + chrono::Duration::days(SAFETY_TTL_DAYS)),
+            expires_at: (t.kind == SnapshotKind::Safety).then(|| now + self.config().safety_snapshot_ttl),
+            pinned: false,
             partial: false,
         };
         Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false, state })
@@ -258,6 +257,42 @@ impl App {
             }
         }
         Ok(v)
+    }
+
+    /// Pins or unpins a snapshot, or changes its description. Unpinned, a safety snapshot expires the
+    /// configured time after it was taken (at once at the reaper's next round if that time is past).
+    pub async fn snapshot_update(
+        &self,
+        ctx: &Ctx,
+        vm: &str,
+        snap: &str,
+        p: SnapshotUpdate,
+    ) -> Result<SnapshotView, Error> {
+        let rec = self.vm_resolve(ctx, vm).await?;
+        self.require(ctx, &rec.object, Privilege::VmStateRenameSnapshot).await?;
+        if p.description.as_ref().is_some_and(|d| d.len() > 1024) {
+            return Err(Error::invalid("description", "a description has at most 1024 bytes"));
+        }
+        let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
+        let mut v = view_of(&s, &rec.object.name)?;
+        if let Some(pinned) = p.pinned {
+            v.pinned = pinned;
+            v.expires_at = match (v.kind, pinned) {
+                (SnapshotKind::Safety, false) => Some(v.created_at + self.config().safety_snapshot_ttl),
+                _ => None,
+            };
+        }
+        if let Some(d) = p.description {
+            v.description = Some(d).filter(|d| !d.is_empty());
+        }
+        let data = json!({ "snapshot": v.id, "name": v.name, "pinned": v.pinned, "expires_at": v.expires_at });
+        let ev = ctx.event("vm.snapshot.updated", "vm", Some(rec.object.id), &rec.object.name).data(data);
+        let doc = serde_json::to_value(&v).map_err(|e| Error::internal(e.to_string()))?;
+        if !self.store().snapshot_update(v.id, doc, ev).await? {
+            return Err(Error::not_found("snapshot", &format!("{}/{snap}", rec.object.name)));
+        }
+        self.committed();
+        self.snapshot_settle(v, rec.object.id).await
     }
 
     /// One snapshot, by name or id.
@@ -648,8 +683,10 @@ impl App {
         let r = match version.filter(|v| *v > s.config_version) {
             Some(v) => {
                 s.protects_version = Some(v);
+                let data = json!({ "snapshot": s.id, "name": s.name, "protects_version": v });
+                let ev = ctx.event("vm.snapshot.updated", "vm", Some(vm), &s.vm).data(data);
                 let doc = serde_json::to_value(&s).unwrap_or_default();
-                self.store().snapshot_doc_set(s.id, doc).await
+                self.store().snapshot_update(s.id, doc, ev).await.map(|_| self.committed())
             }
             None => self.snapshot_remove(ctx, vm, s, false).await,
         };
@@ -672,12 +709,16 @@ impl App {
     /// Deletes the safety snapshots whose time is up (run now and then by the replica that runs
     /// background work).
     pub async fn snapshots_reap(&self) -> Result<usize, Error> {
-        let now = covm_store::now();
+        self.snapshots_reap_at(covm_store::now()).await
+    }
+
+    /// [`Self::snapshots_reap`] as if it were `now` (tests look ahead with it).
+    pub async fn snapshots_reap_at(&self, now: chrono::DateTime<chrono::Utc>) -> Result<usize, Error> {
         let mut n = 0;
         for rec in self.store().snapshots_all().await? {
             let name = self.store().object_get(rec.owner_id).await?.map(|o| o.name).unwrap_or_default();
             let Ok(view) = view_of(&rec, &name) else { continue };
-            if view.kind != SnapshotKind::Safety || view.expires_at.is_none_or(|e| e > now) {
+            if view.kind != SnapshotKind::Safety || view.pinned || view.expires_at.is_none_or(|e| e > now) {
                 continue;
             }
             let ctx = Ctx::system("covm", None);
@@ -772,6 +813,7 @@ impl App {
                     created_by: ctx.user.clone(),
                     created_at: covm_store::now(),
                     expires_at: None,
+                    pinned: false,
                     partial: false,
                 };
                 let files = vec![Some(app.disk_file(&o).await?)];

@@ -114,7 +114,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(disks::vm_block_state))
         .routes(routes!(disks::vm_stats))
         .routes(routes!(snapshots::snapshot_create, snapshots::snapshot_list))
-        .routes(routes!(snapshots::snapshot_get, snapshots::snapshot_delete))
+        .routes(routes!(snapshots::snapshot_get, snapshots::snapshot_update, snapshots::snapshot_delete))
         .routes(routes!(snapshots::snapshot_revert))
         .routes(routes!(snapshots::disk_snapshot_create, snapshots::disk_snapshot_list))
         .routes(routes!(snapshots::disk_snapshot_delete))
@@ -352,8 +352,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = covm_store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
         let driver = Arc::new(covm_hv::sim::SimDriver::default());
-        let app =
-            App::new(Arc::new(store), AppConfig { data_dir: dir.path().to_owned(), node_id: "test".into() }, driver);
+        let app = App::new(Arc::new(store), AppConfig::new(dir.path().to_owned(), "test".into()), driver);
         let routes = axum::Router::new().route(
             "/boom",
             axum::routing::post(|| async {

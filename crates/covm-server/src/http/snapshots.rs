@@ -5,7 +5,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::error::{ConflictError, LeasedError, StaleError};
-use covm_types::snapshot::{DiskSnapshotCreate, DiskSnapshotView, SnapshotCreate, SnapshotRevert, SnapshotView};
+use covm_types::snapshot::{
+    DiskSnapshotCreate, DiskSnapshotView, SnapshotCreate, SnapshotRevert, SnapshotUpdate, SnapshotView,
+};
 use covm_types::vm::{TaskView, VmView};
 
 use super::error::ApiError;
@@ -52,6 +54,21 @@ pub async fn snapshot_get(
     Path((vm, snap)): Path<(String, String)>,
 ) -> Result<Json<SnapshotView>, ApiError> {
     Ok(Json(app.snapshot_get(&ctx, &vm, &snap).await?))
+}
+
+/// Pins or unpins a snapshot (a pinned safety snapshot never expires), or changes its description.
+#[utoipa::path(patch, path = "/vms/{vm}/snapshots/{snap}", tag = "snapshots", operation_id = "snapshot_update",
+    params(("vm" = String, Path, description = "VM name or id"), ("snap" = String, Path, description = "snapshot name or id")),
+    request_body = SnapshotUpdate,
+    responses((status = 200, body = SnapshotView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn snapshot_update(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, snap)): Path<(String, String)>,
+    JsonBody(p): JsonBody<SnapshotUpdate>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    Ok(Json(app.snapshot_update(&ctx, &vm, &snap, p).await?))
 }
 
 /// Deletes a snapshot: its record and its tags.

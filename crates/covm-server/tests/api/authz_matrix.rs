@@ -93,6 +93,7 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/vms/{vm}/snapshots",
     "POST /api/v1/vms/{vm}/snapshots",
     "GET /api/v1/vms/{vm}/snapshots/{snap}",
+    "PATCH /api/v1/vms/{vm}/snapshots/{snap}",
     "DELETE /api/v1/vms/{vm}/snapshots/{snap}",
     "POST /api/v1/vms/{vm}/snapshots/{snap}/revert",
     "GET /api/v1/disks/{disk}/snapshots",
@@ -319,6 +320,10 @@ impl Env {
             }
             "GET /api/v1/vms/{vm}/snapshots/{snap}" => {
                 status(&c, Method::GET, "/vms/vm-shared/snapshots/s0", None).await
+            }
+            "PATCH /api/v1/vms/{vm}/snapshots/{snap}" => {
+                let p = json!({ "pinned": true });
+                status(&c, Method::PATCH, &format!("/vms/vm-snap-{t}/snapshots/s-rev"), Some(p)).await
             }
             "DELETE /api/v1/vms/{vm}/snapshots/{snap}" => {
                 status(&c, Method::DELETE, &format!("/vms/vm-snap-{t}/snapshots/s-del"), None).await

@@ -77,6 +77,7 @@ impl TestServer {
             db,
             advertise: None,
             max_connections: None,
+            safety_snapshot_days: None,
         })
         .await
         .expect("covm starts")

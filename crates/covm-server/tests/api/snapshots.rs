@@ -400,3 +400,53 @@ async fn a_snapshot_of_a_deleted_disk_is_partial_and_its_config_cannot_come_back
     assert!(c.snapshot("g", "then").await.unwrap().partial);
     assert_eq!(code(c.snapshot_revert("g", "then", &revert(RevertScope::Config)).await), (409, ErrorCode::DiskMissing));
 }
+
+/// Safety snapshots expire the configured time after they are taken, and the reaper deletes them
+/// (record and tags); a pinned one stays until deleted by hand.
+#[tokio::test]
+async fn safety_snapshots_expire_unless_pinned() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    let d = c.disk_create(&new_disk("ex", 8 << 20)).await.unwrap();
+    let disks = vec![attachment("ex", "scsi0", 0)];
+    c.vm_create(&VmConfig { memory_mib: 64, disks, ..vm_named("e") }).await.unwrap();
+    let forced = ChangeOptions { snapshot: true, ..Default::default() };
+    for cpus in [2, 3] {
+        c.vm_change("e", &VmChange { cpus: Some(cpus), ..Default::default() }, &forced).await.unwrap();
+    }
+    let all = c.snapshots("e").await.unwrap();
+    assert_eq!(all.len(), 2);
+    for x in &all {
+        assert_eq!(x.kind, SnapshotKind::Safety);
+        assert!(!x.pinned);
+        assert_eq!(x.expires_at, Some(x.created_at + chrono::Duration::days(7)), "the default: 7 days");
+    }
+    let (keep, lose) = (&all[0], &all[1]);
+
+    // Pinned: no expiry; unpinned: the expiry again; pinned once more.
+    let pin = |pinned| covm_types::snapshot::SnapshotUpdate { pinned: Some(pinned), description: None };
+    let p = c.snapshot_update("e", &keep.name, &pin(true)).await.unwrap();
+    assert!(p.pinned && p.expires_at.is_none(), "{p:?}");
+    let p = c.snapshot_update("e", &keep.id.to_string(), &pin(false)).await.unwrap();
+    assert_eq!((p.pinned, p.expires_at), (false, keep.expires_at));
+    c.snapshot_update("e", &keep.name, &pin(true)).await.unwrap();
+    let described = covm_types::snapshot::SnapshotUpdate { pinned: None, description: Some("keep me".into()) };
+    let p = c.snapshot_update("e", &keep.name, &described).await.unwrap();
+    assert!(p.pinned && p.description.as_deref() == Some("keep me"), "{p:?}");
+    assert_eq!(code(c.snapshot_update("e", "nope", &pin(true)).await), (404, ErrorCode::NotFound));
+    let bob = s.user("bob").await;
+    c.permission_grant("bob", "VMUser", "vm:e", false).await.unwrap();
+    assert_eq!(code(bob.snapshot_update("e", &keep.name, &pin(false)).await).0, 403);
+
+    // Eight days on: the unpinned one goes, record and tag; the pinned one stays.
+    let reaped = s.app().snapshots_reap_at(chrono::Utc::now() + chrono::Duration::days(8)).await.unwrap();
+    assert_eq!(reaped, 1);
+    let left: Vec<String> = c.snapshots("e").await.unwrap().into_iter().map(|x| x.name).collect();
+    assert_eq!(left, std::slice::from_ref(&keep.name));
+    let tags = covm_hv::img::snapshot_tags(&file(&s, &d)).await.unwrap();
+    assert_eq!(tags, [format!("covm-{}", keep.id)], "{} was reaped with its tag", lose.name);
+    let events =
+        c.events(&covm_types::api::EventQuery { limit: Some(1000), ..Default::default() }).await.unwrap().items;
+    assert!(events.iter().any(|e| e.kind == "vm.snapshot.updated" && e.data["pinned"] == true));
+    assert!(c.audit_verify().await.unwrap().ok);
+}

@@ -37,15 +37,20 @@ macro_rules! sql_snapshots {
                 rows.iter().map(snapshot_row).collect()
             }
 
-            async fn snapshot_doc_set(&self, id: Uuid, doc: serde_json::Value) -> Result<()> {
+            async fn snapshot_update(&self, id: Uuid, doc: serde_json::Value, event: NewEvent) -> Result<bool> {
                 let mut tx = self.begin().await?;
-                sqlx::query("UPDATE snapshots SET doc = $2 WHERE id = $1")
+                let n = sqlx::query("UPDATE snapshots SET doc = $2 WHERE id = $1")
                     .bind(id.to_string())
                     .bind(doc.to_string())
                     .execute(&mut *tx)
                     .await
-                    .map_err(db_err("update a snapshot"))?;
-                tx.commit().await.map_err(db_err("commit"))
+                    .map_err(db_err("update a snapshot"))?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                finish(tx, event).await?;
+                Ok(true)
             }
 
             async fn snapshots_all(&self) -> Result<Vec<SnapshotRecord>> {
