@@ -87,9 +87,13 @@ pub struct DiskSnapshotView {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// `safety`: taken by covm before a revert of the disk.
+    pub kind: SnapshotKind,
     pub tag: String,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// A disk a snapshot covers, and its tag inside the disk's file.

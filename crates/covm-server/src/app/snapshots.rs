@@ -559,9 +559,16 @@ impl App {
             .iter()
             .map(|d| safety.as_ref()?.view.disks.iter().find(|s| s.disk_id == d.disk_id).map(|s| s.tag.clone()))
             .collect();
+        let doc = match config {
+            true => match self.revert_doc_settle(&cfg, &target).await {
+                Ok(d) => d,
+                Err(e) => return Err(guard.refuse(e).await.into()),
+            },
+            false => serde_json::Value::Null,
+        };
         let config = config.then(|| ConfigRevert {
             version: to.config_version,
-            doc: version.config.clone(),
+            doc,
             message: format!("revert to snapshot {}", to.name),
             before_version: rec.version,
             before_doc: rec.config.clone(),
@@ -578,6 +585,32 @@ impl App {
             Ok(_) => Ok(()),
             Err((error, state)) => Err(RevertFailed { error, stuck: state == covm_store::SagaState::Stuck }),
         }
+    }
+
+    /// The config a revert writes: the snapshot's, with each disk attachment's generation settled
+    /// against the present: one the VM holds now keeps its present generation, one that comes back is
+    /// a new attachment with a generation of its own (as an attach gives it).
+    async fn revert_doc_settle(
+        &self,
+        now: &covm_types::vm::VmConfig,
+        target: &covm_types::vm::VmConfig,
+    ) -> Result<serde_json::Value, Error> {
+        let mut cfg = target.clone();
+        let mut fresh = None;
+        for d in &mut cfg.disks {
+            match now.disks.iter().find(|p| p.disk == d.disk) {
+                Some(p) => d.generation = p.generation,
+                None => {
+                    let g = match fresh {
+                        Some(g) => g,
+                        None => u64::try_from(self.store().events_head().await?).unwrap_or(0) + 1,
+                    };
+                    fresh = Some(g);
+                    d.generation = g;
+                }
+            }
+        }
+        serde_json::to_value(&cfg).map_err(|e| Error::internal(e.to_string()))
     }
 
     /// Writes a config version equal to an earlier one, inside a revert saga whose locks cover the disks
@@ -716,13 +749,15 @@ impl App {
     pub async fn snapshots_reap_at(&self, now: chrono::DateTime<chrono::Utc>) -> Result<usize, Error> {
         let mut n = 0;
         for rec in self.store().snapshots_all().await? {
-            let name = self.store().object_get(rec.owner_id).await?.map(|o| o.name).unwrap_or_default();
+            let owner = self.store().object_get(rec.owner_id).await?;
+            let disk = owner.as_ref().is_some_and(|o| o.kind == ObjectKind::Disk);
+            let name = owner.map(|o| o.name).unwrap_or_default();
             let Ok(view) = view_of(&rec, &name) else { continue };
             if view.kind != SnapshotKind::Safety || view.pinned || view.expires_at.is_none_or(|e| e > now) {
                 continue;
             }
             let ctx = Ctx::system("covm", None);
-            match self.snapshot_remove(&ctx, rec.owner_id, view, false).await {
+            match self.snapshot_remove(&ctx, rec.owner_id, view, disk).await {
                 Ok(()) => n += 1,
                 Err(e) => {
                     tracing::warn!(snapshot = %rec.id, error = %e, "an expired safety snapshot could not be deleted")
@@ -740,9 +775,11 @@ fn disk_view(v: SnapshotView) -> DiskSnapshotView {
         disk: v.vm,
         name: v.name,
         description: v.description,
+        kind: v.kind,
         tag,
         created_by: v.created_by,
         created_at: v.created_at,
+        expires_at: v.expires_at,
     }
 }
 
@@ -774,60 +811,68 @@ impl App {
         let (app, ctx) = (self.clone(), ctx.clone());
         self.to_the_end(async move {
             let guard = app.saga_begin(&ctx, SnapshotCreateSaga::KIND, &[o.id]).await?;
-            let plan = async {
-                let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
-                let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
-                if sharing == Sharing::MultiWriter || format != DiskFormat::Qcow2 {
-                    return Err(Error::conflict(
-                        ErrorCode::SnapshotUnsupported,
-                        format!("{} cannot hold snapshots (only qcow2 disks that are not shared can)", o.name),
-                    ));
-                }
-                let name = p.name.to_string();
-                if app.store().snapshots_of(o.id).await?.iter().any(|s| s.name == name) {
-                    return Err(Error::conflict(
-                        ErrorCode::AlreadyExists,
-                        format!("{} has a snapshot named {name}", o.name),
-                    )
-                    .with_field("name"));
-                }
-                let holder = app.disk_running_holder(&o).await?;
-                if let Some(h) = &holder
-                    && let Some(vm) = app.store().vm_get(h.vm_id).await?
-                {
-                    app.agent_for(&vm)?;
-                }
-                let id = Uuid::now_v7();
-                let view = SnapshotView {
-                    id,
-                    vm: o.name.clone(),
-                    name,
-                    description: p.description.clone(),
-                    kind: SnapshotKind::Manual,
-                    config_version: 0,
-                    protects_version: None,
-                    memory: false,
-                    disks: vec![SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") }],
-                    excluded: vec![],
-                    parent: None,
-                    created_by: ctx.user.clone(),
-                    created_at: covm_store::now(),
-                    expires_at: None,
-                    pinned: false,
-                    partial: false,
-                };
-                let files = vec![Some(app.disk_file(&o).await?)];
-                let (live, via) = (holder.is_some(), holder.map(|h| h.vm_id));
-                Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true, state: None })
-            }
-            .await;
-            let tagged = match plan {
+            let take = Take {
+                name: p.name.to_string(),
+                description: p.description,
+                exclude: vec![],
+                kind: SnapshotKind::Manual,
+                memory: false,
+            };
+            let tagged = match app.disk_snapshot_plan(&ctx, &o, &take).await {
                 Ok(t) => t,
                 Err(e) => return Err(guard.refuse(e).await),
             };
             Ok(disk_view(guard.run(&ctx, SnapshotCreateSaga(tagged)).await?.0.view))
         })
         .await
+    }
+
+    /// A disk snapshot's plan, with the disk locked: the rules, and how its tag is taken.
+    async fn disk_snapshot_plan(&self, ctx: &Ctx, o: &covm_store::ObjectRecord, t: &Take) -> Result<Tagged, Error> {
+        let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
+        let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
+        if sharing == Sharing::MultiWriter || format != DiskFormat::Qcow2 {
+            return Err(Error::conflict(
+                ErrorCode::SnapshotUnsupported,
+                format!("{} cannot hold snapshots (only qcow2 disks that are not shared can)", o.name),
+            ));
+        }
+        if self.store().snapshots_of(o.id).await?.iter().any(|s| s.name == t.name) {
+            return Err(Error::conflict(
+                ErrorCode::AlreadyExists,
+                format!("{} has a snapshot named {}", o.name, t.name),
+            )
+            .with_field("name"));
+        }
+        let holder = self.disk_running_holder(o).await?;
+        if let Some(h) = &holder
+            && let Some(vm) = self.store().vm_get(h.vm_id).await?
+        {
+            self.agent_for(&vm)?;
+        }
+        let id = Uuid::now_v7();
+        let now = covm_store::now();
+        let view = SnapshotView {
+            id,
+            vm: o.name.clone(),
+            name: t.name.clone(),
+            description: t.description.clone(),
+            kind: t.kind,
+            config_version: 0,
+            protects_version: None,
+            memory: false,
+            disks: vec![SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") }],
+            excluded: vec![],
+            parent: None,
+            created_by: ctx.user.clone(),
+            created_at: now,
+            expires_at: (t.kind == SnapshotKind::Safety).then(|| now + self.config().safety_snapshot_ttl),
+            pinned: false,
+            partial: false,
+        };
+        let files = vec![Some(self.disk_file(o).await?)];
+        let (live, via) = (holder.is_some(), holder.map(|h| h.vm_id));
+        Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true, state: None })
     }
 
     pub async fn disk_snapshots_list(&self, ctx: &Ctx, disk: &str) -> Result<Vec<DiskSnapshotView>, Error> {
@@ -855,11 +900,17 @@ impl App {
             if let Some(h) = app.disk_running_holder(&o).await? {
                 return Err(guard.refuse(vm_running(&h.vm_name)).await);
             }
+            // The present first, as a safety snapshot of the disk (the saga's first step).
+            let take = Take::safety("before-revert", format!("taken before reverting {} to {}", o.name, view.name));
+            let safety = match app.disk_snapshot_plan(&ctx, &o, &take).await {
+                Ok(t) => t,
+                Err(e) => return Err(guard.refuse(e).await),
+            };
             let files = vec![Some(app.disk_file(&o).await?)];
             let to = Tagged { vm_id: o.id, view: view.clone(), files, live: false, via: None, disk: true, state: None };
-            guard
-                .run(&ctx, SnapshotRevertSaga { to, safety_tags: vec![None], data: true, config: None, safety: None })
-                .await?;
+            let safety_tags = vec![Some(safety.view.disks[0].tag.clone())];
+            let saga = SnapshotRevertSaga { to, safety_tags, data: true, config: None, safety: Some(safety) };
+            guard.run(&ctx, saga).await?;
             Ok(disk_view(view))
         })
         .await

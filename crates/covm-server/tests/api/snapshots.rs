@@ -242,6 +242,14 @@ async fn a_risky_change_is_protected_and_undone_by_the_version_it_made() {
     let after = c.vm_disk_detach("v", "extra", &covm_types::disk::DetachQuery::default()).await.unwrap();
     assert_eq!(after.version, before + 1);
     assert_eq!(safety(after.version).await, 1, "the detach is protected");
+    // Undone: the disk comes back as a new attachment (a generation of its own, as an attach gives);
+    // the disk the VM kept keeps its generation.
+    let gen_of = |cfg: &VmConfig, d: &str| cfg.disks.iter().find(|a| a.disk == d).map(|a| a.generation);
+    let old = c.vm_version("v", before).await.unwrap().config.unwrap();
+    let undone = c.vm_revert_before("v", after.version, RevertScope::Config).await.unwrap();
+    assert_eq!(gen_of(&undone.config, "sd"), gen_of(&after.config, "sd"));
+    assert!(gen_of(&undone.config, "extra").unwrap() > gen_of(&old, "extra").unwrap(), "a new attachment");
+    c.vm_disk_detach("v", "extra", &covm_types::disk::DetachQuery::default()).await.unwrap();
 
     // Policy off: a risky change takes none, unless asked.
     let off = VmChange { safety_snapshots: Some(covm_types::vm::SafetyPolicy::Off), ..Default::default() };
@@ -311,6 +319,20 @@ async fn disk_snapshots(s: &TestServer) {
     write(&f, 0x42);
     c.disk_snapshot_revert("fcd", "one").await.unwrap();
     assert!(holds(&f, 0x41));
+    // The revert kept the present first, in a safety snapshot of the disk, which undoes it.
+    let kept: Vec<_> =
+        c.disk_snapshots("fcd").await.unwrap().into_iter().filter(|x| x.kind == SnapshotKind::Safety).collect();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].expires_at.is_some() && kept[0].name.starts_with("before-revert"));
+    c.disk_snapshot_revert("fcd", &kept[0].name).await.unwrap();
+    assert!(holds(&f, 0x42), "the revert was undone");
+    for x in c.disk_snapshots("fcd").await.unwrap().into_iter().filter(|x| x.kind == SnapshotKind::Safety) {
+        c.disk_snapshot_delete("fcd", &x.name).await.unwrap();
+    }
+    c.disk_snapshot_revert("fcd", "one").await.unwrap();
+    for x in c.disk_snapshots("fcd").await.unwrap().into_iter().filter(|x| x.kind == SnapshotKind::Safety) {
+        c.disk_snapshot_delete("fcd", &x.name).await.unwrap();
+    }
     // Held by a running VM: taken live; a revert is refused, naming the VM.
     c.vm_create(&VmConfig { memory_mib: 64, disks: vec![attachment("fcd", "scsi0", 0)], ..vm_named("h") })
         .await

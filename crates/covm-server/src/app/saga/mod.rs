@@ -447,12 +447,14 @@ impl SagaGuard {
 
 impl App {
     /// Background work that one replica runs at a time, every second: lease expiry reports, the
-    /// recovery of sagas whose replica died, and (every minute) the deletion of expired safety snapshots. Every replica keeps asking for the role, so that another
+    /// recovery of sagas whose replica died, and (every minute) the deletion of expired safety
+    /// snapshots. Every replica keeps asking for the role, so that another
     /// takes over within a second or two when its holder dies (PostgreSQL releases the holder's lock
     /// with its connection). `leader`: whether this replica took the role at start.
     pub async fn background(&self, mut leader: bool) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut reap: u64 = 0;
+        let mut reaping: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tick.tick().await;
             // Every replica writes the summary of its own suppressed anonymous entries.
@@ -481,14 +483,18 @@ impl App {
             if let Err(e) = self.leases_expire().await {
                 tracing::warn!(error = %e, "could not report expired leases");
             }
-            // Expired safety snapshots, once a minute.
+            // Expired safety snapshots, once a minute, on a task of their own: a deletion can wait up
+            // to a lock's time for a VM's other operation, and the rest of this loop runs every second.
             reap += 1;
-            if reap.is_multiple_of(60) {
-                match self.snapshots_reap().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(snapshots = n, "deleted expired safety snapshots"),
-                    Err(e) => tracing::warn!(error = %e, "could not delete expired safety snapshots"),
-                }
+            if reap.is_multiple_of(60) && reaping.as_ref().is_none_or(|r| r.is_finished()) {
+                let app = self.clone();
+                reaping = Some(tokio::spawn(async move {
+                    match app.snapshots_reap().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(snapshots = n, "deleted expired safety snapshots"),
+                        Err(e) => tracing::warn!(error = %e, "could not delete expired safety snapshots"),
+                    }
+                }));
             }
             match self.sagas_recover().await {
                 Ok(0) => {}

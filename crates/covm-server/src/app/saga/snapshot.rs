@@ -394,12 +394,17 @@ impl Saga for SnapshotRevertSaga {
         }
     }
 
-    /// With a config step: whether the VM's config is the snapshot's. A data-only revert interrupted at
-    /// its pivot cannot tell from the files; it is put back to the safety snapshot.
+    /// With a config step: whether the revert's version was written (a version after the one it
+    /// started from holds its config; other changes may have followed it). A data-only revert
+    /// interrupted at its pivot cannot tell from the files; it is put back to the safety snapshot.
     async fn pivoted(&self, app: &App) -> Result<bool, Error> {
-        match &self.config {
-            Some(c) => Ok(app.store().vm_get(self.to.vm_id).await?.is_some_and(|v| v.config == c.doc)),
-            None => Ok(false),
+        let Some(c) = &self.config else { return Ok(false) };
+        let Some(now) = app.store().vm_get(self.to.vm_id).await? else { return Ok(false) };
+        for n in (c.before_version + 1)..=now.version {
+            if app.store().vm_version(self.to.vm_id, n).await?.is_some_and(|v| v.config == c.doc) {
+                return Ok(true);
+            }
         }
+        Ok(false)
     }
 }
