@@ -105,6 +105,21 @@ enum Scenario {
         #[arg(long, default_value_t = 16)]
         fill_mib: u64,
     },
+    /// Snapshots of a running VM (real QEMU, the test guest): disk-only and with memory, the part QEMU
+    /// takes (the guest's stall), deletes, and a memory revert.
+    SnapshotsLive {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 64)]
+        disk_mib: u64,
+        #[arg(long, default_value_t = 16)]
+        fill_mib: u64,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// The test guest (scripts/build-test-guest DIR).
+        #[arg(long, default_value = "target/test-guest")]
+        guest: PathBuf,
+    },
 }
 
 async fn server(cli: &Cli, driver: &str) -> anyhow::Result<Server> {
@@ -180,6 +195,16 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
             let s = server(&cli, "sim").await?;
             let p = snapshots::SnapshotParams { runs: *runs, disk_mib: *disk_mib, fill_mib: *fill_mib };
             snapshots::snapshots(&s, &p).await
+        }
+        Scenario::SnapshotsLive { runs, disk_mib, fill_mib, memory_mib, guest } => {
+            let covm = cli.covm.clone().unwrap_or_else(covm_binary);
+            let p = snapshots::LiveParams {
+                runs: *runs,
+                disk_mib: *disk_mib,
+                fill_mib: *fill_mib,
+                memory_mib: *memory_mib,
+            };
+            snapshots::snapshots_live(&covm, guest, &p).await
         }
         Scenario::DiskOps { runs, disk_mib, guest } => {
             let covm = cli.covm.clone().unwrap_or_else(covm_binary);

@@ -23,7 +23,7 @@ pub struct PowerParams {
 }
 
 /// Waits until `file` holds `count` lines with the marker; returns how long that took from `t0`.
-async fn ready(file: &Path, count: usize, t0: Instant) -> anyhow::Result<Duration> {
+pub async fn ready(file: &Path, count: usize, t0: Instant) -> anyhow::Result<Duration> {
     loop {
         let n =
             std::fs::read(file).map(|b| String::from_utf8_lossy(&b).matches("COVM-GUEST-READY").count()).unwrap_or(0);

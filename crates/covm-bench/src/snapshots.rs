@@ -114,3 +114,121 @@ pub async fn snapshots(server: &Server, p: &SnapshotParams) -> anyhow::Result<Re
         violation_details: vec![],
     })
 }
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveParams {
+    pub runs: usize,
+    pub disk_mib: u64,
+    pub fill_mib: u64,
+    pub memory_mib: u64,
+}
+
+/// `snapshots-live`: snapshots of a running VM (real QEMU, the test guest booted): a disk-only
+/// snapshot (one QMP `transaction`), a memory snapshot (`snapshot-save`) and their deletes, end to end
+/// through the API, beside the part QEMU itself takes (`qemu_ms` of the `vm.snapshot.created` event):
+/// the guest's I/O waits at most that long for a disk-only one, and is paused that long for one with
+/// memory. Then a memory revert (QEMU restarted from the snapshot), timed until the API answers.
+pub async fn snapshots_live(covm: &Path, guest: &Path, p: &LiveParams) -> anyhow::Result<Report> {
+    let (server, data, _) = crate::power::with_guest(covm, guest).await?;
+    let c = &server.admin;
+    let disk = c.disk_create(&crate::disk_spec("live-disk", p.disk_mib << 20)).await?;
+    let file = data.join("datastores/local").join(&disk.file);
+    if p.fill_mib > 0 {
+        run(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {}M", p.fill_mib)])
+            .arg(&file))?;
+    }
+    let attach = DiskAttachment {
+        disk: "live-disk".into(),
+        controller: "scsi0".into(),
+        unit: 0,
+        read_only: false,
+        generation: 0,
+    };
+    let cfg = VmConfig {
+        memory_mib: p.memory_mib,
+        kernel: Some("local:guest/vmlinuz".into()),
+        initrd: Some("local:guest/initrd.img".into()),
+        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
+        disks: vec![attach],
+        ..VmConfig::named("live-vm")?
+    };
+    let vm = c.vm_create(&cfg).await?;
+    let t0 = Instant::now();
+    let task = c.vm_power("live-vm", covm_types::vm::PowerAction::On, None).await?;
+    c.task_done(task.id, std::time::Duration::from_secs(120)).await?;
+    let serial = data.join("vms").join(vm.id.to_string()).join("serial.log");
+    crate::power::ready(&serial, 1, t0).await?;
+
+    let qemu_ms = |id: uuid::Uuid| async move {
+        let q = covm_types::api::EventQuery { limit: Some(1000), object: Some(vm.id), ..Default::default() };
+        let events = c.events(&q).await?.items;
+        let e = events
+            .iter()
+            .rev()
+            .find(|e| e.kind == "vm.snapshot.created" && e.data["snapshot"] == serde_json::json!(id))
+            .context("the snapshot's event")?;
+        e.data["qemu_ms"].as_f64().context("qemu_ms in the snapshot's event")
+    };
+    let create = |name: String, memory: bool| async move {
+        let p = SnapshotCreate { name: covm_types::Name::parse(&name)?, description: None, memory, exclude: vec![] };
+        let t = Instant::now();
+        let s = c.snapshot_create("live-vm", &p).await?;
+        anyhow::Ok((s, t.elapsed().as_secs_f64() * 1000.0))
+    };
+    let (mut disk_create, mut disk_qemu, mut disk_delete) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut mem_create, mut mem_qemu, mut mem_delete) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..p.runs {
+        for memory in [false, true] {
+            let (s, ms) = create(format!("{}{i}", if memory { "m" } else { "d" }), memory).await?;
+            let q = qemu_ms(s.id).await?;
+            let t = Instant::now();
+            c.snapshot_delete("live-vm", &s.id.to_string()).await?;
+            let del = t.elapsed().as_secs_f64() * 1000.0;
+            let (cr, qm, de) = if memory {
+                (&mut mem_create, &mut mem_qemu, &mut mem_delete)
+            } else {
+                (&mut disk_create, &mut disk_qemu, &mut disk_delete)
+            };
+            cr.push(ms);
+            qm.push(q);
+            de.push(del);
+        }
+    }
+    // A memory revert: QEMU stopped, config and disk back, QEMU started paused, snapshot-load, run.
+    let mut revert = Vec::new();
+    let (target, _) = create("target".into(), true).await?;
+    for _ in 0..p.runs.min(3) {
+        let t = Instant::now();
+        let r = SnapshotRevert { scope: RevertScope::Both, memory: true, skip_moved: false };
+        c.snapshot_revert("live-vm", &target.id.to_string(), &r).await?;
+        revert.push(t.elapsed().as_secs_f64() * 1000.0);
+        // Its safety snapshot goes (not timed).
+        for x in c.snapshots("live-vm").await? {
+            if x.kind == covm_types::snapshot::SnapshotKind::Safety {
+                c.snapshot_delete("live-vm", &x.id.to_string()).await?;
+            }
+        }
+    }
+    let state = data.join("vms").join(vm.id.to_string()).join("vmstate.qcow2");
+    let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+    let task = c.vm_power("live-vm", covm_types::vm::PowerAction::Off, None).await?;
+    c.task_done(task.id, std::time::Duration::from_secs(60)).await?;
+    let figures = serde_json::json!({
+        "disk_only_create_ms": Percentiles::of(disk_create),
+        "disk_only_qemu_transaction_ms": Percentiles::of(disk_qemu),
+        "disk_only_delete_ms": Percentiles::of(disk_delete),
+        "memory_create_ms": Percentiles::of(mem_create),
+        "memory_snapshot_save_ms (guest paused)": Percentiles::of(mem_qemu),
+        "memory_delete_ms": Percentiles::of(mem_delete),
+        "memory_revert_ms": Percentiles::of(revert),
+        "state_image_bytes_after": state_bytes,
+    });
+    Ok(Report {
+        scenario: "snapshots-live".into(),
+        params: serde_json::to_value(p)?,
+        figures,
+        violations: 0,
+        violation_details: vec![],
+    })
+}

@@ -446,6 +446,7 @@ impl Client {
     ) -> Result<TaskView> {
         let started = std::time::Instant::now();
         let mut last = None;
+        let mut pause = Duration::from_millis(5);
         loop {
             let t = self.task(id).await?;
             if last != Some((t.state, t.progress)) {
@@ -458,7 +459,9 @@ impl Client {
             if started.elapsed() > timeout {
                 return Err(ClientError::Transport(format!("task {id} did not end within {timeout:?}")));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Short tasks end in milliseconds: ask again soon, then less often (5 ms doubling to 50).
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 

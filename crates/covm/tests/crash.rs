@@ -237,8 +237,16 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
         pinned: false,
         partial: false,
     };
-    let tagged =
-        Tagged { vm_id: uuid::Uuid::nil(), view, files: vec![], live: false, via: None, disk: false, state: None };
+    let tagged = Tagged {
+        vm_id: uuid::Uuid::nil(),
+        view,
+        files: vec![],
+        live: false,
+        via: None,
+        disk: false,
+        state: None,
+        qemu_ms: None,
+    };
     let create_plan = plan_of(&SnapshotCreateSaga(tagged.clone()));
     let revert_plan = plan_of(&SnapshotRevertSaga {
         to: tagged.clone(),

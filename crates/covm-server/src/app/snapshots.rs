@@ -199,7 +199,7 @@ impl App {
             pinned: false,
             partial: false,
         };
-        Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false, state })
+        Ok(Tagged { vm_id: vm, view, files, live, via: None, disk: false, state, qemu_ms: None })
     }
 
     /// A memory snapshot's rules: the VM runs, and no disk it writes to is left out (the guest's cache
@@ -341,7 +341,7 @@ impl App {
         }
         let guard = self.saga_begin(ctx, SnapshotDeleteSaga::KIND, &locks).await?;
         let state = (view.memory && !disk).then(|| self.state_file(vm));
-        let tagged = Tagged { vm_id: vm, view, files, live: false, via: None, disk, state };
+        let tagged = Tagged { vm_id: vm, view, files, live: false, via: None, disk, state, qemu_ms: None };
         guard.run(ctx, SnapshotDeleteSaga(tagged)).await?;
         Ok(())
     }
@@ -575,7 +575,7 @@ impl App {
             lease_token,
         });
         let saga = SnapshotRevertSaga {
-            to: Tagged { vm_id: vm, view, files, live: false, via: None, disk: false, state: None },
+            to: Tagged { vm_id: vm, view, files, live: false, via: None, disk: false, state: None, qemu_ms: None },
             safety_tags,
             data,
             config,
@@ -872,7 +872,7 @@ impl App {
         };
         let files = vec![Some(self.disk_file(o).await?)];
         let (live, via) = (holder.is_some(), holder.map(|h| h.vm_id));
-        Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true, state: None })
+        Ok(Tagged { vm_id: o.id, view, files, live, via, disk: true, state: None, qemu_ms: None })
     }
 
     pub async fn disk_snapshots_list(&self, ctx: &Ctx, disk: &str) -> Result<Vec<DiskSnapshotView>, Error> {
@@ -907,7 +907,16 @@ impl App {
                 Err(e) => return Err(guard.refuse(e).await),
             };
             let files = vec![Some(app.disk_file(&o).await?)];
-            let to = Tagged { vm_id: o.id, view: view.clone(), files, live: false, via: None, disk: true, state: None };
+            let to = Tagged {
+                vm_id: o.id,
+                view: view.clone(),
+                files,
+                live: false,
+                via: None,
+                disk: true,
+                state: None,
+                qemu_ms: None,
+            };
             let safety_tags = vec![Some(safety.view.disks[0].tag.clone())];
             let saga = SnapshotRevertSaga { to, safety_tags, data: true, config: None, safety: Some(safety) };
             guard.run(&ctx, saga).await?;

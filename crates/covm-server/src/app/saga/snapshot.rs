@@ -38,6 +38,10 @@ pub struct Tagged {
     /// A memory snapshot: the VM's hidden state image, which holds the tag too.
     #[serde(default)]
     pub state: Option<PathBuf>,
+    /// How long the running QEMU took for its part (the QMP `transaction` or `snapshot-save`): the
+    /// guest's I/O waits that long at most (with memory, the guest is paused that long).
+    #[serde(default)]
+    pub qemu_ms: Option<f64>,
 }
 
 impl Tagged {
@@ -45,10 +49,12 @@ impl Tagged {
         &self.view.disks[i].tag
     }
 
-    async fn tags_add(&self, app: &App) -> Result<(), Error> {
+    /// Takes the tags; answers how long the running QEMU took for its part, if it had one.
+    async fn tags_add(&self, app: &App) -> Result<Option<f64>, Error> {
         if let Some(state) = &self.state {
-            return self.memory_save(app, state).await;
+            return self.memory_save(app, state).await.map(Some);
         }
+        let mut qemu_ms = None;
         // The disks the running QEMU holds take their tags in one transaction; the others (a disk
         // pending for the next boot, or all of them when the VM stopped meanwhile) with qemu-img.
         let mut by_qemu = vec![false; self.files.len()];
@@ -66,7 +72,9 @@ impl Tagged {
                     }
                     if !nodes.is_empty() {
                         let tag = self.view.disks[0].tag.clone();
+                        let t = std::time::Instant::now();
                         app.agent().ask(vm, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error)?;
+                        qemu_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
                     }
                 }
                 Err(covm_hv::HvError::Gone) => {}
@@ -78,13 +86,13 @@ impl Tagged {
                 img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
             }
         }
-        Ok(())
+        Ok(qemu_ms)
     }
 
     /// A memory snapshot: the running QEMU saves the guest into the state image and tags the disks it
     /// holds, all in one `snapshot-save` (the guest pauses meanwhile); a covered disk it does not hold
     /// (pending for the next boot) is tagged with qemu-img.
-    async fn memory_save(&self, app: &App, state: &std::path::Path) -> Result<(), Error> {
+    async fn memory_save(&self, app: &App, state: &std::path::Path) -> Result<f64, Error> {
         let held = match app.agent().block_state(self.vm_id).await {
             Ok(h) => h,
             Err(covm_hv::HvError::Gone) => return Err(memory_gone(&self.view.vm)),
@@ -100,9 +108,10 @@ impl Tagged {
             }
         }
         let m = covm_hv::MemoryState { tag: format!("covm-{}", self.view.id), state: state.to_owned(), nodes };
+        let t = std::time::Instant::now();
         match app.agent().ask(self.vm_id, VmOp::SnapshotSave(Box::new(m))).await {
             Err(covm_hv::HvError::Gone) => Err(memory_gone(&self.view.vm)),
-            r => r.map_err(hv_error),
+            r => r.map(|()| t.elapsed().as_secs_f64() * 1000.0).map_err(hv_error),
         }
     }
 
@@ -170,7 +179,7 @@ impl Tagged {
             return Ok(());
         }
         let data = json!({ "snapshot": self.view.id, "name": self.view.name, "kind": self.view.kind,
-            "config_version": self.view.config_version });
+            "config_version": self.view.config_version, "memory": self.view.memory, "qemu_ms": self.qemu_ms });
         let (kind, object) = if self.disk { ("disk.snapshot.created", "disk") } else { ("vm.snapshot.created", "vm") };
         let ev = ctx.event(kind, object, Some(self.vm_id), &self.view.vm).data(data);
         app.store().snapshot_insert(self.record(), ev).await?;
@@ -226,7 +235,10 @@ impl Saga for SnapshotCreateSaga {
 
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match step {
-            SnapshotStep::Tags => self.0.tags_add(app).await,
+            SnapshotStep::Tags => {
+                self.0.qemu_ms = self.0.tags_add(app).await?;
+                Ok(())
+            }
             SnapshotStep::Record => self.0.record_add(app, ctx).await,
             SnapshotStep::Apply | SnapshotStep::Config => Ok(()),
         }
