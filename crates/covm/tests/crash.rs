@@ -314,4 +314,52 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
             assert!(qemu_io(&file, "read", 0x41), "{fault}: a revert after recovery works");
         }
     }
+
+    // A memory snapshot of a running VM (which outlives covm and is adopted) killed at each step: the
+    // tags in its disk and in its hidden state image are exactly those of the snapshots on record.
+    let d2 = c.disk_create(&DiskCreate::new(Name::parse("s2").unwrap(), "local", 8 << 20)).await.unwrap();
+    let file2 = data.join("datastores/local").join(&d2.file);
+    let disks = vec![DiskAttachment {
+        disk: "s2".into(),
+        controller: "scsi0".into(),
+        unit: 0,
+        read_only: false,
+        generation: 0,
+    }];
+    let vr = c.vm_create(&VmConfig { memory_mib: 64, disks, ..VmConfig::named("vr").unwrap() }).await.unwrap();
+    let task = c.vm_power("vr", covm_types::vm::PowerAction::On, None).await.unwrap();
+    c.task_done(task.id, Duration::from_secs(60)).await.unwrap();
+    let state = data.join("vms").join(vr.id.to_string()).join("vmstate.qcow2");
+    let tags_of = |f: PathBuf| {
+        let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&f).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+        let mut tags: Vec<String> = info["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        tags.sort();
+        tags
+    };
+    let memory = |n: &str| SnapshotCreate { memory: true, ..snap(n) };
+    for (i, step) in create_plan.steps.iter().enumerate() {
+        for at in ["before", "after"] {
+            let fault = format!("vm.snapshot.create:{step}:{at}:crash");
+            drop(covm);
+            covm = Covm::start(&data, port, Some(&fault));
+            assert!(c.snapshot_create("vr", &memory(&format!("m{i}{at}"))).await.is_err(), "{fault}: covm died");
+            assert!(!covm.wait_dead().success(), "{fault}");
+            drop(covm);
+            covm = Covm::start(&data, port, None);
+            let mut recorded: Vec<String> =
+                c.snapshots("vr").await.unwrap().iter().map(|s| format!("covm-{}", s.id)).collect();
+            recorded.sort();
+            assert_eq!(tags_of(file2.clone()), recorded, "{fault}: the disk's tags and the records agree");
+            assert_eq!(tags_of(state.clone()), recorded, "{fault}: the state image's tags and the records agree");
+            assert_eq!(c.vm("vr").await.unwrap().runtime.power_state, covm_types::vm::PowerState::Running);
+        }
+    }
+    let task = c.vm_power("vr", covm_types::vm::PowerAction::Off, None).await.unwrap();
+    c.task_done(task.id, Duration::from_secs(60)).await.unwrap();
 }

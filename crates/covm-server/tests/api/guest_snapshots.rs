@@ -193,4 +193,29 @@ async fn the_guest_sees_its_disks_and_its_memory_come_back() {
     assert!(a >= 3 && (a == b || a == b + 1), "the counters {a} (gs-a) and {b} (gs-b) are not from one instant");
     assert_eq!(tty.ask(c, "gs", "M4", &marker()).await, "MARKA");
     task_done(c, &c.vm_power("gs", PowerAction::Off, None).await.unwrap()).await;
+    state_wait(c, "gs", PowerState::Off).await;
+
+    // "Put it back to how it was before version N": a change made with ?snapshot=true (two vCPUs),
+    // the guest writes marker D; reverted before that version, the guest boots with one vCPU again
+    // and reads marker A.
+    let two = VmChange { cpus: Some(2), ..Default::default() };
+    let opts = covm_client::ChangeOptions { snapshot: true, ..Default::default() };
+    let n = c.vm_change("gs", &two, &opts).await.unwrap().version;
+    task_done(c, &c.vm_power("gs", PowerAction::On, None).await.unwrap()).await;
+    assert!(serial_wait(c, "gs", "COVM-GUEST-READY", boots + 2).await.contains("cpus=2"));
+    serial_wait(c, "gs", "Enter 'help'", boots + 2).await;
+    tty.reconnect();
+    tty.line(&write_marker("MARKD")).await;
+    assert_eq!(tty.ask(c, "gs", "M5", &marker()).await, "MARKD");
+    task_done(c, &c.vm_power("gs", PowerAction::Off, None).await.unwrap()).await;
+    state_wait(c, "gs", PowerState::Off).await;
+    let v = c.vm_revert_before("gs", n, RevertScope::Both).await.unwrap();
+    assert_eq!(v.config.cpus, 1);
+    task_done(c, &c.vm_power("gs", PowerAction::On, None).await.unwrap()).await;
+    assert!(serial_wait(c, "gs", "COVM-GUEST-READY", boots + 3).await.contains("cpus=1"));
+    serial_wait(c, "gs", "Enter 'help'", boots + 3).await;
+    tty.reconnect();
+    assert_eq!(tty.ask(c, "gs", "M6", &marker()).await, "MARKA");
+    task_done(c, &c.vm_power("gs", PowerAction::Off, None).await.unwrap()).await;
+    assert!(c.audit_verify().await.unwrap().ok);
 }
