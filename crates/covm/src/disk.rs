@@ -202,7 +202,8 @@ async fn snapshot(c: &Client, out: &Out, cmd: DiskSnapshotCmd) -> anyhow::Result
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 for s in all {
-                    println!("{}  {}  {}", s.name, s.created_at.format("%F %T"), s.created_by);
+                    let kind = if s.kind == covm_types::snapshot::SnapshotKind::Safety { "  [safety]" } else { "" };
+                    println!("{}  {}  {}{kind}", s.name, s.created_at.format("%F %T"), s.created_by);
                 }
             }
             Ok(())

@@ -324,5 +324,15 @@ fn snapshots_make_a_tree_and_revert_by_scope() {
     assert!(ok(covm(&s, &admin, &["disk", "snapshot", "ls", "d1"], None)).starts_with("own "));
     ok(covm(&s, &admin, &["disk", "snapshot", "revert", "d1", "own"], None));
     ok(covm(&s, &admin, &["disk", "snapshot", "rm", "d1", "own"], None));
-    assert_eq!(ok(covm(&s, &admin, &["disk", "snapshot", "ls", "d1"], None)), "");
+    // The revert kept the present in a safety snapshot of the disk.
+    let left = ok(covm(&s, &admin, &["disk", "snapshot", "ls", "d1"], None));
+    assert!(left.starts_with("before-revert-") && left.trim_end().ends_with("[safety]"), "{left}");
+    // A safety snapshot pinned stays past its expiry.
+    ok(covm(&s, &admin, &["vm", "change", "a", "--patch", r#"{"cpus":3}"#, "--snapshot"], None));
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "snapshot", "ls", "a"], None))).unwrap();
+    let safety = all.as_array().unwrap().last().unwrap()["name"].as_str().unwrap().to_owned();
+    let pinned: serde_json::Value =
+        serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "snapshot", "pin", "a", &safety], None))).unwrap();
+    assert_eq!((pinned["pinned"].as_bool(), pinned.get("expires_at")), (Some(true), None), "{pinned}");
 }
