@@ -108,7 +108,8 @@ pub struct SnapshotDisk {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotExcluded {
     pub disk: String,
-    /// `excluded` (asked), `multi_writer` (never snapshotted).
+    /// `excluded` (asked), `multi_writer` (never snapshotted), `read_only` (attached read-only: the VM
+    /// cannot change it), `raw` (a safety snapshot leaves raw disks out).
     pub reason: String,
 }
 

@@ -152,11 +152,16 @@ impl App {
         }
         let id = Uuid::now_v7();
         let (mut covered, mut files, mut excluded) = (Vec::new(), Vec::new(), Vec::new());
+        let attached = parse_config(&rec.config)?.disks;
         for o in disks {
             let sharing: Sharing = serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default();
             let format: DiskFormat = serde_json::from_value(o.spec["format"].clone()).unwrap_or_default();
+            let read_only = attached.iter().any(|a| a.disk == o.name && a.read_only);
             if sharing == Sharing::MultiWriter {
                 excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "multi_writer".into() });
+            } else if read_only {
+                // The VM cannot change it (and its QEMU holds it read-only, where no tag can be taken).
+                excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "read_only".into() });
             } else if t.exclude.contains(&o.name) {
                 excluded.push(SnapshotExcluded { disk: o.name.clone(), reason: "excluded".into() });
             } else if format != DiskFormat::Qcow2 {
@@ -392,7 +397,8 @@ impl App {
         let (app, ctx2) = (self.clone(), ctx.clone());
         let vm_id = rec.object.id;
         self.to_the_end(async move {
-            if p.memory && running(&rec) {
+            let stopped = p.memory && running(&rec);
+            if stopped {
                 app.vm_stop_and_wait(vm_id).await?;
             }
             let safety = Take::safety("before-revert", format!("taken before reverting to {}", to.name));
@@ -408,6 +414,9 @@ impl App {
                         "{}; the revert could not be undone: snapshot {} holds the data of before it",
                         e.message, safety.name
                     );
+                }
+                if stopped {
+                    e.message = format!("{}; {} was powered off for the revert and is off now", e.message, to.vm);
                 }
                 return Err(e);
             }

@@ -132,7 +132,9 @@ async fn live_snapshots(s: &TestServer) {
     let c = &s.admin;
     let d1 = c.disk_create(&new_disk("l1", 8 << 20)).await.unwrap();
     let d2 = c.disk_create(&new_disk("l2", 8 << 20)).await.unwrap();
-    let disks = vec![attachment("l1", "scsi0", 0), attachment("l2", "scsi0", 1)];
+    c.disk_create(&new_disk("l3", 8 << 20)).await.unwrap();
+    let ro = covm_types::vm::DiskAttachment { read_only: true, ..attachment("l3", "scsi0", 2) };
+    let disks = vec![attachment("l1", "scsi0", 0), attachment("l2", "scsi0", 1), ro];
     c.vm_create(&VmConfig { memory_mib: 64, disks, ..vm_named("b") }).await.unwrap();
     let (f1, f2) = (file(s, &d1), file(s, &d2));
     write(&f1, 0x41);
@@ -142,6 +144,11 @@ async fn live_snapshots(s: &TestServer) {
     // Taken through the running VM, in both disks at once.
     let snap = c.snapshot_create("b", &create("live")).await.unwrap();
     let tag = format!("covm-{}", snap.id);
+    // A disk attached read-only is left out (its QEMU holds it read-only; the VM cannot change it).
+    assert_eq!(
+        snap.excluded,
+        [covm_types::snapshot::SnapshotExcluded { disk: "l3".into(), reason: "read_only".into() }]
+    );
     for f in [&f1, &f2] {
         assert_eq!(covm_hv::img::snapshot_tags(f).await.unwrap(), std::slice::from_ref(&tag), "{}", f.display());
     }

@@ -46,6 +46,12 @@ async fn data_dirs_of_earlier_releases_open_with_everything_in_them() {
         assert!(lease.token.unwrap_or(0) >= 1, "{name}: {lease:?}");
         assert_eq!(web.config.disks.len(), 1, "{name}");
         c.vm("db-1").await.unwrap();
+        // Snapshots, from the schema that has them.
+        if name.as_str() >= "schema-0008" {
+            let snaps = c.snapshots("web-1").await.unwrap();
+            assert_eq!(snaps.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["s-1"], "{name}");
+            assert!(!snaps[0].pinned && snaps[0].disks.len() == 1, "{name}: {snaps:?}");
+        }
         // The disks and their attachments (the attachment index is filled by the migration).
         let d1: DiskView = c.disk("data-1").await.unwrap();
         assert_eq!(d1.attachments.iter().map(|a| a.vm.as_str()).collect::<Vec<_>>(), ["web-1"], "{name}");
