@@ -397,17 +397,20 @@ impl App {
         let (app, ctx2) = (self.clone(), ctx.clone());
         let vm_id = rec.object.id;
         self.to_the_end(async move {
-            let stopped = p.memory && running(&rec);
-            if stopped {
-                app.vm_stop_and_wait(vm_id).await?;
-            }
             let safety = Take::safety("before-revert", format!("taken before reverting to {}", to.name));
             // A config-only revert needs none: the config's history keeps the present version. The
             // safety snapshot is the saga's first step, under its locks (undone with it).
             let safety = data.then_some(safety);
             let token = pre.lease_token;
+            let stopped = p.memory && running(&rec);
+            if stopped {
+                // The revert's rules first (a refusal leaves the VM running), then the VM goes off.
+                let dry = app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token, true).await;
+                dry.map_err(|f| f.error)?;
+                app.vm_stop_and_wait(vm_id).await?;
+            }
             if let Err(RevertFailed { error: mut e, stuck }) =
-                app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token).await
+                app.snapshot_revert_run(&ctx2, vm_id, &to, safety.as_ref(), &p, token, false).await
             {
                 if let (Some(safety), true) = (&safety, stuck) {
                     e.message = format!(
@@ -440,7 +443,9 @@ impl App {
     }
 
     /// The revert saga: locks the VM, the disks it holds, those the snapshot's config names and those the
-    /// snapshot covers; checks the rules with them held; runs.
+    /// snapshot covers; checks the rules with them held; runs. `dry`: only the rules that do not need
+    /// the locks, and nothing runs.
+    #[allow(clippy::too_many_arguments)]
     async fn snapshot_revert_run(
         &self,
         ctx: &Ctx,
@@ -449,6 +454,7 @@ impl App {
         safety: Option<&Take>,
         p: &SnapshotRevert,
         lease_token: Option<i64>,
+        dry: bool,
     ) -> Result<(), RevertFailed> {
         let scope = p.scope;
         let data = matches!(scope, RevertScope::Data | RevertScope::Both);
@@ -537,6 +543,9 @@ impl App {
             .into());
         }
         let (files, _) = self.snapshot_files(&view).await?;
+        if dry {
+            return Ok(());
+        }
         let guard = self.saga_begin(ctx, SnapshotRevertSaga::KIND, &locks).await?;
         let checks = async {
             let now = self.store().vm_get(vm).await?.ok_or_else(|| Error::not_found("vm", &vm.to_string()))?;

@@ -154,6 +154,8 @@ async fn live_snapshots(s: &TestServer) {
     }
     // The data goes back only with the VM off; a config revert is a change like any other.
     assert_eq!(code(c.snapshot_revert("b", "live", &revert(RevertScope::Data)).await), (409, ErrorCode::VmRunning));
+    c.snapshot_revert("b", &snap.id.to_string(), &revert(RevertScope::Config)).await.unwrap();
+    assert_eq!(c.snapshots("b").await.unwrap().len(), 1, "a config revert keeps the present in the config's history");
     // Memory: only with scope both, only from a snapshot that holds it, never with a disk the VM
     // writes to left out.
     let with_memory = |scope| SnapshotRevert { memory: true, ..revert(scope) };
@@ -171,12 +173,19 @@ async fn live_snapshots(s: &TestServer) {
     for f in [&f1, &f2, &state] {
         assert!(covm_hv::img::snapshot_tags(f).await.unwrap().contains(&mtag), "{}", f.display());
     }
+    // A memory revert that its rules refuse leaves the running VM running: l2, which m covers, is
+    // another VM's now.
+    c.vm_create(&VmConfig { memory_mib: 64, ..vm_named("b2") }).await.unwrap();
+    let to = |vm: &str| covm_types::disk::DiskMove { to_vm: vm.into(), ..Default::default() };
+    c.disk_move("l2", &to("b2")).await.unwrap();
+    let back = SnapshotRevert { memory: true, ..revert(RevertScope::Both) };
+    assert_eq!(code(c.snapshot_revert("b", "m", &back).await), (409, ErrorCode::DiskInUse));
+    assert_eq!(c.vm("b").await.unwrap().runtime.power_state, covm_types::vm::PowerState::Running);
+    c.disk_move("l2", &to("b")).await.unwrap();
     c.snapshot_delete("b", "m").await.unwrap();
     for f in [&f1, &f2, &state] {
         assert!(!covm_hv::img::snapshot_tags(f).await.unwrap().contains(&mtag), "{}", f.display());
     }
-    c.snapshot_revert("b", &snap.id.to_string(), &revert(RevertScope::Config)).await.unwrap();
-    assert_eq!(c.snapshots("b").await.unwrap().len(), 1, "a config revert keeps the present in the config's history");
     // Deleted through the QEMU that holds the disks.
     let again = c.snapshot_create("b", &create("again")).await.unwrap();
     c.snapshot_delete("b", "again").await.unwrap();
