@@ -36,24 +36,29 @@ fn qemu_img_ms(args: &[&str], file: &Path) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// A qcow2 disk of `disk_mib` with `fill_mib` of it written (a snapshot's cost grows with what is
+/// allocated): its image file, and its attachment at scsi0 unit 0.
+async fn disk_with_data(
+    c: &covm_client::Client,
+    data: &Path,
+    name: &str,
+    disk_mib: u64,
+    fill_mib: u64,
+) -> anyhow::Result<(std::path::PathBuf, DiskAttachment)> {
+    let disk = c.disk_create(&crate::disk_spec(name, disk_mib << 20)).await?;
+    let file = data.join("datastores/local").join(&disk.file);
+    if fill_mib > 0 {
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {fill_mib}M")]).arg(&file))?;
+    }
+    let attach =
+        DiskAttachment { disk: name.into(), controller: "scsi0".into(), unit: 0, read_only: false, generation: 0 };
+    Ok((file, attach))
+}
+
 pub async fn snapshots(server: &Server, p: &SnapshotParams) -> anyhow::Result<Report> {
     let c = &server.admin;
     let data = server.data_dir.clone().context("the snapshots scenario needs a covm it starts (no --url)")?;
-    let disk = c.disk_create(&crate::disk_spec("snap-disk", p.disk_mib << 20)).await?;
-    let file = data.join("datastores/local").join(&disk.file);
-    // Data in the image: the snapshot's cost grows with what is allocated.
-    if p.fill_mib > 0 {
-        run(Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {}M", p.fill_mib)])
-            .arg(&file))?;
-    }
-    let attach = DiskAttachment {
-        disk: "snap-disk".into(),
-        controller: "scsi0".into(),
-        unit: 0,
-        read_only: false,
-        generation: 0,
-    };
+    let (file, attach) = disk_with_data(c, &data, "snap-disk", p.disk_mib, p.fill_mib).await?;
     let cfg = VmConfig { memory_mib: 64, disks: vec![attach], ..VmConfig::named("snap-vm")? };
     c.vm_create(&cfg).await?;
     let floor_file = data.join("floor.qcow2");
@@ -131,20 +136,7 @@ pub struct LiveParams {
 pub async fn snapshots_live(covm: &Path, guest: &Path, p: &LiveParams) -> anyhow::Result<Report> {
     let (server, data, _) = crate::power::with_guest(covm, guest).await?;
     let c = &server.admin;
-    let disk = c.disk_create(&crate::disk_spec("live-disk", p.disk_mib << 20)).await?;
-    let file = data.join("datastores/local").join(&disk.file);
-    if p.fill_mib > 0 {
-        run(Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {}M", p.fill_mib)])
-            .arg(&file))?;
-    }
-    let attach = DiskAttachment {
-        disk: "live-disk".into(),
-        controller: "scsi0".into(),
-        unit: 0,
-        read_only: false,
-        generation: 0,
-    };
+    let (_, attach) = disk_with_data(c, &data, "live-disk", p.disk_mib, p.fill_mib).await?;
     let cfg = VmConfig {
         memory_mib: p.memory_mib,
         kernel: Some("local:guest/vmlinuz".into()),

@@ -610,14 +610,9 @@ impl Client {
         p: &covm_types::snapshot::SnapshotCreate,
     ) -> Result<covm_types::snapshot::SnapshotView> {
         let task: TaskView = self.post(&format!("/vms/{vm}/snapshots"), p).await?;
-        let t = self.task_done(task.id, Duration::from_secs(600)).await?;
-        // The task's message names the snapshot; names are unique per VM.
-        self.snapshot(vm, &p.name.to_string()).await.map_err(|e| match e {
-            ClientError::Api { .. } => {
-                ClientError::Transport(format!("task {} ended ({:?}) but: {e}", t.id, t.message))
-            }
-            e => e,
-        })
+        self.task_done(task.id, Duration::from_secs(600)).await?;
+        // Names are unique per VM: the task's snapshot is the one of this name.
+        self.snapshot(vm, &p.name.to_string()).await
     }
 
     /// Waits until a task ends; an error it ended in is [`ClientError::Task`].

@@ -270,8 +270,8 @@ impl Hypervisor for QemuDriver {
             }
         }
         if let Some(m) = &spec.restore {
-            // Still paused (-S): the guest's RAM and devices come back before it runs.
-            if let Err(e) = vm.snapshot_load(m).await {
+            // Still paused (-S): the guest's RAM, devices and disks come back before it runs.
+            if let Err(e) = vm.memory_job("snapshot-load", m).await {
                 let _ = vm.quit().await;
                 return Err(e);
             }
@@ -342,11 +342,11 @@ impl QemuVm {
         self.blockdev_add(&m.state_spec()).await
     }
 
-    /// Loads a memory snapshot into a paused VM (`snapshot-load`): RAM, devices and the disks' data.
-    async fn snapshot_load(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
+    /// `snapshot-save` or `snapshot-load` of a memory snapshot: the state image and the disks.
+    async fn memory_job(&mut self, command: &str, m: &crate::MemoryState) -> Result<(), HvError> {
         self.state_node(m).await?;
         let args = json!({ "tag": m.tag, "vmstate": crate::STATE_NODE, "devices": m.devices() });
-        self.job("snapshot-load", args).await
+        self.job(command, args).await
     }
 
     /// Waits until the process has gone; returns its exit status when it was our child.
@@ -436,9 +436,7 @@ impl VmHandle for QemuVm {
     }
 
     async fn snapshot_save(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
-        self.state_node(m).await?;
-        let args = json!({ "tag": m.tag, "vmstate": crate::STATE_NODE, "devices": m.devices() });
-        self.job("snapshot-save", args).await
+        self.memory_job("snapshot-save", m).await
     }
 
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {

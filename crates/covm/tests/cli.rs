@@ -2,7 +2,7 @@
 //! following the README would use them.
 
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,17 @@ fn serve_with(data: &Path, extra: &[&str]) -> Server {
 }
 
 /// Runs `covm ARGS` as the user whose config dir is `cfg`.
+/// A covm on the simulated driver, and the admin signed in (its CLI config directory).
+fn signed_in_admin() -> (tempfile::TempDir, Server, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve_with(&data, &["--driver", "sim"]);
+    let admin = tmp.path().join("admin");
+    let pwfile = data.join("initial-admin-password");
+    ok(covm(&s, &admin, &["login", "--password-file", pwfile.to_str().unwrap()], None));
+    (tmp, s, admin)
+}
+
 fn covm(s: &Server, cfg: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut cmd = Command::new(BIN);
@@ -251,12 +262,7 @@ fn two_users_edit_one_vm() {
 /// detaches by generation, and goes.
 #[test]
 fn a_disk_moves_between_vms() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let s = serve_with(&data, &["--driver", "sim"]);
-    let admin = tmp.path().join("admin");
-    let pwfile = data.join("initial-admin-password");
-    ok(covm(&s, &admin, &["login", "--password-file", pwfile.to_str().unwrap()], None));
+    let (_tmp, s, admin) = signed_in_admin();
     for vm in ["a", "b", "c"] {
         ok(covm(&s, &admin, &["vm", "create", vm, "-m", "64"], None));
     }
@@ -284,12 +290,7 @@ fn a_disk_moves_between_vms() {
 /// snapshot the VM was at), reverted by scope, removed.
 #[test]
 fn snapshots_make_a_tree_and_revert_by_scope() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let s = serve_with(&data, &["--driver", "sim"]);
-    let admin = tmp.path().join("admin");
-    let pwfile = data.join("initial-admin-password");
-    ok(covm(&s, &admin, &["login", "--password-file", pwfile.to_str().unwrap()], None));
+    let (_tmp, s, admin) = signed_in_admin();
     ok(covm(&s, &admin, &["vm", "create", "a", "-m", "64"], None));
     ok(covm(&s, &admin, &["disk", "create", "d1", "--size", "8M"], None));
     ok(covm(&s, &admin, &["vm", "disk", "attach", "a", "d1"], None));

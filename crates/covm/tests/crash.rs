@@ -189,6 +189,41 @@ fn qemu_io(f: &Path, op: &str, byte: u8) -> bool {
     out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
 }
 
+/// A VM with one 8 MiB disk at scsi0 unit 0: the disk's image file, and the VM.
+async fn vm_with_disk(c: &Client, data: &Path, vm: &str, disk: &str) -> (PathBuf, covm_types::vm::VmView) {
+    let d = c.disk_create(&DiskCreate::new(Name::parse(disk).unwrap(), "local", 8 << 20)).await.unwrap();
+    let disks = vec![DiskAttachment {
+        disk: disk.into(),
+        controller: "scsi0".into(),
+        unit: 0,
+        read_only: false,
+        generation: 0,
+    }];
+    let v = c.vm_create(&VmConfig { memory_mib: 64, disks, ..VmConfig::named(vm).unwrap() }).await.unwrap();
+    (data.join("datastores/local").join(&d.file), v)
+}
+
+/// The snapshot tags inside an image, sorted.
+fn tags_of(file: &Path) -> Vec<String> {
+    let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(file).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+    let mut tags: Vec<String> = info["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    tags.sort();
+    tags
+}
+
+/// The tags a VM's recorded snapshots have, sorted.
+async fn recorded_tags(c: &Client, vm: &str) -> Vec<String> {
+    let mut tags: Vec<String> = c.snapshots(vm).await.unwrap().iter().map(|s| format!("covm-{}", s.id)).collect();
+    tags.sort();
+    tags
+}
+
 /// covm killed at each step of a snapshot, and of a data revert: the next start leaves no tag without
 /// its record (and the reverse), no lock, and a revert either done or undone to the safety snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,16 +240,7 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
     let mut covm = Covm::start(&data, port, None);
     let password = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
     let (c, _) = Client::new(&covm.url()).login("admin", password.trim()).await.unwrap();
-    let d = c.disk_create(&DiskCreate::new(Name::parse("s1").unwrap(), "local", 8 << 20)).await.unwrap();
-    let file = data.join("datastores/local").join(&d.file);
-    let disks = vec![DiskAttachment {
-        disk: "s1".into(),
-        controller: "scsi0".into(),
-        unit: 0,
-        read_only: false,
-        generation: 0,
-    }];
-    c.vm_create(&VmConfig { memory_mib: 64, disks, ..VmConfig::named("v").unwrap() }).await.unwrap();
+    let (file, _) = vm_with_disk(&c, &data, "v", "s1").await;
     let snap =
         |n: &str| SnapshotCreate { name: Name::parse(n).unwrap(), description: None, memory: false, exclude: vec![] };
 
@@ -257,21 +283,7 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
     });
 
     // The tags in the file are exactly those of the snapshots on record.
-    let consistent = |c: Client, file: PathBuf| async move {
-        let mut recorded: Vec<String> =
-            c.snapshots("v").await.unwrap().iter().map(|s| format!("covm-{}", s.id)).collect();
-        let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&file).output().unwrap();
-        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        let mut tags: Vec<String> = info["snapshots"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        recorded.sort();
-        tags.sort();
-        (recorded, tags)
-    };
+    let consistent = |c: Client, file: PathBuf| async move { (recorded_tags(&c, "v").await, tags_of(&file)) };
     for (i, step) in create_plan.steps.iter().enumerate() {
         for at in ["before", "after"] {
             let fault = format!("vm.snapshot.create:{step}:{at}:crash");
@@ -317,31 +329,10 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
 
     // A memory snapshot of a running VM (which outlives covm and is adopted) killed at each step: the
     // tags in its disk and in its hidden state image are exactly those of the snapshots on record.
-    let d2 = c.disk_create(&DiskCreate::new(Name::parse("s2").unwrap(), "local", 8 << 20)).await.unwrap();
-    let file2 = data.join("datastores/local").join(&d2.file);
-    let disks = vec![DiskAttachment {
-        disk: "s2".into(),
-        controller: "scsi0".into(),
-        unit: 0,
-        read_only: false,
-        generation: 0,
-    }];
-    let vr = c.vm_create(&VmConfig { memory_mib: 64, disks, ..VmConfig::named("vr").unwrap() }).await.unwrap();
+    let (file2, vr) = vm_with_disk(&c, &data, "vr", "s2").await;
     let task = c.vm_power("vr", covm_types::vm::PowerAction::On, None).await.unwrap();
     c.task_done(task.id, Duration::from_secs(60)).await.unwrap();
     let state = data.join("vms").join(vr.id.to_string()).join("vmstate.qcow2");
-    let tags_of = |f: PathBuf| {
-        let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&f).output().unwrap();
-        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
-        let mut tags: Vec<String> = info["snapshots"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        tags.sort();
-        tags
-    };
     let memory = |n: &str| SnapshotCreate { memory: true, ..snap(n) };
     for (i, step) in create_plan.steps.iter().enumerate() {
         for at in ["before", "after"] {
@@ -352,11 +343,9 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
             assert!(!covm.wait_dead().success(), "{fault}");
             drop(covm);
             covm = Covm::start(&data, port, None);
-            let mut recorded: Vec<String> =
-                c.snapshots("vr").await.unwrap().iter().map(|s| format!("covm-{}", s.id)).collect();
-            recorded.sort();
-            assert_eq!(tags_of(file2.clone()), recorded, "{fault}: the disk's tags and the records agree");
-            assert_eq!(tags_of(state.clone()), recorded, "{fault}: the state image's tags and the records agree");
+            let recorded = recorded_tags(&c, "vr").await;
+            assert_eq!(tags_of(&file2), recorded, "{fault}: the disk's tags and the records agree");
+            assert_eq!(tags_of(&state), recorded, "{fault}: the state image's tags and the records agree");
             assert_eq!(c.vm("vr").await.unwrap().runtime.power_state, covm_types::vm::PowerState::Running);
         }
     }

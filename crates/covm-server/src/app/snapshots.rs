@@ -22,16 +22,18 @@ use covm_types::snapshot::{
     SnapshotRevert, SnapshotUpdate, SnapshotView,
 };
 use covm_types::vm::{SafetyPolicy, TaskView, VmView};
-
-use super::power::task_view;
 use covm_types::{Error, ErrorCode, Privilege};
+use serde_json::json;
 use uuid::Uuid;
 
+use super::power::task_view;
+
 use super::saga::Saga;
-use super::saga::snapshot::{ConfigRevert, SnapshotCreateSaga, SnapshotDeleteSaga, SnapshotRevertSaga, Tagged};
+use super::saga::snapshot::{
+    ConfigRevert, SnapshotCreateSaga, SnapshotDeleteSaga, SnapshotRevertSaga, Tagged, snapshot_tag,
+};
 use super::vms::{DocChange, Preconditions, WriteOpts, parse_config, running};
 use super::{App, Ctx, EventExt};
-use serde_json::json;
 
 fn current_key(vm: Uuid) -> String {
     format!("snapshot-current/{vm}")
@@ -42,6 +44,14 @@ fn view_of(rec: &SnapshotRecord, vm_name: &str) -> Result<SnapshotView, Error> {
         .map_err(|e| Error::internal(format!("a snapshot's record cannot be read: {e}")))?;
     v.vm = vm_name.to_owned();
     Ok(v)
+}
+
+/// A snapshot's description: at most 1024 bytes.
+fn description_check(d: Option<&str>) -> Result<(), Error> {
+    match d {
+        Some(d) if d.len() > 1024 => Err(Error::invalid("description", "a description has at most 1024 bytes")),
+        _ => Ok(()),
+    }
 }
 
 fn vm_running(vm: &str) -> Error {
@@ -58,9 +68,7 @@ impl App {
     pub async fn snapshot_create(&self, ctx: &Ctx, vm: &str, p: SnapshotCreate) -> Result<TaskView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateCreateSnapshot).await?;
-        if p.description.as_ref().is_some_and(|d| d.len() > 1024) {
-            return Err(Error::invalid("description", "a description has at most 1024 bytes"));
-        }
+        description_check(p.description.as_deref())?;
         let take = Take {
             name: p.name.to_string(),
             description: p.description,
@@ -175,12 +183,12 @@ impl App {
                 )
                 .with_field("exclude"));
             } else {
-                covered.push(SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") });
+                covered.push(SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: snapshot_tag(id) });
                 files.push(Some(self.disk_file(o).await?));
             }
         }
         let state = match t.memory {
-            true => Some(self.memory_plan(&rec, &excluded, live)?),
+            true => Some(self.memory_plan(&rec, &attached, &excluded, live)?),
             false => None,
         };
         let parent = self.store().meta_get(&current_key(vm)).await?.and_then(|s| Uuid::parse_str(&s).ok());
@@ -212,6 +220,7 @@ impl App {
     fn memory_plan(
         &self,
         rec: &covm_store::VmRecord,
+        attached: &[covm_types::vm::DiskAttachment],
         excluded: &[SnapshotExcluded],
         live: bool,
     ) -> Result<std::path::PathBuf, Error> {
@@ -222,9 +231,8 @@ impl App {
             )
             .with_field("memory"));
         }
-        let cfg = parse_config(&rec.config)?;
         for x in excluded {
-            if cfg.disks.iter().any(|d| d.disk == x.disk && !d.read_only) {
+            if attached.iter().any(|d| d.disk == x.disk && !d.read_only) {
                 return Err(Error::conflict(
                     ErrorCode::SnapshotUnsupported,
                     format!(
@@ -275,9 +283,7 @@ impl App {
     ) -> Result<SnapshotView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateRenameSnapshot).await?;
-        if p.description.as_ref().is_some_and(|d| d.len() > 1024) {
-            return Err(Error::invalid("description", "a description has at most 1024 bytes"));
-        }
+        description_check(p.description.as_deref())?;
         let s = self.snapshot_find(rec.object.id, &rec.object.name, snap).await?;
         let mut v = view_of(&s, &rec.object.name)?;
         if let Some(pinned) = p.pinned {
@@ -427,7 +433,7 @@ impl App {
             if p.memory {
                 // Config and disks are the snapshot's: the guest resumes where it was.
                 let nodes = to.disks.iter().map(|d| super::attach::disk_node(d.disk_id)).collect();
-                let m = covm_hv::MemoryState { tag: format!("covm-{}", to.id), state: app.state_file(vm_id), nodes };
+                let m = covm_hv::MemoryState { tag: snapshot_tag(to.id), state: app.state_file(vm_id), nodes };
                 if let Err(mut e) = app.power_on_restoring(&ctx2, vm_id, m).await {
                     e.message = format!(
                         "the config and the disks are back at snapshot {}, but the guest could not resume from its memory: {}",
@@ -879,7 +885,7 @@ impl App {
             config_version: 0,
             protects_version: None,
             memory: false,
-            disks: vec![SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: format!("covm-{id}") }],
+            disks: vec![SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: snapshot_tag(id) }],
             excluded: vec![],
             parent: None,
             created_by: ctx.user.clone(),

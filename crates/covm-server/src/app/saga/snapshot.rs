@@ -19,6 +19,11 @@ use crate::app::attach::disk_node;
 use crate::app::node::hv_error;
 use crate::app::{App, Ctx, EventExt};
 
+/// A snapshot's tag inside every image it covers (its disks, and its VM's state image).
+pub fn snapshot_tag(id: Uuid) -> String {
+    format!("covm-{id}")
+}
+
 /// A snapshot and the image files of the disks it covers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tagged {
@@ -49,69 +54,53 @@ impl Tagged {
         &self.view.disks[i].tag
     }
 
-    /// Takes the tags; answers how long the running QEMU took for its part, if it had one.
-    async fn tags_add(&self, app: &App) -> Result<Option<f64>, Error> {
-        if let Some(state) = &self.state {
-            return self.memory_save(app, state).await.map(Some);
-        }
-        let mut qemu_ms = None;
-        // The disks the running QEMU holds take their tags in one transaction; the others (a disk
-        // pending for the next boot, or all of them when the VM stopped meanwhile) with qemu-img.
-        let mut by_qemu = vec![false; self.files.len()];
-        if self.live && !self.view.disks.is_empty() {
-            let vm = self.via.unwrap_or(self.vm_id);
-            match app.agent().block_state(vm).await {
-                Ok(held) => {
-                    let mut nodes = Vec::new();
-                    for (i, d) in self.view.disks.iter().enumerate() {
-                        let node = disk_node(d.disk_id);
-                        if held.nodes.contains(&node) {
-                            by_qemu[i] = true;
-                            nodes.push(node);
-                        }
-                    }
-                    if !nodes.is_empty() {
-                        let tag = self.view.disks[0].tag.clone();
-                        let t = std::time::Instant::now();
-                        app.agent().ask(vm, VmOp::SnapshotTake(nodes, tag)).await.map_err(hv_error)?;
-                        qemu_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
-                    }
-                }
-                Err(covm_hv::HvError::Gone) => {}
-                Err(e) => return Err(hv_error(e)),
-            }
-        }
-        for (i, f) in self.files.iter().enumerate() {
-            if let (Some(f), false) = (f, by_qemu[i]) {
-                img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
-            }
-        }
-        Ok(qemu_ms)
+    /// The tag of the snapshot in its VM's state image (a memory snapshot's).
+    fn state_tag(&self) -> String {
+        snapshot_tag(self.view.id)
     }
 
-    /// A memory snapshot: the running QEMU saves the guest into the state image and tags the disks it
-    /// holds, all in one `snapshot-save` (the guest pauses meanwhile); a covered disk it does not hold
-    /// (pending for the next boot) is tagged with qemu-img.
-    async fn memory_save(&self, app: &App, state: &std::path::Path) -> Result<f64, Error> {
-        let held = match app.agent().block_state(self.vm_id).await {
-            Ok(h) => h,
-            Err(covm_hv::HvError::Gone) => return Err(memory_gone(&self.view.vm)),
-            Err(e) => return Err(hv_error(e)),
+    /// Takes the tags; answers how long the running QEMU took for its part, if it had one.
+    ///
+    /// The disks the running QEMU holds take their tags at once: one QMP `transaction`, or with memory
+    /// one `snapshot-save` that also keeps the guest in the state image (the guest pauses meanwhile).
+    /// The others (a disk pending for the next boot, or all of them when the VM stopped meanwhile)
+    /// take theirs with qemu-img; a memory snapshot of a VM that stopped is refused.
+    async fn tags_add(&self, app: &App) -> Result<Option<f64>, Error> {
+        let vm = self.via.unwrap_or(self.vm_id);
+        let held = match self.live && !self.view.disks.is_empty() || self.state.is_some() {
+            true => match app.agent().block_state(vm).await {
+                Ok(h) => Some(h.nodes),
+                Err(covm_hv::HvError::Gone) => None,
+                Err(e) => return Err(hv_error(e)),
+            },
+            false => None,
         };
+        if self.state.is_some() && held.is_none() {
+            return Err(memory_gone(&self.view.vm));
+        }
+        let held = held.unwrap_or_default();
         let mut nodes = Vec::new();
         for (i, d) in self.view.disks.iter().enumerate() {
             let node = disk_node(d.disk_id);
-            if held.nodes.contains(&node) {
+            if held.contains(&node) {
                 nodes.push(node);
             } else if let Some(f) = &self.files[i] {
                 img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
             }
         }
-        let m = covm_hv::MemoryState { tag: format!("covm-{}", self.view.id), state: state.to_owned(), nodes };
+        let op = match &self.state {
+            Some(state) => {
+                let m = covm_hv::MemoryState { tag: self.state_tag(), state: state.clone(), nodes };
+                VmOp::SnapshotSave(Box::new(m))
+            }
+            None if nodes.is_empty() => return Ok(None),
+            None => VmOp::SnapshotTake(nodes, self.view.disks[0].tag.clone()),
+        };
         let t = std::time::Instant::now();
-        match app.agent().ask(self.vm_id, VmOp::SnapshotSave(Box::new(m))).await {
-            Err(covm_hv::HvError::Gone) => Err(memory_gone(&self.view.vm)),
-            r => r.map(|()| t.elapsed().as_secs_f64() * 1000.0).map_err(hv_error),
+        match app.agent().ask(vm, op).await {
+            Ok(()) => Ok(Some(t.elapsed().as_secs_f64() * 1000.0)),
+            Err(covm_hv::HvError::Gone) if self.state.is_some() => Err(memory_gone(&self.view.vm)),
+            Err(e) => Err(hv_error(e)),
         }
     }
 
@@ -137,25 +126,21 @@ impl Tagged {
         }
         if let Some(state) = &self.state {
             // The state image: through the VM's QEMU when it holds it, else with qemu-img.
-            let tag = format!("covm-{}", self.view.id);
             let held = match app.agent().block_state(self.vm_id).await {
                 Ok(h) => h.nodes.iter().any(|n| n == covm_hv::STATE_NODE),
                 Err(covm_hv::HvError::Gone) => false,
                 Err(e) => return Err(hv_error(e)),
             };
-            let by_qemu = held
-                && match app
-                    .agent()
-                    .ask(self.vm_id, VmOp::SnapshotDelete(covm_hv::STATE_NODE.into(), tag.clone()))
-                    .await
-                {
-                    Ok(()) => true,
-                    Err(covm_hv::HvError::Gone) => false,
+            let op = VmOp::SnapshotDelete(covm_hv::STATE_NODE.into(), self.state_tag());
+            if held {
+                match app.agent().ask(self.vm_id, op).await {
+                    Ok(()) => return Ok(()),
+                    // It stopped meanwhile: the file is free.
+                    Err(covm_hv::HvError::Gone) => {}
                     Err(e) => return Err(hv_error(e)),
-                };
-            if !by_qemu {
-                img::snapshot_delete(state, &tag).await.map_err(hv_error)?;
+                }
             }
+            img::snapshot_delete(state, &self.state_tag()).await.map_err(hv_error)?;
         }
         Ok(())
     }
