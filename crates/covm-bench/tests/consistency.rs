@@ -7,14 +7,8 @@ use covm_client::Client;
 async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let running = covm_server::start(covm_server::ServeConfig {
-        data_dir: dir.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        demo: false,
         driver: covm_server::Driver::Sim,
-        db: None,
-        advertise: None,
-        max_connections: None,
-        safety_snapshot_days: None,
+        ..covm_server::ServeConfig::new(dir.path().to_owned(), "127.0.0.1:0".parse().unwrap())
     })
     .await
     .unwrap();

@@ -3,6 +3,8 @@
 //! Every API error comes back as [`ClientError::Api`] with the HTTP status and the server's error body
 //! (code, message, field, details), so that callers can match on the stable `code`.
 
+pub mod tls;
+
 use std::time::Duration;
 
 use covm_types::api::*;
@@ -126,14 +128,24 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// `base` is the server's URL, such as `http://127.0.0.1:8006`.
+    /// `base` is the server's URL, such as `http://127.0.0.1:8006`; an `https://` server must have a
+    /// certificate the system trusts (see [`Client::with_ca`] for covm's own CA).
     pub fn new(base: &str) -> Client {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(64)
-            .build()
-            .expect("a plain HTTP client always builds");
+        tls::install_provider();
+        let http = Self::builder().build().expect("a client with the system's roots always builds");
         Client { http, base: base.trim_end_matches('/').to_owned(), token: None }
+    }
+
+    /// A client that trusts exactly the CA certificate(s) in `ca_pem` (covm's own CA, pinned).
+    pub fn with_ca(base: &str, ca_pem: &str) -> Result<Client> {
+        tls::install_provider();
+        let config = tls::pinned_config(ca_pem).map_err(ClientError::Transport)?;
+        let http = Self::builder().tls_backend_preconfigured(config).build().map_err(transport)?;
+        Ok(Client { http, base: base.trim_end_matches('/').to_owned(), token: None })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).pool_max_idle_per_host(64)
     }
 
     pub fn with_token(mut self, token: impl Into<String>) -> Client {
@@ -203,6 +215,11 @@ impl Client {
         let t: SessionToken =
             self.post("/session", &SessionCreate { user: user.into(), password: password.into() }).await?;
         Ok((self.clone().with_token(t.token.clone()), t))
+    }
+
+    /// Whether the server answers (`/healthz`): over TLS, also whether its certificate is trusted.
+    pub async fn health(&self) -> Result<()> {
+        self.send::<serde_json::Value>(self.request(Method::GET, "/healthz")).await.map(|_| ())
     }
 
     pub async fn logout(&self) -> Result<()> {

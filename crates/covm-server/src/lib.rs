@@ -4,6 +4,7 @@
 pub mod app;
 pub mod http;
 pub mod listen;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,6 +57,66 @@ pub struct ServeConfig {
     pub max_connections: Option<usize>,
     /// How many days a safety snapshot is kept (default [`app::SAFETY_SNAPSHOT_DAYS`]).
     pub safety_snapshot_days: Option<u32>,
+    /// Whether to serve TLS: by default whenever the listen address is not a loopback address.
+    pub tls: TlsMode,
+    /// The certificate (default: covm's own CA in the data directory) and the lowest version.
+    pub tls_settings: tls::TlsSettings,
+    /// Allow plain HTTP on an address beyond loopback (`--insecure-http`).
+    pub insecure_http: bool,
+}
+
+/// Whether `covm serve` speaks TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS beyond loopback (unless `insecure_http`) or with a certificate given; plain on loopback.
+    #[default]
+    Auto,
+    /// Always TLS (`--tls`).
+    On,
+    /// Never (`--no-tls`): refused beyond loopback unless `insecure_http`.
+    Off,
+}
+
+impl ServeConfig {
+    /// A configuration with the defaults for everything but where the data is and where to listen.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> ServeConfig {
+        ServeConfig {
+            data_dir,
+            listen,
+            demo: false,
+            driver: Driver::default(),
+            db: None,
+            advertise: None,
+            max_connections: None,
+            safety_snapshot_days: None,
+            tls: TlsMode::Auto,
+            tls_settings: tls::TlsSettings::default(),
+            insecure_http: false,
+        }
+    }
+
+    /// Whether this configuration serves TLS, or why it may not start.
+    pub fn tls_on(&self) -> anyhow::Result<bool> {
+        let loopback = self.listen.ip().is_loopback();
+        let given = self.tls_settings.cert.is_some() || self.tls_settings.key.is_some();
+        let on = match self.tls {
+            TlsMode::On => true,
+            TlsMode::Off => false,
+            TlsMode::Auto => given || (!loopback && !self.insecure_http),
+        };
+        if !on && !loopback && !self.insecure_http {
+            anyhow::bail!(
+                "refusing to serve plain HTTP on {}, which is not a loopback address: passwords and tokens \
+                 would cross the network in clear text. Leave TLS on (the default beyond loopback), or pass \
+                 --insecure-http if something in front of covm encrypts the traffic",
+                self.listen
+            );
+        }
+        if !on && given {
+            anyhow::bail!("--tls-cert and --tls-key need TLS; they cannot go with --no-tls or --insecure-http");
+        }
+        Ok(on)
+    }
 }
 
 /// A server that is listening.
@@ -65,6 +126,8 @@ pub struct Running {
     pub app: App,
     /// Where the first start wrote the admin password, if this start created the admin.
     pub initial_password_file: Option<PathBuf>,
+    /// The listener's TLS, when it serves TLS (`reload` after the certificate files change).
+    pub tls: Option<Arc<tls::Tls>>,
     shutdown: oneshot::Sender<()>,
     join: tokio::task::JoinHandle<std::io::Result<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -100,6 +163,7 @@ impl Running {
 
 /// Opens the data directory and the store, bootstraps, and starts listening.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    let tls_on = config.tls_on()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("could not create the data directory {}", config.data_dir.display()))?;
     {
@@ -177,29 +241,56 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         tokio::spawn(async move { app.background(leader).await })
     };
 
+    let tls = match tls_on {
+        true => {
+            let tls = tls::Tls::setup(&data_dir, &app.config().node_id, config.listen.ip(), &config.tls_settings)?;
+            tracing::info!(fingerprint = %tls.fingerprint(), "serving TLS; clients trust the certificate with this SHA-256 fingerprint");
+            Some(Arc::new(tls))
+        }
+        false => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = config.advertise.clone().unwrap_or_else(|| match addr.ip().is_unspecified() {
-        true => format!("http://127.0.0.1:{}", addr.port()),
-        false => format!("http://{addr}"),
+        true => format!("{scheme}://127.0.0.1:{}", addr.port()),
+        false => format!("{scheme}://{addr}"),
     });
-    app.node_advertise(&advertise).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    tracing::info!(%addr, data_dir = %data_dir.display(), store = store.backend(), replica = %app.replica(), "covm is listening");
+    let trust = tls.as_ref().map(|t| t.trust_pem());
+    app.node_advertise(&advertise, trust.as_deref()).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    tracing::info!(%addr, tls = tls.is_some(), data_dir = %data_dir.display(), store = store.backend(), replica = %app.replica(), "covm is listening");
     let (shutdown, rx) = oneshot::channel::<()>();
     let cap = listen::connection_cap(config.max_connections);
-    let join = tokio::spawn(listen::serve(listener, http::router(app.clone()), cap, rx));
-    Ok(Running { addr, app, initial_password_file, shutdown, join, background: vec![tailer, background] })
+    let join = tokio::spawn(listen::serve(listener, http::router(app.clone()), cap, tls.clone(), rx));
+    Ok(Running { addr, app, initial_password_file, tls, shutdown, join, background: vec![tailer, background] })
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let running = start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-        _ = term.recv() => tracing::info!("terminated; stopping"),
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; stopping");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("terminated; stopping");
+                break;
+            }
+            _ = hup.recv() => match &running.tls {
+                Some(tls) => match tls.reload() {
+                    Ok(()) => tracing::info!(fingerprint = %tls.fingerprint(), "SIGHUP: read the TLS certificate and key again"),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "SIGHUP: the TLS certificate or key could not be read; the current ones stay"),
+                },
+                None => tracing::info!("SIGHUP: nothing to reload (no TLS)"),
+            },
+        }
     }
     running.stop().await
 }

@@ -117,6 +117,7 @@ pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     cap: usize,
+    tls: Option<Arc<crate::tls::Tls>>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(cap));
@@ -157,8 +158,12 @@ pub async fn serve(
             Arc::new(Conn { active: AtomicUsize::new(0), last: Mutex::new(Instant::now()), close: Notify::new() });
         conns.0.lock().unwrap_or_else(|p| p.into_inner()).insert(id, conn.clone());
         let state = conn.clone();
+        let secure = tls.is_some();
         let svc = tower::ServiceExt::map_request(router.clone(), move |mut req: axum::extract::Request<_>| {
             req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+            if secure {
+                req.extensions_mut().insert(Secure);
+            }
             req
         });
         let svc = tower::ServiceExt::map_future(svc, move |fut| {
@@ -174,24 +179,17 @@ pub async fn serve(
                 }))
             }
         });
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let conns = conns.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            let svc = TowerToHyperService::new(svc);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(true);
-            let http = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
-            tokio::pin!(http);
-            let stopping = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            tokio::select! {
-                r = http.as_mut() => log_end(r, addr),
-                () = conn.close.notified() => tracing::debug!(%addr, "closed an idle connection to make room"),
-                () = stopping => {
-                    http.as_mut().graceful_shutdown();
-                    log_end(http.await, addr);
-                }
+            match acceptor {
+                None => serve_conn(stream, svc, stop, &conn, addr).await,
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_conn(stream, svc, stop, &conn, addr).await,
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                },
             }
             conns.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             drop(permit);
@@ -201,6 +199,42 @@ pub async fn serve(
     // Requests in flight finish (the caller bounds the wait).
     let _ = permits.acquire_many(u32::try_from(cap).unwrap_or(u32::MAX)).await;
     Ok(())
+}
+
+/// Marks a request that came over TLS (for `Strict-Transport-Security`).
+#[derive(Debug, Clone, Copy)]
+pub struct Secure;
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it ends, the accept loop closes it to
+/// make room, or the server stops (then requests in flight finish).
+async fn serve_conn<I, S>(io: I, svc: S, mut stop: watch::Receiver<bool>, conn: &Conn, addr: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let svc = TowerToHyperService::new(svc);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(true);
+    let http = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(http);
+    let stopping = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::select! {
+        r = http.as_mut() => log_end(r, addr),
+        () = conn.close.notified() => tracing::debug!(%addr, "closed an idle connection to make room"),
+        () = stopping => {
+            http.as_mut().graceful_shutdown();
+            log_end(http.await, addr);
+        }
+    }
 }
 
 fn log_end(r: Result<(), hyper::Error>, addr: SocketAddr) {

@@ -32,6 +32,13 @@ pub use sqlite::SqliteStore;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Where a node's replica answers, and the certificate it is trusted by when it serves TLS (PEM).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeAddr {
+    pub url: String,
+    pub ca_pem: Option<String>,
+}
+
 /// An inventory object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectRecord {
@@ -702,10 +709,11 @@ pub trait ClusterStore: Send + Sync {
     /// Calls `wake` whenever a process commits to the log (for feeds across replicas; a no-op where
     /// only this process writes).
     async fn log_watch(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<()>;
-    /// Records where a node's replica answers (at every start).
-    async fn node_register(&self, node: &str, url: &str) -> Result<()>;
+    /// Records where a node's replica answers and, when it serves TLS, the certificate it is
+    /// trusted by (at every start).
+    async fn node_register(&self, node: &str, url: &str, ca_pem: Option<&str>) -> Result<()>;
     /// Where a node's replica answers.
-    async fn node_url(&self, node: &str) -> Result<Option<String>>;
+    async fn node_addr(&self, node: &str) -> Result<Option<NodeAddr>>;
     /// This process stops using the store: its replica and leader locks go, its connections close.
     async fn close(&self);
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;

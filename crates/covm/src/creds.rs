@@ -36,15 +36,20 @@ pub fn load() -> anyhow::Result<Option<Credentials>> {
 }
 
 pub fn save(c: &Credentials) -> anyhow::Result<PathBuf> {
+    write_private("credentials.json", &serde_json::to_vec_pretty(c)?)
+}
+
+/// Writes `name` in the config dir (made mode 0700) atomically, mode 0600.
+fn write_private(name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let d = dir()?;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d)?;
-    let f = d.join("credentials.json");
-    let tmp = d.join("credentials.json.tmp");
+    let f = d.join(name);
+    let tmp = d.join(format!("{name}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    out.write_all(&serde_json::to_vec_pretty(c)?)?;
+    out.write_all(bytes)?;
     out.sync_all()?;
     std::fs::rename(&tmp, &f)?;
     Ok(f)
@@ -55,4 +60,42 @@ pub fn remove() -> anyhow::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// The certificate authorities the user trusted, per server (`known_servers.json` beside the
+/// credentials, like ssh's known hosts): the server's origin (`https://host:port`) → the CA's PEM.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KnownServers {
+    #[serde(flatten)]
+    pub servers: std::collections::BTreeMap<String, KnownServer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KnownServer {
+    pub fingerprint: String,
+    pub ca_pem: String,
+}
+
+pub fn known_file() -> anyhow::Result<PathBuf> {
+    Ok(dir()?.join("known_servers.json"))
+}
+
+/// `https://host:port` of a URL (the key in `known_servers.json`).
+pub fn origin(url: &str) -> anyhow::Result<String> {
+    let u = reqwest::Url::parse(url).with_context(|| format!("{url} is not a URL"))?;
+    let host = u.host_str().with_context(|| format!("{url} names no host"))?;
+    Ok(format!("{}://{}:{}", u.scheme(), host, u.port_or_known_default().unwrap_or(443)))
+}
+
+pub fn known_load() -> anyhow::Result<KnownServers> {
+    let f = known_file()?;
+    match std::fs::read(&f) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not readable", f.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KnownServers::default()),
+        Err(e) => Err(e).with_context(|| format!("could not read {}", f.display())),
+    }
+}
+
+pub fn known_save(k: &KnownServers) -> anyhow::Result<PathBuf> {
+    write_private("known_servers.json", &serde_json::to_vec_pretty(k)?)
 }

@@ -29,6 +29,10 @@ struct Cli {
     /// The covm server.
     #[arg(long, global = true, env = "COVM_URL", default_value = "http://127.0.0.1:8006")]
     url: String,
+    /// Trust exactly this CA certificate (PEM) for an https:// server, instead of the one trusted at
+    /// `covm login` (known_servers.json) or the system's.
+    #[arg(long, global = true, env = "COVM_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -47,6 +51,10 @@ enum Command {
         /// Read the password from this file (first line); otherwise COVM_PASSWORD, or a prompt.
         #[arg(long)]
         password_file: Option<PathBuf>,
+        /// Trust the server's CA if its SHA-256 fingerprint is this one (`AB:CD:…`, as `covm serve`
+        /// logs it), without asking.
+        #[arg(long, value_name = "FINGERPRINT")]
+        trust: Option<String>,
     },
     /// Sign out and forget the token.
     Logout,
@@ -124,6 +132,25 @@ struct ServeArgs {
     /// Days a safety snapshot is kept before it is deleted (unless pinned).
     #[arg(long, env = "COVM_SAFETY_SNAPSHOT_DAYS", value_parser = clap::value_parser!(u32).range(1..=3650))]
     safety_snapshot_days: Option<u32>,
+    /// Serve TLS also on a loopback address (beyond loopback it is the default).
+    #[arg(long, conflicts_with = "no_tls")]
+    tls: bool,
+    /// Serve plain HTTP (refused beyond loopback unless --insecure-http).
+    #[arg(long)]
+    no_tls: bool,
+    /// Allow plain HTTP on an address beyond loopback (behind something that encrypts for covm).
+    #[arg(long, env = "COVM_INSECURE_HTTP")]
+    insecure_http: bool,
+    /// The server's certificate chain (PEM, its own certificate first) instead of covm's own CA;
+    /// read again on SIGHUP.
+    #[arg(long, env = "COVM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "COVM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The lowest TLS version served: 1.3 (the default) or 1.2.
+    #[arg(long, env = "COVM_TLS_MIN", default_value = "1.3", value_parser = ["1.2", "1.3"])]
+    tls_min: String,
 }
 
 #[derive(Subcommand)]
@@ -288,13 +315,87 @@ fn read_password(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<String>
     Ok(rpassword::prompt_password(prompt)?)
 }
 
-/// A client signed in with the stored (or `COVM_TOKEN`) token.
-fn client(url: &str) -> anyhow::Result<Client> {
+/// A client for `url` that trusts what the user chose: `--ca-file`, the CA trusted for this server at
+/// `covm login` (known_servers.json), or the system's roots.
+fn connect(url: &str, ca_file: Option<&PathBuf>) -> anyhow::Result<Client> {
+    if let Some(f) = ca_file {
+        let pem = std::fs::read_to_string(f).with_context(|| format!("could not read {}", f.display()))?;
+        return Client::with_ca(url, &pem).with_context(|| format!("{} cannot be trusted as a CA", f.display()));
+    }
+    if url.starts_with("https://")
+        && let Some(k) = creds::known_load()?.servers.get(&creds::origin(url)?)
+    {
+        return Ok(Client::with_ca(url, &k.ca_pem)?);
+    }
+    Ok(Client::new(url))
+}
+
+/// For `covm login`: a client for `url`; an https:// server whose CA is not trusted yet is probed, its
+/// CA's fingerprint shown, and the CA trusted for this server (known_servers.json) when the user says
+/// so or `--trust` names that fingerprint.
+async fn connect_trusting(
+    url: &str,
+    ca_file: Option<&PathBuf>,
+    trust: Option<&str>,
+    out: &Out,
+) -> anyhow::Result<Client> {
+    let c = connect(url, ca_file)?;
+    if !url.starts_with("https://") || ca_file.is_some() {
+        return Ok(c);
+    }
+    let known = creds::known_load()?;
+    let origin = creds::origin(url)?;
+    let probe = c.health().await;
+    let Err(covm_client::ClientError::Transport(why)) = &probe else { return Ok(c) };
+    if !why.contains("certificate") && !why.contains("UnknownIssuer") {
+        bail!("could not reach {url}: {why}");
+    }
+    if let Some(k) = known.servers.get(&origin) {
+        bail!(
+            "{url} presents a certificate that the CA you trusted for it (SHA-256 {}) did not sign: it may be \
+             another server. If its CA was replaced on purpose, remove {origin} from {} and sign in again",
+            k.fingerprint,
+            creds::known_file()?.display()
+        );
+    }
+    let chain = covm_client::tls::server_chain(url).await.map_err(|e| anyhow::anyhow!(e))?;
+    let ca = chain.last().expect("a chain is not empty");
+    let fingerprint = covm_client::tls::fingerprint(ca);
+    let ok = match trust {
+        Some(t) if t.eq_ignore_ascii_case(&fingerprint) => true,
+        Some(t) => bail!("{url}'s CA has the SHA-256 fingerprint {fingerprint}, not {t}: not trusted"),
+        None => {
+            eprintln!(
+                "{url} uses a certificate authority you have not trusted yet.\n  SHA-256 fingerprint: {fingerprint}\n\
+                 Compare it with the one `covm serve` logged (\"serving TLS\") before you go on."
+            );
+            eprint!("Trust this CA for {origin}? [y/N] ");
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+        }
+    };
+    if !ok {
+        bail!("not trusted: nothing was sent to {url}");
+    }
+    let ca_pem = covm_client::tls::pem(ca);
+    let c = Client::with_ca(url, &ca_pem)?;
+    c.health().await.with_context(|| format!("{url} is not reachable with the CA it presented"))?;
+    let mut known = known;
+    known.servers.insert(origin.clone(), creds::KnownServer { fingerprint: fingerprint.clone(), ca_pem });
+    let f = creds::known_save(&known)?;
+    out.message(&format!("trusted the CA {fingerprint} for {origin} (in {})", f.display()));
+    Ok(c)
+}
+
+/// A client signed in with the stored (or `COVM_TOKEN`) token, trusting what [`connect`] trusts.
+fn client_with(url: &str, ca_file: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let c = connect(url, ca_file)?;
     if let Ok(t) = std::env::var("COVM_TOKEN") {
-        return Ok(Client::new(url).with_token(t));
+        return Ok(c.with_token(t));
     }
     match creds::load()? {
-        Some(c) => Ok(Client::new(url).with_token(c.token)),
+        Some(cr) => Ok(c.with_token(cr.token)),
         None => bail!("not signed in: run `covm login` first"),
     }
 }
@@ -320,26 +421,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .init();
             let driver = if a.driver == "sim" { covm_server::Driver::Sim } else { covm_server::Driver::Qemu };
             covm_server::serve(covm_server::ServeConfig {
-                data_dir: a.data_dir,
-                listen: a.listen,
                 demo: a.demo,
                 driver,
                 db: a.db,
                 advertise: a.advertise,
                 max_connections: a.max_connections,
                 safety_snapshot_days: a.safety_snapshot_days,
+                tls: match (a.tls, a.no_tls) {
+                    (true, _) => covm_server::TlsMode::On,
+                    (_, true) => covm_server::TlsMode::Off,
+                    _ => covm_server::TlsMode::Auto,
+                },
+                tls_settings: covm_server::tls::TlsSettings {
+                    cert: a.tls_cert,
+                    key: a.tls_key,
+                    min: if a.tls_min == "1.2" { covm_server::tls::TlsMin::V12 } else { covm_server::tls::TlsMin::V13 },
+                },
+                insecure_http: a.insecure_http,
+                ..covm_server::ServeConfig::new(a.data_dir, a.listen)
             })
             .await
         }
-        Command::Login { user, password_file } => {
+        Command::Login { user, password_file, trust } => {
+            let anon = connect_trusting(&cli.url, cli.ca_file.as_ref(), trust.as_deref(), &out).await?;
             let password = read_password(password_file.as_ref(), &format!("password for {user}: "))?;
-            let (_, t) = Client::new(&cli.url).login(&user, &password).await?;
+            let (_, t) = anon.login(&user, &password).await?;
             let f = creds::save(&creds::Credentials { url: cli.url.clone(), user: t.user.clone(), token: t.token })?;
             out.message(&format!("signed in as {} until {} (token in {})", t.user, t.expires_at, f.display()));
             Ok(())
         }
         Command::Logout => {
-            if let Ok(c) = client(&cli.url) {
+            if let Ok(c) = client_with(&cli.url, cli.ca_file.as_ref()) {
                 // The token may have expired already; forgetting it is what matters.
                 let _ = c.logout().await;
             }
@@ -347,10 +459,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.message("signed out");
             Ok(())
         }
-        Command::Whoami { object } => out.whoami(&client(&cli.url)?.whoami(object.as_deref()).await?),
-        Command::Ls { path } => out.objects(&client(&cli.url)?.ls(path.as_deref()).await?),
+        Command::Whoami { object } => {
+            out.whoami(&client_with(&cli.url, cli.ca_file.as_ref())?.whoami(object.as_deref()).await?)
+        }
+        Command::Ls { path } => out.objects(&client_with(&cli.url, cli.ca_file.as_ref())?.ls(path.as_deref()).await?),
         Command::Folder(cmd) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             match cmd {
                 FolderCmd::Create { path } => {
                     let (parent, name) = split_path(&path)?;
@@ -367,7 +481,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::User(cmd) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             match cmd {
                 UserCmd::Create { name, password_file } => {
                     let pw = read_password(password_file.as_ref(), &format!("password for {name}: "))?;
@@ -388,7 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Group(cmd) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             match cmd {
                 GroupCmd::Create { name } => out.groups(&[c.group_create(&name).await?]),
                 GroupCmd::Add { group, user } => out.groups(&[c.group_member_add(&group, &user).await?]),
@@ -396,7 +510,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Role(cmd) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             match cmd {
                 RoleCmd::Create { name, privileges } => {
                     let privs = privileges
@@ -410,7 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Permission(cmd) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             match cmd {
                 PermissionCmd::Grant { principal, role, object, no_propagate } => {
                     out.permissions(&[c.permission_grant(&principal, &role, &object, !no_propagate).await?])
@@ -425,10 +539,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Vm(cmd) => vm::run(&client(&cli.url)?, &out, cmd).await,
-        Command::Disk(cmd) => disk::run(&client(&cli.url)?, &out, cmd).await,
+        Command::Vm(cmd) => vm::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
+        Command::Disk(cmd) => disk::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Inventory(cmd) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             let q = covm_types::api::ListQuery { limit: Some(1000), ..Default::default() };
             let items = match cmd {
                 InventoryCmd::Hosts => values(c.hosts(&q).await?.items),
@@ -439,7 +553,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.values(&items)
         }
         Command::Events { follow, after, limit } => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             if follow {
                 let mut cursor = after;
                 loop {
@@ -471,7 +585,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_events(&out, &page.items[skip..])
         }
         Command::Audit(a) => {
-            let c = client(&cli.url)?;
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             if a.verify.is_some() {
                 let v = c.audit_verify().await?;
                 out.verify(&v)?;

@@ -55,7 +55,8 @@ fn serve_with(data: &Path, extra: &[&str]) -> Server {
             if log.lines().any(|l| l.contains("covm is listening") && l.contains(&listening))
                 && TcpStream::connect(("127.0.0.1", port)).is_ok()
             {
-                return Server { child, url: format!("http://127.0.0.1:{port}") };
+                let scheme = if extra.contains(&"--tls") { "https" } else { "http" };
+                return Server { child, url: format!("{scheme}://127.0.0.1:{port}") };
             }
             assert!(started.elapsed() < Duration::from_secs(30), "covm serve did not listen within 30 s");
             std::thread::sleep(Duration::from_millis(50));
@@ -336,4 +337,58 @@ fn snapshots_make_a_tree_and_revert_by_scope() {
     let pinned: serde_json::Value =
         serde_json::from_str(&ok(covm(&s, &admin, &["--json", "vm", "snapshot", "pin", "a", &safety], None))).unwrap();
     assert_eq!((pinned["pinned"].as_bool(), pinned.get("expires_at")), (Some(true), None), "{pinned}");
+}
+
+/// The CA fingerprint a TLS server logged at start (`AB:CD:…`, 32 bytes).
+fn logged_fingerprint(data: &Path) -> String {
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    log.split(|c: char| !(c.is_ascii_hexdigit() || c == ':'))
+        .find(|w| w.len() == 95 && w.matches(':').count() == 31)
+        .expect("covm serve logs its CA's fingerprint")
+        .to_owned()
+}
+
+#[test]
+fn the_cli_trusts_a_servers_own_ca_only_when_told() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve_with(&data, &["--driver", "sim", "--tls"]);
+    assert!(s.url.starts_with("https://"));
+    let fp = logged_fingerprint(&data);
+    let pw = data.join("initial-admin-password");
+    let pw = pw.to_str().unwrap();
+    let cfg = tmp.path().join("cli");
+    // Asked, the user says no: nothing is sent, nothing is kept.
+    let o = covm(&s, &cfg, &["login", "--password-file", pw], Some("n\n"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(&fp) && err.contains("not trusted"), "{err}");
+    assert!(!cfg.join("credentials.json").exists() && !cfg.join("known_servers.json").exists());
+    // A fingerprint that is not the server's is refused.
+    let wrong = fp.replace(&fp[..2], if &fp[..2] == "00" { "11" } else { "00" });
+    let o = covm(&s, &cfg, &["login", "--password-file", pw, "--trust", &wrong], None);
+    assert!(!o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The right one: trusted for this server, and later commands use it.
+    let out = ok(covm(&s, &cfg, &["login", "--password-file", pw, "--trust", &fp], None));
+    assert!(out.contains("trusted the CA"), "{out}");
+    assert!(ok(covm(&s, &cfg, &["whoami"], None)).contains("admin"));
+    // Saying yes at the prompt, in another user's config.
+    let cfg2 = tmp.path().join("cli2");
+    ok(covm(&s, &cfg2, &["login", "--password-file", pw], Some("yes\n")));
+    // --ca-file: no question at all.
+    let cfg3 = tmp.path().join("cli3");
+    let ca = data.join("tls/ca.pem");
+    ok(covm(&s, &cfg3, &["--ca-file", ca.to_str().unwrap(), "login", "--password-file", pw], None));
+    assert!(!cfg3.join("known_servers.json").exists());
+    // Another server (another CA) where the trusted one was: refused, like ssh's changed host key.
+    let data2 = tmp.path().join("data2");
+    let s2 = serve_with(&data2, &["--driver", "sim", "--tls"]);
+    let known = std::fs::read_to_string(cfg.join("known_servers.json")).unwrap();
+    let origin = |u: &str| u.to_owned();
+    std::fs::write(cfg.join("known_servers.json"), known.replace(&origin(&s.url), &origin(&s2.url))).unwrap();
+    let pw2 = data2.join("initial-admin-password");
+    let o = covm(&s2, &cfg, &["login", "--password-file", pw2.to_str().unwrap()], Some("yes\n"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("did not sign"), "{err}");
+    let o = covm(&s2, &cfg, &["whoami"], None);
+    assert!(!o.status.success(), "a pinned CA does not vouch for another server");
 }

@@ -228,9 +228,10 @@ impl App {
         self.store().close().await;
     }
 
-    /// Records the URL at which other replicas reach this node.
-    pub async fn node_advertise(&self, url: &str) -> Result<(), covm_types::Error> {
-        self.store().node_register(&self.config().node_id, url).await
+    /// Records the URL at which other replicas reach this node, and the certificate they trust it by
+    /// when it serves TLS.
+    pub async fn node_advertise(&self, url: &str, ca_pem: Option<&str>) -> Result<(), covm_types::Error> {
+        self.store().node_register(&self.config().node_id, url, ca_pem).await
     }
 
     pub fn hub(&self) -> &EventHub {

@@ -373,9 +373,10 @@ impl App {
         self.agent().supervise(id, run, reports);
     }
 
-    /// Where a node's replica answers (for forwarding a request about one of its VMs).
-    pub async fn node_url(&self, node: &str) -> Option<String> {
-        self.store().node_url(node).await.ok().flatten()
+    /// Where a node's replica answers and the certificate it is trusted by (for forwarding a
+    /// request about one of its VMs).
+    pub async fn node_addr(&self, node: &str) -> Option<covm_store::NodeAddr> {
+        self.store().node_addr(node).await.ok().flatten()
     }
 
     /// At start: adopts VMs whose QEMU still runs, marks the others crashed, reports leftovers.

@@ -25,14 +25,32 @@ const MAX_BODY: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct Forwarded;
 
-fn client() -> &'static reqwest::Client {
-    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    C.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .expect("a plain HTTP client always builds")
-    })
+/// The client for a replica: plain HTTP, or TLS trusting only the certificate that replica
+/// registered. Clients are kept per certificate, so connections are reused.
+fn client(ca_pem: Option<&str>) -> Option<reqwest::Client> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CLIENTS: OnceLock<Mutex<HashMap<Option<String>, reqwest::Client>>> = OnceLock::new();
+    let mut clients = CLIENTS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let key = ca_pem.map(str::to_owned);
+    if let Some(c) = clients.get(&key) {
+        return Some(c.clone());
+    }
+    // reqwest is built without a crypto provider of its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let builder = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5));
+    let built = match ca_pem {
+        None => builder.build().ok()?,
+        Some(pem) => match crate::tls::client_config(pem) {
+            Ok(tls) => builder.tls_backend_preconfigured(tls).build().ok()?,
+            Err(e) => {
+                tracing::warn!(error = %e, "a replica registered a certificate that cannot be used");
+                return None;
+            }
+        },
+    };
+    clients.insert(key, built.clone());
+    Some(built)
 }
 
 pub async fn forward_mw(State(app): State<App>, req: Request, next: Next) -> Response {
@@ -53,9 +71,10 @@ pub async fn forward_mw(State(app): State<App>, req: Request, next: Next) -> Res
     };
     let resp = next.run(Request::from_parts(parts, Body::from(bytes.clone()))).await;
     let Some(OtherNode(node)) = resp.extensions().get::<OtherNode>().cloned() else { return resp };
-    let Some(url) = app.node_url(&node).await else { return resp };
+    let Some(covm_store::NodeAddr { url, ca_pem }) = app.node_addr(&node).await else { return resp };
+    let Some(client) = client(ca_pem.as_deref()) else { return resp };
     let target = format!("{}{}", url.trim_end_matches('/'), uri.path_and_query().map_or("", |p| p.as_str()));
-    let mut rb = client().request(method, &target).body(bytes);
+    let mut rb = client.request(method, &target).body(bytes);
     for (k, v) in headers.iter().filter(|(k, _)| *k != header::HOST && *k != header::CONTENT_LENGTH) {
         rb = rb.header(k, v);
     }

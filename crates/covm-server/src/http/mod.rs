@@ -269,6 +269,7 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
+    let secure = req.extensions().get::<crate::listen::Secure>().is_some();
 
     let mut resp = match query_check(&method, &route, req.uri().query()) {
         Ok(()) => next.run(req).await,
@@ -280,8 +281,19 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
         resp = json_envelope(resp).await;
     }
     // Answers are for the caller alone (some carry tokens): never cached, never sniffed.
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // Nor framed by another site, nor named in a referrer; over TLS, browsers keep to TLS.
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
+    );
+    if secure {
+        h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    }
     let status = resp.status();
 
     let mutating = matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);

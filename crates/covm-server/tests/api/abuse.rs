@@ -11,6 +11,7 @@ use crate::common::{PASSWORD, TestServer, on_postgres};
 
 /// A client whose connections come from `addr` (any 127.0.0.0/8 address is this machine).
 fn from(addr: &str) -> reqwest::Client {
+    covm_client::tls::install_provider();
     reqwest::Client::builder().local_address(addr.parse::<IpAddr>().unwrap()).build().unwrap()
 }
 

@@ -17,6 +17,8 @@ pub struct TestServer {
     driver: covm_server::Driver,
     /// The PostgreSQL database (None: SQLite in `dir`).
     pub db: Option<String>,
+    /// Served over TLS (with covm's own CA, which the clients trust).
+    pub tls: bool,
 }
 
 /// Whether these tests run on PostgreSQL (the `api_postgres` target compiles this same file).
@@ -39,45 +41,71 @@ impl TestServer {
 
     /// A server with the data directory `dir` and the database `db` (None: SQLite in `dir`).
     pub async fn start_at(dir: TempDir, driver: covm_server::Driver, db: Option<String>) -> TestServer {
-        let running = Self::boot(&dir, 0, driver.clone(), db.clone()).await;
-        let url = format!("http://{}", running.addr);
+        Self::start_full(dir, driver, db, false).await
+    }
+
+    /// A server that serves TLS on loopback (`--tls`), with covm's own CA.
+    pub async fn start_tls() -> TestServer {
+        let db = match on_postgres() {
+            true => Some(covm_store::testing::postgres_database().await.expect("PostgreSQL for tests")),
+            false => None,
+        };
+        Self::start_full(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, true).await
+    }
+
+    async fn start_full(dir: TempDir, driver: covm_server::Driver, db: Option<String>, tls: bool) -> TestServer {
+        let running = Self::boot(&dir, 0, driver.clone(), db.clone(), tls).await;
+        let url = format!("{}://{}", if tls { "https" } else { "http" }, running.addr);
         let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))
             .expect("the first start writes the admin password")
             .trim()
             .to_owned();
-        let (admin, _) = Client::new(&url).login("admin", &admin_password).await.expect("admin signs in");
-        TestServer { dir, running: Some(running), url, admin, admin_password, driver, db }
+        let mut s = TestServer {
+            dir,
+            running: Some(running),
+            url,
+            admin: Client::new("http://-"),
+            admin_password,
+            driver,
+            db,
+            tls,
+        };
+        s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
+        s
+    }
+
+    /// The certificate clients trust when the server serves TLS: its CA.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.tls.then(|| std::fs::read_to_string(self.dir.path().join("tls/ca.pem")).expect("covm's CA"))
     }
 
     /// Another replica on the same database (PostgreSQL), with a data directory of its own; its admin
     /// client signs in with the first replica's password.
     pub async fn replica(&self) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone()).await;
+        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone(), self.tls).await;
         assert!(running.initial_password_file.is_none(), "only the first replica creates admin");
-        let url = format!("http://{}", running.addr);
-        let (admin, _) = Client::new(&url).login("admin", &self.admin_password).await.expect("admin signs in");
-        TestServer {
+        let url = format!("{}://{}", if self.tls { "https" } else { "http" }, running.addr);
+        let mut s = TestServer {
             dir,
             running: Some(running),
             url,
-            admin,
+            admin: Client::new("http://-"),
             admin_password: self.admin_password.clone(),
             driver: self.driver.clone(),
             db: self.db.clone(),
-        }
+            tls: self.tls,
+        };
+        s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
+        s
     }
 
-    async fn boot(dir: &TempDir, port: u16, driver: covm_server::Driver, db: Option<String>) -> Running {
+    async fn boot(dir: &TempDir, port: u16, driver: covm_server::Driver, db: Option<String>, tls: bool) -> Running {
         covm_server::start(ServeConfig {
-            data_dir: dir.path().to_owned(),
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            demo: false,
             driver,
             db,
-            advertise: None,
-            max_connections: None,
-            safety_snapshot_days: None,
+            tls: if tls { covm_server::TlsMode::On } else { covm_server::TlsMode::Auto },
+            ..ServeConfig::new(dir.path().to_owned(), format!("127.0.0.1:{port}").parse().unwrap())
         })
         .await
         .expect("covm starts")
@@ -99,7 +127,7 @@ impl TestServer {
         let port = running.addr.port();
         running.stop().await.expect("covm stops");
         between();
-        self.running = Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone()).await);
+        self.running = Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone(), self.tls).await);
     }
 
     /// The app inside the server (for the fault switch).
@@ -112,7 +140,10 @@ impl TestServer {
     }
 
     pub fn anonymous(&self) -> Client {
-        Client::new(&self.url)
+        match self.ca_pem() {
+            Some(ca) => Client::with_ca(&self.url, &ca).expect("covm's CA is a CA"),
+            None => Client::new(&self.url),
+        }
     }
 
     /// Creates a user (as admin) and signs it in.

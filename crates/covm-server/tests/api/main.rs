@@ -18,5 +18,6 @@ pub mod sagas;
 pub mod snapshots;
 pub mod stats;
 pub mod streams;
+pub mod tls;
 pub mod upgrade;
 pub mod vms;

@@ -32,28 +32,30 @@ impl ClusterStore for $Store {
         self.close_impl().await
     }
 
-    async fn node_register(&self, node: &str, url: &str) -> Result<()> {
+    async fn node_register(&self, node: &str, url: &str, ca_pem: Option<&str>) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO nodes (id, url, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (id) DO UPDATE SET url = excluded.url, updated_at = excluded.updated_at",
+            "INSERT INTO nodes (id, url, updated_at, ca_pem) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET url = excluded.url, updated_at = excluded.updated_at,
+               ca_pem = excluded.ca_pem",
         )
         .bind(node)
         .bind(url)
         .bind(time_to_db(now()))
+        .bind(ca_pem)
         .execute(&mut *tx)
         .await
         .map_err(db_err("register a node"))?;
         tx.commit().await.map_err(db_err("commit"))
     }
 
-    async fn node_url(&self, node: &str) -> Result<Option<String>> {
-        Ok(sqlx::query("SELECT url FROM nodes WHERE id = $1")
+    async fn node_addr(&self, node: &str) -> Result<Option<NodeAddr>> {
+        Ok(sqlx::query("SELECT url, ca_pem FROM nodes WHERE id = $1")
             .bind(node)
             .fetch_optional(&self.reader)
             .await
             .map_err(db_err("read a node"))?
-            .map(|r| r.get("url")))
+            .map(|r| NodeAddr { url: r.get("url"), ca_pem: r.get("ca_pem") }))
     }
 
     async fn meta_get(&self, key: &str) -> Result<Option<String>> {
