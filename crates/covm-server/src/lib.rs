@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub tls_settings: tls::TlsSettings,
     /// Allow plain HTTP on an address beyond loopback (`--insecure-http`).
     pub insecure_http: bool,
+    /// Request rate limits (default [`app::ratelimit::RateLimitConfig::default`]).
+    pub rate_limits: app::ratelimit::RateLimitConfig,
 }
 
 /// Whether `covm serve` speaks TLS.
@@ -92,6 +94,7 @@ impl ServeConfig {
             tls: TlsMode::Auto,
             tls_settings: tls::TlsSettings::default(),
             insecure_http: false,
+            rate_limits: app::ratelimit::RateLimitConfig::default(),
         }
     }
 
@@ -202,6 +205,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     }
     let node_id = node_id(&data_dir)?;
     let mut app_config = AppConfig::new(data_dir.clone(), node_id);
+    app_config.rate_limits = config.rate_limits;
     if let Some(days) = config.safety_snapshot_days {
         app_config.safety_snapshot_ttl = chrono::Duration::days(days.into());
     }

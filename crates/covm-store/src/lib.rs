@@ -703,6 +703,8 @@ pub trait ClusterStore: Send + Sync {
     async fn replica_register(&self, id: Uuid) -> Result<()>;
     /// Whether a replica still runs (its sagas are its own while it does).
     async fn replica_alive(&self, id: Uuid) -> Result<bool>;
+    /// How many replicas run on this database now (this one included).
+    async fn replicas_live(&self) -> Result<u32>;
     /// Takes, or keeps, the role of the one replica that runs background work (saga recovery, lease
     /// expiry reports, autostart); `false`: another replica has it. Taken over when its holder dies.
     async fn leader_try(&self) -> Result<bool>;

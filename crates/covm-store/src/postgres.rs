@@ -140,6 +140,23 @@ impl PgStore {
         self.session().await.map(|_| ())
     }
 
+    /// The replicas' session locks held on this database: advisory locks on 64-bit keys
+    /// (`objsubid = 1`) that are not covm's fixed locks (whose high half is `covm`).
+    async fn replicas_live_impl(&self) -> Result<u32> {
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1
+               AND classid <> $1::bigint::oid
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(LOG_LOCK >> 32)
+        .fetch_one(&self.reader)
+        .await
+        .map_err(db_err("count the replicas"))?
+        .get("n");
+        Ok(u32::try_from(n).unwrap_or(1).max(1))
+    }
+
     async fn replica_alive_impl(&self, id: Uuid) -> Result<bool> {
         let mut s = self.session().await?;
         if s.replica == Some(id) {

@@ -148,6 +148,18 @@ struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "COVM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Requests a second each user may make, sustained (its share on each of several replicas).
+    #[arg(long, env = "COVM_RATE_LIMIT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit: u32,
+    /// Requests a user may make at once after a pause (power, disk and snapshot requests draw 10).
+    #[arg(long, env = "COVM_RATE_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: u32,
+    /// Requests a second from one address without a session.
+    #[arg(long, env = "COVM_ANONYMOUS_RATE_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    anonymous_rate_limit: u32,
+    /// Requests at once from one address without a session.
+    #[arg(long, env = "COVM_ANONYMOUS_RATE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    anonymous_rate_burst: u32,
     /// The lowest TLS version served: 1.3 (the default) or 1.2.
     #[arg(long, env = "COVM_TLS_MIN", default_value = "1.3", value_parser = ["1.2", "1.3"])]
     tls_min: String,
@@ -438,6 +450,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     min: if a.tls_min == "1.2" { covm_server::tls::TlsMin::V12 } else { covm_server::tls::TlsMin::V13 },
                 },
                 insecure_http: a.insecure_http,
+                rate_limits: covm_server::app::ratelimit::RateLimitConfig {
+                    per_second: a.rate_limit,
+                    burst: a.rate_burst,
+                    anonymous_per_second: a.anonymous_rate_limit,
+                    anonymous_burst: a.anonymous_rate_burst,
+                },
                 ..covm_server::ServeConfig::new(a.data_dir, a.listen)
             })
             .await

@@ -27,6 +27,7 @@ pub mod leases;
 pub mod node;
 pub mod power;
 pub mod principals;
+pub mod ratelimit;
 pub mod refs;
 pub mod saga;
 pub mod snapshots;
@@ -52,6 +53,8 @@ pub struct AppConfig {
     pub node_id: String,
     /// How long a safety snapshot is kept before the reaper deletes it (unless pinned).
     pub safety_snapshot_ttl: chrono::Duration,
+    /// Request rate limits per user and per address.
+    pub rate_limits: ratelimit::RateLimitConfig,
 }
 
 /// The default of [`AppConfig::safety_snapshot_ttl`], in days.
@@ -60,7 +63,12 @@ pub const SAFETY_SNAPSHOT_DAYS: u32 = 7;
 impl AppConfig {
     /// A config with the defaults.
     pub fn new(data_dir: PathBuf, node_id: String) -> AppConfig {
-        AppConfig { data_dir, node_id, safety_snapshot_ttl: chrono::Duration::days(SAFETY_SNAPSHOT_DAYS.into()) }
+        AppConfig {
+            data_dir,
+            node_id,
+            safety_snapshot_ttl: chrono::Duration::days(SAFETY_SNAPSHOT_DAYS.into()),
+            rate_limits: ratelimit::RateLimitConfig::default(),
+        }
     }
 }
 
@@ -82,6 +90,8 @@ struct AppInner {
     node: node::LocalAgent,
     hub: EventHub,
     limiter: RateLimiter,
+    /// Request rate limits (per user, per address).
+    rates: ratelimit::RateLimits,
     config: AppConfig,
     /// A write failed for want of space and none has succeeded since (readiness says so).
     storage_full: AtomicBool,
@@ -106,6 +116,7 @@ impl App {
                 node,
                 hub,
                 limiter: RateLimiter::default(),
+                rates: ratelimit::RateLimits::new(config.rate_limits),
                 config,
                 storage_full: AtomicBool::new(false),
                 anon: anon::AnonBudget::default(),
@@ -246,6 +257,50 @@ impl App {
         &self.inner.limiter
     }
 
+    pub fn rates(&self) -> &ratelimit::RateLimits {
+        &self.inner.rates
+    }
+
+    /// Takes this replica's share of the rate limits (the live replicas counted) and forgets buckets
+    /// that are full again; the background loop does it once a minute.
+    pub async fn rates_upkeep(&self) {
+        match self.store().replicas_live().await {
+            Ok(n) => self.inner.rates.set_replicas(n),
+            Err(e) => tracing::warn!(error = %e, "could not count the replicas"),
+        }
+        self.inner.rates.shrink();
+    }
+
+    /// Draws `cost` from the signed-in caller's bucket (429 `rate_limited` when it is empty).
+    pub fn request_admit(&self, ctx: &Ctx, cost: u32) -> Result<(), covm_types::Error> {
+        let r = self.inner.rates.admit_user(ctx.user_id, cost);
+        Self::rate_noted(&ctx.req, r)
+    }
+
+    /// Draws `cost` from the bucket of a request without a session, by its address.
+    pub fn anonymous_admit(&self, req: &RequestInfo, cost: u32) -> Result<(), covm_types::Error> {
+        match req.addr {
+            Some(addr) => Self::rate_noted(req, self.inner.rates.admit_addr(addr, cost)),
+            None => Ok(()),
+        }
+    }
+
+    fn rate_noted(
+        req: &RequestInfo,
+        r: Result<ratelimit::RateState, (ratelimit::RateState, covm_types::Error)>,
+    ) -> Result<(), covm_types::Error> {
+        match r {
+            Ok(state) => {
+                let _ = req.rate.set(state);
+                Ok(())
+            }
+            Err((state, e)) => {
+                let _ = req.rate.set(state);
+                Err(e)
+            }
+        }
+    }
+
     /// Tells the feed that something was committed.
     fn committed(&self) {
         self.inner.hub.wake();
@@ -260,6 +315,8 @@ pub struct RequestInfo {
     pub addr: Option<std::net::IpAddr>,
     pub actor: OnceLock<String>,
     audited: AtomicBool,
+    /// The caller's rate-limit bucket after this request (for the `RateLimit-*` headers).
+    pub rate: OnceLock<ratelimit::RateState>,
 }
 
 impl RequestInfo {

@@ -123,7 +123,33 @@ impl FromRequestParts<App> for Auth {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthenticated("sign in first: send Authorization: Bearer <token>"))?;
-        Ok(Auth(app.authenticate(&request_info(parts), token).await?))
+        let ctx = app.authenticate(&request_info(parts), token).await?;
+        let route = parts.extensions.get::<axum::extract::MatchedPath>().map_or("", |m| m.as_str());
+        app.request_admit(&ctx, request_cost(&parts.method, route))?;
+        Ok(Auth(ctx))
+    }
+}
+
+/// What a request draws from its caller's rate-limit bucket: the expensive operations (powering a VM,
+/// making or copying a disk, snapshots and reverts, creating a VM) draw
+/// [`crate::app::ratelimit::COST_HEAVY`], everything else 1.
+pub fn request_cost(method: &axum::http::Method, route: &str) -> u32 {
+    const HEAVY: &[&str] = &[
+        "/api/v1/vms",
+        "/api/v1/vms/{vm}/power",
+        "/api/v1/vms/{vm}/snapshots",
+        "/api/v1/vms/{vm}/snapshots/{snap}/revert",
+        "/api/v1/vms/{vm}/revert",
+        "/api/v1/disks",
+        "/api/v1/disks/{disk}/clone",
+        "/api/v1/disks/{disk}/import",
+        "/api/v1/disks/{disk}/move",
+        "/api/v1/disks/{disk}/snapshots",
+        "/api/v1/disks/{disk}/snapshots/{snap}/revert",
+    ];
+    match *method == axum::http::Method::POST && HEAVY.contains(&route) {
+        true => crate::app::ratelimit::COST_HEAVY,
+        false => 1,
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -151,6 +151,11 @@ fn metrics_handle() -> Option<PrometheusHandle> {
 /// The whole HTTP service.
 pub fn router(app: App) -> axum::Router {
     let metrics = metrics_handle();
+    let limits = app.rates().config();
+    metrics::gauge!("covm_rate_limit_per_second", "kind" => "user").set(f64::from(limits.per_second));
+    metrics::gauge!("covm_rate_limit_burst", "kind" => "user").set(f64::from(limits.burst));
+    metrics::gauge!("covm_rate_limit_per_second", "kind" => "address").set(f64::from(limits.anonymous_per_second));
+    metrics::gauge!("covm_rate_limit_burst", "kind" => "address").set(f64::from(limits.anonymous_burst));
     let (api, _) = OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", api_routes()).split_for_parts();
     let doc = Arc::new(openapi());
     let api = api
@@ -270,8 +275,15 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     let path = req.uri().path().to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
     let secure = req.extensions().get::<crate::listen::Secure>().is_some();
+    // A request without a session draws from its address's bucket; a signed-in one from its user's
+    // (when `Auth` has found who it is).
+    let anonymous = !req.headers().contains_key(header::AUTHORIZATION);
+    let admitted = match anonymous {
+        true => app.anonymous_admit(&info, 1),
+        false => Ok(()),
+    };
 
-    let mut resp = match query_check(&method, &route, req.uri().query()) {
+    let mut resp = match admitted.and_then(|()| query_check(&method, &route, req.uri().query())) {
         Ok(()) => next.run(req).await,
         Err(e) => ApiError(e).into_response(),
     };
@@ -293,6 +305,11 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     );
     if secure {
         h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    }
+    if let Some(r) = info.rate.get() {
+        h.insert(HeaderName::from_static("ratelimit-limit"), HeaderValue::from(r.limit));
+        h.insert(HeaderName::from_static("ratelimit-remaining"), HeaderValue::from(r.remaining));
+        h.insert(HeaderName::from_static("ratelimit-reset"), HeaderValue::from(r.reset_s));
     }
     let status = resp.status();
 

@@ -19,6 +19,8 @@ pub struct TestServer {
     pub db: Option<String>,
     /// Served over TLS (with covm's own CA, which the clients trust).
     pub tls: bool,
+    /// The request rate limits it runs with.
+    pub rate_limits: covm_server::app::ratelimit::RateLimitConfig,
 }
 
 /// Whether these tests run on PostgreSQL (the `api_postgres` target compiles this same file).
@@ -53,8 +55,27 @@ impl TestServer {
         Self::start_full(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, true).await
     }
 
+    /// A server with these request rate limits.
+    pub async fn start_limited(limits: covm_server::app::ratelimit::RateLimitConfig) -> TestServer {
+        let db = match on_postgres() {
+            true => Some(covm_store::testing::postgres_database().await.expect("PostgreSQL for tests")),
+            false => None,
+        };
+        Self::start_full_with(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, false, limits).await
+    }
+
     async fn start_full(dir: TempDir, driver: covm_server::Driver, db: Option<String>, tls: bool) -> TestServer {
-        let running = Self::boot(&dir, 0, driver.clone(), db.clone(), tls).await;
+        Self::start_full_with(dir, driver, db, tls, Default::default()).await
+    }
+
+    async fn start_full_with(
+        dir: TempDir,
+        driver: covm_server::Driver,
+        db: Option<String>,
+        tls: bool,
+        rate_limits: covm_server::app::ratelimit::RateLimitConfig,
+    ) -> TestServer {
+        let running = Self::boot(&dir, 0, driver.clone(), db.clone(), tls, rate_limits).await;
         let url = format!("{}://{}", if tls { "https" } else { "http" }, running.addr);
         let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))
             .expect("the first start writes the admin password")
@@ -69,6 +90,7 @@ impl TestServer {
             driver,
             db,
             tls,
+            rate_limits,
         };
         s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
         s
@@ -83,7 +105,7 @@ impl TestServer {
     /// client signs in with the first replica's password.
     pub async fn replica(&self) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone(), self.tls).await;
+        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone(), self.tls, self.rate_limits).await;
         assert!(running.initial_password_file.is_none(), "only the first replica creates admin");
         let url = format!("{}://{}", if self.tls { "https" } else { "http" }, running.addr);
         let mut s = TestServer {
@@ -95,15 +117,24 @@ impl TestServer {
             driver: self.driver.clone(),
             db: self.db.clone(),
             tls: self.tls,
+            rate_limits: self.rate_limits,
         };
         s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
         s
     }
 
-    async fn boot(dir: &TempDir, port: u16, driver: covm_server::Driver, db: Option<String>, tls: bool) -> Running {
+    async fn boot(
+        dir: &TempDir,
+        port: u16,
+        driver: covm_server::Driver,
+        db: Option<String>,
+        tls: bool,
+        rate_limits: covm_server::app::ratelimit::RateLimitConfig,
+    ) -> Running {
         covm_server::start(ServeConfig {
             driver,
             db,
+            rate_limits,
             tls: if tls { covm_server::TlsMode::On } else { covm_server::TlsMode::Auto },
             ..ServeConfig::new(dir.path().to_owned(), format!("127.0.0.1:{port}").parse().unwrap())
         })
@@ -127,7 +158,8 @@ impl TestServer {
         let port = running.addr.port();
         running.stop().await.expect("covm stops");
         between();
-        self.running = Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone(), self.tls).await);
+        self.running =
+            Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone(), self.tls, self.rate_limits).await);
     }
 
     /// The app inside the server (for the fault switch).

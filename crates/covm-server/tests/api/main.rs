@@ -12,6 +12,7 @@ pub mod hygiene;
 pub mod openapi;
 pub mod power;
 pub mod qemu;
+pub mod ratelimits;
 pub mod references;
 pub mod replicas;
 pub mod sagas;

@@ -20,6 +20,10 @@ impl ClusterStore for $Store {
         self.replica_alive_impl(id).await
     }
 
+    async fn replicas_live(&self) -> Result<u32> {
+        self.replicas_live_impl().await
+    }
+
     async fn leader_try(&self) -> Result<bool> {
         self.leader_try_impl().await
     }

@@ -455,8 +455,15 @@ impl App {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut reap: u64 = 0;
         let mut reaping: Option<tokio::task::JoinHandle<()>> = None;
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
+            // Rate limits: this replica's share, and buckets that are full again forgotten (every
+            // replica, at its first tick and then once a minute).
+            ticks += 1;
+            if ticks % crate::app::ratelimit::UPKEEP_EVERY.as_secs() == 1 {
+                self.rates_upkeep().await;
+            }
             // Every replica writes the summary of its own suppressed anonymous entries.
             if let Err(e) = self.audit_anonymous_flush(false).await {
                 tracing::warn!(error = %e, "could not write the summary of suppressed audit entries");
