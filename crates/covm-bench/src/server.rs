@@ -75,6 +75,11 @@ impl Server {
         let log = std::fs::File::create(tmp.path().join("server.log"))?;
         let mut cmd = Command::new(covm);
         cmd.args(["serve", "--driver", driver, "--listen", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(&data);
+        // The benchmarks measure what the server can do; its per-user limits (policy, 50 requests a
+        // second by default) would measure themselves instead.
+        for flag in ["--rate-limit", "--rate-burst", "--anonymous-rate-limit", "--anonymous-rate-burst"] {
+            cmd.args([flag, "1000000"]);
+        }
         match db {
             Some(url) => cmd.env("COVM_DB", url),
             None => cmd.env_remove("COVM_DB"),

@@ -212,9 +212,48 @@ impl Client {
 
     /// Signs in; the returned client carries the session token.
     pub async fn login(&self, user: &str, password: &str) -> Result<(Client, SessionToken)> {
-        let t: SessionToken =
-            self.post("/session", &SessionCreate { user: user.into(), password: password.into() }).await?;
+        self.login_with(&SessionCreate {
+            user: user.into(),
+            password: password.into(),
+            totp: None,
+            recovery_code: None,
+        })
+        .await
+    }
+
+    /// Signs in with a second factor (`totp` or `recovery_code`) where two-factor sign-in is on.
+    pub async fn login_with(&self, p: &SessionCreate) -> Result<(Client, SessionToken)> {
+        let t: SessionToken = self.post("/session", p).await?;
         Ok((self.clone().with_token(t.token.clone()), t))
+    }
+
+    /// Begins two-factor sign-in for `user` (oneself, or with `Users.Manage`).
+    pub async fn mfa_enroll(&self, user: &str) -> Result<MfaEnrollment> {
+        self.send(self.request(Method::POST, &format!("/users/{user}/mfa"))).await
+    }
+
+    /// Turns two-factor sign-in on with a current code.
+    pub async fn mfa_confirm(&self, user: &str, code: &str) -> Result<()> {
+        self.post::<_, serde_json::Value>(&format!("/users/{user}/mfa/confirm"), &MfaCode { code: code.into() })
+            .await
+            .map(|_| ())
+    }
+
+    /// Turns two-factor sign-in off: with a current code, or (`None`) as holder of `Permissions.Modify`.
+    pub async fn mfa_disable(&self, user: &str, code: Option<&str>) -> Result<()> {
+        let body = MfaDisable { code: code.map(str::to_owned) };
+        self.send::<serde_json::Value>(self.request(Method::DELETE, &format!("/users/{user}/mfa")).json(&body))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn mfa_policy(&self) -> Result<MfaPolicy> {
+        self.send(self.request(Method::GET, "/policies/mfa")).await
+    }
+
+    pub async fn mfa_policy_set(&self, required_for: &[&str]) -> Result<MfaPolicy> {
+        self.post("/policies/mfa", &MfaPolicy { required_for: required_for.iter().map(|g| (*g).to_owned()).collect() })
+            .await
     }
 
     /// Whether the server answers (`/healthz`): over TLS, also whether its certificate is trusted.

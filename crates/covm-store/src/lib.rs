@@ -68,6 +68,9 @@ pub struct UserRecord {
     pub name: String,
     pub password_hash: String,
     pub created_at: DateTime<Utc>,
+    /// The TOTP secret (base32): on when `mfa_on`, else an enrollment not yet confirmed.
+    pub mfa_secret: Option<String>,
+    pub mfa_on: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +152,8 @@ pub struct TokenRecord {
     pub hash: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The session may only enroll in two-factor sign-in.
+    pub enroll_only: bool,
 }
 
 /// A log entry to append; the store gives it its sequence number, time and hash.
@@ -546,7 +551,14 @@ pub trait PrincipalStore: Send + Sync {
     async fn user_get(&self, id: Uuid) -> Result<Option<UserRecord>>;
     async fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>>;
     async fn users_list(&self) -> Result<Vec<UserRecord>>;
-    async fn user_password_set(&self, id: Uuid, password_hash: String, event: NewEvent) -> Result<EventRecord>;
+    /// Sets a password and ends the user's sessions but `keep` (the one the user changed it in).
+    async fn user_password_set(
+        &self,
+        id: Uuid,
+        password_hash: String,
+        keep: Option<Uuid>,
+        event: NewEvent,
+    ) -> Result<EventRecord>;
     /// Deletes a user with its tokens, memberships and grants.
     async fn user_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     async fn user_groups(&self, user: Uuid) -> Result<Vec<String>>;
@@ -588,6 +600,19 @@ pub trait PrincipalStore: Send + Sync {
     async fn signin_reserve(&self, account: &str, at: DateTime<Utc>, policy: SigninPolicy) -> Result<Option<u64>>;
     /// Takes back one reserved attempt (it succeeded).
     async fn signin_forgive(&self, account: &str) -> Result<()>;
+    /// Begins two-factor enrollment: the secret (off until confirmed) and the recovery codes' hashes,
+    /// replacing any earlier ones.
+    async fn user_mfa_begin(&self, id: Uuid, secret: &str, recovery: &[String], event: NewEvent)
+    -> Result<EventRecord>;
+    /// Turns two-factor sign-in on (the code of `step` confirmed it and is used); the user's
+    /// enroll-only sessions become full ones.
+    async fn user_mfa_enable(&self, id: Uuid, step: i64, event: NewEvent) -> Result<EventRecord>;
+    /// Turns two-factor sign-in off and forgets the secret and the recovery codes.
+    async fn user_mfa_clear(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
+    /// Uses the code of time step `step`: false when that step, or a later one, was used already.
+    async fn user_mfa_step_use(&self, id: Uuid, step: i64) -> Result<bool>;
+    /// Uses a recovery code (its hash) once: false when it is unknown or used.
+    async fn user_recovery_use(&self, id: Uuid, hash: &str) -> Result<bool>;
 }
 
 /// The append-only, hash-chained log: appending, the feed and the audit queries.
@@ -720,6 +745,8 @@ pub trait ClusterStore: Send + Sync {
     async fn close(&self);
     async fn meta_get(&self, key: &str) -> Result<Option<String>>;
     async fn meta_set(&self, key: &str, value: &str) -> Result<()>;
+    /// A setting that is a change of its own (a policy): written with its event, in one transaction.
+    async fn meta_set_logged(&self, key: &str, value: &str, event: NewEvent) -> Result<EventRecord>;
 }
 
 /// A pool's usage (see [`VmStore::pool_usage`]).

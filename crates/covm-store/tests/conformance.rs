@@ -32,7 +32,14 @@ async fn folder(s: &dyn Store, name: &str, parent: Uuid) -> ObjectRecord {
 
 async fn user(s: &dyn Store, name: &str) -> Uuid {
     let id = Uuid::now_v7();
-    let u = UserRecord { id, name: name.into(), password_hash: "x".into(), created_at: now() };
+    let u = UserRecord {
+        id,
+        name: name.into(),
+        password_hash: "x".into(),
+        created_at: now(),
+        mfa_secret: None,
+        mfa_on: false,
+    };
     s.user_create(u, ev("user.created")).await.unwrap();
     id
 }
@@ -170,7 +177,14 @@ async fn concurrent_appends_keep_the_chain(s: Arc<dyn Store>) {
 
 async fn first_user_once(s: &dyn Store) {
     let admin_role = role(s, "boot", &["System.View"]).await;
-    let mk = || UserRecord { id: Uuid::now_v7(), name: "first".into(), password_hash: "x".into(), created_at: now() };
+    let mk = || UserRecord {
+        id: Uuid::now_v7(),
+        name: "first".into(),
+        password_hash: "x".into(),
+        created_at: now(),
+        mfa_secret: None,
+        mfa_on: false,
+    };
     // Users exist already in this store (from earlier checks): bootstrap changes nothing.
     assert!(!s.user_bootstrap(mk(), admin_role, ev("user.created")).await.unwrap());
     assert!(s.user_by_name("first").await.unwrap().is_none());
@@ -235,7 +249,14 @@ async fn sagas_and_locks(s: Arc<dyn Store>) {
 pub async fn run_suite(s: Arc<dyn Store>) {
     // Bootstrap on an empty store creates the user and its grant on the root, once.
     let r = role(s.as_ref(), "admin-ish", &["System.View", "Folder.Create"]).await;
-    let u = UserRecord { id: Uuid::now_v7(), name: "root-user".into(), password_hash: "x".into(), created_at: now() };
+    let u = UserRecord {
+        id: Uuid::now_v7(),
+        name: "root-user".into(),
+        password_hash: "x".into(),
+        created_at: now(),
+        mfa_secret: None,
+        mfa_on: false,
+    };
     assert!(s.user_bootstrap(u.clone(), r, ev("user.created")).await.unwrap());
     assert_eq!(s.privileges_effective(u.id, ROOT_ID).await.unwrap(), ["Folder.Create", "System.View"]);
 

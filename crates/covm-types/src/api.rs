@@ -36,6 +36,14 @@ pub struct SessionCreate {
     pub user: String,
     #[schema(max_length = 1024)]
     pub password: String,
+    /// The current six-digit code of the user's authenticator app, when two-factor sign-in is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 16)]
+    pub totp: Option<String>,
+    /// Instead of `totp`: one of the user's recovery codes (each works once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 64)]
+    pub recovery_code: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -44,6 +52,47 @@ pub struct SessionToken {
     pub token: String,
     pub user: String,
     pub expires_at: DateTime<Utc>,
+    /// A policy requires two-factor sign-in of this user, who has none yet: this session may only
+    /// enroll (`POST /users/{user}/mfa` and `…/mfa/confirm`), read `GET /session` and sign out.
+    #[serde(default)]
+    pub enroll_only: bool,
+}
+
+/// A new TOTP secret (RFC 6238: SHA-1, 6 digits, 30 s) and recovery codes. Shown once; two-factor
+/// sign-in is on after `POST /users/{user}/mfa/confirm` with a code from it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MfaEnrollment {
+    /// Base32, for an authenticator app.
+    pub secret: String,
+    /// `otpauth://totp/…`, for a QR code.
+    pub otpauth_url: String,
+    /// Ten single-use codes that sign in instead of a TOTP code.
+    pub recovery_codes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MfaCode {
+    /// A current TOTP code.
+    #[schema(max_length = 16)]
+    pub code: String,
+}
+
+/// Turning two-factor sign-in off: the user's current code, unless the caller holds
+/// `Authorization.ModifyPermissions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MfaDisable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 16)]
+    pub code: Option<String>,
+}
+
+/// Which groups' members must use two-factor sign-in (they may sign in only to enroll until then).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MfaPolicy {
+    pub required_for: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
@@ -104,6 +153,9 @@ pub struct UserView {
     pub id: Uuid,
     pub name: String,
     pub created_at: DateTime<Utc>,
+    /// Two-factor sign-in is on.
+    #[serde(default)]
+    pub mfa: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -259,6 +259,14 @@ pub enum ErrorCode {
     MissingBody,
     /// A required field is missing.
     MissingField,
+    /// Two-factor sign-in is on for the user: send `totp` or `recovery_code` too (401).
+    MfaRequired,
+    /// The one-time code or recovery code is wrong, used already, or out of its window.
+    MfaInvalid,
+    /// The session may only enroll in two-factor sign-in (a policy requires it) (403).
+    MfaEnrollmentRequired,
+    /// Two-factor sign-in is already on (turn it off first), or not begun (enroll first).
+    MfaState,
     /// The path does not take this method.
     MethodNotAllowed,
     /// There is no such API path.
@@ -369,6 +377,10 @@ impl ErrorCode {
         ErrorCode::ManagedDiskFile,
         ErrorCode::MissingBody,
         ErrorCode::MissingField,
+        ErrorCode::MfaRequired,
+        ErrorCode::MfaInvalid,
+        ErrorCode::MfaEnrollmentRequired,
+        ErrorCode::MfaState,
         ErrorCode::MethodNotAllowed,
         ErrorCode::NoRoute,
         ErrorCode::NotFound,
@@ -444,6 +456,10 @@ impl ErrorCode {
             ErrorCode::MissingBody => "missing_body",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::MissingField => "missing_field",
+            ErrorCode::MfaRequired => "mfa_required",
+            ErrorCode::MfaInvalid => "mfa_invalid",
+            ErrorCode::MfaEnrollmentRequired => "mfa_enrollment_required",
+            ErrorCode::MfaState => "mfa_state",
             ErrorCode::NoRoute => "no_route",
             ErrorCode::NotFound => "not_found",
             ErrorCode::OperationInProgress => "operation_in_progress",

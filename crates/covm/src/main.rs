@@ -55,6 +55,12 @@ enum Command {
         /// logs it), without asking.
         #[arg(long, value_name = "FINGERPRINT")]
         trust: Option<String>,
+        /// The current two-factor code (otherwise asked for when the server needs one).
+        #[arg(long, conflicts_with = "recovery_code")]
+        totp: Option<String>,
+        /// A recovery code instead of a two-factor code (each works once).
+        #[arg(long)]
+        recovery_code: Option<String>,
     },
     /// Sign out and forget the token.
     Logout,
@@ -102,6 +108,9 @@ enum Command {
     },
     /// The audit log (needs Audit.Read), or `audit verify`.
     Audit(AuditArgs),
+    /// Policies: `policy mfa`.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
 }
 
 #[derive(Args)]
@@ -192,6 +201,38 @@ enum UserCmd {
     },
     Rm {
         name: String,
+    },
+    /// Two-factor sign-in (TOTP) of a user (default: oneself).
+    #[command(subcommand)]
+    Mfa(MfaCmd),
+}
+
+#[derive(Subcommand)]
+enum MfaCmd {
+    /// Begin: prints the secret, its otpauth:// URL and ten recovery codes (shown once).
+    Enroll { name: Option<String> },
+    /// Turn it on with a current code from the authenticator app.
+    Confirm {
+        code: String,
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Turn it off: with a current code, or without one as holder of Permissions.Modify.
+    Disable {
+        #[arg(long)]
+        code: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Show, or set with --required-for, which groups must use two-factor sign-in.
+    Mfa {
+        /// Groups, comma-separated (an empty string: none).
+        #[arg(long, value_delimiter = ',')]
+        required_for: Option<Vec<String>>,
     },
 }
 
@@ -460,10 +501,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Login { user, password_file, trust } => {
+        Command::Login { user, password_file, trust, totp, recovery_code } => {
             let anon = connect_trusting(&cli.url, cli.ca_file.as_ref(), trust.as_deref(), &out).await?;
             let password = read_password(password_file.as_ref(), &format!("password for {user}: "))?;
-            let (_, t) = anon.login(&user, &password).await?;
+            let mut p = covm_types::api::SessionCreate { user: user.clone(), password, totp, recovery_code };
+            let t = match anon.login_with(&p).await {
+                Err(e) if e.code() == Some(covm_types::ErrorCode::MfaRequired) => {
+                    eprint!("two-factor code for {user}: ");
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    p.totp = Some(line.trim().to_owned());
+                    anon.login_with(&p).await?.1
+                }
+                r => r?.1,
+            };
+            if t.enroll_only {
+                eprintln!(
+                    "a policy requires two-factor sign-in of {user}: this session may only enroll \
+                     (`covm user mfa enroll`, then `covm user mfa confirm CODE`)"
+                );
+            }
             let f = creds::save(&creds::Credentials { url: cli.url.clone(), user: t.user.clone(), token: t.token })?;
             out.message(&format!("signed in as {} until {} (token in {})", t.user, t.expires_at, f.display()));
             Ok(())
@@ -509,13 +566,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 UserCmd::Passwd { name, password_file } => {
                     let pw = read_password(password_file.as_ref(), &format!("new password for {name}: "))?;
                     c.user_password_set(&name, &pw).await?;
-                    out.message(&format!("password of {name} changed; its sessions have ended"));
+                    out.message(&format!("password of {name} changed; its other sessions have ended"));
                     Ok(())
                 }
                 UserCmd::Rm { name } => {
                     c.user_delete(&name).await?;
                     out.message(&format!("deleted user {name}"));
                     Ok(())
+                }
+                UserCmd::Mfa(m) => {
+                    let me = || -> anyhow::Result<String> {
+                        creds::load()?.map(|c| c.user).context("name the user (not signed in)")
+                    };
+                    match m {
+                        MfaCmd::Enroll { name } => {
+                            let name = match name {
+                                Some(n) => n,
+                                None => me()?,
+                            };
+                            let e = c.mfa_enroll(&name).await?;
+                            if out.json {
+                                println!("{}", serde_json::to_string_pretty(&e)?);
+                            } else {
+                                println!("secret:         {}", e.secret);
+                                println!("otpauth URL:    {}", e.otpauth_url);
+                                println!("recovery codes: {}", e.recovery_codes.join(" "));
+                                println!(
+                                    "Add the secret to an authenticator app, keep the recovery codes somewhere safe,"
+                                );
+                                println!("then turn it on: covm user mfa confirm CODE");
+                            }
+                            Ok(())
+                        }
+                        MfaCmd::Confirm { code, user } => {
+                            let name = match user {
+                                Some(n) => n,
+                                None => me()?,
+                            };
+                            c.mfa_confirm(&name, &code).await?;
+                            out.message(&format!("two-factor sign-in is on for {name}"));
+                            Ok(())
+                        }
+                        MfaCmd::Disable { code, user } => {
+                            let name = match user {
+                                Some(n) => n,
+                                None => me()?,
+                            };
+                            c.mfa_disable(&name, code.as_deref()).await?;
+                            out.message(&format!("two-factor sign-in is off for {name}"));
+                            Ok(())
+                        }
+                    }
                 }
             }
         }
@@ -556,6 +657,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.permissions(&c.permissions(&PermissionQuery { object, principal }).await?)
                 }
             }
+        }
+        Command::Policy(PolicyCmd::Mfa { required_for }) => {
+            let c = client_with(&cli.url, cli.ca_file.as_ref())?;
+            let p = match required_for {
+                Some(groups) => {
+                    let groups: Vec<&str> = groups.iter().map(String::as_str).filter(|g| !g.is_empty()).collect();
+                    c.mfa_policy_set(&groups).await?
+                }
+                None => c.mfa_policy().await?,
+            };
+            match out.json {
+                true => println!("{}", serde_json::to_string_pretty(&p)?),
+                false => out.message(&format!(
+                    "two-factor sign-in required for: {}",
+                    if p.required_for.is_empty() { "nobody".to_owned() } else { p.required_for.join(", ") }
+                )),
+            }
+            Ok(())
         }
         Command::Vm(cmd) => vm::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Disk(cmd) => disk::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,

@@ -392,3 +392,46 @@ fn the_cli_trusts_a_servers_own_ca_only_when_told() {
     let o = covm(&s2, &cfg, &["whoami"], None);
     assert!(!o.status.success(), "a pinned CA does not vouch for another server");
 }
+
+/// The current TOTP code of a base32 secret (`offset` steps from now), as an authenticator app shows it.
+fn totp_code(secret: &str, offset: i64) -> String {
+    let t = totp_rs::Builder::new().with_secret(totp_rs::Secret::try_from_base32(secret).unwrap()).build().unwrap();
+    t.generate(u64::try_from(chrono::Utc::now().timestamp() + offset * 30).unwrap()).to_string()
+}
+
+#[test]
+fn two_factor_sign_in_from_the_cli_and_no_secret_in_the_servers_log() {
+    let (tmp, s, admin) = signed_in_admin();
+    let data = tmp.path().join("data");
+    let pw = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
+    let pwf = data.join("initial-admin-password");
+    let pwf = pwf.to_str().unwrap();
+    let out = ok(covm(&s, &admin, &["--json", "user", "mfa", "enroll"], None));
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let secret = e["secret"].as_str().unwrap().to_owned();
+    let recovery = e["recovery_codes"][0].as_str().unwrap().to_owned();
+    ok(covm(&s, &admin, &["user", "mfa", "confirm", &totp_code(&secret, 0)], None));
+    // covm login asks for the code (here on stdin) and signs in with it.
+    let other = tmp.path().join("other");
+    let o = covm(&s, &other, &["login", "--password-file", pwf], Some(&format!("{}\n", totp_code(&secret, 1))));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("two-factor code"));
+    // A wrong code is refused; a recovery code given as a flag works.
+    let o = covm(&s, &other, &["login", "--password-file", pwf, "--totp", "000000"], None);
+    assert!(!o.status.success());
+    ok(covm(&s, &other, &["login", "--password-file", pwf, "--recovery-code", &recovery], None));
+    let token = std::fs::read_to_string(other.join("credentials.json")).unwrap();
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    // The policy from the CLI.
+    ok(covm(&s, &admin, &["group", "create", "ops"], None));
+    assert!(ok(covm(&s, &admin, &["policy", "mfa", "--required-for", "ops"], None)).contains("ops"));
+    // Nothing secret in what the server wrote: not the password, a token, the TOTP secret or a code.
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(log.contains("covm is listening"), "the log was read");
+    for (what, secret) in
+        [("password", pw.trim()), ("token", &token), ("TOTP secret", &secret), ("recovery code", &recovery)]
+    {
+        assert!(!log.contains(secret), "the server's log holds a {what}");
+    }
+}

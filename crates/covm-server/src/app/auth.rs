@@ -243,7 +243,7 @@ impl App {
 }
 
 pub(crate) fn user_view(u: &UserRecord) -> UserView {
-    UserView { id: u.id, name: u.name.clone(), created_at: u.created_at }
+    UserView { id: u.id, name: u.name.clone(), created_at: u.created_at, mfa: u.mfa_on }
 }
 
 impl App {
@@ -271,6 +271,8 @@ impl App {
             name: "admin".into(),
             password_hash: password_hash(password).await?,
             created_at: covm_store::now(),
+            mfa_secret: None,
+            mfa_on: false,
         };
         let ev = system_event("user.created", "user", Some(user.id), "admin")
             .scope(ROOT_ID)
@@ -325,6 +327,21 @@ impl App {
             req.mark_audited();
             return Err(Error::unauthenticated("the user name or the password is wrong"));
         };
+        // The second factor: a wrong or replayed code is a failed sign-in like a wrong password (the
+        // reserved attempt stays counted); a missing one is only the question.
+        if user.mfa_on
+            && let Err(e) = self.mfa_check_signin(&user, p.totp.as_deref(), p.recovery_code.as_deref()).await
+        {
+            if e.code != ErrorCode::MfaRequired {
+                self.limiter().failed(&p.user, req.addr);
+                self.audit_anonymous(denied("session.failed", "wrong second factor".into()), req.addr).await?;
+                req.mark_audited();
+            } else if attempt.reserved {
+                self.store().signin_forgive(&user.name).await?;
+            }
+            return Err(e);
+        }
+        let enroll_only = !user.mfa_on && self.mfa_required_of(&user).await?;
         if attempt.reserved {
             self.store().signin_forgive(&user.name).await?;
         }
@@ -341,36 +358,37 @@ impl App {
             hash,
             created_at: now,
             expires_at: now + SESSION_TTL,
+            enroll_only,
         };
         let ev = covm_store::NewEvent {
             actor: user.name.clone(),
             request_id: Some(req.id.clone()),
             ..system_event("session.created", "user", Some(user.id), &user.name).audit_only()
         }
-        .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()) }));
+        .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "enroll_only": enroll_only }));
         let expires_at = rec.expires_at;
         self.store().token_create(rec, Some(ev)).await?;
-        Ok(SessionToken { token, user: user.name, expires_at })
+        Ok(SessionToken { token, user: user.name, expires_at, enroll_only })
     }
 
     /// Finds the caller of a bearer token.
     pub async fn authenticate(&self, req: &Arc<RequestInfo>, token: &str) -> Result<Ctx, Error> {
         let bad = || Error::unauthenticated("the token is unknown or has expired; sign in again");
         let hash = token_hash(token);
-        let (token_id, user_id, user, expires_at) = match self.caches().token_get(&hash) {
-            Some(t) => (t.token_id, t.user_id, t.user, t.expires_at),
+        let (token_id, user_id, user, expires_at, enroll_only) = match self.caches().token_get(&hash) {
+            Some(t) => (t.token_id, t.user_id, t.user, t.expires_at, t.enroll_only),
             None => {
                 let rec = self.store().token_by_hash(&hash).await?.ok_or_else(bad)?;
                 let user = self.store().user_get(rec.user_id).await?.ok_or_else(bad)?;
-                self.caches().token_put(hash, rec.id, user.id, user.name.clone(), rec.expires_at);
-                (rec.id, user.id, user.name, rec.expires_at)
+                self.caches().token_put(hash, rec.id, user.id, user.name.clone(), rec.expires_at, rec.enroll_only);
+                (rec.id, user.id, user.name, rec.expires_at, rec.enroll_only)
             }
         };
         if expires_at <= Utc::now() {
             return Err(bad());
         }
         let _ = req.actor.set(user.clone());
-        Ok(Ctx { user_id, user, token_id, req: req.clone(), system: false })
+        Ok(Ctx { user_id, user, token_id, req: req.clone(), system: false, enroll_only })
     }
 
     pub async fn session_delete(&self, ctx: &Ctx) -> Result<(), Error> {
@@ -424,6 +442,7 @@ impl App {
             hash,
             created_at: now,
             expires_at: now + chrono::Duration::seconds(ttl as i64),
+            enroll_only: false,
         };
         let ev = ctx
             .event("token.created", "user", Some(ctx.user_id), &ctx.user)

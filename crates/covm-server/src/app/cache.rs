@@ -25,6 +25,8 @@ pub struct CachedToken {
     pub user_id: Uuid,
     pub user: String,
     pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The session may only enroll in two-factor sign-in.
+    pub enroll_only: bool,
     fetched: Instant,
 }
 
@@ -92,12 +94,13 @@ impl Caches {
         user_id: Uuid,
         user: String,
         expires_at: chrono::DateTime<chrono::Utc>,
+        enroll_only: bool,
     ) {
         let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
-        map.insert(hash, CachedToken { token_id, user_id, user, expires_at, fetched: Instant::now() });
+        map.insert(hash, CachedToken { token_id, user_id, user, expires_at, enroll_only, fetched: Instant::now() });
     }
 
     /// Forgets every cached token (one was revoked); streams re-check their callers (the epoch moves).

@@ -24,6 +24,7 @@ pub mod host;
 pub mod inventory;
 pub mod json;
 pub mod leases;
+pub mod mfa;
 pub mod node;
 pub mod power;
 pub mod principals;
@@ -344,6 +345,9 @@ pub struct Ctx {
     /// covm acting for this user on its own (a saga's undo, a recovery after a crash): what the user
     /// began was checked then, so privileges and leases are not checked again.
     pub system: bool,
+    /// The session may only enroll in two-factor sign-in (a policy requires it; `http` refuses the
+    /// rest with 403 `mfa_enrollment_required`).
+    pub enroll_only: bool,
 }
 
 impl Ctx {
@@ -353,7 +357,14 @@ impl Ctx {
             request_id.map_or_else(|| format!("sys-{}", Uuid::now_v7().simple()), str::to_owned),
             None,
         );
-        Ctx { user_id: Uuid::nil(), user: actor.to_owned(), token_id: Uuid::nil(), req: Arc::new(req), system: true }
+        Ctx {
+            user_id: Uuid::nil(),
+            user: actor.to_owned(),
+            token_id: Uuid::nil(),
+            req: Arc::new(req),
+            system: true,
+            enroll_only: false,
+        }
     }
 
     /// The same caller, as covm acting on its own (for undo steps).

@@ -47,7 +47,7 @@ fn role_name_check(name: &str) -> Result<(), Error> {
 }
 
 impl App {
-    async fn user_find(&self, name: &str, field: &str) -> Result<UserRecord, Error> {
+    pub(crate) async fn user_find(&self, name: &str, field: &str) -> Result<UserRecord, Error> {
         let found = match Uuid::parse_str(name) {
             Ok(id) => self.store().user_get(id).await?,
             Err(_) => self.store().user_by_name(name).await?,
@@ -67,6 +67,8 @@ impl App {
             name: p.name.to_string(),
             password_hash: password_hash(p.password).await?,
             created_at: covm_store::now(),
+            mfa_secret: None,
+            mfa_on: false,
         };
         let ev = ctx.event("user.created", "user", Some(user.id), &user.name).scope(ROOT_ID);
         self.store().user_create(user.clone(), ev).await.map_err(|e| match e.code.as_str() {
@@ -101,7 +103,9 @@ impl App {
         }
         password_check("password", &p.password)?;
         let ev = ctx.event("user.password_changed", "user", Some(user.id), &user.name).audit_only();
-        self.store().user_password_set(user.id, password_hash(p.password).await?, ev).await?;
+        // The session it was changed in stays when users change their own; every other one ends.
+        let keep = (user.id == ctx.user_id).then_some(ctx.token_id);
+        self.store().user_password_set(user.id, password_hash(p.password).await?, keep, ev).await?;
         self.caches().tokens_clear();
         Ok(())
     }

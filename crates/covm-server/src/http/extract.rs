@@ -125,10 +125,26 @@ impl FromRequestParts<App> for Auth {
             .ok_or_else(|| Error::unauthenticated("sign in first: send Authorization: Bearer <token>"))?;
         let ctx = app.authenticate(&request_info(parts), token).await?;
         let route = parts.extensions.get::<axum::extract::MatchedPath>().map_or("", |m| m.as_str());
+        if ctx.enroll_only && !ENROLL_ONLY_ROUTES.contains(&(parts.method.as_str(), route)) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                ErrorCode::MfaEnrollmentRequired,
+                "a policy requires two-factor sign-in of you: enroll (POST /api/v1/users/{you}/mfa, then …/mfa/confirm) first",
+            )
+            .into());
+        }
         app.request_admit(&ctx, request_cost(&parts.method, route))?;
         Ok(Auth(ctx))
     }
 }
+
+/// What an enroll-only session may do (`app::mfa`): enroll, confirm, see who it is, sign out.
+const ENROLL_ONLY_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/users/{user}/mfa"),
+    ("POST", "/api/v1/users/{user}/mfa/confirm"),
+    ("GET", "/api/v1/session"),
+    ("DELETE", "/api/v1/session"),
+];
 
 /// What a request draws from its caller's rate-limit bucket: the expensive operations (powering a VM,
 /// making or copying a disk, snapshots and reverts, creating a VM) draw

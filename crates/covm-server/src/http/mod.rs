@@ -10,6 +10,7 @@ pub mod events;
 pub mod extract;
 pub mod forward;
 pub mod inventory;
+pub mod mfa;
 pub mod power;
 pub mod principals;
 pub mod session;
@@ -80,6 +81,9 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(principals::user_list, principals::user_create))
         .routes(routes!(principals::user_get, principals::user_delete))
         .routes(routes!(principals::user_password_set))
+        .routes(routes!(mfa::user_mfa_enroll, mfa::user_mfa_disable))
+        .routes(routes!(mfa::user_mfa_confirm))
+        .routes(routes!(mfa::mfa_policy_get, mfa::mfa_policy_set))
         .routes(routes!(principals::group_list, principals::group_create))
         .routes(routes!(principals::group_member_add))
         .routes(routes!(principals::group_member_remove))

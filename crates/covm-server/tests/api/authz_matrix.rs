@@ -41,6 +41,11 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/users/{user}",
     "DELETE /api/v1/users/{user}",
     "PUT /api/v1/users/{user}/password",
+    "POST /api/v1/users/{user}/mfa",
+    "POST /api/v1/users/{user}/mfa/confirm",
+    "DELETE /api/v1/users/{user}/mfa",
+    "GET /api/v1/policies/mfa",
+    "POST /api/v1/policies/mfa",
     "GET /api/v1/groups",
     "POST /api/v1/groups",
     "POST /api/v1/groups/{group}/members",
@@ -137,6 +142,7 @@ impl Env {
             a.permission_grant(&t, role.name(), "/", true).await.unwrap();
             a.user_create(&format!("victim-{t}"), PASSWORD).await.unwrap();
             a.user_create(&format!("pw-{t}"), PASSWORD).await.unwrap();
+            a.user_create(&format!("mfa-{t}"), PASSWORD).await.unwrap();
             a.user_create(&format!("m-{t}"), PASSWORD).await.unwrap();
             a.group_member_add("g0", &format!("m-{t}")).await.unwrap();
             a.folder_create(&format!("d-{t}"), "/").await.unwrap();
@@ -217,6 +223,20 @@ impl Env {
                     Some(json!({ "password": "another-password" })),
                 )
                 .await
+            }
+            // Another user's two-factor sign-in: enroll (Users.Manage), confirm a wrong code (Users.Manage,
+            // then 400), turn off without a code (Permissions.Modify); the policy (Permissions.Modify).
+            "POST /api/v1/users/{user}/mfa" => status(&c, Method::POST, &format!("/users/mfa-{t}/mfa"), None).await,
+            "POST /api/v1/users/{user}/mfa/confirm" => {
+                status(&c, Method::POST, &format!("/users/mfa-{t}/mfa/confirm"), Some(json!({ "code": "000000" })))
+                    .await
+            }
+            "DELETE /api/v1/users/{user}/mfa" => {
+                status(&c, Method::DELETE, &format!("/users/mfa-{t}/mfa"), Some(json!({}))).await
+            }
+            "GET /api/v1/policies/mfa" => status(&c, Method::GET, "/policies/mfa", None).await,
+            "POST /api/v1/policies/mfa" => {
+                status(&c, Method::POST, "/policies/mfa", Some(json!({ "required_for": [] }))).await
             }
             "GET /api/v1/groups" => status(&c, Method::GET, "/groups", None).await,
             "POST /api/v1/groups" => {

@@ -8,6 +8,15 @@ use tempfile::TempDir;
 
 pub const PASSWORD: &str = "test-password-1";
 
+/// The rate limits of test servers that do not test them: many of these tests are storms of
+/// requests by one user (tests/api/ratelimits.rs tests the limits themselves).
+pub const UNTHROTTLED: covm_server::app::ratelimit::RateLimitConfig = covm_server::app::ratelimit::RateLimitConfig {
+    per_second: 1_000_000,
+    burst: 1_000_000,
+    anonymous_per_second: 1_000_000,
+    anonymous_burst: 1_000_000,
+};
+
 pub struct TestServer {
     pub dir: TempDir,
     running: Option<Running>,
@@ -65,7 +74,7 @@ impl TestServer {
     }
 
     async fn start_full(dir: TempDir, driver: covm_server::Driver, db: Option<String>, tls: bool) -> TestServer {
-        Self::start_full_with(dir, driver, db, tls, Default::default()).await
+        Self::start_full_with(dir, driver, db, tls, UNTHROTTLED).await
     }
 
     async fn start_full_with(
@@ -213,6 +222,27 @@ impl TestServer {
     }
 
     /// One number, read straight from the database.
+    /// Every entry of the log (change feed and audit) as text: its data, actor and object name.
+    pub async fn log_text(&self) -> String {
+        let sql = "SELECT CAST(data AS TEXT) || ' ' || actor || ' ' || COALESCE(object_name, '') FROM events";
+        let rows: Vec<(String,)> = match &self.db {
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                let r = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+                pool.close().await;
+                r
+            }
+            None => {
+                let pool =
+                    sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", self.db_path().display())).await.unwrap();
+                let r = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+                pool.close().await;
+                r
+            }
+        };
+        rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n")
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
         if let Some(url) = &self.db {
             let pool = sqlx::PgPool::connect(url).await.unwrap();

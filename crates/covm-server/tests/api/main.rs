@@ -9,6 +9,7 @@ pub mod feed;
 pub mod foundation;
 pub mod guest_snapshots;
 pub mod hygiene;
+pub mod mfa;
 pub mod openapi;
 pub mod power;
 pub mod qemu;

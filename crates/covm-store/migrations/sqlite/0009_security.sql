@@ -1,3 +1,19 @@
 -- Security (issue 16). The certificate a node's replica is trusted by when it serves TLS (its own CA,
 -- or the root end of the operator's chain), so that replicas forward to each other over TLS.
 ALTER TABLE nodes ADD COLUMN ca_pem TEXT;
+
+-- Two-factor sign-in (TOTP, RFC 6238). `mfa_secret` is the base32 secret (set at enrollment, kept
+-- while `mfa_on` is 0 until a code confirms it); `mfa_step` is the last time step whose code was
+-- accepted, so that no code is accepted twice.
+ALTER TABLE users ADD COLUMN mfa_secret TEXT;
+ALTER TABLE users ADD COLUMN mfa_on BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN mfa_step BIGINT NOT NULL DEFAULT 0;
+-- Single-use recovery codes (SHA-256 of each), made at enrollment.
+CREATE TABLE mfa_recovery (
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    hash    TEXT NOT NULL,
+    used_at TEXT,
+    PRIMARY KEY (user_id, hash)
+);
+-- A session that may only enroll in two-factor sign-in (a policy requires it of the user).
+ALTER TABLE tokens ADD COLUMN enroll_only BIGINT NOT NULL DEFAULT 0;

@@ -8,6 +8,8 @@ fn user_row(r: &$Row) -> Result<UserRecord> {
         name: r.get("name"),
         password_hash: r.get("password_hash"),
         created_at: time(r.get("created_at"))?,
+        mfa_secret: r.get("mfa_secret"),
+        mfa_on: r.get::<i64, _>("mfa_on") != 0,
     })
 }
 
@@ -21,6 +23,7 @@ fn token_row(r: &$Row) -> Result<TokenRecord> {
         hash: r.get("hash"),
         created_at: time(r.get("created_at"))?,
         expires_at: time(r.get("expires_at"))?,
+        enroll_only: r.get::<i64, _>("enroll_only") != 0,
     })
 }
 
@@ -121,7 +124,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn user_get(&self, id: Uuid) -> Result<Option<UserRecord>> {
-        sqlx::query("SELECT id, name, password_hash, created_at FROM users WHERE id = $1")
+        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on FROM users WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.reader)
             .await
@@ -132,7 +135,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>> {
-        sqlx::query("SELECT id, name, password_hash, created_at FROM users WHERE name = $1")
+        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on FROM users WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.reader)
             .await
@@ -143,14 +146,20 @@ impl PrincipalStore for $Store {
     }
 
     async fn users_list(&self) -> Result<Vec<UserRecord>> {
-        let rows = sqlx::query("SELECT id, name, password_hash, created_at FROM users ORDER BY name")
+        let rows = sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on FROM users ORDER BY name")
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("list users"))?;
         rows.iter().map(user_row).collect()
     }
 
-    async fn user_password_set(&self, id: Uuid, password_hash: String, event: NewEvent) -> Result<EventRecord> {
+    async fn user_password_set(
+        &self,
+        id: Uuid,
+        password_hash: String,
+        keep: Option<Uuid>,
+        event: NewEvent,
+    ) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         let n = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
             .bind(id.to_string())
@@ -162,9 +171,10 @@ impl PrincipalStore for $Store {
         if n == 0 {
             return Err(Error::not_found("user", &id.to_string()));
         }
-        // A new password ends every session of the user; API tokens stay.
-        sqlx::query("DELETE FROM tokens WHERE user_id = $1 AND kind = 'session'")
+        // A new password ends every other session of the user; API tokens stay.
+        sqlx::query("DELETE FROM tokens WHERE user_id = $1 AND kind = 'session' AND id <> $2")
             .bind(id.to_string())
+            .bind(keep.map(|k| k.to_string()).unwrap_or_default())
             .execute(&mut *tx)
             .await
             .map_err(db_err("end sessions"))?;
@@ -436,11 +446,116 @@ impl PrincipalStore for $Store {
         Ok(rows.iter().map(|r| r.get("privilege")).collect())
     }
 
+    async fn user_mfa_begin(&self, id: Uuid, secret: &str, recovery: &[String], event: NewEvent) -> Result<EventRecord> {
+        let mut tx = self.begin().await?;
+        let id_s = id.to_string();
+        let n = sqlx::query("UPDATE users SET mfa_secret = $2, mfa_on = 0, mfa_step = 0 WHERE id = $1 AND mfa_on = 0")
+            .bind(&id_s)
+            .bind(secret)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("begin two-factor enrollment"))?
+            .rows_affected();
+        if n == 0 {
+            return Err(Error::new(
+                covm_types::ErrorKind::Conflict,
+                ErrorCode::MfaState,
+                "two-factor sign-in is already on for this user; turn it off first",
+            ));
+        }
+        sqlx::query("DELETE FROM mfa_recovery WHERE user_id = $1")
+            .bind(&id_s)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("forget recovery codes"))?;
+        for h in recovery {
+            sqlx::query("INSERT INTO mfa_recovery (user_id, hash) VALUES ($1, $2)")
+                .bind(&id_s)
+                .bind(h)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("keep a recovery code"))?;
+        }
+        finish(tx, event).await
+    }
+
+    async fn user_mfa_enable(&self, id: Uuid, step: i64, event: NewEvent) -> Result<EventRecord> {
+        let mut tx = self.begin().await?;
+        let id_s = id.to_string();
+        let n = sqlx::query(
+            "UPDATE users SET mfa_on = 1, mfa_step = $2 WHERE id = $1 AND mfa_on = 0 AND mfa_secret IS NOT NULL",
+        )
+        .bind(&id_s)
+        .bind(step)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("turn two-factor sign-in on"))?
+        .rows_affected();
+        if n == 0 {
+            return Err(Error::new(
+                covm_types::ErrorKind::Conflict,
+                ErrorCode::MfaState,
+                "no two-factor enrollment to confirm: enroll first (POST /users/{user}/mfa)",
+            ));
+        }
+        sqlx::query("UPDATE tokens SET enroll_only = 0 WHERE user_id = $1")
+            .bind(&id_s)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("lift enroll-only sessions"))?;
+        finish(tx, event).await
+    }
+
+    async fn user_mfa_clear(&self, id: Uuid, event: NewEvent) -> Result<EventRecord> {
+        let mut tx = self.begin().await?;
+        let id_s = id.to_string();
+        sqlx::query("UPDATE users SET mfa_secret = NULL, mfa_on = 0, mfa_step = 0 WHERE id = $1")
+            .bind(&id_s)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("turn two-factor sign-in off"))?;
+        sqlx::query("DELETE FROM mfa_recovery WHERE user_id = $1")
+            .bind(&id_s)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("forget recovery codes"))?;
+        finish(tx, event).await
+    }
+
+    async fn user_mfa_step_use(&self, id: Uuid, step: i64) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE users SET mfa_step = $2 WHERE id = $1 AND mfa_step < $2")
+            .bind(id.to_string())
+            .bind(step)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("use a one-time code"))?
+            .rows_affected();
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(n == 1)
+    }
+
+    async fn user_recovery_use(&self, id: Uuid, hash: &str) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE mfa_recovery SET used_at = $3 WHERE user_id = $1 AND hash = $2 AND used_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(hash)
+        .bind(time_to_db(now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("use a recovery code"))?
+        .rows_affected();
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(n == 1)
+    }
+
     async fn token_create(&self, token: TokenRecord, event: Option<NewEvent>) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO tokens (id, user_id, kind, name, hash, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO tokens (id, user_id, kind, name, hash, created_at, expires_at, enroll_only)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(token.id.to_string())
         .bind(token.user_id.to_string())
@@ -449,6 +564,7 @@ impl PrincipalStore for $Store {
         .bind(&token.hash)
         .bind(time_to_db(token.created_at))
         .bind(time_to_db(token.expires_at))
+        .bind(i64::from(token.enroll_only))
         .execute(&mut *tx)
         .await
         .map_err(db_err("create the token"))?;
@@ -459,7 +575,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        sqlx::query("SELECT id, user_id, kind, name, hash, created_at, expires_at FROM tokens WHERE hash = $1")
+        sqlx::query("SELECT id, user_id, kind, name, hash, created_at, expires_at, enroll_only FROM tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(&self.reader)
             .await
@@ -471,7 +587,7 @@ impl PrincipalStore for $Store {
 
     async fn tokens_list(&self, user: Uuid, kind: TokenKind) -> Result<Vec<TokenRecord>> {
         let rows = sqlx::query(
-            "SELECT id, user_id, kind, name, hash, created_at, expires_at FROM tokens
+            "SELECT id, user_id, kind, name, hash, created_at, expires_at, enroll_only FROM tokens
              WHERE user_id = $1 AND kind = $2 ORDER BY created_at",
         )
         .bind(user.to_string())
