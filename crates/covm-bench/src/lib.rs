@@ -11,6 +11,7 @@ pub mod scale;
 pub mod server;
 pub mod snapshots;
 pub mod storm;
+pub mod tls;
 
 use serde::Serialize;
 

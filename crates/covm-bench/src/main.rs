@@ -36,6 +36,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// What TLS costs: TLS 1.3 handshakes a second, and PATCH latency plain against TLS (kept-alive and
+    /// a new connection per request). Runs its own two servers in this process.
+    Tls {
+        #[arg(long, default_value_t = 500)]
+        handshakes: usize,
+        #[arg(long, default_value_t = 300)]
+        patches: usize,
+    },
     /// Read-modify-write edits with If-Match by many users on a few VMs, feed subscribers, checker.
     EditStorm {
         #[arg(long, default_value_t = 200)]
@@ -190,6 +198,9 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
                 &power::PowerParams { runs: *runs, idle_vms: *idle_vms, memory_mib: *memory_mib },
             )
             .await
+        }
+        Scenario::Tls { handshakes, patches } => {
+            covm_bench::tls::tls(&covm_bench::tls::TlsParams { handshakes: *handshakes, patches: *patches }).await
         }
         Scenario::Snapshots { runs, disk_mib, fill_mib } => {
             let s = server(&cli, "sim").await?;

@@ -9,12 +9,7 @@ async fn server() -> (covm_server::Running, Client, tempfile::TempDir) {
     let running = covm_server::start(covm_server::ServeConfig {
         driver: covm_server::Driver::Sim,
         // Storms by design: the limits are not what these runs check.
-        rate_limits: covm_server::app::ratelimit::RateLimitConfig {
-            per_second: 1_000_000,
-            burst: 1_000_000,
-            anonymous_per_second: 1_000_000,
-            anonymous_burst: 1_000_000,
-        },
+        rate_limits: covm_server::app::ratelimit::RateLimitConfig::UNLIMITED,
         ..covm_server::ServeConfig::new(dir.path().to_owned(), "127.0.0.1:0".parse().unwrap())
     })
     .await

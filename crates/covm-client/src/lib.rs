@@ -344,11 +344,26 @@ impl Client {
         object: &str,
         propagate: bool,
     ) -> Result<PermissionView> {
-        self.post(
-            "/permissions",
-            &PermissionCreate { principal: principal.into(), role: role.into(), object: object.into(), propagate },
-        )
-        .await
+        self.permission_grant_if(principal, role, object, propagate, None).await
+    }
+
+    /// A grant that applies only where and when `conditions` hold.
+    pub async fn permission_grant_if(
+        &self,
+        principal: &str,
+        role: &str,
+        object: &str,
+        propagate: bool,
+        conditions: Option<covm_types::conditions::GrantConditions>,
+    ) -> Result<PermissionView> {
+        let p = PermissionCreate {
+            principal: principal.into(),
+            role: role.into(),
+            object: object.into(),
+            propagate,
+            conditions,
+        };
+        self.post("/permissions", &p).await
     }
 
     pub async fn permissions(&self, q: &PermissionQuery) -> Result<Vec<PermissionView>> {

@@ -32,6 +32,41 @@ pub use sqlite::SqliteStore;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Who looks, for the rules of visibility and privileges: the user, and those of its grants whose
+/// conditions on the request (address, hours, expiry) fail now and so do not apply. Conditions on
+/// the object's annotations are checked by the store against each object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Viewer {
+    pub user: Uuid,
+    pub excluded: Vec<Uuid>,
+}
+
+impl Viewer {
+    /// A user none of whose grants is excluded.
+    pub fn user(user: Uuid) -> Viewer {
+        Viewer { user, excluded: Vec::new() }
+    }
+
+    /// The excluded grants as the SQL parameter `|id|id|` (`''` for none).
+    pub fn excluded_param(&self) -> String {
+        match self.excluded.is_empty() {
+            true => String::new(),
+            false => format!("|{}|", self.excluded.iter().map(Uuid::to_string).collect::<Vec<_>>().join("|")),
+        }
+    }
+}
+
+/// A grant to make.
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub id: Uuid,
+    pub principal: (PrincipalKind, Uuid),
+    pub role: Uuid,
+    pub object: Uuid,
+    pub propagate: bool,
+    pub conditions: Option<covm_types::conditions::GrantConditions>,
+}
+
 /// Where a node's replica answers, and the certificate it is trusted by when it serves TLS (PEM).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeAddr {
@@ -117,6 +152,8 @@ pub struct PermissionRecord {
     pub object_id: Uuid,
     pub propagate: bool,
     pub created_at: DateTime<Utc>,
+    /// The grant applies only where and when these hold.
+    pub conditions: Option<covm_types::conditions::GrantConditions>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -124,7 +161,7 @@ pub struct PermissionFilter {
     pub object_id: Option<Uuid>,
     pub principal_id: Option<Uuid>,
     /// Only grants on objects this user may view.
-    pub viewer: Option<Uuid>,
+    pub viewer: Option<Viewer>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,13 +550,13 @@ pub trait InventoryStore: Send + Sync {
     async fn object_by_name(&self, kind: ObjectKind, name: &str) -> Result<Option<ObjectRecord>>;
     /// Children of `parent`, by name. With a viewer: only those the viewer may view, or that lead to
     /// something it may view (so that a user granted `/a/b` sees `/a` when listing `/`).
-    async fn object_children(&self, parent: Uuid, viewer: Option<Uuid>) -> Result<Vec<ObjectRecord>>;
+    async fn object_children(&self, parent: Uuid, viewer: Option<&Viewer>) -> Result<Vec<ObjectRecord>>;
     /// Objects of a kind by path, after the cursor `after` (a path), at most `limit`; with a viewer, only
     /// those it may view.
     async fn objects_list(
         &self,
         kind: ObjectKind,
-        viewer: Option<Uuid>,
+        viewer: Option<&Viewer>,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<ObjectRecord>>;
@@ -538,7 +575,7 @@ pub trait InventoryStore: Send + Sync {
     /// Deletes an object that has no children (409 `folder_not_empty` otherwise), with its grants.
     async fn object_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     /// Ids of every object the user may view (for filtering the live feed).
-    async fn objects_visible(&self, user: Uuid) -> Result<Vec<Uuid>>;
+    async fn objects_visible(&self, viewer: &Viewer) -> Result<Vec<Uuid>>;
 }
 
 /// Users, groups, roles, grants, API tokens and sign-in failures.
@@ -573,22 +610,18 @@ pub trait PrincipalStore: Send + Sync {
     async fn role_create(&self, role: RoleRecord, event: NewEvent) -> Result<EventRecord>;
     async fn role_by_name(&self, name: &str) -> Result<Option<RoleRecord>>;
     async fn roles_list(&self) -> Result<Vec<RoleRecord>>;
-    async fn permission_create(
-        &self,
-        id: Uuid,
-        principal: (PrincipalKind, Uuid),
-        role: Uuid,
-        object: Uuid,
-        propagate: bool,
-        event: NewEvent,
-    ) -> Result<(PermissionRecord, EventRecord)>;
+    /// Grants a role; a grant of the same principal on the same object is replaced.
+    async fn permission_create(&self, grant: NewGrant, event: NewEvent) -> Result<(PermissionRecord, EventRecord)>;
     async fn permission_get(&self, id: Uuid) -> Result<Option<PermissionRecord>>;
     async fn permission_delete(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     async fn permissions_list(&self, filter: PermissionFilter) -> Result<Vec<PermissionRecord>>;
     /// The user's effective privileges on an object (DESIGN §7): the nearest node on the path from the
     /// object up to the root that holds a grant applying to it (on the object itself, or propagating
     /// from an ancestor) decides; there, the user's own grants beat its groups'; groups' grants unite.
-    async fn privileges_effective(&self, user: Uuid, object: Uuid) -> Result<Vec<String>>;
+    async fn privileges_effective(&self, viewer: &Viewer, object: Uuid) -> Result<Vec<String>>;
+    /// The grants with conditions that reach this user (its own and its groups'), to decide which of
+    /// their request conditions fail ([`Viewer::excluded`]).
+    async fn grants_conditional(&self, user: Uuid) -> Result<Vec<PermissionRecord>>;
     async fn token_create(&self, token: TokenRecord, event: Option<NewEvent>) -> Result<()>;
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
     async fn tokens_list(&self, user: Uuid, kind: TokenKind) -> Result<Vec<TokenRecord>>;
@@ -623,7 +656,7 @@ pub trait LogStore: Send + Sync {
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>>;
     /// Feed events after `after` whose scope object `user` may view (filtered in the database, so a
     /// reader who may see little costs little).
-    async fn events_after_visible(&self, after: i64, user: Uuid, limit: u32) -> Result<Vec<EventRecord>>;
+    async fn events_after_visible(&self, after: i64, viewer: &Viewer, limit: u32) -> Result<Vec<EventRecord>>;
     /// The newest sequence number (0 when empty).
     async fn events_head(&self) -> Result<i64>;
     async fn audit_query(&self, filter: AuditFilter) -> Result<Vec<EventRecord>>;
@@ -648,7 +681,7 @@ pub trait VmStore: Send + Sync {
     /// A VM by its name (one read: the object and its VM row).
     async fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>>;
     /// VMs by name after the cursor; with a viewer, only those it may view.
-    async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>>;
+    async fn vms_list(&self, viewer: Option<&Viewer>, filter: VmFilter) -> Result<Vec<VmRecord>>;
     /// One atomic write: reads the VM, lets `f` decide, applies what it says with its log entries.
     async fn vm_write(&self, id: Uuid, f: VmWriteFn) -> Result<Written>;
     /// Versions newest first, older than `before`.

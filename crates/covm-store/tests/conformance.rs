@@ -53,7 +53,12 @@ async fn role(s: &dyn Store, name: &str, privs: &[&str]) -> Uuid {
 }
 
 async fn grant(s: &dyn Store, p: (PrincipalKind, Uuid), role: Uuid, obj: Uuid, propagate: bool) {
-    s.permission_create(Uuid::now_v7(), p, role, obj, propagate, ev("permission.granted")).await.unwrap();
+    s.permission_create(
+        NewGrant { id: Uuid::now_v7(), principal: p, role, object: obj, propagate, conditions: None },
+        ev("permission.granted"),
+    )
+    .await
+    .unwrap();
 }
 
 async fn tree_paths_and_names(s: &dyn Store) {
@@ -100,7 +105,7 @@ async fn effective_privileges(s: &dyn Store) {
     let read = role(s, "read", &["System.View", "System.Read"]).await;
     let power = role(s, "power", &["System.View", "VirtualMachine.Interact.PowerOn"]).await;
     let none = role(s, "none", &[]).await;
-    let privs = async |o: Uuid| s.privileges_effective(u, o).await.unwrap();
+    let privs = async |o: Uuid| s.privileges_effective(&Viewer::user(u), o).await.unwrap();
 
     assert!(privs(top.id).await.is_empty(), "deny by default");
     grant(s, (PrincipalKind::Group, g), power, top.id, true).await;
@@ -116,18 +121,27 @@ async fn effective_privileges(s: &dyn Store) {
     let u2 = user(s, "fay").await;
     grant(s, (PrincipalKind::User, u2), read, top.id, true).await;
     grant(s, (PrincipalKind::User, u2), power, mid.id, false).await;
-    assert_eq!(s.privileges_effective(u2, mid.id).await.unwrap(), ["System.View", "VirtualMachine.Interact.PowerOn"]);
-    assert_eq!(s.privileges_effective(u2, low.id).await.unwrap(), ["System.Read", "System.View"]);
+    assert_eq!(
+        s.privileges_effective(&Viewer::user(u2), mid.id).await.unwrap(),
+        ["System.View", "VirtualMachine.Interact.PowerOn"]
+    );
+    assert_eq!(s.privileges_effective(&Viewer::user(u2), low.id).await.unwrap(), ["System.Read", "System.View"]);
     // Visibility agrees, and lists are filtered by it.
-    let visible = s.objects_visible(u).await.unwrap();
+    let visible = s.objects_visible(&Viewer::user(u)).await.unwrap();
     assert!(visible.contains(&top.id) && !visible.contains(&mid.id) && !visible.contains(&low.id));
-    let listed: Vec<Uuid> =
-        s.objects_list(ObjectKind::Folder, Some(u), None, 100).await.unwrap().iter().map(|o| o.id).collect();
+    let listed: Vec<Uuid> = s
+        .objects_list(ObjectKind::Folder, Some(&Viewer::user(u)), None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.id)
+        .collect();
     assert_eq!(listed, [top.id]);
     // Children lists include what leads to something visible.
     let u3 = user(s, "gus").await;
     grant(s, (PrincipalKind::User, u3), read, low.id, false).await;
-    let kids: Vec<String> = s.object_children(ROOT_ID, Some(u3)).await.unwrap().into_iter().map(|o| o.path).collect();
+    let kids: Vec<String> =
+        s.object_children(ROOT_ID, Some(&Viewer::user(u3))).await.unwrap().into_iter().map(|o| o.path).collect();
     assert_eq!(kids, ["/top"]);
     // Deleting a user removes its grants.
     s.user_delete(u3, ev("user.deleted")).await.unwrap();
@@ -258,7 +272,7 @@ pub async fn run_suite(s: Arc<dyn Store>) {
         mfa_on: false,
     };
     assert!(s.user_bootstrap(u.clone(), r, ev("user.created")).await.unwrap());
-    assert_eq!(s.privileges_effective(u.id, ROOT_ID).await.unwrap(), ["Folder.Create", "System.View"]);
+    assert_eq!(s.privileges_effective(&Viewer::user(u.id), ROOT_ID).await.unwrap(), ["Folder.Create", "System.View"]);
 
     tree_paths_and_names(s.as_ref()).await;
     effective_privileges(s.as_ref()).await;

@@ -206,6 +206,10 @@ pub struct PermissionCreate {
     /// Whether the grant reaches everything below the object (default true).
     #[serde(default = "default_true")]
     pub propagate: bool,
+    /// The grant applies only where and when these hold (annotations of the object, the request's
+    /// address, hours, expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<crate::conditions::GrantConditions>,
 }
 
 fn default_true() -> bool {
@@ -221,6 +225,8 @@ pub struct PermissionView {
     pub object: ObjectRef,
     pub propagate: bool,
     pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<crate::conditions::GrantConditions>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]

@@ -5,6 +5,7 @@
 //! (`covm-server`'s `http::error`), the client maps statuses back to [`Error`].
 
 pub mod api;
+pub mod conditions;
 pub mod disk;
 pub mod error;
 pub mod name;

@@ -273,6 +273,18 @@ enum PermissionCmd {
         /// The grant applies to the object only, not to what is below it.
         #[arg(long)]
         no_propagate: bool,
+        /// Only on objects with this annotation (KEY=VALUE; repeat for several).
+        #[arg(long = "if-annotation", value_name = "KEY=VALUE")]
+        if_annotation: Vec<String>,
+        /// Only for requests from this network (repeat for several).
+        #[arg(long = "if-source", value_name = "CIDR")]
+        if_source: Vec<String>,
+        /// Only within these hours, UTC (`08-18`).
+        #[arg(long = "if-hours", value_name = "HH-HH")]
+        if_hours: Option<String>,
+        /// Only until this time (RFC 3339, e.g. 2027-01-31T18:00:00Z).
+        #[arg(long)]
+        expires: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Revoke a grant by its id.
     Revoke { id: String },
@@ -645,8 +657,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Permission(cmd) => {
             let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             match cmd {
-                PermissionCmd::Grant { principal, role, object, no_propagate } => {
-                    out.permissions(&[c.permission_grant(&principal, &role, &object, !no_propagate).await?])
+                PermissionCmd::Grant {
+                    principal,
+                    role,
+                    object,
+                    no_propagate,
+                    if_annotation,
+                    if_source,
+                    if_hours,
+                    expires,
+                } => {
+                    let annotations = if_annotation
+                        .iter()
+                        .map(|a| match a.split_once('=') {
+                            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+                            None => Err(anyhow::anyhow!("--if-annotation takes KEY=VALUE, not {a}")),
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                    let conditions = covm_types::conditions::GrantConditions {
+                        annotations,
+                        source_cidrs: if_source,
+                        hours_utc: if_hours,
+                        expires_at: expires,
+                    };
+                    let conditions = (!conditions.is_empty()).then_some(conditions);
+                    out.permissions(&[c
+                        .permission_grant_if(&principal, &role, &object, !no_propagate, conditions)
+                        .await?])
                 }
                 PermissionCmd::Revoke { id } => {
                     c.permission_revoke(&id).await?;

@@ -138,13 +138,21 @@ impl Out {
         if self.json {
             return self.print_json(items);
         }
-        let mut t = table(&["PRINCIPAL", "ROLE", "OBJECT", "PROPAGATE", "ID"]);
+        let mut t = table(&["PRINCIPAL", "ROLE", "OBJECT", "PROPAGATE", "IF", "ID"]);
         for p in items {
+            let mut conds = Vec::new();
+            if let Some(c) = &p.conditions {
+                conds.extend(c.annotations.iter().map(|(k, v)| format!("{k}={v}")));
+                conds.extend(c.source_cidrs.iter().map(|n| format!("from {n}")));
+                conds.extend(c.hours_utc.iter().map(|h| format!("{h} UTC")));
+                conds.extend(c.expires_at.iter().map(|e| format!("until {e}")));
+            }
             t.add_row(vec![
                 p.principal.clone(),
                 p.role.clone(),
                 p.object.path.clone(),
                 if p.propagate { "yes" } else { "no" }.into(),
+                if conds.is_empty() { "-".into() } else { conds.join(", ") },
                 p.id.to_string(),
             ]);
         }

@@ -435,3 +435,36 @@ fn two_factor_sign_in_from_the_cli_and_no_secret_in_the_servers_log() {
         assert!(!log.contains(secret), "the server's log holds a {what}");
     }
 }
+
+#[test]
+fn a_grant_with_conditions_from_the_cli() {
+    let (_tmp, s, admin) = signed_in_admin();
+    ok(covm(&s, &admin, &["user", "create", "bob"], Some("bob-password-1\n")));
+    let out = ok(covm(
+        &s,
+        &admin,
+        &[
+            "permission",
+            "grant",
+            "bob",
+            "VMUser",
+            "/team-a",
+            "--if-annotation",
+            "env=dev",
+            "--if-source",
+            "127.0.0.0/8",
+            "--expires",
+            "2099-01-01T00:00:00Z",
+        ],
+        None,
+    ));
+    assert!(out.contains("env=dev") && out.contains("from 127.0.0.0/8") && out.contains("until 2099"), "{out}");
+    let o = covm(&s, &admin, &["permission", "grant", "bob", "VMUser", "/team-a", "--if-annotation", "env"], None);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("KEY=VALUE"));
+    let o = covm(&s, &admin, &["permission", "grant", "bob", "VMUser", "/team-a", "--if-hours", "9 to 5"], None);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("hours"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -472,7 +472,7 @@ impl App {
     /// The caller's privileges on an object, as typed values.
     pub async fn privileges(&self, ctx: &Ctx, object: Uuid) -> Result<Vec<Privilege>, Error> {
         let mut privs: Vec<Privilege> =
-            self.privileges_of(ctx.user_id, object).await?.iter().filter_map(|p| p.parse().ok()).collect();
+            self.privileges_of(ctx, object).await?.iter().filter_map(|p| p.parse().ok()).collect();
         privs.sort();
         Ok(privs)
     }

@@ -12,6 +12,28 @@ use uuid::Uuid;
 
 use super::{App, Ctx, EventExt};
 
+/// 403: `privilege` on `obj` would come from a grant whose condition fails now.
+fn condition_error(
+    privilege: Privilege,
+    obj: &ObjectRecord,
+    (condition, grant): (covm_types::conditions::Condition, Uuid),
+) -> Error {
+    Error::new(
+        covm_types::ErrorKind::Forbidden,
+        covm_types::ErrorCode::Forbidden,
+        format!(
+            "privilege {} is required on {}; the grant that gives it applies only when its condition {} holds, \
+             and it does not for this request",
+            privilege.as_str(),
+            obj.path,
+            condition.as_str()
+        ),
+    )
+    .with_details(serde_json::json!({
+        "privilege": privilege.as_str(), "object": obj.path, "condition": condition.as_str(), "permission": grant,
+    }))
+}
+
 impl App {
     pub fn object_ref(&self, o: &ObjectRecord) -> ObjectRef {
         ObjectRef {
@@ -80,8 +102,13 @@ impl App {
         if obj.id == ROOT_ID || ctx.system {
             return Ok(obj);
         }
-        let privs = self.privileges_of(ctx.user_id, obj.id).await?;
+        let privs = self.privileges_of(ctx, obj.id).await?;
         if !privs.iter().any(|p| p == Privilege::SystemView.as_str()) {
+            // Hidden only because a grant's conditions fail: say which (its holder knows the object).
+            if let Some(f) = self.condition_failure(ctx, &obj, Privilege::SystemView).await? {
+                self.denied(ctx, &obj, Privilege::SystemView, 403).await?;
+                return Err(condition_error(Privilege::SystemView, &obj, f).with_field(field));
+            }
             self.denied(ctx, &obj, Privilege::SystemView, 404).await?;
             return Err(Error::not_found(kind_name, reference).with_field(field));
         }
@@ -93,17 +120,68 @@ impl App {
         if ctx.system {
             return Ok(());
         }
-        let privs = self.privileges_of(ctx.user_id, obj.id).await?;
+        let privs = self.privileges_of(ctx, obj.id).await?;
         if privs.iter().any(|p| p == privilege.as_str()) {
             return Ok(());
         }
         let visible = obj.id == ROOT_ID || privs.iter().any(|p| p == Privilege::SystemView.as_str());
-        self.denied(ctx, obj, privilege, if visible { 403 } else { 404 }).await?;
-        if visible {
-            Err(Error::forbidden(privilege.as_str(), &obj.path))
-        } else {
-            Err(Error::not_found(obj.kind.as_str(), &obj.name))
+        // A grant that would give the privilege but whose conditions fail: the 403 names the condition
+        // (its holder knows of the object anyway).
+        let failed = self.condition_failure(ctx, obj, privilege).await?;
+        self.denied(ctx, obj, privilege, if visible || failed.is_some() { 403 } else { 404 }).await?;
+        match failed {
+            Some(f) => Err(condition_error(privilege, obj, f)),
+            None if visible => Err(Error::forbidden(privilege.as_str(), &obj.path)),
+            None => Err(Error::not_found(obj.kind.as_str(), &obj.name)),
         }
+    }
+
+    /// The first conditional grant of the caller that reaches `obj` and would give `privilege`, but
+    /// whose conditions fail for this request and object: (the condition, the grant).
+    async fn condition_failure(
+        &self,
+        ctx: &Ctx,
+        obj: &ObjectRecord,
+        privilege: Privilege,
+    ) -> Result<Option<(covm_types::conditions::Condition, Uuid)>, Error> {
+        let grants = self.store().grants_conditional(ctx.user_id).await?;
+        if grants.is_empty() {
+            return Ok(None);
+        }
+        let annotations: std::collections::BTreeMap<String, String> = match obj.kind {
+            ObjectKind::Vm => self
+                .store()
+                .vm_get(obj.id)
+                .await?
+                .and_then(|v| serde_json::from_value(v.config["annotations"].clone()).ok())
+                .unwrap_or_default(),
+            _ => Default::default(),
+        };
+        let now = chrono::Utc::now();
+        for g in grants {
+            let Some(c) = &g.conditions else { continue };
+            let Some(at) = self.store().object_get(g.object_id).await? else { continue };
+            let reaches = at.id == obj.id
+                || (g.propagate && (at.id == ROOT_ID || obj.path.starts_with(&format!("{}/", at.path))));
+            if !reaches {
+                continue;
+            }
+            let gives = self
+                .store()
+                .role_by_name(&g.role_name)
+                .await?
+                .is_some_and(|r| r.privileges.iter().any(|p| p == privilege.as_str()));
+            if !gives {
+                continue;
+            }
+            let failure = c.request_failure(ctx.req.addr, now).or_else(|| {
+                (!c.annotations_match(&annotations)).then_some(covm_types::conditions::Condition::Annotations)
+            });
+            if let Some(f) = failure {
+                return Ok(Some((f, g.id)));
+            }
+        }
+        Ok(None)
     }
 
     /// Checks a privilege that is not about an inventory object (users, roles, audit): it is held on

@@ -30,13 +30,18 @@ pub struct CachedToken {
     fetched: Instant,
 }
 
-/// (user, object) → (epoch it was read under, privileges).
-type PrivilegeMap = HashMap<(Uuid, Uuid), (u64, Vec<String>)>;
+/// (user, object, the user's excluded conditional grants) → (epoch it was read under, privileges).
+type PrivilegeMap = HashMap<(Uuid, Uuid, String), (u64, Vec<String>)>;
+
+/// A user's grants with conditions: (grant, its conditions).
+pub type Conditional = Arc<Vec<(Uuid, covm_types::conditions::GrantConditions)>>;
 
 #[derive(Default)]
 pub struct Caches {
     epoch: AtomicU64,
     privileges: Mutex<PrivilegeMap>,
+    /// user → (epoch, its conditional grants).
+    conditional: Mutex<HashMap<Uuid, (u64, Conditional)>>,
     tokens: Mutex<HashMap<String, CachedToken>>,
     /// VM config versions: immutable once written, so never stale (a deleted VM's are never asked for).
     versions: Mutex<HashMap<(Uuid, i64), Arc<VersionRecord>>>,
@@ -57,19 +62,33 @@ impl Caches {
         map.insert((vm, version), v);
     }
 
-    pub fn privileges_get(&self, user: Uuid, object: Uuid) -> Option<Vec<String>> {
+    pub fn privileges_get(&self, viewer: &covm_store::Viewer, object: Uuid) -> Option<Vec<String>> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let map = self.privileges.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&(user, object)).filter(|(e, _)| *e == epoch).map(|(_, p)| p.clone())
+        map.get(&(viewer.user, object, viewer.excluded_param())).filter(|(e, _)| *e == epoch).map(|(_, p)| p.clone())
     }
 
     /// Stores privileges read under `epoch` (read before the query, so a bump during it wins).
-    pub fn privileges_put(&self, epoch: u64, user: Uuid, object: Uuid, privileges: Vec<String>) {
+    pub fn privileges_put(&self, epoch: u64, viewer: &covm_store::Viewer, object: Uuid, privileges: Vec<String>) {
         let mut map = self.privileges.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
-        map.insert((user, object), (epoch, privileges));
+        map.insert((viewer.user, object, viewer.excluded_param()), (epoch, privileges));
+    }
+
+    pub fn conditional_get(&self, user: Uuid) -> Option<Conditional> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let map = self.conditional.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&user).filter(|(e, _)| *e == epoch).map(|(_, c)| c.clone())
+    }
+
+    pub fn conditional_put(&self, epoch: u64, user: Uuid, c: Conditional) {
+        let mut map = self.conditional.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_ENTRIES {
+            map.clear();
+        }
+        map.insert(user, (epoch, c));
     }
 
     pub fn epoch(&self) -> u64 {
@@ -80,6 +99,7 @@ impl Caches {
     pub fn authz_changed(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.privileges.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.conditional.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn token_get(&self, hash: &str) -> Option<CachedToken> {
@@ -117,7 +137,8 @@ mod tests {
     #[test]
     fn a_bump_invalidates_privileges_even_mid_query() {
         let c = Caches::default();
-        let (u, o) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (u, o) = (covm_store::Viewer::user(Uuid::from_u128(1)), Uuid::from_u128(2));
+        let u = &u;
         let e = c.epoch();
         c.privileges_put(e, u, o, vec!["System.View".into()]);
         assert_eq!(c.privileges_get(u, o).unwrap(), ["System.View"]);

@@ -225,7 +225,10 @@ impl App {
         if !(1..=1000).contains(&limit) {
             return Err(Error::invalid("limit", "limit is between 1 and 1000"));
         }
-        let items = self.store().objects_list(ObjectKind::Disk, Some(ctx.user_id), q.after.as_deref(), limit).await?;
+        let items = self
+            .store()
+            .objects_list(ObjectKind::Disk, Some(&self.viewer(ctx).await?), q.after.as_deref(), limit)
+            .await?;
         let next = (items.len() == limit as usize).then(|| items.last().map(|o| o.path.clone())).flatten();
         let mut out = Vec::new();
         for o in items.iter().filter(|o| q.datastore.as_deref().is_none_or(|d| spec_str(o, "datastore") == d)) {

@@ -61,12 +61,14 @@ fn changes_privileges(e: &EventRecord) -> bool {
         || e.kind == "token.deleted"
         || e.kind == "session.deleted"
         || e.data["moved"] == serde_json::Value::Bool(true)
+        || e.data["annotations_changed"] == serde_json::Value::Bool(true)
 }
 
 /// Whether an event can change who may view what.
 fn changes_visibility(e: &EventRecord) -> bool {
     let kind = e.kind.as_str();
     e.data["moved"] == serde_json::Value::Bool(true)
+        || e.data["annotations_changed"] == serde_json::Value::Bool(true)
         || kind.ends_with(".created")
         || kind.ends_with(".deleted")
         || kind.starts_with("permission.")
@@ -210,12 +212,12 @@ impl EventHub {
         Ok(self.inner.store.events_after(cursor, limit as u32).await?.into_iter().map(FeedItem::new).collect())
     }
 
-    pub fn subscribe(&self, user: Uuid, after: i64, object: Option<Uuid>) -> Subscription {
+    pub fn subscribe(&self, viewer: covm_store::Viewer, after: i64, object: Option<Uuid>) -> Subscription {
         Subscription {
             hub: self.clone(),
             head: self.inner.head.subscribe(),
             closing: self.inner.closing.subscribe(),
-            user,
+            viewer,
             cursor: after,
             object,
             visible: None,
@@ -228,7 +230,8 @@ pub struct Subscription {
     hub: EventHub,
     head: watch::Receiver<i64>,
     closing: watch::Receiver<bool>,
-    user: Uuid,
+    /// Who reads (its conditional grants as they were when the stream began).
+    viewer: covm_store::Viewer,
     cursor: i64,
     object: Option<Uuid>,
     visible: Option<HashSet<Uuid>>,
@@ -245,7 +248,7 @@ impl Subscription {
             let head = *self.head.borrow_and_update();
             let ring_start = self.hub.inner.ring.read().unwrap_or_else(|p| p.into_inner()).start;
             if head > self.cursor && self.cursor < ring_start {
-                let page = self.hub.inner.store.events_after_visible(self.cursor, self.user, REPLAY_PAGE).await?;
+                let page = self.hub.inner.store.events_after_visible(self.cursor, &self.viewer, REPLAY_PAGE).await?;
                 let last = page.last().map_or(self.cursor, |e| e.seq);
                 self.cursor = match page.len() == REPLAY_PAGE as usize {
                     true => last,
@@ -267,7 +270,7 @@ impl Subscription {
                 if let Some(last) = batch.last() {
                     self.cursor = last.rec.seq;
                     if self.visible.is_none() || batch.iter().any(|e| changes_visibility(&e.rec)) {
-                        let ids = self.hub.inner.store.objects_visible(self.user).await?;
+                        let ids = self.hub.inner.store.objects_visible(&self.viewer).await?;
                         self.visible = Some(ids.into_iter().collect());
                     }
                     let visible = self.visible.as_ref().expect("computed above");
@@ -304,7 +307,8 @@ impl App {
             return Err(Error::invalid("after", "after is a sequence number, 0 or more"));
         }
         let batch = self.store().events_after(after, limit).await?;
-        let visible: HashSet<Uuid> = self.store().objects_visible(ctx.user_id).await?.into_iter().collect();
+        let visible: HashSet<Uuid> =
+            self.store().objects_visible(&self.viewer(ctx).await?).await?.into_iter().collect();
         let next = (batch.len() == limit as usize).then(|| batch.last().map(|e| e.seq.to_string())).flatten();
         let items = batch
             .iter()
@@ -328,7 +332,7 @@ impl App {
             Some(a) => a,
             None => self.store().events_head().await?,
         };
-        Ok((self.hub().subscribe(ctx.user_id, after, object), guard))
+        Ok((self.hub().subscribe(self.viewer(ctx).await?, after, object), guard))
     }
 
     pub async fn audit_query(&self, ctx: &Ctx, q: AuditQuery) -> Result<Page<EventView>, Error> {

@@ -105,7 +105,7 @@ impl App {
         if !(1..=LIST_LIMIT_MAX).contains(&limit) {
             return Err(Error::invalid("limit", format!("limit is between 1 and {LIST_LIMIT_MAX}")));
         }
-        let items = self.store().objects_list(kind, Some(ctx.user_id), q.after.as_deref(), limit).await?;
+        let items = self.store().objects_list(kind, Some(&self.viewer(ctx).await?), q.after.as_deref(), limit).await?;
         let next = (items.len() == limit as usize).then(|| items.last().map(|o| o.path.clone())).flatten();
         Ok((items, next))
     }
@@ -147,7 +147,7 @@ impl App {
     /// may view.
     pub async fn inventory_list(&self, ctx: &Ctx, path: Option<&str>) -> Result<Vec<ObjectRef>, Error> {
         let folder = self.object_resolve(ctx, path.unwrap_or("/"), None, "path").await?;
-        let children = self.store().object_children(folder.id, Some(ctx.user_id)).await?;
+        let children = self.store().object_children(folder.id, Some(&self.viewer(ctx).await?)).await?;
         Ok(children.iter().map(|o| self.object_ref(o)).collect())
     }
 

@@ -183,15 +183,45 @@ impl App {
         &self.inner.caches
     }
 
-    /// Effective privileges of a user on an object, cached until something that decides them changes.
-    pub(crate) async fn privileges_of(&self, user: Uuid, object: Uuid) -> Result<Vec<String>, covm_types::Error> {
-        if let Some(p) = self.caches().privileges_get(user, object) {
+    /// Effective privileges of the caller on an object, cached until something that decides them
+    /// changes.
+    pub(crate) async fn privileges_of(&self, ctx: &Ctx, object: Uuid) -> Result<Vec<String>, covm_types::Error> {
+        let viewer = self.viewer(ctx).await?;
+        if let Some(p) = self.caches().privileges_get(&viewer, object) {
             return Ok(p);
         }
         let epoch = self.caches().epoch();
-        let p = self.store().privileges_effective(user, object).await?;
-        self.caches().privileges_put(epoch, user, object, p.clone());
+        let p = self.store().privileges_effective(&viewer, object).await?;
+        self.caches().privileges_put(epoch, &viewer, object, p.clone());
         Ok(p)
+    }
+
+    /// The caller as the store's rules see it: its grants whose conditions on this request (address,
+    /// hours, expiry) fail are left out.
+    pub(crate) async fn viewer(&self, ctx: &Ctx) -> Result<covm_store::Viewer, covm_types::Error> {
+        let grants = self.conditional_grants(ctx.user_id).await?;
+        let now = chrono::Utc::now();
+        let excluded =
+            grants.iter().filter(|(_, c)| c.request_failure(ctx.req.addr, now).is_some()).map(|(id, _)| *id).collect();
+        Ok(covm_store::Viewer { user: ctx.user_id, excluded })
+    }
+
+    /// The user's grants with conditions (cached under the authorization epoch).
+    pub(crate) async fn conditional_grants(&self, user: Uuid) -> Result<cache::Conditional, covm_types::Error> {
+        if let Some(c) = self.caches().conditional_get(user) {
+            return Ok(c);
+        }
+        let epoch = self.caches().epoch();
+        let c: cache::Conditional = Arc::new(
+            self.store()
+                .grants_conditional(user)
+                .await?
+                .into_iter()
+                .filter_map(|g| g.conditions.map(|c| (g.id, c)))
+                .collect(),
+        );
+        self.caches().conditional_put(epoch, user, c.clone());
+        Ok(c)
     }
 
     /// Every VM, paged from the store. TODO-perf: the callers (quotas, autostart, recovery, a disk's

@@ -131,7 +131,7 @@ impl App {
             return Err(Error::invalid("limit", "limit is between 1 and 1000"));
         }
         let visible: std::collections::HashSet<Uuid> =
-            self.store().objects_visible(ctx.user_id).await?.into_iter().collect();
+            self.store().objects_visible(&self.viewer(ctx).await?).await?.into_iter().collect();
         // TODO-perf: filtered after the read; a page may come back shorter than `limit`.
         let items = self.store().tasks_list(q.before, limit).await?;
         Ok(items

@@ -219,6 +219,7 @@ impl App {
             object,
             propagate: p.propagate,
             created_at: p.created_at,
+            conditions: p.conditions.clone(),
         }
     }
 
@@ -236,6 +237,10 @@ impl App {
     }
 
     pub async fn permission_create(&self, ctx: &Ctx, p: PermissionCreate) -> Result<PermissionView, Error> {
+        let conditions = p.conditions.clone().filter(|c| !c.is_empty());
+        if let Some(c) = &conditions {
+            c.check("conditions")?;
+        }
         let obj = self.object_resolve(ctx, &p.object, None, "object").await?;
         self.require(ctx, &obj, Privilege::PermissionsModify).await?;
         let (kind, principal_id, principal_name) = self.principal_find(&p.principal).await?;
@@ -248,9 +253,17 @@ impl App {
         let ev = ctx.event("permission.granted", obj.kind.as_str(), Some(obj.id), &obj.name).data(json!({
             "permission": id, "principal": p.principal, "principal_kind": kind.as_str(),
             "principal_name": principal_name, "role": role.name, "object": obj.path, "propagate": p.propagate,
+            "conditions": conditions,
         }));
-        let (rec, _) =
-            self.store().permission_create(id, (kind, principal_id), role.id, obj.id, p.propagate, ev).await?;
+        let grant = covm_store::NewGrant {
+            id,
+            principal: (kind, principal_id),
+            role: role.id,
+            object: obj.id,
+            propagate: p.propagate,
+            conditions,
+        };
+        let (rec, _) = self.store().permission_create(grant, ev).await?;
         self.caches().authz_changed();
         self.committed();
         Ok(self.permission_view(&rec, self.object_ref(&obj)))
@@ -267,7 +280,7 @@ impl App {
         };
         let recs = self
             .store()
-            .permissions_list(PermissionFilter { object_id, principal_id, viewer: Some(ctx.user_id) })
+            .permissions_list(PermissionFilter { object_id, principal_id, viewer: Some(self.viewer(ctx).await?) })
             .await?;
         let mut out = Vec::with_capacity(recs.len());
         for r in &recs {

@@ -36,6 +36,16 @@ pub struct RateLimitConfig {
     pub anonymous_burst: u32,
 }
 
+impl RateLimitConfig {
+    /// No practical limit: for load tests and benchmarks, which measure the server, not the policy.
+    pub const UNLIMITED: RateLimitConfig = RateLimitConfig {
+        per_second: 1_000_000,
+        burst: 1_000_000,
+        anonymous_per_second: 1_000_000,
+        anonymous_burst: 1_000_000,
+    };
+}
+
 impl Default for RateLimitConfig {
     fn default() -> Self {
         RateLimitConfig { per_second: 50, burst: 200, anonymous_per_second: 20, anonymous_burst: 100 }

@@ -90,7 +90,7 @@ impl StreamGuard {
             return Ok(false);
         }
         if let Some((object, privilege)) = self.need {
-            let privs = self.app.privileges_of(self.ctx.user_id, object).await?;
+            let privs = self.app.privileges_of(&self.ctx, object).await?;
             return Ok(privs.iter().any(|p| p == privilege.as_str()));
         }
         Ok(true)

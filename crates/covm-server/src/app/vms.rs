@@ -201,7 +201,7 @@ impl App {
             None => None,
         };
         let filter = VmFilter { folder, name_prefix: q.name, power_state: q.power_state, after: q.after, limit };
-        let items = self.store().vms_list(Some(ctx.user_id), filter).await?;
+        let items = self.store().vms_list(Some(&self.viewer(ctx).await?), filter).await?;
         let next = (items.len() == limit as usize).then(|| items.last().map(|v| v.object.name.clone())).flatten();
         let items = items.iter().map(|r| self.vm_view(Some(ctx), r)).collect::<Result<_, _>>()?;
         Ok(Page { items, next })
@@ -464,6 +464,10 @@ impl App {
                 let summary = diff_summary(&vm.config, &new_doc);
                 let moved = vm.config["folder"] != new_doc["folder"];
                 let mut data = json!({ "message": msg, "summary": summary, "moved": moved });
+                // Grants may be conditioned on annotations: a change of them can change privileges.
+                if vm.config["annotations"] != new_doc["annotations"] {
+                    data["annotations_changed"] = json!(true);
+                }
                 if let DocChange::Replace(_, k) = &c2 {
                     data["reverted_to"] = json!(k);
                 }
@@ -501,7 +505,10 @@ impl App {
                         self.committed();
                     }
                     let after = after.ok_or_else(|| Error::internal("the VM vanished during a change"))?;
-                    if events.iter().any(|e| e.data["moved"] == json!(true)) {
+                    if events
+                        .iter()
+                        .any(|e| e.data["moved"] == json!(true) || e.data["annotations_changed"] == json!(true))
+                    {
                         self.caches().authz_changed();
                     }
                     if !events.is_empty() && running(&after) {

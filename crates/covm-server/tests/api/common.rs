@@ -10,12 +10,8 @@ pub const PASSWORD: &str = "test-password-1";
 
 /// The rate limits of test servers that do not test them: many of these tests are storms of
 /// requests by one user (tests/api/ratelimits.rs tests the limits themselves).
-pub const UNTHROTTLED: covm_server::app::ratelimit::RateLimitConfig = covm_server::app::ratelimit::RateLimitConfig {
-    per_second: 1_000_000,
-    burst: 1_000_000,
-    anonymous_per_second: 1_000_000,
-    anonymous_burst: 1_000_000,
-};
+pub const UNTHROTTLED: covm_server::app::ratelimit::RateLimitConfig =
+    covm_server::app::ratelimit::RateLimitConfig::UNLIMITED;
 
 pub struct TestServer {
     pub dir: TempDir,

@@ -3,6 +3,7 @@
 pub mod abuse;
 pub mod authz_matrix;
 pub mod common;
+pub mod conditions;
 pub mod disks;
 pub mod faults;
 pub mod feed;

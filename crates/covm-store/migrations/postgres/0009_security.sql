@@ -17,3 +17,22 @@ CREATE TABLE mfa_recovery (
 );
 -- A session that may only enroll in two-factor sign-in (a policy requires it of the user).
 ALTER TABLE tokens ADD COLUMN enroll_only BIGINT NOT NULL DEFAULT 0;
+
+-- Conditions on grants: the whole conditions as JSON (`GrantConditions`); the annotation conditions
+-- also as rows, and every VM's annotations as rows, so that the rule of the nearest grant can check
+-- them in SQL against each object it looks at.
+ALTER TABLE permissions ADD COLUMN conditions TEXT;
+CREATE TABLE permission_annotations (
+    permission_id TEXT NOT NULL REFERENCES permissions(id) ON DELETE CASCADE,
+    key           TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    PRIMARY KEY (permission_id, key)
+);
+CREATE TABLE object_annotations (
+    object_id TEXT NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
+    key       TEXT NOT NULL,
+    value     TEXT NOT NULL,
+    PRIMARY KEY (object_id, key)
+);
+INSERT INTO object_annotations (object_id, key, value)
+    SELECT v.id, a.key, a.value FROM vms v, jsonb_each_text(v.config::jsonb -> 'annotations') a;

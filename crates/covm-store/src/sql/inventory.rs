@@ -202,7 +202,7 @@ impl InventoryStore for $Store {
         .transpose()
     }
 
-    async fn object_children(&self, parent: Uuid, viewer: Option<Uuid>) -> Result<Vec<ObjectRecord>> {
+    async fn object_children(&self, parent: Uuid, viewer: Option<&Viewer>) -> Result<Vec<ObjectRecord>> {
         let rows = match viewer {
             None => {
                 sqlx::query(
@@ -213,16 +213,17 @@ impl InventoryStore for $Store {
                 .fetch_all(&self.reader)
                 .await
             }
-            Some(user) => {
+            Some(viewer) => {
                 sqlx::query(concat!(
-                    visibility_cte!(),
+                    visibility_cte!("$3"),
                     "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at FROM objects o
                  WHERE o.parent_id = $2 AND EXISTS (
                     SELECT 1 FROM closure c JOIN visible v ON v.id = c.object_id WHERE c.ancestor_id = o.id)
                  ORDER BY o.name"
                 ))
-                .bind(user.to_string())
+                .bind(viewer.user.to_string())
                 .bind(parent.to_string())
+                .bind(viewer.excluded_param())
                 .fetch_all(&self.reader)
                 .await
             }
@@ -234,7 +235,7 @@ impl InventoryStore for $Store {
     async fn objects_list(
         &self,
         kind: ObjectKind,
-        viewer: Option<Uuid>,
+        viewer: Option<&Viewer>,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<ObjectRecord>> {
@@ -252,18 +253,19 @@ impl InventoryStore for $Store {
                 .fetch_all(&self.reader)
                 .await
             }
-            Some(user) => {
+            Some(viewer) => {
                 sqlx::query(concat!(
-                    visibility_cte!(),
+                    visibility_cte!("$6"),
                     "SELECT o.id, o.kind, o.name, o.parent_id, o.path, o.spec, o.created_at
                  FROM objects o JOIN visible v ON v.id = o.id
                  WHERE o.kind = $2 AND o.path > $3 AND o.id <> $5 ORDER BY o.path LIMIT $4"
                 ))
-                .bind(user.to_string())
+                .bind(viewer.user.to_string())
                 .bind(kind.as_str())
                 .bind(after)
                 .bind(limit as i64)
                 .bind(ROOT_ID.to_string())
+                .bind(viewer.excluded_param())
                 .fetch_all(&self.reader)
                 .await
             }
@@ -351,9 +353,10 @@ impl InventoryStore for $Store {
         finish(tx, event).await
     }
 
-    async fn objects_visible(&self, user: Uuid) -> Result<Vec<Uuid>> {
-        let rows = sqlx::query(concat!(visibility_cte!(), "SELECT id FROM visible"))
-            .bind(user.to_string())
+    async fn objects_visible(&self, viewer: &Viewer) -> Result<Vec<Uuid>> {
+        let rows = sqlx::query(concat!(visibility_cte!("$2"), "SELECT id FROM visible"))
+            .bind(viewer.user.to_string())
+            .bind(viewer.excluded_param())
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("compute visibility"))?;

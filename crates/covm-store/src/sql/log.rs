@@ -101,15 +101,16 @@ macro_rules! sql_log {
                 rows.iter().map(event_row).collect()
             }
 
-            async fn events_after_visible(&self, after: i64, user: Uuid, limit: u32) -> Result<Vec<EventRecord>> {
+            async fn events_after_visible(&self, after: i64, viewer: &Viewer, limit: u32) -> Result<Vec<EventRecord>> {
                 let rows = sqlx::query(concat!(
-                    visibility_cte!(),
+                    visibility_cte!("$4"),
                     "SELECT * FROM events WHERE seq > $2 AND feed = 1 AND scope_id IN (SELECT id FROM visible)
              ORDER BY seq LIMIT $3"
                 ))
-                .bind(user.to_string())
+                .bind(viewer.user.to_string())
                 .bind(after)
                 .bind(limit as i64)
+                .bind(viewer.excluded_param())
                 .fetch_all(&self.reader)
                 .await
                 .map_err(db_err("read the log"))?;

@@ -15,18 +15,25 @@ use uuid::Uuid;
 /// every object some grant reaches (`eff(obj, privilege)`) and the objects it may view (`visible(id)`).
 /// See [`Store::privileges_effective`] for the rule.
 macro_rules! visibility_cte {
-    () => {
-        "WITH ug(object_id, propagate, role_id, is_user) AS (
-            SELECT p.object_id, p.propagate, p.role_id, CASE WHEN p.principal_kind = 'user' THEN 1 ELSE 0 END
+    ($excluded:literal) => {
+        concat!(
+            "WITH ug(pid, object_id, propagate, role_id, is_user) AS (
+            SELECT p.id, p.object_id, p.propagate, p.role_id, CASE WHEN p.principal_kind = 'user' THEN 1 ELSE 0 END
             FROM permissions p
-            WHERE (p.principal_kind = 'user' AND p.principal_id = $1)
+            WHERE ((p.principal_kind = 'user' AND p.principal_id = $1)
                OR (p.principal_kind = 'group'
-                   AND p.principal_id IN (SELECT group_id FROM group_members WHERE user_id = $1))
+                   AND p.principal_id IN (SELECT group_id FROM group_members WHERE user_id = $1)))
+              AND (p.conditions IS NULL OR ",
+            $excluded,
+            " NOT LIKE '%|' || p.id || '|%')
         ),
         app(obj, dist, role_id, is_user) AS (
             SELECT c.object_id, c.depth, ug.role_id, ug.is_user
             FROM ug JOIN closure c ON c.ancestor_id = ug.object_id
-            WHERE c.depth = 0 OR ug.propagate = 1
+            WHERE (c.depth = 0 OR ug.propagate = 1)
+              AND NOT EXISTS (SELECT 1 FROM permission_annotations pa WHERE pa.permission_id = ug.pid
+                  AND NOT EXISTS (SELECT 1 FROM object_annotations oa
+                      WHERE oa.object_id = c.object_id AND oa.key = pa.key AND oa.value = pa.value))
         ),
         best(obj, dist) AS (SELECT obj, MIN(dist) FROM app GROUP BY obj),
         win(obj, role_id, is_user) AS (
@@ -39,24 +46,32 @@ macro_rules! visibility_cte {
             JOIN role_privileges rp ON rp.role_id = w.role_id AND rp.privilege = 'System.View'
         )
         "
+        )
     };
 }
 
 /// The same rule for one object (`$2`): only the grants on its own path are looked at.
 macro_rules! object_privileges_cte {
-    () => {
-        "WITH ug(object_id, propagate, role_id, is_user) AS (
-            SELECT p.object_id, p.propagate, p.role_id, CASE WHEN p.principal_kind = 'user' THEN 1 ELSE 0 END
+    ($excluded:literal) => {
+        concat!(
+            "WITH ug(pid, object_id, propagate, role_id, is_user) AS (
+            SELECT p.id, p.object_id, p.propagate, p.role_id, CASE WHEN p.principal_kind = 'user' THEN 1 ELSE 0 END
             FROM permissions p
             WHERE p.object_id IN (SELECT ancestor_id FROM closure WHERE object_id = $2)
               AND ((p.principal_kind = 'user' AND p.principal_id = $1)
                OR (p.principal_kind = 'group'
                    AND p.principal_id IN (SELECT group_id FROM group_members WHERE user_id = $1)))
+              AND (p.conditions IS NULL OR ",
+            $excluded,
+            " NOT LIKE '%|' || p.id || '|%')
         ),
         app(dist, role_id, is_user) AS (
             SELECT c.depth, ug.role_id, ug.is_user
             FROM ug JOIN closure c ON c.ancestor_id = ug.object_id AND c.object_id = $2
-            WHERE c.depth = 0 OR ug.propagate = 1
+            WHERE (c.depth = 0 OR ug.propagate = 1)
+              AND NOT EXISTS (SELECT 1 FROM permission_annotations pa WHERE pa.permission_id = ug.pid
+                  AND NOT EXISTS (SELECT 1 FROM object_annotations oa
+                      WHERE oa.object_id = $2 AND oa.key = pa.key AND oa.value = pa.value))
         ),
         win(role_id, is_user) AS (SELECT role_id, is_user FROM app WHERE dist = (SELECT MIN(dist) FROM app)),
         eff(privilege) AS (
@@ -64,6 +79,7 @@ macro_rules! object_privileges_cte {
             WHERE win.is_user = (SELECT MAX(is_user) FROM win)
         )
         "
+        )
     };
 }
 
@@ -155,7 +171,7 @@ pub(crate) fn json(s: &str) -> Result<serde_json::Value> {
 }
 
 pub(crate) const PERMISSION_SELECT: &str = "SELECT p.id, p.principal_kind, p.principal_id, p.role_id, p.object_id,
-        p.propagate, p.created_at, r.name AS role_name,
+        p.propagate, p.created_at, p.conditions, r.name AS role_name,
         COALESCE(u.name, g.name) AS principal_name
     FROM permissions p
     JOIN roles r ON r.id = p.role_id

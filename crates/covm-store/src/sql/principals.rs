@@ -84,6 +84,10 @@ fn permission_row(r: &$Row) -> Result<PermissionRecord> {
         object_id: uuid(r.get("object_id"))?,
         propagate: r.get::<i64, _>("propagate") != 0,
         created_at: time(r.get("created_at"))?,
+        conditions: match r.get::<Option<String>, _>("conditions") {
+            Some(c) => Some(serde_json::from_str(&c).map_err(|_| Error::internal("a grant's conditions are unreadable"))?),
+            None => None,
+        },
     })
 }
 
@@ -357,23 +361,35 @@ impl PrincipalStore for $Store {
         Ok(out)
     }
 
-    async fn permission_create(
-        &self,
-        id: Uuid,
-        principal: (PrincipalKind, Uuid),
-        role: Uuid,
-        object: Uuid,
-        propagate: bool,
-        event: NewEvent,
-    ) -> Result<(PermissionRecord, EventRecord)> {
+    async fn permission_create(&self, grant: NewGrant, event: NewEvent) -> Result<(PermissionRecord, EventRecord)> {
+        let NewGrant { id, principal, role, object, propagate, conditions } = grant;
+        let conditions = conditions.as_ref();
         let mut tx = self.begin().await?;
-        // One grant per principal and object: a new grant replaces the old one (as in vSphere).
+        // One grant per principal and object: a new grant replaces the old one (as in vSphere), with
+        // its conditions.
         sqlx::query(
-            "INSERT INTO permissions (id, principal_kind, principal_id, role_id, object_id, propagate, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "DELETE FROM permission_annotations WHERE permission_id IN (
+                SELECT id FROM permissions WHERE principal_kind = $1 AND principal_id = $2 AND object_id = $3)",
+        )
+        .bind(principal.0.as_str())
+        .bind(principal.1.to_string())
+        .bind(object.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("replace a grant's conditions"))?;
+        let conditions_json = match conditions {
+            Some(c) if !c.is_empty() => {
+                Some(serde_json::to_string(c).map_err(|_| Error::internal("conditions could not be written"))?)
+            }
+            _ => None,
+        };
+        sqlx::query(
+            "INSERT INTO permissions (id, principal_kind, principal_id, role_id, object_id, propagate, created_at,
+                                      conditions)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (principal_kind, principal_id, object_id)
              DO UPDATE SET id = excluded.id, role_id = excluded.role_id, propagate = excluded.propagate,
-                           created_at = excluded.created_at",
+                           created_at = excluded.created_at, conditions = excluded.conditions",
         )
         .bind(id.to_string())
         .bind(principal.0.as_str())
@@ -382,9 +398,19 @@ impl PrincipalStore for $Store {
         .bind(object.to_string())
         .bind(propagate as i64)
         .bind(time_to_db(now()))
+        .bind(conditions_json)
         .execute(&mut *tx)
         .await
         .map_err(db_err("grant a permission"))?;
+        for (k, v) in conditions.map(|c| &c.annotations).into_iter().flatten() {
+            sqlx::query("INSERT INTO permission_annotations (permission_id, key, value) VALUES ($1, $2, $3)")
+                .bind(id.to_string())
+                .bind(k)
+                .bind(v)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("keep a grant's condition"))?;
+        }
         let ev = append(&mut tx, event).await?;
         tx.commit().await.map_err(db_err("commit"))?;
         let rec =
@@ -424,22 +450,41 @@ impl PrincipalStore for $Store {
              WHERE ($2 IS NULL OR p.object_id = $2) AND ($3 IS NULL OR p.principal_id = $3)
                AND ($1 IS NULL OR p.object_id IN (SELECT id FROM visible))
              ORDER BY p.created_at, p.id",
-            cte = visibility_cte!()
+            cte = visibility_cte!("$4")
         ));
         let rows = sqlx::query(sql)
-            .bind(filter.viewer.map(|u| u.to_string()))
+            .bind(filter.viewer.as_ref().map(|v| v.user.to_string()))
             .bind(filter.object_id.map(|u| u.to_string()))
             .bind(filter.principal_id.map(|u| u.to_string()))
+            .bind(filter.viewer.as_ref().map(Viewer::excluded_param).unwrap_or_default())
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("list grants"))?;
         rows.iter().map(permission_row).collect()
     }
 
-    async fn privileges_effective(&self, user: Uuid, object: Uuid) -> Result<Vec<String>> {
-        let rows = sqlx::query(concat!(object_privileges_cte!(), "SELECT privilege FROM eff ORDER BY privilege"))
+    async fn grants_conditional(&self, user: Uuid) -> Result<Vec<PermissionRecord>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{PERMISSION_SELECT}
+             WHERE p.conditions IS NOT NULL
+               AND ((p.principal_kind = 'user' AND p.principal_id = $1)
+                 OR (p.principal_kind = 'group'
+                     AND p.principal_id IN (SELECT group_id FROM group_members WHERE user_id = $1)))
+             ORDER BY p.id"
+        ));
+        let rows = sqlx::query(sql)
             .bind(user.to_string())
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("read conditional grants"))?;
+        rows.iter().map(permission_row).collect()
+    }
+
+    async fn privileges_effective(&self, viewer: &Viewer, object: Uuid) -> Result<Vec<String>> {
+        let rows = sqlx::query(concat!(object_privileges_cte!("$3"), "SELECT privilege FROM eff ORDER BY privilege"))
+            .bind(viewer.user.to_string())
             .bind(object.to_string())
+            .bind(viewer.excluded_param())
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("compute privileges"))?;

@@ -39,6 +39,28 @@ fn version_row(r: &$Row) -> Result<VersionRecord> {
     })
 }
 
+/// Keeps `object_annotations` equal to the annotations of a VM's newest config (in the transaction
+/// that writes it): conditions on grants are checked against them.
+async fn vm_annotations_sync(tx: &mut Transaction<'static, $DB>, id: &str, config: &serde_json::Value) -> Result<()> {
+    sqlx::query("DELETE FROM object_annotations WHERE object_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err("write a VM's annotations"))?;
+    if let Some(a) = config.get("annotations").and_then(|a| a.as_object()) {
+        for (k, v) in a {
+            sqlx::query("INSERT INTO object_annotations (object_id, key, value) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(k)
+                .bind(v.as_str().unwrap_or_default())
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("write a VM's annotations"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Keeps `vm_disks` equal to the disks of a VM's newest config (in the transaction that writes it).
 async fn vm_disks_sync(tx: &mut Transaction<'static, $DB>, id: &str, config: &serde_json::Value) -> Result<()> {
     sqlx::query("DELETE FROM vm_disks WHERE vm_id = $1")
@@ -149,13 +171,14 @@ impl $Store {
         let ev = append(&mut tx, event).await?;
         version_insert(&mut tx, &id_s, 1, &config, at, Some(ev.seq)).await?;
         vm_disks_sync(&mut tx, &id_s, &config.config).await?;
+        vm_annotations_sync(&mut tx, &id_s, &config.config).await?;
         let vm =
             Self::vm_get_tx(&mut tx, id).await?.ok_or_else(|| Error::internal("a new VM could not be read back"))?;
         tx.commit().await.map_err(db_err("commit"))?;
         Ok((vm, ev))
     }
 
-    pub(crate) async fn vms_list_impl(&self, viewer: Option<Uuid>, f: VmFilter) -> Result<Vec<VmRecord>> {
+    pub(crate) async fn vms_list_impl(&self, viewer: Option<&Viewer>, f: VmFilter) -> Result<Vec<VmRecord>> {
         let prefix =
             f.name_prefix.map(|p| format!("{}%", p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
         let sql = sqlx::AssertSqlSafe(format!(
@@ -166,15 +189,16 @@ impl $Store {
                AND ($4 IS NULL OR v.power_state = $4)
                AND o.name > $5
              ORDER BY o.name LIMIT $6",
-            cte = visibility_cte!()
+            cte = visibility_cte!("$7")
         ));
         let rows = sqlx::query(sql)
-            .bind(viewer.map(|u| u.to_string()))
+            .bind(viewer.map(|v| v.user.to_string()))
             .bind(f.folder.map(|u| u.to_string()))
             .bind(prefix)
             .bind(f.power_state.map(PowerState::as_str))
             .bind(f.after.unwrap_or_default())
             .bind(f.limit as i64)
+            .bind(viewer.map(Viewer::excluded_param).unwrap_or_default())
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("list VMs"))?;
@@ -218,6 +242,7 @@ impl $Store {
                     .map_err(db_err("write a config version"))?;
                 version_insert(&mut tx, &id_s, version, c, at, events.first().map(|e| e.seq)).await?;
                 vm_disks_sync(&mut tx, &id_s, &c.config).await?;
+                vm_annotations_sync(&mut tx, &id_s, &c.config).await?;
             }
             if let Some(r) = &w.runtime {
                 sqlx::query(
@@ -351,7 +376,7 @@ impl VmStore for $Store {
         self.vm_by_name_impl(name).await
     }
 
-    async fn vms_list(&self, viewer: Option<Uuid>, filter: VmFilter) -> Result<Vec<VmRecord>> {
+    async fn vms_list(&self, viewer: Option<&Viewer>, filter: VmFilter) -> Result<Vec<VmRecord>> {
         self.vms_list_impl(viewer, filter).await
     }
 
