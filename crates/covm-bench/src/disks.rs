@@ -98,7 +98,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
     let floor_serial = spec.run_dir.join("serial.log");
     ready(&floor_serial).await?;
     let floor_img = floor_dir.path().join("floor.qcow2");
-    covm_hv::img::create(&floor_img, "qcow2", bytes).await?;
+    covm_hv::img::create(&floor_img, "qcow2", bytes, None).await?;
     let floor_disk = DiskSpec {
         node: "dfloor".into(),
         path: floor_img,
@@ -107,6 +107,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
         bus: ControllerType::VirtioScsi,
         unit: 0,
         read_only: false,
+        key: None,
     };
 
     let (mut attach, mut attach_floor, mut detach, mut detach_floor) = (vec![], vec![], vec![], vec![]);
@@ -158,7 +159,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
 
                 let f = floor_dir.path().join(format!("create-{i}.qcow2"));
                 let t0 = Instant::now();
-                covm_hv::img::create(&f, "qcow2", bytes).await?;
+                covm_hv::img::create(&f, "qcow2", bytes, None).await?;
                 create_floor.push(ms(t0.elapsed()));
             }
         }

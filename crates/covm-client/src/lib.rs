@@ -247,6 +247,11 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Wraps every encrypted disk's key again under a new master key.
+    pub async fn keys_rotate(&self) -> Result<KeysRotated> {
+        self.send(self.request(Method::POST, "/keys/rotate")).await
+    }
+
     pub async fn mfa_policy(&self) -> Result<MfaPolicy> {
         self.send(self.request(Method::GET, "/policies/mfa")).await
     }

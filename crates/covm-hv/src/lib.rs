@@ -11,6 +11,7 @@ pub mod img;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;
+pub mod secret;
 pub mod sim;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +102,8 @@ pub struct DiskSpec {
     pub bus: covm_types::vm::ControllerType,
     pub unit: u32,
     pub read_only: bool,
+    /// The passphrase of an encrypted (LUKS) image.
+    pub key: Option<secret::DiskKey>,
 }
 
 /// Everything a driver needs to start one VM.
@@ -150,6 +153,7 @@ impl MemoryState {
             bus: covm_types::vm::ControllerType::VirtioScsi,
             unit: 0,
             read_only: false,
+            key: None,
         }
     }
 
@@ -166,7 +170,7 @@ impl MemoryState {
             if let Some(dir) = self.state.parent() {
                 std::fs::create_dir_all(dir).map_err(HvError::os(format!("create {}", dir.display())))?;
             }
-            img::create(&self.state, "qcow2", 1 << 20).await?;
+            img::create(&self.state, "qcow2", 1 << 20, None).await?;
         }
         Ok(())
     }

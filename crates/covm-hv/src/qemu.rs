@@ -50,6 +50,8 @@ pub struct RunFiles {
     pub vnc: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
+    /// This QEMU's own key (mode 0600), which the disk passphrases it is given are encrypted with.
+    pub key: PathBuf,
 }
 
 pub fn run_files(dir: &Path) -> RunFiles {
@@ -60,6 +62,7 @@ pub fn run_files(dir: &Path) -> RunFiles {
         vnc: dir.join("vnc.sock"),
         pid: dir.join("qemu.pid"),
         log: dir.join("qemu.log"),
+        key: dir.join("master.key"),
     }
 }
 
@@ -119,6 +122,9 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         "chardev:serial0".into(),
         "-pidfile".into(),
         f.pid.display().to_string(),
+        // This process's own key: secrets for it (disk passphrases) arrive encrypted with it.
+        "-object".into(),
+        format!("secret,id={},file={},format=raw", crate::secret::PROCESS_KEY_ID, p(&f.key)),
     ];
     if c.console.vnc {
         args.extend(["-vnc".into(), format!("unix:{}", p(&f.vnc))]);
@@ -226,6 +232,8 @@ impl Hypervisor for QemuDriver {
         for stale in [&f.qmp, &f.serial, &f.vnc, &f.pid] {
             let _ = std::fs::remove_file(stale);
         }
+        let process_key = crate::secret::ProcessKey::random();
+        process_key.save(&f.key)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -262,7 +270,15 @@ impl Hypervisor for QemuDriver {
                 return Err(e);
             }
         };
-        let mut vm = QemuVm { qmp, events, child: Some(child), pid, accel: spec.accel, run_dir: spec.run_dir.clone() };
+        let mut vm = QemuVm {
+            qmp,
+            events,
+            child: Some(child),
+            pid,
+            accel: spec.accel,
+            run_dir: spec.run_dir.clone(),
+            key: Some(process_key),
+        };
         for d in &spec.disks {
             if let Err(e) = vm.disk_add(d).await {
                 let _ = vm.quit().await;
@@ -289,7 +305,9 @@ impl Hypervisor for QemuDriver {
         let (qmp, events) = Qmp::connect(&f.qmp, self.qmp_timeout).await?;
         let kvm = qmp.execute("query-kvm", json!({})).await?;
         let accel = if kvm["enabled"].as_bool() == Some(true) { AccelChoice::Kvm } else { AccelChoice::Tcg };
-        Ok(Some(Box::new(QemuVm { qmp, events, child: None, pid: Some(pid), accel, run_dir: run_dir.to_owned() })))
+        // A QEMU from before covm's restart: its key is still in its run directory (for hot-plugs).
+        let key = crate::secret::ProcessKey::load(&f.key).ok();
+        Ok(Some(Box::new(QemuVm { qmp, events, child: None, pid: Some(pid), accel, run_dir: run_dir.to_owned(), key })))
     }
 
     fn leftover_pid(&self, run_dir: &Path) -> Option<u32> {
@@ -305,6 +323,9 @@ struct QemuVm {
     pid: Option<u32>,
     accel: AccelChoice,
     run_dir: PathBuf,
+    /// This QEMU's own key (secrets for it are encrypted with it); None for an adopted QEMU whose
+    /// key file is gone.
+    key: Option<crate::secret::ProcessKey>,
 }
 
 impl QemuVm {
@@ -446,6 +467,8 @@ impl VmHandle for QemuVm {
                 self.qmp.execute("blockdev-del", json!({ "node-name": n })).await?;
             }
         }
+        // An encrypted disk's secret goes with it (none: nothing to do).
+        let _ = self.qmp.execute("object-del", json!({ "id": format!("{node}-key") })).await;
         Ok(())
     }
 
@@ -461,6 +484,16 @@ impl VmHandle for QemuVm {
             // covm makes no backing files (yet): a qcow2 header that names one is never followed.
             if d.format == "qcow2" {
                 fmt["backing"] = serde_json::Value::Null;
+            }
+            if let Some(k) = &d.key {
+                // The passphrase arrives as a secret encrypted with this QEMU's own key.
+                let process = self.key.as_ref().ok_or_else(|| {
+                    HvError::Unavailable("this QEMU's key is gone: an encrypted disk cannot be added to it".into())
+                })?;
+                let id = format!("{}-key", d.node);
+                let _ = self.qmp.execute("object-del", json!({ "id": id })).await;
+                self.qmp.execute("object-add", process.qmp_secret(&id, k)).await?;
+                fmt["encrypt"] = json!({ "format": "luks", "key-secret": id });
             }
             if let Err(e) = self.qmp.execute("blockdev-add", fmt).await {
                 let _ = self.qmp.execute("blockdev-del", json!({ "node-name": file })).await;

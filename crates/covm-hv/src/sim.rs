@@ -70,8 +70,9 @@ struct SimVm {
     deaf: bool,
     blocks: Blocks,
     sticky: Arc<std::sync::atomic::AtomicBool>,
-    /// The image file of each format node (for internal snapshots, which change the files themselves).
-    files: HashMap<String, std::path::PathBuf>,
+    /// The image file of each format node, and its passphrase if it is encrypted (for internal
+    /// snapshots, which change the files themselves).
+    files: HashMap<String, (std::path::PathBuf, Option<crate::secret::DiskKey>)>,
 }
 
 impl SimVm {
@@ -108,7 +109,7 @@ impl Hypervisor for SimDriver {
             deaf: self.deaf_guests.load(std::sync::atomic::Ordering::Relaxed),
             blocks: self.blocks.clone(),
             sticky: self.sticky_devices.clone(),
-            files: spec.disks.iter().map(|d| (d.node.clone(), d.path.clone())).collect(),
+            files: spec.disks.iter().map(|d| (d.node.clone(), (d.path.clone(), d.key.clone()))).collect(),
         }))
     }
 
@@ -168,7 +169,7 @@ impl VmHandle for SimVm {
     }
 
     async fn blockdev_add(&mut self, d: &crate::DiskSpec) -> Result<(), HvError> {
-        self.files.insert(d.node.clone(), d.path.clone());
+        self.files.insert(d.node.clone(), (d.path.clone(), d.key.clone()));
         let mut b = self.blocks();
         let st = b.entry(self.id).or_default();
         for n in [d.node.clone(), format!("{}-file", d.node)] {
@@ -234,10 +235,10 @@ impl VmHandle for SimVm {
             })?;
             files.push(f.clone());
         }
-        for (i, f) in files.iter().enumerate() {
-            if let Err(e) = crate::img::snapshot_create(f, tag).await {
-                for g in &files[..i] {
-                    let _ = crate::img::snapshot_delete(g, tag).await;
+        for (i, (f, k)) in files.iter().enumerate() {
+            if let Err(e) = crate::img::snapshot_create(f, tag, k.as_ref()).await {
+                for (g, k) in &files[..i] {
+                    let _ = crate::img::snapshot_delete(g, tag, k.as_ref()).await;
                 }
                 return Err(e);
             }
@@ -248,7 +249,7 @@ impl VmHandle for SimVm {
     /// A simulated VM has no memory to save: the tags go into its disks and its state image.
     async fn snapshot_save(&mut self, m: &crate::MemoryState) -> Result<(), HvError> {
         m.state_image().await?;
-        self.files.insert(crate::STATE_NODE.into(), m.state.clone());
+        self.files.insert(crate::STATE_NODE.into(), (m.state.clone(), None));
         {
             let mut b = self.blocks();
             let st = b.entry(self.id).or_default();
@@ -261,7 +262,7 @@ impl VmHandle for SimVm {
 
     async fn snapshot_delete_internal(&mut self, node: &str, tag: &str) -> Result<(), HvError> {
         match self.files.get(node) {
-            Some(f) => crate::img::snapshot_delete(f, tag).await,
+            Some((f, k)) => crate::img::snapshot_delete(f, tag, k.as_ref()).await,
             None => Ok(()),
         }
     }

@@ -65,6 +65,20 @@ pub struct ServeConfig {
     pub insecure_http: bool,
     /// Request rate limits (default [`app::ratelimit::RateLimitConfig::default`]).
     pub rate_limits: app::ratelimit::RateLimitConfig,
+    /// The master key of encrypted disks from a file (`--master-key-file`); else `master_key_env`
+    /// (base64, `COVM_MASTER_KEY`); else `DATA/master.key`, made at the first start.
+    pub master_key_file: Option<PathBuf>,
+    pub master_key_env: Option<Hidden>,
+}
+
+/// A secret in a configuration: printed as `<hidden>`.
+#[derive(Clone)]
+pub struct Hidden(pub String);
+
+impl std::fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
 }
 
 /// Whether `covm serve` speaks TLS.
@@ -95,6 +109,8 @@ impl ServeConfig {
             tls_settings: tls::TlsSettings::default(),
             insecure_http: false,
             rate_limits: app::ratelimit::RateLimitConfig::default(),
+            master_key_file: None,
+            master_key_env: None,
         }
     }
 
@@ -206,6 +222,14 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let node_id = node_id(&data_dir)?;
     let mut app_config = AppConfig::new(data_dir.clone(), node_id);
     app_config.rate_limits = config.rate_limits;
+    app_config.keys = Some(Arc::new(
+        app::keys::KeyRing::load(
+            &data_dir,
+            config.master_key_file.as_deref(),
+            config.master_key_env.as_ref().map(|h| h.0.as_str()),
+        )
+        .context("could not load the master key of encrypted disks")?,
+    ));
     if let Some(days) = config.safety_snapshot_days {
         app_config.safety_snapshot_ttl = chrono::Duration::days(days.into());
     }

@@ -563,6 +563,8 @@ pub trait InventoryStore: Send + Sync {
     async fn object_create(&self, object: NewObject, event: NewEvent) -> Result<(ObjectRecord, EventRecord)>;
     /// Replaces an object's spec (host facts at start, datastore capacity, …).
     async fn object_spec_set(&self, id: Uuid, spec: serde_json::Value) -> Result<()>;
+    /// Replaces the specs of several objects in one transaction, with one log entry (a key rotation).
+    async fn object_specs_set(&self, specs: Vec<(Uuid, serde_json::Value)>, event: NewEvent) -> Result<EventRecord>;
     /// Replaces an object's spec with its log entry, if the spec is still `expected` (a compare and
     /// swap: 409 `conflict` otherwise).
     async fn object_spec_update(

@@ -88,6 +88,14 @@ pub struct MfaDisable {
     pub code: Option<String>,
 }
 
+/// What a master key rotation did: how many disk keys were wrapped again, and the new key's id (the
+/// first 16 hex digits of its SHA-256; never the key).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeysRotated {
+    pub disks: u64,
+    pub master_key: String,
+}
+
 /// Which groups' members must use two-factor sign-in (they may sign in only to enroll until then).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

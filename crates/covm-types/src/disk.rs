@@ -72,6 +72,18 @@ pub struct DiskCreate {
     /// The resource pool whose disk quota it counts against (default `default`).
     #[serde(default)]
     pub pool: Option<String>,
+    /// `luks`: the image is encrypted (LUKS in qcow2, AES-256-XTS) with a key of its own, which covm
+    /// keeps wrapped by its master key. qcow2 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<DiskEncryption>,
+}
+
+/// How a disk's image is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskEncryption {
+    /// LUKS in qcow2: AES-256-XTS, the key derived from a random passphrase per disk.
+    Luks,
 }
 
 impl DiskCreate {
@@ -85,6 +97,7 @@ impl DiskCreate {
             sharing: Sharing::default(),
             folder: None,
             pool: None,
+            encryption: None,
         }
     }
 }
@@ -149,6 +162,9 @@ pub struct DiskView {
     pub sharing: Sharing,
     pub state: DiskState,
     pub pool: String,
+    /// How the image is encrypted, if it is (never its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<DiskEncryption>,
     /// VMs whose config holds the disk.
     pub attachments: Vec<DiskAttachmentView>,
     /// In `GET /disks/{disk}` only.

@@ -259,6 +259,8 @@ pub enum ErrorCode {
     MissingBody,
     /// A required field is missing.
     MissingField,
+    /// An encrypted disk's key cannot be unwrapped with the master keys this server has.
+    KeyUnavailable,
     /// Two-factor sign-in is on for the user: send `totp` or `recovery_code` too (401).
     MfaRequired,
     /// The one-time code or recovery code is wrong, used already, or out of its window.
@@ -377,6 +379,7 @@ impl ErrorCode {
         ErrorCode::ManagedDiskFile,
         ErrorCode::MissingBody,
         ErrorCode::MissingField,
+        ErrorCode::KeyUnavailable,
         ErrorCode::MfaRequired,
         ErrorCode::MfaInvalid,
         ErrorCode::MfaEnrollmentRequired,
@@ -456,6 +459,7 @@ impl ErrorCode {
             ErrorCode::MissingBody => "missing_body",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::MissingField => "missing_field",
+            ErrorCode::KeyUnavailable => "key_unavailable",
             ErrorCode::MfaRequired => "mfa_required",
             ErrorCode::MfaInvalid => "mfa_invalid",
             ErrorCode::MfaEnrollmentRequired => "mfa_enrollment_required",

@@ -48,6 +48,9 @@ pub enum DiskCmd {
         folder: Option<String>,
         #[arg(long)]
         pool: Option<String>,
+        /// Encrypt the image (LUKS in qcow2, AES-256-XTS) with a key covm keeps wrapped.
+        #[arg(long)]
+        encrypted: bool,
     },
     Ls,
     /// A disk with what qemu-img says of its image.
@@ -150,7 +153,7 @@ fn parse_name(s: &str) -> anyhow::Result<covm_types::Name> {
 
 pub async fn run(c: &Client, out: &Out, cmd: DiskCmd) -> anyhow::Result<()> {
     match cmd {
-        DiskCmd::Create { name, size, datastore, format, sharing, folder, pool } => {
+        DiskCmd::Create { name, size, datastore, format, sharing, folder, pool, encrypted } => {
             let p = DiskCreate {
                 name: parse_name(&name)?,
                 datastore,
@@ -161,6 +164,7 @@ pub async fn run(c: &Client, out: &Out, cmd: DiskCmd) -> anyhow::Result<()> {
                     .map_err(|_| anyhow::anyhow!("--sharing is none or multi_writer, not {sharing}"))?,
                 folder,
                 pool,
+                encryption: encrypted.then_some(covm_types::disk::DiskEncryption::Luks),
             };
             print(out, &[c.disk_create(&p).await?])
         }

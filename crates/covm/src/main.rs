@@ -111,6 +111,9 @@ enum Command {
     /// Policies: `policy mfa`.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// The master key of encrypted disks: `keys rotate`.
+    #[command(subcommand)]
+    Keys(KeysCmd),
 }
 
 #[derive(Args)]
@@ -169,6 +172,10 @@ struct ServeArgs {
     /// Requests at once from one address without a session.
     #[arg(long, env = "COVM_ANONYMOUS_RATE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     anonymous_rate_burst: u32,
+    /// The master key of encrypted disks (32 bytes) from this file, instead of DATA/master.key (made
+    /// at the first start). COVM_MASTER_KEY (base64) gives it from the environment.
+    #[arg(long, env = "COVM_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
     /// The lowest TLS version served: 1.3 (the default) or 1.2.
     #[arg(long, env = "COVM_TLS_MIN", default_value = "1.3", value_parser = ["1.2", "1.3"])]
     tls_min: String,
@@ -224,6 +231,12 @@ enum MfaCmd {
         #[arg(long)]
         user: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Wrap every encrypted disk's key again under a new master key (no image changes).
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -509,6 +522,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     anonymous_per_second: a.anonymous_rate_limit,
                     anonymous_burst: a.anonymous_rate_burst,
                 },
+                master_key_file: a.master_key_file,
+                master_key_env: std::env::var("COVM_MASTER_KEY").ok().map(covm_server::Hidden),
                 ..covm_server::ServeConfig::new(a.data_dir, a.listen)
             })
             .await
@@ -694,6 +709,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.permissions(&c.permissions(&PermissionQuery { object, principal }).await?)
                 }
             }
+        }
+        Command::Keys(KeysCmd::Rotate) => {
+            let r = client_with(&cli.url, cli.ca_file.as_ref())?.keys_rotate().await?;
+            match out.json {
+                true => println!("{}", serde_json::to_string_pretty(&r)?),
+                false => {
+                    out.message(&format!("rotated: {} disk keys wrapped under master key {}", r.disks, r.master_key))
+                }
+            }
+            Ok(())
         }
         Command::Policy(PolicyCmd::Mfa { required_for }) => {
             let c = client_with(&cli.url, cli.ca_file.as_ref())?;

@@ -139,6 +139,7 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
                 path: "d1.qcow2".into(),
                 format: "qcow2".into(),
                 bus: ControllerType::VirtioScsi,
+                key: None,
             }),
             next_boot: false,
             moved_from: None,

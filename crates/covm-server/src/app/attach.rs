@@ -188,6 +188,7 @@ impl App {
             path: self.disk_file(disk).await?,
             format: disk.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
             bus,
+            key: super::disks::wrapped_key(&disk.spec),
         })
     }
 
@@ -328,6 +329,7 @@ impl App {
                 bus,
                 unit: d.unit,
                 read_only: d.read_only,
+                key: self.disk_key(o.id, &o.spec).ok().flatten(),
             };
             tracing::warn!(vm = %rec.object.name, disk = %o.name, "the guest let go of a disk after its detach gave up; the config holds it, so it is plugged back");
             if let Err(e) = self.agent().ask(vm, VmOp::DeviceAdd(Box::new(spec))).await {

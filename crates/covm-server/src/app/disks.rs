@@ -28,7 +28,7 @@ use super::node::hv_error;
 use super::saga::Saga;
 use super::saga::disk::*;
 use super::saga::plug::{AttachSaga, DetachSaga, MoveSaga};
-use super::{App, Ctx};
+use super::{App, Ctx, EventExt};
 
 pub(crate) fn attachment_view(a: covm_store::AttachmentRecord) -> DiskAttachmentView {
     DiskAttachmentView {
@@ -42,6 +42,11 @@ pub(crate) fn attachment_view(a: covm_store::AttachmentRecord) -> DiskAttachment
 
 fn spec_str<'a>(o: &'a ObjectRecord, k: &str) -> &'a str {
     o.spec[k].as_str().unwrap_or_default()
+}
+
+/// A disk's wrapped key, if its image is encrypted.
+pub(crate) fn wrapped_key(spec: &serde_json::Value) -> Option<super::keys::WrappedKey> {
+    serde_json::from_value(spec.get("encryption")?.clone()).ok()
 }
 
 fn format_of(o: &ObjectRecord) -> DiskFormat {
@@ -145,10 +150,31 @@ impl App {
             sharing: serde_json::from_value(o.spec["sharing"].clone()).unwrap_or_default(),
             state,
             pool: spec_str(o, "pool").to_owned(),
+            encryption: wrapped_key(&o.spec).map(|_| covm_types::disk::DiskEncryption::Luks),
             attachments,
             image,
             created_at: o.created_at,
         })
+    }
+
+    /// The passphrase of a disk's image (record id, spec), if it is encrypted.
+    pub(crate) fn disk_key(
+        &self,
+        id: Uuid,
+        spec: &serde_json::Value,
+    ) -> Result<Option<covm_hv::secret::DiskKey>, Error> {
+        match wrapped_key(spec) {
+            Some(w) => Ok(Some(self.keys()?.unwrap(id, &w)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The passphrase of a disk's image by the disk's id (None: not encrypted, or the disk is gone).
+    pub(crate) async fn disk_key_by_id(&self, id: Uuid) -> Result<Option<covm_hv::secret::DiskKey>, Error> {
+        match self.store().object_get(id).await? {
+            Some(o) => self.disk_key(o.id, &o.spec),
+            None => Ok(None),
+        }
     }
 
     /// The absolute path of a disk's image file.
@@ -196,6 +222,9 @@ impl App {
         if p.sharing == Sharing::MultiWriter && p.format != DiskFormat::Raw {
             return Err(Error::invalid("sharing", "a multi-writer disk is raw (format: raw)"));
         }
+        if p.encryption.is_some() && p.format != DiskFormat::Qcow2 {
+            return Err(Error::invalid("encryption", "an encrypted disk is qcow2 (LUKS inside qcow2)"));
+        }
         let folder = self.disk_placement(ctx, p.folder.as_deref()).await?;
         let (ds, root) = self.datastore_for_disk(ctx, &p.datastore).await?;
         if self.object_lookup(p.name.as_str(), Some(ObjectKind::Disk)).await?.is_some() {
@@ -206,10 +235,14 @@ impl App {
         let pool = self.disk_pool_admit(p.pool.as_deref().unwrap_or("default"), p.capacity_bytes, None).await?;
         let id = Uuid::now_v7();
         let rel = format!("disks/{id}.{}", p.format.as_str());
-        let spec = json!({
+        let mut spec = json!({
             "datastore": ds.name, "file": rel, "format": p.format, "capacity_bytes": p.capacity_bytes,
             "sharing": p.sharing, "pool": pool,
         });
+        if p.encryption.is_some() {
+            // A passphrase of its own, kept only wrapped by the master key.
+            spec["encryption"] = json!(self.keys()?.wrap(id, &covm_hv::secret::DiskKey::random()));
+        }
         let data = json!({ "datastore": ds.name, "capacity_bytes": p.capacity_bytes, "format": p.format });
         let saga = CreateSaga {
             record: DiskRecord { id, name: p.name.to_string(), folder: folder.id, spec },
@@ -301,6 +334,7 @@ impl App {
             id: o.id,
             name: o.name.clone(),
             file,
+            key: wrapped_key(&o.spec),
             format: format_of(&o).as_str().to_owned(),
             from: current,
             to,
@@ -332,11 +366,20 @@ impl App {
         spec["file"] = json!(rel);
         spec["pool"] = json!(pool);
         spec["sharing"] = json!(Sharing::None);
+        // The copy of an encrypted disk is encrypted too, with a passphrase of its own.
+        let from_key = wrapped_key(&src.spec);
+        if from_key.is_some() {
+            spec["encryption"] = json!(self.keys()?.wrap(id, &covm_hv::secret::DiskKey::random()));
+        }
         let data = json!({ "datastore": ds.name, "cloned_from": src.name, "capacity_bytes": capacity });
         let saga = CreateSaga {
             record: DiskRecord { id, name: p.name.to_string(), folder: parent.id, spec },
             file: root.join(&rel),
-            source: Source::Copy { from: self.disk_file(&src).await?, format: format.as_str().to_owned() },
+            source: Source::Copy {
+                from: self.disk_file(&src).await?,
+                format: format.as_str().to_owned(),
+                from_disk: from_key.map(|k| (src.id, k)),
+            },
             data,
         };
         self.disk_make(ctx, saga, Some(src)).await
@@ -402,6 +445,13 @@ impl App {
                 "an image that names another file (a backing file or an external data file) cannot be imported",
             ));
         }
+        if img::encrypted(&info) {
+            return Err(Error::invalid(
+                "path",
+                "an encrypted image cannot be imported: covm does not know its passphrase (import it plain, then \
+                 clone it into an encrypted disk)",
+            ));
+        }
         let pool = self.disk_pool_admit(p.pool.as_deref().unwrap_or("default"), info.virtual_size, None).await?;
         let id = Uuid::now_v7();
         let new_rel = format!("disks/{id}.{}", format.as_str());
@@ -417,6 +467,56 @@ impl App {
             data,
         };
         self.disk_make(ctx, saga, None).await
+    }
+
+    /// Wraps every encrypted disk's key again under a new master key (`Permissions.Modify` on `/`).
+    /// No image changes: a disk's passphrase stays, only its wrapping does. The disks' operation locks
+    /// are not needed: a rotation changes no file and writes every record in one transaction.
+    pub async fn keys_rotate(&self, ctx: &Ctx) -> Result<covm_types::api::KeysRotated, Error> {
+        self.require_global(ctx, Privilege::PermissionsModify).await?;
+        // One rotation at a time in this process.
+        static ROTATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = ROTATING.lock().await;
+        let ring = self.keys()?;
+        let dir = &self.config().data_dir;
+        let next = ring.rotate_begin(dir)?;
+        let master = next.id().to_owned();
+        let mut disks = 0;
+        // Twice: the second pass catches a disk made while the first ran (wrapped before the new key
+        // became current).
+        for pass in 0..2 {
+            let mut specs = Vec::new();
+            let mut after = None;
+            loop {
+                let page = self.store().objects_list(ObjectKind::Disk, None, after.as_deref(), 1000).await?;
+                for o in &page {
+                    if let Some(w) = wrapped_key(&o.spec).filter(|w| !ring.is_current(w)) {
+                        let mut spec = o.spec.clone();
+                        spec["encryption"] = json!(ring.rewrap(&next, o.id, &w)?);
+                        specs.push((o.id, spec));
+                    }
+                }
+                if page.len() < 1000 {
+                    break;
+                }
+                after = page.last().map(|o| o.path.clone());
+            }
+            disks += specs.len();
+            if pass == 1 && specs.is_empty() {
+                break;
+            }
+            let ev = ctx
+                .event("keys.rotated", "folder", Some(ROOT_ID), "/")
+                .audit_only()
+                .data(json!({ "disks": specs.len(), "master_key": master, "pass": pass + 1 }));
+            self.store().object_specs_set(specs, ev).await?;
+            if pass == 0 {
+                ring.rotate_finish(dir)?;
+            }
+        }
+        ring.retire(dir)?;
+        tracing::info!(disks, master_key = %master, "rotated the master key of encrypted disks");
+        Ok(covm_types::api::KeysRotated { disks: disks as u64, master_key: master })
     }
 
     /// Deletes a disk and its image; refused while a VM's config holds it, naming the VMs.

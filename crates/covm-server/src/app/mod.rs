@@ -23,6 +23,7 @@ pub mod events;
 pub mod host;
 pub mod inventory;
 pub mod json;
+pub mod keys;
 pub mod leases;
 pub mod mfa;
 pub mod node;
@@ -56,6 +57,8 @@ pub struct AppConfig {
     pub safety_snapshot_ttl: chrono::Duration,
     /// Request rate limits per user and per address.
     pub rate_limits: ratelimit::RateLimitConfig,
+    /// The master keys of encrypted disks (`start` loads them; None: encrypted disks are refused).
+    pub keys: Option<Arc<keys::KeyRing>>,
 }
 
 /// The default of [`AppConfig::safety_snapshot_ttl`], in days.
@@ -69,6 +72,7 @@ impl AppConfig {
             node_id,
             safety_snapshot_ttl: chrono::Duration::days(SAFETY_SNAPSHOT_DAYS.into()),
             rate_limits: ratelimit::RateLimitConfig::default(),
+            keys: None,
         }
     }
 }
@@ -286,6 +290,13 @@ impl App {
 
     fn limiter(&self) -> &RateLimiter {
         &self.inner.limiter
+    }
+
+    /// The master keys of encrypted disks.
+    pub fn keys(&self) -> Result<&keys::KeyRing, covm_types::Error> {
+        self.inner.config.keys.as_deref().ok_or_else(|| {
+            covm_types::Error::conflict(covm_types::ErrorCode::KeyUnavailable, "this server has no master key")
+        })
     }
 
     pub fn rates(&self) -> &ratelimit::RateLimits {

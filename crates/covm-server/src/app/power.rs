@@ -227,6 +227,7 @@ impl App {
                 bus,
                 unit: d.unit,
                 read_only: d.read_only,
+                key: self.disk_key(obj.id, &obj.spec)?,
             });
         }
         let accel = self.accel_for(&config)?;

@@ -162,6 +162,7 @@ pub fn request_cost(method: &axum::http::Method, route: &str) -> u32 {
         "/api/v1/disks/{disk}/move",
         "/api/v1/disks/{disk}/snapshots",
         "/api/v1/disks/{disk}/snapshots/{snap}/revert",
+        "/api/v1/keys/rotate",
     ];
     match *method == axum::http::Method::POST && HEAVY.contains(&route) {
         true => crate::app::ratelimit::COST_HEAVY,

@@ -10,6 +10,7 @@ pub mod events;
 pub mod extract;
 pub mod forward;
 pub mod inventory;
+pub mod keys;
 pub mod mfa;
 pub mod power;
 pub mod principals;
@@ -84,6 +85,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(mfa::user_mfa_enroll, mfa::user_mfa_disable))
         .routes(routes!(mfa::user_mfa_confirm))
         .routes(routes!(mfa::mfa_policy_get, mfa::mfa_policy_set))
+        .routes(routes!(keys::keys_rotate))
         .routes(routes!(principals::group_list, principals::group_create))
         .routes(routes!(principals::group_member_add))
         .routes(routes!(principals::group_member_remove))

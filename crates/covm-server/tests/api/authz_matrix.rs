@@ -46,6 +46,7 @@ const ENDPOINTS: &[&str] = &[
     "DELETE /api/v1/users/{user}/mfa",
     "GET /api/v1/policies/mfa",
     "POST /api/v1/policies/mfa",
+    "POST /api/v1/keys/rotate",
     "GET /api/v1/groups",
     "POST /api/v1/groups",
     "POST /api/v1/groups/{group}/members",
@@ -235,6 +236,7 @@ impl Env {
                 status(&c, Method::DELETE, &format!("/users/mfa-{t}/mfa"), Some(json!({}))).await
             }
             "GET /api/v1/policies/mfa" => status(&c, Method::GET, "/policies/mfa", None).await,
+            "POST /api/v1/keys/rotate" => status(&c, Method::POST, "/keys/rotate", None).await,
             "POST /api/v1/policies/mfa" => {
                 status(&c, Method::POST, "/policies/mfa", Some(json!({ "required_for": [] }))).await
             }
@@ -398,7 +400,7 @@ impl Env {
             }
             "POST /api/v1/disks/{disk}/import" => {
                 let ds = self.s.dir.path().join("datastores/local");
-                covm_hv::img::create(&ds.join(format!("imp-{t}.qcow2")), "qcow2", 1 << 20).await.unwrap();
+                covm_hv::img::create(&ds.join(format!("imp-{t}.qcow2")), "qcow2", 1 << 20, None).await.unwrap();
                 status(
                     &c,
                     Method::POST,

@@ -142,7 +142,7 @@ async fn bad_disk_requests_change_nothing() {
         assert_eq!((status, field.as_deref()), (400, Some("path")), "{path}");
     }
     // A real image inside the datastore is imported (moved under a covm name).
-    covm_hv::img::create(&ds.join("mine.qcow2"), "qcow2", 2 << 20).await.unwrap();
+    covm_hv::img::create(&ds.join("mine.qcow2"), "qcow2", 2 << 20, None).await.unwrap();
     let d = c
         .disk_import("imp", &DiskImport { datastore: "local".into(), path: "mine.qcow2".into(), ..Default::default() })
         .await

@@ -15,13 +15,13 @@ use crate::qemu::{guest_vm, qemu_server, serial_wait, skip, state_wait};
 /// as fast as the guest's UART takes bytes, and drops what is unread when the client goes) and what
 /// comes back is drained (unread, it fills the socket and stalls the guest's console; the test reads
 /// the console's log instead).
-struct Tty {
+pub struct Tty {
     sock: std::path::PathBuf,
     stream: Option<tokio::net::unix::OwnedWriteHalf>,
 }
 
 impl Tty {
-    async fn open(s: &TestServer, c: &Client, vm: &str) -> Tty {
+    pub async fn open(s: &TestServer, c: &Client, vm: &str) -> Tty {
         let sock = s.dir.path().join("vms").join(c.vm(vm).await.unwrap().id.to_string()).join("serial.sock");
         // The shell is there once it has said hello.
         serial_wait(c, vm, "Enter 'help'", 1).await;
@@ -29,11 +29,11 @@ impl Tty {
     }
 
     /// Connects again (a new QEMU process has a new socket).
-    fn reconnect(&mut self) {
+    pub fn reconnect(&mut self) {
         self.stream = None;
     }
 
-    async fn line(&mut self, line: &str) {
+    pub async fn line(&mut self, line: &str) {
         use tokio::io::AsyncWriteExt;
         let started = Instant::now();
         loop {
@@ -58,7 +58,7 @@ impl Tty {
     }
 
     /// Runs a command in the guest and returns what it printed after `TAG-` (a fresh tag each time).
-    async fn ask(&mut self, c: &Client, vm: &str, tag: &str, command: &str) -> String {
+    pub async fn ask(&mut self, c: &Client, vm: &str, tag: &str, command: &str) -> String {
         // The tag is split in the typed line (`T""AG-`), so only the output has it whole.
         let (a, b) = tag.split_at(1);
         self.line(&format!("echo {a}\"\"{b}-$( {command} )-END")).await;

@@ -5,6 +5,7 @@ pub mod authz_matrix;
 pub mod common;
 pub mod conditions;
 pub mod disks;
+pub mod encryption;
 pub mod faults;
 pub mod feed;
 pub mod foundation;

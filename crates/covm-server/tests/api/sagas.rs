@@ -125,7 +125,7 @@ impl Op {
                 let _ = c.disk_delete("imported").await;
                 let f = s.dir.path().join("datastores/local/import-me.qcow2");
                 if !f.exists() {
-                    covm_hv::img::create(&f, "qcow2", 2 << 20).await.unwrap();
+                    covm_hv::img::create(&f, "qcow2", 2 << 20, None).await.unwrap();
                 }
             }
             Op::Resize => ensure("grow").await,

@@ -293,6 +293,19 @@ impl InventoryStore for $Store {
         tx.commit().await.map_err(db_err("commit"))
     }
 
+    async fn object_specs_set(&self, specs: Vec<(Uuid, serde_json::Value)>, event: NewEvent) -> Result<EventRecord> {
+        let mut tx = self.begin().await?;
+        for (id, spec) in specs {
+            sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
+                .bind(id.to_string())
+                .bind(spec.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("update an object"))?;
+        }
+        finish(tx, event).await
+    }
+
     async fn object_spec_update(
         &self,
         id: Uuid,

@@ -26,8 +26,13 @@ use crate::app::{App, Ctx, EventExt};
 pub enum Source {
     /// `qemu-img create`.
     Empty { format: String, capacity: u64 },
-    /// `qemu-img convert` of another disk's image.
-    Copy { from: PathBuf, format: String },
+    /// `qemu-img convert` of another disk's image (an encrypted one: its id and wrapped key).
+    Copy {
+        from: PathBuf,
+        format: String,
+        #[serde(default)]
+        from_disk: Option<(Uuid, crate::app::keys::WrappedKey)>,
+    },
     /// A file already in the datastore, moved under covm's name.
     Import { from: PathBuf },
 }
@@ -114,10 +119,18 @@ impl Saga for CreateSaga {
                     // A file already there is this saga's own (a retry after a crash undoes first).
                     Source::Empty { .. } | Source::Copy { .. } if self.file.exists() => Ok(()),
                     Source::Empty { format, capacity } => {
-                        img::create(&self.file, format, *capacity).await.map_err(hv_error)
+                        let key = app.disk_key(self.record.id, &self.record.spec)?;
+                        img::create(&self.file, format, *capacity, key.as_ref()).await.map_err(hv_error)
                     }
-                    Source::Copy { from, format } => {
-                        img::convert(from, format, &self.file, format).await.map_err(hv_error)
+                    Source::Copy { from, format, from_disk } => {
+                        let from_key = match from_disk {
+                            Some((id, w)) => Some(app.keys()?.unwrap(*id, w)?),
+                            None => None,
+                        };
+                        let key = app.disk_key(self.record.id, &self.record.spec)?;
+                        img::convert(from, format, from_key.as_ref(), &self.file, format, key.as_ref())
+                            .await
+                            .map_err(hv_error)
                     }
                     Source::Import { from } => {
                         if self.file.exists() && !from.exists() {
@@ -220,6 +233,9 @@ pub struct ResizeSaga {
     pub id: Uuid,
     pub name: String,
     pub file: PathBuf,
+    /// The disk's wrapped key, if its image is encrypted.
+    #[serde(default)]
+    pub key: Option<crate::app::keys::WrappedKey>,
     pub format: String,
     pub from: u64,
     pub to: u64,
@@ -259,7 +275,8 @@ impl Saga for ResizeSaga {
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: ResizeStep) -> Result<(), Error> {
         match step {
             ResizeStep::Grow if self.live.is_empty() => {
-                img::resize(&self.file, &self.format, self.to).await.map_err(hv_error)
+                let key = self.key.as_ref().map(|w| app.keys()?.unwrap(self.id, w)).transpose()?;
+                img::resize(&self.file, &self.format, self.to, key.as_ref()).await.map_err(hv_error)
             }
             ResizeStep::Grow => {
                 for vm in &self.live {
@@ -278,7 +295,8 @@ impl Saga for ResizeSaga {
             ResizeStep::Grow if self.live.is_empty() => {
                 let info = img::info(&self.file).await.map_err(hv_error)?;
                 if info.virtual_size > self.from {
-                    img::shrink_back(&self.file, &self.format, self.from).await.map_err(hv_error)?;
+                    let key = self.key.as_ref().map(|w| app.keys()?.unwrap(self.id, w)).transpose()?;
+                    img::shrink_back(&self.file, &self.format, self.from, key.as_ref()).await.map_err(hv_error)?;
                 }
                 Ok(())
             }

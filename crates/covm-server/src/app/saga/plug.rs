@@ -42,6 +42,9 @@ pub struct HotDisk {
     pub path: std::path::PathBuf,
     pub format: String,
     pub bus: ControllerType,
+    /// The disk's wrapped key, if its image is encrypted.
+    #[serde(default)]
+    pub key: Option<crate::app::keys::WrappedKey>,
 }
 
 /// How a disk goes into or out of a VM.
@@ -89,8 +92,13 @@ fn gone_ok(r: Result<(), HvError>) -> Result<(), Error> {
 }
 
 impl Plug {
-    fn spec(&self) -> Option<covm_hv::DiskSpec> {
-        self.hot.as_ref().map(|h| covm_hv::DiskSpec {
+    fn spec(&self, app: &App) -> Result<Option<covm_hv::DiskSpec>, Error> {
+        let Some(h) = &self.hot else { return Ok(None) };
+        let key = match &h.key {
+            Some(w) => Some(app.keys()?.unwrap(self.disk, w)?),
+            None => None,
+        };
+        Ok(Some(covm_hv::DiskSpec {
             node: h.node.clone(),
             path: h.path.clone(),
             format: h.format.clone(),
@@ -98,7 +106,8 @@ impl Plug {
             bus: h.bus,
             unit: self.attachment.unit,
             read_only: self.attachment.read_only,
-        })
+            key,
+        }))
     }
 
     fn node(&self) -> String {
@@ -110,12 +119,12 @@ impl Plug {
     }
 
     async fn blockdev_add(&self, app: &App) -> Result<(), Error> {
-        let Some(spec) = self.spec() else { return Ok(()) };
+        let Some(spec) = self.spec(app)? else { return Ok(()) };
         app.agent().ask(self.vm, VmOp::BlockdevAdd(Box::new(spec))).await.map_err(hv_error)
     }
 
     async fn device_add(&self, app: &App) -> Result<(), Error> {
-        let Some(spec) = self.spec() else { return Ok(()) };
+        let Some(spec) = self.spec(app)? else { return Ok(()) };
         app.agent().ask(self.vm, VmOp::DeviceAdd(Box::new(spec))).await.map_err(hv_error)
     }
 

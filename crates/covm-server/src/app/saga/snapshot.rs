@@ -85,7 +85,8 @@ impl Tagged {
             if held.contains(&node) {
                 nodes.push(node);
             } else if let Some(f) = &self.files[i] {
-                img::snapshot_create(f, self.tag(i)).await.map_err(hv_error)?;
+                let key = app.disk_key_by_id(d.disk_id).await?;
+                img::snapshot_create(f, self.tag(i), key.as_ref()).await.map_err(hv_error)?;
             }
         }
         let op = match &self.state {
@@ -121,7 +122,8 @@ impl Tagged {
                 }
             }
             if !done {
-                img::snapshot_delete(f, self.tag(i)).await.map_err(hv_error)?;
+                let key = app.disk_key_by_id(d.disk_id).await?;
+                img::snapshot_delete(f, self.tag(i), key.as_ref()).await.map_err(hv_error)?;
             }
         }
         if let Some(state) = &self.state {
@@ -140,7 +142,7 @@ impl Tagged {
                     Err(e) => return Err(hv_error(e)),
                 }
             }
-            img::snapshot_delete(state, &self.state_tag()).await.map_err(hv_error)?;
+            img::snapshot_delete(state, &self.state_tag(), None).await.map_err(hv_error)?;
         }
         Ok(())
     }
@@ -344,7 +346,8 @@ impl Saga for SnapshotRevertSaga {
             (SnapshotStep::Apply, _) => {
                 for (i, f) in self.to.files.iter().enumerate() {
                     if let Some(f) = f {
-                        img::snapshot_apply(f, self.to.tag(i)).await.map_err(hv_error)?;
+                        let key = app.disk_key_by_id(self.to.view.disks[i].disk_id).await?;
+                        img::snapshot_apply(f, self.to.tag(i), key.as_ref()).await.map_err(hv_error)?;
                     }
                 }
                 Ok(())
@@ -364,9 +367,10 @@ impl Saga for SnapshotRevertSaga {
                 None => Ok(()),
             },
             (SnapshotStep::Apply, _) => {
-                for (f, tag) in self.to.files.iter().zip(&self.safety_tags) {
+                for (i, (f, tag)) in self.to.files.iter().zip(&self.safety_tags).enumerate() {
                     if let (Some(f), Some(tag)) = (f, tag) {
-                        img::snapshot_apply(f, tag).await.map_err(hv_error)?;
+                        let key = app.disk_key_by_id(self.to.view.disks[i].disk_id).await?;
+                        img::snapshot_apply(f, tag, key.as_ref()).await.map_err(hv_error)?;
                     }
                 }
                 Ok(())
