@@ -6,6 +6,7 @@
 //! each feed subscriber received with the log itself.
 
 pub mod disks;
+pub mod encryption;
 pub mod power;
 pub mod scale;
 pub mod server;

@@ -36,6 +36,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// What LUKS costs the guest: dd write and read MiB/s of a plain and an encrypted disk of the test
+    /// guest (real QEMU).
+    EncryptedIo {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// The test guest (scripts/build-test-guest).
+        #[arg(long, default_value = "target/test-guest")]
+        guest: PathBuf,
+    },
     /// What TLS costs: TLS 1.3 handshakes a second, and PATCH latency plain against TLS (kept-alive and
     /// a new connection per request). Runs its own two servers in this process.
     Tls {
@@ -196,6 +207,15 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
                 &covm,
                 guest,
                 &power::PowerParams { runs: *runs, idle_vms: *idle_vms, memory_mib: *memory_mib },
+            )
+            .await
+        }
+        Scenario::EncryptedIo { runs, mib, guest } => {
+            let covm = cli.covm.clone().unwrap_or_else(covm_binary);
+            covm_bench::encryption::encrypted_io(
+                &covm,
+                guest,
+                &covm_bench::encryption::IoParams { runs: *runs, mib: *mib },
             )
             .await
         }

@@ -159,6 +159,16 @@ async fn object_place(
     Ok(())
 }
 
+async fn spec_write(tx: &mut Transaction<'static, $DB>, id: Uuid, spec: &serde_json::Value) -> Result<()> {
+    sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
+        .bind(id.to_string())
+        .bind(spec.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err("update an object"))?;
+    Ok(())
+}
+
 #[async_trait]
 impl InventoryStore for $Store {
     async fn object_get(&self, id: Uuid) -> Result<Option<ObjectRecord>> {
@@ -284,24 +294,14 @@ impl InventoryStore for $Store {
 
     async fn object_spec_set(&self, id: Uuid, spec: serde_json::Value) -> Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(spec.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("update an object"))?;
+        spec_write(&mut tx, id, &spec).await?;
         tx.commit().await.map_err(db_err("commit"))
     }
 
     async fn object_specs_set(&self, specs: Vec<(Uuid, serde_json::Value)>, event: NewEvent) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         for (id, spec) in specs {
-            sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
-                .bind(id.to_string())
-                .bind(spec.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err("update an object"))?;
+            spec_write(&mut tx, id, &spec).await?;
         }
         finish(tx, event).await
     }
@@ -326,12 +326,7 @@ impl InventoryStore for $Store {
         if &json(&current)? != expected {
             return Err(Error::conflict(ErrorCode::Conflict, "the object changed meanwhile; try again"));
         }
-        sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(spec.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("update an object"))?;
+        spec_write(&mut tx, id, &spec).await?;
         finish(tx, event).await
     }
 
