@@ -247,6 +247,16 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Begins a device sign-in through the server's identity provider.
+    pub async fn sso_device_start(&self) -> Result<SsoDeviceStart> {
+        self.send(self.request(Method::POST, "/sso/device")).await
+    }
+
+    /// Whether the user approved a device sign-in (`pending`), or its session.
+    pub async fn sso_device_poll(&self, id: uuid::Uuid) -> Result<SsoDevicePoll> {
+        self.post("/sso/device/poll", &SsoDevicePollRequest { id }).await
+    }
+
     /// Wraps every encrypted disk's key again under a new master key.
     pub async fn keys_rotate(&self) -> Result<KeysRotated> {
         self.send(self.request(Method::POST, "/keys/rotate")).await

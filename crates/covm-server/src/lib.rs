@@ -69,6 +69,8 @@ pub struct ServeConfig {
     /// (base64, `COVM_MASTER_KEY`); else `DATA/master.key`, made at the first start.
     pub master_key_file: Option<PathBuf>,
     pub master_key_env: Option<Hidden>,
+    /// Single sign-on with an OpenID Connect provider (None: off).
+    pub oidc: Option<app::sso::OidcConfig>,
 }
 
 /// A secret in a configuration: printed as `<hidden>`.
@@ -111,6 +113,7 @@ impl ServeConfig {
             rate_limits: app::ratelimit::RateLimitConfig::default(),
             master_key_file: None,
             master_key_env: None,
+            oidc: None,
         }
     }
 
@@ -222,6 +225,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let node_id = node_id(&data_dir)?;
     let mut app_config = AppConfig::new(data_dir.clone(), node_id);
     app_config.rate_limits = config.rate_limits;
+    app_config.oidc = config.oidc.clone();
     app_config.keys = Some(Arc::new(
         app::keys::KeyRing::load(
             &data_dir,

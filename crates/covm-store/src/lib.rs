@@ -106,6 +106,8 @@ pub struct UserRecord {
     /// The TOTP secret (base32): on when `mfa_on`, else an enrollment not yet confirmed.
     pub mfa_secret: Option<String>,
     pub mfa_on: bool,
+    /// The identity provider's subject (`issuer#sub`) of a user made by single sign-on.
+    pub sso_subject: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

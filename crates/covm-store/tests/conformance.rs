@@ -39,6 +39,7 @@ async fn user(s: &dyn Store, name: &str) -> Uuid {
         created_at: now(),
         mfa_secret: None,
         mfa_on: false,
+        sso_subject: None,
     };
     s.user_create(u, ev("user.created")).await.unwrap();
     id
@@ -198,6 +199,7 @@ async fn first_user_once(s: &dyn Store) {
         created_at: now(),
         mfa_secret: None,
         mfa_on: false,
+        sso_subject: None,
     };
     // Users exist already in this store (from earlier checks): bootstrap changes nothing.
     assert!(!s.user_bootstrap(mk(), admin_role, ev("user.created")).await.unwrap());
@@ -270,6 +272,7 @@ pub async fn run_suite(s: Arc<dyn Store>) {
         created_at: now(),
         mfa_secret: None,
         mfa_on: false,
+        sso_subject: None,
     };
     assert!(s.user_bootstrap(u.clone(), r, ev("user.created")).await.unwrap());
     assert_eq!(s.privileges_effective(&Viewer::user(u.id), ROOT_ID).await.unwrap(), ["Folder.Create", "System.View"]);

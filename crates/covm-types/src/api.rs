@@ -88,6 +88,45 @@ pub struct MfaDisable {
     pub code: Option<String>,
 }
 
+/// A device sign-in begun (`POST /sso/device`): the user opens `verification_uri`, enters
+/// `user_code`, and the CLI polls `POST /sso/device/poll {"id"}` every `interval_s` seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SsoDeviceStart {
+    pub id: Uuid,
+    pub user_code: String,
+    pub verification_uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_uri_complete: Option<String>,
+    pub interval_s: u64,
+    pub expires_in_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SsoDevicePollRequest {
+    pub id: Uuid,
+}
+
+/// A device sign-in's state: still `pending`, or done with its session.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SsoDevicePoll {
+    pub pending: bool,
+    pub interval_s: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionToken>,
+}
+
+/// The identity provider's answer to the browser flow.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SsoCallbackQuery {
+    pub code: Option<String>,
+    pub state: Option<String>,
+    /// The provider's error, when the user did not sign in.
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+}
+
 /// What a master key rotation did: how many disk keys were wrapped again, and the new key's id (the
 /// first 16 hex digits of its SHA-256; never the key).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

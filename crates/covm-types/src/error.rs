@@ -259,6 +259,8 @@ pub enum ErrorCode {
     MissingBody,
     /// A required field is missing.
     MissingField,
+    /// The identity provider of single sign-on cannot be reached or answered something covm cannot use.
+    SsoUnavailable,
     /// An encrypted disk's key cannot be unwrapped with the master keys this server has.
     KeyUnavailable,
     /// Two-factor sign-in is on for the user: send `totp` or `recovery_code` too (401).
@@ -379,6 +381,7 @@ impl ErrorCode {
         ErrorCode::ManagedDiskFile,
         ErrorCode::MissingBody,
         ErrorCode::MissingField,
+        ErrorCode::SsoUnavailable,
         ErrorCode::KeyUnavailable,
         ErrorCode::MfaRequired,
         ErrorCode::MfaInvalid,
@@ -459,6 +462,7 @@ impl ErrorCode {
             ErrorCode::MissingBody => "missing_body",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::MissingField => "missing_field",
+            ErrorCode::SsoUnavailable => "sso_unavailable",
             ErrorCode::KeyUnavailable => "key_unavailable",
             ErrorCode::MfaRequired => "mfa_required",
             ErrorCode::MfaInvalid => "mfa_invalid",

@@ -61,6 +61,10 @@ enum Command {
         /// A recovery code instead of a two-factor code (each works once).
         #[arg(long)]
         recovery_code: Option<String>,
+        /// Sign in through the server's identity provider (single sign-on): covm prints a code to
+        /// enter at the provider's page, and waits.
+        #[arg(long, conflicts_with_all = ["password_file", "totp", "recovery_code"])]
+        sso: bool,
     },
     /// Sign out and forget the token.
     Logout,
@@ -176,6 +180,25 @@ struct ServeArgs {
     /// at the first start). COVM_MASTER_KEY (base64) gives it from the environment.
     #[arg(long, env = "COVM_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
+    /// Single sign-on: the OpenID Connect provider's issuer URL (discovery at
+    /// ISSUER/.well-known/openid-configuration).
+    #[arg(long, env = "COVM_OIDC_ISSUER", requires = "oidc_client_id")]
+    oidc_issuer: Option<String>,
+    /// covm's client id at the provider.
+    #[arg(long, env = "COVM_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String>,
+    /// covm's client secret at the provider (better from COVM_OIDC_CLIENT_SECRET than on a command line).
+    #[arg(long, env = "COVM_OIDC_CLIENT_SECRET", hide_env_values = true)]
+    oidc_client_secret: Option<String>,
+    /// The ID token claim that lists the user's groups.
+    #[arg(long, env = "COVM_OIDC_GROUPS_CLAIM", default_value = "groups")]
+    oidc_groups_claim: String,
+    /// IdP groups mapped to covm groups: IDP=COVM, comma-separated.
+    #[arg(long, env = "COVM_OIDC_GROUP_MAP", value_delimiter = ',')]
+    oidc_group_map: Vec<String>,
+    /// Where the provider sends browsers back (default: the advertised URL + /api/v1/sso/callback).
+    #[arg(long, env = "COVM_OIDC_REDIRECT_URL")]
+    oidc_redirect_url: Option<String>,
     /// The lowest TLS version served: 1.3 (the default) or 1.2.
     #[arg(long, env = "COVM_TLS_MIN", default_value = "1.3", value_parser = ["1.2", "1.3"])]
     tls_min: String,
@@ -498,6 +521,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .init();
             let driver = if a.driver == "sim" { covm_server::Driver::Sim } else { covm_server::Driver::Qemu };
+            let oidc = match (&a.oidc_issuer, &a.oidc_client_id) {
+                (Some(issuer), Some(client_id)) => {
+                    let mut group_map = std::collections::BTreeMap::new();
+                    for m in a.oidc_group_map.iter().filter(|m| !m.is_empty()) {
+                        let (idp, covm) =
+                            m.split_once('=').with_context(|| format!("--oidc-group-map takes IDP=COVM, not {m}"))?;
+                        group_map.insert(idp.to_owned(), covm.to_owned());
+                    }
+                    Some(covm_server::app::sso::OidcConfig {
+                        issuer: issuer.clone(),
+                        client_id: client_id.clone(),
+                        client_secret: covm_server::Hidden(a.oidc_client_secret.clone().unwrap_or_default()),
+                        groups_claim: a.oidc_groups_claim.clone(),
+                        group_map,
+                        redirect_url: a.oidc_redirect_url.clone(),
+                    })
+                }
+                _ => None,
+            };
             covm_server::serve(covm_server::ServeConfig {
                 demo: a.demo,
                 driver,
@@ -523,12 +565,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     anonymous_burst: a.anonymous_rate_burst,
                 },
                 master_key_file: a.master_key_file,
+                oidc,
                 master_key_env: std::env::var("COVM_MASTER_KEY").ok().map(covm_server::Hidden),
                 ..covm_server::ServeConfig::new(a.data_dir, a.listen)
             })
             .await
         }
-        Command::Login { user, password_file, trust, totp, recovery_code } => {
+        Command::Login { sso: true, trust, .. } => {
+            let anon = connect_trusting(&cli.url, cli.ca_file.as_ref(), trust.as_deref(), &out).await?;
+            let start = anon.sso_device_start().await?;
+            eprintln!(
+                "To sign in, open {} and enter the code {}{}",
+                start.verification_uri,
+                start.user_code,
+                start.verification_uri_complete.as_deref().map(|u| format!("\n(or open {u})")).unwrap_or_default()
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(start.expires_in_s);
+            let t = loop {
+                tokio::time::sleep(std::time::Duration::from_secs(start.interval_s)).await;
+                let p = anon.sso_device_poll(start.id).await?;
+                if let Some(t) = p.session {
+                    break t;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the code expired before it was entered; run covm login --sso again");
+                }
+            };
+            let f = creds::save(&creds::Credentials { url: cli.url.clone(), user: t.user.clone(), token: t.token })?;
+            out.message(&format!("signed in as {} until {} (token in {})", t.user, t.expires_at, f.display()));
+            Ok(())
+        }
+        Command::Login { user, password_file, trust, totp, recovery_code, .. } => {
             let anon = connect_trusting(&cli.url, cli.ca_file.as_ref(), trust.as_deref(), &out).await?;
             let password = read_password(password_file.as_ref(), &format!("password for {user}: "))?;
             let mut p = covm_types::api::SessionCreate { user: user.clone(), password, totp, recovery_code };

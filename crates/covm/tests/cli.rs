@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_covm");
 
+/// The OpenID Connect provider of the API tests (`covm-server/tests/api/idp.rs`).
+#[path = "../../covm-server/tests/api/idp.rs"]
+mod idp;
+
 struct Server {
     child: Child,
     url: String,
@@ -467,4 +471,54 @@ fn a_grant_with_conditions_from_the_cli() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn covm_login_sso_signs_in_through_the_device_flow() {
+    use std::io::{BufRead, BufReader};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let provider = rt.block_on(idp::TestIdp::start());
+    provider.user("erin", "erin-pw", &["idp-ops"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve_with(
+        &data,
+        &[
+            "--driver",
+            "sim",
+            "--oidc-issuer",
+            &provider.issuer,
+            "--oidc-client-id",
+            idp::CLIENT_ID,
+            "--oidc-client-secret",
+            idp::CLIENT_SECRET,
+            "--oidc-group-map",
+            "idp-ops=operators",
+        ],
+    );
+    let admin = tmp.path().join("admin");
+    let pw = data.join("initial-admin-password");
+    ok(covm(&s, &admin, &["login", "--password-file", pw.to_str().unwrap()], None));
+    ok(covm(&s, &admin, &["group", "create", "operators"], None));
+    // erin runs covm login --sso; it prints a code, and waits.
+    let cfg = tmp.path().join("erin");
+    let mut child = Command::new(BIN)
+        .args(["login", "--sso"])
+        .env("COVM_URL", &s.url)
+        .env("COVM_CONFIG_DIR", &cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let code = line.split("enter the code ").nth(1).map(|c| c.trim().to_owned()).unwrap_or_else(|| panic!("{line}"));
+    // …and approves it at the provider, as in a browser.
+    assert_eq!(rt.block_on(provider.approve(&code, "erin", "erin-pw")), 200);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signed in as erin"));
+    let who = ok(covm(&s, &cfg, &["whoami"], None));
+    assert!(who.contains("erin") && who.contains("operators"), "{who}");
 }

@@ -273,6 +273,7 @@ impl App {
             created_at: covm_store::now(),
             mfa_secret: None,
             mfa_on: false,
+            sso_subject: None,
         };
         let ev = system_event("user.created", "user", Some(user.id), "admin")
             .scope(ROOT_ID)
@@ -348,6 +349,17 @@ impl App {
         if !attempt.known_recently {
             self.store().meta_set(&known_key(&user.name, req.addr), &covm_store::time_to_db(covm_store::now())).await?;
         }
+        self.session_issue(req, &user, enroll_only, "password").await
+    }
+
+    /// A new session for `user` (signed in by `how`: `password` or `sso`), audited.
+    pub(crate) async fn session_issue(
+        &self,
+        req: &Arc<RequestInfo>,
+        user: &UserRecord,
+        enroll_only: bool,
+        how: &str,
+    ) -> Result<SessionToken, Error> {
         let (token, hash) = token_new();
         let now = covm_store::now();
         let rec = TokenRecord {
@@ -365,10 +377,10 @@ impl App {
             request_id: Some(req.id.clone()),
             ..system_event("session.created", "user", Some(user.id), &user.name).audit_only()
         }
-        .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "enroll_only": enroll_only }));
+        .data(serde_json::json!({ "address": req.addr.map(|a| a.to_string()), "enroll_only": enroll_only, "by": how }));
         let expires_at = rec.expires_at;
         self.store().token_create(rec, Some(ev)).await?;
-        Ok(SessionToken { token, user: user.name, expires_at, enroll_only })
+        Ok(SessionToken { token, user: user.name.clone(), expires_at, enroll_only })
     }
 
     /// Finds the caller of a bearer token.

@@ -33,6 +33,7 @@ pub mod ratelimit;
 pub mod refs;
 pub mod saga;
 pub mod snapshots;
+pub mod sso;
 pub mod streams;
 pub mod transition;
 pub mod vms;
@@ -59,6 +60,8 @@ pub struct AppConfig {
     pub rate_limits: ratelimit::RateLimitConfig,
     /// The master keys of encrypted disks (`start` loads them; None: encrypted disks are refused).
     pub keys: Option<Arc<keys::KeyRing>>,
+    /// Single sign-on with an OpenID Connect provider (None: off).
+    pub oidc: Option<sso::OidcConfig>,
 }
 
 /// The default of [`AppConfig::safety_snapshot_ttl`], in days.
@@ -73,6 +76,7 @@ impl AppConfig {
             safety_snapshot_ttl: chrono::Duration::days(SAFETY_SNAPSHOT_DAYS.into()),
             rate_limits: ratelimit::RateLimitConfig::default(),
             keys: None,
+            oidc: None,
         }
     }
 }
@@ -97,6 +101,10 @@ struct AppInner {
     limiter: RateLimiter,
     /// Request rate limits (per user, per address).
     rates: ratelimit::RateLimits,
+    /// Single sign-ons in progress.
+    sso: sso::SsoState,
+    /// The URL other replicas (and identity providers) reach this one at.
+    advertised: OnceLock<String>,
     config: AppConfig,
     /// A write failed for want of space and none has succeeded since (readiness says so).
     storage_full: AtomicBool,
@@ -122,6 +130,8 @@ impl App {
                 hub,
                 limiter: RateLimiter::default(),
                 rates: ratelimit::RateLimits::new(config.rate_limits),
+                sso: sso::SsoState::default(),
+                advertised: OnceLock::new(),
                 config,
                 storage_full: AtomicBool::new(false),
                 anon: anon::AnonBudget::default(),
@@ -277,7 +287,17 @@ impl App {
     /// Records the URL at which other replicas reach this node, and the certificate they trust it by
     /// when it serves TLS.
     pub async fn node_advertise(&self, url: &str, ca_pem: Option<&str>) -> Result<(), covm_types::Error> {
+        let _ = self.inner.advertised.set(url.to_owned());
         self.store().node_register(&self.config().node_id, url, ca_pem).await
+    }
+
+    /// The URL this replica is reached at.
+    pub fn advertised(&self) -> String {
+        self.inner.advertised.get().cloned().unwrap_or_default()
+    }
+
+    fn sso(&self) -> &sso::SsoState {
+        &self.inner.sso
     }
 
     pub fn hub(&self) -> &EventHub {

@@ -16,6 +16,7 @@ pub mod power;
 pub mod principals;
 pub mod session;
 pub mod snapshots;
+pub mod sso;
 pub mod vms;
 
 use covm_types::ErrorCode;
@@ -86,6 +87,10 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(mfa::user_mfa_confirm))
         .routes(routes!(mfa::mfa_policy_get, mfa::mfa_policy_set))
         .routes(routes!(keys::keys_rotate))
+        .routes(routes!(sso::sso_login))
+        .routes(routes!(sso::sso_callback))
+        .routes(routes!(sso::sso_device_start))
+        .routes(routes!(sso::sso_device_poll))
         .routes(routes!(principals::group_list, principals::group_create))
         .routes(routes!(principals::group_member_add))
         .routes(routes!(principals::group_member_remove))

@@ -24,8 +24,21 @@ pub struct TestServer {
     pub db: Option<String>,
     /// Served over TLS (with covm's own CA, which the clients trust).
     pub tls: bool,
-    /// The request rate limits it runs with.
+    opts: Options,
+}
+
+/// How a test server runs, beyond its driver and database.
+#[derive(Clone)]
+pub struct Options {
+    pub tls: bool,
     pub rate_limits: covm_server::app::ratelimit::RateLimitConfig,
+    pub oidc: Option<covm_server::app::sso::OidcConfig>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { tls: false, rate_limits: UNTHROTTLED, oidc: None }
+    }
 }
 
 /// Whether these tests run on PostgreSQL (the `api_postgres` target compiles this same file).
@@ -53,35 +66,40 @@ impl TestServer {
 
     /// A server that serves TLS on loopback (`--tls`), with covm's own CA.
     pub async fn start_tls() -> TestServer {
-        let db = match on_postgres() {
-            true => Some(covm_store::testing::postgres_database().await.expect("PostgreSQL for tests")),
-            false => None,
-        };
-        Self::start_full(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, true).await
+        Self::start_options(Options { tls: true, ..Options::default() }).await
     }
 
     /// A server with these request rate limits.
     pub async fn start_limited(limits: covm_server::app::ratelimit::RateLimitConfig) -> TestServer {
+        Self::start_options(Options { rate_limits: limits, ..Options::default() }).await
+    }
+
+    /// A server with single sign-on through this identity provider.
+    pub async fn start_sso(oidc: covm_server::app::sso::OidcConfig) -> TestServer {
+        Self::start_options(Options { oidc: Some(oidc), ..Options::default() }).await
+    }
+
+    /// A server on the simulated driver with these options.
+    pub async fn start_options(opts: Options) -> TestServer {
         let db = match on_postgres() {
             true => Some(covm_store::testing::postgres_database().await.expect("PostgreSQL for tests")),
             false => None,
         };
-        Self::start_full_with(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, false, limits).await
+        Self::start_full_with(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, opts).await
     }
 
     async fn start_full(dir: TempDir, driver: covm_server::Driver, db: Option<String>, tls: bool) -> TestServer {
-        Self::start_full_with(dir, driver, db, tls, UNTHROTTLED).await
+        Self::start_full_with(dir, driver, db, Options { tls, ..Options::default() }).await
     }
 
     async fn start_full_with(
         dir: TempDir,
         driver: covm_server::Driver,
         db: Option<String>,
-        tls: bool,
-        rate_limits: covm_server::app::ratelimit::RateLimitConfig,
+        opts: Options,
     ) -> TestServer {
-        let running = Self::boot(&dir, 0, driver.clone(), db.clone(), tls, rate_limits).await;
-        let url = format!("{}://{}", if tls { "https" } else { "http" }, running.addr);
+        let running = Self::boot(&dir, 0, driver.clone(), db.clone(), &opts).await;
+        let url = format!("{}://{}", if opts.tls { "https" } else { "http" }, running.addr);
         let admin_password = std::fs::read_to_string(dir.path().join("initial-admin-password"))
             .expect("the first start writes the admin password")
             .trim()
@@ -94,8 +112,8 @@ impl TestServer {
             admin_password,
             driver,
             db,
-            tls,
-            rate_limits,
+            tls: opts.tls,
+            opts,
         };
         s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
         s
@@ -110,7 +128,7 @@ impl TestServer {
     /// client signs in with the first replica's password.
     pub async fn replica(&self) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone(), self.tls, self.rate_limits).await;
+        let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone(), &self.opts).await;
         assert!(running.initial_password_file.is_none(), "only the first replica creates admin");
         let url = format!("{}://{}", if self.tls { "https" } else { "http" }, running.addr);
         let mut s = TestServer {
@@ -122,7 +140,7 @@ impl TestServer {
             driver: self.driver.clone(),
             db: self.db.clone(),
             tls: self.tls,
-            rate_limits: self.rate_limits,
+            opts: self.opts.clone(),
         };
         s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
         s
@@ -133,14 +151,14 @@ impl TestServer {
         port: u16,
         driver: covm_server::Driver,
         db: Option<String>,
-        tls: bool,
-        rate_limits: covm_server::app::ratelimit::RateLimitConfig,
+        opts: &Options,
     ) -> Running {
         covm_server::start(ServeConfig {
             driver,
             db,
-            rate_limits,
-            tls: if tls { covm_server::TlsMode::On } else { covm_server::TlsMode::Auto },
+            rate_limits: opts.rate_limits,
+            oidc: opts.oidc.clone(),
+            tls: if opts.tls { covm_server::TlsMode::On } else { covm_server::TlsMode::Auto },
             ..ServeConfig::new(dir.path().to_owned(), format!("127.0.0.1:{port}").parse().unwrap())
         })
         .await
@@ -163,8 +181,7 @@ impl TestServer {
         let port = running.addr.port();
         running.stop().await.expect("covm stops");
         between();
-        self.running =
-            Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone(), self.tls, self.rate_limits).await);
+        self.running = Some(Self::boot(&self.dir, port, self.driver.clone(), self.db.clone(), &self.opts).await);
     }
 
     /// The app inside the server (for the fault switch).

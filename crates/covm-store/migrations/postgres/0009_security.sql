@@ -36,3 +36,7 @@ CREATE TABLE object_annotations (
 );
 INSERT INTO object_annotations (object_id, key, value)
     SELECT v.id, a.key, a.value FROM vms v, jsonb_each_text(v.config::jsonb -> 'annotations') a;
+
+-- Single sign-on: the identity provider's subject (`issuer#sub`) a user was made for; such a user has
+-- no password in covm, and a local user of the same name is never taken over.
+ALTER TABLE users ADD COLUMN sso_subject TEXT;

@@ -10,6 +10,7 @@ fn user_row(r: &$Row) -> Result<UserRecord> {
         created_at: time(r.get("created_at"))?,
         mfa_secret: r.get("mfa_secret"),
         mfa_on: r.get::<i64, _>("mfa_on") != 0,
+        sso_subject: r.get("sso_subject"),
     })
 }
 
@@ -28,11 +29,12 @@ fn token_row(r: &$Row) -> Result<TokenRecord> {
 }
 
 async fn insert_user(tx: &mut Transaction<'static, $DB>, user: &UserRecord) -> Result<()> {
-    sqlx::query("INSERT INTO users (id, name, password_hash, created_at) VALUES ($1, $2, $3, $4)")
+    sqlx::query("INSERT INTO users (id, name, password_hash, created_at, sso_subject) VALUES ($1, $2, $3, $4, $5)")
         .bind(user.id.to_string())
         .bind(&user.name)
         .bind(&user.password_hash)
         .bind(time_to_db(user.created_at))
+        .bind(&user.sso_subject)
         .execute(&mut **tx)
         .await
         .map_err(db_err("create the user"))?;
@@ -128,7 +130,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn user_get(&self, id: Uuid) -> Result<Option<UserRecord>> {
-        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on FROM users WHERE id = $1")
+        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject FROM users WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.reader)
             .await
@@ -139,7 +141,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>> {
-        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on FROM users WHERE name = $1")
+        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject FROM users WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.reader)
             .await
@@ -150,7 +152,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn users_list(&self) -> Result<Vec<UserRecord>> {
-        let rows = sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on FROM users ORDER BY name")
+        let rows = sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject FROM users ORDER BY name")
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("list users"))?;
