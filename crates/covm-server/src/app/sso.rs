@@ -108,6 +108,11 @@ fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default()
 }
 
+/// A successful JSON answer of the provider.
+async fn json_of<T: serde::de::DeserializeOwned>(rb: reqwest::RequestBuilder) -> Result<T, Error> {
+    rb.send().await.and_then(reqwest::Response::error_for_status).map_err(unavailable)?.json().await.map_err(unavailable)
+}
+
 impl App {
     fn oidc(&self) -> Result<&OidcConfig, Error> {
         self.config().oidc.as_ref().ok_or_else(|| {
@@ -122,15 +127,7 @@ impl App {
             return Ok(d.clone());
         }
         let url = format!("{}/.well-known/openid-configuration", cfg.issuer.trim_end_matches('/'));
-        let found: Discovery = http()
-            .get(&url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(unavailable)?
-            .json()
-            .await
-            .map_err(unavailable)?;
+        let found: Discovery = json_of(http().get(&url)).await?;
         if found.issuer.trim_end_matches('/') != cfg.issuer.trim_end_matches('/') {
             return Err(unavailable(format!("discovery names issuer {}, not {}", found.issuer, cfg.issuer)));
         }
@@ -235,16 +232,7 @@ impl App {
             ("client_secret", cfg.client_secret.0.as_str()),
             ("scope", "openid profile groups"),
         ];
-        let a: Answer = http()
-            .post(&endpoint)
-            .form(&form)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(unavailable)?
-            .json()
-            .await
-            .map_err(unavailable)?;
+        let a: Answer = json_of(http().post(&endpoint).form(&form)).await?;
         let id = Uuid::new_v4();
         let interval = a.interval.unwrap_or(5).max(1);
         {
@@ -310,15 +298,7 @@ impl App {
     ) -> Result<serde_json::Value, Error> {
         let cfg = self.oidc()?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| refused(format!("a bad ID token: {e}")))?;
-        let jwks: jsonwebtoken::jwk::JwkSet = http()
-            .get(&d.jwks_uri)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(unavailable)?
-            .json()
-            .await
-            .map_err(unavailable)?;
+        let jwks: jsonwebtoken::jwk::JwkSet = json_of(http().get(&d.jwks_uri)).await?;
         let jwk = match &header.kid {
             Some(kid) => jwks.find(kid),
             None => jwks.keys.first(),
