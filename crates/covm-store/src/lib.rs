@@ -108,6 +108,8 @@ pub struct UserRecord {
     pub mfa_on: bool,
     /// The identity provider's subject (`issuer#sub`) of a user made by single sign-on.
     pub sso_subject: Option<String>,
+    /// Disabled (by its identity provider): no sign-in, no session, no token.
+    pub disabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -648,6 +650,8 @@ pub trait PrincipalStore: Send + Sync {
     async fn user_mfa_clear(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     /// Uses the code of time step `step`: false when that step, or a later one, was used already.
     async fn user_mfa_step_use(&self, id: Uuid, step: i64) -> Result<bool>;
+    /// Disables a user (ending every session and API token of it) or enables it again.
+    async fn user_disabled_set(&self, id: Uuid, disabled: bool, event: NewEvent) -> Result<EventRecord>;
     /// Uses a recovery code (its hash) once: false when it is unknown or used.
     async fn user_recovery_use(&self, id: Uuid, hash: &str) -> Result<bool>;
 }

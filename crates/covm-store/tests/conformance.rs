@@ -40,6 +40,7 @@ async fn user(s: &dyn Store, name: &str) -> Uuid {
         mfa_secret: None,
         mfa_on: false,
         sso_subject: None,
+        disabled: false,
     };
     s.user_create(u, ev("user.created")).await.unwrap();
     id
@@ -200,6 +201,7 @@ async fn first_user_once(s: &dyn Store) {
         mfa_secret: None,
         mfa_on: false,
         sso_subject: None,
+        disabled: false,
     };
     // Users exist already in this store (from earlier checks): bootstrap changes nothing.
     assert!(!s.user_bootstrap(mk(), admin_role, ev("user.created")).await.unwrap());
@@ -273,6 +275,7 @@ pub async fn run_suite(s: Arc<dyn Store>) {
         mfa_secret: None,
         mfa_on: false,
         sso_subject: None,
+        disabled: false,
     };
     assert!(s.user_bootstrap(u.clone(), r, ev("user.created")).await.unwrap());
     assert_eq!(s.privileges_effective(&Viewer::user(u.id), ROOT_ID).await.unwrap(), ["Folder.Create", "System.View"]);

@@ -203,6 +203,12 @@ pub struct UserView {
     /// Two-factor sign-in is on.
     #[serde(default)]
     pub mfa: bool,
+    /// Made by single sign-on (no password in covm).
+    #[serde(default)]
+    pub sso: bool,
+    /// Disabled by its identity provider: no sign-in, no session, no token.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

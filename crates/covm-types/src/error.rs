@@ -259,6 +259,8 @@ pub enum ErrorCode {
     MissingBody,
     /// A required field is missing.
     MissingField,
+    /// The user is disabled (its identity provider said so).
+    UserDisabled,
     /// The identity provider of single sign-on cannot be reached or answered something covm cannot use.
     SsoUnavailable,
     /// An encrypted disk's key cannot be unwrapped with the master keys this server has.
@@ -381,6 +383,7 @@ impl ErrorCode {
         ErrorCode::ManagedDiskFile,
         ErrorCode::MissingBody,
         ErrorCode::MissingField,
+        ErrorCode::UserDisabled,
         ErrorCode::SsoUnavailable,
         ErrorCode::KeyUnavailable,
         ErrorCode::MfaRequired,
@@ -462,6 +465,7 @@ impl ErrorCode {
             ErrorCode::MissingBody => "missing_body",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::MissingField => "missing_field",
+            ErrorCode::UserDisabled => "user_disabled",
             ErrorCode::SsoUnavailable => "sso_unavailable",
             ErrorCode::KeyUnavailable => "key_unavailable",
             ErrorCode::MfaRequired => "mfa_required",

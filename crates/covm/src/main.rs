@@ -199,6 +199,10 @@ struct ServeArgs {
     /// Where the provider sends browsers back (default: the advertised URL + /api/v1/sso/callback).
     #[arg(long, env = "COVM_OIDC_REDIRECT_URL")]
     oidc_redirect_url: Option<String>,
+    /// An ID token claim that, when true, says the user is disabled at the provider: covm disables it
+    /// too (its sessions and API tokens end) at that sign-in.
+    #[arg(long, env = "COVM_OIDC_DISABLED_CLAIM")]
+    oidc_disabled_claim: Option<String>,
     /// The lowest TLS version served: 1.3 (the default) or 1.2.
     #[arg(long, env = "COVM_TLS_MIN", default_value = "1.3", value_parser = ["1.2", "1.3"])]
     tls_min: String,
@@ -536,6 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         groups_claim: a.oidc_groups_claim.clone(),
                         group_map,
                         redirect_url: a.oidc_redirect_url.clone(),
+                        disabled_claim: a.oidc_disabled_claim.clone(),
                     })
                 }
                 _ => None,

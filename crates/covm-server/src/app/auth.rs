@@ -97,6 +97,15 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// 403 `user_disabled`.
+pub(crate) fn user_disabled(name: &str) -> Error {
+    Error::new(
+        covm_types::ErrorKind::Forbidden,
+        ErrorCode::UserDisabled,
+        format!("user {name} is disabled: its identity provider said so at its last sign-in"),
+    )
+}
+
 /// A random password of 24 letters and digits.
 fn password_random() -> String {
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
@@ -243,7 +252,14 @@ impl App {
 }
 
 pub(crate) fn user_view(u: &UserRecord) -> UserView {
-    UserView { id: u.id, name: u.name.clone(), created_at: u.created_at, mfa: u.mfa_on }
+    UserView {
+        id: u.id,
+        name: u.name.clone(),
+        created_at: u.created_at,
+        mfa: u.mfa_on,
+        sso: u.sso_subject.is_some(),
+        disabled: u.disabled,
+    }
 }
 
 impl App {
@@ -274,6 +290,7 @@ impl App {
             mfa_secret: None,
             mfa_on: false,
             sso_subject: None,
+            disabled: false,
         };
         let ev = system_event("user.created", "user", Some(user.id), "admin")
             .scope(ROOT_ID)
@@ -328,6 +345,9 @@ impl App {
             req.mark_audited();
             return Err(Error::unauthenticated("the user name or the password is wrong"));
         };
+        if user.disabled {
+            return Err(user_disabled(&user.name));
+        }
         // The second factor: a wrong or replayed code is a failed sign-in like a wrong password (the
         // reserved attempt stays counted); a missing one is only the question.
         if user.mfa_on
@@ -392,6 +412,9 @@ impl App {
             None => {
                 let rec = self.store().token_by_hash(&hash).await?.ok_or_else(bad)?;
                 let user = self.store().user_get(rec.user_id).await?.ok_or_else(bad)?;
+                if user.disabled {
+                    return Err(bad());
+                }
                 self.caches().token_put(hash, rec.id, user.id, user.name.clone(), rec.expires_at, rec.enroll_only);
                 (rec.id, user.id, user.name, rec.expires_at, rec.enroll_only)
             }

@@ -70,6 +70,7 @@ impl App {
             mfa_secret: None,
             mfa_on: false,
             sso_subject: None,
+            disabled: false,
         };
         let ev = ctx.event("user.created", "user", Some(user.id), &user.name).scope(ROOT_ID);
         self.store().user_create(user.clone(), ev).await.map_err(|e| match e.code.as_str() {

@@ -46,6 +46,9 @@ pub struct OidcConfig {
     /// Where the provider sends the browser back (default: this server's advertised URL +
     /// `/api/v1/sso/callback`).
     pub redirect_url: Option<String>,
+    /// An ID token claim that, when true, says the user is disabled at the provider: covm disables it
+    /// too (its sessions and API tokens end) and refuses the sign-in; false again enables it.
+    pub disabled_claim: Option<String>,
 }
 
 const PENDING_TTL: Duration = Duration::from_secs(600);
@@ -110,7 +113,13 @@ fn http() -> reqwest::Client {
 
 /// A successful JSON answer of the provider.
 async fn json_of<T: serde::de::DeserializeOwned>(rb: reqwest::RequestBuilder) -> Result<T, Error> {
-    rb.send().await.and_then(reqwest::Response::error_for_status).map_err(unavailable)?.json().await.map_err(unavailable)
+    rb.send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(unavailable)?
+        .json()
+        .await
+        .map_err(unavailable)
 }
 
 impl App {
@@ -333,8 +342,28 @@ impl App {
         let wanted = claims["preferred_username"].as_str().unwrap_or(sub);
         let name = covm_types::Name::parse(wanted)
             .map_err(|e| refused(format!("the IdP's user name {wanted} cannot be a covm user name: {e}")))?;
+        let disabled = cfg.disabled_claim.as_deref().is_some_and(|c| claims[c].as_bool() == Some(true));
         let user = match self.store().user_by_name(name.as_str()).await? {
-            Some(u) if u.sso_subject.as_deref() == Some(subject.as_str()) => u,
+            Some(u) if u.sso_subject.as_deref() == Some(subject.as_str()) => {
+                if u.disabled != disabled {
+                    let kind = if disabled { "user.disabled" } else { "user.enabled" };
+                    let ev = NewEvent {
+                        actor: u.name.clone(),
+                        request_id: Some(req.id.clone()),
+                        ..super::system_event(kind, "user", Some(u.id), &u.name)
+                    }
+                    .scope(ROOT_ID)
+                    .data(serde_json::json!({ "sso": cfg.issuer }));
+                    self.store().user_disabled_set(u.id, disabled, ev).await?;
+                    self.caches().tokens_clear();
+                    self.committed();
+                }
+                if disabled {
+                    return Err(super::auth::user_disabled(&u.name));
+                }
+                u
+            }
+            Some(_) if disabled => return Err(super::auth::user_disabled(name.as_str())),
             Some(_) => {
                 return Err(Error::conflict(
                     ErrorCode::AlreadyExists,
@@ -343,6 +372,7 @@ impl App {
                     ),
                 ));
             }
+            None if disabled => return Err(super::auth::user_disabled(name.as_str())),
             None => {
                 let u = UserRecord {
                     id: Uuid::now_v7(),
@@ -353,6 +383,7 @@ impl App {
                     mfa_secret: None,
                     mfa_on: false,
                     sso_subject: Some(subject.clone()),
+                    disabled: false,
                 };
                 let ev = NewEvent {
                     actor: u.name.clone(),

@@ -28,6 +28,8 @@ pub struct IdpUser {
     pub sub: String,
     pub password: String,
     pub groups: Vec<String>,
+    /// Said in the ID token's `covm_disabled` claim (the provider still signs the user in).
+    pub disabled: bool,
 }
 
 struct Grant {
@@ -94,8 +96,16 @@ impl TestIdp {
                 sub: format!("sub-{name}"),
                 password: password.to_owned(),
                 groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                disabled: false,
             },
         );
+    }
+
+    /// Marks a user disabled (or not) in the ID tokens the provider issues.
+    pub fn disable(&self, name: &str, disabled: bool) {
+        if let Some(u) = self.state.users.lock().unwrap().get_mut(name) {
+            u.disabled = disabled;
+        }
     }
 
     /// A user approves a device code at the provider's page (what a person does in a browser).
@@ -176,7 +186,7 @@ fn id_token(s: &Idp, user: &str, nonce: Option<&str>) -> String {
     let now = chrono::Utc::now().timestamp();
     let mut claims = json!({
         "iss": s.issuer, "sub": u.sub, "aud": CLIENT_ID, "iat": now, "exp": now + 300,
-        "preferred_username": user, "groups": u.groups,
+        "preferred_username": user, "groups": u.groups, "covm_disabled": u.disabled,
     });
     if let Some(n) = nonce {
         claims["nonce"] = json!(n);

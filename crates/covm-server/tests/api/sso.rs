@@ -21,6 +21,7 @@ fn config(idp: &TestIdp) -> OidcConfig {
         groups_claim: "groups".into(),
         group_map: BTreeMap::from([("idp-ops".to_owned(), "operators".to_owned())]),
         redirect_url: None,
+        disabled_claim: Some("covm_disabled".into()),
     }
 }
 
@@ -83,6 +84,24 @@ async fn a_browser_sign_in_lands_in_the_mapped_group_with_its_grants() {
     let (alice, _) = browser_sign_in(&s, "alice", "alice-pw").await.unwrap();
     assert!(alice.whoami(None).await.unwrap().groups.is_empty());
     assert!(alice.vms(&Default::default()).await.unwrap().items.is_empty());
+    // The IdP says alice is disabled: at her next sign-in covm disables her, and her sessions and API
+    // tokens end; enabled again, she signs in again.
+    let api = alice
+        .token_create(&covm_types::api::TokenCreate { name: crate::common::name("ci"), expires_in_s: None })
+        .await
+        .unwrap();
+    let api = Client::new(&s.url).with_token(api.token.unwrap());
+    api.whoami(None).await.unwrap();
+    idp.disable("alice", true);
+    let e = browser_sign_in(&s, "alice", "alice-pw").await.unwrap_err();
+    assert_eq!(e.0, 403, "{}", e.1);
+    assert!(e.1.contains("user_disabled"), "{}", e.1);
+    assert_eq!(alice.whoami(None).await.unwrap_err().status(), Some(401), "her session ended");
+    assert_eq!(api.whoami(None).await.unwrap_err().status(), Some(401), "her API token ended");
+    assert!(s.admin.users().await.unwrap().iter().any(|u| u.name == "alice" && u.disabled && u.sso));
+    idp.disable("alice", false);
+    let (alice, _) = browser_sign_in(&s, "alice", "alice-pw").await.unwrap();
+    alice.whoami(None).await.unwrap();
     // A callback that covm did not start (a forged or replayed state) is refused.
     covm_client::tls::install_provider();
     let r = reqwest::get(format!("{}/api/v1/sso/callback?code=x&state=forged", s.url)).await.unwrap();

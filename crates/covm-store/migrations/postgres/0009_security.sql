@@ -40,3 +40,5 @@ INSERT INTO object_annotations (object_id, key, value)
 -- Single sign-on: the identity provider's subject (`issuer#sub`) a user was made for; such a user has
 -- no password in covm, and a local user of the same name is never taken over.
 ALTER TABLE users ADD COLUMN sso_subject TEXT;
+-- A disabled user (its identity provider said so) signs in no more and has no session or token.
+ALTER TABLE users ADD COLUMN disabled_at TEXT;

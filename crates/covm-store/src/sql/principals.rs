@@ -11,6 +11,7 @@ fn user_row(r: &$Row) -> Result<UserRecord> {
         mfa_secret: r.get("mfa_secret"),
         mfa_on: r.get::<i64, _>("mfa_on") != 0,
         sso_subject: r.get("sso_subject"),
+        disabled: r.get::<Option<String>, _>("disabled_at").is_some(),
     })
 }
 
@@ -130,7 +131,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn user_get(&self, id: Uuid) -> Result<Option<UserRecord>> {
-        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject FROM users WHERE id = $1")
+        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject, disabled_at FROM users WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.reader)
             .await
@@ -141,7 +142,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>> {
-        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject FROM users WHERE name = $1")
+        sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject, disabled_at FROM users WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.reader)
             .await
@@ -152,7 +153,7 @@ impl PrincipalStore for $Store {
     }
 
     async fn users_list(&self) -> Result<Vec<UserRecord>> {
-        let rows = sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject FROM users ORDER BY name")
+        let rows = sqlx::query("SELECT id, name, password_hash, created_at, mfa_secret, mfa_on, sso_subject, disabled_at FROM users ORDER BY name")
             .fetch_all(&self.reader)
             .await
             .map_err(db_err("list users"))?;
@@ -566,6 +567,25 @@ impl PrincipalStore for $Store {
             .execute(&mut *tx)
             .await
             .map_err(db_err("forget recovery codes"))?;
+        finish(tx, event).await
+    }
+
+    async fn user_disabled_set(&self, id: Uuid, disabled: bool, event: NewEvent) -> Result<EventRecord> {
+        let mut tx = self.begin().await?;
+        let id_s = id.to_string();
+        sqlx::query("UPDATE users SET disabled_at = $2 WHERE id = $1")
+            .bind(&id_s)
+            .bind(disabled.then(|| time_to_db(now())))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("disable a user"))?;
+        if disabled {
+            sqlx::query("DELETE FROM tokens WHERE user_id = $1")
+                .bind(&id_s)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("end a user's sessions and tokens"))?;
+        }
         finish(tx, event).await
     }
 
