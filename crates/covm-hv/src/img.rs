@@ -57,6 +57,9 @@ async fn run_keyed(args: Vec<String>, process: Option<&ProcessKey>) -> Result<St
     use tokio::io::AsyncWriteExt;
     let mut cmd = Command::new(QEMU_IMG);
     cmd.args(&args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for v in crate::secret::SECRET_ENV {
+        cmd.env_remove(v);
+    }
     cmd.stdin(if process.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {

@@ -241,7 +241,11 @@ impl Hypervisor for QemuDriver {
             .map_err(HvError::os(format!("open QEMU's log {}", f.log.display())))?;
         let log2 = log.try_clone().map_err(HvError::os("share QEMU's log"))?;
         tracing::info!(vm = %spec.name, accel = spec.accel.as_str(), "starting QEMU: {} {}", self.binary.display(), args.join(" "));
-        let mut child = tokio::process::Command::new(&self.binary)
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        for v in crate::secret::SECRET_ENV {
+            cmd.env_remove(v);
+        }
+        let mut child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log)

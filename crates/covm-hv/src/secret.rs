@@ -14,6 +14,10 @@ use serde_json::json;
 
 use crate::HvError;
 
+/// Environment variables that may hold covm's secrets: never passed on to QEMU or qemu-img (a guest
+/// that broke out into QEMU could read its environment).
+pub const SECRET_ENV: &[&str] = &["COVM_MASTER_KEY", "COVM_OIDC_CLIENT_SECRET", "COVM_TOKEN", "COVM_PASSWORD"];
+
 /// The id of a process's own key object in QEMU and qemu-img.
 pub const PROCESS_KEY_ID: &str = "covm-master";
 

@@ -567,8 +567,14 @@ pub trait InventoryStore: Send + Sync {
     async fn object_create(&self, object: NewObject, event: NewEvent) -> Result<(ObjectRecord, EventRecord)>;
     /// Replaces an object's spec (host facts at start, datastore capacity, …).
     async fn object_spec_set(&self, id: Uuid, spec: serde_json::Value) -> Result<()>;
-    /// Replaces the specs of several objects in one transaction, with one log entry (a key rotation).
-    async fn object_specs_set(&self, specs: Vec<(Uuid, serde_json::Value)>, event: NewEvent) -> Result<EventRecord>;
+    /// Replaces the specs of several objects in one transaction, with one log entry (a key rotation):
+    /// each `(id, expected, new)` only if its spec is still `expected` (409 `conflict` otherwise, and
+    /// nothing is written).
+    async fn object_specs_swap(
+        &self,
+        specs: Vec<(Uuid, serde_json::Value, serde_json::Value)>,
+        event: NewEvent,
+    ) -> Result<EventRecord>;
     /// Replaces an object's spec with its log entry, if the spec is still `expected` (a compare and
     /// swap: 409 `conflict` otherwise).
     async fn object_spec_update(
@@ -643,9 +649,11 @@ pub trait PrincipalStore: Send + Sync {
     /// replacing any earlier ones.
     async fn user_mfa_begin(&self, id: Uuid, secret: &str, recovery: &[String], event: NewEvent)
     -> Result<EventRecord>;
-    /// Turns two-factor sign-in on (the code of `step` confirmed it and is used); the user's
-    /// enroll-only sessions become full ones.
-    async fn user_mfa_enable(&self, id: Uuid, step: i64, event: NewEvent) -> Result<EventRecord>;
+    /// Turns two-factor sign-in on (the code of `step` confirmed it and is used): the enroll-only
+    /// session that confirmed (`session`) becomes a full one, the user's other enroll-only sessions end
+    /// (whoever holds them has not shown a code).
+    async fn user_mfa_enable(&self, id: Uuid, step: i64, session: Option<Uuid>, event: NewEvent)
+    -> Result<EventRecord>;
     /// Turns two-factor sign-in off and forgets the secret and the recovery codes.
     async fn user_mfa_clear(&self, id: Uuid, event: NewEvent) -> Result<EventRecord>;
     /// Uses the code of time step `step`: false when that step, or a later one, was used already.

@@ -337,7 +337,8 @@ impl App {
             req.mark_audited();
             return Err(Error::rate_limited(wait, format!("too many failed sign-ins; try again in {wait} seconds")));
         }
-        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        // A user of single sign-on has no password here (its hash is never a valid one; checked anyway).
+        let hash = user.as_ref().filter(|u| u.sso_subject.is_none()).map(|u| u.password_hash.clone());
         let ok = password_verify(p.password.clone(), hash).await;
         let Some(user) = user.filter(|_| ok) else {
             self.limiter().failed(&p.user, req.addr);

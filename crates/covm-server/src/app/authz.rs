@@ -104,8 +104,12 @@ impl App {
         }
         let privs = self.privileges_of(ctx, obj.id).await?;
         if !privs.iter().any(|p| p == Privilege::SystemView.as_str()) {
-            // Hidden only because a grant's conditions fail: say which (its holder knows the object).
-            if let Some(f) = self.condition_failure(ctx, &obj, Privilege::SystemView).await? {
+            // Hidden only because a grant's request conditions fail (address, hours, expiry): say which
+            // (its holder knows the object). Not for annotations: that would tell which objects exist
+            // among those the condition hides.
+            if let Some(f) = self.condition_failure(ctx, &obj, Privilege::SystemView).await?
+                && f.0 != covm_types::conditions::Condition::Annotations
+            {
                 self.denied(ctx, &obj, Privilege::SystemView, 403).await?;
                 return Err(condition_error(Privilege::SystemView, &obj, f).with_field(field));
             }
@@ -127,7 +131,10 @@ impl App {
         let visible = obj.id == ROOT_ID || privs.iter().any(|p| p == Privilege::SystemView.as_str());
         // A grant that would give the privilege but whose conditions fail: the 403 names the condition
         // (its holder knows of the object anyway).
-        let failed = self.condition_failure(ctx, obj, privilege).await?;
+        let failed = self
+            .condition_failure(ctx, obj, privilege)
+            .await?
+            .filter(|f| visible || f.0 != covm_types::conditions::Condition::Annotations);
         self.denied(ctx, obj, privilege, if visible || failed.is_some() { 403 } else { 404 }).await?;
         match failed {
             Some(f) => Err(condition_error(privilege, obj, f)),

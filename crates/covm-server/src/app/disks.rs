@@ -483,7 +483,8 @@ impl App {
         let master = next.id().to_owned();
         let mut disks = 0;
         // Twice: the second pass catches a disk made while the first ran (wrapped before the new key
-        // became current).
+        // became current). Each record is rewritten only if it is still as read (a resize meanwhile
+        // makes the rotation fail, to be run again; it goes on with the same new key).
         for pass in 0..2 {
             let mut specs = Vec::new();
             let mut after = None;
@@ -493,7 +494,7 @@ impl App {
                     if let Some(w) = wrapped_key(&o.spec).filter(|w| !ring.is_current(w)) {
                         let mut spec = o.spec.clone();
                         spec["encryption"] = json!(ring.rewrap(&next, o.id, &w)?);
-                        specs.push((o.id, spec));
+                        specs.push((o.id, o.spec.clone(), spec));
                     }
                 }
                 if page.len() < 1000 {
@@ -509,12 +510,11 @@ impl App {
                 .event("keys.rotated", "folder", Some(ROOT_ID), "/")
                 .audit_only()
                 .data(json!({ "disks": specs.len(), "master_key": master, "pass": pass + 1 }));
-            self.store().object_specs_set(specs, ev).await?;
+            self.store().object_specs_swap(specs, ev).await?;
             if pass == 0 {
                 ring.rotate_finish(dir)?;
             }
         }
-        ring.retire(dir)?;
         tracing::info!(disks, master_key = %master, "rotated the master key of encrypted disks");
         Ok(covm_types::api::KeysRotated { disks: disks as u64, master_key: master })
     }

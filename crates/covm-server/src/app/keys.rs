@@ -84,6 +84,13 @@ fn read_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     b.try_into().map_err(|_| anyhow::anyhow!("{} is not a 32-byte master key", path.display()))
 }
 
+/// Makes renames in a directory durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 fn write_key(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -108,8 +115,14 @@ impl KeyRing {
             }
             (None, None) => {
                 let p = data_dir.join("master.key");
-                if !p.exists() {
+                let new = data_dir.join("master.key.new");
+                if !p.exists() && new.exists() {
+                    // A rotation stopped between its renames: its new key is the current one.
+                    std::fs::rename(&new, &p)?;
+                    sync_dir(data_dir);
+                } else if !p.exists() {
                     write_key(&p, &rand::rng().random())?;
+                    sync_dir(data_dir);
                     tracing::info!(file = %p.display(), "made the master key of encrypted disks (mode 0600)");
                 }
                 (KeySource::DataDir(p.clone()), read_key(&p)?)
@@ -185,11 +198,21 @@ impl KeyRing {
                  own DATA/master.key",
             ));
         };
-        let key = MasterKey::new(rand::rng().random());
-        write_key(&data_dir.join("master.key.new"), &key.key)
-            .map_err(|e| Error::internal(format!("could not write the new master key: {e}")))?;
+        let new = data_dir.join("master.key.new");
+        let key = if new.exists() {
+            // A rotation that failed or stopped: go on with its key (disks may be wrapped under it).
+            MasterKey::new(read_key(&new).map_err(|e| Error::internal(format!("{e:#}")))?)
+        } else {
+            let key = MasterKey::new(rand::rng().random());
+            write_key(&new, &key.key)
+                .map_err(|e| Error::internal(format!("could not write the new master key: {e}")))?;
+            sync_dir(data_dir);
+            key
+        };
         // From now on new disks are wrapped under the new key.
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(0, key.clone());
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        keys.retain(|k| k.id != key.id);
+        keys.insert(0, key.clone());
         Ok(RotateNext { key })
     }
 
@@ -199,26 +222,16 @@ impl KeyRing {
         Ok(Self::wrap_with(&next.key, disk, &k))
     }
 
-    /// Rotation, second half (every record rewrapped): the new key becomes `DATA/master.key`; the old
-    /// one stays as `master.key.old` until [`KeyRing::retire`] (a disk made during the rotation may
-    /// still be wrapped under it).
+    /// Rotation, second half (every record rewrapped): the new key becomes `DATA/master.key`; the one
+    /// before it stays as `master.key.old` until the next rotation (a disk made while this one ran may
+    /// still be wrapped under it; the next rotation rewraps it first).
     pub fn rotate_finish(&self, data_dir: &Path) -> Result<(), Error> {
         let (cur, new, old) =
             (data_dir.join("master.key"), data_dir.join("master.key.new"), data_dir.join("master.key.old"));
         let io = |e: std::io::Error| Error::internal(format!("could not put the new master key in place: {e}"));
         std::fs::rename(&cur, &old).map_err(io)?;
-        std::fs::rename(&new, &cur).map_err(io)
-    }
-
-    /// Forgets every master key but the current one (no record is wrapped under another any more).
-    pub fn retire(&self, data_dir: &Path) -> Result<(), Error> {
-        match std::fs::remove_file(data_dir.join("master.key.old")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::internal(format!("could not remove the old master key: {e}")));
-            }
-            _ => {}
-        }
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).truncate(1);
+        std::fs::rename(&new, &cur).map_err(io)?;
+        sync_dir(data_dir);
         Ok(())
     }
 
@@ -265,13 +278,27 @@ mod tests {
         assert_eq!(again.unwrap(d1, &w2).unwrap(), k);
         assert_eq!(again.unwrap(d1, &w).unwrap(), k);
         assert!(ring.is_current(&w2) && !ring.is_current(&w), "new disks are wrapped under the new key at once");
-        drop(next);
+        // A rotation that failed after its first step goes on with the same new key.
+        let again_next = ring.rotate_begin(dir.path()).unwrap();
+        assert_eq!(again_next.id(), next.id());
         ring.rotate_finish(dir.path()).unwrap();
-        assert_eq!(KeyRing::load(dir.path(), None, None).unwrap().unwrap(d1, &w).unwrap(), k, "kept until retired");
-        ring.retire(dir.path()).unwrap();
         let after = KeyRing::load(dir.path(), None, None).unwrap();
         assert_eq!(after.unwrap(d1, &w2).unwrap(), k);
-        assert_eq!(after.unwrap(d1, &w).unwrap_err().code, ErrorCode::KeyUnavailable, "the old key is gone");
+        assert_eq!(after.unwrap(d1, &w).unwrap(), k, "the key before stays until the next rotation");
+        // The next rotation: the key two rotations back is gone.
+        let n3 = after.rotate_begin(dir.path()).unwrap();
+        let w3 = after.rewrap(&n3, d1, &w2).unwrap();
+        after.rotate_finish(dir.path()).unwrap();
+        let last = KeyRing::load(dir.path(), None, None).unwrap();
+        assert_eq!(last.unwrap(d1, &w3).unwrap(), k);
+        assert_eq!(last.unwrap(d1, &w).unwrap_err().code, ErrorCode::KeyUnavailable, "gone");
+        // A stop between the renames of a rotation: master.key is missing, .new is promoted.
+        let n4 = last.rotate_begin(dir.path()).unwrap();
+        let w4 = last.rewrap(&n4, d1, &w3).unwrap();
+        std::fs::rename(dir.path().join("master.key"), dir.path().join("master.key.old")).unwrap();
+        let resumed = KeyRing::load(dir.path(), None, None).unwrap();
+        assert_eq!(resumed.unwrap(d1, &w4).unwrap(), k);
+        assert!(!dir.path().join("master.key.new").exists());
         // From the environment.
         let env = B64.encode([7u8; 32]);
         let e = KeyRing::load(dir.path(), None, Some(&env)).unwrap();

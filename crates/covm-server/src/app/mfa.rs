@@ -124,7 +124,9 @@ impl App {
         };
         let step = code_step(&user.name, secret, code)?.ok_or_else(|| invalid().with_field("code"))?;
         let ev = ctx.event("user.mfa.enabled", "user", Some(user.id), &user.name).audit_only();
-        self.store().user_mfa_enable(user.id, step, ev).await?;
+        // The caller's own session, when it is the user's (an admin confirming for a user lifts none).
+        let session = (user.id == ctx.user_id).then_some(ctx.token_id);
+        self.store().user_mfa_enable(user.id, step, session, ev).await?;
         self.caches().tokens_clear();
         Ok(())
     }

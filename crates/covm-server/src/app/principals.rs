@@ -103,6 +103,13 @@ impl App {
         if user.id != ctx.user_id {
             self.require_global(ctx, Privilege::UsersManage).await?;
         }
+        if user.sso_subject.is_some() {
+            // A password would sign in around the identity provider (its groups, its disabling).
+            return Err(Error::conflict(
+                ErrorCode::Conflict,
+                format!("{} signs in through single sign-on and has no password in covm", user.name),
+            ));
+        }
         password_check("password", &p.password)?;
         let ev = ctx.event("user.password_changed", "user", Some(user.id), &user.name).audit_only();
         // The session it was changed in stays when users change their own; every other one ends.

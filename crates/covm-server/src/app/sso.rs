@@ -52,6 +52,12 @@ pub struct OidcConfig {
 }
 
 const PENDING_TTL: Duration = Duration::from_secs(600);
+/// At most this many sign-ins in progress per replica (each kind); more wait (503).
+const PENDING_MAX: usize = 10_000;
+
+fn too_many() -> Error {
+    Error::new(ErrorKind::Unavailable, ErrorCode::SsoUnavailable, "too many sign-ins are in progress; try again soon")
+}
 
 #[derive(Debug, Clone, Deserialize)]
 struct Discovery {
@@ -159,6 +165,9 @@ impl App {
         {
             let mut p = self.sso().pending.lock().unwrap_or_else(|p| p.into_inner());
             p.retain(|_, v| v.at.elapsed() < PENDING_TTL);
+            if p.len() >= PENDING_MAX {
+                return Err(too_many());
+            }
             p.insert(state.clone(), Pending { verifier, nonce: nonce.clone(), at: Instant::now() });
         }
         let mut url = reqwest::Url::parse(&d.authorization_endpoint).map_err(unavailable)?;
@@ -247,6 +256,9 @@ impl App {
         {
             let mut devices = self.sso().devices.lock().unwrap_or_else(|p| p.into_inner());
             devices.retain(|_, v| v.at.elapsed() < PENDING_TTL);
+            if devices.len() >= PENDING_MAX {
+                return Err(too_many());
+            }
             devices.insert(id, Device { device_code: a.device_code, interval, at: Instant::now() });
         }
         Ok(SsoDeviceStart {

@@ -123,7 +123,15 @@ impl FromRequestParts<App> for Auth {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthenticated("sign in first: send Authorization: Bearer <token>"))?;
-        let ctx = app.authenticate(&request_info(parts), token).await?;
+        let info = request_info(parts);
+        let ctx = match app.authenticate(&info, token).await {
+            Ok(ctx) => ctx,
+            // A bad token costs its address (else junk tokens would pass every limit).
+            Err(e) => {
+                app.anonymous_admit(&info, 1)?;
+                return Err(e.into());
+            }
+        };
         let route = parts.extensions.get::<axum::extract::MatchedPath>().map_or("", |m| m.as_str());
         if ctx.enroll_only && !ENROLL_ONLY_ROUTES.contains(&(parts.method.as_str(), route)) {
             return Err(Error::new(

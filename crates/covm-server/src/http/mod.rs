@@ -288,7 +288,9 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     let secure = req.extensions().get::<crate::listen::Secure>().is_some();
     // A request without a session draws from its address's bucket; a signed-in one from its user's
     // (when `Auth` has found who it is).
-    let anonymous = !req.headers().contains_key(header::AUTHORIZATION);
+    // Sign-in endpoints count per address whatever headers they carry (they make sessions).
+    let signing_in = path.starts_with("/api/v1/sso/") || (method == Method::POST && path == "/api/v1/session");
+    let anonymous = signing_in || !req.headers().contains_key(header::AUTHORIZATION);
     let admitted = match anonymous {
         true => app.anonymous_admit(&info, 1),
         false => Ok(()),

@@ -145,7 +145,7 @@ async fn a_failing_grant_does_not_apply_and_the_rule_looks_further() {
     let names: Vec<String> = dana.vms(&Default::default()).await.unwrap().items.into_iter().map(|v| v.name).collect();
     assert_eq!(names, vec!["lab".to_owned()], "only what a grant that applies shows");
     let e = dana.vm("web").await.unwrap_err();
-    assert_eq!(e.status(), Some(403), "hidden by a condition, and told which: {e}");
+    assert_eq!(e.status(), Some(404), "hidden by an annotation condition: not told it exists: {e}");
 }
 
 #[tokio::test]

@@ -106,14 +106,18 @@ async fn a_policy_makes_members_sign_in_only_to_enroll() {
     assert_eq!(s.admin.mfa_policy_set(&["ops"]).await.unwrap().required_for, vec!["ops".to_owned()]);
     let (bob, t) = s.anonymous().login("bob", PASSWORD).await.unwrap();
     assert!(t.enroll_only);
+    // Another enroll-only session of bob's (someone else with his password, say).
+    let (thief, _) = s.anonymous().login("bob", PASSWORD).await.unwrap();
     let refused = bob.vms(&Default::default()).await.unwrap_err();
     assert_eq!((refused.status(), refused.code()), (Some(403), Some(ErrorCode::MfaEnrollmentRequired)));
     assert_eq!(bob.whoami(None).await.unwrap().user.name, "bob");
     assert_eq!(bob.mfa_enroll("alice").await.unwrap_err().status(), Some(404), "no alice; and never another user");
     let e = bob.mfa_enroll("bob").await.unwrap();
     bob.mfa_confirm("bob", &code("bob", &e.secret, 0)).await.unwrap();
-    // The same session is a full one now; the next sign-in needs a code and is full.
+    // The same session is a full one now; the other enroll-only session ended (it showed no code);
+    // the next sign-in needs a code and is full.
     bob.vms(&Default::default()).await.unwrap();
+    assert_eq!(thief.whoami(None).await.unwrap_err().status(), Some(401));
     let (_, t) = s.anonymous().login_with(&signin("bob", Some(code("bob", &e.secret, 1)), None)).await.unwrap();
     assert!(!t.enroll_only);
     // A user outside the group is not touched by the policy.

@@ -64,6 +64,13 @@ async fn a_burst_gets_429_with_headers_while_another_user_is_served() {
     let (status, [limit, _, _, retry]) = hit(&stranger, stranger.get(format!("{}/healthz", s.url))).await;
     assert_eq!((status, limit), (StatusCode::TOO_MANY_REQUESTS, Some(5)));
     assert!(retry.is_some());
+    // Junk bearer tokens draw from their address too (they are not a way around its limit).
+    let junk = http("127.0.0.4");
+    let mut codes = Vec::new();
+    for _ in 0..7 {
+        codes.push(hit(&junk, junk.get(format!("{}/api/v1/vms", s.url)).bearer_auth("junk")).await.0.as_u16());
+    }
+    assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429]);
     // The refusals are counted in /metrics, with the limits.
     let other = http("127.0.0.3");
     let metrics = other.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();

@@ -77,8 +77,9 @@ async fn a_browser_sign_in_lands_in_the_mapped_group_with_its_grants() {
     let t = alice.vm_power("ops-vm", PowerAction::On, None).await.unwrap();
     crate::common::task_done(&s.admin, &t).await;
     assert_eq!(alice.vm("other-vm").await.unwrap_err().status(), Some(404));
-    // The user covm made has no password that signs in.
+    // The user covm made has no password that signs in, and cannot be given one.
     assert!(s.anonymous().login("alice", "alice-pw").await.is_err());
+    assert_eq!(alice.user_password_set("alice", "a-local-password-1").await.unwrap_err().status(), Some(409));
     // The IdP takes alice out of idp-ops: at her next sign-in she leaves operators.
     idp.user("alice", "alice-pw", &["idp-other"]);
     let (alice, _) = browser_sign_in(&s, "alice", "alice-pw").await.unwrap();

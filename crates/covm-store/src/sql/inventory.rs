@@ -298,9 +298,22 @@ impl InventoryStore for $Store {
         tx.commit().await.map_err(db_err("commit"))
     }
 
-    async fn object_specs_set(&self, specs: Vec<(Uuid, serde_json::Value)>, event: NewEvent) -> Result<EventRecord> {
+    async fn object_specs_swap(
+        &self,
+        specs: Vec<(Uuid, serde_json::Value, serde_json::Value)>,
+        event: NewEvent,
+    ) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
-        for (id, spec) in specs {
+        for (id, expected, spec) in specs {
+            let current: Option<String> = sqlx::query("SELECT spec FROM objects WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err("read an object"))?
+                .map(|r| r.get("spec"));
+            if current.map(|c| json(&c)).transpose()? != Some(expected) {
+                return Err(Error::conflict(ErrorCode::Conflict, "an object changed meanwhile; try again"));
+            }
             spec_write(&mut tx, id, &spec).await?;
         }
         finish(tx, event).await

@@ -527,7 +527,7 @@ impl PrincipalStore for $Store {
         finish(tx, event).await
     }
 
-    async fn user_mfa_enable(&self, id: Uuid, step: i64, event: NewEvent) -> Result<EventRecord> {
+    async fn user_mfa_enable(&self, id: Uuid, step: i64, session: Option<Uuid>, event: NewEvent) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         let id_s = id.to_string();
         let n = sqlx::query(
@@ -546,11 +546,18 @@ impl PrincipalStore for $Store {
                 "no two-factor enrollment to confirm: enroll first (POST /users/{user}/mfa)",
             ));
         }
-        sqlx::query("UPDATE tokens SET enroll_only = 0 WHERE user_id = $1")
+        let session = session.map(|s| s.to_string()).unwrap_or_default();
+        sqlx::query("UPDATE tokens SET enroll_only = 0 WHERE user_id = $1 AND id = $2")
+            .bind(&id_s)
+            .bind(&session)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("lift an enroll-only session"))?;
+        sqlx::query("DELETE FROM tokens WHERE user_id = $1 AND enroll_only = 1")
             .bind(&id_s)
             .execute(&mut *tx)
             .await
-            .map_err(db_err("lift enroll-only sessions"))?;
+            .map_err(db_err("end enroll-only sessions"))?;
         finish(tx, event).await
     }
 

@@ -62,14 +62,17 @@ impl DiskRecord {
         if self.exists(app).await? {
             return Ok(());
         }
+        // A key wrapped before a rotation began is wrapped again under the current master key.
+        let mut spec = self.spec.clone();
+        if let Some(w) = crate::app::disks::wrapped_key(&spec) {
+            let ring = app.keys()?;
+            if !ring.is_current(&w) {
+                spec["encryption"] = serde_json::json!(ring.wrap(self.id, &ring.unwrap(self.id, &w)?));
+            }
+        }
         let ev = ctx.event("disk.created", "disk", Some(self.id), &self.name).data(data);
-        let object = NewObject {
-            id: self.id,
-            kind: ObjectKind::Disk,
-            name: self.name.clone(),
-            parent_id: self.folder,
-            spec: self.spec.clone(),
-        };
+        let object =
+            NewObject { id: self.id, kind: ObjectKind::Disk, name: self.name.clone(), parent_id: self.folder, spec };
         app.store().object_create(object, ev).await?;
         app.committed();
         Ok(())
@@ -124,7 +127,11 @@ impl Saga for CreateSaga {
                     }
                     Source::Copy { from, format, from_disk } => {
                         let from_key = match from_disk {
-                            Some((id, w)) => Some(app.keys()?.unwrap(*id, w)?),
+                            // As the source's record holds it now (a rotation may have rewrapped it).
+                            Some((id, w)) => match app.disk_key_by_id(*id).await? {
+                                Some(k) => Some(k),
+                                None => Some(app.keys()?.unwrap(*id, w)?),
+                            },
                             None => None,
                         };
                         let key = app.disk_key(self.record.id, &self.record.spec)?;
@@ -244,6 +251,18 @@ pub struct ResizeSaga {
 }
 
 impl ResizeSaga {
+    /// The disk's passphrase as its record holds it now (a key rotation may have rewrapped it since
+    /// this saga began), else as the saga saved it.
+    async fn key(&self, app: &App) -> Result<Option<covm_hv::secret::DiskKey>, Error> {
+        if self.key.is_none() {
+            return Ok(None);
+        }
+        match app.disk_key_by_id(self.id).await? {
+            Some(k) => Ok(Some(k)),
+            None => self.key.as_ref().map(|w| app.keys()?.unwrap(self.id, w)).transpose(),
+        }
+    }
+
     async fn record(&self, app: &App, ctx: &Ctx, from: u64, to: u64) -> Result<(), Error> {
         let o = app.store().object_get(self.id).await?.ok_or_else(|| Error::not_found("disk", &self.name))?;
         if o.spec["capacity_bytes"].as_u64() == Some(to) {
@@ -275,7 +294,7 @@ impl Saga for ResizeSaga {
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: ResizeStep) -> Result<(), Error> {
         match step {
             ResizeStep::Grow if self.live.is_empty() => {
-                let key = self.key.as_ref().map(|w| app.keys()?.unwrap(self.id, w)).transpose()?;
+                let key = self.key(app).await?;
                 img::resize(&self.file, &self.format, self.to, key.as_ref()).await.map_err(hv_error)
             }
             ResizeStep::Grow => {
@@ -295,7 +314,7 @@ impl Saga for ResizeSaga {
             ResizeStep::Grow if self.live.is_empty() => {
                 let info = img::info(&self.file).await.map_err(hv_error)?;
                 if info.virtual_size > self.from {
-                    let key = self.key.as_ref().map(|w| app.keys()?.unwrap(self.id, w)).transpose()?;
+                    let key = self.key(app).await?;
                     img::shrink_back(&self.file, &self.format, self.from, key.as_ref()).await.map_err(hv_error)?;
                 }
                 Ok(())

@@ -92,10 +92,14 @@ fn gone_ok(r: Result<(), HvError>) -> Result<(), Error> {
 }
 
 impl Plug {
-    fn spec(&self, app: &App) -> Result<Option<covm_hv::DiskSpec>, Error> {
+    async fn spec(&self, app: &App) -> Result<Option<covm_hv::DiskSpec>, Error> {
         let Some(h) = &self.hot else { return Ok(None) };
+        // As the disk's record holds the key now (a rotation may have rewrapped it since).
         let key = match &h.key {
-            Some(w) => Some(app.keys()?.unwrap(self.disk, w)?),
+            Some(w) => match app.disk_key_by_id(self.disk).await? {
+                Some(k) => Some(k),
+                None => Some(app.keys()?.unwrap(self.disk, w)?),
+            },
             None => None,
         };
         Ok(Some(covm_hv::DiskSpec {
@@ -119,12 +123,12 @@ impl Plug {
     }
 
     async fn blockdev_add(&self, app: &App) -> Result<(), Error> {
-        let Some(spec) = self.spec(app)? else { return Ok(()) };
+        let Some(spec) = self.spec(app).await? else { return Ok(()) };
         app.agent().ask(self.vm, VmOp::BlockdevAdd(Box::new(spec))).await.map_err(hv_error)
     }
 
     async fn device_add(&self, app: &App) -> Result<(), Error> {
-        let Some(spec) = self.spec(app)? else { return Ok(()) };
+        let Some(spec) = self.spec(app).await? else { return Ok(()) };
         app.agent().ask(self.vm, VmOp::DeviceAdd(Box::new(spec))).await.map_err(hv_error)
     }
 
