@@ -631,6 +631,8 @@ pub trait PrincipalStore: Send + Sync {
     /// object up to the root that holds a grant applying to it (on the object itself, or propagating
     /// from an ancestor) decides; there, the user's own grants beat its groups'; groups' grants unite.
     async fn privileges_effective(&self, viewer: &Viewer, object: Uuid) -> Result<Vec<String>>;
+    /// The annotation keys that some grant's conditions name.
+    async fn condition_annotation_keys(&self) -> Result<std::collections::BTreeSet<String>>;
     /// The grants with conditions that reach this user (its own and its groups'), to decide which of
     /// their request conditions fail ([`Viewer::excluded`]).
     async fn grants_conditional(&self, user: Uuid) -> Result<Vec<PermissionRecord>>;

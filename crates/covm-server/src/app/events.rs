@@ -332,7 +332,10 @@ impl App {
             Some(a) => a,
             None => self.store().events_head().await?,
         };
-        Ok((self.hub().subscribe(self.viewer(ctx).await?, after, object), guard))
+        let viewer = self.viewer(ctx).await?;
+        // The stream ends when the caller's request conditions move from these.
+        guard.conditions_baseline(viewer.excluded.clone());
+        Ok((self.hub().subscribe(viewer, after, object), guard))
     }
 
     pub async fn audit_query(&self, ctx: &Ctx, q: AuditQuery) -> Result<Page<EventView>, Error> {

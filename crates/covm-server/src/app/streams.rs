@@ -42,6 +42,8 @@ pub struct StreamGuard {
     app: App,
     ctx: Ctx,
     need: Option<(Uuid, Privilege)>,
+    /// The caller's grants left out for their request conditions when the stream began.
+    excluded: std::sync::Mutex<Option<Vec<Uuid>>>,
 }
 
 impl Drop for StreamGuard {
@@ -69,11 +71,16 @@ impl App {
             ));
         }
         *n += 1;
-        Ok(StreamGuard { app: self.clone(), ctx: ctx.clone(), need })
+        Ok(StreamGuard { app: self.clone(), ctx: ctx.clone(), need, excluded: std::sync::Mutex::new(None) })
     }
 }
 
 impl StreamGuard {
+    /// The grants left out for their request conditions when the stream began (the feed's filter).
+    pub fn conditions_baseline(&self, excluded: Vec<Uuid>) {
+        *self.excluded.lock().unwrap_or_else(|p| p.into_inner()) = Some(excluded);
+    }
+
     /// Whether the caller may still hold the stream.
     async fn allowed(&self) -> Result<bool, Error> {
         let store = self.app.store();
@@ -88,6 +95,17 @@ impl StreamGuard {
         }
         if token.is_none_or(|t| t.expires_at <= chrono::Utc::now()) {
             return Ok(false);
+        }
+        // The caller's request conditions (hours, expiry) moved: the stream ends, and the caller
+        // opens it again under what applies now (the feed's filter is the viewer of its start).
+        let excluded = self.app.viewer(&self.ctx).await?.excluded;
+        {
+            let mut seen = self.excluded.lock().unwrap_or_else(|p| p.into_inner());
+            match &*seen {
+                Some(before) if *before != excluded => return Ok(false),
+                Some(_) => {}
+                None => *seen = Some(excluded),
+            }
         }
         if let Some((object, privilege)) = self.need {
             let privs = self.app.privileges_of(&self.ctx, object).await?;

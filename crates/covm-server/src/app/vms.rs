@@ -133,6 +133,25 @@ impl App {
         self.store().vm_get(obj.id).await?.ok_or_else(|| Error::not_found("vm", vm))
     }
 
+    /// Changing an annotation whose key a grant's condition names needs `Permissions.Modify` on the VM.
+    async fn annotation_change_check(
+        &self,
+        ctx: &Ctx,
+        vm: &covm_store::ObjectRecord,
+        old: &std::collections::BTreeMap<String, String>,
+        new: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        if old == new || ctx.system {
+            return Ok(());
+        }
+        let guarded = self.store().condition_annotation_keys().await?;
+        let touched = old.keys().chain(new.keys()).any(|k| old.get(k) != new.get(k) && guarded.contains(k));
+        if touched {
+            self.require(ctx, vm, Privilege::PermissionsModify).await?;
+        }
+        Ok(())
+    }
+
     /// The privileges a change from `old` to `new` needs on the VM (DESIGN §7, per field).
     pub async fn vm_create(&self, ctx: &Ctx, mut c: VmConfig) -> Result<VmView, Error> {
         for n in &mut c.nics {
@@ -368,6 +387,9 @@ impl App {
             for p in &raw.privileges {
                 self.require(ctx, &rec.object, *p).await?;
             }
+            // Annotations that a grant's conditions name decide privileges: changing them is changing
+            // permissions (else an editor could meet a condition and give itself a grant's role).
+            self.annotation_change_check(ctx, &rec.object, &old_cfg.annotations, &raw.config.annotations).await?;
             let checked = raw.privileges.clone();
             let parent = rec.object.parent_id.unwrap_or(ROOT_ID);
             let (refs, raw_disks) = (raw.references.clone(), raw.config.disks.clone());

@@ -181,3 +181,50 @@ async fn bad_conditions_are_refused_with_the_field_and_expiry_ends_a_grant() {
     let covm_client::ClientError::Api { error, .. } = &e else { panic!() };
     assert_eq!(error.details.as_ref().unwrap()["condition"], "expires_at", "{e}");
 }
+
+#[tokio::test]
+async fn an_editor_cannot_meet_an_annotation_condition_by_editing_annotations() {
+    let s = TestServer::start().await;
+    s.admin.folder_create("team", "/").await.unwrap();
+    s.admin.vm_create(&annotated("box", "/team", "dev")).await.unwrap();
+    let erin = s.user("erin").await;
+    s.admin.permission_grant("erin", "VMCreator", "/team", true).await.unwrap();
+    let gold = GrantConditions { annotations: [("tier".into(), "gold".into())].into(), ..Default::default() };
+    s.admin.permission_grant_if("group:gold", "Admin", "/team", true, Some(gold)).await.unwrap_err();
+    s.admin.group_create("gold").await.unwrap();
+    s.admin.group_member_add("gold", "erin").await.unwrap();
+    let gold = GrantConditions { annotations: [("tier".into(), "gold".into())].into(), ..Default::default() };
+    s.admin.permission_grant_if("group:gold", "Admin", "/team", true, Some(gold)).await.unwrap();
+    // An annotation no condition names: an editor changes it.
+    erin.vm_change("box", &json!({ "annotations": { "env": "dev", "note": "x" } }), &Default::default()).await.unwrap();
+    // tier is named by a condition: setting it would give erin Admin on the VM; it needs Permissions.Modify.
+    let e = erin
+        .vm_change("box", &json!({ "annotations": { "env": "dev", "tier": "gold" } }), &Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert!(e.to_string().contains("Permissions.Modify"), "{e}");
+    s.admin
+        .vm_change("box", &json!({ "annotations": { "env": "dev", "tier": "gold" } }), &Default::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_feed_ends_when_a_grant_s_request_condition_stops_holding() {
+    use futures::StreamExt;
+    let s = TestServer::start().await;
+    s.admin.vm_create(&vm_named("seen")).await.unwrap();
+    let fay = s.user("fay").await;
+    let soon = GrantConditions { expires_at: Some(Utc::now() + chrono::Duration::seconds(1)), ..Default::default() };
+    s.admin.permission_grant_if("fay", "ReadOnly", "/", true, Some(soon)).await.unwrap();
+    let mut feed = fay.events_follow(None, None).await.unwrap();
+    // The grant expires; within the streams' 5 s re-check the feed ends (its filter was the grant's).
+    let t = std::time::Instant::now();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(Ok(_)) = feed.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the feed outlived its grant");
+    assert!(t.elapsed() < std::time::Duration::from_secs(8), "{:?}", t.elapsed());
+}

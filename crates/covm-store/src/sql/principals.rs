@@ -466,6 +466,14 @@ impl PrincipalStore for $Store {
         rows.iter().map(permission_row).collect()
     }
 
+    async fn condition_annotation_keys(&self) -> Result<std::collections::BTreeSet<String>> {
+        let rows = sqlx::query("SELECT DISTINCT key FROM permission_annotations")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err("read the conditions' annotations"))?;
+        Ok(rows.iter().map(|r| r.get("key")).collect())
+    }
+
     async fn grants_conditional(&self, user: Uuid) -> Result<Vec<PermissionRecord>> {
         let sql = sqlx::AssertSqlSafe(format!(
             "{PERMISSION_SELECT}
