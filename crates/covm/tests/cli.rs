@@ -12,6 +12,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_covm");
 #[path = "../../covm-server/tests/api/idp.rs"]
 mod idp;
 
+/// An operator's own CA and certificate (`covm-server/tests/api/certs.rs`).
+#[path = "../../covm-server/tests/api/certs.rs"]
+mod certs;
+
 struct Server {
     child: Child,
     url: String,
@@ -59,7 +63,7 @@ fn serve_with(data: &Path, extra: &[&str]) -> Server {
             if log.lines().any(|l| l.contains("covm is listening") && l.contains(&listening))
                 && TcpStream::connect(("127.0.0.1", port)).is_ok()
             {
-                let scheme = if extra.contains(&"--tls") { "https" } else { "http" };
+                let scheme = if extra.contains(&"--tls") || extra.contains(&"--tls-cert") { "https" } else { "http" };
                 return Server { child, url: format!("{scheme}://127.0.0.1:{port}") };
             }
             assert!(started.elapsed() < Duration::from_secs(30), "covm serve did not listen within 30 s");
@@ -521,4 +525,45 @@ fn covm_login_sso_signs_in_through_the_device_flow() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("signed in as erin"));
     let who = ok(covm(&s, &cfg, &["whoami"], None));
     assert!(who.contains("erin") && who.contains("operators"), "{who}");
+}
+
+/// An operator's CA and certificate (the TLS tests' `certs.rs`): the CA's, the chain's and the key's paths.
+fn operator_cert(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let c = certs::operator_cert(dir, tag);
+    (c.ca, c.chain, c.key)
+}
+
+#[test]
+fn sighup_makes_covm_serve_read_its_certificate_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca1, cert, key) = operator_cert(tmp.path(), "one");
+    let data = tmp.path().join("data");
+    let s = serve_with(
+        &data,
+        &["--driver", "sim", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+    );
+    assert!(s.url.starts_with("https://"));
+    let pw = data.join("initial-admin-password");
+    let login = |ca: &Path, cfg: &str| {
+        covm(
+            &s,
+            &tmp.path().join(cfg),
+            &["--ca-file", ca.to_str().unwrap(), "login", "--password-file", pw.to_str().unwrap()],
+            None,
+        )
+    };
+    ok(login(&ca1, "a"));
+    // New files from another CA in the same place; until SIGHUP the old certificate is served.
+    let (ca2, cert2, key2) = operator_cert(tmp.path(), "two");
+    std::fs::rename(cert2, &cert).unwrap();
+    std::fs::rename(key2, &key).unwrap();
+    assert!(!login(&ca2, "b").status.success());
+    let hup = Command::new("kill").args(["-HUP", &s.child.id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    let t = Instant::now();
+    while !login(&ca2, "c").status.success() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the new certificate was not served after SIGHUP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!login(&ca1, "d").status.success(), "the old CA no longer vouches");
 }

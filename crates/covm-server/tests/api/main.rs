@@ -2,6 +2,7 @@
 
 pub mod abuse;
 pub mod authz_matrix;
+pub mod certs;
 pub mod common;
 pub mod conditions;
 pub mod disks;

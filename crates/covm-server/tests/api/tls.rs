@@ -98,24 +98,10 @@ async fn plain_http_beyond_loopback_refuses_to_start_unless_insecure_http() {
     r.stop().await.unwrap();
 }
 
-/// A CA and a server certificate for localhost/127.0.0.1 signed by it, as PEM files in `dir`.
+/// An operator's CA and server certificate (`certs.rs`): the CA's PEM, the chain's and the key's files.
 fn operator_ca(dir: &std::path::Path, tag: &str) -> (String, std::path::PathBuf, std::path::PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::default();
-    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("operator CA {tag}"));
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, &ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let (cert_f, key_f) = (dir.join(format!("{tag}.pem")), dir.join(format!("{tag}.key")));
-    std::fs::write(&cert_f, leaf.pem() + &ca_cert.pem()).unwrap();
-    std::fs::write(&key_f, key.serialize_pem()).unwrap();
-    (ca_cert.pem(), cert_f, key_f)
+    let c = crate::certs::operator_cert(dir, tag);
+    (std::fs::read_to_string(&c.ca).unwrap(), c.chain, c.key)
 }
 
 #[tokio::test]
