@@ -52,6 +52,15 @@ async fn data_dirs_of_earlier_releases_open_with_everything_in_them() {
             assert_eq!(snaps.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["s-1"], "{name}");
             assert!(!snaps[0].pinned && snaps[0].disks.len() == 1, "{name}: {snaps:?}");
         }
+        // A conditional grant and an encrypted disk, from the schema that has them.
+        if name.as_str() >= "schema-0009" {
+            let dave = grants.iter().find(|g| g.principal == "dave").expect("dave's grant");
+            assert_eq!(dave.conditions.as_ref().unwrap().source_cidrs, ["127.0.0.0/8"], "{name}");
+            let sec = c.disk("secret-1").await.unwrap();
+            assert_eq!(sec.encryption, Some(covm_types::disk::DiskEncryption::Luks), "{name}");
+            // Its key opens with the data directory's master key: a resize goes through qemu-img.
+            c.disk_resize("secret-1", 2 << 20).await.unwrap();
+        }
         // The disks and their attachments (the attachment index is filled by the migration).
         let d1: DiskView = c.disk("data-1").await.unwrap();
         assert_eq!(d1.attachments.iter().map(|a| a.vm.as_str()).collect::<Vec<_>>(), ["web-1"], "{name}");
