@@ -47,3 +47,11 @@ async fn a_short_attach_race_has_one_winner_every_round() {
     let r = attach_race(&admin, &AttachParams { clients: 8, rounds: 5, replicas: vec![] }).await.unwrap();
     assert_eq!(r.violations, 0, "{:#?}", r.violation_details);
 }
+
+/// The `tls` scenario runs (its figures are the benchmark's business).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_tls_run_measures_both_servers() {
+    let r = covm_bench::tls::tls(&covm_bench::tls::TlsParams { handshakes: 5, patches: 5 }).await.unwrap();
+    assert!(r.figures["tls13_handshakes_per_s"].as_f64().unwrap() > 0.0, "{}", r.figures);
+    assert_eq!(r.figures["patch_kept_alive_tls_ms"]["count"], 5, "{}", r.figures);
+}

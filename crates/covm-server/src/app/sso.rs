@@ -87,6 +87,8 @@ pub struct SsoState {
     pending: Mutex<HashMap<String, Pending>>,
     devices: Mutex<HashMap<Uuid, Device>>,
     discovery: tokio::sync::Mutex<Option<Discovery>>,
+    /// The provider's keys, read again when a token names a key they lack (a key rotation there).
+    jwks: tokio::sync::Mutex<Option<jsonwebtoken::jwk::JwkSet>>,
 }
 
 fn random_b64(n: usize) -> String {
@@ -319,12 +321,25 @@ impl App {
     ) -> Result<serde_json::Value, Error> {
         let cfg = self.oidc()?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| refused(format!("a bad ID token: {e}")))?;
-        let jwks: jsonwebtoken::jwk::JwkSet = json_of(http().get(&d.jwks_uri)).await?;
-        let jwk = match &header.kid {
-            Some(kid) => jwks.find(kid),
-            None => jwks.keys.first(),
-        }
-        .ok_or_else(|| refused("the ID token is signed by a key the provider does not publish"))?;
+        let find = |set: &jsonwebtoken::jwk::JwkSet| {
+            match &header.kid {
+                Some(kid) => set.find(kid),
+                None => set.keys.first(),
+            }
+            .cloned()
+        };
+        let mut cached = self.sso().jwks.lock().await;
+        let jwk = match cached.as_ref().and_then(find) {
+            Some(k) => k,
+            None => {
+                let fresh: jsonwebtoken::jwk::JwkSet = json_of(http().get(&d.jwks_uri)).await?;
+                let k = find(&fresh);
+                *cached = Some(fresh);
+                k.ok_or_else(|| refused("the ID token is signed by a key the provider does not publish"))?
+            }
+        };
+        drop(cached);
+        let jwk = &jwk;
         let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| refused(format!("the provider's key: {e}")))?;
         let mut v = jsonwebtoken::Validation::new(header.alg);
         v.set_audience(&[&cfg.client_id]);
