@@ -115,6 +115,10 @@ pub struct DiskResize {
 pub struct DiskClone {
     /// The new disk's name.
     pub name: Name,
+    /// `luks`: the copy is encrypted (qcow2 only). The copy of an encrypted disk is always encrypted,
+    /// with a key of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<DiskEncryption>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

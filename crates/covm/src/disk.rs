@@ -66,6 +66,9 @@ pub enum DiskCmd {
     Clone {
         name: String,
         new_name: String,
+        /// Encrypt the copy (a copy of an encrypted disk always is).
+        #[arg(long)]
+        encrypted: bool,
     },
     /// Make a disk of an image file already inside a datastore.
     Import {
@@ -171,9 +174,17 @@ pub async fn run(c: &Client, out: &Out, cmd: DiskCmd) -> anyhow::Result<()> {
         DiskCmd::Ls => print(out, &c.disks_all().await?),
         DiskCmd::Info { name } => print(out, &[c.disk(&name).await?]),
         DiskCmd::Resize { name, size } => print(out, &[c.disk_resize(&name, parse_size(&size)?).await?]),
-        DiskCmd::Clone { name, new_name } => {
-            print(out, &[c.disk_clone(&name, &DiskClone { name: parse_name(&new_name)? }).await?])
-        }
+        DiskCmd::Clone { name, new_name, encrypted } => print(
+            out,
+            &[c.disk_clone(
+                &name,
+                &DiskClone {
+                    name: parse_name(&new_name)?,
+                    encryption: encrypted.then_some(covm_types::disk::DiskEncryption::Luks),
+                },
+            )
+            .await?],
+        ),
         DiskCmd::Import { name, datastore, path } => {
             print(out, &[c.disk_import(&name, &DiskImport { datastore, path, folder: None, pool: None }).await?])
         }

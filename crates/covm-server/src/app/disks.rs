@@ -366,9 +366,13 @@ impl App {
         spec["file"] = json!(rel);
         spec["pool"] = json!(pool);
         spec["sharing"] = json!(Sharing::None);
-        // The copy of an encrypted disk is encrypted too, with a passphrase of its own.
+        // The copy of an encrypted disk is encrypted too, with a passphrase of its own; a plain disk's
+        // copy is encrypted when asked (qemu-img converts it under the new key).
         let from_key = wrapped_key(&src.spec);
-        if from_key.is_some() {
+        if p.encryption.is_some() && format != DiskFormat::Qcow2 {
+            return Err(Error::invalid("encryption", "an encrypted disk is qcow2 (LUKS inside qcow2)"));
+        }
+        if from_key.is_some() || p.encryption.is_some() {
             spec["encryption"] = json!(self.keys()?.wrap(id, &covm_hv::secret::DiskKey::random()));
         }
         let data = json!({ "datastore": ds.name, "cloned_from": src.name, "capacity_bytes": capacity });

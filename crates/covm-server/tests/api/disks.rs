@@ -37,7 +37,7 @@ async fn a_disk_is_created_grown_cloned_and_deleted_with_its_image() {
     // The same size is already done.
     c.disk_resize("data-1", 128 << 20).await.unwrap();
 
-    let copy = c.disk_clone("data-1", &DiskClone { name: name("data-2") }).await.unwrap();
+    let copy = c.disk_clone("data-1", &DiskClone { name: name("data-2"), encryption: None }).await.unwrap();
     assert_ne!(copy.file, d.file);
     assert_eq!(copy.capacity_bytes, 128 << 20);
     assert!(s.dir.path().join("datastores/local").join(&copy.file).is_file());

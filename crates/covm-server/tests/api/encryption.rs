@@ -51,7 +51,7 @@ async fn encrypted_disks_keep_working_through_clone_resize_snapshots_and_a_rotat
     assert_eq!(d.encryption, Some(DiskEncryption::Luks));
     assert!(covm_hv::img::encrypted(&image_info(&s, "sec").await));
     // A clone is encrypted too, under a key of its own; a resize works.
-    let cl = c.disk_clone("sec", &DiskClone { name: name("sec-copy") }).await.unwrap();
+    let cl = c.disk_clone("sec", &DiskClone { name: name("sec-copy"), encryption: None }).await.unwrap();
     assert_eq!(cl.encryption, Some(DiskEncryption::Luks));
     assert!(covm_hv::img::encrypted(&image_info(&s, "sec-copy").await));
     let keys = wrapped_keys(&s).await;
@@ -89,6 +89,14 @@ async fn encrypted_disks_keep_working_through_clone_resize_snapshots_and_a_rotat
     s.restart().await;
     let c = s.admin.clone();
     c.disk_resize("sec-copy", 8 << 20).await.unwrap();
+    // A plain disk's copy is encrypted when asked.
+    c.disk_create(&new_disk("plain", 2 << 20)).await.unwrap();
+    let enc = c
+        .disk_clone("plain", &DiskClone { name: name("plain-enc"), encryption: Some(DiskEncryption::Luks) })
+        .await
+        .unwrap();
+    assert_eq!(enc.encryption, Some(DiskEncryption::Luks));
+    assert!(covm_hv::img::encrypted(&image_info(&s, "plain-enc").await));
     // An encrypted image cannot be imported (covm does not know its passphrase).
     let ds = s.dir.path().join("datastores/local");
     std::fs::copy(ds.join(&cl.file), ds.join("stray.qcow2")).unwrap();

@@ -146,7 +146,7 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     assert_eq!(d.capacity_bytes, 128 << 20);
     serial_wait(c, "g1", "sda=134217728", 1).await;
     // A copy of a disk a running VM writes to is refused.
-    let r = c.disk_clone("hot-1", &DiskClone { name: name("copy") }).await;
+    let r = c.disk_clone("hot-1", &DiskClone { name: name("copy"), encryption: None }).await;
     assert!(matches!(r, Err(ClientError::Api { status: 409, ref error, .. }) if error.code == "disk_in_use"), "{r:?}");
     c.vm_disk_detach("g1", "hot-1", &DetachQuery::default()).await.unwrap();
     // Each uevent runs its own report, and under load an older one can print last; so ask the guest

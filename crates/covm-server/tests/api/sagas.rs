@@ -177,7 +177,7 @@ impl Op {
     async fn run(self, c: &Client) -> Result<(), ClientError> {
         match self {
             Op::Create => c.disk_create(&new_disk("fresh", 8 << 20)).await.map(drop),
-            Op::Clone => c.disk_clone("src", &DiskClone { name: name("copy") }).await.map(drop),
+            Op::Clone => c.disk_clone("src", &DiskClone { name: name("copy"), encryption: None }).await.map(drop),
             Op::Import => {
                 let import =
                     DiskImport { datastore: "local".into(), path: "import-me.qcow2".into(), ..Default::default() };
