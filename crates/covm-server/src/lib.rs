@@ -2,6 +2,7 @@
 //! [`start`]/[`serve`], which put them on a listening socket over a store in the data directory.
 
 pub mod app;
+pub mod files;
 pub mod http;
 pub mod listen;
 pub mod tls;

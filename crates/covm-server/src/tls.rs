@@ -291,20 +291,13 @@ fn write_public(p: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 fn write_mode(p: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = p.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("could not write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, p).with_context(|| format!("could not write {}", p.display()))?;
-    Ok(())
+    crate::files::write_atomic(p, text.as_bytes(), mode).with_context(|| format!("could not write {}", p.display()))
+}
+
+/// Makes rustls's `ring` provider the process's default: reqwest is built without one, so this runs
+/// before covm builds a reqwest client (forwarding to a replica, asking an identity provider).
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A client configuration that trusts exactly the certificates in `pem` (a replica's CA), TLS 1.2

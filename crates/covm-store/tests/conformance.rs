@@ -30,10 +30,10 @@ async fn folder(s: &dyn Store, name: &str, parent: Uuid) -> ObjectRecord {
     s.object_create(o, ev("folder.created")).await.unwrap().0
 }
 
-async fn user(s: &dyn Store, name: &str) -> Uuid {
-    let id = Uuid::now_v7();
-    let u = UserRecord {
-        id,
+/// A local user record (a password hash that is no hash; no second factor, no SSO).
+fn user_record(name: &str) -> UserRecord {
+    UserRecord {
+        id: Uuid::now_v7(),
         name: name.into(),
         password_hash: "x".into(),
         created_at: now(),
@@ -41,7 +41,12 @@ async fn user(s: &dyn Store, name: &str) -> Uuid {
         mfa_on: false,
         sso_subject: None,
         disabled: false,
-    };
+    }
+}
+
+async fn user(s: &dyn Store, name: &str) -> Uuid {
+    let u = user_record(name);
+    let id = u.id;
     s.user_create(u, ev("user.created")).await.unwrap();
     id
 }
@@ -193,16 +198,7 @@ async fn concurrent_appends_keep_the_chain(s: Arc<dyn Store>) {
 
 async fn first_user_once(s: &dyn Store) {
     let admin_role = role(s, "boot", &["System.View"]).await;
-    let mk = || UserRecord {
-        id: Uuid::now_v7(),
-        name: "first".into(),
-        password_hash: "x".into(),
-        created_at: now(),
-        mfa_secret: None,
-        mfa_on: false,
-        sso_subject: None,
-        disabled: false,
-    };
+    let mk = || user_record("first");
     // Users exist already in this store (from earlier checks): bootstrap changes nothing.
     assert!(!s.user_bootstrap(mk(), admin_role, ev("user.created")).await.unwrap());
     assert!(s.user_by_name("first").await.unwrap().is_none());
@@ -267,16 +263,7 @@ async fn sagas_and_locks(s: Arc<dyn Store>) {
 pub async fn run_suite(s: Arc<dyn Store>) {
     // Bootstrap on an empty store creates the user and its grant on the root, once.
     let r = role(s.as_ref(), "admin-ish", &["System.View", "Folder.Create"]).await;
-    let u = UserRecord {
-        id: Uuid::now_v7(),
-        name: "root-user".into(),
-        password_hash: "x".into(),
-        created_at: now(),
-        mfa_secret: None,
-        mfa_on: false,
-        sso_subject: None,
-        disabled: false,
-    };
+    let u = user_record("root-user");
     assert!(s.user_bootstrap(u.clone(), r, ev("user.created")).await.unwrap());
     assert_eq!(s.privileges_effective(&Viewer::user(u.id), ROOT_ID).await.unwrap(), ["Folder.Create", "System.View"]);
 

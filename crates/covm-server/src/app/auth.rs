@@ -520,15 +520,7 @@ fn token_view(t: &TokenRecord) -> TokenView {
 
 /// Writes a secret file readable by its owner only, atomically.
 pub fn write_secret(path: &Path, content: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    f.write_all(content.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::files::write_atomic(path, format!("{content}\n").as_bytes(), 0o600)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Authorization: resolving object references and checking privileges on them.
 //!
-//! The rule (DESIGN §7) is evaluated in SQL by the store (`privileges_effective`); this module decides
-//! what a failed check looks like. An object the caller may not view (no `System.View`) is reported as
+//! The rule (DESIGN §7) is evaluated in SQL by the store (`privileges_effective`), for the caller's
+//! `Viewer`: grants whose request conditions fail now are left out (`App::viewer`), and annotation
+//! conditions are checked in SQL per object. This module decides what a failed check looks like. An object the caller may not view (no `System.View`) is reported as
 //! not found, so that names do not leak; one it may view but not change is a 403 naming the missing
 //! privilege and the object. Both are audited as `authz.denied`.
 

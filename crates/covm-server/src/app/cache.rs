@@ -4,9 +4,11 @@
 //! - Tokens are cached for [`TOKEN_TTL`]; signing out, revoking a token, a new password and deleting a
 //!   user clear the cache at once in this process. TODO-security: with several replicas, another
 //!   replica may accept a revoked token for up to `TOKEN_TTL`.
-//! - Effective privileges are cached per (user, object) under an epoch. Every change that can alter
-//!   them (grants, group membership, deleting a user, moving a VM) bumps the epoch in the same request;
-//!   the feed's tailer also bumps it when it reads such a change written by another process.
+//! - Effective privileges are cached per (user, object, the user's grants left out for their request
+//!   conditions) under an epoch, and so are each user's conditional grants. Every change that can alter
+//!   them (grants, group membership, deleting a user, moving a VM, changing its annotations) bumps the
+//!   epoch in the same request; the feed's tailer also bumps it when it reads such a change written by
+//!   another process.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

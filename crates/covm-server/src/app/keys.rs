@@ -92,14 +92,7 @@ fn sync_dir(dir: &Path) {
 }
 
 fn write_key(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    f.write_all(key)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::files::write_atomic(path, key, 0o600)
 }
 
 impl KeyRing {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use covm_store::{NewEvent, UserRecord};
-use covm_types::api::{SessionToken, SsoDevicePoll, SsoDeviceStart};
+use covm_types::api::{SessionToken, SsoCallbackQuery, SsoDevicePoll, SsoDeviceStart};
 use covm_types::{Error, ErrorCode, ErrorKind, ROOT_ID};
 use rand::Rng;
 use serde::Deserialize;
@@ -114,9 +114,14 @@ struct TokenAnswer {
     error_description: Option<String>,
 }
 
+/// The client for the identity provider (one per process, so connections are reused).
 fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default()
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        crate::tls::install_provider();
+        reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default()
+    })
+    .clone()
 }
 
 /// A successful JSON answer of the provider.
@@ -185,14 +190,23 @@ impl App {
         Ok(url.to_string())
     }
 
-    /// The browser flow's end: the code exchanged (with the PKCE verifier), the ID token checked, and
-    /// a session for its user.
+    /// The browser flow's end: the provider's answer (a refusal, or a code), the code exchanged (with
+    /// the PKCE verifier), the ID token checked, and a session for its user.
     pub async fn sso_callback(
         &self,
         req: &std::sync::Arc<RequestInfo>,
-        code: &str,
-        state: &str,
+        q: SsoCallbackQuery,
     ) -> Result<SessionToken, Error> {
+        if let Some(e) = q.error {
+            return Err(refused(format!(
+                "the identity provider did not sign you in: {}",
+                q.error_description.unwrap_or(e)
+            )));
+        }
+        let (Some(code), Some(state)) = (q.code, q.state) else {
+            return Err(Error::invalid("code", "the identity provider's answer has no code and state"));
+        };
+        let (code, state) = (code.as_str(), state.as_str());
         let pending = self
             .sso()
             .pending

@@ -36,8 +36,7 @@ fn client(ca_pem: Option<&str>) -> Option<reqwest::Client> {
     if let Some(c) = clients.get(&key) {
         return Some(c.clone());
     }
-    // reqwest is built without a crypto provider of its own.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_provider();
     let builder = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5));
     let built = match ca_pem {
         None => builder.build().ok()?,

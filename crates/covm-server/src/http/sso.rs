@@ -5,9 +5,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use covm_types::ErrorBody;
 use covm_types::api::{SessionToken, SsoCallbackQuery, SsoDevicePoll, SsoDevicePollRequest, SsoDeviceStart};
 use covm_types::error::ConflictError;
-use covm_types::{Error, ErrorBody};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams, ReqInfo};
@@ -32,17 +32,7 @@ pub async fn sso_callback(
     ReqInfo(req): ReqInfo,
     QueryParams(q): QueryParams<SsoCallbackQuery>,
 ) -> Result<(StatusCode, Json<SessionToken>), ApiError> {
-    if let Some(e) = q.error {
-        return Err(Error::unauthenticated(format!(
-            "the identity provider did not sign you in: {}",
-            q.error_description.unwrap_or(e)
-        ))
-        .into());
-    }
-    let (Some(code), Some(state)) = (q.code, q.state) else {
-        return Err(Error::invalid("code", "the identity provider's answer has no code and state").into());
-    };
-    Ok((StatusCode::CREATED, Json(app.sso_callback(&req, &code, &state).await?)))
+    Ok((StatusCode::CREATED, Json(app.sso_callback(&req, q).await?)))
 }
 
 /// Begin a sign-in for a device without a browser (the CLI): a code to enter at the identity provider.

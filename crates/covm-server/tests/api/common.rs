@@ -8,11 +8,6 @@ use tempfile::TempDir;
 
 pub const PASSWORD: &str = "test-password-1";
 
-/// The rate limits of test servers that do not test them: many of these tests are storms of
-/// requests by one user (tests/api/ratelimits.rs tests the limits themselves).
-pub const UNTHROTTLED: covm_server::app::ratelimit::RateLimitConfig =
-    covm_server::app::ratelimit::RateLimitConfig::UNLIMITED;
-
 pub struct TestServer {
     pub dir: TempDir,
     running: Option<Running>,
@@ -22,8 +17,6 @@ pub struct TestServer {
     driver: covm_server::Driver,
     /// The PostgreSQL database (None: SQLite in `dir`).
     pub db: Option<String>,
-    /// Served over TLS (with covm's own CA, which the clients trust).
-    pub tls: bool,
     opts: Options,
 }
 
@@ -37,7 +30,9 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { tls: false, rate_limits: UNTHROTTLED, oidc: None }
+        // Many of these tests are storms of requests by one user; tests/api/ratelimits.rs tests the
+        // limits themselves.
+        Options { tls: false, rate_limits: covm_server::app::ratelimit::RateLimitConfig::UNLIMITED, oidc: None }
     }
 }
 
@@ -61,7 +56,7 @@ impl TestServer {
 
     /// A server with the data directory `dir` and the database `db` (None: SQLite in `dir`).
     pub async fn start_at(dir: TempDir, driver: covm_server::Driver, db: Option<String>) -> TestServer {
-        Self::start_full(dir, driver, db, false).await
+        Self::start_full_with(dir, driver, db, Options::default()).await
     }
 
     /// A server that serves TLS on loopback (`--tls`), with covm's own CA.
@@ -88,10 +83,6 @@ impl TestServer {
         Self::start_full_with(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, opts).await
     }
 
-    async fn start_full(dir: TempDir, driver: covm_server::Driver, db: Option<String>, tls: bool) -> TestServer {
-        Self::start_full_with(dir, driver, db, Options { tls, ..Options::default() }).await
-    }
-
     async fn start_full_with(
         dir: TempDir,
         driver: covm_server::Driver,
@@ -112,7 +103,6 @@ impl TestServer {
             admin_password,
             driver,
             db,
-            tls: opts.tls,
             opts,
         };
         s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;
@@ -121,7 +111,7 @@ impl TestServer {
 
     /// The certificate clients trust when the server serves TLS: its CA.
     pub fn ca_pem(&self) -> Option<String> {
-        self.tls.then(|| std::fs::read_to_string(self.dir.path().join("tls/ca.pem")).expect("covm's CA"))
+        self.opts.tls.then(|| std::fs::read_to_string(self.dir.path().join("tls/ca.pem")).expect("covm's CA"))
     }
 
     /// Another replica on the same database (PostgreSQL), with a data directory of its own; its admin
@@ -130,7 +120,7 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let running = Self::boot(&dir, 0, self.driver.clone(), self.db.clone(), &self.opts).await;
         assert!(running.initial_password_file.is_none(), "only the first replica creates admin");
-        let url = format!("{}://{}", if self.tls { "https" } else { "http" }, running.addr);
+        let url = format!("{}://{}", if self.opts.tls { "https" } else { "http" }, running.addr);
         let mut s = TestServer {
             dir,
             running: Some(running),
@@ -139,7 +129,6 @@ impl TestServer {
             admin_password: self.admin_password.clone(),
             driver: self.driver.clone(),
             db: self.db.clone(),
-            tls: self.tls,
             opts: self.opts.clone(),
         };
         s.admin = s.anonymous().login("admin", &s.admin_password).await.expect("admin signs in").0;

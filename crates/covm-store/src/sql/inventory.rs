@@ -159,6 +159,17 @@ async fn object_place(
     Ok(())
 }
 
+/// An object's spec as the transaction sees it (None: no such object).
+async fn spec_read(tx: &mut Transaction<'static, $DB>, id: Uuid) -> Result<Option<serde_json::Value>> {
+    sqlx::query("SELECT spec FROM objects WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err("read an object"))?
+        .map(|r| json(&r.get::<String, _>("spec")))
+        .transpose()
+}
+
 async fn spec_write(tx: &mut Transaction<'static, $DB>, id: Uuid, spec: &serde_json::Value) -> Result<()> {
     sqlx::query("UPDATE objects SET spec = $2 WHERE id = $1")
         .bind(id.to_string())
@@ -305,13 +316,7 @@ impl InventoryStore for $Store {
     ) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
         for (id, expected, spec) in specs {
-            let current: Option<String> = sqlx::query("SELECT spec FROM objects WHERE id = $1")
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err("read an object"))?
-                .map(|r| r.get("spec"));
-            if current.map(|c| json(&c)).transpose()? != Some(expected) {
+            if spec_read(&mut tx, id).await? != Some(expected) {
                 return Err(Error::conflict(ErrorCode::Conflict, "an object changed meanwhile; try again"));
             }
             spec_write(&mut tx, id, &spec).await?;
@@ -327,16 +332,10 @@ impl InventoryStore for $Store {
         event: NewEvent,
     ) -> Result<EventRecord> {
         let mut tx = self.begin().await?;
-        let current: Option<String> = sqlx::query("SELECT spec FROM objects WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err("read an object"))?
-            .map(|r| r.get("spec"));
-        let Some(current) = current else {
+        let Some(current) = spec_read(&mut tx, id).await? else {
             return Err(Error::not_found("object", &id.to_string()));
         };
-        if &json(&current)? != expected {
+        if &current != expected {
             return Err(Error::conflict(ErrorCode::Conflict, "the object changed meanwhile; try again"));
         }
         spec_write(&mut tx, id, &spec).await?;
