@@ -217,6 +217,7 @@ impl Client {
             password: password.into(),
             totp: None,
             recovery_code: None,
+            cookie: false,
         })
         .await
     }
@@ -553,8 +554,9 @@ impl Client {
 
     /// The last `tail` lines of a VM's serial console.
     pub async fn serial(&self, vm: &str, tail: u32) -> Result<String> {
-        let rb =
-            self.request(Method::GET, &format!("/vms/{vm}/console/serial")).query(&SerialQuery { tail: Some(tail) });
+        let rb = self
+            .request(Method::GET, &format!("/vms/{vm}/console/serial"))
+            .query(&SerialQuery { tail: Some(tail), ..Default::default() });
         let resp = rb.send().await.map_err(transport)?;
         if !resp.status().is_success() {
             return Err(error_from(resp).await);
@@ -570,7 +572,7 @@ impl Client {
     ) -> Result<futures::stream::BoxStream<'static, Result<String>>> {
         let resp = self
             .request(Method::GET, &format!("/vms/{vm}/console/serial"))
-            .query(&SerialQuery { tail: Some(tail) })
+            .query(&SerialQuery { tail: Some(tail), ..Default::default() })
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .timeout(Duration::from_secs(365 * 24 * 3600))
             .send()
@@ -606,6 +608,26 @@ impl Client {
     pub async fn lease_release(&self, vm: &str, force: bool) -> Result<()> {
         let rb = self.request(Method::DELETE, &format!("/vms/{vm}/lease")).query(&LeaseReleaseQuery { force });
         self.send::<serde_json::Value>(rb).await.map(|_| ())
+    }
+
+    // --- presence and consoles -----------------------------------------------------------------
+
+    /// Says that I am viewing or editing a VM (a heartbeat); who is on it now.
+    pub async fn presence_set(&self, vm: &str, state: PresenceState) -> Result<Vec<PresenceEntry>> {
+        self.put(&format!("/vms/{vm}/presence"), &PresenceSet { state }).await
+    }
+
+    pub async fn presence_leave(&self, vm: &str) -> Result<()> {
+        self.delete(&format!("/vms/{vm}/presence")).await
+    }
+
+    pub async fn presence(&self, vm: &str) -> Result<Vec<PresenceEntry>> {
+        self.get(&format!("/vms/{vm}/presence")).await
+    }
+
+    /// A single-use ticket to the VM's consoles (for a WebSocket without `Authorization`).
+    pub async fn console_ticket(&self, vm: &str) -> Result<ConsoleTicket> {
+        self.post(&format!("/vms/{vm}/console/ticket"), &serde_json::json!({})).await
     }
 
     // --- inventory ------------------------------------------------------------------------------
@@ -810,6 +832,22 @@ impl Client {
         after: Option<i64>,
         object: Option<uuid::Uuid>,
     ) -> Result<futures::stream::BoxStream<'static, Result<EventView>>> {
+        let feed = self.feed_follow(after, object).await?;
+        Ok(Box::pin(feed.filter_map(|item| async move {
+            match item {
+                Ok(FeedItem::Event(e)) => Some(Ok(e)),
+                Ok(FeedItem::Presence(_)) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })))
+    }
+
+    /// The live feed with presence: the log's events and `event: presence` (who is on a VM now).
+    pub async fn feed_follow(
+        &self,
+        after: Option<i64>,
+        object: Option<uuid::Uuid>,
+    ) -> Result<futures::stream::BoxStream<'static, Result<FeedItem>>> {
         let mut rb = self
             .request(Method::GET, "/events")
             .header(reqwest::header::ACCEPT, "text/event-stream")
@@ -825,17 +863,27 @@ impl Client {
             return Err(error_from(resp).await);
         }
         use eventsource_stream::Eventsource;
-        Ok(Box::pin(resp.bytes_stream().eventsource().filter_map(|ev| async move {
+        let bad = |e: serde_json::Error| ClientError::Transport(format!("bad event: {e}"));
+        Ok(Box::pin(resp.bytes_stream().eventsource().filter_map(move |ev| async move {
             match ev {
                 Ok(ev) if ev.data.is_empty() => None,
-                Ok(ev) => Some(
-                    serde_json::from_str::<EventView>(&ev.data)
-                        .map_err(|e| ClientError::Transport(format!("bad event: {e}"))),
-                ),
+                Ok(ev) if ev.event == "presence" => {
+                    Some(serde_json::from_str::<PresenceEvent>(&ev.data).map(FeedItem::Presence).map_err(bad))
+                }
+                Ok(ev) => Some(serde_json::from_str::<EventView>(&ev.data).map(FeedItem::Event).map_err(bad)),
                 Err(e) => Some(Err(ClientError::Transport(format!("the feed broke: {e}")))),
             }
         })))
     }
+}
+
+/// What the live feed carries.
+#[derive(Debug, Clone)]
+pub enum FeedItem {
+    /// An entry of the log (resumable by its `seq`).
+    Event(EventView),
+    /// Who is viewing or editing a VM now (not in the log).
+    Presence(PresenceEvent),
 }
 
 async fn error_from(resp: reqwest::Response) -> ClientError {

@@ -306,6 +306,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn vnc_socket(&self, run_dir: &Path) -> PathBuf {
         run_dir.join("vnc.sock")
     }
+    /// The unix socket of a VM's serial console (input and output), in its run directory.
+    fn serial_socket(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join("serial.sock")
+    }
 }
 
 /// The last lines of a log file (for crash reports).

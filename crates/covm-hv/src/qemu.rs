@@ -214,6 +214,10 @@ impl Hypervisor for QemuDriver {
         run_files(run_dir).vnc
     }
 
+    fn serial_socket(&self, run_dir: &Path) -> PathBuf {
+        run_files(run_dir).serial
+    }
+
     fn check(&self) -> Result<(), HvError> {
         which(&self.binary).map(|_| ()).ok_or_else(|| {
             HvError::Unavailable(format!(

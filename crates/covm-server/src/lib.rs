@@ -6,6 +6,7 @@ pub mod files;
 pub mod http;
 pub mod listen;
 pub mod tls;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     pub master_key_env: Option<Hidden>,
     /// Single sign-on with an OpenID Connect provider (None: off).
     pub oidc: Option<app::sso::OidcConfig>,
+    /// How long a presence heartbeat counts (default [`app::presence::PRESENCE_TTL_DEFAULT`]).
+    pub presence_ttl: std::time::Duration,
 }
 
 /// A secret in a configuration: printed as `<hidden>`.
@@ -115,6 +118,7 @@ impl ServeConfig {
             master_key_file: None,
             master_key_env: None,
             oidc: None,
+            presence_ttl: app::presence::PRESENCE_TTL_DEFAULT,
         }
     }
 
@@ -227,6 +231,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let mut app_config = AppConfig::new(data_dir.clone(), node_id);
     app_config.rate_limits = config.rate_limits;
     app_config.oidc = config.oidc.clone();
+    app_config.presence_ttl = config.presence_ttl;
     app_config.keys = Some(Arc::new(
         app::keys::KeyRing::load(
             &data_dir,

@@ -44,11 +44,17 @@ pub struct SessionCreate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 64)]
     pub recovery_code: Option<String>,
+    /// For browsers: the session goes in an HttpOnly cookie (`covm_session`, SameSite=Strict, Secure
+    /// under TLS) instead of the body. Requests signed in by the cookie that change something must
+    /// carry the header `X-Covm-Csrf: 1`.
+    #[serde(default)]
+    pub cookie: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SessionToken {
-    /// Send as `Authorization: Bearer <token>`.
+    /// Send as `Authorization: Bearer <token>`. Absent when the session is in a cookie.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
     pub user: String,
     pub expires_at: DateTime<Utc>,

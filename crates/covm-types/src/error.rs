@@ -203,6 +203,9 @@ pub enum ErrorCode {
     ConsoleUnavailable,
     /// The controller has no free slot.
     ControllerFull,
+    /// A request signed in by the session cookie that changes something lacks the `X-Covm-Csrf`
+    /// header, or comes from another site.
+    CsrfFailed,
     /// The controller type cannot take this device.
     ControllerUnsupported,
     /// The database cannot be reached.
@@ -355,6 +358,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::ConsoleUnavailable,
         ErrorCode::ControllerFull,
+        ErrorCode::CsrfFailed,
         ErrorCode::ControllerUnsupported,
         ErrorCode::DatabaseUnavailable,
         ErrorCode::DatastoreMissing,
@@ -436,6 +440,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConsoleUnavailable => "console_unavailable",
             ErrorCode::ControllerFull => "controller_full",
+            ErrorCode::CsrfFailed => "csrf_failed",
             ErrorCode::ControllerUnsupported => "controller_unsupported",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::DatastoreMissing => "datastore_missing",

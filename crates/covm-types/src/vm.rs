@@ -649,6 +649,54 @@ pub struct SerialQuery {
     /// The last N lines (default 100, at most 10000).
     #[param(maximum = 10000)]
     pub tail: Option<u32>,
+    /// A console ticket (`POST /vms/{vm}/console/ticket`) instead of a token or the session cookie,
+    /// for a browser's WebSocket, which cannot send `Authorization`.
+    pub ticket: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// A console ticket (`POST /vms/{vm}/console/ticket`) instead of a token or the session cookie.
+    pub ticket: Option<String>,
+}
+
+/// A single-use pass to a VM's consoles for a browser's WebSocket.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleTicket {
+    /// Send as `?ticket=` when opening `/vms/{vm}/console/vnc` or `/vms/{vm}/console/serial`; it
+    /// works once, for this VM, until `expires_at`.
+    pub ticket: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a user is doing with a VM, as others see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceState {
+    Viewing,
+    Editing,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceSet {
+    pub state: PresenceState,
+}
+
+/// One user on a VM: `editing` while they said so or hold the VM's edit lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PresenceEntry {
+    pub user: String,
+    pub state: PresenceState,
+    pub since: DateTime<Utc>,
+}
+
+/// The feed's `event: presence` (not in the log, no id): who is on a VM now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PresenceEvent {
+    pub vm: Uuid,
+    pub entries: Vec<PresenceEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -603,7 +603,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Login { user, password_file, trust, totp, recovery_code, .. } => {
             let anon = connect_trusting(&cli.url, cli.ca_file.as_ref(), trust.as_deref(), &out).await?;
             let password = read_password(password_file.as_ref(), &format!("password for {user}: "))?;
-            let mut p = covm_types::api::SessionCreate { user: user.clone(), password, totp, recovery_code };
+            let mut p =
+                covm_types::api::SessionCreate { user: user.clone(), password, totp, recovery_code, cookie: false };
             let t = match anon.login_with(&p).await {
                 Err(e) if e.code() == Some(covm_types::ErrorCode::MfaRequired) => {
                     eprint!("two-factor code for {user}: ");

@@ -95,6 +95,8 @@ pub trait NodeAgent: Send + Sync {
     fn serial_log(&self, id: Uuid) -> PathBuf;
     /// The VNC socket of a VM.
     fn vnc_socket(&self, id: Uuid) -> PathBuf;
+    /// The serial console's socket of a VM.
+    fn serial_socket(&self, id: Uuid) -> PathBuf;
     /// Starts a VM's process.
     async fn start(&self, spec: &VmSpec) -> Result<Run, HvError>;
     /// Finds a VM's process still running after covm's restart; None: it is gone.

@@ -123,6 +123,7 @@ impl App {
         });
         let (after, _) = self.store().vm_write(rec.object.id, write).await?.done()?;
         self.committed();
+        self.presence_lease_changed(rec.object.id).await;
         let l = after.and_then(|a| a.lease).ok_or_else(|| Error::internal("the lease could not be read back"))?;
         Ok(lease_view(&l))
     }
@@ -185,6 +186,7 @@ impl App {
         });
         self.store().vm_write(rec.object.id, write).await?.done()?;
         self.committed();
+        self.presence_lease_changed(rec.object.id).await;
         Ok(())
     }
 

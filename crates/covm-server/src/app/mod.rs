@@ -18,6 +18,7 @@ pub mod auth;
 pub mod authz;
 pub mod cache;
 pub mod change;
+pub mod consoles;
 pub mod disks;
 pub mod events;
 pub mod host;
@@ -28,6 +29,7 @@ pub mod leases;
 pub mod mfa;
 pub mod node;
 pub mod power;
+pub mod presence;
 pub mod principals;
 pub mod ratelimit;
 pub mod refs;
@@ -62,6 +64,8 @@ pub struct AppConfig {
     pub keys: Option<Arc<keys::KeyRing>>,
     /// Single sign-on with an OpenID Connect provider (None: off).
     pub oidc: Option<sso::OidcConfig>,
+    /// How long a presence heartbeat counts.
+    pub presence_ttl: std::time::Duration,
 }
 
 /// The default of [`AppConfig::safety_snapshot_ttl`], in days.
@@ -77,6 +81,7 @@ impl AppConfig {
             rate_limits: ratelimit::RateLimitConfig::default(),
             keys: None,
             oidc: None,
+            presence_ttl: presence::PRESENCE_TTL_DEFAULT,
         }
     }
 }
@@ -112,6 +117,10 @@ struct AppInner {
     anon: anon::AnonBudget,
     /// Open streams per user.
     streams: streams::Streams,
+    /// Who is viewing or editing which VM.
+    presence: presence::Presence,
+    /// Console tickets and the shared connections to serial consoles.
+    consoles: consoles::Consoles,
 }
 
 impl App {
@@ -119,6 +128,7 @@ impl App {
         let hub = EventHub::new(store.clone());
         let node = node::LocalAgent::new(driver, &config.data_dir);
         let caches = cache::Caches::default();
+        let presence = presence::Presence::new(config.presence_ttl);
         let app = App {
             inner: Arc::new(AppInner {
                 store,
@@ -136,6 +146,8 @@ impl App {
                 storage_full: AtomicBool::new(false),
                 anon: anon::AnonBudget::default(),
                 streams: streams::Streams::default(),
+                presence,
+                consoles: consoles::Consoles::default(),
             }),
         };
         let weak = Arc::downgrade(&app.inner);
@@ -191,6 +203,14 @@ impl App {
     /// The fault switch (tests).
     pub fn faults(&self) -> &saga::Faults {
         &self.inner.faults
+    }
+
+    fn presence(&self) -> &presence::Presence {
+        &self.inner.presence
+    }
+
+    fn consoles(&self) -> &consoles::Consoles {
+        &self.inner.consoles
     }
 
     pub fn caches(&self) -> &cache::Caches {

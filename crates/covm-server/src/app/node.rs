@@ -119,6 +119,10 @@ impl NodeAgent for LocalAgent {
         self.driver.vnc_socket(&self.run_dir(id))
     }
 
+    fn serial_socket(&self, id: Uuid) -> PathBuf {
+        self.driver.serial_socket(&self.run_dir(id))
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<Run, HvError> {
         self.driver.start(spec).await.map(Run::new)
     }

@@ -557,8 +557,12 @@ impl App {
         &self,
         ctx: &Ctx,
         vm: &str,
+        only: Option<Uuid>,
     ) -> Result<(std::path::PathBuf, super::streams::StreamGuard), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
+        if only.is_some_and(|id| id != rec.object.id) {
+            return Err(Error::unauthenticated("the console ticket is for another VM"));
+        }
         self.require(ctx, &rec.object, Privilege::VmInteractConsole).await?;
         if !matches!(runtime_of(&rec).power_state, PowerState::Running | PowerState::Paused) {
             return Err(Error::conflict(ErrorCode::VmNotRunning, format!("{} is not running", rec.object.name)));

@@ -44,7 +44,23 @@ pub async fn event_list(
         Some(Some(n)) => Some(n),
         None => None,
     };
-    let (sub, guard) = app.events_subscribe(&ctx, last_id.or(q.after), q.object).await?;
+    let object = q.object;
+    let (sub, guard) = app.events_subscribe(&ctx, last_id.or(q.after), object).await?;
+    // Who is viewing or editing the VMs this caller may see: `event: presence`, without an id (not
+    // part of the log, so not resumed).
+    let presence =
+        futures::stream::unfold((app.presence_subscribe(), app, ctx), move |(mut rx, app, ctx)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(p) if object.is_none_or(|o| o == p.vm) && app.presence_visible(&ctx, p.vm).await => {
+                        let data = serde_json::to_string(p.as_ref()).unwrap_or_default();
+                        return Some((Some(Event::default().event("presence").data(data)), (rx, app, ctx)));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
     let stream = futures::stream::unfold(sub, |mut sub| async move {
         match sub.next_batch().await {
             Ok(batch) => Some((batch, sub)),
@@ -55,12 +71,15 @@ pub async fn event_list(
         }
     })
     .flat_map(|batch| {
-        futures::stream::iter(
-            batch.into_iter().map(|e| Ok::<_, Infallible>(Event::default().id(e.rec.seq.to_string()).data(&e.json))),
-        )
+        futures::stream::iter(batch.into_iter().map(|e| Some(Event::default().id(e.rec.seq.to_string()).data(&e.json))))
     })
-    // Ends when the caller loses the right to it (signed out, token revoked, user deleted).
-    .take_until(std::sync::Arc::new(guard).revoked());
+    // The end of the log's stream (None) ends the whole.
+    .chain(futures::stream::once(async { None }));
+    let stream = futures::stream::select(stream, presence)
+        .take_while(|e| std::future::ready(e.is_some()))
+        .filter_map(|e| std::future::ready(e.map(Ok::<_, Infallible>)))
+        // Ends when the caller loses the right to it (signed out, token revoked, user deleted).
+        .take_until(std::sync::Arc::new(guard).revoked());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }
 

@@ -133,6 +133,8 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(power::vm_power))
         .routes(routes!(power::vm_console_serial))
         .routes(routes!(power::vm_console_vnc))
+        .routes(routes!(power::vm_console_ticket))
+        .routes(routes!(vms::presence_get, vms::presence_set, vms::presence_leave))
         .routes(routes!(power::task_list))
         .routes(routes!(power::task_get))
         .routes(routes!(events::event_list))
@@ -180,9 +182,7 @@ pub fn router(app: App) -> axum::Router {
 /// The fallback and the layers every route gets: panics caught, requests counted, ids and audits.
 fn with_service_layers(routes: axum::Router<App>, app: App) -> axum::Router {
     routes
-        .fallback(|| async {
-            ApiError(Error::new(covm_types::ErrorKind::NotFound, ErrorCode::NoRoute, "there is no such API path"))
-        })
+        .fallback(crate::ui::fallback)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError(Error::internal("covm hit a bug while handling this request")).into_response()
         }))
@@ -290,7 +290,7 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     // (when `Auth` has found who it is).
     // Sign-in endpoints count per address whatever headers they carry (they make sessions).
     let signing_in = path.starts_with("/api/v1/sso/") || (method == Method::POST && path == "/api/v1/session");
-    let anonymous = signing_in || !req.headers().contains_key(header::AUTHORIZATION);
+    let anonymous = signing_in || extract::session_token(req.headers()).is_none();
     let admitted = match anonymous {
         true => app.anonymous_admit(&info, 1),
         false => Ok(()),
@@ -307,15 +307,14 @@ async fn request_mw(State(app): State<App>, mut req: Request, next: Next) -> Res
     }
     // Answers are for the caller alone (some carry tokens): never cached, never sniffed.
     // Nor framed by another site, nor named in a referrer; over TLS, browsers keep to TLS.
+    // (The UI's pages set their own caching and policy: `ui::fallback`.)
     let h = resp.headers_mut();
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
-    );
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"));
     if secure {
         h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
     }

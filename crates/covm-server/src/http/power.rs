@@ -11,13 +11,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use covm_types::error::ConflictError;
-use covm_types::vm::{PowerRequest, SerialQuery, TaskQuery, TaskView};
+use covm_types::vm::{ConsoleQuery, ConsoleTicket, PowerRequest, SerialQuery, TaskQuery, TaskView};
 use covm_types::{Error, ErrorBody};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::error::ApiError;
-use super::extract::{Auth, JsonBody, QueryParams, parse_id};
+use super::extract::{Auth, ConsoleAuth, JsonBody, MaybeWs, QueryParams, parse_id, session_token};
 use crate::app::App;
+use crate::app::consoles::SerialSession;
 
 /// Power a VM `on`, `off` (at once), `shutdown` (ask the guest; give up after `timeout_s`) or `reset`.
 /// Answers 202 with the task that does it; its end reaches the feed.
@@ -59,20 +60,33 @@ pub async fn task_get(
 /// The longest line a serial stream holds back waiting for its end.
 const SERIAL_LINE_MAX: usize = 64 * 1024;
 
-/// The serial console's log: the last `tail` lines as text, or with `Accept: text/event-stream` those
-/// lines and then every new one as it comes (needs `VirtualMachine.Interact.ConsoleInteract`).
+/// The serial console: the last `tail` lines as text, or with `Accept: text/event-stream` those
+/// lines and then every new one as it comes; or, as a WebSocket (`Upgrade: websocket`), the console
+/// itself: the recent output and then the live output as binary frames, keystrokes in as text or
+/// binary frames, shared by everyone on it (needs `VirtualMachine.Interact.ConsoleInteract`).
 #[utoipa::path(get, path = "/vms/{vm}/console/serial", tag = "vms", operation_id = "vm_console_serial",
     params(("vm" = String, Path, description = "VM name or id"), SerialQuery),
     responses((status = 200, description = "the lines as text, or with `Accept: text/event-stream` a live stream of lines",
-        content((String = "text/plain"), (String = "text/event-stream"))), (status = "4XX", body = ErrorBody)),
+        content((String = "text/plain"), (String = "text/event-stream"))),
+        (status = 101, description = "WebSocket: the interactive serial console"),
+        (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_console_serial(
     State(app): State<App>,
-    Auth(ctx): Auth,
+    ConsoleAuth { ctx, only }: ConsoleAuth,
     Path(vm): Path<String>,
     headers: HeaderMap,
+    MaybeWs(ws): MaybeWs,
     QueryParams(q): QueryParams<SerialQuery>,
 ) -> Result<Response, ApiError> {
+    if let Some(ws) = ws {
+        let (session, guard) = app.vm_serial_attach(&ctx, &vm, only).await?;
+        let revoked = std::sync::Arc::new(guard).revoked();
+        return Ok(ws.on_upgrade(move |ws| serial_relay(ws, session, revoked)));
+    }
+    if only.is_some() {
+        return Err(Error::invalid("ticket", "a console ticket opens the WebSocket consoles only").into());
+    }
     let tail = q.tail.unwrap_or(100);
     if tail > 10_000 {
         return Err(Error::invalid("tail", "tail is at most 10000").into());
@@ -126,21 +140,81 @@ pub async fn vm_console_serial(
 /// The VNC console as a WebSocket (subprotocol `binary`), relayed to QEMU's VNC socket, for noVNC
 /// (needs `VirtualMachine.Interact.ConsoleInteract`).
 #[utoipa::path(get, path = "/vms/{vm}/console/vnc", tag = "vms", operation_id = "vm_console_vnc",
-    params(("vm" = String, Path, description = "VM name or id")),
+    params(("vm" = String, Path, description = "VM name or id"), ConsoleQuery),
     responses((status = 101, description = "WebSocket relay of RFB"), (status = "4XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn vm_console_vnc(
     State(app): State<App>,
-    Auth(ctx): Auth,
+    ConsoleAuth { ctx, only }: ConsoleAuth,
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (socket, guard) = app.vm_vnc_socket(&ctx, &vm).await?;
+    let (socket, guard) = app.vm_vnc_socket(&ctx, &vm, only).await?;
     let unix = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|_| Error::conflict(ErrorCode::ConsoleUnavailable, "the VM's VNC console is not available"))?;
     let revoked = std::sync::Arc::new(guard).revoked();
     Ok(ws.protocols(["binary"]).on_upgrade(move |ws| relay(ws, unix, revoked)))
+}
+
+/// A single-use ticket to the VM's consoles, for a browser's WebSocket (send it as `?ticket=`; it
+/// works for 30 seconds). Needs `VirtualMachine.Interact.ConsoleInteract`.
+#[utoipa::path(post, path = "/vms/{vm}/console/ticket", tag = "vms", operation_id = "vm_console_ticket",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 201, body = ConsoleTicket), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_console_ticket(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<ConsoleTicket>), ApiError> {
+    let (token, _) = session_token(&headers).ok_or_else(|| Error::internal("a signed-in request without its token"))?;
+    Ok((StatusCode::CREATED, Json(app.console_ticket(&ctx, &token, &vm).await?)))
+}
+
+/// Carries a shared serial console to one WebSocket until either closes or the caller loses the
+/// console privilege.
+async fn serial_relay(ws: WebSocket, s: SerialSession, revoked: impl std::future::Future<Output = ()>) {
+    use futures::{SinkExt, StreamExt};
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let SerialSession { backlog, mut output, input, .. } = s;
+    let up = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let keys = match msg {
+                Message::Binary(b) => b,
+                Message::Text(t) => bytes::Bytes::copy_from_slice(t.as_bytes()),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if input.send(keys).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        if ws_tx.send(Message::Binary(backlog.into())).await.is_err() {
+            return;
+        }
+        loop {
+            match output.recv().await {
+                Ok(b) => {
+                    if ws_tx.send(Message::Binary(b)).await.is_err() {
+                        return;
+                    }
+                }
+                // A slow reader misses what it could not keep up with; the console goes on.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = revoked => {}
+    }
 }
 
 /// Relays RFB both ways until either side closes or the caller loses the console privilege.

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use covm_types::api::Page;
 use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::vm::{
-    DiffQuery, DiffView, LeaseReleaseQuery, LeaseRequest, LeaseView, RevertRequest, VersionQuery, VersionView,
-    VmChangeQuery, VmConfig, VmListQuery, VmView,
+    DiffQuery, DiffView, LeaseReleaseQuery, LeaseRequest, LeaseView, PresenceEntry, PresenceSet, RevertRequest,
+    VersionQuery, VersionView, VmChangeQuery, VmConfig, VmListQuery, VmView,
 };
 use covm_types::{Error, ErrorBody};
 use serde::Serialize;
@@ -242,5 +242,47 @@ pub async fn lease_release(
     QueryParams(q): QueryParams<LeaseReleaseQuery>,
 ) -> Result<StatusCode, ApiError> {
     app.lease_release(&ctx, &vm, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Who is on the VM now: users viewing or editing it (their heartbeats), and the lease holder as
+/// editing.
+#[utoipa::path(get, path = "/vms/{vm}/presence", tag = "vms", operation_id = "presence_get",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vec<PresenceEntry>), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn presence_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<Json<Vec<PresenceEntry>>, ApiError> {
+    Ok(Json(app.presence_list(&ctx, &vm).await?))
+}
+
+/// I am viewing or editing the VM: a heartbeat (send it again within the presence TTL, 30 s by
+/// default); answers who is on it now. Kept in memory, told on the feed as `event: presence`,
+/// never in the log.
+#[utoipa::path(put, path = "/vms/{vm}/presence", tag = "vms", operation_id = "presence_set",
+    params(("vm" = String, Path, description = "VM name or id")), request_body = PresenceSet,
+    responses((status = 200, body = Vec<PresenceEntry>), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn presence_set(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<PresenceSet>,
+) -> Result<Json<Vec<PresenceEntry>>, ApiError> {
+    Ok(Json(app.presence_set(&ctx, &vm, p.state).await?))
+}
+
+/// I left the VM.
+#[utoipa::path(delete, path = "/vms/{vm}/presence", tag = "vms", operation_id = "presence_leave",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn presence_leave(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.presence_leave(&ctx, &vm).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -113,6 +113,10 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/vms/{vm}/power",
     "GET /api/v1/vms/{vm}/console/serial",
     "GET /api/v1/vms/{vm}/console/vnc",
+    "POST /api/v1/vms/{vm}/console/ticket",
+    "GET /api/v1/vms/{vm}/presence",
+    "PUT /api/v1/vms/{vm}/presence",
+    "DELETE /api/v1/vms/{vm}/presence",
     "GET /api/v1/tasks",
     "GET /api/v1/tasks/{id}",
     "GET /api/v1/events",
@@ -445,6 +449,14 @@ impl Env {
             "GET /api/v1/vms/{vm}/console/serial" => {
                 status(&c, Method::GET, "/vms/vm-shared/console/serial", None).await
             }
+            "POST /api/v1/vms/{vm}/console/ticket" => {
+                status(&c, Method::POST, "/vms/vm-shared/console/ticket", Some(json!({}))).await
+            }
+            "GET /api/v1/vms/{vm}/presence" => status(&c, Method::GET, "/vms/vm-shared/presence", None).await,
+            "PUT /api/v1/vms/{vm}/presence" => {
+                status(&c, Method::PUT, "/vms/vm-shared/presence", Some(json!({ "state": "viewing" }))).await
+            }
+            "DELETE /api/v1/vms/{vm}/presence" => status(&c, Method::DELETE, "/vms/vm-shared/presence", None).await,
             "GET /api/v1/vms/{vm}/console/vnc" => {
                 // A real upgrade request; vm-shared is off, so the allowed get 409.
                 c.request(Method::GET, "/vms/vm-shared/console/vnc")

@@ -26,13 +26,19 @@ pub struct Options {
     pub tls: bool,
     pub rate_limits: covm_server::app::ratelimit::RateLimitConfig,
     pub oidc: Option<covm_server::app::sso::OidcConfig>,
+    pub presence_ttl: std::time::Duration,
 }
 
 impl Default for Options {
     fn default() -> Options {
         // Many of these tests are storms of requests by one user; tests/api/ratelimits.rs tests the
         // limits themselves.
-        Options { tls: false, rate_limits: covm_server::app::ratelimit::RateLimitConfig::UNLIMITED, oidc: None }
+        Options {
+            tls: false,
+            rate_limits: covm_server::app::ratelimit::RateLimitConfig::UNLIMITED,
+            oidc: None,
+            presence_ttl: covm_server::app::presence::PRESENCE_TTL_DEFAULT,
+        }
     }
 }
 
@@ -147,6 +153,7 @@ impl TestServer {
             db,
             rate_limits: opts.rate_limits,
             oidc: opts.oidc.clone(),
+            presence_ttl: opts.presence_ttl,
             tls: if opts.tls { covm_server::TlsMode::On } else { covm_server::TlsMode::Auto },
             ..ServeConfig::new(dir.path().to_owned(), format!("127.0.0.1:{port}").parse().unwrap())
         })

@@ -2,6 +2,7 @@
 
 pub mod abuse;
 pub mod authz_matrix;
+pub mod browser;
 pub mod certs;
 pub mod common;
 pub mod conditions;

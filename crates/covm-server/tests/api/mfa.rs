@@ -25,6 +25,7 @@ fn signin(user: &str, totp: Option<String>, recovery_code: Option<&str>) -> Sess
         password: PASSWORD.into(),
         totp,
         recovery_code: recovery_code.map(str::to_owned),
+        cookie: false,
     }
 }
 
