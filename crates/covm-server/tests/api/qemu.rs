@@ -136,6 +136,38 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     assert!(first.into_data().starts_with(b"RFB 003."), "an RFB greeting");
     drop(ws);
 
+    // The serial console as a WebSocket opened with a ticket, as a browser does: the recent output
+    // first, then what is typed and its answer, on one connection to the guest shared by two.
+    {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let url = |t: String| format!("{}/api/v1/vms/g1/console/serial?ticket={t}", s.url.replace("http://", "ws://"));
+        let (mut one, _) =
+            tokio_tungstenite::connect_async(url(c.console_ticket("g1").await.unwrap().ticket)).await.unwrap();
+        let (mut two, _) =
+            tokio_tungstenite::connect_async(url(c.console_ticket("g1").await.unwrap().ticket)).await.unwrap();
+        async fn read_until(
+            ws: &mut (impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+            what: &str,
+        ) -> String {
+            let mut seen = String::new();
+            let started = Instant::now();
+            while !seen.contains(what) {
+                let left = Duration::from_secs(30).saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, ws.next()).await {
+                    Ok(Some(Ok(m))) => seen.push_str(&String::from_utf8_lossy(&m.into_data())),
+                    other => panic!("no {what} in the serial console ({other:?}): {seen}"),
+                }
+            }
+            seen
+        }
+        read_until(&mut one, "COVM-GUEST-READY").await;
+        read_until(&mut two, "COVM-GUEST-READY").await;
+        one.send(Message::Text("\necho covm-ws-$((6*7))\n".into())).await.unwrap();
+        read_until(&mut two, "covm-ws-42").await;
+        read_until(&mut one, "covm-ws-42").await;
+    }
+
     // Hot-plug a 64 MiB disk: the guest sees it; hot-unplug: the guest sees it go.
     c.disk_create(&new_disk("hot-1", 64 << 20)).await.unwrap();
     let v = c.vm_disk_attach("g1", &attach("hot-1")).await.unwrap();
