@@ -163,6 +163,9 @@ pub struct Whoami {
     pub object: ObjectRef,
     /// My effective privileges on `object`.
     pub privileges: Vec<Privilege>,
+    /// This session may only enroll in two-factor sign-in (see `SessionToken.enroll_only`).
+    #[serde(default)]
+    pub enroll_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

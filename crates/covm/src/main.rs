@@ -148,6 +148,9 @@ struct ServeArgs {
     /// Days a safety snapshot is kept before it is deleted (unless pinned).
     #[arg(long, env = "COVM_SAFETY_SNAPSHOT_DAYS", value_parser = clap::value_parser!(u32).range(1..=3650))]
     safety_snapshot_days: Option<u32>,
+    /// Seconds a presence heartbeat (a user viewing or editing a VM in the web UI) counts.
+    #[arg(long, env = "COVM_PRESENCE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    presence_ttl_s: u64,
     /// Serve TLS also on a loopback address (beyond loopback it is the default).
     #[arg(long, conflicts_with = "no_tls")]
     tls: bool,
@@ -552,6 +555,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise: a.advertise,
                 max_connections: a.max_connections,
                 safety_snapshot_days: a.safety_snapshot_days,
+                presence_ttl: std::time::Duration::from_secs(a.presence_ttl_s),
                 tls: match (a.tls, a.no_tls) {
                     (true, _) => covm_server::TlsMode::On,
                     (_, true) => covm_server::TlsMode::Off,

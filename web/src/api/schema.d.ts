@@ -2445,6 +2445,8 @@ export interface components {
             version: number;
         };
         Whoami: {
+            /** @description This session may only enroll in two-factor sign-in (see `SessionToken.enroll_only`). */
+            enroll_only?: boolean;
             groups: string[];
             /** @description The object asked about with `?object=` (the root `/` when none was given). */
             object: components["schemas"]["ObjectRef"];

@@ -450,6 +450,7 @@ impl App {
             groups: self.store().user_groups(ctx.user_id).await?,
             object: self.object_ref(&obj),
             privileges,
+            enroll_only: ctx.enroll_only,
         })
     }
 
