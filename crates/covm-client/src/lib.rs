@@ -835,7 +835,7 @@ impl Client {
         let feed = self.feed_follow(after, object).await?;
         Ok(Box::pin(feed.filter_map(|item| async move {
             match item {
-                Ok(FeedItem::Event(e)) => Some(Ok(e)),
+                Ok(FeedItem::Event(e)) => Some(Ok(*e)),
                 Ok(FeedItem::Presence(_)) => None,
                 Err(e) => Some(Err(e)),
             }
@@ -870,7 +870,9 @@ impl Client {
                 Ok(ev) if ev.event == "presence" => {
                     Some(serde_json::from_str::<PresenceEvent>(&ev.data).map(FeedItem::Presence).map_err(bad))
                 }
-                Ok(ev) => Some(serde_json::from_str::<EventView>(&ev.data).map(FeedItem::Event).map_err(bad)),
+                Ok(ev) => {
+                    Some(serde_json::from_str::<EventView>(&ev.data).map(|e| FeedItem::Event(Box::new(e))).map_err(bad))
+                }
                 Err(e) => Some(Err(ClientError::Transport(format!("the feed broke: {e}")))),
             }
         })))
@@ -881,7 +883,7 @@ impl Client {
 #[derive(Debug, Clone)]
 pub enum FeedItem {
     /// An entry of the log (resumable by its `seq`).
-    Event(EventView),
+    Event(Box<EventView>),
     /// Who is viewing or editing a VM now (not in the log).
     Presence(PresenceEvent),
 }

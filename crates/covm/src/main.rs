@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the covm server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Sign in and keep the session token in the config dir (mode 0600).
     Login {
         #[arg(short, long, default_value = "admin")]
