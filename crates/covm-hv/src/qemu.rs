@@ -127,7 +127,9 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         format!("secret,id={},file={},format=raw", crate::secret::PROCESS_KEY_ID, p(&f.key)),
     ];
     if c.console.vnc {
-        args.extend(["-vnc".into(), format!("unix:{}", p(&f.vnc))]);
+        // A display for the screen (`-nodefaults` took QEMU's default one away): standard VGA, which
+        // every firmware and guest drives.
+        args.extend(["-vga".into(), "std".into(), "-vnc".into(), format!("unix:{}", p(&f.vnc))]);
     }
     if c.firmware == Firmware::Uefi {
         if !Path::new(OVMF_CODE).is_file() {
@@ -606,7 +608,7 @@ mod tests {
             "-no-shutdown",
             "-qmp unix:/data/vms/x/qmp.sock,server=on,wait=off",
             "logfile=/data/vms/x/serial.log",
-            "-vnc unix:/data/vms/x/vnc.sock",
+            "-vga std -vnc unix:/data/vms/x/vnc.sock",
             "-pidfile /data/vms/x/qemu.pid",
             "-kernel /ds/k -append console=ttyS0",
             "-device virtio-scsi-pci,id=scsi0",

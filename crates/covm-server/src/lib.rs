@@ -251,6 +251,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     }
     app.inventory_bootstrap(&data_dir, config.demo).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let tailer = app.hub().start().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    app.presence_listen().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     app.node_recover().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     {
         let hub = app.hub().clone();

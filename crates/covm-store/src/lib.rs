@@ -768,6 +768,9 @@ pub trait SagaStore: Send + Sync {
     async fn op_lock_get(&self, object: Uuid) -> Result<Option<OpLock>>;
 }
 
+/// The longest note [`ClusterStore::signal_send`] carries (PostgreSQL's NOTIFY takes under 8000 bytes).
+pub const SIGNAL_MAX: usize = 7900;
+
 /// The database itself and the replicas on it: liveness, the leader, nodes, meta keys.
 #[async_trait]
 pub trait ClusterStore: Send + Sync {
@@ -787,6 +790,11 @@ pub trait ClusterStore: Send + Sync {
     /// Calls `wake` whenever a process commits to the log (for feeds across replicas; a no-op where
     /// only this process writes).
     async fn log_watch(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<()>;
+    /// Sends a short note (at most [`SIGNAL_MAX`] bytes) to every replica watching `channel`, this one
+    /// included; nothing is kept (PostgreSQL NOTIFY; a no-op on SQLite, where one process is all).
+    async fn signal_send(&self, channel: &str, payload: &str) -> Result<()>;
+    /// Calls `on` with every note sent on `channel` from now on (a no-op on SQLite).
+    async fn signal_watch(&self, channel: &str, on: std::sync::Arc<dyn Fn(String) + Send + Sync>) -> Result<()>;
     /// Records where a node's replica answers and, when it serves TLS, the certificate it is
     /// trusted by (at every start).
     async fn node_register(&self, node: &str, url: &str, ca_pem: Option<&str>) -> Result<()>;

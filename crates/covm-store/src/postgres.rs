@@ -220,6 +220,39 @@ impl PgStore {
 }
 
 impl PgStore {
+    async fn signal_send_impl(&self, channel: &str, payload: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err("send a signal"))?;
+        Ok(())
+    }
+
+    async fn signal_watch_impl(&self, channel: &str, on: Arc<dyn Fn(String) + Send + Sync>) -> Result<()> {
+        let mut listener = PgListener::connect_with(&self.reader).await.map_err(db_err("listen for signals"))?;
+        listener.listen(channel).await.map_err(db_err("listen for signals"))?;
+        let closed = self.closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = tokio::select! {
+                    r = listener.recv() => r,
+                    _ = closed.notified() => return,
+                };
+                match r {
+                    Ok(n) => on(n.payload().to_owned()),
+                    Err(e) => {
+                        // Notes sent meanwhile are lost: their senders send them again (see the callers).
+                        tracing::warn!(error = %e, "the signal listener lost its connection");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
     async fn close_impl(&self) {
         self.closed.notify_waiters();
         let mut s = self.session.lock().await;

@@ -88,6 +88,14 @@ impl SqliteStore {
         Ok(())
     }
 
+    async fn signal_send_impl(&self, _channel: &str, _payload: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn signal_watch_impl(&self, _channel: &str, _on: std::sync::Arc<dyn Fn(String) + Send + Sync>) -> Result<()> {
+        Ok(())
+    }
+
     async fn close_impl(&self) {
         *self.replica.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.writer.close().await;

@@ -85,3 +85,50 @@ async fn requests_about_a_running_vm_are_forwarded_to_its_node() {
     // Every request went through b; a's agent did the work (the runtime names a's node).
     assert_eq!(v.runtime.node.as_deref(), Some(std::fs::read_to_string(a.dir.path().join("node-id")).unwrap().trim()));
 }
+
+#[tokio::test]
+async fn presence_on_one_replica_reaches_the_feed_and_the_list_of_the_other() {
+    if !on_postgres() {
+        return;
+    }
+    let a = TestServer::start_options(crate::common::Options {
+        presence_ttl: Duration::from_secs(3),
+        ..crate::common::Options::default()
+    })
+    .await;
+    let b = a.replica().await;
+    let vm = a.admin.vm_create(&vm_named("shared")).await.unwrap();
+    a.admin.user_create("ann", crate::common::PASSWORD).await.unwrap();
+    a.admin.permission_grant("ann", "Admin", "/", true).await.unwrap();
+    let ann_on_a = a.login("ann").await;
+    let mut feed_on_b = b.admin.feed_follow(None, Some(vm.id)).await.unwrap();
+    let mut next_presence = async || loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), feed_on_b.next()).await.expect("presence on b");
+        if let covm_client::FeedItem::Presence(p) = item.unwrap().unwrap() {
+            return p;
+        }
+    };
+
+    ann_on_a.presence_set("shared", covm_types::vm::PresenceState::Editing).await.unwrap();
+    let p = next_presence().await;
+    assert_eq!(p.entries.iter().map(|e| e.user.as_str()).collect::<Vec<_>>(), ["ann"]);
+    b.admin.presence_set("shared", covm_types::vm::PresenceState::Viewing).await.unwrap();
+    let both: Vec<String> = b.admin.presence("shared").await.unwrap().into_iter().map(|e| e.user).collect();
+    assert_eq!(both, ["admin", "ann"]);
+    // Told again while it lives: still there after more than the TTL of heartbeats.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        ann_on_a.presence_set("shared", covm_types::vm::PresenceState::Editing).await.unwrap();
+        b.admin.presence_set("shared", covm_types::vm::PresenceState::Viewing).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let users: Vec<String> = a.admin.presence("shared").await.unwrap().into_iter().map(|e| e.user).collect();
+    assert_eq!(users, ["admin", "ann"], "each replica sees the other's heartbeats");
+    // Leaving on a reaches b.
+    ann_on_a.presence_leave("shared").await.unwrap();
+    let started = Instant::now();
+    while b.admin.presence("shared").await.unwrap().iter().any(|e| e.user == "ann") {
+        assert!(started.elapsed() < Duration::from_secs(5), "ann's leaving did not reach b");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -32,6 +32,25 @@ macro_rules! sql_cluster {
                 self.log_watch_impl(wake).await
             }
 
+            async fn signal_send(&self, channel: &str, payload: &str) -> Result<()> {
+                if payload.len() > crate::SIGNAL_MAX {
+                    return Err(covm_types::Error::internal(format!(
+                        "a signal of {} bytes is longer than {}",
+                        payload.len(),
+                        crate::SIGNAL_MAX
+                    )));
+                }
+                self.signal_send_impl(channel, payload).await
+            }
+
+            async fn signal_watch(
+                &self,
+                channel: &str,
+                on: std::sync::Arc<dyn Fn(String) + Send + Sync>,
+            ) -> Result<()> {
+                self.signal_watch_impl(channel, on).await
+            }
+
             async fn close(&self) {
                 self.close_impl().await
             }

@@ -464,8 +464,8 @@ impl App {
             if ticks % crate::app::ratelimit::UPKEEP_EVERY.as_secs() == 1 {
                 self.rates_upkeep().await;
             }
-            // Presence heartbeats that stopped (every replica keeps its own).
-            self.presence_expire().await;
+            // Presence heartbeats that stopped, and the others told again (every replica).
+            self.presence_upkeep(ticks).await;
             // Every replica writes the summary of its own suppressed anonymous entries.
             if let Err(e) = self.audit_anonymous_flush(false).await {
                 tracing::warn!(error = %e, "could not write the summary of suppressed audit entries");
