@@ -82,8 +82,10 @@ export function UnauthenticatedRedirect() {
 export function RequireSession({ children }: { children: ReactNode }) {
   const q = useWhoami();
   const loc = useLocation();
-  const enrolling = enrollOnlyUser();
-  if (enrolling) return <Navigate to={`/enroll?next=${encodeURIComponent(loc.pathname + loc.search)}`} replace />;
+  // An enroll-only session (a policy requires two-factor sign-in first), as this tab noted at
+  // sign-in or as the server says of the session (after a reload in a new tab).
+  if (q.data?.enroll_only && !enrollOnlyUser()) setEnrollOnly(q.data.user.name);
+  if (enrollOnlyUser()) return <Navigate to={`/enroll?next=${encodeURIComponent(loc.pathname + loc.search)}`} replace />;
   if (q.isLoading) return <p className="loading">Loading…</p>;
   if (q.error) {
     if (q.error instanceof ApiError && q.error.status === 401) {

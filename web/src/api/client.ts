@@ -1,7 +1,7 @@
 // The API client: openapi-fetch over the generated types, plus a small hand-written
-// `request` for endpoints the generated types do not describe yet (cookie sign-in,
-// presence, console tickets). Every call is same-origin under /api/v1 with the session
-// cookie; every request that is not GET/HEAD carries the CSRF header.
+// `request` for the calls that carry covm's own headers (If-Match, Covm-Lease) and read the
+// answer's ETag. Every call is same-origin under /api/v1 with the session cookie; every
+// request that is not GET/HEAD carries the CSRF header.
 
 import createClient, { type Middleware } from "openapi-fetch";
 import type { components, paths } from "./schema";

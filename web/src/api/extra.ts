@@ -1,63 +1,41 @@
-// Endpoints the generated types do not describe yet (the server adds them now): cookie
-// sign-in, presence and console tickets. Written by hand over `request`.
+// Sign-in, two-factor enrollment, presence and console tickets, over the generated client (their
+// bodies and answers are the OpenAPI document's), and the consoles' WebSocket URLs.
 
-import type { PresenceEntry, PresenceState } from "../feed";
-import { CSRF_HEADER, request, seg } from "./client";
+import { CSRF_HEADER, api, seg, unwrap, type Schemas } from "./client";
 
-export interface CookieSession {
-  user: string;
-  expires_at: string;
-  enroll_only?: boolean;
-}
-
-export interface SignInBody {
-  user: string;
-  password: string;
-  totp?: string;
-  recovery_code?: string;
-}
+export type CookieSession = Schemas["SessionToken"];
+export type SignInBody = Omit<Schemas["SessionCreate"], "cookie">;
+export type MfaEnrollment = Schemas["MfaEnrollment"];
+export type PresenceEntry = Schemas["PresenceEntry"];
+export type PresenceState = Schemas["PresenceState"];
+export type ConsoleTicket = Schemas["ConsoleTicket"];
 
 /** `POST /session` with `cookie: true`: the server sets the HttpOnly session cookie. */
 export async function signIn(body: SignInBody): Promise<CookieSession> {
-  const { data } = await request<CookieSession>("/api/v1/session", {
-    method: "POST",
-    body: { ...body, cookie: true },
-  });
-  return data;
+  return unwrap(api.POST("/api/v1/session", { body: { ...body, cookie: true } }));
 }
 
 export async function signOut(): Promise<void> {
-  await request("/api/v1/session", { method: "DELETE" });
-}
-
-export interface MfaEnrollment {
-  secret: string;
-  otpauth_url: string;
-  recovery_codes: string[];
+  await unwrap(api.DELETE("/api/v1/session"));
 }
 
 export async function mfaEnroll(user: string): Promise<MfaEnrollment> {
-  return (await request<MfaEnrollment>(`/api/v1/users/${seg(user)}/mfa`, { method: "POST" })).data;
+  return unwrap(api.POST("/api/v1/users/{user}/mfa", { params: { path: { user } } }));
 }
 
 export async function mfaConfirm(user: string, code: string): Promise<void> {
-  await request(`/api/v1/users/${seg(user)}/mfa/confirm`, { method: "POST", body: { code } });
+  await unwrap(api.POST("/api/v1/users/{user}/mfa/confirm", { params: { path: { user } }, body: { code } }));
 }
 
 export async function presencePut(vm: string, state: PresenceState): Promise<PresenceEntry[]> {
-  const { data } = await request<PresenceEntry[]>(`/api/v1/vms/${seg(vm)}/presence`, {
-    method: "PUT",
-    body: { state },
-  });
-  return Array.isArray(data) ? data : [];
+  return unwrap(api.PUT("/api/v1/vms/{vm}/presence", { params: { path: { vm } }, body: { state } }));
 }
 
 export async function presenceGet(vm: string): Promise<PresenceEntry[]> {
-  const { data } = await request<PresenceEntry[]>(`/api/v1/vms/${seg(vm)}/presence`);
-  return Array.isArray(data) ? data : [];
+  return unwrap(api.GET("/api/v1/vms/{vm}/presence", { params: { path: { vm } } }));
 }
 
-/** Leaves a VM page; `keepalive` lets it outlive the page (on `pagehide`). */
+/** Leaves a VM page; `keepalive` lets the request outlive the page (on `pagehide`). */
 export function presenceDelete(vm: string, keepalive = false): void {
   void fetch(`/api/v1/vms/${seg(vm)}/presence`, {
     method: "DELETE",
@@ -67,13 +45,8 @@ export function presenceDelete(vm: string, keepalive = false): void {
   }).catch(() => {});
 }
 
-export interface ConsoleTicket {
-  ticket: string;
-  expires_at: string;
-}
-
 export async function consoleTicket(vm: string): Promise<ConsoleTicket> {
-  return (await request<ConsoleTicket>(`/api/v1/vms/${seg(vm)}/console/ticket`, { method: "POST" })).data;
+  return unwrap(api.POST("/api/v1/vms/{vm}/console/ticket", { params: { path: { vm } } }));
 }
 
 /** `ws(s)://host/api/v1/vms/{vm}/console/{kind}?ticket=T` for the current page. */
