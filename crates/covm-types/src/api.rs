@@ -122,6 +122,23 @@ pub struct SsoDevicePoll {
     pub session: Option<SessionToken>,
 }
 
+/// How a browser sign-in through the identity provider begins.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SsoLoginQuery {
+    /// For the web UI: a path of this server's UI (`/vms/web-1`) to land on. The session then goes
+    /// into the browser's cookie (as `POST /session` with `"cookie": true`) and the callback
+    /// redirects there instead of answering JSON.
+    #[param(max_length = 2048)]
+    pub next: Option<String>,
+}
+
+/// Whether single sign-on is on (for the sign-in page, before anyone is signed in).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SsoInfo {
+    pub enabled: bool,
+}
+
 /// The identity provider's answer to the browser flow.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

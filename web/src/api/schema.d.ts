@@ -565,6 +565,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/sso": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Whether single sign-on is on (asked by the sign-in page, before anyone is signed in). */
+        get: operations["sso_info"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/sso/callback": {
         parameters: {
             query?: never;
@@ -574,7 +591,8 @@ export interface paths {
         };
         /**
          * Where the identity provider sends the browser back: the code is exchanged, the ID token checked,
-         *     and the answer is a session for the user (made at its first sign-in).
+         *     and the answer is a session for the user (made at its first sign-in); when the sign-in began in
+         *     the web UI (`next`), the session cookie and a redirect (303) to that page instead.
          */
         get: operations["sso_callback"];
         put?: never;
@@ -628,7 +646,8 @@ export interface paths {
         };
         /**
          * Sign in through the identity provider: a redirect (303) to its authorization endpoint (the code
-         *     flow with PKCE); it sends the browser back to `/api/v1/sso/callback`.
+         *     flow with PKCE); it sends the browser back to `/api/v1/sso/callback`. With `next` (the web UI),
+         *     the callback puts the session into the browser's cookie and redirects there.
          */
         get: operations["sso_login"];
         put?: never;
@@ -2160,6 +2179,10 @@ export interface components {
             user_code: string;
             verification_uri: string;
             verification_uri_complete?: string | null;
+        };
+        /** @description Whether single sign-on is on (for the sign-in page, before anyone is signed in). */
+        SsoInfo: {
+            enabled: boolean;
         };
         /**
          * @description The details of a 412 `version_mismatch`: what changed since the caller's version, so that a client
@@ -4043,6 +4066,33 @@ export interface operations {
             };
         };
     };
+    sso_info: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SsoInfo"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     sso_callback: {
         parameters: {
             query?: {
@@ -4065,6 +4115,13 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["SessionToken"];
                 };
+            };
+            /** @description the web UI's sign-in: to its page, with the session cookie */
+            303: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             409: {
                 headers: {
@@ -4184,7 +4241,14 @@ export interface operations {
     };
     sso_login: {
         parameters: {
-            query?: never;
+            query?: {
+                /**
+                 * @description For the web UI: a path of this server's UI (`/vms/web-1`) to land on. The session then goes
+                 *     into the browser's cookie (as `POST /session` with `"cookie": true`) and the callback
+                 *     redirects there instead of answering JSON.
+                 */
+                next?: string;
+            };
             header?: never;
             path?: never;
             cookie?: never;

@@ -1,7 +1,7 @@
-import { useQueryClient } from "@tanstack/react-query";
+import { useQuery, useQueryClient } from "@tanstack/react-query";
 import { useState, type FormEvent } from "react";
 import { useNavigate, useSearchParams } from "react-router";
-import { ApiError } from "../api/client";
+import { ApiError, api, unwrap } from "../api/client";
 import { mfaConfirm, mfaEnroll, signIn, type MfaEnrollment } from "../api/extra";
 import { enrollOnlyUser, setEnrollOnly } from "../auth";
 import { ErrorMessage } from "../components/common";
@@ -23,6 +23,9 @@ export function SignInPage() {
   const [mfa, setMfa] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<unknown>(null);
+  // Single sign-on, where the server has an identity provider: the provider signs the browser in
+  // and covm's callback sets the session cookie and comes back to `next`.
+  const sso = useQuery({ queryKey: ["sso"], queryFn: () => unwrap(api.GET("/api/v1/sso")), staleTime: 60_000 });
 
   const submit = async (e: FormEvent) => {
     e.preventDefault();
@@ -105,6 +108,11 @@ export function SignInPage() {
         <button type="submit" className="primary" disabled={busy}>
           Sign in
         </button>
+        {sso.data?.enabled ? (
+          <p className="sso">
+            or <a href={`/api/v1/sso/login?next=${encodeURIComponent(next)}`}>sign in with single sign-on</a>
+          </p>
+        ) : null}
       </form>
     </div>
   );

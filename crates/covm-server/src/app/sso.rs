@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use covm_store::{NewEvent, UserRecord};
-use covm_types::api::{SessionToken, SsoCallbackQuery, SsoDevicePoll, SsoDeviceStart};
+use covm_types::api::{SessionToken, SsoCallbackQuery, SsoDevicePoll, SsoDeviceStart, SsoInfo};
 use covm_types::{Error, ErrorCode, ErrorKind, ROOT_ID};
 use rand::Rng;
 use serde::Deserialize;
@@ -73,6 +73,21 @@ struct Pending {
     verifier: String,
     nonce: String,
     at: Instant,
+    /// The web UI's path to land on (the session then goes into a cookie).
+    next: Option<String>,
+}
+
+/// A path of this server's web UI: absolute, on this origin (not `//host`), printable.
+fn ui_path(next: &str) -> Result<(), Error> {
+    let ok = next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && next.len() <= 2048
+        && next.chars().all(|c| c.is_ascii_graphic());
+    match ok {
+        true => Ok(()),
+        false => Err(Error::invalid("next", "next is a path of covm's web UI, such as /vms/web-1")),
+    }
 }
 
 struct Device {
@@ -164,7 +179,10 @@ impl App {
 
     /// The browser flow's first step: where to send the browser (the provider's authorization
     /// endpoint, with PKCE S256, a state and a nonce).
-    pub async fn sso_begin(&self) -> Result<String, Error> {
+    pub async fn sso_begin(&self, next: Option<String>) -> Result<String, Error> {
+        if let Some(n) = &next {
+            ui_path(n)?;
+        }
         let cfg = self.oidc()?;
         let d = self.discovery().await?;
         let (state, verifier, nonce) = (random_b64(24), random_b64(32), random_b64(24));
@@ -175,7 +193,7 @@ impl App {
             if p.len() >= PENDING_MAX {
                 return Err(too_many());
             }
-            p.insert(state.clone(), Pending { verifier, nonce: nonce.clone(), at: Instant::now() });
+            p.insert(state.clone(), Pending { verifier, nonce: nonce.clone(), at: Instant::now(), next });
         }
         let mut url = reqwest::Url::parse(&d.authorization_endpoint).map_err(unavailable)?;
         url.query_pairs_mut()
@@ -190,13 +208,19 @@ impl App {
         Ok(url.to_string())
     }
 
+    /// Whether single sign-on is on.
+    pub fn sso_info(&self) -> SsoInfo {
+        SsoInfo { enabled: self.config().oidc.is_some() }
+    }
+
     /// The browser flow's end: the provider's answer (a refusal, or a code), the code exchanged (with
-    /// the PKCE verifier), the ID token checked, and a session for its user.
+    /// the PKCE verifier), the ID token checked, and a session for its user; with the web UI's path
+    /// to land on when the sign-in began there.
     pub async fn sso_callback(
         &self,
         req: &std::sync::Arc<RequestInfo>,
         q: SsoCallbackQuery,
-    ) -> Result<SessionToken, Error> {
+    ) -> Result<(SessionToken, Option<String>), Error> {
         if let Some(e) = q.error {
             return Err(refused(format!(
                 "the identity provider did not sign you in: {}",
@@ -234,7 +258,7 @@ impl App {
             ))
         })?;
         let claims = self.id_token_check(&d, &id_token, Some(&pending.nonce)).await?;
-        self.sso_session(req, &claims).await
+        Ok((self.sso_session(req, &claims).await?, pending.next))
     }
 
     async fn token_call(&self, d: &Discovery, form: &[(&str, &str)]) -> Result<TokenAnswer, Error> {

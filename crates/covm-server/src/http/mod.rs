@@ -87,6 +87,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(mfa::user_mfa_confirm))
         .routes(routes!(mfa::mfa_policy_get, mfa::mfa_policy_set))
         .routes(routes!(keys::keys_rotate))
+        .routes(routes!(sso::sso_info))
         .routes(routes!(sso::sso_login))
         .routes(routes!(sso::sso_callback))
         .routes(routes!(sso::sso_device_start))

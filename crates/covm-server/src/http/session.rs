@@ -36,7 +36,7 @@ pub async fn session_create(
 }
 
 /// The `Set-Cookie` value of a browser's session (an empty token and no age: the cookie is dropped).
-fn session_cookie(token: &str, max_age: i64, secure: bool) -> String {
+pub(super) fn session_cookie(token: &str, max_age: i64, secure: bool) -> String {
     let secure = if secure { "; Secure" } else { "" };
     format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}")
 }

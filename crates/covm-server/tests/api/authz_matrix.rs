@@ -47,6 +47,7 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/policies/mfa",
     "POST /api/v1/policies/mfa",
     "POST /api/v1/keys/rotate",
+    "GET /api/v1/sso",
     "GET /api/v1/sso/login",
     "GET /api/v1/sso/callback",
     "POST /api/v1/sso/device",
@@ -246,6 +247,7 @@ impl Env {
             "GET /api/v1/policies/mfa" => status(&c, Method::GET, "/policies/mfa", None).await,
             "POST /api/v1/keys/rotate" => status(&c, Method::POST, "/keys/rotate", None).await,
             // No identity provider here: single sign-on is not found, whoever asks.
+            "GET /api/v1/sso" => status(&c, Method::GET, "/sso", None).await,
             "GET /api/v1/sso/login" => status(&c, Method::GET, "/sso/login", None).await,
             "GET /api/v1/sso/callback" => status(&c, Method::GET, "/sso/callback?code=c&state=s", None).await,
             "POST /api/v1/sso/device" => status(&c, Method::POST, "/sso/device", None).await,

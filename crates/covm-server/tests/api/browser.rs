@@ -247,6 +247,8 @@ async fn the_ui_is_served_with_deep_links_and_the_api_stays_json() {
         let e: serde_json::Value = r.json().await.unwrap();
         assert_eq!(e["error"]["code"], "no_route");
     }
+    let sso: serde_json::Value = b.get(format!("{}/api/v1/sso", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(sso["enabled"], false, "the sign-in page offers single sign-on only where it is on");
     let r = b.post(format!("{}/vms/x", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // Sign-in still answers on the API.

@@ -146,3 +146,40 @@ async fn without_a_provider_sso_is_not_found() {
     let e = s.anonymous().sso_device_start().await.unwrap_err();
     assert_eq!(e.status(), Some(404), "{e}");
 }
+
+#[tokio::test]
+async fn a_web_ui_sign_in_lands_on_its_page_with_the_session_cookie() {
+    if on_postgres() {
+        return;
+    }
+    let idp = TestIdp::start().await;
+    idp.user("alice", "alice-pw", &[]);
+    let s = TestServer::start_sso(config(&idp)).await;
+    covm_client::tls::install_provider();
+    let b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let info: serde_json::Value = b.get(format!("{}/api/v1/sso", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["enabled"], true);
+    // A page to land on elsewhere than covm's own UI is refused before anything starts.
+    for bad in ["https://evil.example/", "//evil.example/x", "vms", "/a b"] {
+        let r = b.get(format!("{}/api/v1/sso/login", s.url)).query(&[("next", bad)]).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["field"], "next", "{e}");
+    }
+    let r =
+        b.get(format!("{}/api/v1/sso/login", s.url)).query(&[("next", "/vms/web-1?tab=history")]).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let to_idp = r.headers()["location"].to_str().unwrap().to_owned();
+    let r = b.post(&to_idp).form(&[("username", "alice"), ("password", "alice-pw")]).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    let back = r.headers()["location"].to_str().unwrap().to_owned();
+    let r = b.get(&back).send().await.unwrap();
+    assert_eq!(r.status(), 303, "{}", r.text().await.unwrap());
+    assert_eq!(r.headers()["location"], "/vms/web-1?tab=history");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.starts_with("covm_session=") && set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let who: serde_json::Value =
+        b.get(format!("{}/api/v1/session", s.url)).header("cookie", cookie).send().await.unwrap().json().await.unwrap();
+    assert_eq!(who["user"]["name"], "alice");
+}
