@@ -40,6 +40,7 @@ async function screenShot(page: Page): Promise<Screen> {
 }
 
 test.describe("consoles of a real QEMU guest", () => {
+  test.skip(!!process.env.COVM_SKIP_QEMU, "COVM_SKIP_QEMU: no QEMU on this machine");
   test.setTimeout(180_000);
 
   test.afterEach(async ({ api }) => {
