@@ -195,27 +195,8 @@ impl PgStore {
     }
 
     async fn log_watch_impl(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Result<()> {
-        let mut listener = PgListener::connect_with(&self.reader).await.map_err(db_err("listen to the log"))?;
-        listener.listen("covm_log").await.map_err(db_err("listen to the log"))?;
-        let closed = self.closed.clone();
-        tokio::spawn(async move {
-            loop {
-                let r = tokio::select! {
-                    r = listener.recv() => r,
-                    _ = closed.notified() => return,
-                };
-                match r {
-                    Ok(_) => wake(),
-                    Err(e) => {
-                        // The listener reconnects on the next recv; the tailer's poll covers the gap.
-                        tracing::warn!(error = %e, "the log listener lost its connection");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        wake();
-                    }
-                }
-            }
-        });
-        Ok(())
+        // A lost connection wakes the tailer too: its poll covers the gap.
+        self.listen("covm_log", Arc::new(move |_| wake())).await
     }
 }
 
@@ -231,9 +212,17 @@ impl PgStore {
     }
 
     async fn signal_watch_impl(&self, channel: &str, on: Arc<dyn Fn(String) + Send + Sync>) -> Result<()> {
-        let mut listener = PgListener::connect_with(&self.reader).await.map_err(db_err("listen for signals"))?;
-        listener.listen(channel).await.map_err(db_err("listen for signals"))?;
+        // Notes sent while the connection was lost are lost: their senders send them again.
+        self.listen(channel, Arc::new(move |payload| payload.into_iter().for_each(|p| on(p)))).await
+    }
+
+    /// LISTENs on `channel` until the store closes: `on` gets each notification's payload, and None
+    /// after the connection was lost (the listener reconnects at its next receive).
+    async fn listen(&self, channel: &str, on: Arc<dyn Fn(Option<String>) + Send + Sync>) -> Result<()> {
+        let mut listener = PgListener::connect_with(&self.reader).await.map_err(db_err("listen for notifications"))?;
+        listener.listen(channel).await.map_err(db_err("listen for notifications"))?;
         let closed = self.closed.clone();
+        let channel = channel.to_owned();
         tokio::spawn(async move {
             loop {
                 let r = tokio::select! {
@@ -241,11 +230,11 @@ impl PgStore {
                     _ = closed.notified() => return,
                 };
                 match r {
-                    Ok(n) => on(n.payload().to_owned()),
+                    Ok(n) => on(Some(n.payload().to_owned())),
                     Err(e) => {
-                        // Notes sent meanwhile are lost: their senders send them again (see the callers).
-                        tracing::warn!(error = %e, "the signal listener lost its connection");
+                        tracing::warn!(error = %e, channel, "a notification listener lost its connection");
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                        on(None);
                     }
                 }
             }

@@ -420,8 +420,9 @@ mod tests {
             .await
             .unwrap();
         assert!(audit.iter().any(|e| e.kind == "request.failed" && e.request_id.as_deref() == Some("req-42")));
-        // An unknown path is a JSON 404 too.
-        let resp = svc.oneshot(Request::get("/nope").body(Body::empty()).unwrap()).await.unwrap();
+        // An unknown API path is a JSON 404 too (any other path is the web UI's: `ui::fallback`).
+        let resp = svc.oneshot(Request::get("/api/v1/nope").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(resp.status(), 404);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

@@ -217,5 +217,6 @@ async fn the_guest_sees_its_disks_and_its_memory_come_back() {
     tty.reconnect();
     assert_eq!(tty.ask(c, "gs", "M6", &marker()).await, "MARKA");
     task_done(c, &c.vm_power("gs", PowerAction::Off, None).await.unwrap()).await;
-    assert!(c.audit_verify().await.unwrap().ok);
+    let verify = c.audit_verify().await.unwrap();
+    assert!(verify.ok, "{verify:?}");
 }
