@@ -64,7 +64,9 @@ impl Tty {
         self.line(&format!("echo {a}\"\"{b}-$( {command} )-END")).await;
         let line = serial_wait(c, vm, &format!("{tag}-"), 1).await;
         let rest = line.split(&format!("{tag}-")).nth(1).unwrap_or_default();
-        rest.split("-END").next().unwrap_or_default().trim().to_owned()
+        // No answer has a `-` in it; the line may be cut short of `-END` by other console output
+        // (seen once under load after a memory revert: `MARKA-EN`).
+        rest.split('-').next().unwrap_or_default().trim().to_owned()
     }
 }
 
