@@ -1,5 +1,5 @@
 import { defineConfig } from "@playwright/test";
-import { CHROMIUM, CHROMIUM_ARGS } from "./e2e/playwright-flags";
+import { CHROMIUM, CHROMIUM_ARGS } from "./e2e/chromium.mjs";
 
 // End-to-end tests against a real covm (QEMU driver) started by e2e/global-setup.ts,
 // which serves its embedded UI. Run with `npm run e2e` (COVM_BIN overrides the binary).

@@ -15,19 +15,10 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import { chromium } from "playwright-core";
+import { CHROMIUM, CHROMIUM_ARGS as ARGS } from "../e2e/chromium.mjs";
 
 const WEB = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const BIN = resolve(WEB, process.env.COVM_BIN ?? "../target/debug/covm");
-const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
-const ARGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--no-first-run",
-  "--disable-quic",
-];
 const RUNS_LIST = Number(process.env.RUNS_LIST ?? 10);
 const RUNS_SAVE = Number(process.env.RUNS_SAVE ?? 50);
 const PASSWORD = "bench-password-1";
