@@ -610,6 +610,95 @@ impl Client {
         self.send::<serde_json::Value>(rb).await.map(|_| ())
     }
 
+    // --- datastore files ----------------------------------------------------------------------
+
+    /// The files of a datastore (not its disks).
+    pub async fn datastore_files(&self, ds: &str) -> Result<Vec<FileView>> {
+        self.get(&format!("/datastores/{ds}/files")).await
+    }
+
+    /// Puts a file, or a part of it (`range`: start, end inclusive, total), into a datastore; the
+    /// upload's state after it (complete, with the file, after the last part).
+    pub async fn datastore_file_put(
+        &self,
+        ds: &str,
+        path: &str,
+        range: Option<(u64, u64, u64)>,
+        sha256: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<UploadView> {
+        let mut rb = self
+            .request(Method::PUT, &format!("/datastores/{ds}/files/{}", path_segment(path)))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .timeout(Duration::from_secs(3600))
+            .body(body);
+        if let Some((start, end, total)) = range {
+            rb = rb.header(reqwest::header::CONTENT_RANGE, format!("bytes {start}-{end}/{total}"));
+        }
+        if let Some(h) = sha256 {
+            rb = rb.query(&[("sha256", h)]);
+        }
+        self.send(rb).await
+    }
+
+    /// Where the upload of a file of `total` bytes stands (how much the server has).
+    pub async fn datastore_file_status(&self, ds: &str, path: &str, total: u64) -> Result<UploadView> {
+        let rb = self
+            .request(Method::PUT, &format!("/datastores/{ds}/files/{}", path_segment(path)))
+            .header(reqwest::header::CONTENT_RANGE, format!("bytes */{total}"));
+        self.send(rb).await
+    }
+
+    /// Uploads a local file in parts of `part` bytes, from where the server stands (a broken upload
+    /// resumes), with its SHA-256 checked at the end; `progress` hears the bytes the server has.
+    pub async fn datastore_upload(
+        &self,
+        ds: &str,
+        path: &str,
+        local: &std::path::Path,
+        part: u64,
+        sha256: Option<&str>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<UploadView> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let local_err = |e: std::io::Error| ClientError::Transport(format!("{}: {e}", local.display()));
+        let mut f = tokio::fs::File::open(local).await.map_err(local_err)?;
+        let total = f.metadata().await.map_err(local_err)?.len();
+        if total == 0 {
+            return self.datastore_file_put(ds, path, None, sha256, Vec::new()).await;
+        }
+        let mut at = self.datastore_file_status(ds, path, total).await?.received;
+        progress(at, total);
+        loop {
+            let len = part.max(1).min(total - at);
+            f.seek(std::io::SeekFrom::Start(at)).await.map_err(local_err)?;
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact(&mut buf).await.map_err(local_err)?;
+            let view = self.datastore_file_put(ds, path, Some((at, at + len - 1, total)), sha256, buf).await?;
+            at = view.received;
+            progress(at, total);
+            if view.complete {
+                return Ok(view);
+            }
+        }
+    }
+
+    /// A file's bytes, as a response to stream from.
+    pub async fn datastore_file_get(&self, ds: &str, path: &str) -> Result<reqwest::Response> {
+        let rb = self
+            .request(Method::GET, &format!("/datastores/{ds}/files/{}", path_segment(path)))
+            .timeout(Duration::from_secs(3600));
+        let resp = rb.send().await.map_err(transport)?;
+        match resp.status().is_success() {
+            true => Ok(resp),
+            false => Err(error_from(resp).await),
+        }
+    }
+
+    pub async fn datastore_file_delete(&self, ds: &str, path: &str) -> Result<()> {
+        self.delete(&format!("/datastores/{ds}/files/{}", path_segment(path))).await
+    }
+
     // --- presence and consoles -----------------------------------------------------------------
 
     /// Says that I am viewing or editing a VM (a heartbeat); who is on it now.
@@ -886,6 +975,17 @@ pub enum FeedItem {
     Event(Box<EventView>),
     /// Who is viewing or editing a VM now (not in the log).
     Presence(PresenceEvent),
+}
+
+/// A datastore file's path as one URL path segment (`/` as `%2F`, everything but unreserved
+/// characters escaped).
+pub fn path_segment(path: &str) -> String {
+    path.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn error_from(resp: reqwest::Response) -> ClientError {

@@ -133,6 +133,57 @@ pub struct DiskImport {
     pub pool: Option<String>,
 }
 
+/// A file in a datastore (an ISO, an image to import, a kernel): not one of covm's disk images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileView {
+    pub datastore: String,
+    /// Relative to the datastore's root; `DATASTORE:path` names it in a VM's config.
+    pub path: String,
+    pub size: u64,
+    pub modified: chrono::DateTime<chrono::Utc>,
+    /// The VMs whose config names it (kernel, initrd, cdrom); it cannot be deleted while any does.
+    pub used_by: Vec<String>,
+}
+
+/// Where an upload stands (answered 202 until its last part arrives, then 201 with the file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadView {
+    pub datastore: String,
+    pub path: String,
+    /// Bytes received so far: the next part starts here (`Content-Range: bytes RECEIVED-…/TOTAL`).
+    pub received: u64,
+    pub total: u64,
+    pub complete: bool,
+    /// The file, once complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileView>,
+}
+
+/// A file's bytes (the body of an upload): `type: string, format: binary` in the OpenAPI document.
+pub struct FileBytes;
+
+impl utoipa::PartialSchema for FileBytes {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .description(Some("the file's bytes"))
+            .into()
+    }
+}
+
+impl ToSchema for FileBytes {}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FileUploadQuery {
+    /// The SHA-256 of the whole file (hex): checked when the last part arrives; a file that does not
+    /// match is deleted.
+    #[param(pattern = "^[0-9a-fA-F]{64}$")]
+    pub sha256: Option<String>,
+}
+
 /// What `qemu-img info` says of the image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ImageView {

@@ -201,6 +201,10 @@ pub enum ErrorCode {
     Conflict,
     /// The VM has no console to connect to now.
     ConsoleUnavailable,
+    /// A part of an upload does not start where the upload stands (`details.received` says where).
+    UploadOffset,
+    /// An uploaded file's SHA-256 is not the one the upload named.
+    ChecksumMismatch,
     /// The controller has no free slot.
     ControllerFull,
     /// A request signed in by the session cookie that changes something lacks the `X-Covm-Csrf`
@@ -357,6 +361,8 @@ impl ErrorCode {
         ErrorCode::ConfigChanged,
         ErrorCode::Conflict,
         ErrorCode::ConsoleUnavailable,
+        ErrorCode::UploadOffset,
+        ErrorCode::ChecksumMismatch,
         ErrorCode::ControllerFull,
         ErrorCode::CsrfFailed,
         ErrorCode::ControllerUnsupported,
@@ -439,6 +445,8 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConsoleUnavailable => "console_unavailable",
+            ErrorCode::UploadOffset => "upload_offset",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::ControllerFull => "controller_full",
             ErrorCode::CsrfFailed => "csrf_failed",
             ErrorCode::ControllerUnsupported => "controller_unsupported",

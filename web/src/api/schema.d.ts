@@ -73,6 +73,55 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/datastores/{datastore}/files": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The files of a datastore that are not covm's disks: ISOs, images to import, kernels (needs
+         *     `Datastore.Browse`).
+         */
+        get: operations["datastore_file_list"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/datastores/{datastore}/files/{path}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Download a file of the datastore (needs `Datastore.Browse`). */
+        get: operations["datastore_file_get"];
+        /**
+         * Upload a file into the datastore (needs `Datastore.FileManagement`): the whole file as the body,
+         *     or in parts with `Content-Range: bytes START-END/TOTAL`, each starting where the upload stands
+         *     (`bytes *\/TOTAL` with an empty body asks where that is). A part that is not the last answers 202
+         *     with the state; the last answers 201 with the file, after checking `?sha256=` (a mismatch deletes
+         *     the upload). Free space is checked first; the path stays inside the datastore and out of its
+         *     `disks/` folder; an existing file is never replaced.
+         */
+        put: operations["datastore_file_upload"];
+        post?: never;
+        /**
+         * Delete a file that no VM's config names (needs `Datastore.FileManagement`); an upload in progress
+         *     of that path is dropped.
+         */
+        delete: operations["datastore_file_delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/disks": {
         parameters: {
             query?: never;
@@ -1518,7 +1567,7 @@ export interface components {
          *     A code this build does not know (from a newer server) reads as [`ErrorCode::Unknown`].
          * @enum {string}
          */
-        ErrorCode: "already_a_disk" | "already_attached" | "already_exists" | "busy" | "config_changed" | "conflict" | "console_unavailable" | "controller_full" | "csrf_failed" | "controller_unsupported" | "database_unavailable" | "datastore_missing" | "detach_timeout" | "disk_in_use" | "disk_missing" | "disk_shared" | "file_missing" | "folder_not_empty" | "forbidden" | "hotplug_unsupported" | "hypervisor_error" | "hypervisor_unavailable" | "in_use" | "insufficient_space" | "internal" | "invalid_capacity" | "invalid_json" | "invalid_name" | "invalid_patch" | "invalid_query" | "invalid_request" | "invalid_value" | "lease_expired" | "leased" | "managed_disk_file" | "missing_body" | "missing_field" | "user_disabled" | "sso_unavailable" | "key_unavailable" | "mfa_required" | "mfa_invalid" | "mfa_enrollment_required" | "mfa_state" | "method_not_allowed" | "no_route" | "not_found" | "operation_in_progress" | "path_outside_datastore" | "payload_too_large" | "quota_exceeded" | "rate_limited" | "request_timeout" | "requires_power_cycle" | "root_folder" | "self_delete" | "shrink_refused" | "shutdown_timeout" | "snapshot_unsupported" | "shutting_down" | "stale_generation" | "storage_full" | "store_unavailable" | "task_failed" | "unauthenticated" | "unit_out_of_range" | "unit_taken" | "unknown_controller" | "unknown_field" | "unknown_query_parameter" | "unsupported_media_type" | "upgrade_required" | "version_mismatch" | "vm_not_running" | "vm_on_other_node" | "vm_running" | "weak_password" | "unknown";
+        ErrorCode: "already_a_disk" | "already_attached" | "already_exists" | "busy" | "config_changed" | "conflict" | "console_unavailable" | "upload_offset" | "checksum_mismatch" | "controller_full" | "csrf_failed" | "controller_unsupported" | "database_unavailable" | "datastore_missing" | "detach_timeout" | "disk_in_use" | "disk_missing" | "disk_shared" | "file_missing" | "folder_not_empty" | "forbidden" | "hotplug_unsupported" | "hypervisor_error" | "hypervisor_unavailable" | "in_use" | "insufficient_space" | "internal" | "invalid_capacity" | "invalid_json" | "invalid_name" | "invalid_patch" | "invalid_query" | "invalid_request" | "invalid_value" | "lease_expired" | "leased" | "managed_disk_file" | "missing_body" | "missing_field" | "user_disabled" | "sso_unavailable" | "key_unavailable" | "mfa_required" | "mfa_invalid" | "mfa_enrollment_required" | "mfa_state" | "method_not_allowed" | "no_route" | "not_found" | "operation_in_progress" | "path_outside_datastore" | "payload_too_large" | "quota_exceeded" | "rate_limited" | "request_timeout" | "requires_power_cycle" | "root_folder" | "self_delete" | "shrink_refused" | "shutdown_timeout" | "snapshot_unsupported" | "shutting_down" | "stale_generation" | "storage_full" | "store_unavailable" | "task_failed" | "unauthenticated" | "unit_out_of_range" | "unit_taken" | "unknown_controller" | "unknown_field" | "unknown_query_parameter" | "unsupported_media_type" | "upgrade_required" | "version_mismatch" | "vm_not_running" | "vm_on_other_node" | "vm_running" | "weak_password" | "unknown";
         ErrorDetail: {
             /** @description Stable, machine-readable: `invalid_value`, `unknown_field`, `forbidden`, `not_found`, … */
             code: components["schemas"]["ErrorCode"];
@@ -1550,6 +1599,23 @@ export interface components {
             version_after?: number | null;
             /** Format: int64 */
             version_before?: number | null;
+        };
+        /**
+         * Format: binary
+         * @description the file's bytes
+         */
+        FileBytes: string;
+        /** @description A file in a datastore (an ISO, an image to import, a kernel): not one of covm's disk images. */
+        FileView: {
+            datastore: string;
+            /** Format: date-time */
+            modified: string;
+            /** @description Relative to the datastore's root; `DATASTORE:path` names it in a VM's config. */
+            path: string;
+            /** Format: int64 */
+            size: number;
+            /** @description The VMs whose config names it (kernel, initrd, cdrom); it cannot be deleted while any does. */
+            used_by: string[];
         };
         /** @enum {string} */
         Firmware: "bios" | "uefi";
@@ -1987,7 +2053,7 @@ export interface components {
          */
         PresenceState: "viewing" | "editing";
         /** @enum {string} */
-        Privilege: "System.View" | "System.Read" | "Folder.Create" | "Folder.Delete" | "VirtualMachine.Inventory.Create" | "VirtualMachine.Inventory.Delete" | "VirtualMachine.Config.Edit" | "VirtualMachine.Config.CPUCount" | "VirtualMachine.Config.Memory" | "VirtualMachine.Config.AddExistingDisk" | "VirtualMachine.Config.AddNewDisk" | "VirtualMachine.Config.RemoveDisk" | "VirtualMachine.Config.AddRemoveDevice" | "VirtualMachine.Interact.PowerOn" | "VirtualMachine.Interact.PowerOff" | "VirtualMachine.Interact.Reset" | "VirtualMachine.Interact.ConsoleInteract" | "VirtualMachine.State.CreateSnapshot" | "VirtualMachine.State.RevertToSnapshot" | "VirtualMachine.State.RemoveSnapshot" | "VirtualMachine.State.RenameSnapshot" | "Disk.Snapshot" | "VirtualMachine.Lease.Break" | "Datastore.Config" | "Datastore.AllocateSpace" | "Datastore.Browse" | "Disk.Create" | "Disk.Delete" | "Disk.Extend" | "Disk.Attach" | "Resource.AssignVMToPool" | "Resource.CreatePool" | "Network.Config" | "Network.Assign" | "Permissions.Modify" | "Audit.Read" | "Users.Manage";
+        Privilege: "System.View" | "System.Read" | "Folder.Create" | "Folder.Delete" | "VirtualMachine.Inventory.Create" | "VirtualMachine.Inventory.Delete" | "VirtualMachine.Config.Edit" | "VirtualMachine.Config.CPUCount" | "VirtualMachine.Config.Memory" | "VirtualMachine.Config.AddExistingDisk" | "VirtualMachine.Config.AddNewDisk" | "VirtualMachine.Config.RemoveDisk" | "VirtualMachine.Config.AddRemoveDevice" | "VirtualMachine.Interact.PowerOn" | "VirtualMachine.Interact.PowerOff" | "VirtualMachine.Interact.Reset" | "VirtualMachine.Interact.ConsoleInteract" | "VirtualMachine.State.CreateSnapshot" | "VirtualMachine.State.RevertToSnapshot" | "VirtualMachine.State.RemoveSnapshot" | "VirtualMachine.State.RenameSnapshot" | "Disk.Snapshot" | "VirtualMachine.Lease.Break" | "Datastore.Config" | "Datastore.AllocateSpace" | "Datastore.Browse" | "Datastore.FileManagement" | "Disk.Create" | "Disk.Delete" | "Disk.Extend" | "Disk.Attach" | "Resource.AssignVMToPool" | "Resource.CreatePool" | "Network.Config" | "Network.Assign" | "Permissions.Modify" | "Audit.Read" | "Users.Manage";
         /** @description Limits of a pool; an absent limit is unlimited. */
         Quota: {
             /** Format: int64 */
@@ -2266,6 +2332,20 @@ export interface components {
             name: string;
             /** @description Present only in the response that creates the token; covm keeps only its hash. */
             token?: string | null;
+        };
+        /** @description Where an upload stands (answered 202 until its last part arrives, then 201 with the file). */
+        UploadView: {
+            complete: boolean;
+            datastore: string;
+            file?: components["schemas"]["FileView"] | null;
+            path: string;
+            /**
+             * Format: int64
+             * @description Bytes received so far: the next part starts here (`Content-Range: bytes RECEIVED-…/TOTAL`).
+             */
+            received: number;
+            /** Format: int64 */
+            total: number;
         };
         UserCreate: {
             name: components["schemas"]["Name"];
@@ -2639,6 +2719,180 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["DatastoreView"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    datastore_file_list: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description datastore name or id */
+                datastore: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FileView"][];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    datastore_file_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description datastore name or id */
+                datastore: string;
+                /** @description the file's path in the datastore, `/` sent as `%2F` */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the file's bytes */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": unknown;
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    datastore_file_upload: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The SHA-256 of the whole file (hex): checked when the last part arrives; a file that does not
+                 *     match is deleted.
+                 */
+                sha256?: string;
+            };
+            header?: {
+                /** @description bytes START-END/TOTAL for a part, bytes *\/TOTAL to ask where the upload stands */
+                "Content-Range"?: string | null;
+            };
+            path: {
+                /** @description datastore name or id */
+                datastore: string;
+                /** @description the file's path in the datastore, `/` sent as `%2F` */
+                path: string;
+            };
+            cookie?: never;
+        };
+        /** @description the file's bytes, or the part's */
+        requestBody: {
+            content: {
+                "application/octet-stream": components["schemas"]["FileBytes"];
+            };
+        };
+        responses: {
+            /** @description where the upload stands (bytes *\/TOTAL) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UploadView"];
+                };
+            };
+            /** @description the file is complete */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UploadView"];
+                };
+            };
+            /** @description the part is stored; more to come */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UploadView"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    datastore_file_delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description datastore name or id */
+                datastore: string;
+                /** @description the file's path in the datastore, `/` sent as `%2F` */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
                 };
             };
             "4XX": {

@@ -73,7 +73,7 @@ impl App {
         Ok((ds, root))
     }
 
-    fn space_check(root: &Path, bytes: u64) -> Result<(), Error> {
+    pub(crate) fn space_check(root: &Path, bytes: u64) -> Result<(), Error> {
         let (_, free) =
             fs_capacity(root).map_err(|e| Error::internal(format!("cannot read the datastore's capacity: {e}")))?;
         if bytes > free {

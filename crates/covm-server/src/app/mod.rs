@@ -19,6 +19,7 @@ pub mod authz;
 pub mod cache;
 pub mod change;
 pub mod consoles;
+pub mod datastore_files;
 pub mod disks;
 pub mod events;
 pub mod host;
@@ -121,6 +122,8 @@ struct AppInner {
     presence: presence::Presence,
     /// Console tickets and the shared connections to serial consoles.
     consoles: consoles::Consoles,
+    /// Datastore files being uploaded now.
+    uploads: datastore_files::Uploads,
 }
 
 impl App {
@@ -148,6 +151,7 @@ impl App {
                 streams: streams::Streams::default(),
                 presence,
                 consoles: consoles::Consoles::default(),
+                uploads: datastore_files::Uploads::default(),
             }),
         };
         let weak = Arc::downgrade(&app.inner);
@@ -211,6 +215,10 @@ impl App {
 
     fn consoles(&self) -> &consoles::Consoles {
         &self.inner.consoles
+    }
+
+    fn uploads(&self) -> &datastore_files::Uploads {
+        &self.inner.uploads
     }
 
     pub fn caches(&self) -> &cache::Caches {

@@ -4,6 +4,7 @@
 //! writes a `request.failed` audit entry for a change that failed without one, and makes sure that a 500
 //! (a panic included) carries the request id that is in the log.
 
+pub mod datastore_files;
 pub mod disks;
 pub mod error;
 pub mod events;
@@ -105,6 +106,12 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(inventory::folder_get, inventory::folder_delete))
         .routes(routes!(inventory::datastore_list, inventory::datastore_create))
         .routes(routes!(inventory::datastore_get))
+        .routes(routes!(datastore_files::datastore_file_list))
+        .routes(routes!(
+            datastore_files::datastore_file_upload,
+            datastore_files::datastore_file_get,
+            datastore_files::datastore_file_delete
+        ))
         .routes(routes!(inventory::network_list, inventory::network_create))
         .routes(routes!(inventory::pool_list, inventory::pool_create))
         .routes(routes!(inventory::host_list))

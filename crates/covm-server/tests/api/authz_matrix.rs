@@ -71,6 +71,10 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/datastores",
     "POST /api/v1/datastores",
     "GET /api/v1/datastores/{datastore}",
+    "GET /api/v1/datastores/{datastore}/files",
+    "PUT /api/v1/datastores/{datastore}/files/{path}",
+    "GET /api/v1/datastores/{datastore}/files/{path}",
+    "DELETE /api/v1/datastores/{datastore}/files/{path}",
     "GET /api/v1/networks",
     "POST /api/v1/networks",
     "GET /api/v1/pools",
@@ -183,6 +187,10 @@ impl Env {
             }
         }
         a.post::<_, Value>("/vms/vm-shared/snapshots", &json!({ "name": "s0" })).await.unwrap();
+        a.datastore_file_put("local", "shared.iso", None, None, b"iso".to_vec()).await.unwrap();
+        for role in BuiltinRole::ALL {
+            a.datastore_file_put("local", &format!("rm-{}.iso", tag(role)), None, None, b"iso".to_vec()).await.unwrap();
+        }
         for role in BuiltinRole::ALL {
             let t = tag(role);
             for (d, snaps) in [("fcd", vec!["s-del", "s-rev"])] {
@@ -320,6 +328,18 @@ impl Env {
                 .await
             }
             "GET /api/v1/datastores/{datastore}" => status(&c, Method::GET, "/datastores/local", None).await,
+            "GET /api/v1/datastores/{datastore}/files" => {
+                status(&c, Method::GET, "/datastores/local/files", None).await
+            }
+            "PUT /api/v1/datastores/{datastore}/files/{path}" => {
+                status(&c, Method::PUT, &format!("/datastores/local/files/up-{t}.iso"), Some(json!("iso"))).await
+            }
+            "GET /api/v1/datastores/{datastore}/files/{path}" => {
+                status(&c, Method::GET, "/datastores/local/files/shared.iso", None).await
+            }
+            "DELETE /api/v1/datastores/{datastore}/files/{path}" => {
+                status(&c, Method::DELETE, &format!("/datastores/local/files/rm-{t}.iso"), None).await
+            }
             "GET /api/v1/networks" => status(&c, Method::GET, "/networks", None).await,
             "POST /api/v1/networks" => {
                 status(&c, Method::POST, "/networks", Some(json!({ "name": format!("net-{t}"), "kind": "user" }))).await

@@ -6,6 +6,7 @@ pub mod browser;
 pub mod certs;
 pub mod common;
 pub mod conditions;
+pub mod datastore_files;
 pub mod disks;
 pub mod encryption;
 pub mod faults;
