@@ -5,6 +5,7 @@
 //! 6 the request was refused as invalid (400, 413); 7 try again later (429, 503).
 
 mod creds;
+mod datastore;
 mod disk;
 mod output;
 mod vm;
@@ -93,6 +94,9 @@ enum Command {
     /// First-class disks: create, ls, info, resize, clone, import, rm.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
+    /// Files in a datastore (ISOs, images to import, kernels): upload, ls, download, rm.
+    #[command(subcommand)]
+    Datastore(datastore::DatastoreCmd),
     /// VMs: create, change, edit, history, diff, revert, leases.
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -817,6 +821,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Vm(cmd) => vm::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Disk(cmd) => disk::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
+        Command::Datastore(cmd) => datastore::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Inventory(cmd) => {
             let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             let q = covm_types::api::ListQuery { limit: Some(1000), ..Default::default() };

@@ -295,6 +295,35 @@ fn a_disk_moves_between_vms() {
     assert_eq!(covm(&s, &admin, &["disk", "info", "data-1"], None).status.code(), Some(3));
 }
 
+/// Datastore files from the CLI: an upload in parts with its checksum, the listing with the VM that
+/// names the file, a download that matches, and a delete refused while the VM names it.
+#[test]
+fn a_file_is_uploaded_listed_downloaded_and_removed() {
+    let (tmp, s, admin) = signed_in_admin();
+    let local = tmp.path().join("boot.img");
+    let data: Vec<u8> = (0..(3u32 << 20) + 12345).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    let up = ok(covm(
+        &s,
+        &admin,
+        &["datastore", "upload", "local", local.to_str().unwrap(), "iso/boot.img", "--part-mib", "1"],
+        None,
+    ));
+    assert!(up.contains("local:iso/boot.img") && up.contains(&data.len().to_string()), "{up}");
+    ok(covm(&s, &admin, &["vm", "create", "k", "-m", "64", "--kernel", "local:iso/boot.img"], None));
+    let ls = ok(covm(&s, &admin, &["datastore", "ls", "local"], None));
+    assert!(ls.contains("iso/boot.img") && ls.contains("3.01 MiB") && ls.contains(" k "), "{ls}");
+    let back = tmp.path().join("back.img");
+    ok(covm(&s, &admin, &["datastore", "download", "local", "iso/boot.img", back.to_str().unwrap()], None));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let held = covm(&s, &admin, &["datastore", "rm", "local", "iso/boot.img"], None);
+    assert_eq!(held.status.code(), Some(5), "a conflict exits 5");
+    assert!(String::from_utf8_lossy(&held.stderr).contains("k"), "the error names the VM");
+    ok(covm(&s, &admin, &["vm", "rm", "k"], None));
+    ok(covm(&s, &admin, &["datastore", "rm", "local", "iso/boot.img"], None));
+    assert!(!ok(covm(&s, &admin, &["datastore", "ls", "local"], None)).contains("boot.img"));
+}
+
 /// Snapshots from the CLI: taken, listed as a tree (a revert's safety snapshot hangs under the
 /// snapshot the VM was at), reverted by scope, removed.
 #[test]
