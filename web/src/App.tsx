@@ -4,6 +4,7 @@ import { Layout } from "./components/Layout";
 import { FeedProvider } from "./live";
 import { AdminPage } from "./pages/Admin";
 import { AuditPage } from "./pages/Audit";
+import { DatastorePage } from "./pages/Datastore";
 import { DiskPage, DisksPage } from "./pages/Disks";
 import { NotFoundPage } from "./pages/NotFound";
 import { EnrollPage, SignInPage } from "./pages/SignIn";
@@ -31,6 +32,7 @@ export function App() {
           <Route path="vms/:name" element={<VmPage />} />
           <Route path="disks" element={<DisksPage />} />
           <Route path="disks/:name" element={<DiskPage />} />
+          <Route path="datastores/:name" element={<DatastorePage />} />
           <Route path="tasks" element={<TasksPage />} />
           <Route path="audit" element={<AuditPage />} />
           <Route path="admin" element={<AdminPage />} />

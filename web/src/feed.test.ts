@@ -103,6 +103,13 @@ describe("keysForEvent", () => {
     expect(keys).toContainEqual(["vm-versions", vmId]);
     expect(keys).toContainEqual(["inventory"]);
   });
+  it("a file uploaded to a datastore refreshes that datastore's files", () => {
+    const keys = keysForEvent(
+      ev({ kind: "datastore.file.uploaded", object_kind: "datastore", object_id: "ds1", object_name: "local" }),
+    );
+    expect(keys).toContainEqual(["datastore-files", "local"]);
+    expect(keys).not.toContainEqual(["vms"]);
+  });
   it("power changes touch the VM but not the inventory", () => {
     const keys = keysForEvent(ev({ kind: "vm.power.changed" }));
     expect(keys).toContainEqual(["vm", "web-1"]);

@@ -141,6 +141,11 @@ export function keysForEvent(e: FeedEvent): QueryKey[] {
       add(`${e.object_kind}s`);
       break;
   }
+  // A file uploaded to or deleted from a datastore.
+  if (kind.startsWith("datastore.file.")) {
+    if (e.object_name) add("datastore-files", e.object_name);
+    else add("datastore-files");
+  }
   if (kind.startsWith("task.")) {
     add("tasks");
     const task = dataField(e, "task") ?? dataField(e, "task_id");

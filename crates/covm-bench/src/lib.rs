@@ -13,6 +13,7 @@ pub mod server;
 pub mod snapshots;
 pub mod storm;
 pub mod tls;
+pub mod upload;
 
 use serde::Serialize;
 

@@ -47,6 +47,16 @@ enum Scenario {
         #[arg(long, default_value = "target/test-guest")]
         guest: PathBuf,
     },
+    /// Uploads into a datastore through the API (whole, and in parts with a SHA-256) against `cp` of the
+    /// same file: MiB/s, median of the runs.
+    Upload {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        #[arg(long, default_value_t = 64)]
+        part_mib: u64,
+    },
     /// What TLS costs: TLS 1.3 handshakes a second, and PATCH latency plain against TLS (kept-alive and
     /// a new connection per request). Runs its own two servers in this process.
     Tls {
@@ -218,6 +228,11 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
                 &covm_bench::encryption::IoParams { runs: *runs, mib: *mib },
             )
             .await
+        }
+        Scenario::Upload { runs, mib, part_mib } => {
+            let s = server(&cli, "sim").await?;
+            let p = covm_bench::upload::UploadParams { runs: *runs, mib: *mib, part_mib: *part_mib };
+            covm_bench::upload::upload(&s, &p).await
         }
         Scenario::Tls { handshakes, patches } => {
             covm_bench::tls::tls(&covm_bench::tls::TlsParams { handshakes: *handshakes, patches: *patches }).await

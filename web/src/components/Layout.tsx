@@ -12,6 +12,7 @@ const KIND_ORDER = ["folder", "vm", "disk", "datastore", "network", "pool", "hos
 function linkFor(o: ObjectRef): string | null {
   if (o.kind === "vm") return `/vms/${encodeURIComponent(o.name)}`;
   if (o.kind === "disk") return `/disks/${encodeURIComponent(o.name)}`;
+  if (o.kind === "datastore") return `/datastores/${encodeURIComponent(o.name)}`;
   return null;
 }
 
