@@ -36,15 +36,15 @@ pub async fn upload(s: &Server, p: &UploadParams) -> anyhow::Result<Report> {
         hex::encode(sha2::Sha256::digest(&bytes))
     };
     let rate = |t: Instant| p.mib as f64 / t.elapsed().as_secs_f64();
-    let (mut cp, mut whole, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cp, mut whole, mut parts, mut plain) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..p.runs {
         let t = Instant::now();
         let st = std::process::Command::new("cp").arg(&local).arg(ds.join(format!("cp-{run}.img"))).status()?;
         anyhow::ensure!(st.success(), "cp failed");
         cp.push(rate(t));
 
-        let body = bytes.clone();
         let t = Instant::now();
+        let body = covm_client::file_body(tokio::fs::File::open(&local).await?, p.mib << 20);
         let v = c.datastore_file_put("local", &format!("whole-{run}.img"), None, None, body).await?;
         whole.push(rate(t));
         anyhow::ensure!(v.complete && v.received == p.mib << 20, "the whole upload did not complete: {v:?}");
@@ -55,19 +55,26 @@ pub async fn upload(s: &Server, p: &UploadParams) -> anyhow::Result<Report> {
             .await?;
         parts.push(rate(t));
         anyhow::ensure!(v.complete, "the upload in parts did not complete");
-        for f in [format!("whole-{run}.img"), format!("parts-{run}.img")] {
+
+        let t = Instant::now();
+        let v =
+            c.datastore_upload("local", &format!("plain-{run}.img"), &local, p.part_mib << 20, None, |_, _| {}).await?;
+        plain.push(rate(t));
+        anyhow::ensure!(v.complete, "the upload in parts did not complete");
+        for f in [format!("whole-{run}.img"), format!("parts-{run}.img"), format!("plain-{run}.img")] {
             c.datastore_file_delete("local", &f).await?;
         }
         std::fs::remove_file(ds.join(format!("cp-{run}.img")))?;
     }
     let round = |x: f64| (x * 10.0).round() / 10.0;
-    let (cp, whole, parts) = (median(cp), median(whole), median(parts));
+    let (cp, whole, parts, plain) = (median(cp), median(whole), median(parts), median(plain));
     Ok(Report {
         scenario: "upload".into(),
         params: serde_json::to_value(p)?,
         figures: serde_json::json!({
             "cp_mib_s": round(cp),
             "put_whole_mib_s": round(whole),
+            "put_parts_mib_s": round(plain),
             "put_parts_sha256_mib_s": round(parts),
             "put_whole_vs_cp": round(whole / cp * 100.0) / 100.0,
             "put_parts_vs_cp": round(parts / cp * 100.0) / 100.0,

@@ -660,10 +660,9 @@ impl Client {
         sha256: Option<&str>,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<UploadView> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        use tokio::io::AsyncSeekExt;
         let local_err = |e: std::io::Error| ClientError::Transport(format!("{}: {e}", local.display()));
-        let mut f = tokio::fs::File::open(local).await.map_err(local_err)?;
-        let total = f.metadata().await.map_err(local_err)?.len();
+        let total = tokio::fs::metadata(local).await.map_err(local_err)?.len();
         if total == 0 {
             return self.datastore_file_put(ds, path, None, sha256, Vec::new()).await;
         }
@@ -671,10 +670,10 @@ impl Client {
         progress(at, total);
         loop {
             let len = part.max(1).min(total - at);
+            let mut f = tokio::fs::File::open(local).await.map_err(local_err)?;
             f.seek(std::io::SeekFrom::Start(at)).await.map_err(local_err)?;
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact(&mut buf).await.map_err(local_err)?;
-            let view = self.datastore_file_put(ds, path, Some((at, at + len - 1, total)), sha256, buf).await?;
+            let body = file_body(f, len);
+            let view = self.datastore_file_put(ds, path, Some((at, at + len - 1, total)), sha256, body).await?;
             at = view.received;
             progress(at, total);
             if view.complete {
@@ -975,6 +974,24 @@ pub enum FeedItem {
     Event(Box<EventView>),
     /// Who is viewing or editing a VM now (not in the log).
     Presence(PresenceEvent),
+}
+
+/// `len` bytes of a file from where it stands, as a request body read while it is sent (1 MiB at a
+/// time, never the whole in memory).
+pub fn file_body(file: tokio::fs::File, len: u64) -> reqwest::Body {
+    use tokio::io::AsyncReadExt;
+    let stream = futures::stream::unfold(file.take(len), |mut r| async move {
+        let mut buf = vec![0u8; 1 << 20];
+        match r.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(buf), r))
+            }
+            Err(e) => Some((Err(e), r)),
+        }
+    });
+    reqwest::Body::wrap_stream(stream)
 }
 
 /// A datastore file's path as one URL path segment (`/` as `%2F`, everything but unreserved

@@ -84,6 +84,9 @@ fn file_rel(ds: &str, path: &str) -> Result<String, Error> {
     if rel.chars().any(char::is_control) {
         return Err(Error::invalid("path", "a path may not hold control characters"));
     }
+    if rel.split('/').any(|c| c.len() > 255) {
+        return Err(Error::invalid("path", "a part of a path has at most 255 bytes"));
+    }
     Ok(rel)
 }
 
