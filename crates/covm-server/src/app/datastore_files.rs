@@ -26,6 +26,8 @@ use super::{App, Ctx, EventExt};
 
 /// The hidden folder of uploads in progress, in every datastore.
 pub const UPLOADS_DIR: &str = ".covm-uploads";
+/// How long an upload that stopped is kept for its resumption (then [`App::uploads_reap`] deletes it).
+pub const UPLOAD_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A part of an upload: bytes `start..=end` of a file of `total` bytes (`Content-Range`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,6 +376,36 @@ impl App {
         self.committed();
         let file = self.file_view(&obj, &root, &rel).await?;
         Ok(UploadView { complete: true, file: Some(file), ..view(received, total) })
+    }
+
+    /// Deletes the uploads that have not grown for [`UPLOAD_KEEP`] in every datastore of this host
+    /// (run once a minute by the background loop); how many.
+    pub async fn uploads_reap(&self, keep: std::time::Duration) -> Result<usize, Error> {
+        let mut n = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store().objects_list(ObjectKind::Datastore, None, after.as_deref(), 1000).await?;
+            for ds in &page {
+                let dir = PathBuf::from(ds.spec["path"].as_str().unwrap_or_default()).join(UPLOADS_DIR);
+                let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                for e in entries.flatten() {
+                    let path = e.path();
+                    if path.extension().is_none_or(|x| x != "part") {
+                        continue;
+                    }
+                    // (An upload in progress writes to its part, which is then never that old.)
+                    let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    if age.is_some_and(|a| a > keep) {
+                        remove_quietly(&[&path, &path.with_extension("total")]);
+                        n += 1;
+                    }
+                }
+            }
+            if page.len() < 1000 {
+                return Ok(n);
+            }
+            after = page.last().map(|o| o.path.clone());
+        }
     }
 
     /// Deletes a file that no VM names (needs `Datastore.FileManagement`); an upload in progress of

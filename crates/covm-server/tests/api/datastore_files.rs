@@ -183,3 +183,24 @@ async fn an_uploaded_image_becomes_a_disk() {
         .unwrap();
     assert_eq!(d.capacity_bytes, 16 << 20);
 }
+
+#[tokio::test]
+async fn an_upload_that_stopped_a_day_ago_is_deleted() {
+    let s = TestServer::start().await;
+    let c = &s.admin;
+    c.datastore_file_put("local", "old.iso", Some((0, 9, 100)), None, vec![1u8; 10]).await.unwrap();
+    c.datastore_file_put("local", "new.iso", Some((0, 9, 100)), None, vec![1u8; 10]).await.unwrap();
+    let keep = std::time::Duration::from_secs(3600);
+    assert_eq!(s.app().uploads_reap(keep).await.unwrap(), 0, "both grew just now");
+    // old.iso's part last grew two hours ago.
+    let root = s.dir.path().join("datastores/local");
+    // Which part is whose is the server's business: age both, then grow new.iso again.
+    for p in tree(&s).into_iter().filter(|p| p.ends_with(".part")) {
+        let st = std::process::Command::new("touch").args(["-d", "2 hours ago"]).arg(root.join(p)).status().unwrap();
+        assert!(st.success());
+    }
+    c.datastore_file_put("local", "new.iso", Some((10, 19, 100)), None, vec![1u8; 10]).await.unwrap();
+    assert_eq!(s.app().uploads_reap(keep).await.unwrap(), 1);
+    assert_eq!(c.datastore_file_status("local", "old.iso", 100).await.unwrap().received, 0, "old.iso starts again");
+    assert_eq!(c.datastore_file_status("local", "new.iso", 100).await.unwrap().received, 20, "new.iso resumes");
+}

@@ -503,6 +503,11 @@ impl App {
                         Ok(n) => tracing::info!(snapshots = n, "deleted expired safety snapshots"),
                         Err(e) => tracing::warn!(error = %e, "could not delete expired safety snapshots"),
                     }
+                    match app.uploads_reap(crate::app::datastore_files::UPLOAD_KEEP).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(uploads = n, "deleted uploads that stopped a day ago"),
+                        Err(e) => tracing::warn!(error = %e, "could not delete stopped uploads"),
+                    }
                 }));
             }
             match self.sagas_recover().await {
