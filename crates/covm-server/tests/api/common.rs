@@ -20,6 +20,24 @@ pub struct TestServer {
     opts: Options,
 }
 
+/// A test leaves nothing running: the QEMU processes of its server's VMs (which outlive covm by
+/// design, to be adopted at its next start) end with the test.
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let Ok(vms) = std::fs::read_dir(self.dir.path().join("vms")) else { return };
+        for vm in vms.flatten() {
+            let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) else { continue };
+            let pid = pid.trim();
+            // Only a QEMU that still runs this VM's files (the pid may have been reused).
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*vm.path().to_string_lossy()));
+            if ours {
+                let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+}
+
 /// How a test server runs, beyond its driver and database.
 #[derive(Clone)]
 pub struct Options {
