@@ -36,8 +36,14 @@ fn main() {
     let dist = web.join("dist");
     let sources =
         ["src", "index.html", "package.json", "package-lock.json", "vite.config.ts", "tsconfig.json", "public"];
-    for s in sources {
-        println!("cargo:rerun-if-changed={}", web.join(s).display());
+    // Only paths that exist: cargo counts a missing one as changed at every build (which would build
+    // covm-server again each time). The built page too, so that a removed `web/dist` is built again
+    // (or the fallback embedded) instead of leaving rust-embed a folder that is gone.
+    for p in sources.iter().map(|s| web.join(s)).chain([dist.join("index.html")]).filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    if !web.exists() {
+        println!("cargo:rerun-if-changed={}", manifest.join("build.rs").display());
     }
     println!("cargo:rerun-if-env-changed=COVM_UI_BUILD");
     let wanted = std::env::var("COVM_UI_BUILD").map_or(true, |v| v != "0");
