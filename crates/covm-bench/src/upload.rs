@@ -7,19 +7,14 @@ use std::time::Instant;
 
 use rand::Rng;
 
-use crate::Report;
 use crate::server::Server;
+use crate::{Percentiles, Report};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UploadParams {
     pub runs: usize,
     pub mib: u64,
     pub part_mib: u64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 pub async fn upload(s: &Server, p: &UploadParams) -> anyhow::Result<Report> {
@@ -67,6 +62,7 @@ pub async fn upload(s: &Server, p: &UploadParams) -> anyhow::Result<Report> {
         std::fs::remove_file(ds.join(format!("cp-{run}.img")))?;
     }
     let round = |x: f64| (x * 10.0).round() / 10.0;
+    let median = |v: Vec<f64>| Percentiles::of(v).p50;
     let (cp, whole, parts, plain) = (median(cp), median(whole), median(parts), median(plain));
     Ok(Report {
         scenario: "upload".into(),

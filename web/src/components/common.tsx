@@ -1,5 +1,6 @@
 import { useQuery } from "@tanstack/react-query";
 import { useEffect, useId, useRef, type ReactNode } from "react";
+import { useSearchParams } from "react-router";
 import { api, ApiError, unwrap, type TaskView } from "../api/client";
 
 export function fmtBytes(n: number | null | undefined): string {
@@ -138,4 +139,41 @@ export function TaskFollow({ id }: { id: string }) {
 export function PowerBadge({ state }: { state: string | undefined }) {
   const s = state ?? "off";
   return <span className={`badge power-${s}`}>{s}</span>;
+}
+
+/** The tab a page shows, from the URL's `?tab=` (`first` when none), and how to switch it. */
+export function useUrlTab<T extends string>(first: T): [T, (t: T) => void] {
+  const [params, setParams] = useSearchParams();
+  const tab = (params.get("tab") as T | null) || first;
+  return [tab, (t: T) => setParams(t === first ? {} : { tab: t }, { replace: true })];
+}
+
+/** A row of tabs (ARIA `tablist`); the panel is the caller's. */
+export function TabBar<T extends string>({
+  label,
+  tabs,
+  tab,
+  onSelect,
+}: {
+  label: string;
+  tabs: readonly (readonly [T, string])[];
+  tab: T;
+  onSelect: (t: T) => void;
+}) {
+  return (
+    <div role="tablist" aria-label={label} className="tabs">
+      {tabs.map(([t, name]) => (
+        <button
+          key={t}
+          type="button"
+          role="tab"
+          aria-selected={tab === t}
+          className={tab === t ? "active" : ""}
+          onClick={() => onSelect(t)}
+        >
+          {name}
+        </button>
+      ))}
+    </div>
+  );
 }

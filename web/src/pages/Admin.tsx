@@ -1,9 +1,8 @@
 import { useMutation, useQuery, useQueryClient } from "@tanstack/react-query";
 import { useState, type FormEvent } from "react";
-import { useSearchParams } from "react-router";
 import { api, unwrap } from "../api/client";
 import { usePrivileges, type Privileges } from "../auth";
-import { ErrorMessage, fmtTime, Loading } from "../components/common";
+import { ErrorMessage, TabBar, useUrlTab, fmtTime, Loading } from "../components/common";
 
 function useAdminMutation<T>(fn: (v: T) => Promise<unknown>) {
   const qc = useQueryClient();
@@ -300,25 +299,11 @@ const TABS = [
 
 export function AdminPage() {
   const privs = usePrivileges();
-  const [params, setParams] = useSearchParams();
-  const tab = params.get("tab") ?? "users";
+  const [tab, setTab] = useUrlTab<(typeof TABS)[number][0]>("users");
   return (
     <section>
       <h1>Administration</h1>
-      <div role="tablist" aria-label="Administration sections" className="tabs">
-        {TABS.map(([t, label]) => (
-          <button
-            key={t}
-            type="button"
-            role="tab"
-            aria-selected={tab === t}
-            className={tab === t ? "active" : ""}
-            onClick={() => setParams(t === "users" ? {} : { tab: t }, { replace: true })}
-          >
-            {label}
-          </button>
-        ))}
-      </div>
+      <TabBar label="Administration sections" tabs={TABS} tab={tab} onSelect={setTab} />
       <div role="tabpanel" className="tabpanel">
         {tab === "users" ? <Users privs={privs} /> : null}
         {tab === "groups" ? <Groups privs={privs} /> : null}

@@ -1,10 +1,10 @@
 import { useMutation, useQuery, useQueryClient } from "@tanstack/react-query";
 import { lazy, Suspense, useEffect, useState } from "react";
-import { useParams, useSearchParams } from "react-router";
+import { useParams } from "react-router";
 import { api, ApiError, request, seg, unwrap, type LeaseView, type VmView } from "../api/client";
 import { presenceDelete, presenceGet, presencePut } from "../api/extra";
 import { usePrivileges, useWhoami, type Privileges } from "../auth";
-import { ErrorMessage, fmtTime, Loading, PowerBadge, TaskFollow } from "../components/common";
+import { ErrorMessage, TabBar, useUrlTab, fmtTime, Loading, PowerBadge, TaskFollow } from "../components/common";
 import { othersPresent, type PresenceState } from "../feed";
 import { useFeedFilter, usePresenceEntries } from "../live";
 import { VmConfigForm } from "./VmConfigForm";
@@ -269,8 +269,7 @@ const TABS: [Tab, string][] = [
 
 export function VmPage() {
   const { name = "" } = useParams();
-  const [params, setParams] = useSearchParams();
-  const tab = (params.get("tab") as Tab) || "summary";
+  const [tab, setTab] = useUrlTab<Tab>("summary");
   const q = useQuery(vmQuery(name));
   const vm = q.data;
   const me = useWhoami().data?.user.name;
@@ -311,20 +310,7 @@ export function VmPage() {
         <ViewingNow vmId={vm.id} me={me} />
       </div>
       {vm.config.description ? <p className="description">{vm.config.description}</p> : null}
-      <div role="tablist" aria-label="VM sections" className="tabs">
-        {TABS.map(([t, label]) => (
-          <button
-            key={t}
-            type="button"
-            role="tab"
-            aria-selected={tab === t}
-            className={tab === t ? "active" : ""}
-            onClick={() => setParams(t === "summary" ? {} : { tab: t }, { replace: true })}
-          >
-            {label}
-          </button>
-        ))}
-      </div>
+      <TabBar label="VM sections" tabs={TABS} tab={tab} onSelect={setTab} />
       <div role="tabpanel" className="tabpanel">
         {tab === "summary" ? (
           <div className="columns">
