@@ -42,6 +42,8 @@ impl SqliteStore {
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            // A file does not go away like a server's connection: no ping before each use.
+            .test_before_acquire(false)
             .after_release(|conn, _| Box::pin(async move { crate::sql::release_check(conn).await }))
             .connect_with(options.clone())
             .await
@@ -53,6 +55,7 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await
             .map_err(db_err("open the database"))?;

@@ -88,9 +88,14 @@ macro_rules! object_privileges_cte {
 /// Decides whether a connection goes back to the pool: never one still inside a transaction. A
 /// COMMIT that failed (a full disk) may leave the database rolled back and the driver still counting a
 /// transaction, whose ROLLBACK then fails too; such a connection is closed and the pool makes a new
-/// one, so writes resume by themselves once the cause is gone. The ping lets a rollback queued by a
-/// dropped transaction finish first.
+/// one, so writes resume by themselves once the cause is gone. A connection outside a transaction goes
+/// straight back (a round trip per release is the single SQLite writer's hand-over time, and under load
+/// every waiting writer pays it); one inside is pinged first, which lets a rollback queued by a dropped
+/// transaction finish.
 pub(crate) async fn release_check<C: sqlx::Connection>(conn: &mut C) -> std::result::Result<bool, sqlx::Error> {
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
     if conn.ping().await.is_err() {
         return Ok(false);
     }
