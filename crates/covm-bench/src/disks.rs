@@ -108,6 +108,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
         unit: 0,
         read_only: false,
         key: None,
+        backing: None,
     };
 
     let (mut attach, mut attach_floor, mut detach, mut detach_floor) = (vec![], vec![], vec![], vec![]);

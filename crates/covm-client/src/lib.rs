@@ -499,6 +499,16 @@ impl Client {
         self.post(&format!("/vms/{vm}/revert"), &r).await
     }
 
+    /// Makes a VM a template (read-only, the source of clones).
+    pub async fn vm_template(&self, vm: &str) -> Result<VmView> {
+        self.post(&format!("/vms/{vm}/template"), &serde_json::json!(null)).await
+    }
+
+    /// A new VM from a VM or a template.
+    pub async fn vm_clone(&self, vm: &str, p: &covm_types::vm::VmClone) -> Result<VmView> {
+        self.post(&format!("/vms/{vm}/clone"), p).await
+    }
+
     /// Puts a VM back to how it was before version `n` (the safety snapshot that protects it).
     pub async fn vm_revert_before(&self, vm: &str, n: i64, scope: covm_types::snapshot::RevertScope) -> Result<VmView> {
         let r = RevertRequest {

@@ -153,6 +153,20 @@ pub async fn create(path: &Path, format: &str, size: u64, key: Option<&DiskKey>)
 }
 
 /// Grows an image to `size` bytes (never shrinks).
+/// A qcow2 overlay on `backing` (a linked clone's disk): reads what it has not written from the backing
+/// image, which must then never change. `backing` is named relative to the overlay's directory when
+/// both are in the same one, so that a datastore can move.
+pub async fn create_overlay(path: &Path, backing: &Path, backing_format: &str) -> Result<(), HvError> {
+    if path.exists() {
+        return Err(HvError::Io(format!("{} exists already", path.display())));
+    }
+    let name = match (backing.parent(), path.parent(), backing.file_name()) {
+        (Some(a), Some(b), Some(f)) if a == b => f.to_string_lossy().into_owned(),
+        _ => s(backing),
+    };
+    run(&["create", "-q", "-f", "qcow2", "-b", &name, "-F", backing_format, &s(path)]).await.map(|_| ())
+}
+
 pub async fn resize(path: &Path, format: &str, size: u64, key: Option<&DiskKey>) -> Result<(), HvError> {
     on_image("resize", &["-q"], path, format, key, &[size.to_string()]).await.map(|_| ())
 }

@@ -104,6 +104,9 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// The passphrase of an encrypted (LUKS) image.
     pub key: Option<secret::DiskKey>,
+    /// A linked clone's base image (file and format), opened read-only beneath it. covm names it;
+    /// a backing file named in the image's own header is never followed.
+    pub backing: Option<(PathBuf, String)>,
 }
 
 /// Everything a driver needs to start one VM.
@@ -154,6 +157,7 @@ impl MemoryState {
             unit: 0,
             read_only: false,
             key: None,
+            backing: None,
         }
     }
 

@@ -472,7 +472,7 @@ impl VmHandle for QemuVm {
 
     async fn blockdev_del(&mut self, node: &str) -> Result<(), HvError> {
         let have = self.block_query().await?.nodes;
-        for n in [node.to_owned(), format!("{node}-file")] {
+        for n in [node.to_owned(), format!("{node}-file"), format!("{node}-base"), format!("{node}-base-file")] {
             if have.contains(&n) {
                 self.qmp.execute("blockdev-del", json!({ "node-name": n })).await?;
             }
@@ -489,11 +489,30 @@ impl VmHandle for QemuVm {
             let f = json!({ "driver": "file", "node-name": file, "filename": d.path.display().to_string(), "read-only": d.read_only });
             self.qmp.execute("blockdev-add", f).await?;
         }
+        // A linked clone's base, read-only beneath it; covm names it (the image's header is not trusted).
+        let base = format!("{}-base", d.node);
+        if let Some((path, format)) = &d.backing
+            && !have.contains(&base)
+        {
+            let base_file = format!("{}-base-file", d.node);
+            if !have.contains(&base_file) {
+                let f = json!({ "driver": "file", "node-name": base_file, "filename": path.display().to_string(), "read-only": true });
+                self.qmp.execute("blockdev-add", f).await?;
+            }
+            let mut b = json!({ "driver": format, "node-name": base, "file": base_file, "read-only": true });
+            if format == "qcow2" {
+                b["backing"] = serde_json::Value::Null;
+            }
+            if let Err(e) = self.qmp.execute("blockdev-add", b).await {
+                let _ = self.qmp.execute("blockdev-del", json!({ "node-name": base_file })).await;
+                return Err(e);
+            }
+        }
         if !have.contains(&d.node) {
             let mut fmt = json!({ "driver": d.format, "node-name": d.node, "file": file, "read-only": d.read_only });
-            // covm makes no backing files (yet): a qcow2 header that names one is never followed.
+            // A qcow2 header that names a backing file is never followed: the base is covm's, or none.
             if d.format == "qcow2" {
-                fmt["backing"] = serde_json::Value::Null;
+                fmt["backing"] = if d.backing.is_some() { json!(base) } else { serde_json::Value::Null };
             }
             if let Some(k) = &d.key {
                 // The passphrase arrives as a secret encrypted with this QEMU's own key.

@@ -203,6 +203,14 @@ pub enum ErrorCode {
     ConsoleUnavailable,
     /// A part of an upload does not start where the upload stands (`details.received` says where).
     UploadOffset,
+    /// The guest runs no guest agent (qemu-guest-agent), or it does not answer.
+    AgentUnavailable,
+    /// Linked clones use this template's disks (`details.clones` names them).
+    TemplateInUse,
+    /// A linked clone is made from a template; this VM is not one.
+    NotATemplate,
+    /// The VM is a template: read-only and never powered on; clone it.
+    VmIsTemplate,
     /// An uploaded file's SHA-256 is not the one the upload named.
     ChecksumMismatch,
     /// The controller has no free slot.
@@ -362,6 +370,10 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::ConsoleUnavailable,
         ErrorCode::UploadOffset,
+        ErrorCode::AgentUnavailable,
+        ErrorCode::TemplateInUse,
+        ErrorCode::NotATemplate,
+        ErrorCode::VmIsTemplate,
         ErrorCode::ChecksumMismatch,
         ErrorCode::ControllerFull,
         ErrorCode::CsrfFailed,
@@ -446,6 +458,10 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConsoleUnavailable => "console_unavailable",
             ErrorCode::UploadOffset => "upload_offset",
+            ErrorCode::AgentUnavailable => "agent_unavailable",
+            ErrorCode::TemplateInUse => "template_in_use",
+            ErrorCode::NotATemplate => "not_a_template",
+            ErrorCode::VmIsTemplate => "vm_is_template",
             ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::ControllerFull => "controller_full",
             ErrorCode::CsrfFailed => "csrf_failed",

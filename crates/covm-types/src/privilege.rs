@@ -63,6 +63,12 @@ privileges! {
     VmStateRenameSnapshot => "VirtualMachine.State.RenameSnapshot",
     DiskSnapshot => "Disk.Snapshot",
     VmLeaseBreak => "VirtualMachine.Lease.Break",
+    VmProvisioningClone => "VirtualMachine.Provisioning.Clone",
+    VmProvisioningDeployTemplate => "VirtualMachine.Provisioning.DeployTemplate",
+    VmProvisioningMarkAsTemplate => "VirtualMachine.Provisioning.MarkAsTemplate",
+    VmProvisioningCustomize => "VirtualMachine.Provisioning.Customize",
+    VmGuestModify => "VirtualMachine.GuestOperations.Modify",
+    VmGuestQuery => "VirtualMachine.GuestOperations.Query",
     DatastoreConfig => "Datastore.Config",
     DatastoreAllocateSpace => "Datastore.AllocateSpace",
     DatastoreBrowse => "Datastore.Browse",
@@ -129,7 +135,7 @@ impl BuiltinRole {
     pub fn privileges(self) -> Vec<Privilege> {
         use Privilege::*;
         let read = [SystemView, SystemRead];
-        let user = [VmInteractPowerOn, VmInteractPowerOff, VmInteractReset, VmInteractConsole];
+        let user = [VmInteractPowerOn, VmInteractPowerOff, VmInteractReset, VmInteractConsole, VmGuestQuery];
         let creator = [
             VmInventoryCreate,
             VmInventoryDelete,
@@ -154,6 +160,11 @@ impl BuiltinRole {
             DiskAttach,
             ResourceAssignVmToPool,
             NetworkAssign,
+            VmProvisioningClone,
+            VmProvisioningDeployTemplate,
+            VmProvisioningMarkAsTemplate,
+            VmProvisioningCustomize,
+            VmGuestModify,
         ];
         match self {
             BuiltinRole::Admin => Privilege::ALL.to_vec(),

@@ -121,6 +121,153 @@ pub struct Nic {
     /// Whether the link is up (a live change).
     #[serde(default = "yes")]
     pub connected: bool,
+    /// Host ports forwarded to the guest: only on a `user` network (a `nat` network's forwards are the
+    /// network's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_forwards: Vec<PortForward>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// A host port that reaches a guest port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    #[schema(minimum = 1, maximum = 65535)]
+    pub host_port: u16,
+    #[schema(minimum = 1, maximum = 65535)]
+    pub guest_port: u16,
+    #[serde(default)]
+    pub proto: Proto,
+    /// The host address it listens on (default 127.0.0.1: only the host itself).
+    #[serde(default = "loopback")]
+    #[schema(value_type = String, example = "127.0.0.1")]
+    pub host_addr: std::net::IpAddr,
+}
+
+fn loopback() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// A cloud-init NoCloud seed that covm builds at each power-on from the running version (an ISO
+/// labelled `cidata`, attached as a read-only CD). Its instance id is the VM's id, so a clone is a new
+/// instance to cloud-init.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInit {
+    /// The guest's host name (default: the VM's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<CloudInitUser>,
+    /// A network config, version 2 (netplan's shape): `{"version": 2, "ethernets": {...}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub network: Option<serde_json::Value>,
+    /// Raw user-data: used as it is instead of what covm would write from `hostname` and `users`
+    /// (a `#cloud-config` document or a script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitUser {
+    /// A POSIX user name.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// Whether the user may run anything as root without a password.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sudo: bool,
+}
+
+pub const USER_DATA_MAX: usize = 64 * 1024;
+
+fn hostname_ok(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+impl CloudInit {
+    /// Checks the seed's parts on their own; the error names the field.
+    pub fn check(&self) -> Result<(), Error> {
+        if let Some(h) = &self.hostname
+            && !hostname_ok(h)
+        {
+            return Err(Error::invalid(
+                "cloud_init.hostname",
+                "a host name is labels of letters, digits and '-' separated by dots (RFC 1123)",
+            ));
+        }
+        if self.users.len() > 32 {
+            return Err(Error::invalid("cloud_init.users", "at most 32 users"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let ok = !u.name.is_empty()
+                && u.name.len() <= 32
+                && u.name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && u.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !ok {
+                return Err(Error::invalid(
+                    &format!("cloud_init.users[{i}].name"),
+                    "a user name has 1 to 32 lowercase letters, digits, '_' or '-', and starts with a letter or '_'",
+                ));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(Error::invalid(
+                    &format!("cloud_init.users[{i}].name"),
+                    format!("two users are named {}", u.name),
+                ));
+            }
+            for (j, k) in u.ssh_authorized_keys.iter().enumerate() {
+                let mut parts = k.split_whitespace();
+                let (kind, body) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let kind_ok = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+                if !kind_ok || body.is_empty() || k.contains(['\n', '\r']) || k.len() > 16 * 1024 {
+                    return Err(Error::invalid(
+                        &format!("cloud_init.users[{i}].ssh_authorized_keys[{j}]"),
+                        "an SSH public key is one line: its type (ssh-ed25519, ssh-rsa, ecdsa-…), the key, a comment",
+                    ));
+                }
+            }
+        }
+        if let Some(n) = &self.network
+            && n.get("version").and_then(|v| v.as_u64()) != Some(2)
+        {
+            return Err(Error::invalid(
+                "cloud_init.network",
+                "a network config is an object of version 2: {\"version\": 2, \"ethernets\": {…}}",
+            ));
+        }
+        if self.user_data.as_ref().is_some_and(|u| u.len() > USER_DATA_MAX) {
+            return Err(Error::invalid("cloud_init.user_data", format!("user_data has at most {USER_DATA_MAX} bytes")));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -244,6 +391,13 @@ pub struct VmConfig {
     /// or break boot).
     #[serde(default, skip_serializing_if = "SafetyPolicy::is_default")]
     pub safety_snapshots: SafetyPolicy,
+    /// A template: read-only, never powered on, the source of clones (`POST /vms/{vm}/template`
+    /// makes one; a change cannot).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub template: bool,
+    /// A cloud-init seed for the guest, built at each power-on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
 
 /// When covm takes a safety snapshot (disks only, `kind: safety`) before a change of a VM.
@@ -354,7 +508,26 @@ impl VmConfig {
             }
         }
         let mut macs = std::collections::HashSet::new();
+        let mut forwards = std::collections::HashSet::new();
         for (i, n) in self.nics.iter().enumerate() {
+            if n.port_forwards.len() > 64 {
+                return Err(Error::invalid(&format!("nics[{i}].port_forwards"), "at most 64 port forwards a NIC"));
+            }
+            for (j, f) in n.port_forwards.iter().enumerate() {
+                if f.host_port == 0 || f.guest_port == 0 {
+                    let field = if f.host_port == 0 { "host_port" } else { "guest_port" };
+                    return Err(Error::invalid(
+                        &format!("nics[{i}].port_forwards[{j}].{field}"),
+                        "a port is between 1 and 65535",
+                    ));
+                }
+                if !forwards.insert((f.proto, f.host_addr, f.host_port)) {
+                    return Err(Error::invalid(
+                        &format!("nics[{i}].port_forwards[{j}].host_port"),
+                        format!("{} port {} of {} is forwarded twice", f.proto.as_str(), f.host_port, f.host_addr),
+                    ));
+                }
+            }
             if let Some(mac) = &n.mac {
                 if !mac_ok(mac) {
                     return Err(Error::invalid(
@@ -402,6 +575,9 @@ impl VmConfig {
         }
         if self.boot.is_empty() || self.boot.len() > 3 {
             return Err(Error::invalid("boot", "boot lists 1 to 3 devices"));
+        }
+        if let Some(c) = &self.cloud_init {
+            c.check()?;
         }
         Ok(())
     }
@@ -523,6 +699,45 @@ pub struct VmView {
     pub runtime: VmRuntime,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseView>,
+}
+
+/// `POST /vms/{vm}/clone`: a new VM from a VM or a template.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmClone {
+    /// The new VM's name; its disks are named `NAME-1`, `NAME-2`… in the order of the source's disks.
+    pub name: Name,
+    /// Linked: each disk is a qcow2 overlay on the template's disk (fast, small; the template's disks
+    /// stay while clones use them). Full: each disk is copied. Default: linked for a template, full
+    /// for a VM (a linked clone needs a template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linked: Option<bool>,
+    /// The folder of the new VM and its disks (default: the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
+    /// The resource pool (default: the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// A new identity for the guest: cloud-init's host name (default: the new VM's name) and users
+    /// (replacing the source's). New MAC addresses and a new instance id come with every clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customize: Option<CloneCustomize>,
+    /// A description for the new VM (default: the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneCustomize {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<CloudInitUser>>,
+    /// A network config (version 2) replacing the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub network: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
@@ -922,6 +1137,12 @@ pub struct VmChange {
     pub cmdline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety_snapshots: Option<SafetyPolicy>,
+    /// Refused: a VM becomes a template with `POST /vms/{vm}/template`, and a template takes no change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<bool>,
+    /// The cloud-init seed, merged key by key (`null` removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
 
 /// A merge patch of [`Console`].

@@ -140,6 +140,7 @@ async fn covm_killed_at_each_step_of_a_hot_attach_recovers_to_agreement() {
                 format: "qcow2".into(),
                 bus: ControllerType::VirtioScsi,
                 key: None,
+                backing: None,
             }),
             next_boot: false,
             moved_from: None,

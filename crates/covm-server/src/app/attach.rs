@@ -189,6 +189,7 @@ impl App {
             format: disk.spec["format"].as_str().unwrap_or("qcow2").to_owned(),
             bus,
             key: super::disks::wrapped_key(&disk.spec),
+            backing: self.disk_backing(disk).await?,
         })
     }
 
@@ -330,6 +331,7 @@ impl App {
                 unit: d.unit,
                 read_only: d.read_only,
                 key: self.disk_key(o.id, &o.spec).ok().flatten(),
+                backing: self.disk_backing(&o).await.ok().flatten(),
             };
             tracing::warn!(vm = %rec.object.name, disk = %o.name, "the guest let go of a disk after its detach gave up; the config holds it, so it is plugged back");
             if let Err(e) = self.agent().ask(vm, VmOp::DeviceAdd(Box::new(spec))).await {

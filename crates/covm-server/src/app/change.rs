@@ -58,6 +58,8 @@ pub fn field_changes(old: &VmConfig, new: &VmConfig) -> Vec<FieldChange> {
         initrd,
         cmdline,
         safety_snapshots,
+        template,
+        cloud_init,
     } = new;
     // Disks: adding one and removing one are separate privileges.
     let disk_privileges = {
@@ -77,7 +79,7 @@ pub fn field_changes(old: &VmConfig, new: &VmConfig) -> Vec<FieldChange> {
             old.nics.len() == nics.len() && old.nics.iter().zip(nics).all(|(x, y)| link_only(x) == link_only(y));
         if same_but_links { Live } else { NextBoot }
     };
-    let rules: [(&'static str, bool, Vec<Privilege>, Class); 21] = [
+    let rules: [(&'static str, bool, Vec<Privilege>, Class); 23] = [
         ("name", *name != old.name, vec![VmConfigEdit], Live),
         ("description", *description != old.description, vec![VmConfigEdit], Live),
         // Folder and pool also need their own privileges on the target (a reference).
@@ -101,6 +103,10 @@ pub fn field_changes(old: &VmConfig, new: &VmConfig) -> Vec<FieldChange> {
         ("initrd", *initrd != old.initrd, vec![VmConfigEdit], NextBoot),
         ("cmdline", *cmdline != old.cmdline, vec![VmConfigEdit], NextBoot),
         ("safety_snapshots", *safety_snapshots != old.safety_snapshots, vec![VmConfigEdit], Live),
+        // Only `POST /vms/{vm}/template` sets it (a change that names it is refused before this).
+        ("template", *template != old.template, vec![VmProvisioningMarkAsTemplate], Live),
+        // The seed is built at power-on.
+        ("cloud_init", *cloud_init != old.cloud_init, vec![VmConfigEdit], NextBoot),
     ];
     rules
         .into_iter()
@@ -223,7 +229,8 @@ mod tests {
             "disks": [{ "disk": "d1", "controller": "sata0", "unit": 0 }],
             "nics": [{ "network": "n", "mac": "52:54:00:00:00:01" }], "cdrom": "x.iso",
             "boot": ["cdrom"], "console": { "vnc": false }, "autostart": { "enabled": true },
-            "annotations": { "k": "v" }, "kernel": "k", "initrd": "i", "cmdline": "c", "safety_snapshots": "off"
+            "annotations": { "k": "v" }, "kernel": "k", "initrd": "i", "cmdline": "c", "safety_snapshots": "off",
+            "template": true, "cloud_init": { "hostname": "h" }
         }));
         let typed: Vec<String> = field_changes(&old, &new).iter().map(|c| c.field.to_owned()).collect();
         let mut json_fields =
@@ -232,7 +239,7 @@ mod tests {
         sorted.sort();
         json_fields.sort();
         assert_eq!(sorted, json_fields);
-        assert_eq!(typed.len(), 21, "a field of VmConfig is not changed by this test: {typed:?}");
+        assert_eq!(typed.len(), 23, "a field of VmConfig is not changed by this test: {typed:?}");
     }
 
     #[test]

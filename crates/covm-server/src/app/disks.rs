@@ -40,7 +40,7 @@ pub(crate) fn attachment_view(a: covm_store::AttachmentRecord) -> DiskAttachment
     }
 }
 
-fn spec_str<'a>(o: &'a ObjectRecord, k: &str) -> &'a str {
+pub(crate) fn spec_str<'a>(o: &'a ObjectRecord, k: &str) -> &'a str {
     o.spec[k].as_str().unwrap_or_default()
 }
 
@@ -49,7 +49,7 @@ pub(crate) fn wrapped_key(spec: &serde_json::Value) -> Option<super::keys::Wrapp
     serde_json::from_value(spec.get("encryption")?.clone()).ok()
 }
 
-fn format_of(o: &ObjectRecord) -> DiskFormat {
+pub(crate) fn format_of(o: &ObjectRecord) -> DiskFormat {
     serde_json::from_value(o.spec["format"].clone()).unwrap_or_default()
 }
 
@@ -66,7 +66,7 @@ fn capacity_check(field: &str, bytes: u64) -> Result<(), Error> {
 }
 
 impl App {
-    async fn datastore_for_disk(&self, ctx: &Ctx, name: &str) -> Result<(ObjectRecord, PathBuf), Error> {
+    pub(crate) async fn datastore_for_disk(&self, ctx: &Ctx, name: &str) -> Result<(ObjectRecord, PathBuf), Error> {
         let ds = self.object_resolve(ctx, name, Some(ObjectKind::Datastore), "datastore").await?;
         self.require(ctx, &ds, Privilege::DatastoreAllocateSpace).await?;
         let root = PathBuf::from(spec_str(&ds, "path"));
@@ -87,7 +87,7 @@ impl App {
     }
 
     /// The pool a disk counts against, after checking its disk quota holds with `bytes` more.
-    async fn disk_pool_admit(&self, pool: &str, bytes: u64, except: Option<Uuid>) -> Result<String, Error> {
+    pub(crate) async fn disk_pool_admit(&self, pool: &str, bytes: u64, except: Option<Uuid>) -> Result<String, Error> {
         let p = self
             .object_lookup(pool, Some(ObjectKind::Pool))
             .await?
@@ -184,6 +184,19 @@ impl App {
             .await?
             .ok_or_else(|| Error::conflict(ErrorCode::DatastoreMissing, "the disk's datastore is gone"))?;
         Ok(PathBuf::from(spec_str(&ds, "path")).join(spec_str(o, "file")))
+    }
+
+    /// A linked clone's base: the backing disk's image and format (None for an ordinary disk).
+    pub(crate) async fn disk_backing(&self, o: &ObjectRecord) -> Result<Option<(PathBuf, String)>, Error> {
+        let Some(b) = o.spec["backing_disk"].as_str() else { return Ok(None) };
+        let id = Uuid::parse_str(b).map_err(|_| Error::internal("a disk names a backing disk that is not an id"))?;
+        let base = self.store().object_get(id).await?.ok_or_else(|| {
+            Error::conflict(
+                ErrorCode::DiskMissing,
+                format!("{} is a linked clone of a disk that no longer exists", o.name),
+            )
+        })?;
+        Ok(Some((self.disk_file(&base).await?, format_of(&base).as_str().to_owned())))
     }
 
     /// Runs a create, clone or import saga; the new disk's view. A clone's source (`copy_of`) stays
@@ -318,6 +331,8 @@ impl App {
             )
             .with_field("capacity_bytes"));
         }
+        // Linked clones read it as it is: it stays so while they exist.
+        self.linked_clones_refuse(&o.name, &[o.id]).await?;
         let file = self.disk_file(&o).await?;
         let root = file.parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
         Self::space_check(&root, to - current)?;
@@ -390,7 +405,7 @@ impl App {
     }
 
     /// A disk a running VM writes to is not copied: the copy would not be consistent.
-    async fn clone_check(&self, src: &ObjectRecord) -> Result<(), Error> {
+    pub(crate) async fn clone_check(&self, src: &ObjectRecord) -> Result<(), Error> {
         if self.disk_attachments(src).await?.iter().any(|a| !a.read_only)
             && let Some(vm) = self.disk_holders_running(src).await?.first()
         {
@@ -547,6 +562,7 @@ impl App {
             return Err(Error::conflict(ErrorCode::DiskInUse, format!("{} is attached to {}", o.name, vms.join(", ")))
                 .with_details(json!({ "vms": vms })));
         }
+        self.linked_clones_refuse(&o.name, &[o.id]).await?;
         Ok(DeleteSaga {
             record: DiskRecord {
                 id: o.id,

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod authz;
 pub mod cache;
 pub mod change;
+pub mod clone;
 pub mod consoles;
 pub mod datastore_files;
 pub mod disks;

@@ -35,6 +35,12 @@ fn start_claim(version: i64, reason: &'static str) -> RuntimeFn {
         if vm.version != version {
             return Err(Error::conflict(ErrorCode::ConfigChanged, "the config changed; power on again"));
         }
+        if vm.config["template"] == json!(true) {
+            return Err(Error::conflict(
+                ErrorCode::VmIsTemplate,
+                format!("{} is a template: it is never powered on; clone it and power on the clone", vm.object.name),
+            ));
+        }
         let rt = VmRuntime { power_state, running_version: Some(version), ..Default::default() };
         Ok(Some((rt, json!({ "reason": reason }))))
     })
@@ -228,6 +234,7 @@ impl App {
                 unit: d.unit,
                 read_only: d.read_only,
                 key: self.disk_key(obj.id, &obj.spec)?,
+                backing: self.disk_backing(&obj).await?,
             });
         }
         let accel = self.accel_for(&config)?;

@@ -646,8 +646,7 @@ impl App {
             dry_run: false,
             next_boot: false,
             disks_checked: true,
-            disks_live: false,
-            events: vec![],
+            ..Default::default()
         };
         let pre = Preconditions { if_match: None, lease_token: c.lease_token };
         self.vm_write_doc(ctx, rec, DocChange::Replace(c.doc.clone(), c.version), pre, opts).await.map(drop)

@@ -79,7 +79,7 @@ pub(crate) fn parse_config(doc: &Value) -> Result<VmConfig, Error> {
 }
 
 /// A MAC in QEMU's locally administered range.
-fn mac_new() -> String {
+pub(crate) fn mac_new() -> String {
     let b: [u8; 3] = rand::random();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
@@ -161,12 +161,12 @@ impl App {
         }
         c.check(self.host_memory_mib())?;
         if c.disks.is_empty() {
-            return self.vm_create_locked(ctx, c).await;
+            return self.vm_create_locked(ctx, Uuid::now_v7(), c, "created", json!({})).await;
         }
         let (app, ctx) = (self.clone(), ctx.clone());
         self.to_the_end(async move {
             let guard = app.disk_refs_lock(&ctx, None, &c).await?;
-            let r = app.vm_create_locked(&ctx, c).await;
+            let r = app.vm_create_locked(&ctx, Uuid::now_v7(), c, "created", json!({})).await;
             if let Some(g) = guard {
                 g.release().await;
             }
@@ -175,7 +175,16 @@ impl App {
         .await
     }
 
-    async fn vm_create_locked(&self, ctx: &Ctx, mut c: VmConfig) -> Result<VmView, Error> {
+    /// Writes a new VM (version 1) with the id `id`, its references authorized; `data` goes into its
+    /// `vm.created` entry beside folder, pool, CPUs and memory.
+    pub(crate) async fn vm_create_locked(
+        &self,
+        ctx: &Ctx,
+        id: Uuid,
+        mut c: VmConfig,
+        message: &str,
+        data: Value,
+    ) -> Result<VmView, Error> {
         let folder = self.object_resolve(ctx, &c.folder, Some(ObjectKind::Folder), "folder").await?;
         if !c.disks.is_empty() {
             // The new VM inherits the folder's grants: attaching disks is asked of the folder.
@@ -183,18 +192,19 @@ impl App {
         }
         let folder = self.config_refs_authorize(ctx, None, None, folder.id, &mut c, false).await?;
         let doc = serde_json::to_value(&c).map_err(|_| Error::internal("could not render a config"))?;
-        let id = Uuid::now_v7();
         let patch = patch_of(&json!({}), &doc);
-        let ev = ctx
-            .event("vm.created", "vm", Some(id), c.name.as_str())
-            .data(json!({ "folder": c.folder, "pool": c.pool, "cpus": c.cpus, "memory_mib": c.memory_mib }));
+        let mut d = json!({ "folder": c.folder, "pool": c.pool, "cpus": c.cpus, "memory_mib": c.memory_mib });
+        if let (Some(d), Some(extra)) = (d.as_object_mut(), data.as_object()) {
+            d.extend(extra.clone());
+        }
+        let ev = ctx.event("vm.created", "vm", Some(id), c.name.as_str()).data(d);
         let ev = covm_store::NewEvent { version_after: Some(1), patch: Some(patch.clone()), ..ev };
         let write = ConfigWrite {
             config: doc,
             name: c.name.to_string(),
             parent_id: folder,
             author: ctx.user.clone(),
-            message: Some("created".into()),
+            message: Some(message.into()),
             request_id: Some(ctx.req.id.clone()),
             patch,
         };
@@ -245,14 +255,7 @@ impl App {
         }
         let rec = self.vm_resolve(ctx, vm).await?;
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
-        let opts = WriteOpts {
-            message: q.message,
-            dry_run: q.dry_run,
-            next_boot,
-            disks_checked: false,
-            disks_live: false,
-            events: vec![],
-        };
+        let opts = WriteOpts { message: q.message, dry_run: q.dry_run, next_boot, ..Default::default() };
         let change = DocChange::Merge(merge);
         if q.dry_run {
             return self.vm_write_doc(ctx, rec, change, pre, opts).await;
@@ -310,14 +313,7 @@ impl App {
             .await?
             .ok_or_else(|| Error::invalid("version", format!("{} has no version {}", rec.object.name, version)))?;
         let message = r.message.unwrap_or_else(|| format!("revert to version {version}"));
-        let opts = WriteOpts {
-            message: Some(message),
-            dry_run: false,
-            next_boot: r.next_boot,
-            disks_checked: false,
-            disks_live: false,
-            events: vec![],
-        };
+        let opts = WriteOpts { message: Some(message), dry_run: false, next_boot: r.next_boot, ..Default::default() };
         let change = DocChange::Replace(old.config, version);
         Ok(self.vm_write_guarded(ctx, rec, change, pre, opts, false).await?.0)
     }
@@ -330,8 +326,7 @@ impl App {
         pre: Preconditions,
         opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
-        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events } = opts;
-        if let Some(m) = &message
+        if let Some(m) = &opts.message
             && m.len() > 1024
         {
             return Err(Error::invalid("message", "a message has at most 1024 bytes"));
@@ -341,8 +336,7 @@ impl App {
         if let Some(v) = pre.if_match.filter(|v| *v != rec.version) {
             return Err(self.stale_error(&rec, v).await);
         }
-        let opts = WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events };
-        if disks_checked || !change.touches_disks() {
+        if opts.disks_checked || !change.touches_disks() {
             return self.vm_write_doc_locked(ctx, rec, change, pre, opts).await;
         }
         // A change that sets the disks holds the VM's and the disks' locks (those it had and those it
@@ -373,7 +367,15 @@ impl App {
         pre: Preconditions,
         opts: WriteOpts,
     ) -> Result<(VmView, ChangePlan), Error> {
-        let WriteOpts { message, dry_run, next_boot: apply_next_boot, disks_checked, disks_live, events: extra } = opts;
+        let WriteOpts {
+            message,
+            dry_run,
+            next_boot: apply_next_boot,
+            disks_checked,
+            disks_live,
+            events: extra,
+            template_op,
+        } = opts;
         let host_mem = self.host_memory_mib();
         for _ in 0..RETRIES {
             // Outside the transaction: the whole document, decided and checked against the inventory
@@ -382,8 +384,9 @@ impl App {
             let asked = Asked { next_boot: apply_next_boot, disks_live };
             let name = rec.object.name.clone();
             let old_cfg: VmConfig = parse_config(&rec.config)?;
-            let raw =
-                decide(&name, &old_cfg, running(&rec), parse_config(&change.apply(&rec.config))?, host_mem, asked)?;
+            let asked_cfg = parse_config(&change.apply(&rec.config))?;
+            template_check(&name, &old_cfg, &asked_cfg, template_op, running(&rec))?;
+            let raw = decide(&name, &old_cfg, running(&rec), asked_cfg, host_mem, asked)?;
             for p in &raw.privileges {
                 self.require(ctx, &rec.object, *p).await?;
             }
@@ -441,7 +444,9 @@ impl App {
                     _ => {}
                 }
                 let base_now = parse_config(&vm.config)?;
-                let raw = decide(&name, &base_now, running(vm), parse_config(&c2.apply(&vm.config))?, host_mem, asked)?;
+                let asked_now = parse_config(&c2.apply(&vm.config))?;
+                template_check(&name, &base_now, &asked_now, template_op, running(vm))?;
+                let raw = decide(&name, &base_now, running(vm), asked_now, host_mem, asked)?;
                 if !raw.privileges.is_subset(&checked) {
                     return Ok(WriteOutcome::Retry("the change needs other privileges now".into()));
                 }
@@ -606,6 +611,16 @@ impl App {
     pub async fn vm_delete(&self, ctx: &Ctx, vm: &str, pre: Preconditions) -> Result<(), Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmInventoryDelete).await?;
+        let cfg = parse_config(&rec.config)?;
+        if cfg.template {
+            let mut ids = Vec::new();
+            for a in &cfg.disks {
+                if let Some(d) = self.object_lookup(&a.disk, Some(ObjectKind::Disk)).await? {
+                    ids.push(d.id);
+                }
+            }
+            self.linked_clones_refuse(&format!("template {}", rec.object.name), &ids).await?;
+        }
         self.vm_snapshots_release(ctx, &rec).await?;
         let ctx2 = ctx.clone();
         let write = Box::new(move |vm: &VmRecord, at: chrono::DateTime<chrono::Utc>| {
@@ -713,6 +728,32 @@ pub(crate) struct WriteOpts {
     pub disks_live: bool,
     /// More log entries to write with the version (a disk's `disk.attached`, …).
     pub events: Vec<covm_store::NewEvent>,
+    /// The write is `POST /vms/{vm}/template`: the only one that may set `template` (and the only one
+    /// a template takes).
+    pub template_op: bool,
+}
+
+/// A template is read-only, and only the template operation makes one.
+fn template_check(name: &str, old: &VmConfig, new: &VmConfig, template_op: bool, running: bool) -> Result<(), Error> {
+    if template_op {
+        if running {
+            return Err(Error::conflict(
+                ErrorCode::VmRunning,
+                format!("{name} is running; power it off before making it a template"),
+            ));
+        }
+        return Ok(());
+    }
+    if old.template {
+        return Err(Error::conflict(
+            ErrorCode::VmIsTemplate,
+            format!("{name} is a template: it is read-only; clone it to make a VM to change"),
+        ));
+    }
+    if new.template {
+        return Err(Error::invalid("template", "a VM becomes a template with POST /vms/{vm}/template, not a change"));
+    }
+    Ok(())
 }
 
 /// How a write makes the new document from the newest one.

@@ -121,6 +121,8 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(vms::vm_version_get))
         .routes(routes!(vms::vm_diff))
         .routes(routes!(vms::vm_revert))
+        .routes(routes!(vms::vm_template))
+        .routes(routes!(vms::vm_clone))
         .routes(routes!(vms::lease_get, vms::lease_acquire, vms::lease_renew, vms::lease_release))
         .routes(routes!(disks::disk_list, disks::disk_create))
         .routes(routes!(disks::disk_get, disks::disk_delete))

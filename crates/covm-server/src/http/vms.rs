@@ -9,7 +9,7 @@ use covm_types::api::Page;
 use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::vm::{
     DiffQuery, DiffView, LeaseReleaseQuery, LeaseRequest, LeaseView, PresenceEntry, PresenceSet, RevertRequest,
-    VersionQuery, VersionView, VmChangeQuery, VmConfig, VmListQuery, VmView,
+    VersionQuery, VersionView, VmChangeQuery, VmClone, VmConfig, VmListQuery, VmView,
 };
 use covm_types::{Error, ErrorBody};
 use serde::Serialize;
@@ -187,6 +187,41 @@ pub async fn vm_revert(
 ) -> Result<Response, ApiError> {
     let v = app.vm_revert(&ctx, &vm, r, pre).await?;
     Ok(with_etag(StatusCode::OK, v.version, &v))
+}
+
+/// Make the VM a template: powered off, it becomes read-only and the source of clones (a new config
+/// version says so). Idempotent.
+#[utoipa::path(post, path = "/vms/{vm}/template", tag = "vms", operation_id = "vm_template",
+    params(("vm" = String, Path, description = "VM name or id"),
+        ("If-Match" = Option<String>, Header, description = "the version this is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_template(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    Pre(pre): Pre,
+) -> Result<Response, ApiError> {
+    let v = app.vm_template(&ctx, &vm, pre).await?;
+    Ok(with_etag(StatusCode::OK, v.version, &v))
+}
+
+/// A new VM from this VM or template: its disks copied (full) or as qcow2 overlays on the template's
+/// (linked), new MAC addresses, and with `customize` a new cloud-init identity. All or nothing.
+#[utoipa::path(post, path = "/vms/{vm}/clone", tag = "vms", operation_id = "vm_clone",
+    params(("vm" = String, Path, description = "the source VM or template: name or id")),
+    request_body = VmClone,
+    responses((status = 201, body = VmView, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_clone(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(r): JsonBody<VmClone>,
+) -> Result<Response, ApiError> {
+    let v = app.vm_clone(&ctx, &vm, r).await?;
+    Ok(with_etag(StatusCode::CREATED, v.version, &v))
 }
 
 /// The VM's live lease, or null.

@@ -89,6 +89,8 @@ const ENDPOINTS: &[&str] = &[
     "GET /api/v1/vms/{vm}/versions/{n}",
     "GET /api/v1/vms/{vm}/diff",
     "POST /api/v1/vms/{vm}/revert",
+    "POST /api/v1/vms/{vm}/template",
+    "POST /api/v1/vms/{vm}/clone",
     "GET /api/v1/vms/{vm}/lease",
     "POST /api/v1/vms/{vm}/lease",
     "PUT /api/v1/vms/{vm}/lease",
@@ -181,6 +183,7 @@ impl Env {
             }
             a.lease_acquire(&format!("vm-lease-{t}"), 3600).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-snap-{t}") })).await.unwrap();
+            a.vm_create(&json!({ "name": format!("vm-tpl-{t}") })).await.unwrap();
             for snap in ["s-del", "s-rev"] {
                 let p = json!({ "name": snap });
                 a.post::<_, Value>(&format!("/vms/vm-snap-{t}/snapshots"), &p).await.unwrap();
@@ -396,6 +399,12 @@ impl Env {
             "GET /api/v1/vms/{vm}/diff" => status(&c, Method::GET, "/vms/vm-shared/diff?from=1&to=2", None).await,
             "POST /api/v1/vms/{vm}/revert" => {
                 status(&c, Method::POST, &format!("/vms/vm-ed-{t}/revert"), Some(json!({ "version": 1 }))).await
+            }
+            "POST /api/v1/vms/{vm}/template" => {
+                status(&c, Method::POST, &format!("/vms/vm-tpl-{t}/template"), None).await
+            }
+            "POST /api/v1/vms/{vm}/clone" => {
+                status(&c, Method::POST, "/vms/vm-shared/clone", Some(json!({ "name": format!("cl-{t}") }))).await
             }
             "GET /api/v1/vms/{vm}/lease" => status(&c, Method::GET, "/vms/vm-shared/lease", None).await,
             "POST /api/v1/vms/{vm}/lease" => {

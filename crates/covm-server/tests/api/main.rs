@@ -4,6 +4,7 @@ pub mod abuse;
 pub mod authz_matrix;
 pub mod browser;
 pub mod certs;
+pub mod clones;
 pub mod common;
 pub mod conditions;
 pub mod datastore_files;

@@ -10,13 +10,14 @@ use covm_client::{Client, ClientError};
 use covm_server::app::saga::{Fault, FaultAction, FaultAt};
 use covm_types::disk::{DetachQuery, DiskClone, DiskImport, DiskListQuery, DiskMove};
 use covm_types::snapshot::{RevertScope, SnapshotCreate, SnapshotKind, SnapshotRevert};
-use covm_types::vm::{BlockState, DiskAttachment, PowerAction, VmConfig};
+use covm_types::vm::{BlockState, DiskAttachment, PowerAction, VmClone, VmConfig};
 
 use crate::common::{TestServer, attach, name, new_disk, task_done, vm_named};
 
 /// Everything a failed operation must leave as it found it.
 #[derive(Debug, PartialEq)]
 struct World {
+    vms: Vec<String>,
     disks: BTreeMap<String, (u64, Vec<String>)>,
     files: Vec<String>,
     configs: BTreeMap<String, Vec<DiskAttachment>>,
@@ -74,7 +75,9 @@ async fn world(s: &TestServer) -> World {
             }
         }
     }
+    let vms = c.vms(&Default::default()).await.unwrap().items.into_iter().map(|v| v.name).collect();
     World {
+        vms,
         disks,
         files,
         configs,
@@ -102,6 +105,7 @@ enum Op {
     SnapshotMemory,
     SnapshotDelete,
     SnapshotRevert,
+    VmClone,
 }
 
 impl Op {
@@ -127,6 +131,16 @@ impl Op {
                 if !f.exists() {
                     covm_hv::img::create(&f, "qcow2", 2 << 20, None).await.unwrap();
                 }
+            }
+            Op::VmClone => {
+                if c.vm("tpl").await.is_err() {
+                    ensure("tpl-d").await;
+                    let disks = vec![crate::common::attachment("tpl-d", "scsi0", 0)];
+                    c.vm_create(&VmConfig { memory_mib: 64, disks, ..vm_named("tpl") }).await.unwrap();
+                    c.vm_template("tpl").await.unwrap();
+                }
+                let _ = c.vm_delete("cl").await;
+                let _ = c.disk_delete("cl-1").await;
             }
             Op::Resize => ensure("grow").await,
             Op::Delete => ensure("victim").await,
@@ -199,6 +213,17 @@ impl Op {
                 c.snapshot_create("run", &SnapshotCreate { memory: true, ..snapshot("mem") }).await.map(drop)
             }
             Op::SnapshotDelete => c.snapshot_delete("off", "old").await,
+            Op::VmClone => {
+                let p = VmClone {
+                    name: name("cl"),
+                    linked: None,
+                    folder: None,
+                    pool: None,
+                    customize: None,
+                    description: None,
+                };
+                c.vm_clone("tpl", &p).await.map(drop)
+            }
             Op::SnapshotRevert => {
                 let p = SnapshotRevert { scope: RevertScope::Both, memory: false, skip_moved: false };
                 c.snapshot_revert("off", "back", &p).await.map(drop)
@@ -211,7 +236,7 @@ fn snapshot(n: &str) -> SnapshotCreate {
     SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![] }
 }
 
-const OPS: [Op; 15] = [
+const OPS: [Op; 16] = [
     Op::Create,
     Op::Clone,
     Op::Import,
@@ -227,6 +252,7 @@ const OPS: [Op; 15] = [
     Op::SnapshotMemory,
     Op::SnapshotDelete,
     Op::SnapshotRevert,
+    Op::VmClone,
 ];
 
 async fn every_step_fails_cleanly(s: &TestServer) {

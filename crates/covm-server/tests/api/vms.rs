@@ -277,7 +277,8 @@ async fn each_field_needs_its_privilege() {
     ed.vm_change("web-1", &VmChange { description: Some("mine".into()), ..annotate("k", "v") }, &Default::default())
         .await
         .unwrap();
-    let nic = Nic { network: "user".into(), model: Default::default(), mac: None, connected: true };
+    let nic =
+        Nic { network: "user".into(), model: Default::default(), mac: None, connected: true, port_forwards: vec![] };
     for (patch, privilege) in [
         (VmChange { cpus: Some(2), ..Default::default() }, "VirtualMachine.Config.CPUCount"),
         (VmChange { memory_mib: Some(1024), ..Default::default() }, "VirtualMachine.Config.Memory"),

@@ -35,6 +35,8 @@ pub enum Source {
     },
     /// A file already in the datastore, moved under covm's name.
     Import { from: PathBuf },
+    /// A qcow2 overlay on another disk's image (a linked clone).
+    Overlay { backing: PathBuf, backing_format: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,7 +122,10 @@ impl Saga for CreateSaga {
                 }
                 match &self.source {
                     // A file already there is this saga's own (a retry after a crash undoes first).
-                    Source::Empty { .. } | Source::Copy { .. } if self.file.exists() => Ok(()),
+                    Source::Empty { .. } | Source::Copy { .. } | Source::Overlay { .. } if self.file.exists() => Ok(()),
+                    Source::Overlay { backing, backing_format } => {
+                        img::create_overlay(&self.file, backing, backing_format).await.map_err(hv_error)
+                    }
                     Source::Empty { format, capacity } => {
                         let key = app.disk_key(self.record.id, &self.record.spec)?;
                         img::create(&self.file, format, *capacity, key.as_ref()).await.map_err(hv_error)

@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use super::{App, Ctx};
 
+pub mod clone;
 pub mod disk;
 pub mod plug;
 pub mod registry;

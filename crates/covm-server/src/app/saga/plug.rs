@@ -45,6 +45,9 @@ pub struct HotDisk {
     /// The disk's wrapped key, if its image is encrypted.
     #[serde(default)]
     pub key: Option<crate::app::keys::WrappedKey>,
+    /// A linked clone's base image (file, format).
+    #[serde(default)]
+    pub backing: Option<(std::path::PathBuf, String)>,
 }
 
 /// How a disk goes into or out of a VM.
@@ -111,6 +114,7 @@ impl Plug {
             unit: self.attachment.unit,
             read_only: self.attachment.read_only,
             key,
+            backing: h.backing.clone(),
         }))
     }
 

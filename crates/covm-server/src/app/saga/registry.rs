@@ -7,6 +7,7 @@ use covm_store::SagaRecord;
 use covm_types::Error;
 
 use super::Saga;
+use super::clone::CloneSaga;
 use super::disk::{CreateSaga, DeleteSaga, ResizeSaga};
 use super::plug::{AttachSaga, DetachSaga, MoveSaga};
 use super::snapshot::{SnapshotCreateSaga, SnapshotDeleteSaga, SnapshotRevertSaga};
@@ -19,6 +20,7 @@ pub const KINDS: &[&str] = &[
     DetachSaga::KIND,
     MoveSaga::KIND,
     CreateSaga::KIND,
+    CloneSaga::KIND,
     DeleteSaga::KIND,
     ResizeSaga::KIND,
     SnapshotCreateSaga::KIND,
@@ -37,6 +39,7 @@ impl App {
             DetachSaga::KIND => self.saga_recover::<DetachSaga>(rec).await,
             MoveSaga::KIND => self.saga_recover::<MoveSaga>(rec).await,
             CreateSaga::KIND => self.saga_recover::<CreateSaga>(rec).await,
+            CloneSaga::KIND => self.saga_recover::<CloneSaga>(rec).await,
             DeleteSaga::KIND => self.saga_recover::<DeleteSaga>(rec).await,
             ResizeSaga::KIND => self.saga_recover::<ResizeSaga>(rec).await,
             SnapshotCreateSaga::KIND => self.saga_recover::<SnapshotCreateSaga>(rec).await,
