@@ -89,6 +89,7 @@ pub async fn disk_ops(covm: &Path, guest: &Path, p: &DiskParams) -> anyhow::Resu
         cdrom: None,
         disks: vec![],
         nic_bridges: vec![],
+        seed: None,
         run_dir: floor_dir.path().join("run"),
         accel: accel_choose(covm_types::vm::Accel::Auto, KvmFacts::probe())?,
         restore: None,

@@ -96,6 +96,7 @@ pub async fn power_on(covm: &Path, guest: &Path, p: &PowerParams) -> anyhow::Res
                     cdrom: None,
                     disks: vec![],
                     nic_bridges: vec![],
+                    seed: None,
                     run_dir: floor_dir.path().join(format!("run{i}")),
                     accel: accel_choose(covm_types::vm::Accel::Auto, KvmFacts::probe())?,
                     restore: None,

@@ -80,6 +80,7 @@ pub async fn snapshots(server: &Server, p: &SnapshotParams) -> anyhow::Result<Re
                             description: None,
                             memory: false,
                             exclude: vec![],
+                            consistency: Default::default(),
                         },
                     )
                     .await?;
@@ -163,7 +164,13 @@ pub async fn snapshots_live(covm: &Path, guest: &Path, p: &LiveParams) -> anyhow
         e.data["qemu_ms"].as_f64().context("qemu_ms in the snapshot's event")
     };
     let create = |name: String, memory: bool| async move {
-        let p = SnapshotCreate { name: covm_types::Name::parse(&name)?, description: None, memory, exclude: vec![] };
+        let p = SnapshotCreate {
+            name: covm_types::Name::parse(&name)?,
+            description: None,
+            memory,
+            exclude: vec![],
+            consistency: Default::default(),
+        };
         let t = Instant::now();
         let s = c.snapshot_create("live-vm", &p).await?;
         anyhow::Ok((s, t.elapsed().as_secs_f64() * 1000.0))

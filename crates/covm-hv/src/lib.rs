@@ -10,8 +10,10 @@
 pub mod img;
 pub mod procfs;
 pub mod qemu;
+pub mod qga;
 pub mod qmp;
 pub mod secret;
+pub mod seed;
 pub mod sim;
 
 use std::path::{Path, PathBuf};
@@ -121,6 +123,9 @@ pub struct VmSpec {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cdrom: Option<PathBuf>,
+    /// A cloud-init seed (an ISO labelled `cidata`), attached as a read-only CD on a virtio-scsi
+    /// controller of its own (every cloud image drives virtio; not every kernel drives AHCI).
+    pub seed: Option<PathBuf>,
     /// The disks, attached before the guest runs.
     pub disks: Vec<DiskSpec>,
     /// Per NIC: the host bridge, or None for user-mode networking.

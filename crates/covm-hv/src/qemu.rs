@@ -48,6 +48,8 @@ pub struct RunFiles {
     pub serial: PathBuf,
     pub serial_log: PathBuf,
     pub vnc: PathBuf,
+    /// The guest agent's channel (virtio-serial `org.qemu.guest_agent.0`).
+    pub qga: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
     /// This QEMU's own key (mode 0600), which the disk passphrases it is given are encrypted with.
@@ -60,6 +62,7 @@ pub fn run_files(dir: &Path) -> RunFiles {
         serial: dir.join("serial.sock"),
         serial_log: dir.join("serial.log"),
         vnc: dir.join("vnc.sock"),
+        qga: dir.join("qga.sock"),
         pid: dir.join("qemu.pid"),
         log: dir.join("qemu.log"),
         key: dir.join("master.key"),
@@ -125,6 +128,13 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         // This process's own key: secrets for it (disk passphrases) arrive encrypted with it.
         "-object".into(),
         format!("secret,id={},file={},format=raw", crate::secret::PROCESS_KEY_ID, p(&f.key)),
+        // The guest agent's channel, always there: a guest that runs qemu-guest-agent answers on it.
+        "-chardev".into(),
+        format!("socket,id=covm-qga,path={},server=on,wait=off", p(&f.qga)),
+        "-device".into(),
+        "virtio-serial-pci,id=covm-vser".into(),
+        "-device".into(),
+        "virtserialport,bus=covm-vser.0,chardev=covm-qga,name=org.qemu.guest_agent.0".into(),
     ];
     if c.console.vnc {
         // A display for the screen (`-nodefaults` took QEMU's default one away): standard VGA, which
@@ -158,7 +168,17 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
     for (i, n) in c.nics.iter().enumerate() {
         let backend = match spec.nic_bridges.get(i).cloned().flatten() {
             Some(br) => format!("bridge,id=net{i},br={br}"),
-            None => format!("user,id=net{i}"),
+            None => {
+                let mut b = format!("user,id=net{i}");
+                for f in &n.port_forwards {
+                    let addr = match f.host_addr {
+                        std::net::IpAddr::V4(a) => a.to_string(),
+                        std::net::IpAddr::V6(a) => format!("[{a}]"),
+                    };
+                    b.push_str(&format!(",hostfwd={}:{addr}:{}-:{}", f.proto.as_str(), f.host_port, f.guest_port));
+                }
+                b
+            }
         };
         let model = match n.model {
             NicModel::VirtioNet => "virtio-net-pci",
@@ -174,6 +194,16 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
     }
     if let Some(cd) = &spec.cdrom {
         args.extend(["-drive".into(), format!("file={},format=raw,media=cdrom,readonly=on", p(cd))]);
+    }
+    if let Some(seed) = &spec.seed {
+        args.extend([
+            "-device".into(),
+            "virtio-scsi-pci,id=covm-seed".into(),
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=covm-seed-cd,media=cdrom,readonly=on", p(seed)),
+            "-device".into(),
+            "scsi-cd,bus=covm-seed.0,drive=covm-seed-cd".into(),
+        ]);
     }
     let order: String = c
         .boot
@@ -614,6 +644,7 @@ mod tests {
             run_dir: "/data/vms/x".into(),
             accel: AccelChoice::Tcg,
             nic_bridges: vec![None],
+            seed: None,
             disks: vec![],
             restore: None,
         };
@@ -651,6 +682,7 @@ mod tests {
             run_dir: "/data,1/vms/x".into(),
             accel: AccelChoice::Tcg,
             nic_bridges: vec![],
+            seed: None,
             disks: vec![],
             restore: None,
         };

@@ -43,6 +43,21 @@ pub struct SnapshotCreate {
     /// Disks (by name) left out; a raw disk must be left out to snapshot its VM.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// `quiesced`: the running guest's file systems are frozen by its guest agent while the disks'
+    /// tags are taken (refused, 409 `agent_unavailable`, when the guest has no agent).
+    #[serde(default)]
+    pub consistency: Consistency,
+}
+
+/// What a snapshot of a running VM's disks is consistent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// As if the power had gone: what the guest had written (its file systems recover as after a crash).
+    #[default]
+    Crash,
+    /// The guest's file systems were frozen (flushed and still) through its agent.
+    Quiesced,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -127,6 +142,8 @@ pub struct SnapshotView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protects_version: Option<i64>,
     pub memory: bool,
+    #[serde(default)]
+    pub consistency: Consistency,
     pub disks: Vec<SnapshotDisk>,
     pub excluded: Vec<SnapshotExcluded>,
     /// The snapshot the VM was at when this one was taken (the tree).

@@ -675,6 +675,70 @@ pub struct VmRuntime {
     /// True when the simulated driver "runs" the VM (no QEMU process).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub simulated: bool,
+    /// What the guest agent last said of the guest while it runs (refreshed every few seconds);
+    /// absent until covm has asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
+}
+
+/// The guest as its agent (qemu-guest-agent) tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct GuestInfo {
+    /// Whether the guest agent answers.
+    pub agent: bool,
+    /// Why not, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The operating system as the guest names it (`PRETTY_NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// The guest's network interfaces with their addresses (loopback left out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<GuestInterface>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestInterface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// `10.0.2.15/24`, `fe80::…/64`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
+impl GuestInfo {
+    /// The guest's first IPv4 address (without its prefix length), if it told one.
+    pub fn ipv4(&self) -> Option<String> {
+        self.interfaces
+            .iter()
+            .flat_map(|i| &i.addresses)
+            .filter_map(|a| a.split('/').next())
+            .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+            .map(str::to_owned)
+    }
+}
+
+/// `POST /vms/{vm}/guest/password`: sets a guest user's password through the guest agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestPassword {
+    pub user: String,
+    /// The password as it is (covm sends it to the agent and keeps nothing of it).
+    pub password: String,
+}
+
+/// `POST /vms/{vm}/guest/ssh-keys`: adds SSH public keys to a guest user's `authorized_keys`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSshKeys {
+    pub user: String,
+    pub keys: Vec<String>,
+    /// Replace the file's keys instead of adding to them.
+    #[serde(default)]
+    pub replace: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -196,6 +196,9 @@ pub enum SnapshotCmd {
         /// The running guest's memory too (its RAM and devices; the guest pauses while it is saved).
         #[arg(long)]
         memory: bool,
+        /// Freeze the guest's file systems through its guest agent while the disks are snapshotted.
+        #[arg(long)]
+        quiesce: bool,
     },
     /// The snapshots, as a tree.
     Ls {
@@ -707,9 +710,14 @@ async fn snapshot_pin(c: &Client, out: &Out, vm: &str, snapshot: &str, pinned: b
 async fn snapshot(c: &Client, out: &Out, cmd: SnapshotCmd) -> anyhow::Result<()> {
     use covm_types::snapshot::{SnapshotCreate, SnapshotRevert};
     match cmd {
-        SnapshotCmd::Create { vm, name, description, exclude, memory } => {
+        SnapshotCmd::Create { vm, name, description, exclude, memory, quiesce } => {
             let name = covm_types::Name::parse(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let s = c.snapshot_create(&vm, &SnapshotCreate { name, description, memory, exclude }).await?;
+            let consistency = if quiesce {
+                covm_types::snapshot::Consistency::Quiesced
+            } else {
+                covm_types::snapshot::Consistency::Crash
+            };
+            let s = c.snapshot_create(&vm, &SnapshotCreate { name, description, memory, exclude, consistency }).await?;
             out.snapshot(&s)
         }
         SnapshotCmd::Pin { vm, snapshot } => snapshot_pin(c, out, &vm, &snapshot, true).await,

@@ -243,8 +243,13 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
     let password = std::fs::read_to_string(data.join("initial-admin-password")).unwrap();
     let (c, _) = Client::new(&covm.url()).login("admin", password.trim()).await.unwrap();
     let (file, _) = vm_with_disk(&c, &data, "v", "s1").await;
-    let snap =
-        |n: &str| SnapshotCreate { name: Name::parse(n).unwrap(), description: None, memory: false, exclude: vec![] };
+    let snap = |n: &str| SnapshotCreate {
+        name: Name::parse(n).unwrap(),
+        description: None,
+        memory: false,
+        exclude: vec![],
+        consistency: Default::default(),
+    };
 
     // The steps, from the sagas themselves.
     let view = SnapshotView {
@@ -256,6 +261,7 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
         config_version: 1,
         protects_version: None,
         memory: false,
+        consistency: Default::default(),
         disks: vec![],
         excluded: vec![],
         parent: None,

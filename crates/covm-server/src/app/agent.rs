@@ -48,6 +48,8 @@ pub enum VmOp {
     SnapshotSave(Box<covm_hv::MemoryState>),
     /// An internal snapshot of a node goes (already gone is done).
     SnapshotDelete(String, String),
+    /// Nothing: done when the process has exited (after a shutdown asked of the guest agent).
+    AwaitExit,
 }
 
 /// What a running VM's process uses (zero for a simulated VM, which has none).
@@ -105,6 +107,15 @@ pub trait NodeAgent: Send + Sync {
     fn supervise(&self, id: Uuid, run: Run, reports: Arc<dyn RunReports>);
     /// Does `op` to a running VM (`HvError::Gone` when it does not run here).
     async fn ask(&self, id: Uuid, op: VmOp) -> Result<(), HvError>;
+    /// One guest agent command to a running VM: its answer. `HvError::Unavailable` when the guest
+    /// runs no agent (or the VM is simulated), `HvError::Gone` when the VM does not run here.
+    async fn guest(
+        &self,
+        id: Uuid,
+        command: &str,
+        args: serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<serde_json::Value, HvError>;
     /// The block nodes and devices a running VM holds.
     async fn block_state(&self, id: Uuid) -> Result<BlockState, HvError>;
     /// What a running VM's process uses of the host now.

@@ -23,6 +23,7 @@ pub mod consoles;
 pub mod datastore_files;
 pub mod disks;
 pub mod events;
+pub mod guest;
 pub mod host;
 pub mod inventory;
 pub mod json;

@@ -39,6 +39,8 @@ enum Cmd {
     Quit(oneshot::Sender<Result<(), HvError>>),
     /// ACPI power-down; the reply comes when the guest has powered off.
     Powerdown(oneshot::Sender<Result<(), HvError>>),
+    /// The reply comes when the process is gone.
+    AwaitExit(oneshot::Sender<Result<(), HvError>>),
     Reset(oneshot::Sender<Result<(), HvError>>),
     SetLink(usize, bool, oneshot::Sender<Result<(), HvError>>),
     /// Adds a disk's block nodes (kept if already there).
@@ -151,11 +153,29 @@ impl NodeAgent for LocalAgent {
             VmOp::SnapshotTake(nodes, tag) => self.command(id, |r| Cmd::SnapshotTake(nodes, tag, r)).await,
             VmOp::SnapshotSave(m) => self.command(id, |r| Cmd::SnapshotSave(m, r)).await,
             VmOp::SnapshotDelete(node, tag) => self.command(id, |r| Cmd::SnapshotDelete(node, tag, r)).await,
+            VmOp::AwaitExit => self.command(id, Cmd::AwaitExit).await,
         }
     }
 
     async fn block_state(&self, id: Uuid) -> Result<BlockState, HvError> {
         self.command(id, Cmd::BlockQuery).await
+    }
+
+    async fn guest(
+        &self,
+        id: Uuid,
+        command: &str,
+        args: serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<serde_json::Value, HvError> {
+        let running = self.vms.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|s| !s.tx.is_closed());
+        if !running {
+            return Err(HvError::Gone);
+        }
+        if self.driver.name() == "sim" {
+            return Err(HvError::Unavailable("a simulated VM has no guest, so no guest agent".into()));
+        }
+        covm_hv::qga::call(&self.run_dir(id).join("qga.sock"), command, args, timeout).await
     }
 
     async fn stats(&self, id: Uuid) -> Result<VmUse, HvError> {
@@ -230,6 +250,7 @@ async fn supervise(
                     Ok(()) => waiters.push(reply),
                     Err(e) => { let _ = reply.send(Err(e)); }
                 },
+                Some(Cmd::AwaitExit(reply)) => waiters.push(reply),
                 Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
                 Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
                 Some(Cmd::BlockdevAdd(d, reply)) => { let _ = reply.send(handle.blockdev_add(&d).await); }

@@ -46,6 +46,60 @@ fn start_claim(version: i64, reason: &'static str) -> RuntimeFn {
     })
 }
 
+/// A forwarded host port must be free before QEMU starts (else QEMU fails with a message about
+/// "host forwarding rules" that names no field).
+fn port_free(f: &covm_types::vm::PortForward) -> Result<(), Error> {
+    let addr = std::net::SocketAddr::new(f.host_addr, f.host_port);
+    let free = match f.proto {
+        covm_types::vm::Proto::Tcp => std::net::TcpListener::bind(addr).map(drop),
+        covm_types::vm::Proto::Udp => std::net::UdpSocket::bind(addr).map(drop),
+    };
+    free.map_err(|e| {
+        Error::conflict(
+            ErrorCode::InUse,
+            format!("{} port {} of {} cannot be forwarded: {e}", f.proto.as_str(), f.host_port, f.host_addr),
+        )
+    })
+}
+
+/// The NoCloud seed of a config: the VM's id is the instance id (a clone is a new instance), the host
+/// name is the config's or the VM's name, and the user-data is the raw one or a `#cloud-config` made
+/// of the users (JSON, which is YAML).
+pub(crate) fn cloud_init_seed(
+    id: uuid::Uuid,
+    c: &VmConfig,
+    ci: &covm_types::vm::CloudInit,
+) -> Result<covm_hv::seed::Seed, Error> {
+    let hostname = ci.hostname.clone().unwrap_or_else(|| c.name.to_string());
+    let meta_data = format!("instance-id: {id}\nlocal-hostname: {hostname}\n");
+    let user_data = match &ci.user_data {
+        Some(u) => u.clone(),
+        None => {
+            let mut users = vec![json!("default")];
+            for u in &ci.users {
+                let mut user = json!({ "name": u.name, "lock_passwd": true, "shell": "/bin/sh" });
+                if !u.ssh_authorized_keys.is_empty() {
+                    user["ssh_authorized_keys"] = json!(u.ssh_authorized_keys);
+                }
+                if u.sudo {
+                    user["sudo"] = json!("ALL=(ALL) NOPASSWD:ALL");
+                }
+                users.push(user);
+            }
+            let doc = json!({ "hostname": hostname, "preserve_hostname": false, "users": users });
+            let body = serde_json::to_string_pretty(&doc).map_err(|_| Error::internal("could not render user-data"))?;
+            format!("#cloud-config\n{body}\n")
+        }
+    };
+    let network_config = match &ci.network {
+        Some(n) => Some(
+            serde_json::to_string_pretty(n).map_err(|_| Error::internal("could not render a network config"))? + "\n",
+        ),
+        None => None,
+    };
+    Ok(covm_hv::seed::Seed { meta_data, user_data, network_config })
+}
+
 pub fn task_view(t: &TaskRecord) -> TaskView {
     TaskView {
         id: t.id,
@@ -206,10 +260,23 @@ impl App {
             None => None,
         };
         let mut nic_bridges = Vec::new();
-        for n in &config.nics {
+        for (i, n) in config.nics.iter().enumerate() {
             let net = self.object_lookup(&n.network, Some(ObjectKind::Network)).await?;
             nic_bridges.push(net.and_then(|o| o.spec["bridge"].as_str().map(str::to_owned)));
+            for (j, f) in n.port_forwards.iter().enumerate() {
+                port_free(f).map_err(|e| e.with_field(format!("nics[{i}].port_forwards[{j}].host_port")))?;
+            }
         }
+        let run_dir = self.agent().run_dir(vm.object.id);
+        let seed = match &config.cloud_init {
+            Some(ci) => {
+                std::fs::create_dir_all(&run_dir)
+                    .map_err(|e| Error::internal(format!("cannot make the VM's run directory: {e}")))?;
+                let seed = cloud_init_seed(vm.object.id, &config, ci)?;
+                Some(covm_hv::seed::make_iso(&run_dir, &seed).await.map_err(hv_error)?)
+            }
+            None => None,
+        };
         let mut disks = Vec::new();
         for (i, d) in config.disks.iter().enumerate() {
             let field = format!("disks[{i}].disk");
@@ -246,9 +313,10 @@ impl App {
             kernel,
             initrd,
             cdrom,
+            seed,
             disks,
             nic_bridges,
-            run_dir: self.agent().run_dir(vm.object.id),
+            run_dir,
             accel,
             restore: None,
         })
@@ -473,8 +541,16 @@ impl App {
             }
             PowerAction::Off | PowerAction::Shutdown if stop.is_none() => Ok(format!("{name} is already off")),
             PowerAction::Shutdown => {
-                match tokio::time::timeout(Duration::from_secs(timeout.into()), agent.ask(id, VmOp::Powerdown)).await {
-                    Ok(r) => r.map_err(hv_error).map(|_| format!("{name} shut down")),
+                // The guest agent first (it shuts down even a guest that ignores ACPI), else ACPI.
+                let rec = self.store().vm_get(id).await?;
+                let via_agent = match &rec {
+                    Some(r) => self.guest_shutdown(r).await,
+                    None => false,
+                };
+                let (op, how) =
+                    if via_agent { (VmOp::AwaitExit, "the guest agent") } else { (VmOp::Powerdown, "ACPI") };
+                match tokio::time::timeout(Duration::from_secs(timeout.into()), agent.ask(id, op)).await {
+                    Ok(r) => r.map_err(hv_error).map(|_| format!("{name} shut down (through {how})")),
                     Err(_) => Err(Error::new(
                         ErrorKind::Conflict,
                         ErrorCode::ShutdownTimeout,

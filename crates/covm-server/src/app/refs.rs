@@ -179,6 +179,17 @@ impl App {
             self.require(ctx, &pool, Privilege::ResourceAssignVmToPool).await?;
         }
         for (i, n) in new.nics.iter().enumerate() {
+            if !n.port_forwards.is_empty() {
+                // QEMU forwards ports only on its own user networking; other networks publish theirs.
+                let kind =
+                    self.object_lookup(&n.network, Some(ObjectKind::Network)).await?.map(|o| o.spec["kind"].clone());
+                if kind.is_some_and(|k| k != "user") {
+                    return Err(Error::invalid(
+                        &format!("nics[{i}].port_forwards"),
+                        format!("{} is not a user network: port forwards per NIC are for user networks", n.network),
+                    ));
+                }
+            }
             if old.is_some_and(|o| o.nics.iter().any(|x| x.network == n.network)) {
                 continue;
             }

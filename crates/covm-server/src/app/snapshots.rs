@@ -75,6 +75,7 @@ impl App {
             exclude: p.exclude,
             kind: SnapshotKind::Manual,
             memory: p.memory,
+            consistency: p.consistency,
         };
         let vm_id = rec.object.id;
         let (seen, disks) = self.snapshot_disks(vm_id, &take).await?;
@@ -191,6 +192,24 @@ impl App {
             true => Some(self.memory_plan(&rec, &attached, &excluded, live)?),
             false => None,
         };
+        if t.consistency == covm_types::snapshot::Consistency::Quiesced {
+            if state.is_some() {
+                return Err(Error::invalid(
+                    "consistency",
+                    "a memory snapshot is consistent as it is; quiesced is for a snapshot of the disks alone",
+                ));
+            }
+            if !live {
+                return Err(Error::conflict(
+                    ErrorCode::VmNotRunning,
+                    format!(
+                        "{} is not running: its disks are consistent as they are (leave consistency out)",
+                        rec.object.name
+                    ),
+                )
+                .with_field("consistency"));
+            }
+        }
         let parent = self.store().meta_get(&current_key(vm)).await?.and_then(|s| Uuid::parse_str(&s).ok());
         let parent = parent.filter(|p| existing.iter().any(|s| s.id == *p));
         let now = covm_store::now();
@@ -203,6 +222,7 @@ impl App {
             config_version: rec.version,
             protects_version: None,
             memory: state.is_some(),
+            consistency: t.consistency,
             disks: covered,
             excluded,
             parent,
@@ -673,6 +693,7 @@ struct Take {
     kind: SnapshotKind,
     /// The guest's memory too (a running VM).
     memory: bool,
+    consistency: covm_types::snapshot::Consistency,
 }
 
 impl Take {
@@ -685,6 +706,7 @@ impl Take {
             exclude: vec![],
             kind: SnapshotKind::Safety,
             memory: false,
+            consistency: Default::default(),
         }
     }
 }
@@ -840,6 +862,7 @@ impl App {
                 exclude: vec![],
                 kind: SnapshotKind::Manual,
                 memory: false,
+                consistency: Default::default(),
             };
             let tagged = match app.disk_snapshot_plan(&ctx, &o, &take).await {
                 Ok(t) => t,
@@ -884,6 +907,7 @@ impl App {
             config_version: 0,
             protects_version: None,
             memory: false,
+            consistency: Default::default(),
             disks: vec![SnapshotDisk { disk: o.name.clone(), disk_id: o.id, tag: snapshot_tag(id) }],
             excluded: vec![],
             parent: None,

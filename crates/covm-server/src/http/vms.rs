@@ -8,8 +8,9 @@ use axum::response::{IntoResponse, Response};
 use covm_types::api::Page;
 use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::vm::{
-    DiffQuery, DiffView, LeaseReleaseQuery, LeaseRequest, LeaseView, PresenceEntry, PresenceSet, RevertRequest,
-    VersionQuery, VersionView, VmChangeQuery, VmClone, VmConfig, VmListQuery, VmView,
+    DiffQuery, DiffView, GuestInfo, GuestPassword, GuestSshKeys, LeaseReleaseQuery, LeaseRequest, LeaseView,
+    PresenceEntry, PresenceSet, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmClone, VmConfig,
+    VmListQuery, VmView,
 };
 use covm_types::{Error, ErrorBody};
 use serde::Serialize;
@@ -222,6 +223,52 @@ pub async fn vm_clone(
 ) -> Result<Response, ApiError> {
     let v = app.vm_clone(&ctx, &vm, r).await?;
     Ok(with_etag(StatusCode::CREATED, v.version, &v))
+}
+
+/// What the guest agent tells of the running guest now: OS, host name, interfaces and addresses.
+/// A guest without an agent answers `agent: false` and why.
+#[utoipa::path(get, path = "/vms/{vm}/guest", tag = "vms", operation_id = "vm_guest",
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = GuestInfo), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_guest(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+) -> Result<Json<GuestInfo>, ApiError> {
+    Ok(Json(app.vm_guest(&ctx, &vm).await?))
+}
+
+/// Set a guest user's password through the guest agent (409 `agent_unavailable` without one).
+#[utoipa::path(post, path = "/vms/{vm}/guest/password", tag = "vms", operation_id = "vm_guest_password",
+    params(("vm" = String, Path, description = "VM name or id")),
+    request_body = GuestPassword,
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_guest_password(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<GuestPassword>,
+) -> Result<StatusCode, ApiError> {
+    app.vm_guest_password(&ctx, &vm, p).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Add SSH public keys to a guest user's `authorized_keys` through the guest agent.
+#[utoipa::path(post, path = "/vms/{vm}/guest/ssh-keys", tag = "vms", operation_id = "vm_guest_ssh_keys",
+    params(("vm" = String, Path, description = "VM name or id")),
+    request_body = GuestSshKeys,
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_guest_ssh_keys(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    JsonBody(p): JsonBody<GuestSshKeys>,
+) -> Result<StatusCode, ApiError> {
+    app.vm_guest_ssh_keys(&ctx, &vm, p).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The VM's live lease, or null.

@@ -91,6 +91,9 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/vms/{vm}/revert",
     "POST /api/v1/vms/{vm}/template",
     "POST /api/v1/vms/{vm}/clone",
+    "GET /api/v1/vms/{vm}/guest",
+    "POST /api/v1/vms/{vm}/guest/password",
+    "POST /api/v1/vms/{vm}/guest/ssh-keys",
     "GET /api/v1/vms/{vm}/lease",
     "POST /api/v1/vms/{vm}/lease",
     "PUT /api/v1/vms/{vm}/lease",
@@ -405,6 +408,16 @@ impl Env {
             }
             "POST /api/v1/vms/{vm}/clone" => {
                 status(&c, Method::POST, "/vms/vm-shared/clone", Some(json!({ "name": format!("cl-{t}") }))).await
+            }
+            // A simulated guest has no agent: 409 where the role may ask at all.
+            "GET /api/v1/vms/{vm}/guest" => status(&c, Method::GET, "/vms/vm-shared/guest", None).await,
+            "POST /api/v1/vms/{vm}/guest/password" => {
+                let p = json!({ "user": "root", "password": "x" });
+                status(&c, Method::POST, "/vms/vm-shared/guest/password", Some(p)).await
+            }
+            "POST /api/v1/vms/{vm}/guest/ssh-keys" => {
+                let p = json!({ "user": "root", "keys": ["ssh-ed25519 AAAA k"] });
+                status(&c, Method::POST, "/vms/vm-shared/guest/ssh-keys", Some(p)).await
             }
             "GET /api/v1/vms/{vm}/lease" => status(&c, Method::GET, "/vms/vm-shared/lease", None).await,
             "POST /api/v1/vms/{vm}/lease" => {

@@ -64,7 +64,16 @@ async fn encrypted_disks_keep_working_through_clone_resize_snapshots_and_a_rotat
     let with = VmChange { disks: Some(vec![attachment("sec", "scsi0", 0)]), ..Default::default() };
     c.vm_change("v", &with, &Default::default()).await.unwrap();
     let snap = c
-        .snapshot_create("v", &SnapshotCreate { name: name("s1"), description: None, memory: false, exclude: vec![] })
+        .snapshot_create(
+            "v",
+            &SnapshotCreate {
+                name: name("s1"),
+                description: None,
+                memory: false,
+                exclude: vec![],
+                consistency: Default::default(),
+            },
+        )
         .await
         .unwrap();
     assert!(image_info(&s, "sec").await.snapshots.iter().any(|t| t.name == format!("covm-{}", snap.id)));

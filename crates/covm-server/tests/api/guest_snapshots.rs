@@ -137,7 +137,13 @@ async fn the_guest_sees_its_disks_and_its_memory_come_back() {
     let disk_only = c
         .snapshot_create(
             "gs",
-            &SnapshotCreate { name: name("both-disks"), description: None, memory: false, exclude: vec![] },
+            &SnapshotCreate {
+                name: name("both-disks"),
+                description: None,
+                memory: false,
+                exclude: vec![],
+                consistency: Default::default(),
+            },
         )
         .await
         .unwrap();
@@ -145,7 +151,13 @@ async fn the_guest_sees_its_disks_and_its_memory_come_back() {
     let mem = c
         .snapshot_create(
             "gs",
-            &SnapshotCreate { name: name("with-memory"), description: None, memory: true, exclude: vec![] },
+            &SnapshotCreate {
+                name: name("with-memory"),
+                description: None,
+                memory: true,
+                exclude: vec![],
+                consistency: Default::default(),
+            },
         )
         .await
         .unwrap();

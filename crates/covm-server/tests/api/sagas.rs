@@ -233,7 +233,7 @@ impl Op {
 }
 
 fn snapshot(n: &str) -> SnapshotCreate {
-    SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![] }
+    SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![], consistency: Default::default() }
 }
 
 const OPS: [Op; 16] = [

@@ -38,7 +38,7 @@ fn holds(f: &PathBuf, byte: u8) -> bool {
 }
 
 fn create(n: &str) -> SnapshotCreate {
-    SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![] }
+    SnapshotCreate { name: name(n), description: None, memory: false, exclude: vec![], consistency: Default::default() }
 }
 
 fn revert(scope: RevertScope) -> SnapshotRevert {

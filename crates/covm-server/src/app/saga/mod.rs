@@ -457,6 +457,7 @@ impl App {
         let mut reap: u64 = 0;
         let mut reaping: Option<tokio::task::JoinHandle<()>> = None;
         let mut ticks: u64 = 0;
+        let mut polling: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tick.tick().await;
             // Rate limits: this replica's share, and buckets that are full again forgotten (every
@@ -467,6 +468,14 @@ impl App {
             }
             // Presence heartbeats that stopped, and the others told again (every replica).
             self.presence_upkeep(ticks).await;
+            // What the guest agents of this node's VMs say, every few seconds, on a task of its own (a
+            // guest without an agent takes a few seconds to say nothing).
+            if ticks.is_multiple_of(crate::app::guest::POLL_EVERY.as_secs())
+                && polling.as_ref().is_none_or(|p| p.is_finished())
+            {
+                let app = self.clone();
+                polling = Some(tokio::spawn(async move { app.guests_poll().await }));
+            }
             // Every replica writes the summary of its own suppressed anonymous entries.
             if let Err(e) = self.audit_anonymous_flush(false).await {
                 tracing::warn!(error = %e, "could not write the summary of suppressed audit entries");

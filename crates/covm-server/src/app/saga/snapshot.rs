@@ -97,8 +97,22 @@ impl Tagged {
             None if nodes.is_empty() => return Ok(None),
             None => VmOp::SnapshotTake(nodes, self.view.disks[0].tag.clone()),
         };
+        // Quiesced: the guest's file systems are frozen while the tags are taken, and always thawed.
+        let quiesce = self.view.consistency == covm_types::snapshot::Consistency::Quiesced
+            && matches!(op, VmOp::SnapshotTake(..));
+        if quiesce {
+            let frozen = app.guest_freeze(vm).await.map_err(|e| crate::app::guest::agent_error(&self.view.vm, e))?;
+            tracing::info!(vm = %self.view.vm, frozen, "froze the guest's file systems for a snapshot");
+        }
         let t = std::time::Instant::now();
-        match app.agent().ask(vm, op).await {
+        let taken = app.agent().ask(vm, op).await;
+        if quiesce {
+            match app.guest_thaw(vm).await {
+                Ok(n) => tracing::info!(vm = %self.view.vm, thawed = n, "thawed the guest's file systems"),
+                Err(e) => tracing::error!(vm = %self.view.vm, error = %e, "could not thaw the guest's file systems"),
+            }
+        }
+        match taken {
             Ok(()) => Ok(Some(t.elapsed().as_secs_f64() * 1000.0)),
             Err(covm_hv::HvError::Gone) if self.state.is_some() => Err(memory_gone(&self.view.vm)),
             Err(e) => Err(hv_error(e)),
