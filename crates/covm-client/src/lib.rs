@@ -504,6 +504,23 @@ impl Client {
         self.post(&format!("/vms/{vm}/template"), &serde_json::json!(null)).await
     }
 
+    /// What the guest agent tells of the running guest now.
+    pub async fn vm_guest(&self, vm: &str) -> Result<covm_types::vm::GuestInfo> {
+        self.get(&format!("/vms/{vm}/guest")).await
+    }
+
+    /// Sets a guest user's password through the guest agent.
+    pub async fn vm_guest_password(&self, vm: &str, p: &covm_types::vm::GuestPassword) -> Result<()> {
+        let rb = self.request(Method::POST, &format!("/vms/{vm}/guest/password")).json(p);
+        self.send::<serde_json::Value>(rb).await.map(drop)
+    }
+
+    /// Adds SSH keys to a guest user's `authorized_keys` through the guest agent.
+    pub async fn vm_guest_ssh_keys(&self, vm: &str, p: &covm_types::vm::GuestSshKeys) -> Result<()> {
+        let rb = self.request(Method::POST, &format!("/vms/{vm}/guest/ssh-keys")).json(p);
+        self.send::<serde_json::Value>(rb).await.map(drop)
+    }
+
     /// A new VM from a VM or a template.
     pub async fn vm_clone(&self, vm: &str, p: &covm_types::vm::VmClone) -> Result<VmView> {
         self.post(&format!("/vms/{vm}/clone"), p).await

@@ -144,6 +144,9 @@ pub struct SnapshotView {
     pub memory: bool,
     #[serde(default)]
     pub consistency: Consistency,
+    /// Quiesced: how many file systems the guest agent froze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_filesystems: Option<u64>,
     pub disks: Vec<SnapshotDisk>,
     pub excluded: Vec<SnapshotExcluded>,
     /// The snapshot the VM was at when this one was taken (the tree).

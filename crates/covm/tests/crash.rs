@@ -262,6 +262,7 @@ async fn covm_killed_in_a_snapshot_or_a_revert_recovers_cleanly() {
         protects_version: None,
         memory: false,
         consistency: Default::default(),
+        frozen_filesystems: None,
         disks: vec![],
         excluded: vec![],
         parent: None,

@@ -550,6 +550,8 @@ impl App {
                 let (op, how) =
                     if via_agent { (VmOp::AwaitExit, "the guest agent") } else { (VmOp::Powerdown, "ACPI") };
                 match tokio::time::timeout(Duration::from_secs(timeout.into()), agent.ask(id, op)).await {
+                    // Through the agent, the guest may be gone before covm asks to wait for it.
+                    Ok(Err(covm_hv::HvError::Gone)) if via_agent => Ok(format!("{name} shut down (through {how})")),
                     Ok(r) => r.map_err(hv_error).map(|_| format!("{name} shut down (through {how})")),
                     Err(_) => Err(Error::new(
                         ErrorKind::Conflict,

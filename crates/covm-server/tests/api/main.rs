@@ -14,6 +14,7 @@ pub mod faults;
 pub mod feed;
 pub mod foundation;
 pub mod guest_snapshots;
+pub mod guests;
 pub mod hygiene;
 pub mod idp;
 pub mod mfa;

@@ -102,7 +102,16 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     }
     let s = qemu_server().await;
     let c = &s.admin;
-    guest_vm(c, "g1").await;
+    // A guest that runs no agent (`covm-noagent`): shutdown goes by ACPI.
+    c.vm_create(&VmConfig {
+        memory_mib: 128,
+        kernel: Some("local:guest/vmlinuz".into()),
+        initrd: Some("local:guest/initrd.img".into()),
+        cmdline: Some("console=ttyS0 quiet panic=-1 covm-noagent".into()),
+        ..vm_named("g1")
+    })
+    .await
+    .unwrap();
     let t = task_done(c, &c.vm_power("g1", PowerAction::On, None).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");
     let vm = c.vm("g1").await.unwrap();
@@ -210,10 +219,14 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     // (Versions 2 and 3 were the hot attach and detach, both live.)
     assert_eq!((vm.version, vm.runtime.running_version), (4, Some(3)));
 
-    // ACPI shutdown: the guest answers, QEMU goes.
+    // ACPI shutdown (this guest runs no agent, and says so): the guest answers, QEMU goes.
+    let info = c.vm_guest("g1").await.unwrap();
+    assert!(!info.agent && info.message.is_some(), "{info:?}");
     let pid = vm.runtime.pid.unwrap();
     let t = task_done(c, &c.vm_power("g1", PowerAction::Shutdown, Some(60)).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");
+    assert!(t.message.as_deref().unwrap_or_default().contains("ACPI"), "{t:?}");
+    serial_wait(c, "g1", "COVM-GUEST-POWERDOWN", 1).await;
     assert_eq!(c.vm("g1").await.unwrap().runtime.power_state, PowerState::Off);
     assert!(!alive(pid), "QEMU is gone after shutdown");
 

@@ -65,7 +65,7 @@ impl Tagged {
     /// one `snapshot-save` that also keeps the guest in the state image (the guest pauses meanwhile).
     /// The others (a disk pending for the next boot, or all of them when the VM stopped meanwhile)
     /// take theirs with qemu-img; a memory snapshot of a VM that stopped is refused.
-    async fn tags_add(&self, app: &App) -> Result<Option<f64>, Error> {
+    async fn tags_add(&mut self, app: &App) -> Result<Option<f64>, Error> {
         let vm = self.via.unwrap_or(self.vm_id);
         let held = match self.live && !self.view.disks.is_empty() || self.state.is_some() {
             true => match app.agent().block_state(vm).await {
@@ -103,6 +103,7 @@ impl Tagged {
         if quiesce {
             let frozen = app.guest_freeze(vm).await.map_err(|e| crate::app::guest::agent_error(&self.view.vm, e))?;
             tracing::info!(vm = %self.view.vm, frozen, "froze the guest's file systems for a snapshot");
+            self.view.frozen_filesystems = Some(frozen);
         }
         let t = std::time::Instant::now();
         let taken = app.agent().ask(vm, op).await;
@@ -350,7 +351,7 @@ impl Saga for SnapshotRevertSaga {
 
     async fn forward(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match (step, &self.config) {
-            (SnapshotStep::Tags, _) => match &self.safety {
+            (SnapshotStep::Tags, _) => match &mut self.safety {
                 Some(s) => {
                     s.tags_add(app).await?;
                     s.record_add(app, ctx).await
@@ -373,7 +374,7 @@ impl Saga for SnapshotRevertSaga {
 
     async fn undo(&mut self, app: &App, ctx: &Ctx, step: SnapshotStep) -> Result<(), Error> {
         match (step, &self.config) {
-            (SnapshotStep::Tags, _) => match &self.safety {
+            (SnapshotStep::Tags, _) => match &mut self.safety {
                 Some(s) => {
                     s.record_remove(app, ctx).await?;
                     s.tags_remove(app).await
