@@ -8,6 +8,7 @@
 //! them again from their run directory (pid file and QMP socket).
 
 pub mod img;
+pub mod net;
 pub mod procfs;
 pub mod qemu;
 pub mod qga;
@@ -111,6 +112,13 @@ pub struct DiskSpec {
     pub backing: Option<(PathBuf, String)>,
 }
 
+/// A NIC on a host bridge: QEMU makes the tap ([`net::tap_name`]), the driver puts it on the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicBridge {
+    pub bridge: String,
+    pub vlan: Option<u16>,
+}
+
 /// Everything a driver needs to start one VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -128,8 +136,8 @@ pub struct VmSpec {
     pub seed: Option<PathBuf>,
     /// The disks, attached before the guest runs.
     pub disks: Vec<DiskSpec>,
-    /// Per NIC: the host bridge, or None for user-mode networking.
-    pub nic_bridges: Vec<Option<String>>,
+    /// Per NIC: the host bridge its tap goes on (with a VLAN tag), or None for user-mode networking.
+    pub nic_bridges: Vec<Option<NicBridge>>,
     /// Where the VM's sockets, pid file and logs live (`DATA/vms/<id>`).
     pub run_dir: PathBuf,
     /// The accelerator to use (already decided from `auto`).

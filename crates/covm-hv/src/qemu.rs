@@ -26,12 +26,14 @@ const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 pub struct QemuDriver {
     binary: PathBuf,
     qmp_timeout: Duration,
+    /// QEMU runs in this network namespace (`--netns`), with the taps it makes.
+    net: crate::net::HostNet,
 }
 
 impl Default for QemuDriver {
     fn default() -> Self {
         let binary = std::env::var_os("COVM_QEMU").map(PathBuf::from).unwrap_or_else(|| QEMU_BINARY.into());
-        QemuDriver { binary, qmp_timeout: Duration::from_secs(10) }
+        QemuDriver { binary, qmp_timeout: Duration::from_secs(10), net: Default::default() }
     }
 }
 
@@ -39,6 +41,12 @@ impl QemuDriver {
     /// A driver that runs this QEMU binary (a name looked up in PATH, or a path).
     pub fn with_binary(binary: impl Into<PathBuf>) -> QemuDriver {
         QemuDriver { binary: binary.into(), ..QemuDriver::default() }
+    }
+
+    /// QEMU (and the taps it makes) in a network namespace made with `ip netns add`.
+    pub fn in_netns(mut self, netns: Option<String>) -> QemuDriver {
+        self.net = crate::net::HostNet::new(netns);
+        self
     }
 }
 
@@ -167,7 +175,7 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
     }
     for (i, n) in c.nics.iter().enumerate() {
         let backend = match spec.nic_bridges.get(i).cloned().flatten() {
-            Some(br) => format!("bridge,id=net{i},br={br}"),
+            Some(_) => format!("tap,id=net{i},ifname={},script=no,downscript=no", crate::net::tap_name(spec.id, i)),
             None => {
                 let mut b = format!("user,id=net{i}");
                 for f in &n.port_forwards {
@@ -277,7 +285,14 @@ impl Hypervisor for QemuDriver {
             .map_err(HvError::os(format!("open QEMU's log {}", f.log.display())))?;
         let log2 = log.try_clone().map_err(HvError::os("share QEMU's log"))?;
         tracing::info!(vm = %spec.name, accel = spec.accel.as_str(), "starting QEMU: {} {}", self.binary.display(), args.join(" "));
-        let mut cmd = tokio::process::Command::new(&self.binary);
+        let mut cmd = match &self.net.netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.binary);
+                c
+            }
+            None => tokio::process::Command::new(&self.binary),
+        };
         for v in crate::secret::SECRET_ENV {
             cmd.env_remove(v);
         }
@@ -319,6 +334,15 @@ impl Hypervisor for QemuDriver {
             run_dir: spec.run_dir.clone(),
             key: Some(process_key),
         };
+        // The taps QEMU made go on their bridges before the guest runs.
+        for (i, b) in spec.nic_bridges.iter().enumerate() {
+            if let Some(b) = b
+                && let Err(e) = self.net.tap_attach(&crate::net::tap_name(spec.id, i), &b.bridge, b.vlan).await
+            {
+                let _ = vm.quit().await;
+                return Err(e);
+            }
+        }
         for d in &spec.disks {
             if let Err(e) = vm.disk_add(d).await {
                 let _ = vm.quit().await;
@@ -695,7 +719,11 @@ mod tests {
 
     #[test]
     fn a_missing_binary_says_what_to_install() {
-        let d = QemuDriver { binary: "/nonexistent/qemu-system-x86_64".into(), qmp_timeout: Duration::from_secs(1) };
+        let d = QemuDriver {
+            binary: "/nonexistent/qemu-system-x86_64".into(),
+            qmp_timeout: Duration::from_secs(1),
+            net: Default::default(),
+        };
         let e = d.check().unwrap_err();
         assert!(e.to_string().contains("qemu-system-x86"), "{e}");
     }

@@ -75,6 +75,9 @@ pub struct ServeConfig {
     pub oidc: Option<app::sso::OidcConfig>,
     /// How long a presence heartbeat counts (default [`app::presence::PRESENCE_TTL_DEFAULT`]).
     pub presence_ttl: std::time::Duration,
+    /// VMs' QEMUs, their taps and the networks covm makes live in this network namespace (made with
+    /// `ip netns add`; `--netns`). None: the host's own.
+    pub netns: Option<String>,
 }
 
 /// A secret in a configuration: printed as `<hidden>`.
@@ -119,6 +122,7 @@ impl ServeConfig {
             master_key_env: None,
             oidc: None,
             presence_ttl: app::presence::PRESENCE_TTL_DEFAULT,
+            netns: None,
         }
     }
 
@@ -216,7 +220,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         }
     };
     let driver: Arc<dyn covm_hv::Hypervisor> = match &config.driver {
-        Driver::Qemu => Arc::new(covm_hv::qemu::QemuDriver::default()),
+        Driver::Qemu => Arc::new(covm_hv::qemu::QemuDriver::default().in_netns(config.netns.clone())),
         Driver::Sim => Arc::new(covm_hv::sim::SimDriver::default()),
         Driver::Custom(d) => d.clone(),
     };
@@ -232,6 +236,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     app_config.rate_limits = config.rate_limits;
     app_config.oidc = config.oidc.clone();
     app_config.presence_ttl = config.presence_ttl;
+    app_config.netns = config.netns.clone();
     app_config.keys = Some(Arc::new(
         app::keys::KeyRing::load(
             &data_dir,

@@ -423,8 +423,11 @@ pub struct DatastoreView {
 pub enum NetworkKind {
     /// QEMU user-mode NAT; needs no privileges on the host.
     User,
-    /// A Linux bridge on the host.
+    /// A Linux bridge on the host (that exists), optionally a VLAN on it.
     Bridge,
+    /// A network covm makes: a bridge with the subnet's first address, dnsmasq for DHCP (each NIC's
+    /// MAC pinned to its address) and DNS, masquerade out and port forwards in (nftables).
+    Nat,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -435,8 +438,49 @@ pub struct NetworkCreate {
     /// The host bridge, for `kind = bridge`.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// The VLAN tag (1 to 4094) of the NICs' ports on the bridge, for `kind = bridge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 4094)]
+    pub vlan: Option<u16>,
+    /// The IPv4 subnet, for `kind = nat`: `10.77.0.0/24` (a prefix from 16 to 29); the gateway is its
+    /// first address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
     #[serde(default)]
     pub folder: Option<String>,
+}
+
+/// A port of the host that reaches a VM's port on a NAT network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkForward {
+    #[schema(minimum = 1, maximum = 65535)]
+    pub host_port: u16,
+    /// The VM (name) whose NIC on this network gets the traffic.
+    pub vm: String,
+    #[schema(minimum = 1, maximum = 65535)]
+    pub guest_port: u16,
+    #[serde(default)]
+    pub proto: crate::vm::Proto,
+    /// Only this address of the host (default: every address of the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub host_addr: Option<std::net::Ipv4Addr>,
+}
+
+/// `PUT /networks/{net}/forwards`: the NAT network's port forwards, replaced whole.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkForwards {
+    pub forwards: Vec<NetworkForward>,
+}
+
+/// An address a NAT network gave a NIC, pinned to its MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkLease {
+    pub mac: String,
+    pub ip: String,
+    pub vm: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -446,6 +490,16 @@ pub struct NetworkView {
     pub kind: NetworkKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<NetworkForward>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<NetworkLease>,
     pub folder: String,
     pub created_at: DateTime<Utc>,
 }

@@ -155,6 +155,10 @@ struct ServeArgs {
     /// Seconds a presence heartbeat (a user viewing or editing a VM in the web UI) counts.
     #[arg(long, env = "COVM_PRESENCE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     presence_ttl_s: u64,
+    /// Run VMs, their taps and the networks covm makes in this network namespace (made with
+    /// `ip netns add`); default: the host's own.
+    #[arg(long, env = "COVM_NETNS")]
+    netns: Option<String>,
     /// Serve TLS also on a loopback address (beyond loopback it is the default).
     #[arg(long, conflicts_with = "no_tls")]
     tls: bool,
@@ -560,6 +564,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_connections: a.max_connections,
                 safety_snapshot_days: a.safety_snapshot_days,
                 presence_ttl: std::time::Duration::from_secs(a.presence_ttl_s),
+                netns: a.netns,
                 tls: match (a.tls, a.no_tls) {
                     (true, _) => covm_server::TlsMode::On,
                     (_, true) => covm_server::TlsMode::Off,

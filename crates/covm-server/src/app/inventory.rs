@@ -9,8 +9,8 @@ use std::path::Path;
 
 use covm_store::{NewObject, ObjectRecord};
 use covm_types::api::{
-    DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, ListQuery, NetworkCreate, NetworkKind,
-    NetworkView, ObjectKind, ObjectRef, Page, PoolCreate, PoolView, Quota,
+    DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, ListQuery, NetworkView, ObjectKind, ObjectRef,
+    Page, PoolCreate, PoolView, Quota,
 };
 use covm_types::{Error, Name, Privilege, ROOT_ID};
 use serde_json::json;
@@ -22,7 +22,7 @@ use super::{App, Ctx, EventExt, system_event};
 const LIST_LIMIT_DEFAULT: u32 = 100;
 const LIST_LIMIT_MAX: u32 = 1000;
 
-fn parent_path(o: &ObjectRecord) -> String {
+pub(crate) fn parent_path(o: &ObjectRecord) -> String {
     match o.path.rsplit_once('/') {
         Some(("", _)) | None => "/".into(),
         Some((p, _)) => p.into(),
@@ -43,17 +43,6 @@ fn datastore_view(o: &ObjectRecord) -> DatastoreView {
         folder: parent_path(o),
         capacity_bytes,
         free_bytes,
-        created_at: o.created_at,
-    }
-}
-
-fn network_view(o: &ObjectRecord) -> NetworkView {
-    NetworkView {
-        id: o.id,
-        name: o.name.clone(),
-        kind: serde_json::from_value(o.spec["kind"].clone()).unwrap_or(NetworkKind::User),
-        bridge: o.spec["bridge"].as_str().map(str::to_owned),
-        folder: parent_path(o),
         created_at: o.created_at,
     }
 }
@@ -95,7 +84,7 @@ fn host_name(hostname: &str) -> String {
 
 impl App {
     /// A page of objects of one kind that the caller may view.
-    async fn objects_page(
+    pub(crate) async fn objects_page(
         &self,
         ctx: &Ctx,
         kind: ObjectKind,
@@ -111,7 +100,7 @@ impl App {
     }
 
     /// The folder an object is created in: `folder` (default `/`), which the caller must hold `privilege` on.
-    async fn placement(
+    pub(crate) async fn placement(
         &self,
         ctx: &Ctx,
         folder: Option<&str>,
@@ -123,7 +112,7 @@ impl App {
         Ok(folder)
     }
 
-    async fn object_new(
+    pub(crate) async fn object_new(
         &self,
         ctx: &Ctx,
         kind: ObjectKind,
@@ -206,35 +195,9 @@ impl App {
         Ok(datastore_view(&self.object_resolve(ctx, ds, Some(ObjectKind::Datastore), "datastore").await?))
     }
 
-    pub async fn network_create(&self, ctx: &Ctx, p: NetworkCreate) -> Result<NetworkView, Error> {
-        let folder = self.placement(ctx, p.folder.as_deref(), "folder", Privilege::NetworkConfig).await?;
-        let bridge = match (p.kind, p.bridge) {
-            (NetworkKind::User, None) => None,
-            (NetworkKind::User, Some(_)) => {
-                return Err(Error::invalid("bridge", "a user-mode network has no bridge"));
-            }
-            (NetworkKind::Bridge, None) => {
-                return Err(Error::invalid("bridge", "a bridge network names its host bridge"));
-            }
-            (NetworkKind::Bridge, Some(b)) => {
-                if b.is_empty()
-                    || b.len() > 15
-                    || !b.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                {
-                    return Err(Error::invalid("bridge", "a bridge name has 1 to 15 letters, digits, '-', '_' or '.'"));
-                }
-                Some(b)
-            }
-        };
-        let rec = self
-            .object_new(ctx, ObjectKind::Network, &p.name, &folder, json!({ "kind": p.kind, "bridge": bridge }))
-            .await?;
-        Ok(network_view(&rec))
-    }
-
     pub async fn networks_list(&self, ctx: &Ctx, q: ListQuery) -> Result<Page<NetworkView>, Error> {
         let (items, next) = self.objects_page(ctx, ObjectKind::Network, &q).await?;
-        Ok(Page { items: items.iter().map(network_view).collect(), next })
+        Ok(Page { items: items.iter().map(super::networks::network_view).collect(), next })
     }
 
     pub async fn pool_create(&self, ctx: &Ctx, p: PoolCreate) -> Result<PoolView, Error> {

@@ -30,6 +30,7 @@ pub mod json;
 pub mod keys;
 pub mod leases;
 pub mod mfa;
+pub mod networks;
 pub mod node;
 pub mod power;
 pub mod presence;
@@ -69,6 +70,8 @@ pub struct AppConfig {
     pub oidc: Option<sso::OidcConfig>,
     /// How long a presence heartbeat counts.
     pub presence_ttl: std::time::Duration,
+    /// The network namespace of VMs and covm's networks (None: the host's).
+    pub netns: Option<String>,
 }
 
 /// The default of [`AppConfig::safety_snapshot_ttl`], in days.
@@ -85,6 +88,7 @@ impl AppConfig {
             keys: None,
             oidc: None,
             presence_ttl: presence::PRESENCE_TTL_DEFAULT,
+            netns: None,
         }
     }
 }

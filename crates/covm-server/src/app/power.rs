@@ -259,10 +259,8 @@ impl App {
             Some(c) => Some(self.datastore_file("cdrom", c).await?),
             None => None,
         };
-        let mut nic_bridges = Vec::new();
+        let nic_bridges = self.nic_bridges_for(&vm.object.name, &config).await?;
         for (i, n) in config.nics.iter().enumerate() {
-            let net = self.object_lookup(&n.network, Some(ObjectKind::Network)).await?;
-            nic_bridges.push(net.and_then(|o| o.spec["bridge"].as_str().map(str::to_owned)));
             for (j, f) in n.port_forwards.iter().enumerate() {
                 port_free(f).map_err(|e| e.with_field(format!("nics[{i}].port_forwards[{j}].host_port")))?;
             }

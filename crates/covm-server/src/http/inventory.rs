@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use covm_types::ErrorBody;
 use covm_types::api::{
     DatastoreCreate, DatastoreView, FolderCreate, FolderView, HostView, InventoryQuery, ListQuery, NetworkCreate,
-    NetworkView, ObjectRef, Page, PoolCreate, PoolView,
+    NetworkForwards, NetworkView, ObjectRef, Page, PoolCreate, PoolView,
 };
 use covm_types::error::ConflictError;
 
@@ -127,6 +127,45 @@ pub async fn network_create(
     JsonBody(p): JsonBody<NetworkCreate>,
 ) -> Result<(StatusCode, Json<NetworkView>), ApiError> {
     Ok((StatusCode::CREATED, Json(app.network_create(&ctx, p).await?)))
+}
+
+/// A network, with a NAT network's pinned addresses and port forwards.
+#[utoipa::path(get, path = "/networks/{net}", tag = "inventory", operation_id = "network_get",
+    params(("net" = String, Path, description = "network name or id")),
+    responses((status = 200, body = NetworkView), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn network_get(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(net): Path<String>,
+) -> Result<Json<NetworkView>, ApiError> {
+    Ok(Json(app.network_get(&ctx, &net).await?))
+}
+
+/// Delete a network no VM uses (409 `in_use` names them), with everything covm made for it on the host.
+#[utoipa::path(delete, path = "/networks/{net}", tag = "inventory", operation_id = "network_delete",
+    params(("net" = String, Path, description = "network name or id")),
+    responses((status = 204), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn network_delete(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(net): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.network_delete(&ctx, &net).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Replace a NAT network's port forwards (host port → a VM's port), applied at once.
+#[utoipa::path(put, path = "/networks/{net}/forwards", tag = "inventory", operation_id = "network_forwards_set",
+    params(("net" = String, Path, description = "network name or id")),
+    request_body = NetworkForwards,
+    responses((status = 200, body = NetworkView), (status = 409, body = ConflictError), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub async fn network_forwards_set(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(net): Path<String>,
+    JsonBody(p): JsonBody<NetworkForwards>,
+) -> Result<Json<NetworkView>, ApiError> {
+    Ok(Json(app.network_forwards_set(&ctx, &net, p).await?))
 }
 
 /// Resource pools I may view, with their quotas.

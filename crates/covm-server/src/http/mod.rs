@@ -113,6 +113,8 @@ fn api_routes() -> OpenApiRouter<App> {
             datastore_files::datastore_file_delete
         ))
         .routes(routes!(inventory::network_list, inventory::network_create))
+        .routes(routes!(inventory::network_get, inventory::network_delete))
+        .routes(routes!(inventory::network_forwards_set))
         .routes(routes!(inventory::pool_list, inventory::pool_create))
         .routes(routes!(inventory::host_list))
         .routes(routes!(vms::vm_list, vms::vm_create))

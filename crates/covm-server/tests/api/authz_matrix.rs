@@ -77,6 +77,9 @@ const ENDPOINTS: &[&str] = &[
     "DELETE /api/v1/datastores/{datastore}/files/{path}",
     "GET /api/v1/networks",
     "POST /api/v1/networks",
+    "GET /api/v1/networks/{net}",
+    "DELETE /api/v1/networks/{net}",
+    "PUT /api/v1/networks/{net}/forwards",
     "GET /api/v1/pools",
     "POST /api/v1/pools",
     "GET /api/v1/hosts",
@@ -154,6 +157,16 @@ impl Env {
         a.group_create("g0").await.unwrap();
         a.folder_create("shared", "/").await.unwrap();
         a.vm_create(&json!({ "name": "vm-shared" })).await.unwrap();
+        // A NAT network (a record only: the simulated driver makes nothing on the host), and one
+        // network per role to delete.
+        a.post::<_, Value>("/networks", &json!({ "name": "nat0", "kind": "nat", "subnet": "10.99.0.0/24" }))
+            .await
+            .unwrap();
+        for role in BuiltinRole::ALL {
+            a.post::<_, Value>("/networks", &json!({ "name": format!("netdel-{}", tag(role)), "kind": "user" }))
+                .await
+                .unwrap();
+        }
         a.vm_change("vm-shared", &json!({ "cpus": 2 }), &Default::default()).await.unwrap();
         for role in BuiltinRole::ALL {
             let t = tag(role);
@@ -349,6 +362,11 @@ impl Env {
             "GET /api/v1/networks" => status(&c, Method::GET, "/networks", None).await,
             "POST /api/v1/networks" => {
                 status(&c, Method::POST, "/networks", Some(json!({ "name": format!("net-{t}"), "kind": "user" }))).await
+            }
+            "GET /api/v1/networks/{net}" => status(&c, Method::GET, "/networks/nat0", None).await,
+            "DELETE /api/v1/networks/{net}" => status(&c, Method::DELETE, &format!("/networks/netdel-{t}"), None).await,
+            "PUT /api/v1/networks/{net}/forwards" => {
+                status(&c, Method::PUT, "/networks/nat0/forwards", Some(json!({ "forwards": [] }))).await
             }
             "GET /api/v1/pools" => status(&c, Method::GET, "/pools", None).await,
             "POST /api/v1/pools" => {

@@ -45,6 +45,8 @@ pub struct Options {
     pub rate_limits: covm_server::app::ratelimit::RateLimitConfig,
     pub oidc: Option<covm_server::app::sso::OidcConfig>,
     pub presence_ttl: std::time::Duration,
+    /// `--netns`: VMs and covm's networks in this network namespace.
+    pub netns: Option<String>,
 }
 
 impl Default for Options {
@@ -56,6 +58,7 @@ impl Default for Options {
             rate_limits: covm_server::app::ratelimit::RateLimitConfig::UNLIMITED,
             oidc: None,
             presence_ttl: covm_server::app::presence::PRESENCE_TTL_DEFAULT,
+            netns: None,
         }
     }
 }
@@ -105,6 +108,11 @@ impl TestServer {
             false => None,
         };
         Self::start_full_with(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Sim, db, opts).await
+    }
+
+    /// A server on the QEMU driver with these options.
+    pub async fn start_qemu_options(opts: Options) -> TestServer {
+        Self::start_full_with(tempfile::tempdir().expect("tempdir"), covm_server::Driver::Qemu, None, opts).await
     }
 
     async fn start_full_with(
@@ -172,6 +180,7 @@ impl TestServer {
             rate_limits: opts.rate_limits,
             oidc: opts.oidc.clone(),
             presence_ttl: opts.presence_ttl,
+            netns: opts.netns.clone(),
             tls: if opts.tls { covm_server::TlsMode::On } else { covm_server::TlsMode::Auto },
             ..ServeConfig::new(dir.path().to_owned(), format!("127.0.0.1:{port}").parse().unwrap())
         })

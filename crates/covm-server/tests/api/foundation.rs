@@ -319,6 +319,8 @@ async fn datastores_networks_pools_and_hosts() {
         kind: NetworkKind::Bridge,
         bridge: bridge.map(str::to_owned),
         folder: None,
+        vlan: None,
+        subnet: None,
     };
     let net = s.admin.network_create(&bridge("lan", Some("br0"))).await.unwrap();
     assert_eq!(net.bridge.as_deref(), Some("br0"));

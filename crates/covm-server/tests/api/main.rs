@@ -18,6 +18,7 @@ pub mod guests;
 pub mod hygiene;
 pub mod idp;
 pub mod mfa;
+pub mod networks;
 pub mod openapi;
 pub mod power;
 pub mod qemu;

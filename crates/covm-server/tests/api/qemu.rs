@@ -42,14 +42,19 @@ fn guest() -> PathBuf {
 }
 
 pub async fn qemu_server() -> TestServer {
-    let g = guest();
     let s = TestServer::start_with(covm_server::Driver::Qemu).await;
+    guest_files(&s);
+    s
+}
+
+/// The test guest's kernel and initramfs in the server's `local` datastore, under `guest/`.
+pub fn guest_files(s: &TestServer) {
+    let g = guest();
     let ds = s.dir.path().join("datastores/local/guest");
     std::fs::create_dir_all(&ds).unwrap();
     for f in ["vmlinuz", "initrd.img"] {
         std::fs::copy(g.join(f), ds.join(f)).unwrap();
     }
-    s
 }
 
 pub async fn guest_vm(c: &Client, name: &str) {

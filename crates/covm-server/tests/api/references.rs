@@ -16,8 +16,20 @@ use serde_json::{Value, json};
 use crate::common::{TestServer, attach, attachment, name, new_disk, vm_named};
 
 /// The string fields of a config that are plain values, not references.
-const PLAIN: &[&str] =
-    &["name", "description", "cmdline", "annotations.*", "controllers[].id", "disks[].controller", "nics[].mac"];
+const PLAIN: &[&str] = &[
+    "name",
+    "description",
+    "cmdline",
+    "annotations.*",
+    "controllers[].id",
+    "disks[].controller",
+    "nics[].mac",
+    "nics[].port_forwards[].host_addr",
+    "cloud_init.hostname",
+    "cloud_init.users[].name",
+    "cloud_init.users[].ssh_authorized_keys[]",
+    "cloud_init.user_data",
+];
 
 /// A reference field: the privilege it needs on the object, and the value naming the hidden
 /// (`/team-b`) and the visible-but-not-granted (`/shared`) object.
@@ -132,9 +144,16 @@ async fn env() -> Env {
     }
     for (net, folder) in [("net-a", "/team-a"), ("net-b", "/team-b"), ("net-ro", "/shared")] {
         let folder = Some(folder.into());
-        a.network_create(&NetworkCreate { name: name(net), kind: NetworkKind::User, bridge: None, folder })
-            .await
-            .unwrap();
+        a.network_create(&NetworkCreate {
+            name: name(net),
+            kind: NetworkKind::User,
+            bridge: None,
+            folder,
+            vlan: None,
+            subnet: None,
+        })
+        .await
+        .unwrap();
     }
     for (pool, folder) in [("pool-a", "/team-a"), ("pool-b", "/team-b"), ("pool-ro", "/shared")] {
         let folder = Some(folder.into());

@@ -458,6 +458,7 @@ impl App {
         let mut reaping: Option<tokio::task::JoinHandle<()>> = None;
         let mut ticks: u64 = 0;
         let mut polling: Option<tokio::task::JoinHandle<()>> = None;
+        let mut netting: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tick.tick().await;
             // Rate limits: this replica's share, and buckets that are full again forgotten (every
@@ -475,6 +476,12 @@ impl App {
             {
                 let app = self.clone();
                 polling = Some(tokio::spawn(async move { app.guests_poll().await }));
+            }
+            // The NAT networks on this host: at start (after a reboot nothing of them is there), then
+            // once a minute (a dnsmasq that died comes back).
+            if ticks % 60 == 1 && netting.as_ref().is_none_or(|n| n.is_finished()) {
+                let app = self.clone();
+                netting = Some(tokio::spawn(async move { app.networks_reconcile().await }));
             }
             // Every replica writes the summary of its own suppressed anonymous entries.
             if let Err(e) = self.audit_anonymous_flush(false).await {
