@@ -7,7 +7,9 @@
 mod creds;
 mod datastore;
 mod disk;
+mod network;
 mod output;
+mod provision;
 mod vm;
 
 use std::io::IsTerminal;
@@ -97,9 +99,12 @@ enum Command {
     /// Files in a datastore (ISOs, images to import, kernels): upload, ls, download, rm.
     #[command(subcommand)]
     Datastore(datastore::DatastoreCmd),
-    /// VMs: create, change, edit, history, diff, revert, leases.
+    /// VMs: create, change, edit, history, diff, revert, leases, clone, template, NICs, guest.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Networks: user, bridge (VLAN) and NAT (DHCP, DNS, port forwards).
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
     /// Hosts, datastores, networks and pools.
     #[command(subcommand)]
     Inventory(InventoryCmd),
@@ -827,6 +832,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(cmd) => vm::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Disk(cmd) => disk::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Datastore(cmd) => datastore::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
+        Command::Network(cmd) => network::run(&client_with(&cli.url, cli.ca_file.as_ref())?, &out, cmd).await,
         Command::Inventory(cmd) => {
             let c = client_with(&cli.url, cli.ca_file.as_ref())?;
             let q = covm_types::api::ListQuery { limit: Some(1000), ..Default::default() };

@@ -139,6 +139,46 @@ pub enum VmCmd {
     /// Attach, detach and list a VM's disks.
     #[command(subcommand)]
     Disk(VmDiskCmd),
+    /// A new VM from a VM or a template: linked (qcow2 overlays on the template's disks, the default
+    /// for a template) or --full; with --hostname/--user/--ssh-key, a new cloud-init identity.
+    Clone {
+        source: String,
+        name: String,
+        /// Copy the disks (the default for a VM that is not a template).
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        folder: Option<String>,
+        #[arg(long)]
+        pool: Option<String>,
+        /// The guest's host name (default with any customization: the new VM's name).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// A user cloud-init makes in the guest.
+        #[arg(long)]
+        user: Option<String>,
+        /// That user's SSH public key, or @FILE (repeatable).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<String>,
+        /// That user may use sudo without a password.
+        #[arg(long)]
+        sudo: bool,
+    },
+    /// Make a VM (powered off) a template: read-only, the source of clones.
+    Template { name: String },
+    /// Add, remove, change and list a VM's NICs.
+    #[command(subcommand)]
+    Nic(crate::provision::VmNicCmd),
+    /// Wait until the VM's IPv4 address is known (through its guest agent) and print it.
+    Ip {
+        name: String,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// The guest agent: what it tells, passwords and SSH keys.
+    #[command(subcommand)]
+    Guest(crate::provision::VmGuestCmd),
     /// Follow the serial console.
     Console {
         name: String,
@@ -326,8 +366,18 @@ fn print_vm(out: &Out, v: &VmView) -> anyhow::Result<()> {
         println!("pid:         {pid}");
     }
     println!("pool:        {}", c.pool);
+    if c.template {
+        println!("template:    yes (read-only; clone it)");
+    }
     for (i, n) in c.nics.iter().enumerate() {
         println!("nic{i}:        {} {:?} {}", n.network, n.model, n.mac.as_deref().unwrap_or("-"));
+    }
+    if let Some(g) = &r.guest {
+        match (g.agent, g.ipv4()) {
+            (true, Some(ip)) => println!("guest:       {ip} ({})", g.hostname.as_deref().unwrap_or("-")),
+            (true, None) => println!("guest:       agent, no address yet"),
+            (false, _) => println!("guest:       no guest agent"),
+        }
     }
     for d in &c.disks {
         println!(
@@ -677,6 +727,19 @@ pub async fn run(c: &Client, out: &Out, cmd: VmCmd) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        VmCmd::Clone { source, name, full, folder, pool, hostname, user, ssh_keys, sudo } => {
+            let v = crate::provision::clone(c, out, source, name, full, folder, pool, hostname, user, ssh_keys, sudo)
+                .await?;
+            print_vm(out, &v)
+        }
+        VmCmd::Template { name } => {
+            let v = c.vm_template(&name).await?;
+            out.message(&format!("{name} is a template (version {})", v.version));
+            Ok(())
+        }
+        VmCmd::Nic(cmd) => crate::provision::nic(c, out, cmd).await,
+        VmCmd::Ip { name, timeout } => crate::provision::ip(c, out, &name, timeout).await,
+        VmCmd::Guest(cmd) => crate::provision::guest(c, out, cmd).await,
         VmCmd::Console { name, tail, no_follow } => {
             if no_follow {
                 print!("{}", c.serial(&name, tail).await?);

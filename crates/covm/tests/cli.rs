@@ -596,3 +596,47 @@ fn sighup_makes_covm_serve_read_its_certificate_again() {
     }
     assert!(!login(&ca1, "d").status.success(), "the old CA no longer vouches");
 }
+
+#[test]
+fn templates_clones_nics_and_networks_from_the_cli() {
+    let (_tmp, s, admin) = signed_in_admin();
+    let run = |args: &[&str]| ok(covm(&s, &admin, args, None));
+    // A NAT network (the simulated driver keeps it as a record: nothing is made on the host).
+    let net = run(&["network", "create", "lab", "--kind", "nat", "--subnet", "10.88.0.0/24"]);
+    assert!(net.contains("10.88.0.0/24 (gateway 10.88.0.1)"), "{net}");
+    assert!(run(&["network", "ls"]).contains("lab"));
+    run(&["vm", "create", "tpl", "--net", "lab"]);
+    assert!(run(&["vm", "template", "tpl"]).contains("is a template"));
+    let cloned =
+        run(&["vm", "clone", "tpl", "web", "--user", "ann", "--ssh-key", "ssh-ed25519 AAAAC3Nz ann@laptop", "--sudo"]);
+    assert!(cloned.contains("cloned tpl to web"), "{cloned}");
+    let info = run(&["--json", "vm", "info", "web"]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["config"]["cloud_init"]["hostname"], "web");
+    assert_eq!(v["config"]["cloud_init"]["users"][0]["name"], "ann");
+    // A template takes no change.
+    let refused = covm(&s, &admin, &["vm", "change", "tpl", "-c", "2"], None);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("template"));
+
+    // NICs: add one on the user network with a forward, list, remove.
+    run(&["vm", "nic", "add", "web", "user", "--forward", "2222:22"]);
+    let nics = run(&["vm", "nic", "ls", "web"]);
+    assert!(nics.contains("1  user") && nics.contains("2222->22/tcp"), "{nics}");
+    run(&["vm", "nic", "change", "web", "1", "--connected", "false"]);
+    assert!(run(&["vm", "nic", "ls", "web"]).contains("down"));
+    run(&["vm", "nic", "rm", "web", "1"]);
+    assert!(!run(&["vm", "nic", "ls", "web"]).contains("user"));
+
+    // A forward of the network pins the VM's address.
+    let fw = run(&["network", "forward", "lab", "8080=web:80"]);
+    assert!(fw.contains("forward:  8080/tcp -> web:80") && fw.contains("address:  10.88.0.2"), "{fw}");
+    // No guest agent in a simulated VM: `vm ip` says so when it gives up.
+    let ip = covm(&s, &admin, &["vm", "ip", "web", "--timeout", "1"], None);
+    assert!(!ip.status.success(), "{ip:?}");
+    // A network in use stays.
+    let rm = covm(&s, &admin, &["network", "rm", "lab"], None);
+    assert!(!rm.status.success() && String::from_utf8_lossy(&rm.stderr).contains("web"));
+    run(&["vm", "rm", "web"]);
+    run(&["vm", "rm", "tpl"]);
+    run(&["network", "rm", "lab"]);
+}
