@@ -463,6 +463,41 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/networks/{net}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A network, with a NAT network's pinned addresses and port forwards. */
+        get: operations["network_get"];
+        put?: never;
+        post?: never;
+        /** Delete a network no VM uses (409 `in_use` names them), with everything covm made for it on the host. */
+        delete: operations["network_delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/networks/{net}/forwards": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /** Replace a NAT network's port forwards (host port → a VM's port), applied at once. */
+        put: operations["network_forwards_set"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/permissions": {
         parameters: {
             query?: never;
@@ -936,6 +971,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/vms/{vm}/clone": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * A new VM from this VM or template: its disks copied (full) or as qcow2 overlays on the template's
+         *     (linked), new MAC addresses, and with `customize` a new cloud-init identity. All or nothing.
+         */
+        post: operations["vm_clone"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/vms/{vm}/console/serial": {
         parameters: {
             query?: never;
@@ -1051,6 +1106,60 @@ export interface paths {
          *     release it, or the detach fails and the disk stays attached.
          */
         delete: operations["vm_disk_detach"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/vms/{vm}/guest": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * What the guest agent tells of the running guest now: OS, host name, interfaces and addresses.
+         *     A guest without an agent answers `agent: false` and why.
+         */
+        get: operations["vm_guest"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/vms/{vm}/guest/password": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Set a guest user's password through the guest agent (409 `agent_unavailable` without one). */
+        post: operations["vm_guest_password"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/vms/{vm}/guest/ssh-keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Add SSH public keys to a guest user's `authorized_keys` through the guest agent. */
+        post: operations["vm_guest_ssh_keys"];
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -1220,6 +1329,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/vms/{vm}/template": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Make the VM a template: powered off, it becomes read-only and the source of clones (a new config
+         *     version says so). Idempotent.
+         */
+        post: operations["vm_template"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/vms/{vm}/versions": {
         parameters: {
             query?: never;
@@ -1321,6 +1450,36 @@ export interface components {
             refused?: string | null;
             summary: string[];
         };
+        CloneCustomize: {
+            hostname?: string | null;
+            /** @description A network config (version 2) replacing the source's. */
+            network?: Record<string, never> | null;
+            users?: components["schemas"]["CloudInitUser"][] | null;
+        };
+        /**
+         * @description A cloud-init NoCloud seed that covm builds at each power-on from the running version (an ISO
+         *     labelled `cidata`, attached as a read-only CD). Its instance id is the VM's id, so a clone is a new
+         *     instance to cloud-init.
+         */
+        CloudInit: {
+            /** @description The guest's host name (default: the VM's name). */
+            hostname?: string | null;
+            /** @description A network config, version 2 (netplan's shape): `{"version": 2, "ethernets": {...}}`. */
+            network?: Record<string, never> | null;
+            /**
+             * @description Raw user-data: used as it is instead of what covm would write from `hostname` and `users`
+             *     (a `#cloud-config` document or a script).
+             */
+            user_data?: string | null;
+            users?: components["schemas"]["CloudInitUser"][];
+        };
+        CloudInitUser: {
+            /** @description A POSIX user name. */
+            name: string;
+            ssh_authorized_keys?: string[];
+            /** @description Whether the user may run anything as root without a password. */
+            sudo?: boolean;
+        };
         /** @description The details of a 409; which fields are present depends on the code. */
         ConflictDetails: {
             /** Format: int64 */
@@ -1369,6 +1528,11 @@ export interface components {
             field?: string | null;
             message: string;
         };
+        /**
+         * @description What a snapshot of a running VM's disks is consistent with.
+         * @enum {string}
+         */
+        Consistency: "crash" | "quiesced";
         Console: {
             serial?: boolean;
             vnc?: boolean;
@@ -1567,7 +1731,7 @@ export interface components {
          *     A code this build does not know (from a newer server) reads as [`ErrorCode::Unknown`].
          * @enum {string}
          */
-        ErrorCode: "already_a_disk" | "already_attached" | "already_exists" | "busy" | "config_changed" | "conflict" | "console_unavailable" | "upload_offset" | "checksum_mismatch" | "controller_full" | "csrf_failed" | "controller_unsupported" | "database_unavailable" | "datastore_missing" | "detach_timeout" | "disk_in_use" | "disk_missing" | "disk_shared" | "file_missing" | "folder_not_empty" | "forbidden" | "hotplug_unsupported" | "hypervisor_error" | "hypervisor_unavailable" | "in_use" | "insufficient_space" | "internal" | "invalid_capacity" | "invalid_json" | "invalid_name" | "invalid_patch" | "invalid_query" | "invalid_request" | "invalid_value" | "lease_expired" | "leased" | "managed_disk_file" | "missing_body" | "missing_field" | "user_disabled" | "sso_unavailable" | "key_unavailable" | "mfa_required" | "mfa_invalid" | "mfa_enrollment_required" | "mfa_state" | "method_not_allowed" | "no_route" | "not_found" | "operation_in_progress" | "path_outside_datastore" | "payload_too_large" | "quota_exceeded" | "rate_limited" | "request_timeout" | "requires_power_cycle" | "root_folder" | "self_delete" | "shrink_refused" | "shutdown_timeout" | "snapshot_unsupported" | "shutting_down" | "stale_generation" | "storage_full" | "store_unavailable" | "task_failed" | "unauthenticated" | "unit_out_of_range" | "unit_taken" | "unknown_controller" | "unknown_field" | "unknown_query_parameter" | "unsupported_media_type" | "upgrade_required" | "version_mismatch" | "vm_not_running" | "vm_on_other_node" | "vm_running" | "weak_password" | "unknown";
+        ErrorCode: "already_a_disk" | "already_attached" | "already_exists" | "busy" | "config_changed" | "conflict" | "console_unavailable" | "upload_offset" | "agent_unavailable" | "template_in_use" | "not_a_template" | "vm_is_template" | "checksum_mismatch" | "controller_full" | "csrf_failed" | "controller_unsupported" | "database_unavailable" | "datastore_missing" | "detach_timeout" | "disk_in_use" | "disk_missing" | "disk_shared" | "file_missing" | "folder_not_empty" | "forbidden" | "hotplug_unsupported" | "hypervisor_error" | "hypervisor_unavailable" | "in_use" | "insufficient_space" | "internal" | "invalid_capacity" | "invalid_json" | "invalid_name" | "invalid_patch" | "invalid_query" | "invalid_request" | "invalid_value" | "lease_expired" | "leased" | "managed_disk_file" | "missing_body" | "missing_field" | "user_disabled" | "sso_unavailable" | "key_unavailable" | "mfa_required" | "mfa_invalid" | "mfa_enrollment_required" | "mfa_state" | "method_not_allowed" | "no_route" | "not_found" | "operation_in_progress" | "path_outside_datastore" | "payload_too_large" | "quota_exceeded" | "rate_limited" | "request_timeout" | "requires_power_cycle" | "root_folder" | "self_delete" | "shrink_refused" | "shutdown_timeout" | "snapshot_unsupported" | "shutting_down" | "stale_generation" | "storage_full" | "store_unavailable" | "task_failed" | "unauthenticated" | "unit_out_of_range" | "unit_taken" | "unknown_controller" | "unknown_field" | "unknown_query_parameter" | "unsupported_media_type" | "upgrade_required" | "version_mismatch" | "vm_not_running" | "vm_on_other_node" | "vm_running" | "weak_password" | "unknown";
         ErrorDetail: {
             /** @description Stable, machine-readable: `invalid_value`, `unknown_field`, `forbidden`, `not_found`, … */
             code: components["schemas"]["ErrorCode"];
@@ -1662,6 +1826,37 @@ export interface components {
             id: string;
             members: string[];
             name: string;
+        };
+        /** @description The guest as its agent (qemu-guest-agent) tells it. */
+        GuestInfo: {
+            /** @description Whether the guest agent answers. */
+            agent: boolean;
+            hostname?: string | null;
+            /** @description The guest's network interfaces with their addresses (loopback left out). */
+            interfaces?: components["schemas"]["GuestInterface"][];
+            /** @description Why not, when it does not. */
+            message?: string | null;
+            /** @description The operating system as the guest names it (`PRETTY_NAME`). */
+            os?: string | null;
+        };
+        GuestInterface: {
+            /** @description `10.0.2.15/24`, `fe80::…/64`. */
+            addresses?: string[];
+            mac?: string | null;
+            name: string;
+        };
+        /** @description `POST /vms/{vm}/guest/password`: sets a guest user's password through the guest agent. */
+        GuestPassword: {
+            /** @description The password as it is (covm sends it to the agent and keeps nothing of it). */
+            password: string;
+            user: string;
+        };
+        /** @description `POST /vms/{vm}/guest/ssh-keys`: adds SSH public keys to a guest user's `authorized_keys`. */
+        GuestSshKeys: {
+            keys: string[];
+            /** @description Replace the file's keys instead of adding to them. */
+            replace?: boolean;
+            user: string;
         };
         HostView: {
             /** Format: int32 */
@@ -1772,18 +1967,56 @@ export interface components {
             folder?: string | null;
             kind: components["schemas"]["NetworkKind"];
             name: components["schemas"]["Name"];
+            /**
+             * @description The IPv4 subnet, for `kind = nat`: `10.77.0.0/24` (a prefix from 16 to 29); the gateway is its
+             *     first address.
+             */
+            subnet?: string | null;
+            /**
+             * Format: int32
+             * @description The VLAN tag (1 to 4094) of the NICs' ports on the bridge, for `kind = bridge`.
+             */
+            vlan?: number | null;
+        };
+        /** @description A port of the host that reaches a VM's port on a NAT network. */
+        NetworkForward: {
+            /** Format: int32 */
+            guest_port: number;
+            /** @description Only this address of the host (default: every address of the host). */
+            host_addr?: string | null;
+            /** Format: int32 */
+            host_port: number;
+            proto?: components["schemas"]["Proto"];
+            /** @description The VM (name) whose NIC on this network gets the traffic. */
+            vm: string;
+        };
+        /** @description `PUT /networks/{net}/forwards`: the NAT network's port forwards, replaced whole. */
+        NetworkForwards: {
+            forwards: components["schemas"]["NetworkForward"][];
         };
         /** @enum {string} */
-        NetworkKind: "user" | "bridge";
+        NetworkKind: "user" | "bridge" | "nat";
+        /** @description An address a NAT network gave a NIC, pinned to its MAC. */
+        NetworkLease: {
+            ip: string;
+            mac: string;
+            vm: string;
+        };
         NetworkView: {
             bridge?: string | null;
             /** Format: date-time */
             created_at: string;
             folder: string;
+            forwards?: components["schemas"]["NetworkForward"][];
+            gateway?: string | null;
             /** Format: uuid */
             id: string;
             kind: components["schemas"]["NetworkKind"];
+            leases?: components["schemas"]["NetworkLease"][];
             name: string;
+            subnet?: string | null;
+            /** Format: int32 */
+            vlan?: number | null;
         };
         Nic: {
             /** @description Whether the link is up (a live change). */
@@ -1793,6 +2026,11 @@ export interface components {
             model?: components["schemas"]["NicModel"];
             /** @description A network's name. */
             network: string;
+            /**
+             * @description Host ports forwarded to the guest: only on a `user` network (a `nat` network's forwards are the
+             *     network's own).
+             */
+            port_forwards?: components["schemas"]["PortForward"][];
         };
         /** @enum {string} */
         NicModel: "virtio-net" | "e1000";
@@ -1923,10 +2161,16 @@ export interface components {
                 /** Format: date-time */
                 created_at: string;
                 folder: string;
+                forwards?: components["schemas"]["NetworkForward"][];
+                gateway?: string | null;
                 /** Format: uuid */
                 id: string;
                 kind: components["schemas"]["NetworkKind"];
+                leases?: components["schemas"]["NetworkLease"][];
                 name: string;
+                subnet?: string | null;
+                /** Format: int32 */
+                vlan?: number | null;
             }[];
             next?: string | null;
         };
@@ -2022,6 +2266,19 @@ export interface components {
             name: string;
             quota: components["schemas"]["Quota"];
         };
+        /** @description A host port that reaches a guest port. */
+        PortForward: {
+            /** Format: int32 */
+            guest_port: number;
+            /**
+             * @description The host address it listens on (default 127.0.0.1: only the host itself).
+             * @example 127.0.0.1
+             */
+            host_addr?: string;
+            /** Format: int32 */
+            host_port: number;
+            proto?: components["schemas"]["Proto"];
+        };
         /** @enum {string} */
         PowerAction: "on" | "off" | "shutdown" | "reset";
         PowerRequest: {
@@ -2053,7 +2310,9 @@ export interface components {
          */
         PresenceState: "viewing" | "editing";
         /** @enum {string} */
-        Privilege: "System.View" | "System.Read" | "Folder.Create" | "Folder.Delete" | "VirtualMachine.Inventory.Create" | "VirtualMachine.Inventory.Delete" | "VirtualMachine.Config.Edit" | "VirtualMachine.Config.CPUCount" | "VirtualMachine.Config.Memory" | "VirtualMachine.Config.AddExistingDisk" | "VirtualMachine.Config.AddNewDisk" | "VirtualMachine.Config.RemoveDisk" | "VirtualMachine.Config.AddRemoveDevice" | "VirtualMachine.Interact.PowerOn" | "VirtualMachine.Interact.PowerOff" | "VirtualMachine.Interact.Reset" | "VirtualMachine.Interact.ConsoleInteract" | "VirtualMachine.State.CreateSnapshot" | "VirtualMachine.State.RevertToSnapshot" | "VirtualMachine.State.RemoveSnapshot" | "VirtualMachine.State.RenameSnapshot" | "Disk.Snapshot" | "VirtualMachine.Lease.Break" | "Datastore.Config" | "Datastore.AllocateSpace" | "Datastore.Browse" | "Datastore.FileManagement" | "Disk.Create" | "Disk.Delete" | "Disk.Extend" | "Disk.Attach" | "Resource.AssignVMToPool" | "Resource.CreatePool" | "Network.Config" | "Network.Assign" | "Permissions.Modify" | "Audit.Read" | "Users.Manage";
+        Privilege: "System.View" | "System.Read" | "Folder.Create" | "Folder.Delete" | "VirtualMachine.Inventory.Create" | "VirtualMachine.Inventory.Delete" | "VirtualMachine.Config.Edit" | "VirtualMachine.Config.CPUCount" | "VirtualMachine.Config.Memory" | "VirtualMachine.Config.AddExistingDisk" | "VirtualMachine.Config.AddNewDisk" | "VirtualMachine.Config.RemoveDisk" | "VirtualMachine.Config.AddRemoveDevice" | "VirtualMachine.Interact.PowerOn" | "VirtualMachine.Interact.PowerOff" | "VirtualMachine.Interact.Reset" | "VirtualMachine.Interact.ConsoleInteract" | "VirtualMachine.State.CreateSnapshot" | "VirtualMachine.State.RevertToSnapshot" | "VirtualMachine.State.RemoveSnapshot" | "VirtualMachine.State.RenameSnapshot" | "Disk.Snapshot" | "VirtualMachine.Lease.Break" | "VirtualMachine.Provisioning.Clone" | "VirtualMachine.Provisioning.DeployTemplate" | "VirtualMachine.Provisioning.MarkAsTemplate" | "VirtualMachine.Provisioning.Customize" | "VirtualMachine.GuestOperations.Modify" | "VirtualMachine.GuestOperations.Query" | "Datastore.Config" | "Datastore.AllocateSpace" | "Datastore.Browse" | "Datastore.FileManagement" | "Disk.Create" | "Disk.Delete" | "Disk.Extend" | "Disk.Attach" | "Resource.AssignVMToPool" | "Resource.CreatePool" | "Network.Config" | "Network.Assign" | "Permissions.Modify" | "Audit.Read" | "Users.Manage";
+        /** @enum {string} */
+        Proto: "tcp" | "udp";
         /** @description Limits of a pool; an absent limit is unlimited. */
         Quota: {
             /** Format: int64 */
@@ -2131,6 +2390,11 @@ export interface components {
         /** @enum {string} */
         Sharing: "none" | "multi_writer";
         SnapshotCreate: {
+            /**
+             * @description `quiesced`: the running guest's file systems are frozen by its guest agent while the disks'
+             *     tags are taken (refused, 409 `agent_unavailable`, when the guest has no agent).
+             */
+            consistency?: components["schemas"]["Consistency"];
             description?: string | null;
             /** @description Disks (by name) left out; a raw disk must be left out to snapshot its VM. */
             exclude?: string[];
@@ -2188,6 +2452,7 @@ export interface components {
              * @description The config version the snapshot holds.
              */
             config_version: number;
+            consistency?: components["schemas"]["Consistency"];
             /** Format: date-time */
             created_at: string;
             created_by: string;
@@ -2199,6 +2464,11 @@ export interface components {
              * @description When the reaper deletes it (a safety snapshot that is not pinned).
              */
             expires_at?: string | null;
+            /**
+             * Format: int64
+             * @description Quiesced: how many file systems the guest agent froze.
+             */
+            frozen_filesystems?: number | null;
             /** Format: uuid */
             id: string;
             kind: components["schemas"]["SnapshotKind"];
@@ -2398,6 +2668,7 @@ export interface components {
             autostart?: components["schemas"]["AutostartChange"] | null;
             boot?: components["schemas"]["BootDevice"][] | null;
             cdrom?: string | null;
+            cloud_init?: components["schemas"]["CloudInit"] | null;
             cmdline?: string | null;
             console?: components["schemas"]["ConsoleChange"] | null;
             controllers?: components["schemas"]["Controller"][] | null;
@@ -2417,9 +2688,29 @@ export interface components {
             nics?: components["schemas"]["Nic"][] | null;
             pool?: string | null;
             safety_snapshots?: components["schemas"]["SafetyPolicy"] | null;
+            /** @description Refused: a VM becomes a template with `POST /vms/{vm}/template`, and a template takes no change. */
+            template?: boolean | null;
         };
         /** @description The answer to a change: the VM, or with `dry_run` the plan. */
         VmChangeResponse: components["schemas"]["VmView"] | components["schemas"]["ChangePlan"];
+        /** @description `POST /vms/{vm}/clone`: a new VM from a VM or a template. */
+        VmClone: {
+            customize?: components["schemas"]["CloneCustomize"] | null;
+            /** @description A description for the new VM (default: the source's). */
+            description?: string | null;
+            /** @description The folder of the new VM and its disks (default: the source's). */
+            folder?: string | null;
+            /**
+             * @description Linked: each disk is a qcow2 overlay on the template's disk (fast, small; the template's disks
+             *     stay while clones use them). Full: each disk is copied. Default: linked for a template, full
+             *     for a VM (a linked clone needs a template).
+             */
+            linked?: boolean | null;
+            /** @description The new VM's name; its disks are named `NAME-1`, `NAME-2`… in the order of the source's disks. */
+            name: components["schemas"]["Name"];
+            /** @description The resource pool (default: the source's). */
+            pool?: string | null;
+        };
         /** @description The whole configuration of a VM: the versioned document. */
         VmConfig: {
             accel?: components["schemas"]["Accel"];
@@ -2431,6 +2722,7 @@ export interface components {
             boot?: components["schemas"]["BootDevice"][];
             /** @description An ISO image as `DATASTORE:path/in/it.iso`. */
             cdrom?: string | null;
+            cloud_init?: components["schemas"]["CloudInit"] | null;
             /** @description The kernel command line, with `kernel`. */
             cmdline?: string | null;
             console?: components["schemas"]["Console"];
@@ -2461,6 +2753,11 @@ export interface components {
              *     or break boot).
              */
             safety_snapshots?: components["schemas"]["SafetyPolicy"];
+            /**
+             * @description A template: read-only, never powered on, the source of clones (`POST /vms/{vm}/template`
+             *     makes one; a change cannot).
+             */
+            template?: boolean;
         };
         /** @description What is running, as opposed to what is configured. Not versioned. */
         VmRuntime: {
@@ -2474,6 +2771,8 @@ export interface components {
              * @default 0
              */
             generation: number;
+            /** @default null */
+            guest: components["schemas"]["GuestInfo"] | null;
             /** @default null */
             host: string | null;
             /**
@@ -3832,6 +4131,114 @@ export interface operations {
         };
         responses: {
             201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NetworkView"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    network_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description network name or id */
+                net: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NetworkView"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    network_delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description network name or id */
+                net: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    network_forwards_set: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description network name or id */
+                net: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["NetworkForwards"];
+            };
+        };
+        responses: {
+            200: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5253,6 +5660,49 @@ export interface operations {
             };
         };
     };
+    vm_clone: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the source VM or template: name or id */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VmClone"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    ETag?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmView"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     vm_console_serial: {
         parameters: {
             query?: {
@@ -5497,6 +5947,124 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["LeasedError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_guest: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM name or id */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GuestInfo"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_guest_password: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM name or id */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GuestPassword"];
+            };
+        };
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_guest_ssh_keys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM name or id */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GuestSshKeys"];
+            };
+        };
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
                 };
             };
             "4XX": {
@@ -6180,6 +6748,66 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_template: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description the version this is based on */
+                "If-Match"?: string | null;
+                /** @description the fencing token of my lease */
+                "Covm-Lease"?: number | null;
+            };
+            path: {
+                /** @description VM name or id */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    ETag?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmView"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConflictError"];
+                };
+            };
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["StaleError"];
+                };
+            };
+            423: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LeasedError"];
                 };
             };
             "4XX": {
