@@ -8,6 +8,7 @@
 pub mod disks;
 pub mod encryption;
 pub mod power;
+pub mod provision;
 pub mod scale;
 pub mod server;
 pub mod snapshots;

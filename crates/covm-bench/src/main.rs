@@ -57,6 +57,19 @@ enum Scenario {
         #[arg(long, default_value_t = 64)]
         part_mib: u64,
     },
+    /// A linked clone of a template against a full clone, and power-on to the clone's address (DHCP,
+    /// and through the guest agent): real QEMU and the test guest.
+    Provision {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 1024)]
+        disk_mib: u64,
+        #[arg(long, default_value_t = 256)]
+        fill_mib: u64,
+        /// The test guest (scripts/build-test-guest DIR).
+        #[arg(long, default_value = "target/test-guest")]
+        guest: PathBuf,
+    },
     /// What TLS costs: TLS 1.3 handshakes a second, and PATCH latency plain against TLS (kept-alive and
     /// a new connection per request). Runs its own two servers in this process.
     Tls {
@@ -233,6 +246,11 @@ async fn run(cli: Cli) -> anyhow::Result<Report> {
             let s = server(&cli, "sim").await?;
             let p = covm_bench::upload::UploadParams { runs: *runs, mib: *mib, part_mib: *part_mib };
             covm_bench::upload::upload(&s, &p).await
+        }
+        Scenario::Provision { runs, disk_mib, fill_mib, guest } => {
+            let covm = cli.covm.clone().unwrap_or_else(covm_binary);
+            let p = covm_bench::provision::ProvisionParams { runs: *runs, disk_mib: *disk_mib, fill_mib: *fill_mib };
+            covm_bench::provision::provision(&covm, guest, &p).await
         }
         Scenario::Tls { handshakes, patches } => {
             covm_bench::tls::tls(&covm_bench::tls::TlsParams { handshakes: *handshakes, patches: *patches }).await

@@ -38,7 +38,7 @@ fn qemu_img_ms(args: &[&str], file: &Path) -> anyhow::Result<f64> {
 
 /// A qcow2 disk of `disk_mib` with `fill_mib` of it written (a snapshot's cost grows with what is
 /// allocated): its image file, and its attachment at scsi0 unit 0.
-async fn disk_with_data(
+pub(crate) async fn disk_with_data(
     c: &covm_client::Client,
     data: &Path,
     name: &str,
