@@ -521,6 +521,18 @@ impl Client {
         self.send::<serde_json::Value>(rb).await.map(drop)
     }
 
+    /// Adds a NIC (plugged into a running VM unless `next_boot`).
+    pub async fn vm_nic_add(&self, vm: &str, nic: &serde_json::Value, next_boot: bool) -> Result<VmView> {
+        let rb = self.request(Method::POST, &format!("/vms/{vm}/nics")).query(&[("next_boot", next_boot)]).json(nic);
+        self.send(rb).await
+    }
+
+    /// Removes the NIC with this MAC (unplugged from a running VM unless `next_boot`).
+    pub async fn vm_nic_remove(&self, vm: &str, mac: &str, next_boot: bool) -> Result<VmView> {
+        let rb = self.request(Method::DELETE, &format!("/vms/{vm}/nics/{mac}")).query(&[("next_boot", next_boot)]);
+        self.send(rb).await
+    }
+
     /// A new VM from a VM or a template.
     pub async fn vm_clone(&self, vm: &str, p: &covm_types::vm::VmClone) -> Result<VmView> {
         self.post(&format!("/vms/{vm}/clone"), p).await

@@ -112,6 +112,29 @@ pub struct DiskSpec {
     pub backing: Option<(PathBuf, String)>,
 }
 
+/// A NIC as QEMU runs it: its device and backend are named after its MAC ([`nic_id`], [`netdev_id`]),
+/// so that a NIC keeps its names whatever is plugged or unplugged beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NicSpec {
+    pub nic: covm_types::vm::Nic,
+    /// The bridge of its tap, or None for user networking.
+    pub bridge: Option<NicBridge>,
+}
+
+fn mac_hex(mac: &str) -> String {
+    mac.replace(':', "").to_ascii_lowercase()
+}
+
+/// A NIC's QEMU device id.
+pub fn nic_id(mac: &str) -> String {
+    format!("nic-{}", mac_hex(mac))
+}
+
+/// A NIC's QEMU network backend id.
+pub fn netdev_id(mac: &str) -> String {
+    format!("net-{}", mac_hex(mac))
+}
+
 /// A NIC on a host bridge: QEMU makes the tap ([`net::tap_name`]), the driver puts it on the bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicBridge {
@@ -266,8 +289,22 @@ pub trait VmHandle: Send {
     async fn reset(&mut self) -> Result<(), HvError>;
     /// Ends the VM at once (power off) and waits for the process to go.
     async fn quit(&mut self) -> Result<(), HvError>;
-    /// Sets a NIC's link up or down.
-    async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError>;
+    /// Sets a NIC's link up or down (the NIC by its MAC).
+    async fn set_link(&mut self, mac: &str, up: bool) -> Result<(), HvError>;
+    /// Plugs a NIC into the running VM (its network backend, then its device; a tap goes on its
+    /// bridge). Where the machine cannot take one (no free hot-plug port): `HvError::Unavailable`.
+    async fn nic_add(&mut self, _nic: &NicSpec) -> Result<(), HvError> {
+        Err(HvError::Unavailable("this driver cannot plug NICs into a running VM".into()))
+    }
+    /// Asks the guest to release a NIC (`device_del`; `DeviceDeleted` with [`nic_id`] confirms it).
+    /// `false`: there is no such NIC.
+    async fn nic_del(&mut self, _mac: &str) -> Result<bool, HvError> {
+        Ok(false)
+    }
+    /// Removes a NIC's network backend after its device is gone.
+    async fn netdev_del(&mut self, _mac: &str) -> Result<(), HvError> {
+        Ok(())
+    }
     /// Adds a disk's block nodes (`blockdev-add` of its file node and its format node); nodes already
     /// there are kept, so a retry or a recovery can call it again.
     async fn blockdev_add(&mut self, disk: &DiskSpec) -> Result<(), HvError>;

@@ -12,10 +12,9 @@ use uuid::Uuid;
 
 use crate::HvError;
 
-/// The tap device of a VM's NIC (QEMU makes it, and it goes with QEMU): `cvt` + the id's tail + the index.
-pub fn tap_name(vm: Uuid, nic: usize) -> String {
-    let id = vm.simple().to_string();
-    format!("cvt{}{nic}", &id[id.len() - 9..])
+/// The tap device of a NIC (QEMU makes it, and it goes with QEMU): `cvt` + the MAC's 12 hex digits.
+pub fn tap_name(mac: &str) -> String {
+    format!("cvt{}", mac.replace(':', "").to_ascii_lowercase())
 }
 
 /// The bridge covm makes for a NAT network.
@@ -271,7 +270,7 @@ mod tests {
     #[test]
     fn names_fit_linux_and_subnets_parse() {
         let id = Uuid::now_v7();
-        assert!(tap_name(id, 7).len() <= 15 && bridge_name(id).len() <= 15);
+        assert!(tap_name("52:54:00:ab:cd:ef").len() <= 15 && bridge_name(id).len() <= 15);
         assert_eq!(
             subnet_parse("10.77.0.0/24"),
             Some(("10.77.0.0".parse().unwrap(), "10.77.0.1".parse().unwrap(), 24))

@@ -173,31 +173,33 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
             ControllerType::Ide => {}
         }
     }
+    // On q35 every NIC sits on a PCIe root port of its own, and a few more wait for NICs plugged in
+    // later (a device on the root complex itself cannot be unplugged).
+    let q35 = machine == "q35";
+    if q35 {
+        for k in 0..c.nics.len() + SPARE_PORTS {
+            args.extend(["-device".into(), format!("pcie-root-port,id=covm-rp{k},chassis={},slot={}", k + 1, k + 1)]);
+        }
+    }
     for (i, n) in c.nics.iter().enumerate() {
+        let mac = n.mac.clone().unwrap_or_default();
+        let (netdev, id) = (crate::netdev_id(&mac), crate::nic_id(&mac));
         let backend = match spec.nic_bridges.get(i).cloned().flatten() {
-            Some(_) => format!("tap,id=net{i},ifname={},script=no,downscript=no", crate::net::tap_name(spec.id, i)),
+            Some(_) => format!("tap,id={netdev},ifname={},script=no,downscript=no", crate::net::tap_name(&mac)),
             None => {
-                let mut b = format!("user,id=net{i}");
+                let mut b = format!("user,id={netdev}");
                 for f in &n.port_forwards {
-                    let addr = match f.host_addr {
-                        std::net::IpAddr::V4(a) => a.to_string(),
-                        std::net::IpAddr::V6(a) => format!("[{a}]"),
-                    };
-                    b.push_str(&format!(",hostfwd={}:{addr}:{}-:{}", f.proto.as_str(), f.host_port, f.guest_port));
+                    b.push_str(&format!(",hostfwd={}", hostfwd(f)));
                 }
                 b
             }
         };
-        let model = match n.model {
-            NicModel::VirtioNet => "virtio-net-pci",
-            NicModel::E1000 => "e1000",
-        };
-        let mac = n.mac.clone().unwrap_or_default();
+        let bus = if q35 { format!(",bus=covm-rp{i}") } else { String::new() };
         args.extend([
             "-netdev".into(),
             backend,
             "-device".into(),
-            format!("{model},netdev=net{i},id=nic{i},mac={mac}"),
+            format!("{},netdev={netdev},id={id},mac={mac}{bus}", nic_driver(n.model)),
         ]);
     }
     if let Some(cd) = &spec.cdrom {
@@ -224,6 +226,25 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>, HvError> {
         .collect();
     args.extend(["-boot".into(), format!("order={order}")]);
     Ok(args)
+}
+
+/// Root ports beyond the NICs a q35 VM starts with: how many NICs it can take while it runs.
+const SPARE_PORTS: usize = 4;
+
+fn nic_driver(m: NicModel) -> &'static str {
+    match m {
+        NicModel::VirtioNet => "virtio-net-pci",
+        NicModel::E1000 => "e1000",
+    }
+}
+
+/// QEMU's `hostfwd` of a port forward: `tcp:127.0.0.1:8080-:80`.
+fn hostfwd(f: &covm_types::vm::PortForward) -> String {
+    let addr = match f.host_addr {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    };
+    format!("{}:{addr}:{}-:{}", f.proto.as_str(), f.host_port, f.guest_port)
 }
 
 /// Whether `pid` is alive and is the QEMU of this run directory (not a recycled pid).
@@ -333,11 +354,13 @@ impl Hypervisor for QemuDriver {
             accel: spec.accel,
             run_dir: spec.run_dir.clone(),
             key: Some(process_key),
+            net: self.net.clone(),
         };
         // The taps QEMU made go on their bridges before the guest runs.
         for (i, b) in spec.nic_bridges.iter().enumerate() {
+            let mac = spec.config.nics.get(i).and_then(|n| n.mac.clone()).unwrap_or_default();
             if let Some(b) = b
-                && let Err(e) = self.net.tap_attach(&crate::net::tap_name(spec.id, i), &b.bridge, b.vlan).await
+                && let Err(e) = self.net.tap_attach(&crate::net::tap_name(&mac), &b.bridge, b.vlan).await
             {
                 let _ = vm.quit().await;
                 return Err(e);
@@ -371,7 +394,16 @@ impl Hypervisor for QemuDriver {
         let accel = if kvm["enabled"].as_bool() == Some(true) { AccelChoice::Kvm } else { AccelChoice::Tcg };
         // A QEMU from before covm's restart: its key is still in its run directory (for hot-plugs).
         let key = crate::secret::ProcessKey::load(&f.key).ok();
-        Ok(Some(Box::new(QemuVm { qmp, events, child: None, pid: Some(pid), accel, run_dir: run_dir.to_owned(), key })))
+        Ok(Some(Box::new(QemuVm {
+            qmp,
+            events,
+            child: None,
+            pid: Some(pid),
+            accel,
+            run_dir: run_dir.to_owned(),
+            key,
+            net: self.net.clone(),
+        })))
     }
 
     fn leftover_pid(&self, run_dir: &Path) -> Option<u32> {
@@ -390,9 +422,35 @@ struct QemuVm {
     /// This QEMU's own key (secrets for it are encrypted with it); None for an adopted QEMU whose
     /// key file is gone.
     key: Option<crate::secret::ProcessKey>,
+    /// The network namespace it runs in (for the taps of NICs plugged in later).
+    net: crate::net::HostNet,
 }
 
 impl QemuVm {
+    /// On q35: a PCIe root port of covm's (`covm-rpN`) with nothing behind it; None on pc.
+    async fn free_root_port(&mut self) -> Result<Option<String>, HvError> {
+        let buses = self.qmp.execute("query-pci", json!({})).await?;
+        let mut ports = Vec::new();
+        for bus in buses.as_array().into_iter().flatten() {
+            for d in bus["devices"].as_array().into_iter().flatten() {
+                if let Some(id) = d["qdev_id"].as_str().filter(|i| i.starts_with("covm-rp")) {
+                    let empty = d["pci_bridge"]["devices"].as_array().is_none_or(|v| v.is_empty());
+                    ports.push((id.to_owned(), empty));
+                }
+            }
+        }
+        if ports.is_empty() {
+            return Ok(None);
+        }
+        match ports.into_iter().find(|(_, empty)| *empty) {
+            Some((id, _)) => Ok(Some(id)),
+            None => Err(HvError::Unavailable(
+                "no free PCIe port for another NIC: power the VM off to add it (it takes it at the next power-on)"
+                    .into(),
+            )),
+        }
+    }
+
     /// Runs a QMP job command and waits for its end (`query-jobs` until `concluded`), then dismisses it;
     /// the job's error is the command's.
     async fn job(&mut self, command: &str, mut args: serde_json::Value) -> Result<(), HvError> {
@@ -490,8 +548,63 @@ impl VmHandle for QemuVm {
         Ok(())
     }
 
-    async fn set_link(&mut self, nic: usize, up: bool) -> Result<(), HvError> {
-        self.qmp.execute("set_link", json!({ "name": format!("nic{nic}"), "up": up })).await.map(|_| ())
+    async fn set_link(&mut self, mac: &str, up: bool) -> Result<(), HvError> {
+        self.qmp.execute("set_link", json!({ "name": crate::nic_id(mac), "up": up })).await.map(|_| ())
+    }
+
+    async fn nic_add(&mut self, n: &crate::NicSpec) -> Result<(), HvError> {
+        let mac = n.nic.mac.clone().unwrap_or_default();
+        let (netdev, id) = (crate::netdev_id(&mac), crate::nic_id(&mac));
+        // A q35 machine plugs into a free PCIe root port of covm's; a pc machine into its PCI bus.
+        let port = self.free_root_port().await?;
+        let backend = match &n.bridge {
+            Some(_) => {
+                json!({ "type": "tap", "id": netdev, "ifname": crate::net::tap_name(&mac), "script": "no", "downscript": "no" })
+            }
+            None => {
+                let mut b = json!({ "type": "user", "id": netdev });
+                let fwd: Vec<String> = n.nic.port_forwards.iter().map(hostfwd).collect();
+                if !fwd.is_empty() {
+                    b["hostfwd"] = json!(fwd.iter().map(|f| json!({ "str": f })).collect::<Vec<_>>());
+                }
+                b
+            }
+        };
+        self.qmp.execute("netdev_add", backend).await?;
+        if let Some(b) = &n.bridge
+            && let Err(e) = self.net.tap_attach(&crate::net::tap_name(&mac), &b.bridge, b.vlan).await
+        {
+            let _ = self.qmp.execute("netdev_del", json!({ "id": netdev })).await;
+            return Err(e);
+        }
+        let mut dev = json!({ "driver": nic_driver(n.nic.model), "id": id, "netdev": netdev, "mac": mac });
+        if let Some(p) = port {
+            dev["bus"] = json!(p);
+        }
+        if let Err(e) = self.qmp.execute("device_add", dev).await {
+            let _ = self.qmp.execute("netdev_del", json!({ "id": netdev })).await;
+            return Err(e);
+        }
+        if !n.nic.connected {
+            let _ = self.set_link(&mac, false).await;
+        }
+        Ok(())
+    }
+
+    async fn nic_del(&mut self, mac: &str) -> Result<bool, HvError> {
+        match self.qmp.execute("device_del", json!({ "id": crate::nic_id(mac) })).await {
+            Ok(_) => Ok(true),
+            Err(HvError::Command { class, .. }) if class == "DeviceNotFound" => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn netdev_del(&mut self, mac: &str) -> Result<(), HvError> {
+        match self.qmp.execute("netdev_del", json!({ "id": crate::netdev_id(mac) })).await {
+            Ok(_) => Ok(()),
+            Err(HvError::Command { desc, .. }) if desc.contains("not found") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn device_del(&mut self, node: &str) -> Result<bool, HvError> {
@@ -686,7 +799,11 @@ mod tests {
             "-pidfile /data/vms/x/qemu.pid",
             "-kernel /ds/k -append console=ttyS0",
             "-device virtio-scsi-pci,id=scsi0",
-            "-netdev user,id=net0 -device virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01",
+            "-device pcie-root-port,id=covm-rp0,chassis=1,slot=1",
+            "-device pcie-root-port,id=covm-rp4,chassis=5,slot=5",
+            "-netdev user,id=net-525400000001 -device virtio-net-pci,netdev=net-525400000001,id=nic-525400000001,mac=52:54:00:00:00:01,bus=covm-rp0",
+            "-chardev socket,id=covm-qga,path=/data/vms/x/qga.sock,server=on,wait=off",
+            "virtserialport,bus=covm-vser.0,chardev=covm-qga,name=org.qemu.guest_agent.0",
         ] {
             assert!(a.contains(part), "{part} missing from {a}");
         }

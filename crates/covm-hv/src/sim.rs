@@ -164,8 +164,17 @@ impl VmHandle for SimVm {
         Ok(())
     }
 
-    async fn set_link(&mut self, _nic: usize, _up: bool) -> Result<(), HvError> {
+    async fn set_link(&mut self, _mac: &str, _up: bool) -> Result<(), HvError> {
         Ok(())
+    }
+
+    async fn nic_add(&mut self, _nic: &crate::NicSpec) -> Result<(), HvError> {
+        Ok(())
+    }
+
+    async fn nic_del(&mut self, mac: &str) -> Result<bool, HvError> {
+        let _ = self.tx.send(HvEvent::DeviceDeleted(crate::nic_id(mac)));
+        Ok(true)
     }
 
     async fn blockdev_add(&mut self, d: &crate::DiskSpec) -> Result<(), HvError> {

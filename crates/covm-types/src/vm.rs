@@ -721,6 +721,14 @@ impl GuestInfo {
     }
 }
 
+/// `?next_boot=true` on a NIC's plug or unplug: a running VM takes it at its next power-on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NicQuery {
+    #[serde(default)]
+    pub next_boot: bool,
+}
+
 /// `POST /vms/{vm}/guest/password`: sets a guest user's password through the guest agent.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -143,7 +143,6 @@ async fn nics_write(
 pub async fn nic(c: &Client, out: &Out, cmd: VmNicCmd) -> anyhow::Result<()> {
     match cmd {
         VmNicCmd::Add { vm, network, model, mac, forwards, next_boot } => {
-            let (mut nics, version) = nics_of(c, &vm).await?;
             let mut n = json!({ "network": network });
             if let Some(m) = model {
                 n["model"] = json!(m);
@@ -159,24 +158,33 @@ pub async fn nic(c: &Client, out: &Out, cmd: VmNicCmd) -> anyhow::Result<()> {
                         .collect::<anyhow::Result<Vec<_>>>()?
                 );
             }
-            nics.push(n);
-            let v = nics_write(c, &vm, nics, version, next_boot, "added a NIC").await?;
+            let v = c.vm_nic_add(&vm, &n, next_boot).await?;
             out.message(&format!("{vm} has {} NICs (version {})", v.config.nics.len(), v.version));
             Ok(())
         }
         VmNicCmd::Rm { vm, index, next_boot } => {
-            let (mut nics, version) = nics_of(c, &vm).await?;
-            if index >= nics.len() {
+            let (nics, _) = nics_of(c, &vm).await?;
+            let Some(mac) = nics.get(index).and_then(|n| n["mac"].as_str()) else {
                 bail!("{vm} has no NIC {index} (it has {})", nics.len());
-            }
-            nics.remove(index);
-            let v = nics_write(c, &vm, nics, version, next_boot, &format!("removed NIC {index}")).await?;
+            };
+            let v = c.vm_nic_remove(&vm, mac, next_boot).await?;
             out.message(&format!("{vm} has {} NICs (version {})", v.config.nics.len(), v.version));
             Ok(())
         }
         VmNicCmd::Change { vm, index, network, connected, forwards, no_forwards, next_boot } => {
             let (mut nics, version) = nics_of(c, &vm).await?;
             let Some(n) = nics.get_mut(index) else { bail!("{vm} has no NIC {index}") };
+            let running = c.vm(&vm).await?.runtime.power_state == covm_types::vm::PowerState::Running;
+            if let Some(net) = network.as_ref().filter(|_| running && !next_boot) {
+                // Moved on a running VM: unplugged, then plugged on the other network (same MAC).
+                let mut moved = n.clone();
+                moved["network"] = json!(net);
+                let mac = n["mac"].as_str().unwrap_or_default().to_owned();
+                c.vm_nic_remove(&vm, &mac, false).await?;
+                let v = c.vm_nic_add(&vm, &moved, false).await?;
+                out.message(&format!("moved NIC {mac} of {vm} to {net} (version {})", v.version));
+                return Ok(());
+            }
             if let Some(net) = network {
                 n["network"] = json!(net);
             }

@@ -29,8 +29,14 @@ pub enum VmOp {
     /// ACPI power-down; done when the guest has powered off.
     Powerdown,
     Reset,
-    /// A NIC's link up or down.
-    SetLink(usize, bool),
+    /// A NIC's link up or down (the NIC by its MAC).
+    SetLink(String, bool),
+    /// Plugs a NIC into the running VM.
+    NicAdd(Box<covm_hv::NicSpec>),
+    /// The guest releases a NIC (by its MAC); done when it has, or at once when there is none.
+    NicDel(String),
+    /// A NIC's network backend goes, after its device.
+    NetdevDel(String),
     /// A disk's block nodes (kept if already there).
     BlockdevAdd(Box<DiskSpec>),
     /// A disk's device (kept if already there).

@@ -141,6 +141,8 @@ pub struct Asked {
     pub next_boot: bool,
     /// The disks are plugged live by the caller (the attach endpoint's plug plan).
     pub disks_live: bool,
+    /// The NICs are plugged or unplugged live by the caller (the NIC endpoints).
+    pub nics_live: bool,
 }
 
 /// A VM change, decided.
@@ -185,8 +187,11 @@ pub fn decide(
             Class::NextBoot => next_boot.push(c.field.to_owned()),
         }
     }
-    let waiting: Vec<String> =
-        next_boot.iter().filter(|f| !(asked.disks_live && f.as_str() == "disks")).cloned().collect();
+    let waiting: Vec<String> = next_boot
+        .iter()
+        .filter(|f| !(asked.disks_live && f.as_str() == "disks" || asked.nics_live && f.as_str() == "nics"))
+        .cloned()
+        .collect();
     let refusal = (running && !waiting.is_empty() && !asked.next_boot).then(|| requires_power_cycle(name, &waiting));
     Ok(Decision { references: references(&new), config: new, changes, privileges, live, next_boot, refusal })
 }

@@ -31,6 +31,7 @@ pub mod keys;
 pub mod leases;
 pub mod mfa;
 pub mod networks;
+pub mod nics;
 pub mod node;
 pub mod power;
 pub mod presence;

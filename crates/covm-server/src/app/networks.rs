@@ -340,28 +340,35 @@ impl App {
     pub(crate) async fn nic_bridges_for(&self, vm: &str, c: &VmConfig) -> Result<Vec<Option<NicBridge>>, Error> {
         let mut out = Vec::new();
         for (i, n) in c.nics.iter().enumerate() {
-            let field = format!("nics[{i}].network");
-            let Some(o) = self.object_lookup(&n.network, Some(ObjectKind::Network)).await? else {
-                return Err(Error::conflict(ErrorCode::InUse, format!("network {} no longer exists", n.network))
-                    .with_field(field));
-            };
-            match kind_of(&o) {
-                NetworkKind::User => out.push(None),
-                NetworkKind::Bridge => out.push(Some(NicBridge {
-                    bridge: o.spec["bridge"].as_str().unwrap_or_default().to_owned(),
-                    vlan: o.spec["vlan"].as_u64().map(|v| v as u16),
-                })),
-                NetworkKind::Nat => {
-                    self.lease_for(o.id, n.mac.as_deref().unwrap_or_default(), vm).await?;
-                    let o = self.store().object_get(o.id).await?.unwrap_or(o);
-                    self.net_host_apply(&o).await?;
-                    out.push(Some(NicBridge {
-                        bridge: o.spec["bridge"].as_str().unwrap_or_default().to_owned(),
-                        vlan: None,
-                    }));
-                }
-            }
+            out.push(self.nic_bridge(vm, n, &format!("nics[{i}].network")).await?);
         }
         Ok(out)
+    }
+
+    /// The host bridge of one NIC about to run (None: user networking); see [`Self::nic_bridges_for`].
+    pub(crate) async fn nic_bridge(
+        &self,
+        vm: &str,
+        n: &covm_types::vm::Nic,
+        field: &str,
+    ) -> Result<Option<NicBridge>, Error> {
+        let Some(o) = self.object_lookup(&n.network, Some(ObjectKind::Network)).await? else {
+            return Err(
+                Error::conflict(ErrorCode::InUse, format!("network {} no longer exists", n.network)).with_field(field)
+            );
+        };
+        Ok(match kind_of(&o) {
+            NetworkKind::User => None,
+            NetworkKind::Bridge => Some(NicBridge {
+                bridge: o.spec["bridge"].as_str().unwrap_or_default().to_owned(),
+                vlan: o.spec["vlan"].as_u64().map(|v| v as u16),
+            }),
+            NetworkKind::Nat => {
+                self.lease_for(o.id, n.mac.as_deref().unwrap_or_default(), vm).await?;
+                let o = self.store().object_get(o.id).await?.unwrap_or(o);
+                self.net_host_apply(&o).await?;
+                Some(NicBridge { bridge: o.spec["bridge"].as_str().unwrap_or_default().to_owned(), vlan: None })
+            }
+        })
     }
 }

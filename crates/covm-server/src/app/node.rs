@@ -42,7 +42,10 @@ enum Cmd {
     /// The reply comes when the process is gone.
     AwaitExit(oneshot::Sender<Result<(), HvError>>),
     Reset(oneshot::Sender<Result<(), HvError>>),
-    SetLink(usize, bool, oneshot::Sender<Result<(), HvError>>),
+    SetLink(String, bool, oneshot::Sender<Result<(), HvError>>),
+    NicAdd(Box<covm_hv::NicSpec>, oneshot::Sender<Result<(), HvError>>),
+    NicDel(String, oneshot::Sender<Result<(), HvError>>),
+    NetdevDel(String, oneshot::Sender<Result<(), HvError>>),
     /// Adds a disk's block nodes (kept if already there).
     BlockdevAdd(Box<covm_hv::DiskSpec>, oneshot::Sender<Result<(), HvError>>),
     /// Adds a disk's device (kept if already there).
@@ -144,7 +147,10 @@ impl NodeAgent for LocalAgent {
             VmOp::Quit => self.command(id, Cmd::Quit).await,
             VmOp::Powerdown => self.command(id, Cmd::Powerdown).await,
             VmOp::Reset => self.command(id, Cmd::Reset).await,
-            VmOp::SetLink(nic, up) => self.command(id, |r| Cmd::SetLink(nic, up, r)).await,
+            VmOp::SetLink(mac, up) => self.command(id, |r| Cmd::SetLink(mac, up, r)).await,
+            VmOp::NicAdd(n) => self.command(id, |r| Cmd::NicAdd(n, r)).await,
+            VmOp::NicDel(mac) => self.command(id, |r| Cmd::NicDel(mac, r)).await,
+            VmOp::NetdevDel(mac) => self.command(id, |r| Cmd::NetdevDel(mac, r)).await,
             VmOp::BlockdevAdd(d) => self.command(id, |r| Cmd::BlockdevAdd(d, r)).await,
             VmOp::DeviceAdd(d) => self.command(id, |r| Cmd::DeviceAdd(d, r)).await,
             VmOp::DeviceDel(node) => self.command(id, |r| Cmd::DeviceDel(node, r)).await,
@@ -252,7 +258,14 @@ async fn supervise(
                 },
                 Some(Cmd::AwaitExit(reply)) => waiters.push(reply),
                 Some(Cmd::Reset(reply)) => { let _ = reply.send(handle.reset().await); }
-                Some(Cmd::SetLink(nic, up, reply)) => { let _ = reply.send(handle.set_link(nic, up).await); }
+                Some(Cmd::SetLink(mac, up, reply)) => { let _ = reply.send(handle.set_link(&mac, up).await); }
+                Some(Cmd::NicAdd(n, reply)) => { let _ = reply.send(handle.nic_add(&n).await); }
+                Some(Cmd::NetdevDel(mac, reply)) => { let _ = reply.send(handle.netdev_del(&mac).await); }
+                Some(Cmd::NicDel(mac, reply)) => match handle.nic_del(&mac).await {
+                    Ok(true) => unplugs.push((covm_hv::nic_id(&mac), reply)),
+                    Ok(false) => { let _ = reply.send(Ok(())); }
+                    Err(e) => { let _ = reply.send(Err(e)); }
+                },
                 Some(Cmd::BlockdevAdd(d, reply)) => { let _ = reply.send(handle.blockdev_add(&d).await); }
                 Some(Cmd::DeviceAdd(d, reply)) => { let _ = reply.send(handle.device_add(&d).await); }
                 Some(Cmd::BlockdevDel(node, reply)) => { let _ = reply.send(handle.blockdev_del(&node).await); }

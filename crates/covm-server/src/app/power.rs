@@ -48,7 +48,7 @@ fn start_claim(version: i64, reason: &'static str) -> RuntimeFn {
 
 /// A forwarded host port must be free before QEMU starts (else QEMU fails with a message about
 /// "host forwarding rules" that names no field).
-fn port_free(f: &covm_types::vm::PortForward) -> Result<(), Error> {
+pub(crate) fn port_free(f: &covm_types::vm::PortForward) -> Result<(), Error> {
     let addr = std::net::SocketAddr::new(f.host_addr, f.host_port);
     let free = match f.proto {
         covm_types::vm::Proto::Tcp => std::net::TcpListener::bind(addr).map(drop),

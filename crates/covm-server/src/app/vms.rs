@@ -375,13 +375,14 @@ impl App {
             disks_live,
             events: extra,
             template_op,
+            nics_live,
         } = opts;
         let host_mem = self.host_memory_mib();
         for _ in 0..RETRIES {
             // Outside the transaction: the whole document, decided and checked against the inventory
             // and privileges. (With a stale If-Match the transaction refuses the write; these checks
             // are then moot.)
-            let asked = Asked { next_boot: apply_next_boot, disks_live };
+            let asked = Asked { next_boot: apply_next_boot, disks_live, nics_live };
             let name = rec.object.name.clone();
             let old_cfg: VmConfig = parse_config(&rec.config)?;
             let asked_cfg = parse_config(&change.apply(&rec.config))?;
@@ -473,7 +474,8 @@ impl App {
                     return Err(e);
                 }
                 let mut runtime = None;
-                let waiting = decision.next_boot.iter().any(|f| !(disks_live && f == "disks"));
+                let waiting =
+                    decision.next_boot.iter().any(|f| !(disks_live && f == "disks" || nics_live && f == "nics"));
                 if running(vm) {
                     let mut rt = super::node::runtime_of(vm);
                     if !waiting && rt.running_version == Some(vm.version) {
@@ -702,7 +704,8 @@ impl App {
         for (i, (x, y)) in a.nics.iter().zip(&b.nics).enumerate() {
             if x.connected != y.connected {
                 let up = y.connected;
-                if let Err(e) = self.agent().ask(after.object.id, super::agent::VmOp::SetLink(i, up)).await {
+                let mac = y.mac.clone().unwrap_or_default();
+                if let Err(e) = self.agent().ask(after.object.id, super::agent::VmOp::SetLink(mac, up)).await {
                     tracing::warn!(vm = %after.object.name, nic = i, error = %e, "could not set the link");
                 }
             }
@@ -731,6 +734,8 @@ pub(crate) struct WriteOpts {
     /// The write is `POST /vms/{vm}/template`: the only one that may set `template` (and the only one
     /// a template takes).
     pub template_op: bool,
+    /// The NICs change was already applied to the running QEMU (hot-plug): it is live.
+    pub nics_live: bool,
 }
 
 /// A template is read-only, and only the template operation makes one.

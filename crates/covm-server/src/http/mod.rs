@@ -126,6 +126,8 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(vms::vm_template))
         .routes(routes!(vms::vm_clone))
         .routes(routes!(vms::vm_guest))
+        .routes(routes!(vms::vm_nic_add))
+        .routes(routes!(vms::vm_nic_remove))
         .routes(routes!(vms::vm_guest_password))
         .routes(routes!(vms::vm_guest_ssh_keys))
         .routes(routes!(vms::lease_get, vms::lease_acquire, vms::lease_renew, vms::lease_release))

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use covm_types::api::Page;
 use covm_types::error::{ConflictError, LeasedError, StaleError};
 use covm_types::vm::{
-    DiffQuery, DiffView, GuestInfo, GuestPassword, GuestSshKeys, LeaseReleaseQuery, LeaseRequest, LeaseView,
-    PresenceEntry, PresenceSet, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmClone, VmConfig,
+    DiffQuery, DiffView, GuestInfo, GuestPassword, GuestSshKeys, LeaseReleaseQuery, LeaseRequest, LeaseView, Nic,
+    NicQuery, PresenceEntry, PresenceSet, RevertRequest, VersionQuery, VersionView, VmChangeQuery, VmClone, VmConfig,
     VmListQuery, VmView,
 };
 use covm_types::{Error, ErrorBody};
@@ -269,6 +269,46 @@ pub async fn vm_guest_ssh_keys(
 ) -> Result<StatusCode, ApiError> {
     app.vm_guest_ssh_keys(&ctx, &vm, p).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Add a NIC: plugged into a running VM at once (a free PCIe port on q35), else (or with
+/// `next_boot`) in the config. The other NICs keep their QEMU names (they are named after their MACs).
+#[utoipa::path(post, path = "/vms/{vm}/nics", tag = "vms", operation_id = "vm_nic_add",
+    params(("vm" = String, Path, description = "VM name or id"), NicQuery,
+        ("If-Match" = Option<String>, Header, description = "the version this is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    request_body = Nic,
+    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_nic_add(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path(vm): Path<String>,
+    QueryParams(q): QueryParams<NicQuery>,
+    Pre(pre): Pre,
+    JsonBody(n): JsonBody<Nic>,
+) -> Result<Response, ApiError> {
+    let v = app.vm_nic_add(&ctx, &vm, n, q.next_boot, pre).await?;
+    Ok(with_etag(StatusCode::OK, v.version, &v))
+}
+
+/// Remove the NIC with this MAC: unplugged from a running VM first (the guest lets go of it), else
+/// (or with `next_boot`) from the config.
+#[utoipa::path(delete, path = "/vms/{vm}/nics/{mac}", tag = "vms", operation_id = "vm_nic_remove",
+    params(("vm" = String, Path, description = "VM name or id"), ("mac" = String, Path, description = "the NIC's MAC"), NicQuery,
+        ("If-Match" = Option<String>, Header, description = "the version this is based on"),
+        ("Covm-Lease" = Option<i64>, Header, description = "the fencing token of my lease")),
+    responses((status = 200, body = VmView, headers(("ETag" = String))), (status = 409, body = ConflictError), (status = 412, body = StaleError), (status = 423, body = LeasedError), (status = "4XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn vm_nic_remove(
+    State(app): State<App>,
+    Auth(ctx): Auth,
+    Path((vm, mac)): Path<(String, String)>,
+    QueryParams(q): QueryParams<NicQuery>,
+    Pre(pre): Pre,
+) -> Result<Response, ApiError> {
+    let v = app.vm_nic_remove(&ctx, &vm, &mac, q.next_boot, pre).await?;
+    Ok(with_etag(StatusCode::OK, v.version, &v))
 }
 
 /// The VM's live lease, or null.

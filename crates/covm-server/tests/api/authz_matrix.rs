@@ -95,6 +95,8 @@ const ENDPOINTS: &[&str] = &[
     "POST /api/v1/vms/{vm}/template",
     "POST /api/v1/vms/{vm}/clone",
     "GET /api/v1/vms/{vm}/guest",
+    "POST /api/v1/vms/{vm}/nics",
+    "DELETE /api/v1/vms/{vm}/nics/{mac}",
     "POST /api/v1/vms/{vm}/guest/password",
     "POST /api/v1/vms/{vm}/guest/ssh-keys",
     "GET /api/v1/vms/{vm}/lease",
@@ -200,6 +202,8 @@ impl Env {
             a.lease_acquire(&format!("vm-lease-{t}"), 3600).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-snap-{t}") })).await.unwrap();
             a.vm_create(&json!({ "name": format!("vm-tpl-{t}") })).await.unwrap();
+            let nic = json!({ "network": "user", "mac": "52:54:00:00:00:01" });
+            a.vm_create(&json!({ "name": format!("vm-nic-{t}"), "nics": [nic] })).await.unwrap();
             for snap in ["s-del", "s-rev"] {
                 let p = json!({ "name": snap });
                 a.post::<_, Value>(&format!("/vms/vm-snap-{t}/snapshots"), &p).await.unwrap();
@@ -426,6 +430,12 @@ impl Env {
             }
             "POST /api/v1/vms/{vm}/clone" => {
                 status(&c, Method::POST, "/vms/vm-shared/clone", Some(json!({ "name": format!("cl-{t}") }))).await
+            }
+            "POST /api/v1/vms/{vm}/nics" => {
+                status(&c, Method::POST, &format!("/vms/vm-ed-{t}/nics"), Some(json!({ "network": "user" }))).await
+            }
+            "DELETE /api/v1/vms/{vm}/nics/{mac}" => {
+                status(&c, Method::DELETE, &format!("/vms/vm-nic-{t}/nics/52:54:00:00:00:01"), None).await
             }
             // A simulated guest has no agent: 409 where the role may ask at all.
             "GET /api/v1/vms/{vm}/guest" => status(&c, Method::GET, "/vms/vm-shared/guest", None).await,

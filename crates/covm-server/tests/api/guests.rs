@@ -156,3 +156,67 @@ async fn a_linked_clone_boots_with_its_seed_a_forwarded_port_and_its_guest_agent
     serial_wait(c, "web", "COVM-GUEST-SHUTDOWN", 1).await;
     state_wait(c, "web", PowerState::Off).await;
 }
+
+/// A NIC plugged into a running guest carries traffic (a forward through it reaches the guest's
+/// listener once the guest configured it), and unplugged, it is gone from the guest; the first NIC
+/// keeps its QEMU name throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nic_is_plugged_into_a_running_guest_and_unplugged_again() {
+    if skip() {
+        return;
+    }
+    let s = qemu_server().await;
+    let c = &s.admin;
+    let nic = serde_json::from_value(serde_json::json!({ "network": "user" })).unwrap();
+    c.vm_create(&VmConfig {
+        memory_mib: 128,
+        kernel: Some("local:guest/vmlinuz".into()),
+        initrd: Some("local:guest/initrd.img".into()),
+        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
+        nics: vec![nic],
+        ..crate::common::vm_named("hp")
+    })
+    .await
+    .unwrap();
+    let t = task_done(c, &c.vm_power("hp", PowerAction::On, None).await.unwrap()).await;
+    assert_eq!(t.state, TaskState::Success, "{t:?}");
+    serial_wait(c, "hp", "COVM-GUEST-IP eth0=", 1).await;
+    let mut tty = Tty::open(&s, c, "hp").await;
+    assert_eq!(tty.ask(c, "hp", "NICS", "ls /sys/class/net | grep -c eth").await, "1");
+
+    // The link of a NIC goes down and up live (QEMU knows it by its MAC).
+    let v = c.vm("hp").await.unwrap();
+    let mut nics = serde_json::to_value(&v.config.nics).unwrap();
+    nics[0]["connected"] = serde_json::json!(false);
+    let v = c.vm_change("hp", &serde_json::json!({ "nics": nics.clone() }), &Default::default()).await.unwrap();
+    assert!(!v.config.nics[0].connected);
+    assert_eq!(tty.ask(c, "hp", "DOWN", "cat /sys/class/net/eth0/carrier").await, "0");
+    nics[0]["connected"] = serde_json::json!(true);
+    c.vm_change("hp", &serde_json::json!({ "nics": nics }), &Default::default()).await.unwrap();
+    assert_eq!(tty.ask(c, "hp", "UP", "cat /sys/class/net/eth0/carrier").await, "1");
+
+    let port = free_port();
+    let before = c.vm("hp").await.unwrap().version;
+    let n = serde_json::json!({ "network": "user", "port_forwards": [{ "host_port": port, "guest_port": 8080 }] });
+    let v = c.vm_nic_add("hp", &n, false).await.unwrap();
+    assert_eq!((v.version, v.config.nics.len()), (before + 1, 2));
+    assert_eq!(v.runtime.running_version, Some(v.version), "a live change: nothing pending");
+    let mac = v.config.nics[1].mac.clone().unwrap();
+    // The guest sees it; once it asks DHCP on it, the forward through it reaches its listener.
+    let started = Instant::now();
+    while tty.ask(c, "hp", &format!("PLUG{}", started.elapsed().as_millis()), "ls /sys/class/net | grep -c eth").await
+        != "2"
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "the guest never saw the new NIC");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Both user networks are 10.0.2.0/24: the guest answers through eth1 once eth0 is down.
+    tty.line("ip link set eth0 down; udhcpc -i eth1 -s /bin/dhcp-script -q -n -t 5").await;
+    serial_wait(c, "hp", "COVM-GUEST-IP eth1=", 1).await;
+    assert!(http_get(port).await.contains("COVM-HTTP-OK"));
+    // Unplugged: gone from the guest and from the config.
+    let v = c.vm_nic_remove("hp", &mac, false).await.unwrap();
+    assert_eq!(v.config.nics.len(), 1);
+    assert_eq!(tty.ask(c, "hp", "UNPLUG", "ls /sys/class/net | grep -c eth").await, "1");
+    task_done(c, &c.vm_power("hp", PowerAction::Off, None).await.unwrap()).await;
+}
