@@ -20,6 +20,25 @@ use super::{App, Ctx};
 const UNPLUG_WAIT: Duration = Duration::from_secs(30);
 
 impl App {
+    /// A NIC change for the config alone (the VM is off, or `next_boot`): None. Else its node's agent,
+    /// once the change passed everything the write checks, as a dry run, before QEMU is touched.
+    async fn nic_cold_or_check(
+        &self,
+        ctx: &Ctx,
+        rec: &covm_store::VmRecord,
+        change: &DocChange,
+        next_boot: bool,
+        pre: &Preconditions,
+    ) -> Result<Option<&dyn super::agent::NodeAgent>, Error> {
+        if !running(rec) || next_boot {
+            return Ok(None);
+        }
+        let agent = self.agent_for(rec)?;
+        let check = WriteOpts { dry_run: true, nics_live: true, ..Default::default() };
+        self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
+        Ok(Some(agent))
+    }
+
     /// Adds a NIC: plugged into the running VM at once (unless `next_boot`), else in the config.
     pub async fn vm_nic_add(
         &self,
@@ -37,15 +56,10 @@ impl App {
         nics.push(nic.clone());
         let change = DocChange::Merge(json!({ "nics": nics }));
         let message = Some(format!("added NIC {mac} on {}", nic.network));
-        let hot = running(&rec) && !next_boot;
-        if !hot {
+        let Some(agent) = self.nic_cold_or_check(ctx, &rec, &change, next_boot, &pre).await? else {
             let opts = WriteOpts { message, next_boot, ..Default::default() };
             return Ok(self.vm_write_doc(ctx, rec, change, pre, opts).await?.0);
-        }
-        let agent = self.agent_for(&rec)?;
-        // Everything the write checks, checked before QEMU is touched.
-        let check = WriteOpts { dry_run: true, nics_live: true, ..Default::default() };
-        self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
+        };
         let i = nics.len() - 1;
         for (j, f) in nic.port_forwards.iter().enumerate() {
             super::power::port_free(f).map_err(|e| e.with_field(format!("nics[{i}].port_forwards[{j}].host_port")))?;
@@ -89,14 +103,10 @@ impl App {
         let gone = nics.remove(pos);
         let change = DocChange::Merge(json!({ "nics": nics }));
         let message = Some(format!("removed NIC {mac} from {}", gone.network));
-        let hot = running(&rec) && !next_boot;
-        if !hot {
+        let Some(agent) = self.nic_cold_or_check(ctx, &rec, &change, next_boot, &pre).await? else {
             let opts = WriteOpts { message, next_boot, ..Default::default() };
             return Ok(self.vm_write_doc(ctx, rec, change, pre, opts).await?.0);
-        }
-        let agent = self.agent_for(&rec)?;
-        let check = WriteOpts { dry_run: true, nics_live: true, ..Default::default() };
-        self.vm_write_doc(ctx, rec.clone(), change.clone(), pre.clone(), check).await?;
+        };
         match tokio::time::timeout(UNPLUG_WAIT, agent.ask(rec.object.id, VmOp::NicDel(mac.clone()))).await {
             Ok(r) => r.map_err(hv_error)?,
             Err(_) => {

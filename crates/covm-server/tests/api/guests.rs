@@ -167,17 +167,7 @@ async fn a_nic_is_plugged_into_a_running_guest_and_unplugged_again() {
     }
     let s = qemu_server().await;
     let c = &s.admin;
-    let nic = serde_json::from_value(serde_json::json!({ "network": "user" })).unwrap();
-    c.vm_create(&VmConfig {
-        memory_mib: 128,
-        kernel: Some("local:guest/vmlinuz".into()),
-        initrd: Some("local:guest/initrd.img".into()),
-        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
-        nics: vec![nic],
-        ..crate::common::vm_named("hp")
-    })
-    .await
-    .unwrap();
+    c.vm_create(&crate::qemu::guest_config("hp", &["user"])).await.unwrap();
     let t = task_done(c, &c.vm_power("hp", PowerAction::On, None).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");
     serial_wait(c, "hp", "COVM-GUEST-IP eth0=", 1).await;

@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use covm_types::vm::{PowerAction, PowerState, TaskState, VmConfig};
+use covm_types::vm::{PowerAction, PowerState, TaskState};
 
-use crate::common::{Options, TestServer, task_done, vm_named};
+use crate::common::{Options, TestServer, task_done};
 use crate::qemu::{serial_wait, skip, state_wait};
 
 /// A network namespace for one test, with loopback up; deleted (with what runs in it) at the end.
@@ -77,17 +77,7 @@ async fn a_nat_network_gives_a_pinned_address_forwards_a_port_and_comes_back_aft
     let on_host = std::process::Command::new("ip").args(["link", "show", "dev", &bridge]).output().unwrap();
     assert!(!on_host.status.success(), "the bridge is in the namespace only");
 
-    let nic = serde_json::from_value(serde_json::json!({ "network": "lab" })).unwrap();
-    c.vm_create(&VmConfig {
-        memory_mib: 128,
-        kernel: Some("local:guest/vmlinuz".into()),
-        initrd: Some("local:guest/initrd.img".into()),
-        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
-        nics: vec![nic],
-        ..vm_named("n1")
-    })
-    .await
-    .unwrap();
+    c.vm_create(&crate::qemu::guest_config("n1", &["lab"])).await.unwrap();
     let t0 = Instant::now();
     let t = task_done(&c, &c.vm_power("n1", PowerAction::On, None).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");

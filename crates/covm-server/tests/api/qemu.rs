@@ -57,6 +57,19 @@ pub fn guest_files(s: &TestServer) {
     }
 }
 
+/// A config that boots the test guest, with a NIC on each of these networks.
+pub fn guest_config(name: &str, networks: &[&str]) -> VmConfig {
+    let nics = networks.iter().map(|n| serde_json::from_value(serde_json::json!({ "network": n })).unwrap()).collect();
+    VmConfig {
+        memory_mib: 128,
+        kernel: Some("local:guest/vmlinuz".into()),
+        initrd: Some("local:guest/initrd.img".into()),
+        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
+        nics,
+        ..vm_named(name)
+    }
+}
+
 pub async fn guest_vm(c: &Client, name: &str) {
     c.vm_create(&VmConfig {
         memory_mib: 128,
