@@ -199,7 +199,15 @@ impl HostNet {
             self.dnsmasq_kill(dir, pid).await;
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.run("dnsmasq", &args, None).await?;
+        // The one it replaced may hold the port for a moment after it has gone.
+        let mut tries = 0;
+        while let Err(e) = self.run("dnsmasq", &args, None).await {
+            tries += 1;
+            if tries == 10 || !e.to_string().contains("Address already in use") {
+                return Err(e);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         // It forks and writes its pid file.
         for _ in 0..100 {
             if dnsmasq_pid(dir).is_some() {

@@ -1,6 +1,6 @@
 import { useMutation, useQuery, useQueryClient } from "@tanstack/react-query";
 import { lazy, Suspense, useEffect, useState } from "react";
-import { useParams } from "react-router";
+import { useNavigate, useParams } from "react-router";
 import { api, ApiError, request, seg, unwrap, type LeaseView, type VmView } from "../api/client";
 import { presenceDelete, presenceGet, presencePut } from "../api/extra";
 import { usePrivileges, useWhoami, type Privileges } from "../auth";
@@ -185,13 +185,16 @@ function PowerPanel({ vm, privs }: { vm: VmView; privs: Privileges }) {
         <PowerBadge state={state} />
         {POWER.map((p) => {
           const n = privs.need(p.priv, m.isPending);
-          const off = !p.when(state);
+          const off = !p.when(state) || !!vm.config.template;
           return (
             <button
               key={p.action}
               type="button"
               disabled={n.disabled || off}
-              title={n.title ?? (off ? `Not while the VM is ${state}` : undefined)}
+              title={
+                n.title ??
+                (vm.config.template ? "A template is never powered on: clone it" : off ? `Not while the VM is ${state}` : undefined)
+              }
               onClick={() => m.mutate(p.action)}
             >
               {p.label}
@@ -201,6 +204,90 @@ function PowerPanel({ vm, privs }: { vm: VmView; privs: Privileges }) {
       </div>
       {task ? <TaskFollow id={task} /> : null}
       <ErrorMessage error={m.error} />
+    </section>
+  );
+}
+
+/** Make a template of the VM; clone it (linked from a template), with a user and an SSH key for cloud-init. */
+function ProvisionPanel({ vm, privs }: { vm: VmView; privs: Privileges }) {
+  const qc = useQueryClient();
+  const navigate = useNavigate();
+  const isTemplate = !!vm.config.template;
+  const [name, setName] = useState("");
+  const [linked, setLinked] = useState(true);
+  const [user, setUser] = useState("");
+  const [key, setKey] = useState("");
+  const template = useMutation({
+    mutationFn: () => unwrap(api.POST("/api/v1/vms/{vm}/template", { params: { path: { vm: vm.id } } })),
+    onSuccess: () => void qc.invalidateQueries({ queryKey: ["vm"] }),
+  });
+  const clone = useMutation({
+    mutationFn: () =>
+      unwrap(
+        api.POST("/api/v1/vms/{vm}/clone", {
+          params: { path: { vm: vm.id } },
+          body: {
+            name,
+            linked: isTemplate ? linked : false,
+            customize: user ? { users: [{ name: user, ssh_authorized_keys: key.trim() ? [key.trim()] : [], sudo: true }] } : undefined,
+          },
+        }),
+      ),
+    onSuccess: (v) => {
+      void qc.invalidateQueries({ queryKey: ["vms"] });
+      if (v) navigate(`/vms/${encodeURIComponent(v.name)}`);
+    },
+  });
+  const off = (vm.runtime.power_state ?? "off") === "off";
+  const mark = privs.need("VirtualMachine.Provisioning.MarkAsTemplate", template.isPending);
+  const can = privs.need(isTemplate ? "VirtualMachine.Provisioning.DeployTemplate" : "VirtualMachine.Provisioning.Clone", clone.isPending);
+  return (
+    <section aria-label="Clone" className="panel">
+      <h3>{isTemplate ? "Deploy from this template" : "Clone"}</h3>
+      {!isTemplate ? (
+        <div className="row">
+          <button
+            type="button"
+            disabled={mark.disabled || !off}
+            title={mark.title ?? (off ? undefined : "Power the VM off first")}
+            onClick={() => template.mutate()}
+          >
+            Make template
+          </button>
+        </div>
+      ) : null}
+      <form
+        className="stack"
+        onSubmit={(e) => {
+          e.preventDefault();
+          clone.mutate();
+        }}
+      >
+        <label>
+          New VM name
+          <input value={name} onChange={(e) => setName(e.target.value)} required />
+        </label>
+        {isTemplate ? (
+          <label className="check">
+            <input type="checkbox" checked={linked} onChange={(e) => setLinked(e.target.checked)} /> Linked clone (qcow2
+            overlays on the template&apos;s disks)
+          </label>
+        ) : null}
+        <label>
+          Guest user (cloud-init)
+          <input value={user} onChange={(e) => setUser(e.target.value)} placeholder="optional" />
+        </label>
+        <label>
+          SSH public key
+          <textarea value={key} onChange={(e) => setKey(e.target.value)} rows={2} placeholder="ssh-ed25519 AAAA… you@host" />
+        </label>
+        <div className="row">
+          <button type="submit" {...can}>
+            Clone
+          </button>
+        </div>
+      </form>
+      <ErrorMessage error={template.error ?? clone.error} />
     </section>
   );
 }
@@ -242,6 +329,15 @@ function Summary({ vm }: { vm: VmView }) {
     ["Machine / firmware", `${vm.config.machine ?? "—"} / ${vm.config.firmware ?? "—"}`],
   ];
   if (r.simulated) rows.push(["Driver", "simulated (no QEMU process)"]);
+  if (vm.config.template) rows.push(["Template", "yes: read-only, the source of clones"]);
+  const g = r.guest;
+  if (g) {
+    const ips = (g.interfaces ?? []).flatMap((i) => i.addresses ?? []).filter((a) => !a.startsWith("fe80"));
+    rows.push([
+      "Guest",
+      g.agent ? `${ips.join(", ") || "no address yet"}${g.hostname ? ` (${g.hostname})` : ""}${g.os ? ` — ${g.os}` : ""}` : "no guest agent",
+    ]);
+  }
   return (
     <section aria-label="Summary" className="panel">
       <h3>Summary</h3>
@@ -306,6 +402,7 @@ export function VmPage() {
         </h1>
         <PowerBadge state={vm.runtime.power_state} />
         {vm.lease ? <span className="badge lease-badge">leased by {vm.lease.holder}</span> : null}
+        {vm.config.template ? <span className="badge">template</span> : null}
         <span className="spacer" />
         <ViewingNow vmId={vm.id} me={me} />
       </div>
@@ -318,6 +415,7 @@ export function VmPage() {
             <div>
               <PowerPanel vm={vm} privs={privs} />
               <LeasePanel vm={vm} me={me} privs={privs} token={leaseToken} setToken={setToken} />
+              <ProvisionPanel vm={vm} privs={privs} />
             </div>
           </div>
         ) : null}

@@ -50,6 +50,15 @@ pub(crate) fn network_view(o: &ObjectRecord) -> NetworkView {
     }
 }
 
+/// One change of a network's host parts at a time in this process (a power-on and the minute's
+/// reconcile would otherwise both restart its dnsmasq, and the second find the port taken).
+fn host_lock(id: uuid::Uuid) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOCKS: OnceLock<Mutex<HashMap<uuid::Uuid, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone()
+}
+
 fn kind_of(o: &ObjectRecord) -> NetworkKind {
     serde_json::from_value(o.spec["kind"].clone()).unwrap_or(NetworkKind::User)
 }
@@ -264,6 +273,10 @@ impl App {
         if kind_of(o) != NetworkKind::Nat || self.agent().driver_name() == "sim" {
             return Ok(());
         }
+        let lock = host_lock(o.id);
+        let _one = lock.lock().await;
+        // As the record is now (a lease pinned while this waited is in it).
+        let o = &self.store().object_get(o.id).await?.unwrap_or_else(|| o.clone());
         let h = self.host_net();
         let (net, gw, len) = o.spec["subnet"]
             .as_str()
@@ -308,6 +321,8 @@ impl App {
         if kind_of(o) != NetworkKind::Nat || self.agent().driver_name() == "sim" {
             return;
         }
+        let lock = host_lock(o.id);
+        let _one = lock.lock().await;
         let h = self.host_net();
         h.dnsmasq_stop(&self.net_dir(o)).await;
         if let Err(e) = h.nat_remove(&table_name(o.id)).await {
