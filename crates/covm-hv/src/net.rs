@@ -118,7 +118,16 @@ impl HostNet {
             return Err(HvError::Unavailable(format!("there is no bridge {bridge} on this host")));
         }
         if let Some(v) = vlan {
-            self.run("ip", &["link", "set", "dev", bridge, "type", "bridge", "vlan_filtering", "1"], None).await?;
+            let filtering = ["link", "set", "dev", bridge, "type", "bridge", "vlan_filtering", "1"];
+            if let Err(e) = self.run("ip", &filtering, None).await {
+                if e.to_string().contains("Operation not supported") {
+                    return Err(HvError::Unavailable(format!(
+                        "this host's kernel cannot filter VLANs on a bridge (CONFIG_BRIDGE_VLAN_FILTERING is off): \
+                         VLAN {v} on {bridge} cannot run here; use a network without a VLAN, or a host whose kernel has it"
+                    )));
+                }
+                return Err(e);
+            }
             self.run("ip", &["link", "set", "dev", tap, "master", bridge], None).await?;
             let _ = self.run("bridge", &["vlan", "del", "dev", tap, "vid", "1"], None).await;
             let vid = v.to_string();
