@@ -68,6 +68,12 @@ impl App {
     pub async fn snapshot_create(&self, ctx: &Ctx, vm: &str, p: SnapshotCreate) -> Result<TaskView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateCreateSnapshot).await?;
+        if parse_config(&rec.config)?.template {
+            return Err(Error::conflict(
+                ErrorCode::VmIsTemplate,
+                format!("{} is a template: its disks do not change, so it takes no snapshot", rec.object.name),
+            ));
+        }
         description_check(p.description.as_deref())?;
         let take = Take {
             name: p.name.to_string(),
@@ -392,6 +398,12 @@ impl App {
     ) -> Result<VmView, Error> {
         let rec = self.vm_resolve(ctx, vm).await?;
         self.require(ctx, &rec.object, Privilege::VmStateRevertToSnapshot).await?;
+        if parse_config(&rec.config)?.template {
+            return Err(Error::conflict(
+                ErrorCode::VmIsTemplate,
+                format!("{} is a template: it is read-only (its linked clones read its disks)", rec.object.name),
+            ));
+        }
         if p.memory && p.scope != RevertScope::Both {
             return Err(Error::invalid(
                 "memory",
@@ -854,6 +866,8 @@ impl App {
         p: DiskSnapshotCreate,
     ) -> Result<DiskSnapshotView, Error> {
         let o = self.disk_for_snapshot(ctx, disk).await?;
+        // Linked clones read it as it is (a snapshot writes into the image).
+        self.linked_clones_refuse(&o.name, &[o.id]).await?;
         let (app, ctx) = (self.clone(), ctx.clone());
         self.to_the_end(async move {
             let guard = app.saga_begin(&ctx, SnapshotCreateSaga::KIND, &[o.id]).await?;
@@ -932,6 +946,8 @@ impl App {
 
     pub async fn disk_snapshot_delete(&self, ctx: &Ctx, disk: &str, snap: &str) -> Result<(), Error> {
         let o = self.disk_for_snapshot(ctx, disk).await?;
+        // Linked clones read it as it is.
+        self.linked_clones_refuse(&o.name, &[o.id]).await?;
         let s = self.snapshot_find(o.id, &o.name, snap).await?;
         let view = view_of(&s, &o.name)?;
         let (app, ctx) = (self.clone(), ctx.clone());

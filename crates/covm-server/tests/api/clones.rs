@@ -117,6 +117,20 @@ async fn a_template_is_read_only_and_its_linked_clones_hold_it() {
     // The clone is an ordinary VM: it changes.
     c.vm_change("web", &serde_json::json!({ "cpus": 2 }), &Default::default()).await.unwrap();
 
+    // Its data stays as the clone reads it: no snapshot of the template or of its disk, no revert.
+    let snap = covm_types::snapshot::SnapshotCreate {
+        name: name("s"),
+        description: None,
+        memory: false,
+        exclude: vec![],
+        consistency: Default::default(),
+    };
+    let (st, cd, _) = code(c.snapshot_create("tpl", &snap).await);
+    assert_eq!((st, cd), (409, ErrorCode::VmIsTemplate));
+    let dsnap = covm_types::snapshot::DiskSnapshotCreate { name: name("s"), description: None };
+    let (st, cd, _) = code(c.disk_snapshot_create("tpl-root", &dsnap).await);
+    assert_eq!((st, cd), (409, ErrorCode::TemplateInUse));
+
     // The template and its disk cannot go while the clone reads them; the error names the clone.
     let (st, cd, msg) = code(c.vm_delete("tpl").await);
     assert_eq!((st, cd), (409, ErrorCode::TemplateInUse), "{msg}");
