@@ -118,15 +118,19 @@ impl HostNet {
             return Err(HvError::Unavailable(format!("there is no bridge {bridge} on this host")));
         }
         if let Some(v) = vlan {
-            let filtering = ["link", "set", "dev", bridge, "type", "bridge", "vlan_filtering", "1"];
-            if let Err(e) = self.run("ip", &filtering, None).await {
-                if e.to_string().contains("Operation not supported") {
-                    return Err(HvError::Unavailable(format!(
-                        "this host's kernel cannot filter VLANs on a bridge (CONFIG_BRIDGE_VLAN_FILTERING is off): \
-                         VLAN {v} on {bridge} cannot run here; use a network without a VLAN, or a host whose kernel has it"
-                    )));
-                }
-                return Err(e);
+            // covm does not change a bridge it did not make: turning VLAN filtering on would cut its
+            // other ports off VLANs they carry. The administrator turns it on and carries the VLAN on
+            // the uplink.
+            let info = self.run("ip", &["-j", "-d", "link", "show", "dev", bridge], None).await?;
+            let filtering = serde_json::from_str::<serde_json::Value>(&info)
+                .ok()
+                .and_then(|j| j.get(0).and_then(|l| l["linkinfo"]["info_data"]["vlan_filtering"].as_u64()));
+            if filtering != Some(1) {
+                return Err(HvError::Unavailable(format!(
+                    "bridge {bridge} does not filter VLANs, so VLAN {v} cannot be kept apart on it: turn it on \
+                     (ip link set dev {bridge} type bridge vlan_filtering 1; the kernel needs \
+                     CONFIG_BRIDGE_VLAN_FILTERING) and carry VLAN {v} on the bridge's uplink"
+                )));
             }
             self.run("ip", &["link", "set", "dev", tap, "master", bridge], None).await?;
             let _ = self.run("bridge", &["vlan", "del", "dev", tap, "vid", "1"], None).await;

@@ -46,8 +46,7 @@ pub async fn call(socket: &Path, command: &str, args: Value, timeout: Duration) 
                     break;
                 }
             }
-            let mut line = String::new();
-            read.read_line(&mut line).await?;
+            let line = line_capped(&mut read).await?;
             if serde_json::from_str::<Value>(&line).ok().and_then(|v| v["return"].as_u64()) == Some(u64::from(id)) {
                 return Ok::<(), std::io::Error>(());
             }
@@ -60,13 +59,12 @@ pub async fn call(socket: &Path, command: &str, args: Value, timeout: Duration) 
     let cmd =
         if args.is_null() { json!({ "execute": command }) } else { json!({ "execute": command, "arguments": args }) };
     write.write_all(format!("{cmd}\n").as_bytes()).await.map_err(|e| HvError::Io(e.to_string()))?;
-    let mut line = String::new();
-    let answered = tokio::time::timeout(timeout, read.read_line(&mut line)).await;
+    let answered = tokio::time::timeout(timeout, line_capped(&mut read)).await.map(|r| r.map(|l| (l.len(), l)));
     if command == "guest-shutdown" {
         // It answers only with an error; silence (or the channel closing) is the guest going down.
-        if let Ok(Ok(n)) = answered
-            && n > 0
-            && let Ok(v) = serde_json::from_str::<Value>(&line)
+        if let Ok(Ok((n, line))) = &answered
+            && *n > 0
+            && let Ok(v) = serde_json::from_str::<Value>(line)
             && let Some(e) = v.get("error")
         {
             return Err(agent_error(e));
@@ -76,8 +74,8 @@ pub async fn call(socket: &Path, command: &str, args: Value, timeout: Duration) 
     match answered {
         Err(_) => Err(HvError::Io(format!("the guest agent did not answer {command} within {}s", timeout.as_secs()))),
         Ok(Err(e)) => Err(HvError::Io(format!("the guest agent's channel broke: {e}"))),
-        Ok(Ok(0)) => Err(HvError::Io("the guest agent's channel closed".into())),
-        Ok(Ok(_)) => {
+        Ok(Ok((0, _))) => Err(HvError::Io("the guest agent's channel closed".into())),
+        Ok(Ok((_, line))) => {
             let v: Value = serde_json::from_str(line.trim_start_matches('\u{ff}'))
                 .map_err(|e| HvError::Io(format!("the guest agent answered something that is not JSON: {e}")))?;
             match v.get("error") {
@@ -86,6 +84,19 @@ pub async fn call(socket: &Path, command: &str, args: Value, timeout: Duration) 
             }
         }
     }
+}
+
+/// The longest line covm reads from a guest: a guest is not trusted to end its lines.
+const LINE_MAX: u64 = 1 << 20;
+
+/// One line from the guest, at most [`LINE_MAX`] bytes (a longer one is an error).
+async fn line_capped<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    let n = (&mut *read).take(LINE_MAX).read_until(b'\n', &mut buf).await?;
+    if n as u64 >= LINE_MAX && buf.last() != Some(&b'\n') {
+        return Err(std::io::Error::other("the guest agent sent a line longer than 1 MiB"));
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 fn agent_error(e: &Value) -> HvError {

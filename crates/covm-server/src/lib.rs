@@ -237,6 +237,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     app_config.oidc = config.oidc.clone();
     app_config.presence_ttl = config.presence_ttl;
     app_config.netns = config.netns.clone();
+    app_config.listen_port = Some(config.listen.port());
     app_config.keys = Some(Arc::new(
         app::keys::KeyRing::load(
             &data_dir,

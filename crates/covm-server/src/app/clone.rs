@@ -18,6 +18,13 @@ use super::saga::disk::{CreateSaga, DiskRecord, Source};
 use super::vms::{DocChange, Preconditions, WriteOpts, mac_new, parse_config};
 use super::{App, Ctx};
 
+/// A host name made of a VM's name: what RFC 1123 does not allow becomes `-`.
+pub(crate) fn hostname_of(name: &str) -> String {
+    let h: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    let h = h.trim_matches('-').chars().take(63).collect::<String>();
+    if h.is_empty() { "vm".into() } else { h }
+}
+
 /// What a linked clone's overlay takes of a datastore at first: qcow2's header and tables.
 const OVERLAY_BYTES: u64 = 1 << 20;
 
@@ -118,10 +125,21 @@ impl App {
         c.template = false;
         for n in &mut c.nics {
             n.mac = Some(mac_new());
+            // A host port is the source's: two VMs cannot both forward it.
+            n.port_forwards.clear();
         }
         if let Some(cz) = &req.customize {
             let ci = c.cloud_init.get_or_insert_with(CloudInit::default);
-            ci.hostname = Some(cz.hostname.clone().unwrap_or_else(|| req.name.to_string()));
+            if ci.user_data.is_some() && cz.users.is_some() {
+                return Err(Error::invalid(
+                    "customize.users",
+                    format!(
+                        "{} has raw user_data, which covm does not rewrite: its users cannot be replaced",
+                        src.object.name
+                    ),
+                ));
+            }
+            ci.hostname = Some(cz.hostname.clone().unwrap_or_else(|| hostname_of(req.name.as_str())));
             if let Some(u) = &cz.users {
                 ci.users = u.clone();
             }
@@ -170,6 +188,17 @@ impl App {
             let (ds, root) = self.datastore_for_disk(ctx, spec_str(&d, "datastore")).await?;
             let capacity = d.spec["capacity_bytes"].as_u64().unwrap_or(0);
             let from_key = wrapped_key(&d.spec);
+            if linked && d.spec["backing_disk"].is_string() {
+                return Err(Error::conflict(
+                    ErrorCode::NotATemplate,
+                    format!(
+                        "{} is itself a linked clone's disk: a linked clone of it would need the whole chain; make a full \
+                         clone (linked: false)",
+                        d.name
+                    ),
+                )
+                .with_field("linked"));
+            }
             if linked && from_key.is_some() {
                 return Err(Error::invalid(
                     "linked",

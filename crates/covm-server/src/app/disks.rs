@@ -381,6 +381,10 @@ impl App {
         spec["file"] = json!(rel);
         spec["pool"] = json!(pool);
         spec["sharing"] = json!(Sharing::None);
+        // A copy is whole: it reads no other disk, even when its source was a linked clone's.
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("backing_disk");
+        }
         // The copy of an encrypted disk is encrypted too, with a passphrase of its own; a plain disk's
         // copy is encrypted when asked (qemu-img converts it under the new key).
         let from_key = wrapped_key(&src.spec);

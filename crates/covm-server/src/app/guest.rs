@@ -41,17 +41,24 @@ fn interfaces(v: &Value) -> Vec<GuestInterface> {
         .into_iter()
         .flatten()
         .filter(|i| i["name"] != "lo")
+        .take(32)
         .map(|i| GuestInterface {
-            name: i["name"].as_str().unwrap_or_default().to_owned(),
-            mac: i["hardware-address"].as_str().map(str::to_owned),
+            name: capped(i["name"].as_str().unwrap_or_default()),
+            mac: i["hardware-address"].as_str().map(capped),
             addresses: i["ip-addresses"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|a| Some(format!("{}/{}", a["ip-address"].as_str()?, a["prefix"].as_u64()?)))
+                .take(32)
+                .filter_map(|a| Some(capped(&format!("{}/{}", a["ip-address"].as_str()?, a["prefix"].as_u64()?))))
                 .collect(),
         })
         .collect()
+}
+
+/// What a guest says is kept at most this long (it is the guest's, not covm's).
+fn capped(s: &str) -> String {
+    s.chars().take(255).collect()
 }
 
 impl App {
@@ -71,8 +78,8 @@ impl App {
         Ok(GuestInfo {
             agent: true,
             message: None,
-            hostname: host.and_then(|h| h["host-name"].as_str().map(str::to_owned)),
-            os: os.and_then(|o| o["pretty-name"].as_str().or(o["name"].as_str()).map(str::to_owned)),
+            hostname: host.and_then(|h| h["host-name"].as_str().map(capped)),
+            os: os.and_then(|o| o["pretty-name"].as_str().or(o["name"].as_str()).map(capped)),
             interfaces: ifs.as_ref().map(interfaces).unwrap_or_default(),
         })
     }

@@ -73,6 +73,8 @@ pub struct AppConfig {
     pub presence_ttl: std::time::Duration,
     /// The network namespace of VMs and covm's networks (None: the host's).
     pub netns: Option<String>,
+    /// The port covm listens on (a NAT forward may not take it).
+    pub listen_port: Option<u16>,
 }
 
 /// The default of [`AppConfig::safety_snapshot_ttl`], in days.
@@ -90,6 +92,7 @@ impl AppConfig {
             oidc: None,
             presence_ttl: presence::PRESENCE_TTL_DEFAULT,
             netns: None,
+            listen_port: None,
         }
     }
 }

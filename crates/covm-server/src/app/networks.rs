@@ -166,10 +166,12 @@ impl App {
             )
             .with_details(json!({ "vms": users })));
         }
+        // The host's parts first: a crash in between leaves the record, whose parts the next reconcile
+        // makes again (and a delete removes), never parts without a record.
+        self.net_host_remove(&o).await;
         let ev = ctx.event("network.deleted", "network", Some(o.id), &o.name).data(json!({ "kind": o.spec["kind"] }));
         self.store().object_delete(o.id, ev).await?;
         self.committed();
-        self.net_host_remove(&o).await;
         Ok(())
     }
 
@@ -184,7 +186,9 @@ impl App {
             ));
         }
         let mut seen = std::collections::HashSet::new();
-        for (i, f) in p.forwards.iter().enumerate() {
+        let mut p = p;
+        let listen = self.config().listen_port;
+        for (i, f) in p.forwards.iter_mut().enumerate() {
             let field = |x: &str| format!("forwards[{i}].{x}");
             if f.host_port == 0 || f.guest_port == 0 {
                 return Err(Error::invalid(&field("host_port"), "a port is between 1 and 65535"));
@@ -192,7 +196,25 @@ impl App {
             if !seen.insert((f.proto, f.host_addr, f.host_port)) {
                 return Err(Error::invalid(&field("host_port"), format!("port {} is forwarded twice", f.host_port)));
             }
+            if Some(f.host_port) == listen {
+                return Err(Error::invalid(&field("host_port"), format!("port {} is covm's own", f.host_port)));
+            }
+            // Without a namespace of covm's own, a port the host already serves is not taken over.
+            if self.config().netns.is_none()
+                && self.agent().driver_name() != "sim"
+                && f.proto == covm_types::vm::Proto::Tcp
+            {
+                let addr = std::net::SocketAddr::from((f.host_addr.unwrap_or(Ipv4Addr::UNSPECIFIED), f.host_port));
+                if std::net::TcpListener::bind(addr).is_err() {
+                    return Err(Error::conflict(
+                        ErrorCode::InUse,
+                        format!("port {} is in use on this host: a forward would take it over", f.host_port),
+                    )
+                    .with_field(field("host_port")));
+                }
+            }
             let vm = self.vm_resolve(ctx, &f.vm).await.map_err(|e| e.with_field(field("vm")))?;
+            f.vm = vm.object.name.clone();
             let c: VmConfig = serde_json::from_value(vm.config.clone()).map_err(|e| Error::internal(e.to_string()))?;
             let Some(nic) = c.nics.iter().find(|n| n.network == o.name || n.network == o.id.to_string()) else {
                 return Err(Error::invalid(&field("vm"), format!("{} has no NIC on {}", f.vm, o.name)));
@@ -218,6 +240,12 @@ impl App {
     /// a compare-and-swap of the network's record, so two power-ons never take the same address.
     pub(crate) async fn lease_for(&self, net: uuid::Uuid, mac: &str, vm: &str) -> Result<Ipv4Addr, Error> {
         let mac = mac.to_ascii_lowercase();
+        if mac.is_empty() {
+            return Err(Error::invalid(
+                "mac",
+                format!("a NIC of {vm} has no MAC address: set one (or leave it to covm on create)"),
+            ));
+        }
         for _ in 0..20 {
             let o = self.store().object_get(net).await?.ok_or_else(|| Error::not_found("network", &net.to_string()))?;
             let leases = o.spec["leases"].as_object().cloned().unwrap_or_default();
@@ -235,6 +263,15 @@ impl App {
             // Addresses of VMs gone are free again.
             let live: std::collections::HashSet<String> =
                 self.vms_all().await?.into_iter().map(|v| v.object.name).collect();
+            // A MAC another VM holds here is that VM's: its address and its forwards are not taken over.
+            if let Some(other) =
+                leases.get(&mac).and_then(|l| l["vm"].as_str()).filter(|o| *o != vm && live.contains(*o))
+            {
+                return Err(Error::conflict(
+                    ErrorCode::InUse,
+                    format!("MAC {mac} is {other}'s on network {}: give this NIC another MAC", o.name),
+                ));
+            }
             let mut kept: serde_json::Map<String, Value> = leases
                 .into_iter()
                 .filter(|(_, l)| l["vm"].as_str().is_some_and(|v| live.contains(v) || v == vm))
@@ -275,8 +312,9 @@ impl App {
         }
         let lock = host_lock(o.id);
         let _one = lock.lock().await;
-        // As the record is now (a lease pinned while this waited is in it).
-        let o = &self.store().object_get(o.id).await?.unwrap_or_else(|| o.clone());
+        // As the record is now (a lease pinned while this waited is in it); a network deleted meanwhile is
+        // made no more.
+        let Some(o) = &self.store().object_get(o.id).await? else { return Ok(()) };
         let h = self.host_net();
         let (net, gw, len) = o.spec["subnet"]
             .as_str()

@@ -70,8 +70,10 @@ pub(crate) fn cloud_init_seed(
     c: &VmConfig,
     ci: &covm_types::vm::CloudInit,
 ) -> Result<covm_hv::seed::Seed, Error> {
-    let hostname = ci.hostname.clone().unwrap_or_else(|| c.name.to_string());
-    let meta_data = format!("instance-id: {id}\nlocal-hostname: {hostname}\n");
+    let hostname = ci.hostname.clone().unwrap_or_else(|| super::clone::hostname_of(c.name.as_str()));
+    // Quoted (JSON strings are YAML): a host name such as `123` stays a string.
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let meta_data = format!("instance-id: {}\nlocal-hostname: {}\n", q(&id.to_string()), q(&hostname));
     let user_data = match &ci.user_data {
         Some(u) => u.clone(),
         None => {
@@ -247,6 +249,14 @@ impl App {
 
     async fn spec_for(&self, vm: &VmRecord) -> Result<VmSpec, Error> {
         let config: VmConfig = serde_json::from_value(vm.config.clone()).map_err(|e| Error::internal(e.to_string()))?;
+        // Refused before anything is made for it (NAT addresses, a seed); `start_claim` refuses it again
+        // in the transaction.
+        if config.template {
+            return Err(Error::conflict(
+                ErrorCode::VmIsTemplate,
+                format!("{} is a template: it is never powered on; clone it and power on the clone", vm.object.name),
+            ));
+        }
         let kernel = match &config.kernel {
             Some(k) => Some(self.datastore_file("kernel", k).await?),
             None => None,

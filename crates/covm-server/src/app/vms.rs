@@ -254,6 +254,16 @@ impl App {
             ));
         }
         let rec = self.vm_resolve(ctx, vm).await?;
+        // A NIC sent without a MAC gets one now, as at create (a NAT network pins its address to it,
+        // and QEMU names the NIC after it).
+        let mut merge = merge;
+        if let Some(nics) = merge.get_mut("nics").and_then(Value::as_array_mut) {
+            for n in nics.iter_mut().filter_map(Value::as_object_mut) {
+                if n.get("mac").is_none_or(Value::is_null) {
+                    n.insert("mac".into(), json!(mac_new()));
+                }
+            }
+        }
         let next_boot = q.apply == Some(covm_types::vm::ApplyMode::NextBoot);
         let opts = WriteOpts { message: q.message, dry_run: q.dry_run, next_boot, ..Default::default() };
         let change = DocChange::Merge(merge);

@@ -116,6 +116,16 @@ async fn a_template_is_read_only_and_its_linked_clones_hold_it() {
     assert!(std::fs::metadata(&web_file).unwrap().len() < 2 << 20, "an overlay holds only its own writes");
     // The clone is an ordinary VM: it changes.
     c.vm_change("web", &serde_json::json!({ "cpus": 2 }), &Default::default()).await.unwrap();
+    // A template made of a linked clone gives full clones only (a linked one would need the chain),
+    // and a full copy of it reads no other disk.
+    c.vm_template("web").await.unwrap();
+    let (st, cd, msg) = code(c.vm_clone("web", &clone_of("web-2", Some(true))).await);
+    assert_eq!((st, cd), (409, ErrorCode::NotATemplate), "{msg}");
+    assert!(c.vm("web-2").await.is_err() && c.disk("web-2-1").await.is_err(), "nothing is left");
+    c.vm_clone("web", &clone_of("web-2", Some(false))).await.unwrap();
+    assert_eq!(image(&s, c, "web-2-1").await.1, None, "a full copy reads no other disk");
+    c.vm_delete("web-2").await.unwrap();
+    c.disk_delete("web-2-1").await.unwrap();
 
     // Its data stays as the clone reads it: no snapshot of the template or of its disk, no revert.
     let snap = covm_types::snapshot::SnapshotCreate {

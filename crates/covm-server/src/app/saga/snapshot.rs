@@ -101,7 +101,14 @@ impl Tagged {
         let quiesce = self.view.consistency == covm_types::snapshot::Consistency::Quiesced
             && matches!(op, VmOp::SnapshotTake(..));
         if quiesce {
-            let frozen = app.guest_freeze(vm).await.map_err(|e| crate::app::guest::agent_error(&self.view.vm, e))?;
+            let frozen = match app.guest_freeze(vm).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // It may have frozen some before it failed (or timed out): never leave it so.
+                    let _ = app.guest_thaw(vm).await;
+                    return Err(crate::app::guest::agent_error(&self.view.vm, e));
+                }
+            };
             tracing::info!(vm = %self.view.vm, frozen, "froze the guest's file systems for a snapshot");
             self.view.frozen_filesystems = Some(frozen);
         }
