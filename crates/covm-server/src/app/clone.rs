@@ -148,6 +148,14 @@ impl App {
             }
         }
         c.check(self.host_memory_mib())?;
+        // Every reference but the new disks (the folder, the pool, the networks, files) authorized now,
+        // before anything is copied; the disks' attach with them.
+        let mut refs = c.clone();
+        refs.disks.clear();
+        self.config_refs_authorize(ctx, None, None, folder.id, &mut refs, true).await?;
+        if !src_cfg.disks.is_empty() {
+            self.require(ctx, &folder, Privilege::DiskAttach).await?;
+        }
 
         // The disks: each private one is copied or overlaid; a shared one is attached as it is.
         let mut disks = Vec::new();

@@ -192,6 +192,11 @@ async fn cloning_needs_its_privileges_and_a_valid_customization() {
     let rita = s.user("rita").await;
     let (st, _, _) = code(rita.vm_clone("src", &clone_of("copy", None)).await);
     assert_eq!(st, 404, "she cannot see it");
+    // A reference that does not hold is refused before any disk is copied.
+    let bad_pool = VmClone { pool: Some("nope".into()), ..clone_of("copy", None) };
+    let (st, _, msg) = code(c.vm_clone("src", &bad_pool).await);
+    assert_eq!(st, 404, "{msg}");
+    assert!(c.disk("copy-1").await.is_err(), "no disk was made");
     // A full clone of a VM that is off.
     let v = c.vm_clone("src", &clone_of("copy", None)).await.unwrap();
     assert_eq!(v.config.disks[0].disk, "copy-1");
