@@ -77,7 +77,8 @@ pub fn run_files(dir: &Path) -> RunFiles {
     }
 }
 
-fn which(binary: &Path) -> Option<PathBuf> {
+/// A program as PATH finds it (or a path given as it is), if it is there.
+pub(crate) fn which(binary: &Path) -> Option<PathBuf> {
     if binary.components().count() > 1 {
         return binary.is_file().then(|| binary.to_owned());
     }

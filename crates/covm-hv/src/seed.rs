@@ -33,9 +33,10 @@ pub async fn make_iso(dir: &Path, seed: &Seed) -> Result<PathBuf, HvError> {
     let iso = dir.join("seed.iso");
     let tmp = dir.join("seed.iso.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let (tool, mut args): (&str, Vec<String>) = if which("xorriso") {
+    let found = |t: &str| crate::qemu::which(Path::new(t)).is_some();
+    let (tool, mut args): (&str, Vec<String>) = if found("xorriso") {
         ("xorriso", vec!["-as".into(), "genisoimage".into()])
-    } else if which("genisoimage") {
+    } else if found("genisoimage") {
         ("genisoimage", vec![])
     } else {
         return Err(HvError::Unavailable(
@@ -59,12 +60,6 @@ pub async fn make_iso(dir: &Path, seed: &Seed) -> Result<PathBuf, HvError> {
     }
     std::fs::rename(&tmp, &iso).map_err(io("put the seed in place"))?;
     Ok(iso)
-}
-
-fn which(binary: &str) -> bool {
-    std::env::var_os("PATH")
-        .and_then(|p| p.into_string().ok())
-        .is_some_and(|p| p.split(':').any(|d| Path::new(d).join(binary).is_file()))
 }
 
 #[cfg(test)]

@@ -204,14 +204,13 @@ impl App {
                 && self.agent().driver_name() != "sim"
                 && f.proto == covm_types::vm::Proto::Tcp
             {
-                let addr = std::net::SocketAddr::from((f.host_addr.unwrap_or(Ipv4Addr::UNSPECIFIED), f.host_port));
-                if std::net::TcpListener::bind(addr).is_err() {
-                    return Err(Error::conflict(
-                        ErrorCode::InUse,
-                        format!("port {} is in use on this host: a forward would take it over", f.host_port),
-                    )
-                    .with_field(field("host_port")));
-                }
+                let on_host = covm_types::vm::PortForward {
+                    host_port: f.host_port,
+                    guest_port: f.guest_port,
+                    proto: f.proto,
+                    host_addr: f.host_addr.unwrap_or(Ipv4Addr::UNSPECIFIED).into(),
+                };
+                super::power::port_free(&on_host).map_err(|e| e.with_field(field("host_port")))?;
             }
             let vm = self.vm_resolve(ctx, &f.vm).await.map_err(|e| e.with_field(field("vm")))?;
             f.vm = vm.object.name.clone();

@@ -46,16 +46,10 @@ async fn http_get(port: u16) -> String {
 async fn template(s: &TestServer) {
     let c = &s.admin;
     c.disk_create(&new_disk("tpl-root", 16 << 20)).await.unwrap();
-    let nic = serde_json::from_value(serde_json::json!({ "network": "user" })).unwrap();
     let cfg = VmConfig {
-        memory_mib: 128,
-        kernel: Some("local:guest/vmlinuz".into()),
-        initrd: Some("local:guest/initrd.img".into()),
-        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
         disks: vec![attachment("tpl-root", "scsi0", 0)],
-        nics: vec![nic],
         cloud_init: Some(CloudInit { users: vec![], ..Default::default() }),
-        ..crate::common::vm_named("tpl")
+        ..crate::qemu::guest_config("tpl", &["user"])
     };
     c.vm_create(&cfg).await.unwrap();
     c.vm_template("tpl").await.unwrap();

@@ -71,15 +71,7 @@ pub fn guest_config(name: &str, networks: &[&str]) -> VmConfig {
 }
 
 pub async fn guest_vm(c: &Client, name: &str) {
-    c.vm_create(&VmConfig {
-        memory_mib: 128,
-        kernel: Some("local:guest/vmlinuz".into()),
-        initrd: Some("local:guest/initrd.img".into()),
-        cmdline: Some("console=ttyS0 quiet panic=-1".into()),
-        ..vm_named(name)
-    })
-    .await
-    .unwrap();
+    c.vm_create(&guest_config(name, &[])).await.unwrap();
 }
 
 /// Waits until the serial console has `count` lines containing `needle`; returns the last one.
@@ -121,15 +113,8 @@ async fn a_guest_boots_takes_a_pending_change_at_the_next_boot_and_powers_itself
     let s = qemu_server().await;
     let c = &s.admin;
     // A guest that runs no agent (`covm-noagent`): shutdown goes by ACPI.
-    c.vm_create(&VmConfig {
-        memory_mib: 128,
-        kernel: Some("local:guest/vmlinuz".into()),
-        initrd: Some("local:guest/initrd.img".into()),
-        cmdline: Some("console=ttyS0 quiet panic=-1 covm-noagent".into()),
-        ..vm_named("g1")
-    })
-    .await
-    .unwrap();
+    let cmdline = Some("console=ttyS0 quiet panic=-1 covm-noagent".into());
+    c.vm_create(&VmConfig { cmdline, ..guest_config("g1", &[]) }).await.unwrap();
     let t = task_done(c, &c.vm_power("g1", PowerAction::On, None).await.unwrap()).await;
     assert_eq!(t.state, TaskState::Success, "{t:?}");
     let vm = c.vm("g1").await.unwrap();
